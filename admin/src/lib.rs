@@ -1,0 +1,24 @@
+//! fleetgate administration: the platform signing key, the device registry,
+//! token authentication, and the ledger of refusals that raises alerts.
+//!
+//! - [`platform`]: the Ed25519 key and the first admin token.
+//! - [`registry`]: devices, their roles and revocation (database + cache).
+//! - [`auth`]: [`TokenAuthenticator`], the one place a token becomes a principal.
+//! - [`refusals`]: per-device refusal counts and repeated-failure alerts.
+
+pub mod auth;
+pub mod platform;
+pub mod refusals;
+pub mod registry;
+
+pub use auth::TokenAuthenticator;
+pub use platform::Platform;
+pub use refusals::RefusalLedger;
+pub use registry::{Device, Registry, RegistryEvent};
+
+/// Current time in Unix seconds.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}

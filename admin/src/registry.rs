@@ -1,0 +1,189 @@
+//! The device registry: which devices exist, their role, and whether they
+//! are revoked. Kept in the database and mirrored in memory, so checking a
+//! device on every CONNECT and HTTP request costs a hash lookup.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use fleetgate_protocol::{validate_device_id, Role};
+use fleetgate_store::{with_pool, Db};
+use serde::Serialize;
+use sqlx::Row;
+use tokio::sync::broadcast;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Device {
+    pub id: String,
+    pub role: Role,
+    pub device_type: Option<String>,
+    /// Unix seconds; `None` while the device may connect.
+    pub revoked_at: Option<i64>,
+    /// Tokens issued before this Unix second are refused.
+    pub tokens_not_before: i64,
+    pub created_at: i64,
+}
+
+/// Changes live sessions must react to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryEvent {
+    Revoked(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("device {0:?} already exists")]
+    Exists(String),
+    #[error("no device {0:?}")]
+    NotFound(String),
+    #[error("registry database error: {0}")]
+    Database(String),
+}
+
+#[derive(Clone)]
+pub struct Registry {
+    db: Db,
+    devices: Arc<RwLock<HashMap<String, Device>>>,
+    events: broadcast::Sender<RegistryEvent>,
+}
+
+const COLUMNS: &str = "id, role, device_type, revoked_at, tokens_not_before, created_at";
+
+fn db_error(e: sqlx::Error) -> RegistryError {
+    RegistryError::Database(e.to_string())
+}
+
+impl Registry {
+    pub async fn load(db: Db) -> Result<Registry, String> {
+        db.execute_ddl(&[
+            "CREATE TABLE IF NOT EXISTS fleetgate_devices (id TEXT PRIMARY KEY, role TEXT NOT NULL, device_type TEXT, \
+             revoked_at BIGINT, tokens_not_before BIGINT NOT NULL, created_at BIGINT NOT NULL)"
+                .to_string(),
+        ])
+        .await
+        .map_err(|e| format!("cannot create the device registry: {e}"))?;
+        let rows = with_pool!(db, pool => {
+            sqlx::query(&format!("SELECT {COLUMNS} FROM fleetgate_devices"))
+                .fetch_all(pool)
+                .await
+                .map(|rows| rows.iter().map(|r| {
+                    let role: String = r.get(1);
+                    Device {
+                        id: r.get(0),
+                        role: role.parse().unwrap_or(Role::Ingest),
+                        device_type: r.get(2),
+                        revoked_at: r.get(3),
+                        tokens_not_before: r.get(4),
+                        created_at: r.get(5),
+                    }
+                }).collect::<Vec<_>>())
+        })
+        .map_err(|e| format!("cannot read the device registry: {e}"))?;
+        let devices = rows.into_iter().map(|d| (d.id.clone(), d)).collect();
+        let (events, _) = broadcast::channel(1024);
+        Ok(Registry {
+            db,
+            devices: Arc::new(RwLock::new(devices)),
+            events,
+        })
+    }
+
+    pub fn get(&self, id: &str) -> Option<Device> {
+        self.devices.read().expect("registry lock").get(id).cloned()
+    }
+
+    pub fn list(&self) -> Vec<Device> {
+        let mut list: Vec<_> = self
+            .devices
+            .read()
+            .expect("registry lock")
+            .values()
+            .cloned()
+            .collect();
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        list
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<RegistryEvent> {
+        self.events.subscribe()
+    }
+
+    pub async fn add(
+        &self,
+        id: &str,
+        role: Role,
+        device_type: Option<&str>,
+        now: i64,
+    ) -> Result<Device, RegistryError> {
+        validate_device_id(id).map_err(RegistryError::Invalid)?;
+        if let Some(t) = device_type {
+            if t.is_empty() || t.len() > 64 {
+                return Err(RegistryError::Invalid(
+                    "device type must be 1-64 characters".into(),
+                ));
+            }
+        }
+        if self.get(id).is_some() {
+            return Err(RegistryError::Exists(id.to_string()));
+        }
+        let device = Device {
+            id: id.to_string(),
+            role,
+            device_type: device_type.map(str::to_string),
+            revoked_at: None,
+            tokens_not_before: now,
+            created_at: now,
+        };
+        let result = with_pool!(self.db, pool => {
+            sqlx::query(&format!("INSERT INTO fleetgate_devices ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"))
+                .bind(&device.id)
+                .bind(role.as_str())
+                .bind(&device.device_type)
+                .bind(device.revoked_at)
+                .bind(device.tokens_not_before)
+                .bind(device.created_at)
+                .execute(pool)
+                .await
+                .map(|_| ())
+        });
+        match result {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Err(RegistryError::Exists(id.to_string()))
+            }
+            Err(e) => return Err(db_error(e)),
+        }
+        self.devices
+            .write()
+            .expect("registry lock")
+            .insert(device.id.clone(), device.clone());
+        Ok(device)
+    }
+
+    /// Revokes a device: its tokens stop working and live sessions are told
+    /// to close (through [`Registry::subscribe`]).
+    pub async fn revoke(&self, id: &str, now: i64) -> Result<Device, RegistryError> {
+        let mut device = self
+            .get(id)
+            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+        device.revoked_at = Some(now);
+        device.tokens_not_before = now + 1;
+        with_pool!(self.db, pool => {
+            sqlx::query("UPDATE fleetgate_devices SET revoked_at = $1, tokens_not_before = $2 WHERE id = $3")
+                .bind(device.revoked_at)
+                .bind(device.tokens_not_before)
+                .bind(id)
+                .execute(pool)
+                .await
+                .map(|_| ())
+        })
+        .map_err(db_error)?;
+        self.devices
+            .write()
+            .expect("registry lock")
+            .insert(id.to_string(), device.clone());
+        let _ = self.events.send(RegistryEvent::Revoked(id.to_string()));
+        Ok(device)
+    }
+}

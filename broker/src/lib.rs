@@ -1,0 +1,167 @@
+//! fleetgate's gatekeeper: the MQTT front end every device connects to.
+//!
+//! It terminates each MQTT 3.1.1 / 5 connection itself, so that it can
+//! refuse a CONNECT with a proper CONNACK code, check every PUBLISH,
+//! SUBSCRIBE and will against the device's role, and acknowledge ingest only
+//! after the store committed it. What passes and is not ingest is relayed to
+//! an embedded rumqttd, which does routing and fan-out.
+//!
+//! - [`codec`]: framing and the packets the gatekeeper reads or writes.
+//! - [`session`]: one connection.
+//! - [`sessions`]: live sessions by device (revocation, shutdown).
+//! - [`upstream`]: the embedded rumqttd and the live feed into it.
+
+pub mod codec;
+mod session;
+pub mod sessions;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetgate_protocol::{Authenticate, IngestService};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub use sessions::EndReason;
+use sessions::Sessions;
+pub use upstream::Upstream;
+
+#[derive(Debug, Clone)]
+pub struct GatekeeperConfig {
+    /// Largest ingest payload; larger ones are rejected with a reason.
+    pub max_payload: usize,
+    /// Publishes awaiting commit per connection before it is no longer read.
+    pub max_inflight: usize,
+    /// Time a new connection has to send its CONNECT.
+    pub connect_timeout: Duration,
+}
+
+impl Default for GatekeeperConfig {
+    fn default() -> Self {
+        GatekeeperConfig {
+            max_payload: 256 * 1024,
+            max_inflight: 1024,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct GatekeeperMetrics {
+    pub connections: Gauge,
+    pub connects_refused: Counter,
+    pub publishes_denied: Counter,
+    pub subscribes_denied: Counter,
+}
+
+pub(crate) struct Shared {
+    pub config: GatekeeperConfig,
+    pub auth: Arc<dyn Authenticate>,
+    pub ingest: Arc<dyn IngestService>,
+    pub upstream: Arc<Upstream>,
+    pub sessions: Sessions,
+    pub metrics: GatekeeperMetrics,
+}
+
+pub struct Gatekeeper {
+    shared: Arc<Shared>,
+    accept: JoinHandle<()>,
+    local_addr: SocketAddr,
+}
+
+impl Gatekeeper {
+    /// Serves MQTT on `listener` (bound by the caller, so that a taken port is
+    /// reported before anything starts).
+    pub fn start(
+        listener: TcpListener,
+        config: GatekeeperConfig,
+        auth: Arc<dyn Authenticate>,
+        ingest: Arc<dyn IngestService>,
+        upstream: Arc<Upstream>,
+        registry: &mut Registry,
+    ) -> std::io::Result<Gatekeeper> {
+        let metrics = GatekeeperMetrics {
+            connections: Gauge::default(),
+            connects_refused: Counter::default(),
+            publishes_denied: Counter::default(),
+            subscribes_denied: Counter::default(),
+        };
+        registry.register(
+            "fleetgate_mqtt_connections",
+            "Open device connections",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "fleetgate_mqtt_connects_refused",
+            "CONNECTs refused",
+            metrics.connects_refused.clone(),
+        );
+        registry.register(
+            "fleetgate_mqtt_publishes_denied",
+            "PUBLISHes refused by role",
+            metrics.publishes_denied.clone(),
+        );
+        registry.register(
+            "fleetgate_mqtt_subscribes_denied",
+            "Subscription filters refused by role",
+            metrics.subscribes_denied.clone(),
+        );
+        let local_addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            config,
+            auth,
+            ingest,
+            upstream,
+            sessions: Sessions::default(),
+            metrics,
+        });
+        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+        Ok(Gatekeeper {
+            shared,
+            accept,
+            local_addr,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Disconnects every live session of `device` now.
+    pub fn disconnect_device(&self, device: &str, reason: EndReason) -> usize {
+        self.shared.sessions.end_device(device, reason)
+    }
+
+    /// Stops accepting, ends every session after its pending acknowledgements
+    /// are written, and returns when they are gone (or after `grace`).
+    pub async fn shutdown(&self, grace: Duration) {
+        self.accept.abort();
+        self.shared.sessions.end_all(EndReason::ShuttingDown);
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.shared.sessions.count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            // Each connection is its own task from the first byte, so a slow
+            // or silent client never holds up anyone else's CONNECT.
+            Ok((stream, _peer)) => {
+                tokio::spawn(session::run(stream, shared.clone()));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,744 @@
+//! One device connection: authenticate at CONNECT, check every packet,
+//! hand ingest to the store and relay the rest through the embedded broker.
+//!
+//! Three tasks per connection:
+//! - this reader: client packets in, decisions, writes to the embedded broker;
+//! - the writer: acknowledgements (in the order the publishes arrived, each
+//!   sent only once its commit is done) and relayed upstream packets out;
+//! - the upstream reader: the embedded broker's packets for the device.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use fleetgate_protocol::topic::{may_publish, may_subscribe, IngestTopic};
+use fleetgate_protocol::{AuthError, IngestMessage, IngestOutcome, Principal};
+use futures::stream::{FuturesOrdered, StreamExt};
+use futures::FutureExt;
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use crate::codec::{
+    self, connack_refusal, connect_version, publish_ack, AckReason, CodecError, Connect,
+    DisconnectReasonCode, Frame, FrameReader, Header, Refusal, Subscribe, Version,
+};
+use crate::sessions::{EndReason, SessionHandle};
+use crate::Shared;
+
+type AckFuture = Pin<Box<dyn Future<Output = Outgoing> + Send>>;
+
+/// What the writer sends for one entry of the ordered acknowledgement queue.
+enum Outgoing {
+    Bytes(Bytes),
+    Nothing,
+    /// The store could not commit: close without acknowledging, so the
+    /// device re-sends after it reconnects.
+    Abort,
+}
+
+fn ready(bytes: Bytes) -> AckFuture {
+    Box::pin(std::future::ready(Outgoing::Bytes(bytes)))
+}
+
+/// Reads the CONNECT, authenticates, and then runs the connection.
+pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let (read_half, mut write_half) = stream.into_split();
+    let mut reader = FrameReader::new(read_half);
+    let max_connect = shared.config.max_payload + 64 * 1024;
+    let first = tokio::time::timeout(
+        shared.config.connect_timeout,
+        reader.next(Version::V4, 0, max_connect),
+    )
+    .await;
+    let Ok(Ok(Frame::Whole(header, frame))) = first else {
+        return;
+    };
+    let version = match connect_version(&header, &frame) {
+        Ok(version) => version,
+        Err(CodecError::UnsupportedProtocol(_)) => {
+            let _ = write_half
+                .write_all(&connack_refusal(Version::V4, Refusal::UnsupportedProtocol))
+                .await;
+            return;
+        }
+        Err(_) => return,
+    };
+    let Ok(connect) = Connect::parse(version, &header, frame) else {
+        return;
+    };
+    let principal = match admit(&shared, &connect) {
+        Ok(principal) => principal,
+        Err(refusal) => {
+            shared.metrics.connects_refused.inc();
+            let _ = write_half
+                .write_all(&connack_refusal(version, refusal))
+                .await;
+            let _ = write_half.shutdown().await;
+            return;
+        }
+    };
+    let Some(upstream) = connect_upstream(&shared, version, &connect, &mut write_half).await else {
+        return;
+    };
+    let handle = shared.sessions.register(&principal.device_id);
+    shared.metrics.connections.inc();
+    let will = connect
+        .will()
+        .filter(|w| IngestTopic::parse(&w.topic).is_some());
+    let session = Session {
+        shared: shared.clone(),
+        version,
+        principal,
+        keep_alive: connect.keep_alive(),
+        handle,
+        aliases: HashMap::new(),
+        local_qos2: HashSet::new(),
+        pending_subacks: Arc::new(Mutex::new(HashMap::new())),
+        inflight: Arc::new(Semaphore::new(shared.config.max_inflight)),
+        live_readers: 0,
+    };
+    session.serve(reader, write_half, upstream, will).await;
+    shared.metrics.connections.dec();
+}
+
+/// Authenticates the CONNECT and checks its will; the error is the CONNACK code.
+fn admit(shared: &Shared, connect: &Connect) -> Result<Principal, Refusal> {
+    let client_id = connect.client_id();
+    let refuse = |what: &str, refusal: Refusal| {
+        shared.auth.record_refusal(
+            if client_id.is_empty() {
+                "(empty client id)"
+            } else {
+                client_id
+            },
+            what,
+        );
+        Err(refusal)
+    };
+    if client_id.is_empty() {
+        return refuse("auth: empty client id", Refusal::BadClientId);
+    }
+    let Some((username, password)) = connect.login() else {
+        return refuse("auth: no username and token", Refusal::BadCredentials);
+    };
+    if username != client_id {
+        return refuse(
+            "auth: username differs from client id",
+            Refusal::BadCredentials,
+        );
+    }
+    let principal = shared
+        .auth
+        .authenticate(Some(client_id), password)
+        .map_err(|e| match e {
+            AuthError::BadCredentials(_) => Refusal::BadCredentials,
+            AuthError::ClientIdMismatch { .. } => Refusal::BadClientId,
+            AuthError::NotAuthorized(..) => Refusal::NotAuthorized,
+        })?;
+    if let Some(will) = connect.will() {
+        if let Err(denied) = may_publish(principal.role, &principal.device_id, &will.topic) {
+            return refuse(&format!("will: {}", denied.0), Refusal::NotAuthorized);
+        }
+    }
+    Ok(principal)
+}
+
+struct UpstreamLink {
+    reader: FrameReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+}
+
+/// Opens the device's session on the embedded broker and relays its CONNACK.
+async fn connect_upstream(
+    shared: &Shared,
+    version: Version,
+    connect: &Connect,
+    client: &mut OwnedWriteHalf,
+) -> Option<UpstreamLink> {
+    let addr = match version {
+        Version::V4 => shared.upstream.v4,
+        Version::V5 => shared.upstream.v5,
+    };
+    let keep_will = connect
+        .will()
+        .is_some_and(|w| IngestTopic::parse(&w.topic).is_none());
+    let attempt = async {
+        let stream = TcpStream::connect(addr).await.ok()?;
+        let _ = stream.set_nodelay(true);
+        let (read_half, mut writer) = stream.into_split();
+        writer
+            .write_all(&connect.upstream(&shared.upstream.secret, keep_will).ok()?)
+            .await
+            .ok()?;
+        let mut reader = FrameReader::new(read_half);
+        match reader.next(version, usize::MAX, 64 * 1024).await.ok()? {
+            Frame::Whole(header, connack) if header.packet_type() == 2 => {
+                Some((reader, writer, header, connack))
+            }
+            _ => None,
+        }
+    };
+    let Ok(Some((reader, writer, header, connack))) =
+        tokio::time::timeout(Duration::from_secs(10), attempt).await
+    else {
+        tracing::error!(
+            device = connect.client_id(),
+            "embedded broker did not accept the session"
+        );
+        let _ = client
+            .write_all(&connack_refusal(version, Refusal::Unavailable))
+            .await;
+        return None;
+    };
+    client.write_all(&connack).await.ok()?;
+    // Byte 1 after the fixed header is the return/reason code; 0 is success.
+    (connack.get(header.len + 1) == Some(&0)).then_some(UpstreamLink { reader, writer })
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    version: Version,
+    principal: Principal,
+    keep_alive: u16,
+    handle: SessionHandle,
+    /// MQTT 5 topic aliases the device has set.
+    aliases: HashMap<u16, String>,
+    /// QoS 2 ingest publishes answered here, whose PUBREL is ours to complete.
+    local_qos2: HashSet<u16>,
+    /// SUBSCRIBEs forwarded with some filters removed: pkid → which were kept.
+    pending_subacks: Arc<Mutex<HashMap<u16, Vec<bool>>>>,
+    /// Bounds publishes awaiting commit on this connection.
+    inflight: Arc<Semaphore>,
+    /// Live-capable subscriptions this session added to the shared count.
+    live_readers: usize,
+}
+
+/// How the reader loop ended.
+enum End {
+    /// The device sent DISCONNECT: no will.
+    Graceful,
+    /// Network error, keep-alive timeout, protocol violation: the will fires.
+    Abnormal,
+    /// Revoked, taken over or shutting down.
+    Ended(EndReason),
+}
+
+impl Session {
+    async fn serve(
+        mut self,
+        mut reader: FrameReader<OwnedReadHalf>,
+        client: OwnedWriteHalf,
+        upstream: UpstreamLink,
+        will: Option<codec::Will>,
+    ) {
+        let (acks, ack_queue) = mpsc::unbounded_channel::<AckFuture>();
+        let (relay, relay_queue) = mpsc::channel::<Bytes>(1024);
+        let writer = tokio::spawn(write_loop(client, ack_queue, relay_queue));
+        let upstream_task = tokio::spawn(relay_upstream(
+            upstream.reader,
+            self.version,
+            relay,
+            self.pending_subacks.clone(),
+            self.handle.clone(),
+        ));
+        let mut up = upstream.writer;
+        let end = self.read_loop(&mut reader, &mut up, &acks).await;
+
+        if let End::Ended(reason) = &end {
+            let code = match reason {
+                EndReason::Revoked => DisconnectReasonCode::NotAuthorized,
+                EndReason::ShuttingDown => DisconnectReasonCode::ServerShuttingDown,
+                EndReason::TakenOver => DisconnectReasonCode::SessionTakenOver,
+            };
+            if let Some(bytes) = codec::server_disconnect(self.version, code) {
+                let _ = acks.send(ready(bytes));
+            }
+        }
+        // Acknowledgements still waiting for commits are written before close.
+        drop(acks);
+        let _ = tokio::time::timeout(Duration::from_secs(30), writer).await;
+        upstream_task.abort();
+        let _ = up.shutdown().await;
+        self.shared
+            .upstream
+            .live_readers
+            .fetch_sub(self.live_readers, Ordering::Relaxed);
+        self.shared.sessions.unregister(&self.handle);
+        if let (End::Abnormal, Some(will)) = (end, will) {
+            self.fire_ingest_will(will);
+        }
+    }
+
+    async fn read_loop(
+        &mut self,
+        reader: &mut FrameReader<OwnedReadHalf>,
+        up: &mut OwnedWriteHalf,
+        acks: &mpsc::UnboundedSender<AckFuture>,
+    ) -> End {
+        // The device's keep-alive, enforced here (1.5x, as MQTT says); the
+        // embedded broker's session is kept alive by our own pings.
+        let idle_limit = match self.keep_alive {
+            0 => Duration::from_secs(u32::MAX as u64),
+            k => Duration::from_millis(k as u64 * 1500),
+        };
+        let mut upstream_ping = tokio::time::interval(Duration::from_secs(1800));
+        upstream_ping.tick().await;
+        let max_publish = self.shared.config.max_payload;
+        let max_other = 1024 * 1024;
+        loop {
+            let next = tokio::select! {
+                biased;
+                reason = self.handle.ended() => return End::Ended(reason),
+                _ = upstream_ping.tick() => {
+                    if up.write_all(&codec::pingreq()).await.is_err() {
+                        return End::Abnormal;
+                    }
+                    continue;
+                }
+                next = tokio::time::timeout(idle_limit, reader.next(self.version, max_publish, max_other)) => next,
+            };
+            let frame = match next {
+                Ok(Ok(frame)) => frame,
+                Ok(Err(CodecError::Closed)) => return End::Abnormal,
+                Ok(Err(e)) => {
+                    tracing::info!(device = %self.principal.device_id, error = %e, "closing connection");
+                    let code = match e {
+                        CodecError::TooLarge(_) => Some(DisconnectReasonCode::PacketTooLarge),
+                        CodecError::Malformed(_) => Some(DisconnectReasonCode::MalformedPacket),
+                        _ => None,
+                    };
+                    if let Some(bytes) =
+                        code.and_then(|c| codec::server_disconnect(self.version, c))
+                    {
+                        let _ = acks.send(ready(bytes));
+                    }
+                    return End::Abnormal;
+                }
+                Err(_) => {
+                    tracing::info!(device = %self.principal.device_id, "keep-alive expired");
+                    return End::Abnormal;
+                }
+            };
+            let step = match frame {
+                Frame::OversizedPublish(p) => {
+                    let message = Incoming {
+                        topic: p.topic,
+                        qos: p.qos,
+                        pkid: p.pkid,
+                        payload: p.head,
+                        truncated_from: Some(p.size),
+                        raw: None,
+                    };
+                    self.on_publish(message, up, acks).await
+                }
+                Frame::Whole(header, bytes) => self.on_packet(header, bytes, up, acks).await,
+            };
+            match step {
+                Ok(None) => {}
+                Ok(Some(end)) => return end,
+                Err(e) => {
+                    tracing::info!(device = %self.principal.device_id, error = %e, "closing connection");
+                    if let Some(bytes) =
+                        codec::server_disconnect(self.version, DisconnectReasonCode::ProtocolError)
+                    {
+                        let _ = acks.send(ready(bytes));
+                    }
+                    return End::Abnormal;
+                }
+            }
+        }
+    }
+
+    async fn on_packet(
+        &mut self,
+        header: Header,
+        bytes: Bytes,
+        up: &mut OwnedWriteHalf,
+        acks: &mpsc::UnboundedSender<AckFuture>,
+    ) -> Result<Option<End>, CodecError> {
+        match header.packet_type() {
+            codec::PUBLISH => {
+                let publish = codec::Publish::parse(self.version, &header, bytes.clone())?;
+                let topic = match (publish.topic.is_empty(), publish.alias) {
+                    (false, Some(alias)) => {
+                        self.aliases.insert(alias, publish.topic.clone());
+                        publish.topic
+                    }
+                    (false, None) => publish.topic,
+                    (true, Some(alias)) => self.aliases.get(&alias).cloned().ok_or_else(|| {
+                        CodecError::Malformed(format!("unknown topic alias {alias}"))
+                    })?,
+                    (true, None) => {
+                        return Err(CodecError::Malformed("publish without a topic".into()))
+                    }
+                };
+                let message = Incoming {
+                    topic,
+                    qos: publish.qos,
+                    pkid: publish.pkid,
+                    payload: publish.payload,
+                    truncated_from: None,
+                    raw: Some(bytes),
+                };
+                self.on_publish(message, up, acks).await
+            }
+            codec::SUBSCRIBE => {
+                let subscribe = Subscribe::parse(self.version, &header, bytes.clone())?;
+                self.on_subscribe(subscribe, bytes, up, acks).await?;
+                Ok(None)
+            }
+            codec::PUBREL => {
+                let pkid = codec::pubrel_pkid(self.version, &header, bytes.clone())?;
+                if self.local_qos2.remove(&pkid) {
+                    let _ = acks.send(ready(codec::pubcomp(self.version, pkid)));
+                } else {
+                    forward(up, &bytes).await?;
+                }
+                Ok(None)
+            }
+            codec::PINGREQ => {
+                let _ = acks.send(ready(codec::pingresp()));
+                Ok(None)
+            }
+            codec::DISCONNECT => {
+                let _ = forward(up, &bytes).await;
+                Ok(Some(End::Graceful))
+            }
+            codec::CONNECT => Err(CodecError::Malformed(
+                "second CONNECT on one connection".into(),
+            )),
+            // PUBACK, PUBREC, PUBCOMP for deliveries, UNSUBSCRIBE, AUTH.
+            _ => {
+                forward(up, &bytes).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn on_publish(
+        &mut self,
+        message: Incoming,
+        up: &mut OwnedWriteHalf,
+        acks: &mpsc::UnboundedSender<AckFuture>,
+    ) -> Result<Option<End>, CodecError> {
+        let Principal { role, device_id } = &self.principal;
+        if let Err(denied) = may_publish(*role, device_id, &message.topic) {
+            return Ok(self.deny_publish(&message, AckReason::NotAuthorized(denied.0), acks));
+        }
+        let ingest = match IngestTopic::parse(&message.topic) {
+            Some(Ok(topic)) => Some((topic.stream.to_string(), topic.device.to_string())),
+            _ => None,
+        };
+        let Some((stream, device)) = ingest else {
+            // Any other topic goes to the embedded broker, whole.
+            if let Some(size) = message.truncated_from {
+                let reason = format!(
+                    "publish of {size} bytes exceeds the {}-byte limit",
+                    self.shared.config.max_payload
+                );
+                return Ok(self.deny_publish(&message, AckReason::TooLarge(reason), acks));
+            }
+            forward(up, message.raw.as_deref().unwrap_or_default()).await?;
+            return Ok(None);
+        };
+        // Waiting here for a permit, then for room in the store's queue, is
+        // the back-pressure: this connection is not read until the store
+        // catches up.
+        let permit = self
+            .inflight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closes");
+        let ingest_message = IngestMessage {
+            principal: self.principal.clone(),
+            stream,
+            device_id: device,
+            payload: message.payload,
+            truncated_from: message.truncated_from,
+            received_at_ms: now_ms(),
+        };
+        let Ok(pending) = self.shared.ingest.submit(ingest_message).await else {
+            return Ok(Some(End::Ended(EndReason::ShuttingDown)));
+        };
+        if message.qos == 2 {
+            self.local_qos2.insert(message.pkid);
+        }
+        let (version, qos, pkid) = (self.version, message.qos, message.pkid);
+        let _ = acks.send(Box::pin(async move {
+            let outcome = pending.await;
+            drop::<OwnedSemaphorePermit>(permit);
+            match outcome {
+                Ok(Ok(outcome)) if qos > 0 => {
+                    Outgoing::Bytes(publish_ack(version, qos, pkid, &ack_reason(&outcome)))
+                }
+                Ok(Ok(_)) => Outgoing::Nothing,
+                _ => Outgoing::Abort,
+            }
+        }));
+        Ok(None)
+    }
+
+    /// A refused publish is never stored or delivered. MQTT 5 answers with a
+    /// reason code; MQTT 3.1.1 has none, so the connection is closed.
+    fn deny_publish(
+        &self,
+        message: &Incoming,
+        reason: AckReason,
+        acks: &mpsc::UnboundedSender<AckFuture>,
+    ) -> Option<End> {
+        let text = match &reason {
+            AckReason::NotAuthorized(t) | AckReason::TooLarge(t) | AckReason::PayloadInvalid(t) => {
+                t.clone()
+            }
+            AckReason::Success => String::new(),
+        };
+        self.shared.metrics.publishes_denied.inc();
+        self.shared
+            .auth
+            .record_refusal(&self.principal.device_id, &format!("publish: {text}"));
+        match self.version {
+            Version::V5 if message.qos > 0 => {
+                let _ = acks.send(ready(publish_ack(
+                    self.version,
+                    message.qos,
+                    message.pkid,
+                    &reason,
+                )));
+                None
+            }
+            Version::V5 => None,
+            Version::V4 => {
+                let _ = acks.send(Box::pin(std::future::ready(Outgoing::Abort)));
+                Some(End::Abnormal)
+            }
+        }
+    }
+
+    async fn on_subscribe(
+        &mut self,
+        subscribe: Subscribe,
+        raw: Bytes,
+        up: &mut OwnedWriteHalf,
+        acks: &mpsc::UnboundedSender<AckFuture>,
+    ) -> Result<(), CodecError> {
+        let Principal { role, device_id } = &self.principal;
+        let mut allowed = Vec::new();
+        for filter in subscribe.filters() {
+            match may_subscribe(*role, device_id, filter) {
+                Ok(()) => {
+                    allowed.push(true);
+                    if can_receive_live(filter) {
+                        self.live_readers += 1;
+                        self.shared
+                            .upstream
+                            .live_readers
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(denied) => {
+                    allowed.push(false);
+                    self.shared.metrics.subscribes_denied.inc();
+                    self.shared
+                        .auth
+                        .record_refusal(device_id, &format!("subscribe: {}", denied.0));
+                }
+            }
+        }
+        let pkid = subscribe.pkid();
+        if allowed.iter().all(|a| *a) {
+            forward(up, &raw).await
+        } else if allowed.iter().all(|a| !a) {
+            let _ = acks.send(ready(codec::suback_refused(
+                self.version,
+                pkid,
+                allowed.len(),
+            )));
+            Ok(())
+        } else {
+            self.pending_subacks
+                .lock()
+                .expect("suback lock")
+                .insert(pkid, allowed.clone());
+            forward(up, &subscribe.retain_filters(&allowed)).await
+        }
+    }
+
+    /// A will on an ingest topic is a record like any other: it goes through
+    /// the pipeline, not through the embedded broker.
+    fn fire_ingest_will(&self, will: codec::Will) {
+        let Some(Ok(topic)) = IngestTopic::parse(&will.topic) else {
+            return;
+        };
+        let message = IngestMessage {
+            principal: self.principal.clone(),
+            stream: topic.stream.to_string(),
+            device_id: topic.device.to_string(),
+            payload: will.payload,
+            truncated_from: None,
+            received_at_ms: now_ms(),
+        };
+        let ingest = self.shared.ingest.clone();
+        tokio::spawn(async move {
+            if let Ok(pending) = ingest.submit(message).await {
+                let _ = pending.await;
+            }
+        });
+    }
+}
+
+struct Incoming {
+    topic: String,
+    qos: u8,
+    pkid: u16,
+    payload: Bytes,
+    truncated_from: Option<usize>,
+    /// The packet as received, for forwarding unchanged.
+    raw: Option<Bytes>,
+}
+
+fn ack_reason(outcome: &IngestOutcome) -> AckReason {
+    match (&outcome.first_reason, outcome.stored) {
+        (Some(reason), 0) => AckReason::PayloadInvalid(reason.clone()),
+        _ => AckReason::Success,
+    }
+}
+
+/// Filters that may match `live/...` topics (for skipping live re-publishing
+/// while nobody listens).
+fn can_receive_live(filter: &str) -> bool {
+    let inner = filter
+        .strip_prefix("$share/")
+        .and_then(|r| r.split_once('/'))
+        .map_or(filter, |(_, f)| f);
+    let first = inner.split('/').next().unwrap_or("");
+    matches!(first, "live" | "+" | "#")
+}
+
+async fn forward(up: &mut OwnedWriteHalf, bytes: &[u8]) -> Result<(), CodecError> {
+    up.write_all(bytes).await.map_err(CodecError::Io)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Writes acknowledgements in arrival order (each once its commit is done)
+/// and relayed packets as they come, coalescing whatever is ready into one
+/// write.
+async fn write_loop(
+    client: OwnedWriteHalf,
+    mut ack_queue: mpsc::UnboundedReceiver<AckFuture>,
+    mut relay_queue: mpsc::Receiver<Bytes>,
+) {
+    let mut client = BufWriter::with_capacity(64 * 1024, client);
+    let mut pending: FuturesOrdered<AckFuture> = FuturesOrdered::new();
+    let mut acks_open = true;
+    let mut relay_open = true;
+    let mut out = BytesMut::new();
+    loop {
+        if !acks_open && pending.is_empty() {
+            break;
+        }
+        tokio::select! {
+            Some(outgoing) = pending.next(), if !pending.is_empty() => {
+                if !take(&mut out, outgoing) {
+                    break;
+                }
+            }
+            ack = ack_queue.recv(), if acks_open => match ack {
+                Some(ack) => pending.push_back(ack),
+                None => acks_open = false,
+            },
+            relayed = relay_queue.recv(), if relay_open => match relayed {
+                Some(bytes) => out.extend_from_slice(&bytes),
+                None => relay_open = false,
+            },
+        }
+        // Take everything else that is ready without waiting.
+        while let Ok(ack) = ack_queue.try_recv() {
+            pending.push_back(ack);
+        }
+        let mut aborted = false;
+        while let Some(Some(outgoing)) = pending.next().now_or_never() {
+            if !take(&mut out, outgoing) {
+                aborted = true;
+                break;
+            }
+        }
+        while let Ok(bytes) = relay_queue.try_recv() {
+            out.extend_from_slice(&bytes);
+        }
+        if !out.is_empty() {
+            if client.write_all(&out).await.is_err() || client.flush().await.is_err() {
+                break;
+            }
+            out.clear();
+        }
+        if aborted {
+            break;
+        }
+    }
+    let _ = client.write_all(&out).await;
+    let _ = client.flush().await;
+    let _ = client.into_inner().shutdown().await;
+}
+
+/// Adds an ack's bytes to `out`; false when the connection must close.
+fn take(out: &mut BytesMut, outgoing: Outgoing) -> bool {
+    match outgoing {
+        Outgoing::Bytes(bytes) => {
+            out.extend_from_slice(&bytes);
+            true
+        }
+        Outgoing::Nothing => true,
+        Outgoing::Abort => false,
+    }
+}
+
+/// The embedded broker's packets for the device: relayed unchanged, except
+/// SUBACKs for filtered SUBSCRIBEs (merged with the refused filters) and our
+/// own keep-alive PINGRESPs.
+async fn relay_upstream(
+    mut reader: FrameReader<OwnedReadHalf>,
+    version: Version,
+    relay: mpsc::Sender<Bytes>,
+    pending_subacks: Arc<Mutex<HashMap<u16, Vec<bool>>>>,
+    handle: SessionHandle,
+) {
+    loop {
+        let Ok(Frame::Whole(header, bytes)) = reader.next(version, usize::MAX, usize::MAX).await
+        else {
+            break;
+        };
+        let bytes = match header.packet_type() {
+            codec::PINGRESP => continue,
+            codec::SUBACK => match codec::suback_codes(version, &header, &bytes) {
+                Ok((pkid, codes)) => {
+                    match pending_subacks.lock().expect("suback lock").remove(&pkid) {
+                        Some(allowed) => codec::merge_suback(version, pkid, &allowed, &codes),
+                        None => bytes,
+                    }
+                }
+                Err(_) => bytes,
+            },
+            _ => bytes,
+        };
+        let last = header.packet_type() == codec::DISCONNECT;
+        if relay.send(bytes).await.is_err() || last {
+            break;
+        }
+    }
+    // The embedded broker ended the session (e.g. the same client id
+    // connected again): end this connection too.
+    handle.end(EndReason::TakenOver);
+}

@@ -1,0 +1,266 @@
+//! The stream catalog: which streams exist, their fields, and their tables.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use fleetgate_protocol::schema::{
+    FieldDef, FieldType, StreamDef, StreamsFile, DEVICE_ID, EXTRA, RECEIVED_AT, ROW_ID,
+};
+use sqlx::Row;
+
+use crate::db::Db;
+use crate::with_pool;
+
+/// A stream as the pipeline uses it: its declaration plus derived SQL.
+#[derive(Debug)]
+pub struct Stream {
+    pub name: String,
+    pub def: StreamDef,
+    /// Insert column order: device_id, received_at, declared fields, extra.
+    pub columns: Vec<String>,
+    /// `INSERT INTO <name> (<columns>) ` — the VALUES list is appended per batch.
+    pub insert_head: String,
+    /// Appended after the VALUES list: makes re-sent keys a no-op.
+    pub insert_tail: &'static str,
+    /// The SQL type of each insert column, to bind NULLs with the right type.
+    pub kinds: Vec<ColumnKind>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnKind {
+    Int,
+    Float,
+    Bool,
+    Text,
+}
+
+impl From<FieldType> for ColumnKind {
+    fn from(ty: FieldType) -> Self {
+        match ty {
+            FieldType::Int | FieldType::Timestamp => ColumnKind::Int,
+            FieldType::Float => ColumnKind::Float,
+            FieldType::Bool => ColumnKind::Bool,
+            FieldType::String | FieldType::Enum => ColumnKind::Text,
+        }
+    }
+}
+
+impl Stream {
+    fn new(name: &str, def: StreamDef) -> Stream {
+        let mut columns = vec![DEVICE_ID.to_string(), RECEIVED_AT.to_string()];
+        columns.extend(def.fields.keys().cloned());
+        columns.push(EXTRA.to_string());
+        let insert_head = format!("INSERT INTO {name} ({}) ", columns.join(", "));
+        let insert_tail = if def.key.is_some() {
+            " ON CONFLICT DO NOTHING"
+        } else {
+            ""
+        };
+        let mut kinds = vec![ColumnKind::Text, ColumnKind::Int];
+        kinds.extend(def.fields.values().map(|f| ColumnKind::from(f.ty)));
+        kinds.push(ColumnKind::Text);
+        Stream {
+            name: name.to_string(),
+            def,
+            columns,
+            insert_head,
+            insert_tail,
+            kinds,
+        }
+    }
+}
+
+fn sql_type(ty: FieldType) -> &'static str {
+    // These spellings mean the same to SQLite (by affinity) and PostgreSQL.
+    match ty {
+        FieldType::Int | FieldType::Timestamp => "BIGINT",
+        FieldType::Float => "DOUBLE PRECISION",
+        FieldType::Bool => "BOOLEAN",
+        FieldType::String | FieldType::Enum => "TEXT",
+    }
+}
+
+fn column_ddl(name: &str, def: &FieldDef) -> String {
+    // Declared columns stay nullable: `required` is enforced by validation,
+    // so a field added later can be required without rewriting old rows.
+    format!("{name} {}", sql_type(def.ty))
+}
+
+#[derive(Clone)]
+pub struct Catalog {
+    db: Db,
+    streams: Arc<RwLock<HashMap<String, Arc<Stream>>>>,
+}
+
+/// What `apply` did, per stream, for the CLI and API to report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AppliedStream {
+    pub stream: String,
+    pub action: &'static str,
+    pub added_fields: Vec<String>,
+}
+
+impl Catalog {
+    pub async fn load(db: Db) -> Result<Catalog, String> {
+        db.execute_ddl(&[
+            "CREATE TABLE IF NOT EXISTS fleetgate_streams (name TEXT PRIMARY KEY, definition TEXT NOT NULL, updated_at BIGINT NOT NULL)".to_string(),
+        ])
+        .await
+        .map_err(|e| format!("cannot create the stream catalog: {e}"))?;
+        let rows: Vec<(String, String)> = with_pool!(db, pool => {
+            sqlx::query("SELECT name, definition FROM fleetgate_streams")
+                .fetch_all(pool)
+                .await
+                .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+        .map_err(|e| format!("cannot read the stream catalog: {e}"))?;
+        let mut streams = HashMap::new();
+        for (name, definition) in rows {
+            let def: StreamDef = serde_json::from_str(&definition)
+                .map_err(|e| format!("stream catalog entry {name} is corrupt: {e}"))?;
+            streams.insert(name.clone(), Arc::new(Stream::new(&name, def)));
+        }
+        Ok(Catalog {
+            db,
+            streams: Arc::new(RwLock::new(streams)),
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Stream>> {
+        self.streams
+            .read()
+            .expect("catalog lock")
+            .get(name)
+            .cloned()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<_> = self
+            .streams
+            .read()
+            .expect("catalog lock")
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
+    pub fn list(&self) -> Vec<Arc<Stream>> {
+        let streams = self.streams.read().expect("catalog lock");
+        let mut list: Vec<_> = streams.values().cloned().collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    /// Creates or evolves every stream in `file` in one transaction: either
+    /// all of it takes effect or none. Adding fields is allowed; changing a
+    /// field's type or the key is refused, since stored rows would no longer
+    /// mean what they meant.
+    pub async fn apply(&self, file: &StreamsFile) -> Result<Vec<AppliedStream>, String> {
+        let mut ddl = Vec::new();
+        let mut report = Vec::new();
+        for (name, def) in &file.streams {
+            def.check(name)?;
+            match self.get(name) {
+                None => {
+                    ddl.extend(self.create_table_ddl(name, def));
+                    report.push(AppliedStream {
+                        stream: name.clone(),
+                        action: "created",
+                        added_fields: vec![],
+                    });
+                }
+                Some(existing) => {
+                    let added = evolve(&existing.def, def, name)?;
+                    for field in &added {
+                        ddl.push(format!(
+                            "ALTER TABLE {name} ADD COLUMN {}",
+                            column_ddl(field, &def.fields[field])
+                        ));
+                    }
+                    let action = if added.is_empty() && existing.def == *def {
+                        "unchanged"
+                    } else {
+                        "updated"
+                    };
+                    report.push(AppliedStream {
+                        stream: name.clone(),
+                        action,
+                        added_fields: added,
+                    });
+                }
+            }
+        }
+        let now = chrono::Utc::now().timestamp_millis();
+        with_pool!(self.db, pool => {
+            let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
+            for statement in &ddl {
+                sqlx::query(statement).execute(&mut *tx).await
+                    .map_err(|e| format!("cannot apply streams ({statement}): {e}"))?;
+            }
+            for (name, def) in &file.streams {
+                let definition = serde_json::to_string(def).expect("definition serializes");
+                sqlx::query(
+                    "INSERT INTO fleetgate_streams (name, definition, updated_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (name) DO UPDATE SET definition = excluded.definition, updated_at = excluded.updated_at",
+                )
+                .bind(name).bind(definition).bind(now)
+                .execute(&mut *tx).await.map_err(|e| format!("cannot record streams: {e}"))?;
+            }
+            tx.commit().await.map_err(|e| format!("cannot commit streams: {e}"))
+        })?;
+        let mut streams = self.streams.write().expect("catalog lock");
+        for (name, def) in &file.streams {
+            streams.insert(name.clone(), Arc::new(Stream::new(name, def.clone())));
+        }
+        Ok(report)
+    }
+
+    fn create_table_ddl(&self, name: &str, def: &StreamDef) -> Vec<String> {
+        let mut columns = Vec::new();
+        if def.key.is_none() {
+            columns.push(self.db.auto_id_column(ROW_ID));
+        }
+        columns.push(format!("{DEVICE_ID} TEXT NOT NULL"));
+        columns.push(format!("{RECEIVED_AT} BIGINT NOT NULL"));
+        columns.extend(def.fields.iter().map(|(f, d)| column_ddl(f, d)));
+        columns.push(format!("{EXTRA} TEXT"));
+        if let Some(key) = &def.key {
+            columns.push(format!("PRIMARY KEY ({})", key.join(", ")));
+        }
+        vec![
+            format!("CREATE TABLE {name} ({})", columns.join(", ")),
+            format!("CREATE INDEX {name}_received_at ON {name} ({RECEIVED_AT})"),
+        ]
+    }
+}
+
+/// Fields `new` adds to `old`, or why `new` cannot replace `old`.
+fn evolve(old: &StreamDef, new: &StreamDef, name: &str) -> Result<Vec<String>, String> {
+    if old.key != new.key {
+        return Err(format!(
+            "stream {name}: the key cannot change ({:?} -> {:?}); declare a new stream instead",
+            old.key, new.key
+        ));
+    }
+    let mut added = Vec::new();
+    for (field, def) in &new.fields {
+        match old.fields.get(field) {
+            Some(previous) if previous.ty != def.ty => {
+                return Err(format!(
+                    "stream {name}: field {field} cannot change type ({:?} -> {:?})",
+                    previous.ty, def.ty
+                ))
+            }
+            Some(_) => {}
+            None => added.push(field.clone()),
+        }
+    }
+    if let Some(dropped) = old.fields.keys().find(|f| !new.fields.contains_key(*f)) {
+        return Err(format!(
+            "stream {name}: field {dropped} cannot be removed (its column holds data); keep it, optional"
+        ));
+    }
+    Ok(added)
+}

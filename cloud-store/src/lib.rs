@@ -1,0 +1,29 @@
+//! fleetgate's cloud store: validates and enriches records, keeps them in
+//! primary tables with group commit, and answers read-only queries.
+//!
+//! - [`db`]: the SQLite / PostgreSQL handle.
+//! - [`catalog`]: stream declarations and their tables.
+//! - [`pipeline`]: the synchronous ingest stages.
+//! - [`writer`]: the store stage (group commit, back-pressure) — [`Store`].
+//! - [`query`]: the read-only query guard and runner.
+//! - [`rejects`]: refused records.
+
+pub mod catalog;
+pub mod db;
+pub mod metrics;
+pub mod pipeline;
+pub mod query;
+pub mod rejects;
+pub mod writer;
+
+pub use catalog::Catalog;
+pub use db::Db;
+pub use writer::{Store, WriterConfig};
+
+/// Creates the store's own tables (idempotent) and loads the stream catalog.
+pub async fn open_catalog(db: &Db) -> Result<Catalog, String> {
+    db.execute_ddl(&rejects::ddl(db))
+        .await
+        .map_err(|e| format!("cannot create the rejects table: {e}"))?;
+    Catalog::load(db.clone()).await
+}

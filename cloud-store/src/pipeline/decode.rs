@@ -1,0 +1,53 @@
+use serde_json::Value;
+
+use super::{Record, Reject, Stage, Work};
+
+/// Bytes → JSON records. A payload is one JSON object or an array of them.
+pub struct Decode {
+    pub max_payload: usize,
+}
+
+impl Stage for Decode {
+    fn process(&self, work: &mut Work) -> Result<(), String> {
+        let message = &work.message;
+        if let Some(size) = message.truncated_from {
+            return Err(format!(
+                "payload of {size} bytes exceeds the {}-byte limit",
+                self.max_payload
+            ));
+        }
+        if message.payload.len() > self.max_payload {
+            return Err(format!(
+                "payload of {} bytes exceeds the {}-byte limit",
+                message.payload.len(),
+                self.max_payload
+            ));
+        }
+        // serde_json refuses nesting deeper than 128 levels, so a hostile
+        // payload cannot exhaust the stack.
+        let value: Value = serde_json::from_slice(&message.payload)
+            .map_err(|e| format!("payload is not valid JSON: {e}"))?;
+        match value {
+            Value::Object(raw) => work.records.push(Record {
+                raw,
+                values: Vec::new(),
+            }),
+            Value::Array(items) => {
+                for (i, item) in items.into_iter().enumerate() {
+                    match item {
+                        Value::Object(raw) => work.records.push(Record {
+                            raw,
+                            values: Vec::new(),
+                        }),
+                        other => work.rejects.push(Reject {
+                            payload: other.to_string(),
+                            reasons: vec![format!("array element {i} is not a JSON object")],
+                        }),
+                    }
+                }
+            }
+            _ => return Err("payload must be a JSON object or an array of objects".into()),
+        }
+        Ok(())
+    }
+}

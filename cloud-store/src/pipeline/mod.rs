@@ -1,0 +1,125 @@
+//! The ingest pipeline: decode → authorize → validate → enrich → store → publish live.
+//!
+//! Each stage is a type with one job. The synchronous stages implement
+//! [`Stage`] and run in the receiving task, in the order [`Pipeline::standard`]
+//! lists them; [`crate::writer`] is the store stage (group commit) and
+//! [`CommitObserver`]s (such as live re-publishing) run after each commit.
+//! A new stage is a new type added to that list; no other stage changes.
+
+mod authorize;
+mod decode;
+mod enrich;
+mod publish_live;
+mod validate;
+
+use std::sync::Arc;
+
+use fleetgate_protocol::IngestMessage;
+use serde_json::{Map, Value};
+
+pub use authorize::Authorize;
+pub use decode::Decode;
+pub use enrich::Enrich;
+pub use publish_live::PublishLive;
+pub use validate::Validate;
+
+use crate::catalog::{Catalog, Stream};
+
+/// A typed value bound into an INSERT.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SqlValue {
+    Null,
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Text(String),
+}
+
+/// One record on its way to a stream table.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The record as the device sent it.
+    pub raw: Map<String, Value>,
+    /// Column values in the stream's insert order (filled by Validate and Enrich).
+    pub values: Vec<SqlValue>,
+}
+
+/// A record (or a whole payload) refused, with every reason.
+#[derive(Debug, Clone)]
+pub struct Reject {
+    pub payload: String,
+    pub reasons: Vec<String>,
+}
+
+/// One message as it moves through the stages.
+#[derive(Debug)]
+pub struct Work {
+    pub message: IngestMessage,
+    /// Set by Authorize once the stream is known to exist.
+    pub stream: Option<Arc<Stream>>,
+    pub records: Vec<Record>,
+    pub rejects: Vec<Reject>,
+}
+
+impl Work {
+    pub fn new(message: IngestMessage) -> Work {
+        Work {
+            message,
+            stream: None,
+            records: Vec::new(),
+            rejects: Vec::new(),
+        }
+    }
+
+    /// Replaces whatever the message held by one reject of the whole payload.
+    fn reject_whole(&mut self, reason: String) {
+        const KEEP: usize = 64 * 1024;
+        let payload = &self.message.payload[..self.message.payload.len().min(KEEP)];
+        self.records.clear();
+        self.rejects = vec![Reject {
+            payload: String::from_utf8_lossy(payload).into_owned(),
+            reasons: vec![reason],
+        }];
+    }
+}
+
+/// A synchronous pipeline stage. Returning `Err(reason)` rejects the whole
+/// message; per-record problems go into `work.rejects` instead.
+pub trait Stage: Send + Sync {
+    fn process(&self, work: &mut Work) -> Result<(), String>;
+}
+
+/// Called after each commit with the messages it made durable.
+pub trait CommitObserver: Send + Sync {
+    fn committed(&self, work: &[Work]);
+}
+
+pub struct Pipeline {
+    stages: Vec<Box<dyn Stage>>,
+}
+
+impl Pipeline {
+    pub fn standard(catalog: Catalog, max_payload: usize) -> Pipeline {
+        Pipeline {
+            stages: vec![
+                Box::new(Decode { max_payload }),
+                Box::new(Authorize { catalog }),
+                Box::new(Validate),
+                Box::new(Enrich),
+            ],
+        }
+    }
+
+    /// Runs every stage; a stage that refuses the message ends the run, and
+    /// the message carries a single reject with the reason.
+    pub fn run(&self, message: IngestMessage) -> Work {
+        let mut work = Work::new(message);
+        for stage in &self.stages {
+            if let Err(reason) = stage.process(&mut work) {
+                work.reject_whole(reason);
+                break;
+            }
+        }
+        work
+    }
+}

@@ -1,0 +1,203 @@
+use chrono::DateTime;
+use fleetgate_protocol::schema::{FieldDef, FieldType, DEVICE_ID};
+use serde_json::{Map, Value};
+
+use super::{Reject, SqlValue, Stage, Work};
+
+/// Checks each record against its stream's declaration (types, required,
+/// bounds, enum members) and converts it to column values. Undeclared fields
+/// are kept, as JSON, in the `extra` column. A bad record is rejected with
+/// every reason, and never stops the rest of the message.
+pub struct Validate;
+
+impl Stage for Validate {
+    fn process(&self, work: &mut Work) -> Result<(), String> {
+        let stream = work.stream.clone().expect("Authorize runs before Validate");
+        let device = work.message.device_id.as_str();
+        let records = std::mem::take(&mut work.records);
+        for mut record in records {
+            let mut reasons = Vec::new();
+            let mut values = Vec::with_capacity(stream.columns.len());
+            values.extend([SqlValue::Null, SqlValue::Null]);
+            for (name, def) in &stream.def.fields {
+                match convert(name, def, record.raw.get(name.as_str())) {
+                    Ok(value) => values.push(value),
+                    Err(reason) => reasons.push(reason),
+                }
+            }
+            match record.raw.get(DEVICE_ID) {
+                None => {}
+                Some(Value::String(claimed)) if claimed == device => {}
+                Some(claimed) => reasons.push(format!(
+                    "device_id {claimed} does not match the publishing device {device:?}"
+                )),
+            }
+            if reasons.is_empty() {
+                values.push(extra_column(&record.raw, &stream.def.fields));
+                record.values = values;
+                work.records.push(record);
+            } else {
+                work.rejects.push(Reject {
+                    payload: Value::Object(record.raw).to_string(),
+                    reasons,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn extra_column(
+    raw: &Map<String, Value>,
+    declared: &indexmap::IndexMap<String, FieldDef>,
+) -> SqlValue {
+    let extra: Map<String, Value> = raw
+        .iter()
+        .filter(|(k, _)| !declared.contains_key(k.as_str()) && k.as_str() != DEVICE_ID)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if extra.is_empty() {
+        SqlValue::Null
+    } else {
+        SqlValue::Text(Value::Object(extra).to_string())
+    }
+}
+
+fn convert(name: &str, def: &FieldDef, value: Option<&Value>) -> Result<SqlValue, String> {
+    let value = match value {
+        None | Some(Value::Null) if def.required => {
+            return Err(format!("{name}: required field is missing"))
+        }
+        None | Some(Value::Null) => return Ok(SqlValue::Null),
+        Some(v) => v,
+    };
+    let wrong_type = || {
+        format!(
+            "{name}: expected {}, got {}",
+            type_name(def.ty),
+            describe(value)
+        )
+    };
+    let converted = match def.ty {
+        FieldType::Int => SqlValue::Int(as_integer(value).ok_or_else(wrong_type)?),
+        FieldType::Float => SqlValue::Float(value.as_f64().ok_or_else(wrong_type)?),
+        FieldType::Bool => SqlValue::Bool(value.as_bool().ok_or_else(wrong_type)?),
+        FieldType::String => SqlValue::Text(value.as_str().ok_or_else(wrong_type)?.to_string()),
+        FieldType::Enum => {
+            let text = value.as_str().ok_or_else(wrong_type)?;
+            let values = def.values.as_deref().unwrap_or_default();
+            if !values.iter().any(|v| v == text) {
+                return Err(format!("{name}: {text:?} is not one of {values:?}"));
+            }
+            SqlValue::Text(text.to_string())
+        }
+        FieldType::Timestamp => SqlValue::Int(match value {
+            Value::String(text) => DateTime::parse_from_rfc3339(text)
+                .map_err(|e| format!("{name}: {text:?} is not an RFC 3339 timestamp ({e})"))?
+                .timestamp_millis(),
+            _ => as_integer(value).ok_or_else(wrong_type)?,
+        }),
+    };
+    check_bounds(name, def, &converted)?;
+    Ok(converted)
+}
+
+/// JSON has one number type; `3.0` is accepted as the integer 3.
+fn as_integer(value: &Value) -> Option<i64> {
+    value.as_i64().or_else(|| {
+        let f = value.as_f64()?;
+        (f.fract() == 0.0 && f.abs() < 9.0e15).then_some(f as i64)
+    })
+}
+
+fn check_bounds(name: &str, def: &FieldDef, value: &SqlValue) -> Result<(), String> {
+    let number = match value {
+        SqlValue::Int(i) if def.ty == FieldType::Int => *i as f64,
+        SqlValue::Float(f) => *f,
+        _ => return Ok(()),
+    };
+    if let Some(min) = def.min.filter(|min| number < *min) {
+        return Err(format!("{name}: {number} is below the minimum {min}"));
+    }
+    if let Some(max) = def.max.filter(|max| number > *max) {
+        return Err(format!("{name}: {number} is above the maximum {max}"));
+    }
+    Ok(())
+}
+
+fn type_name(ty: FieldType) -> &'static str {
+    match ty {
+        FieldType::Int => "an integer",
+        FieldType::Float => "a number",
+        FieldType::Bool => "true or false",
+        FieldType::String | FieldType::Enum => "a string",
+        FieldType::Timestamp => "an RFC 3339 string or epoch milliseconds",
+    }
+}
+
+fn describe(value: &Value) -> String {
+    let text = value.to_string();
+    if text.len() > 40 {
+        format!("{}...", &text[..text.floor_char_boundary(40)])
+    } else {
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetgate_protocol::schema::StreamsFile;
+
+    fn temperature() -> indexmap::IndexMap<String, FieldDef> {
+        StreamsFile::parse(
+            r#"[streams.t]
+            fields.seq      = { type = "int", required = true }
+            fields.celsius  = { type = "float", min = -40.0, max = 125.0, required = true }
+            fields.status   = { type = "enum", values = ["ok", "warn"] }
+            fields.taken_at = { type = "timestamp" }"#,
+        )
+        .unwrap()
+        .streams["t"]
+            .fields
+            .clone()
+    }
+
+    #[test]
+    fn converts_each_type() {
+        let f = temperature();
+        assert_eq!(
+            convert("seq", &f["seq"], Some(&Value::from(3.0))),
+            Ok(SqlValue::Int(3))
+        );
+        assert_eq!(
+            convert("celsius", &f["celsius"], Some(&Value::from(21))),
+            Ok(SqlValue::Float(21.0))
+        );
+        assert_eq!(
+            convert(
+                "taken_at",
+                &f["taken_at"],
+                Some(&Value::from("2026-01-01T00:00:01Z"))
+            ),
+            Ok(SqlValue::Int(1_767_225_601_000))
+        );
+        assert_eq!(
+            convert("taken_at", &f["taken_at"], Some(&Value::from(5))),
+            Ok(SqlValue::Int(5))
+        );
+        assert_eq!(convert("status", &f["status"], None), Ok(SqlValue::Null));
+    }
+
+    #[test]
+    fn explains_each_failure() {
+        let f = temperature();
+        let err = |name: &str, v: Option<Value>| convert(name, &f[name], v.as_ref()).unwrap_err();
+        assert!(err("seq", None).contains("required"));
+        assert!(err("seq", Some(Value::from(1.5))).contains("expected an integer"));
+        assert!(err("celsius", Some(Value::from(200.0))).contains("above the maximum 125"));
+        assert!(err("celsius", Some(Value::from(-41))).contains("below the minimum -40"));
+        assert!(err("status", Some(Value::from("fault"))).contains("not one of"));
+        assert!(err("taken_at", Some(Value::from("yesterday"))).contains("RFC 3339"));
+    }
+}

@@ -1,0 +1,249 @@
+//! Stream declarations: the TOML a user applies with `fleetgate stream apply`.
+//!
+//! ```toml
+//! [streams.temperature]
+//! key = ["device_id", "seq"]
+//! fields.seq     = { type = "int", required = true }
+//! fields.celsius = { type = "float", min = -40.0, max = 125.0, required = true }
+//! ```
+
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+
+/// Columns every stream table has besides its declared fields.
+pub const DEVICE_ID: &str = "device_id";
+pub const RECEIVED_AT: &str = "received_at";
+pub const EXTRA: &str = "extra";
+/// The server-assigned key column of streams that declare no key.
+pub const ROW_ID: &str = "id";
+const RESERVED_COLUMNS: [&str; 4] = [DEVICE_ID, RECEIVED_AT, EXTRA, ROW_ID];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamsFile {
+    pub streams: IndexMap<String, StreamDef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamDef {
+    /// Columns forming the primary key; `None` means a server-assigned id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<Vec<String>>,
+    #[serde(default)]
+    pub fields: IndexMap<String, FieldDef>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldType {
+    Int,
+    Float,
+    Bool,
+    String,
+    Enum,
+    /// RFC 3339 text or epoch milliseconds; stored as epoch milliseconds.
+    Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldDef {
+    #[serde(rename = "type")]
+    pub ty: FieldType,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub required: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<Vec<String>>,
+}
+
+impl StreamsFile {
+    /// Parses and checks a whole file; the error names the offending part.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let file: StreamsFile =
+            toml::from_str(text).map_err(|e| format!("invalid streams file: {e}"))?;
+        if file.streams.is_empty() {
+            return Err("streams file declares no [streams.<name>] table".into());
+        }
+        for (name, def) in &file.streams {
+            def.check(name)?;
+        }
+        Ok(file)
+    }
+}
+
+/// Names become SQL identifiers and topic levels, so they are kept to
+/// lower-case ASCII that needs no quoting anywhere.
+pub fn check_identifier(kind: &str, name: &str) -> Result<(), String> {
+    let mut bytes = name.bytes();
+    let starts_ok = bytes.next().is_some_and(|b| b.is_ascii_lowercase());
+    let rest_ok = bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if starts_ok && rest_ok && name.len() <= 48 {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid {kind} name {name:?}: use 1-48 characters a-z 0-9 _, starting with a letter"
+        ))
+    }
+}
+
+impl StreamDef {
+    pub fn check(&self, name: &str) -> Result<(), String> {
+        check_identifier("stream", name)?;
+        if name.starts_with("fleetgate_") || name.starts_with("sqlite_") || name.starts_with("pg_")
+        {
+            return Err(format!("stream name {name:?} uses a reserved prefix"));
+        }
+        for (field, def) in &self.fields {
+            check_identifier("field", field).map_err(|e| format!("stream {name}: {e}"))?;
+            if RESERVED_COLUMNS.contains(&field.as_str()) {
+                return Err(format!(
+                    "stream {name}: field {field:?} is a column every stream already has"
+                ));
+            }
+            def.check()
+                .map_err(|e| format!("stream {name}, field {field}: {e}"))?;
+        }
+        if let Some(key) = &self.key {
+            if key.is_empty() {
+                return Err(format!("stream {name}: key must name at least one column"));
+            }
+            for (i, column) in key.iter().enumerate() {
+                if key[..i].contains(column) {
+                    return Err(format!("stream {name}: key names {column:?} twice"));
+                }
+                if column == DEVICE_ID {
+                    continue;
+                }
+                match self.fields.get(column) {
+                    None => {
+                        return Err(format!(
+                            "stream {name}: key column {column:?} is neither device_id nor a declared field"
+                        ))
+                    }
+                    Some(def) if !def.required => {
+                        return Err(format!(
+                            "stream {name}: key field {column:?} must be required = true"
+                        ))
+                    }
+                    Some(def) if def.ty == FieldType::Float => {
+                        return Err(format!(
+                            "stream {name}: key field {column:?} is a float; floats make unreliable keys"
+                        ))
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FieldDef {
+    fn check(&self) -> Result<(), String> {
+        let numeric = matches!(self.ty, FieldType::Int | FieldType::Float);
+        if !numeric && (self.min.is_some() || self.max.is_some()) {
+            return Err("min and max apply only to int and float fields".into());
+        }
+        if let (Some(min), Some(max)) = (self.min, self.max) {
+            if min > max {
+                return Err(format!("min {min} is greater than max {max}"));
+            }
+        }
+        match (&self.values, self.ty) {
+            (Some(values), FieldType::Enum) => {
+                if values.is_empty() {
+                    return Err("an enum needs at least one value".into());
+                }
+                if values
+                    .iter()
+                    .enumerate()
+                    .any(|(i, v)| values[..i].contains(v))
+                {
+                    return Err("enum values must be distinct".into());
+                }
+            }
+            (None, FieldType::Enum) => return Err("an enum field needs values = [...]".into()),
+            (Some(_), _) => return Err("values applies only to enum fields".into()),
+            (None, _) => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+        [streams.temperature]
+        key = ["device_id", "seq"]
+        fields.seq      = { type = "int", required = true }
+        fields.celsius  = { type = "float", min = -40.0, max = 125.0, required = true }
+        fields.humidity = { type = "float", min = 0.0, max = 100.0 }
+        fields.status   = { type = "enum", values = ["ok", "warn", "fault"] }
+        fields.taken_at = { type = "timestamp" }
+    "#;
+
+    #[test]
+    fn parses_the_documented_example_in_declaration_order() {
+        let file = StreamsFile::parse(EXAMPLE).unwrap();
+        let stream = &file.streams["temperature"];
+        let names: Vec<_> = stream.fields.keys().map(String::as_str).collect();
+        assert_eq!(names, ["seq", "celsius", "humidity", "status", "taken_at"]);
+        assert_eq!(stream.fields["celsius"].max, Some(125.0));
+    }
+
+    #[test]
+    fn refuses_bad_declarations_with_a_reason() {
+        let cases = [
+            (
+                "[streams.Bad]\nfields.a = { type = \"int\" }",
+                "invalid stream name",
+            ),
+            (
+                "[streams.t]\nfields.extra = { type = \"int\" }",
+                "every stream already has",
+            ),
+            (
+                "[streams.t]\nkey = [\"nope\"]\nfields.a = { type = \"int\" }",
+                "neither device_id",
+            ),
+            (
+                "[streams.t]\nkey = [\"a\"]\nfields.a = { type = \"int\" }",
+                "required = true",
+            ),
+            (
+                "[streams.t]\nfields.a = { type = \"enum\" }",
+                "needs values",
+            ),
+            (
+                "[streams.t]\nfields.a = { type = \"string\", min = 1.0 }",
+                "only to int and float",
+            ),
+            (
+                "[streams.t]\nfields.a = { type = \"int\", min = 5.0, max = 1.0 }",
+                "greater than max",
+            ),
+            (
+                "[streams.t]\nfields.a = { type = \"decimal\" }",
+                "unknown variant",
+            ),
+            (
+                "[streams.t]\nfields.a = { type = \"int\", colour = 1 }",
+                "unknown field",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = StreamsFile::parse(text).unwrap_err();
+            assert!(
+                err.contains(expected),
+                "{text:?} gave {err:?}, expected {expected:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The admin CLI: commands that call a running server's HTTP API.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use clap::Subcommand;
+use serde_json::{json, Value};
+
+use crate::ServerArgs;
+
+#[derive(Subcommand)]
+pub enum DeviceCommand {
+    /// Register a device and print its token.
+    Add {
+        id: String,
+        #[arg(long)]
+        role: String,
+        #[arg(long = "type")]
+        device_type: Option<String>,
+        /// Token lifetime, e.g. 24h or 365d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Mint a new token for a registered device.
+    Token {
+        id: String,
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// List registered devices.
+    List,
+    /// Revoke a device: its tokens stop working and its connections close.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum StreamCommand {
+    /// Create or evolve the streams declared in a TOML file.
+    Apply { file: std::path::PathBuf },
+    /// List streams.
+    List,
+}
+
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Api {
+    fn new(server: &ServerArgs) -> anyhow::Result<Api> {
+        let token = match std::env::var("FLEETGATE_TOKEN") {
+            Ok(token) if !token.trim().is_empty() => token.trim().to_string(),
+            _ => {
+                let path = server.data.join("admin.token");
+                std::fs::read_to_string(&path)
+                    .with_context(|| {
+                        format!("no FLEETGATE_TOKEN and cannot read {}", path.display())
+                    })?
+                    .trim()
+                    .to_string()
+            }
+        };
+        Ok(Api {
+            http: reqwest::Client::new(),
+            base: server.server.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    async fn call(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        let response = request
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach the fleetgate server at {} (is `fleetgate up` running?)",
+                    self.base
+                )
+            })?;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            let message = body
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("no error message");
+            bail!("{status}: {message}");
+        }
+        Ok(body)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+pub async fn device(command: DeviceCommand, server: &ServerArgs) -> anyhow::Result<()> {
+    let api = Api::new(server)?;
+    match command {
+        DeviceCommand::Add {
+            id,
+            role,
+            device_type,
+            ttl,
+        } => {
+            let body = json!({ "id": id, "role": role, "type": device_type, "ttl_secs": ttl.map(|t| t.as_secs()) });
+            let reply = api
+                .call(api.http.post(api.url("/v1/devices")).json(&body))
+                .await?;
+            println!(
+                "{}",
+                reply["token"]
+                    .as_str()
+                    .ok_or_else(|| anyhow!("reply has no token"))?
+            );
+        }
+        DeviceCommand::Token { id, ttl } => {
+            let body = json!({ "ttl_secs": ttl.as_secs() });
+            let reply = api
+                .call(
+                    api.http
+                        .post(api.url(&format!("/v1/devices/{id}/token")))
+                        .json(&body),
+                )
+                .await?;
+            println!(
+                "{}",
+                reply["token"]
+                    .as_str()
+                    .ok_or_else(|| anyhow!("reply has no token"))?
+            );
+        }
+        DeviceCommand::List => {
+            let reply = api.call(api.http.get(api.url("/v1/devices"))).await?;
+            let rows: Vec<Vec<Value>> = reply["devices"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|d| {
+                    vec![
+                        d["id"].clone(),
+                        d["role"].clone(),
+                        d["device_type"].clone(),
+                        json!(d["revoked_at"].is_number()),
+                    ]
+                })
+                .collect();
+            print_table(&["id", "role", "type", "revoked"], &rows);
+        }
+        DeviceCommand::Revoke { id } => {
+            api.call(api.http.post(api.url(&format!("/v1/devices/{id}/revoke"))))
+                .await?;
+            println!("revoked {id}");
+        }
+    }
+    Ok(())
+}
+
+pub async fn stream(command: StreamCommand, server: &ServerArgs) -> anyhow::Result<()> {
+    let api = Api::new(server)?;
+    match command {
+        StreamCommand::Apply { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let reply = api
+                .call(api.http.post(api.url("/v1/streams")).body(text))
+                .await?;
+            for applied in reply["applied"].as_array().into_iter().flatten() {
+                let added = applied["added_fields"]
+                    .as_array()
+                    .map(|a| a.len())
+                    .unwrap_or(0);
+                let suffix = if added > 0 {
+                    format!(" (+{added} fields)")
+                } else {
+                    String::new()
+                };
+                println!(
+                    "{}: {}{suffix}",
+                    applied["stream"].as_str().unwrap_or("?"),
+                    applied["action"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        StreamCommand::List => {
+            let reply = api.call(api.http.get(api.url("/v1/streams"))).await?;
+            let rows: Vec<Vec<Value>> = reply["streams"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|s| {
+                    vec![
+                        s["name"].clone(),
+                        s["key"].clone(),
+                        json!(s["columns"].as_array().map(|c| c.len()).unwrap_or(0)),
+                    ]
+                })
+                .collect();
+            print_table(&["stream", "key", "columns"], &rows);
+        }
+    }
+    Ok(())
+}
+
+pub async fn query(sql: &str, server: &ServerArgs) -> anyhow::Result<()> {
+    let api = Api::new(server)?;
+    let reply = api
+        .call(
+            api.http
+                .post(api.url("/v1/query"))
+                .json(&json!({ "sql": sql })),
+        )
+        .await?;
+    let columns: Vec<String> = reply["columns"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| c.as_str().unwrap_or("").to_string())
+        .collect();
+    let rows: Vec<Vec<Value>> = reply["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| r.as_array().cloned().unwrap_or_default())
+        .collect();
+    let headers: Vec<&str> = columns.iter().map(String::as_str).collect();
+    print_table(&headers, &rows);
+    if reply["truncated"].as_bool() == Some(true) {
+        eprintln!("(result truncated)");
+    }
+    Ok(())
+}
+
+fn cell(value: &Value) -> String {
+    match value {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn print_table(headers: &[&str], rows: &[Vec<Value>]) {
+    let cells: Vec<Vec<String>> = rows.iter().map(|r| r.iter().map(cell).collect()).collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &cells {
+        for (i, c) in row.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+    }
+    let line = |values: Vec<String>| {
+        let padded: Vec<String> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| format!("{v:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", padded.join(" | ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    println!(
+        "{}",
+        widths
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .join("-+-")
+    );
+    for row in cells {
+        line(row);
+    }
+    println!(
+        "({} row{})",
+        rows.len(),
+        if rows.len() == 1 { "" } else { "s" }
+    );
+}

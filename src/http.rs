@@ -1,0 +1,296 @@
+//! The HTTP API: device administration, streams, rejects, queries, metrics.
+//!
+//! Every `/v1` route takes a bearer token (the same tokens as MQTT), checked
+//! by the same authenticator the gatekeeper uses.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use fleetgate_admin::registry::RegistryError;
+use fleetgate_admin::{unix_now, Platform, RefusalLedger, Registry};
+use fleetgate_protocol::schema::StreamsFile;
+use fleetgate_protocol::{Authenticate, Principal, Role};
+use fleetgate_store::query::{self, QueryError, QueryLimits};
+use fleetgate_store::{rejects, Catalog, Db};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub catalog: Catalog,
+    pub registry: Registry,
+    pub platform: Arc<Platform>,
+    pub auth: Arc<dyn Authenticate>,
+    pub ledger: Arc<RefusalLedger>,
+    pub metrics: Arc<prometheus_client::registry::Registry>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/v1/devices", get(list_devices).post(add_device))
+        .route("/v1/devices/{id}/token", post(mint_token))
+        .route("/v1/devices/{id}/revoke", post(revoke_device))
+        .route("/v1/refusals", get(refusals))
+        .route("/v1/streams", get(list_streams).post(apply_streams))
+        .route("/v1/streams/{name}/rejects", get(list_rejects))
+        .route("/v1/query", post(run_query))
+        .with_state(state)
+}
+
+/// An error as the API reports it: a status and `{"error": "..."}`.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, message.into())
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        let status = match e {
+            RegistryError::Invalid(_) => StatusCode::BAD_REQUEST,
+            RegistryError::Exists(_) => StatusCode::CONFLICT,
+            RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
+            RegistryError::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+/// The authenticated caller of a `/v1` route.
+pub struct Caller(Principal);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                ApiError(
+                    StatusCode::UNAUTHORIZED,
+                    "missing Authorization: Bearer <token>".into(),
+                )
+            })?;
+        state
+            .auth
+            .authenticate(None, token.trim())
+            .map(Caller)
+            .map_err(|e| ApiError(StatusCode::UNAUTHORIZED, e.to_string()))
+    }
+}
+
+impl Caller {
+    fn require(&self, role: Role, state: &AppState) -> Result<&Principal, ApiError> {
+        if self.0.role.allows(role) {
+            Ok(&self.0)
+        } else {
+            let reason = format!(
+                "this needs the {role} role; {} has {}",
+                self.0.device_id, self.0.role
+            );
+            state
+                .auth
+                .record_refusal(&self.0.device_id, &format!("http: {reason}"));
+            Err(ApiError(StatusCode::FORBIDDEN, reason))
+        }
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &state.metrics) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct NewDevice {
+    id: String,
+    role: Role,
+    #[serde(rename = "type")]
+    device_type: Option<String>,
+    ttl_secs: Option<i64>,
+}
+
+const DEFAULT_TOKEN_TTL_SECS: i64 = 365 * 24 * 3600;
+
+async fn add_device(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(new): Json<NewDevice>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Admin, &state)?;
+    let now = unix_now();
+    let device = state
+        .registry
+        .add(&new.id, new.role, new.device_type.as_deref(), now)
+        .await?;
+    let ttl = new.ttl_secs.unwrap_or(DEFAULT_TOKEN_TTL_SECS);
+    let token = state.platform.mint(&device.id, device.role, ttl, now);
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "device": device, "token": token, "expires_at": now + ttl })),
+    )
+        .into_response())
+}
+
+async fn list_devices(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Admin, &state)?;
+    Ok(Json(json!({ "devices": state.registry.list() })))
+}
+
+#[derive(Deserialize, Default)]
+struct TokenRequest {
+    ttl_secs: Option<i64>,
+}
+
+async fn mint_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Option<Json<TokenRequest>>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Admin, &state)?;
+    let device = state.registry.get(&id).ok_or(RegistryError::NotFound(id))?;
+    if device.revoked_at.is_some() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("device {:?} is revoked", device.id),
+        ));
+    }
+    let ttl = body
+        .and_then(|b| b.0.ttl_secs)
+        .unwrap_or(DEFAULT_TOKEN_TTL_SECS);
+    if ttl <= 0 {
+        return Err(bad_request("ttl must be positive"));
+    }
+    let now = unix_now();
+    let token = state.platform.mint(&device.id, device.role, ttl, now);
+    Ok(Json(
+        json!({ "device": device.id, "role": device.role, "token": token, "expires_at": now + ttl }),
+    ))
+}
+
+async fn revoke_device(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Admin, &state)?;
+    let device = state.registry.revoke(&id, unix_now()).await?;
+    Ok(Json(json!({ "device": device })))
+}
+
+async fn refusals(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Admin, &state)?;
+    Ok(Json(
+        json!({ "devices": state.ledger.by_device(), "alerts": state.ledger.alerts() }),
+    ))
+}
+
+async fn apply_streams(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: String,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Admin, &state)?;
+    let file = StreamsFile::parse(&body).map_err(bad_request)?;
+    let applied = state.catalog.apply(&file).await.map_err(bad_request)?;
+    Ok(Json(json!({ "applied": applied })))
+}
+
+async fn list_streams(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Extract, &state)?;
+    let streams: Vec<Value> = state
+        .catalog
+        .list()
+        .iter()
+        .map(|s| json!({ "name": s.name, "key": s.def.key, "fields": s.def.fields, "columns": s.columns }))
+        .collect();
+    Ok(Json(json!({ "streams": streams })))
+}
+
+#[derive(Deserialize)]
+struct RejectsQuery {
+    limit: Option<i64>,
+    before: Option<i64>,
+}
+
+async fn list_rejects(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Query(params): Query<RejectsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Extract, &state)?;
+    let limit = params.limit.unwrap_or(100).clamp(1, 10_000);
+    let rows = rejects::list(&state.db, &name, limit, params.before)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    Ok(Json(json!({ "stream": name, "rejects": rows })))
+}
+
+#[derive(Deserialize)]
+struct QueryRequest {
+    sql: String,
+}
+
+async fn run_query(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(request): Json<QueryRequest>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Extract, &state)?;
+    let tables: HashSet<String> = state.catalog.names().into_iter().collect();
+    query::check(&request.sql, &tables).map_err(|e| bad_request(e.to_string()))?;
+    let limits = QueryLimits {
+        timeout: Duration::from_secs(30),
+        ..Default::default()
+    };
+    match query::run(&state.db, &request.sql, &limits).await {
+        Ok(result) => Ok(Json(
+            serde_json::to_value(result).expect("result serializes"),
+        )),
+        Err(QueryError::Timeout(d)) => Err(ApiError(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("query did not finish within {d:?}"),
+        )),
+        Err(e) => Err(bad_request(e.to_string())),
+    }
+}

@@ -1,0 +1,85 @@
+//! `fleetgate`: one binary for the whole platform.
+//!
+//! `fleetgate up` runs everything in one process; the other commands are
+//! clients of a running server's HTTP API.
+
+mod client;
+mod http;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "fleetgate", version, about = "Edge-to-cloud IoT data platform")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where admin commands find the server and their token.
+#[derive(clap::Args, Clone)]
+pub struct ServerArgs {
+    /// Base URL of the running server's HTTP API.
+    #[arg(
+        long,
+        env = "FLEETGATE_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    server: String,
+    /// Data directory holding admin.token (when FLEETGATE_TOKEN is not set).
+    #[arg(long, default_value = "fleetgate-data", global = true)]
+    data: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gatekeeper broker, store, admin service and HTTP API in one process.
+    Up(up::UpArgs),
+    /// Register devices and mint tokens.
+    Device {
+        #[command(subcommand)]
+        command: client::DeviceCommand,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Declare streams.
+    Stream {
+        #[command(subcommand)]
+        command: client::StreamCommand,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Run a read-only SQL query and print the result as a table.
+    Query {
+        sql: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Up(args) => up::run(args).await,
+            Command::Device { command, server } => client::device(command, &server).await,
+            Command::Stream { command, server } => client::stream(command, &server).await,
+            Command::Query { sql, server } => client::query(&sql, &server).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fleetgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! `fleetgate up`: every part in one process, on embedded defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use fleetgate_admin::platform::{ADMIN_DEVICE, ADMIN_TOKEN_TTL_SECS};
+use fleetgate_admin::{
+    unix_now, Platform, RefusalLedger, Registry, RegistryEvent, TokenAuthenticator,
+};
+use fleetgate_broker::{EndReason, Gatekeeper, GatekeeperConfig, Upstream};
+use fleetgate_protocol::schema::StreamsFile;
+use fleetgate_protocol::Role;
+use fleetgate_store::metrics::StoreMetrics;
+use fleetgate_store::pipeline::{Pipeline, PublishLive};
+use fleetgate_store::{open_catalog, Db, Store, WriterConfig};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry as MetricsRegistry;
+use tokio::net::TcpListener;
+
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// Data directory: platform key, admin token, SQLite database.
+    #[arg(long, default_value = "fleetgate-data")]
+    data: PathBuf,
+    /// MQTT listen address.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt: SocketAddr,
+    /// HTTP API listen address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// PostgreSQL URL (postgres://...); SQLite at <data>/store.db when absent.
+    #[arg(long, env = "FLEETGATE_DATABASE")]
+    database: Option<String>,
+    /// Streams file to apply at start.
+    #[arg(long)]
+    streams: Option<PathBuf>,
+    /// Largest accepted ingest payload, in bytes.
+    #[arg(long, default_value_t = 256 * 1024)]
+    max_payload: usize,
+    /// Refusals within --alert-window that raise an alert for a device.
+    #[arg(long, default_value_t = 5)]
+    alert_threshold: usize,
+    /// Window for --alert-threshold, e.g. 60s or 5m.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    alert_window: Duration,
+}
+
+async fn bind(addr: SocketAddr, flag: &str, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow!("{what} address {addr} is already in use; choose another with {flag} ADDR (e.g. {flag} 127.0.0.1:0)")
+        } else {
+            anyhow!("cannot listen for {what} on {addr}: {e} (change it with {flag} ADDR)")
+        }
+    })
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                "info,rumqttd=warn,rumqttd::server::broker=off,sqlx=warn".into()
+            }),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    // Ports first: a taken port is the most common start-up failure, and
+    // nothing should be created before it is known.
+    let mqtt_listener = bind(args.mqtt, "--mqtt", "MQTT").await?;
+    let http_listener = bind(args.http, "--http", "HTTP").await?;
+
+    let (platform, _) = Platform::open(&args.data).map_err(|e| anyhow!(e))?;
+    let db = Db::open(args.database.as_deref(), &args.data.join("store.db"))
+        .await
+        .map_err(|e| anyhow!(e))?;
+    let catalog = open_catalog(&db).await.map_err(|e| anyhow!(e))?;
+    let registry = Registry::load(db.clone()).await.map_err(|e| anyhow!(e))?;
+    bootstrap_admin(&platform, &registry).await?;
+    if let Some(path) = &args.streams {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let file = StreamsFile::parse(&text).map_err(|e| anyhow!(e))?;
+        catalog.apply(&file).await.map_err(|e| anyhow!(e))?;
+    }
+
+    let mut metrics = MetricsRegistry::default();
+    let ledger = Arc::new(RefusalLedger::new(
+        args.alert_threshold,
+        args.alert_window,
+        &mut metrics,
+    ));
+    let auth = Arc::new(TokenAuthenticator::new(
+        platform.signer.verifier(),
+        registry.clone(),
+        ledger.clone(),
+    ));
+    let live_dropped = Counter::default();
+    metrics.register(
+        "fleetgate_live_dropped",
+        "Live copies dropped because the router queue was full",
+        live_dropped.clone(),
+    );
+    let upstream = Upstream::start(args.max_payload, live_dropped)
+        .await
+        .map_err(|e| anyhow!(e))?;
+    let store_metrics = StoreMetrics::register(&mut metrics);
+    let store = Arc::new(Store::start(
+        db.clone(),
+        Pipeline::standard(catalog.clone(), args.max_payload),
+        WriterConfig::default(),
+        vec![Arc::new(PublishLive {
+            sink: upstream.clone(),
+        })],
+        store_metrics,
+    ));
+    let gatekeeper = Arc::new(Gatekeeper::start(
+        mqtt_listener,
+        GatekeeperConfig {
+            max_payload: args.max_payload,
+            ..Default::default()
+        },
+        auth.clone(),
+        store.clone(),
+        upstream,
+        &mut metrics,
+    )?);
+    spawn_revocation_follower(&registry, gatekeeper.clone());
+
+    let http_addr = http_listener.local_addr()?;
+    let state = http::AppState {
+        db: db.clone(),
+        catalog,
+        registry,
+        platform: Arc::new(platform),
+        auth,
+        ledger,
+        metrics: Arc::new(metrics),
+    };
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(http_listener, crate::http::router(state))
+            .with_graceful_shutdown(async {
+                let _ = http_stopped.await;
+            })
+            .await
+    });
+    // Tests and scripts read this line to learn the bound addresses.
+    println!(
+        "fleetgate ready: mqtt={} http={}",
+        gatekeeper.local_addr(),
+        http_addr
+    );
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight commits");
+    gatekeeper.shutdown(Duration::from_secs(15)).await;
+    store.shutdown().await;
+    let _ = stop_http.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    db.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+use crate::http;
+
+/// The built-in admin device and, on first start, its token (printed once).
+async fn bootstrap_admin(platform: &Platform, registry: &Registry) -> anyhow::Result<()> {
+    let now = unix_now();
+    if registry.get(ADMIN_DEVICE).is_none() {
+        registry
+            .add(ADMIN_DEVICE, Role::Admin, Some("fleetgate-admin"), now)
+            .await?;
+    }
+    if !platform.admin_token_path().exists() {
+        let token = platform.mint(ADMIN_DEVICE, Role::Admin, ADMIN_TOKEN_TTL_SECS, now);
+        platform.save_admin_token(&token).map_err(|e| anyhow!(e))?;
+        println!(
+            "admin token (saved to {}, shown once):\n{token}",
+            platform.admin_token_path().display()
+        );
+    }
+    Ok(())
+}
+
+/// Revocations end the device's live sessions at once.
+fn spawn_revocation_follower(registry: &Registry, gatekeeper: Arc<Gatekeeper>) {
+    let mut events = registry.subscribe();
+    tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(RegistryEvent::Revoked(device)) => {
+                    let ended = gatekeeper.disconnect_device(&device, EndReason::Revoked);
+                    tracing::info!(device, sessions = ended, "device revoked; sessions closed");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => break,
+            }
+        }
+    });
+}
+
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
