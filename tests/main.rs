@@ -1,1 +1,12 @@
+//! End-to-end tests: each starts the real `fleetgate up` on ephemeral ports
+//! and drives it with real MQTT and HTTP clients. One test binary, so the
+//! workspace is linked once.
 
+mod harness;
+
+mod auth;
+mod cli;
+mod durability;
+mod ingest;
+mod query;
+mod roles;

@@ -264,6 +264,8 @@ pub fn connect_version(header: &Header, frame: &Bytes) -> Result<Version, CodecE
 }
 
 /// A parsed CONNECT in either version.
+// One per connection, alive only while it is admitted: size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Connect {
     V4(v4::Connect),
     V5(v5::Connect, Option<v5::LastWill>, Option<v5::Login>),
@@ -551,13 +553,10 @@ pub fn pingreq() -> Bytes {
 /// MQTT 5 DISCONNECT from the server with a reason code; nothing for 3.1.1,
 /// where the server can only close the connection.
 pub fn server_disconnect(version: Version, reason: v5::DisconnectReasonCode) -> Option<Bytes> {
-    (version == Version::V5).then(|| {
-        let mut out = BytesMut::with_capacity(4);
-        v5::Disconnect::new(reason)
-            .write(&mut out)
-            .expect("disconnect encodes");
-        out.freeze()
-    })
+    // Encoded by hand: rumqttc 0.25's `Disconnect::write` without properties
+    // declares one byte of remaining length but writes two, which clients
+    // (rumqttc's own reader included) reject as malformed.
+    (version == Version::V5).then(|| Bytes::from(vec![DISCONNECT << 4, 2, reason as u8, 0]))
 }
 
 pub use v5::DisconnectReasonCode;
@@ -691,6 +690,16 @@ mod tests {
         assert_eq!(&bytes[..], &[0x90, 5, 0, 7, 0x01, 0x80, 0x00]);
         let bytes = merge_suback(Version::V5, 7, &[false], &[]);
         assert_eq!(&bytes[..], &[0x90, 4, 0, 7, 0, 0x87]);
+    }
+
+    #[test]
+    fn server_disconnect_is_well_formed_mqtt5() {
+        let bytes = server_disconnect(Version::V5, DisconnectReasonCode::NotAuthorized).unwrap();
+        let header = parse_header(&bytes).unwrap().unwrap();
+        assert_eq!(header.frame_len(), bytes.len());
+        let parsed = v5::Disconnect::read(header.v5(), bytes).unwrap();
+        assert_eq!(parsed.reason_code, DisconnectReasonCode::NotAuthorized);
+        assert!(server_disconnect(Version::V4, DisconnectReasonCode::NotAuthorized).is_none());
     }
 
     #[test]

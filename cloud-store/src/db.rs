@@ -154,20 +154,25 @@ impl Db {
 pub fn is_transient(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
-        sqlx::Error::Database(db) => {
-            let code = db.code().unwrap_or_default();
-            // SQLite BUSY (5) / LOCKED (6) / FULL (13) / IOERR (10 and extended);
-            // PostgreSQL serialization, deadlock, admin shutdown, connection
-            // and insufficient-resources classes.
-            matches!(
-                code.as_ref(),
-                "5" | "6" | "13" | "10" | "40001" | "40P01" | "57P01" | "57P02" | "57P03"
-            ) || code.starts_with("08")
-                || code.starts_with("53")
-                || code
-                    .parse::<u32>()
-                    .is_ok_and(|c| c & 0xff == 5 || c & 0xff == 10)
-        }
+        sqlx::Error::Database(db) => match db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        {
+            // Serialization failure, deadlock, lock timeout, shutdown,
+            // connection and insufficient-resources classes.
+            Some(pg) => {
+                let code = pg.code();
+                matches!(
+                    code,
+                    "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03"
+                ) || code.starts_with("08")
+                    || code.starts_with("53")
+            }
+            // SQLite: the primary result code is the low byte of the
+            // extended one. BUSY, LOCKED, IOERR, FULL.
+            None => {
+                let code = db.code().and_then(|c| c.parse::<i32>().ok()).unwrap_or(0);
+                matches!(code & 0xff, 5 | 6 | 10 | 13)
+            }
+        },
         _ => false,
     }
 }

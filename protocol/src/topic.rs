@@ -48,17 +48,17 @@ pub fn may_publish(role: Role, device: &str, topic: &str) -> Result<(), Denied> 
     if topic.contains(['+', '#']) {
         return Err(Denied(format!("topic {topic:?} contains a wildcard")));
     }
-    if role.allows(Role::Admin) {
-        return Ok(());
-    }
     match IngestTopic::parse(topic) {
+        // Malformed ingest topics are refused for every role: nothing could
+        // store them, and relaying them would only confuse subscribers.
+        Some(Err(e)) => Err(Denied(e)),
+        _ if role.allows(Role::Admin) => Ok(()),
         Some(Ok(t)) if t.device == device => Ok(()),
         Some(Ok(t)) => Err(Denied(format!(
             "{device} may publish only its own records, not {}'s",
             t.device
         ))),
-        Some(Err(e)) => Err(Denied(e)),
-        None => Err(Denied(format!(
+        _ => Err(Denied(format!(
             "role {role} may publish only to ingest/<stream>/{device}, not {topic:?}"
         ))),
     }
@@ -109,6 +109,7 @@ mod tests {
         assert!(may_publish(Role::Extract, "s1", "devices/s1/cmd").is_err());
         assert!(may_publish(Role::Admin, "root", "devices/s1/cmd").is_ok());
         assert!(may_publish(Role::Admin, "root", "devices/+/cmd").is_err());
+        assert!(may_publish(Role::Admin, "root", "ingest/temperature").is_err());
     }
 
     #[test]

@@ -77,10 +77,16 @@ impl Work {
         let payload = &self.message.payload[..self.message.payload.len().min(KEEP)];
         self.records.clear();
         self.rejects = vec![Reject {
-            payload: String::from_utf8_lossy(payload).into_owned(),
+            payload: storable_text(payload),
             reasons: vec![reason],
         }];
     }
+}
+
+/// Raw bytes as text every backend can store: invalid UTF-8 and NUL (which
+/// PostgreSQL refuses in TEXT) become U+FFFD.
+fn storable_text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).replace('\0', "\u{FFFD}")
 }
 
 /// A synchronous pipeline stage. Returning `Err(reason)` rejects the whole

@@ -82,7 +82,15 @@ fn convert(name: &str, def: &FieldDef, value: Option<&Value>) -> Result<SqlValue
         FieldType::Int => SqlValue::Int(as_integer(value).ok_or_else(wrong_type)?),
         FieldType::Float => SqlValue::Float(value.as_f64().ok_or_else(wrong_type)?),
         FieldType::Bool => SqlValue::Bool(value.as_bool().ok_or_else(wrong_type)?),
-        FieldType::String => SqlValue::Text(value.as_str().ok_or_else(wrong_type)?.to_string()),
+        FieldType::String => {
+            let text = value.as_str().ok_or_else(wrong_type)?;
+            // PostgreSQL cannot store NUL in text; refuse it on every backend
+            // so a record means the same wherever it is stored.
+            if text.contains('\0') {
+                return Err(format!("{name}: text contains a NUL character"));
+            }
+            SqlValue::Text(text.to_string())
+        }
         FieldType::Enum => {
             let text = value.as_str().ok_or_else(wrong_type)?;
             let values = def.values.as_deref().unwrap_or_default();

@@ -1,0 +1,162 @@
+//! CONNECT authentication: every refusal is a CONNACK code, in both MQTT
+//! versions, and repeated refusals raise an alert naming the device.
+
+use fleetgate_protocol::Role;
+use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as V5Code;
+use rumqttc::ConnectReturnCode as V4Code;
+
+use crate::harness::{connect_v4, connect_v5, mosquitto_available, now, Backend, Server};
+
+/// A token signed by a key that is not the platform's.
+fn foreign_token(sub: &str) -> String {
+    use ring::signature::Ed25519KeyPair;
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+    fleetgate_protocol::TokenSigner::from_pkcs8(pkcs8.as_ref())
+        .unwrap()
+        .sign(&fleetgate_protocol::Claims {
+            sub: sub.into(),
+            role: Role::Admin,
+            iat: now(),
+            exp: now() + 3600,
+        })
+}
+
+async fn refusals(backend: Backend) {
+    let server = Server::start(backend).await;
+    let good = server.add_device("sensor-1", "ingest").await;
+    server.add_device("gone-1", "ingest").await;
+    let gone_token = server.mint("gone-1", Role::Ingest, now(), now() + 3600);
+    let (status, _) = server
+        .api(
+            "POST",
+            "/v1/devices/gone-1/revoke",
+            Some(&server.admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    let cases: Vec<(&str, &str, String, V4Code, V5Code)> = vec![
+        (
+            "garbage token",
+            "sensor-1",
+            "not-a-token".into(),
+            V4Code::BadUserNamePassword,
+            V5Code::BadUserNamePassword,
+        ),
+        (
+            "foreign key",
+            "sensor-1",
+            foreign_token("sensor-1"),
+            V4Code::BadUserNamePassword,
+            V5Code::BadUserNamePassword,
+        ),
+        (
+            "expired",
+            "sensor-1",
+            server.mint("sensor-1", Role::Ingest, now() - 7200, now() - 3600),
+            V4Code::BadUserNamePassword,
+            V5Code::BadUserNamePassword,
+        ),
+        (
+            "unknown device",
+            "ghost",
+            server.mint("ghost", Role::Admin, now(), now() + 3600),
+            V4Code::NotAuthorized,
+            V5Code::NotAuthorized,
+        ),
+        (
+            "revoked device",
+            "gone-1",
+            gone_token,
+            V4Code::NotAuthorized,
+            V5Code::NotAuthorized,
+        ),
+        (
+            "someone else's token",
+            "sensor-2",
+            good.clone(),
+            V4Code::BadClientId,
+            V5Code::ClientIdentifierNotValid,
+        ),
+    ];
+    for (case, id, token, v4_code, v5_code) in &cases {
+        let v4 = connect_v4(&server, id, token).await.err();
+        assert_eq!(v4, Some(*v4_code), "MQTT 3.1.1, {case}");
+        let v5 = connect_v5(&server, id, token).await.err();
+        assert_eq!(v5, Some(*v5_code), "MQTT 5, {case}");
+    }
+    // The right token still works, after all of that.
+    assert!(connect_v4(&server, "sensor-1", &good).await.is_ok());
+    assert!(connect_v5(&server, "sensor-1", &good).await.is_ok());
+
+    // Twelve refusals for sensor-1 in a minute: an alert names it, in the
+    // API and in the metrics.
+    let (status, body) = server
+        .api("GET", "/v1/refusals", Some(&server.admin), None)
+        .await;
+    assert_eq!(status, 200);
+    let alerted: Vec<&str> = body["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["device"].as_str().unwrap())
+        .collect();
+    assert!(alerted.contains(&"sensor-1"), "alerts: {body}");
+    assert!(server
+        .metrics()
+        .await
+        .contains("fleetgate_refusal_alerts_total{device=\"sensor-1\"} 1"));
+    assert!(server.log().contains("ALERT: repeated refusals"));
+}
+
+crate::on_both_backends!(refusals);
+
+#[tokio::test]
+async fn mosquitto_pub_sees_the_refusal_code() {
+    if !mosquitto_available() {
+        eprintln!("skipped: mosquitto_pub is not installed");
+        return;
+    }
+    let server = Server::start(Backend::Sqlite).await;
+    let port = server.mqtt.port().to_string();
+    let output = std::process::Command::new("mosquitto_pub")
+        .args([
+            "-p",
+            &port,
+            "-i",
+            "sensor-9",
+            "-u",
+            "sensor-9",
+            "-P",
+            "forged",
+            "-t",
+            "ingest/t/sensor-9",
+            "-m",
+            "{}",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("bad user name or password"),
+        "mosquitto_pub said: {stderr}"
+    );
+}
+
+#[tokio::test]
+async fn clients_that_never_send_connect_do_not_block_others() {
+    let server = Server::start(Backend::Sqlite).await;
+    let token = server.add_device("sensor-1", "ingest").await;
+    // Ten silent sockets, and one that sends garbage instead of CONNECT.
+    let mut idle = Vec::new();
+    for _ in 0..10 {
+        idle.push(tokio::net::TcpStream::connect(server.mqtt).await.unwrap());
+    }
+    let mut garbage = tokio::net::TcpStream::connect(server.mqtt).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut garbage, &[0xff; 64])
+        .await
+        .unwrap();
+    assert!(connect_v4(&server, "sensor-1", &token).await.is_ok());
+}

@@ -1,0 +1,528 @@
+//! Starts the real `fleetgate` binary on ephemeral ports and talks to it
+//! with real clients: rumqttc (3.1.1 and 5), HTTP, the mosquitto tools.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use fleetgate_protocol::{Claims, Role, TokenSigner};
+use rumqttc::v5;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Runs a test body on SQLite, and on PostgreSQL when `DATABASE_URL` is set
+/// (saying so when it is not).
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::harness::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if $crate::harness::postgres_url().is_some() {
+                    super::$name($crate::harness::Backend::Postgres).await
+                } else {
+                    eprintln!("skipped: DATABASE_URL is not set, so this PostgreSQL test did not run");
+                }
+            }
+        }
+    )*};
+}
+
+pub fn postgres_url() -> Option<String> {
+    std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|u| u.starts_with("postgres"))
+}
+
+/// A PostgreSQL database of its own for one test, dropped afterwards.
+struct TestDatabase {
+    admin_url: String,
+    name: String,
+}
+
+impl TestDatabase {
+    async fn create() -> TestDatabase {
+        use sqlx::Connection;
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let admin_url = postgres_url().expect("DATABASE_URL");
+        let name = format!(
+            "fleetgate_test_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut conn = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .expect("connect to DATABASE_URL");
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        TestDatabase { admin_url, name }
+    }
+
+    fn url(&self) -> String {
+        let (base, _) = self.admin_url.rsplit_once('/').expect("URL has a database");
+        format!("{base}/{}", self.name)
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let (url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop runs inside the test's runtime; use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                use sqlx::Connection;
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&url).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut conn)
+                        .await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+pub struct Server {
+    child: Option<Child>,
+    pub mqtt: SocketAddr,
+    pub http: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub admin: String,
+    pub backend: Backend,
+    database: Option<TestDatabase>,
+    extra_args: Vec<String>,
+    http_client: reqwest::Client,
+}
+
+pub const TEMPERATURE: &str = r#"
+[streams.temperature]
+key = ["device_id", "seq"]
+fields.seq      = { type = "int", required = true }
+fields.celsius  = { type = "float", min = -40.0, max = 125.0, required = true }
+fields.humidity = { type = "float", min = 0.0, max = 100.0 }
+fields.status   = { type = "enum", values = ["ok", "warn", "fault"] }
+fields.taken_at = { type = "timestamp" }
+fields.door_open = { type = "bool" }
+fields.label    = { type = "string" }
+"#;
+
+impl Server {
+    pub async fn start(backend: Backend) -> Server {
+        Self::start_with(backend, &[]).await
+    }
+
+    pub async fn start_with(backend: Backend, extra_args: &[&str]) -> Server {
+        let database = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(TestDatabase::create().await),
+        };
+        let mut server = Server {
+            child: None,
+            mqtt: "127.0.0.1:0".parse().unwrap(),
+            http: "127.0.0.1:0".parse().unwrap(),
+            dir: tempfile::tempdir().unwrap(),
+            admin: String::new(),
+            backend,
+            database,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            http_client: reqwest::Client::new(),
+        };
+        server.launch();
+        server.admin = std::fs::read_to_string(server.dir.path().join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        server
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    pub fn database_url(&self) -> Option<String> {
+        self.database.as_ref().map(TestDatabase::url)
+    }
+
+    /// The command line of `fleetgate up` for this server, on ephemeral ports.
+    pub fn up_args(&self) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "up",
+            "--mqtt",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--data",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(self.dir.path().display().to_string());
+        if let Some(url) = self.database_url() {
+            args.extend(["--database".to_string(), url]);
+        }
+        args.extend(self.extra_args.iter().cloned());
+        args
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+            .args(self.up_args())
+            .env(
+                "RUST_LOG",
+                "info,rumqttd=warn,rumqttd::server::broker=off,sqlx=warn",
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start fleetgate");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = loop {
+            match lines.next() {
+                Some(Ok(line)) if line.starts_with("fleetgate ready:") => break line,
+                Some(Ok(_)) => continue,
+                _ => panic!("fleetgate exited before it was ready; log:\n{}", self.log()),
+            }
+        };
+        for part in ready.split_whitespace() {
+            if let Some(addr) = part.strip_prefix("mqtt=") {
+                self.mqtt = addr.parse().unwrap();
+            }
+            if let Some(addr) = part.strip_prefix("http=") {
+                self.http = addr.parse().unwrap();
+            }
+        }
+        self.child = Some(child);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGINT (Ctrl-C), then wait for the process to exit; returns its status.
+    pub fn interrupt(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id().to_string();
+        Command::new("kill").args(["-INT", &pid]).status().unwrap();
+        child.wait().unwrap()
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the server first");
+        self.launch();
+    }
+
+    pub async fn api(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let url = format!("http://{}{path}", self.http);
+        let mut request = self.http_client.request(method.parse().unwrap(), url);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("HTTP request");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn add_device(&self, id: &str, role: &str) -> String {
+        let (status, body) = self
+            .api(
+                "POST",
+                "/v1/devices",
+                Some(&self.admin),
+                Some(json!({"id": id, "role": role})),
+            )
+            .await;
+        assert_eq!(status, 201, "add device {id}: {body}");
+        body["token"].as_str().unwrap().to_string()
+    }
+
+    pub async fn apply_streams(&self, toml: &str) -> (u16, Value) {
+        let response = self
+            .http_client
+            .post(format!("http://{}/v1/streams", self.http))
+            .bearer_auth(&self.admin)
+            .body(toml.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn with_temperature(backend: Backend) -> Server {
+        let server = Server::start(backend).await;
+        let (status, body) = server.apply_streams(TEMPERATURE).await;
+        assert_eq!(status, 200, "{body}");
+        server
+    }
+
+    /// Rows of a query run as admin; panics on an error.
+    pub async fn rows(&self, sql: &str) -> Vec<Vec<Value>> {
+        let (status, body) = self
+            .api(
+                "POST",
+                "/v1/query",
+                Some(&self.admin),
+                Some(json!({ "sql": sql })),
+            )
+            .await;
+        assert_eq!(status, 200, "{sql}: {body}");
+        serde_json::from_value(body["rows"].clone()).unwrap()
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.rows(sql).await[0][0].as_i64().unwrap()
+    }
+
+    /// Waits until `sql` (a single count) returns at least `n`.
+    pub async fn wait_count(&self, sql: &str, n: i64) -> i64 {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let count = self.count(sql).await;
+            if count >= n || tokio::time::Instant::now() > deadline {
+                return count;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http_client
+            .get(format!("http://{}/metrics", self.http))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Signs a token with this server's platform key, with any claims.
+    pub fn mint(&self, sub: &str, role: Role, iat: i64, exp: i64) -> String {
+        let pkcs8 = std::fs::read(self.dir.path().join("platform.key")).unwrap();
+        TokenSigner::from_pkcs8(&pkcs8).unwrap().sign(&Claims {
+            sub: sub.into(),
+            role,
+            iat,
+            exp,
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- server log ---\n{}", self.log());
+        }
+    }
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// An MQTT 5 client whose events arrive on a channel.
+pub struct V5 {
+    pub client: v5::AsyncClient,
+    pub events: mpsc::UnboundedReceiver<Result<v5::mqttbytes::v5::Packet, String>>,
+}
+
+fn v5_options(server: &Server, id: &str, token: &str) -> v5::MqttOptions {
+    let mut options = v5::MqttOptions::new(id, server.mqtt.ip().to_string(), server.mqtt.port());
+    options.set_credentials(id, token);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_max_packet_size(Some(2 * 1024 * 1024));
+    options
+}
+
+/// Connects with MQTT 5; `Err` carries the CONNACK refusal code.
+pub async fn connect_v5(
+    server: &Server,
+    id: &str,
+    token: &str,
+) -> Result<V5, v5::mqttbytes::v5::ConnectReturnCode> {
+    let (client, mut eventloop) = v5::AsyncClient::new(v5_options(server, id, token), 1000);
+    loop {
+        match tokio::time::timeout(WAIT, eventloop.poll())
+            .await
+            .expect("CONNACK in time")
+        {
+            Ok(v5::Event::Incoming(v5::Incoming::ConnAck(_))) => break,
+            Ok(_) => continue,
+            Err(v5::ConnectionError::ConnectionRefused(code)) => return Err(code),
+            Err(e) => panic!("MQTT 5 connect failed: {e:?}"),
+        }
+    }
+    let (tx, events) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(v5::Event::Incoming(packet)) => {
+                    if tx.send(Ok(packet)).is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(format!("{e:?}")));
+                    break;
+                }
+            }
+        }
+    });
+    Ok(V5 { client, events })
+}
+
+impl V5 {
+    /// The next incoming packet matching `pick`, skipping others.
+    pub async fn expect<T>(
+        &mut self,
+        mut pick: impl FnMut(&v5::mqttbytes::v5::Packet) -> Option<T>,
+    ) -> T {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let event = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .expect("expected packet in time");
+            match event {
+                Some(Ok(packet)) => {
+                    if let Some(found) = pick(&packet) {
+                        return found;
+                    }
+                }
+                Some(Err(e)) => panic!("connection ended while waiting: {e}"),
+                None => panic!("connection ended while waiting"),
+            }
+        }
+    }
+
+    /// Nothing but pings for `quiet`: asserts no packet of interest arrived.
+    pub async fn assert_silent(&mut self, quiet: Duration, what: &str) {
+        let deadline = tokio::time::Instant::now() + quiet;
+        while let Ok(event) = tokio::time::timeout_at(deadline, self.events.recv()).await {
+            if let Some(Ok(v5::mqttbytes::v5::Packet::Publish(p))) = event {
+                panic!("{what}: unexpectedly received a publish on {:?}", p.topic);
+            }
+        }
+    }
+}
+
+/// An MQTT 3.1.1 client; `Err` carries the CONNACK refusal code.
+pub async fn connect_v4(
+    server: &Server,
+    id: &str,
+    token: &str,
+) -> Result<(rumqttc::AsyncClient, rumqttc::EventLoop), rumqttc::ConnectReturnCode> {
+    let mut options =
+        rumqttc::MqttOptions::new(id, server.mqtt.ip().to_string(), server.mqtt.port());
+    options.set_credentials(id, token);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_max_packet_size(2 * 1024 * 1024, 2 * 1024 * 1024);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1000);
+    loop {
+        match tokio::time::timeout(WAIT, eventloop.poll())
+            .await
+            .expect("CONNACK in time")
+        {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                return Ok((client, eventloop))
+            }
+            Ok(_) => continue,
+            Err(rumqttc::ConnectionError::ConnectionRefused(code)) => return Err(code),
+            Err(e) => panic!("MQTT 3.1.1 connect failed: {e:?}"),
+        }
+    }
+}
+
+/// Publishes `payloads` at QoS 1 over MQTT 3.1.1 and returns once every
+/// PUBACK arrived.
+pub async fn publish_acked(
+    server: &Server,
+    id: &str,
+    token: &str,
+    topic: &str,
+    payloads: &[String],
+) {
+    let (client, mut eventloop) = connect_v4(server, id, token).await.expect("connect");
+    for payload in payloads {
+        client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload.clone())
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    while acked < payloads.len() {
+        match tokio::time::timeout(WAIT, eventloop.poll())
+            .await
+            .expect("PUBACK in time")
+        {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => acked += 1,
+            Ok(_) => {}
+            Err(e) => panic!("connection failed after {acked} acks: {e:?}"),
+        }
+    }
+    client.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(2), eventloop.poll()).await;
+}
+
+pub fn mosquitto_available() -> bool {
+    Command::new("mosquitto_pub").arg("--help").output().is_ok()
+}
