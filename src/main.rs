@@ -3,6 +3,7 @@
 //! `fleetgate up` runs everything in one process; the other commands are
 //! clients of a running server's HTTP API.
 
+mod bench;
 mod client;
 mod http;
 mod up;
@@ -53,6 +54,8 @@ enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Measure durable ingest over MQTT against a fresh server, and a reference broker.
+    Bench(bench::BenchArgs),
     /// Run a read-only SQL query and print the result as a table.
     Query {
         sql: String,
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Up(args) => up::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
             Command::Device { command, server } => client::device(command, &server).await,
             Command::Stream { command, server } => client::stream(command, &server).await,
             Command::Query { sql, server } => client::query(&sql, &server).await,

@@ -59,12 +59,17 @@ async fn bind(addr: SocketAddr, flag: &str, what: &str) -> anyhow::Result<TcpLis
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,rumqttd=warn,sqlx=warn".into())
+        // Only the gatekeeper connects to the embedded broker; its per-link
+        // errors (e.g. the start-up readiness probe) are noise, not news.
+        .add_directive(
+            "rumqttd::server::broker=off"
+                .parse()
+                .expect("static directive"),
+        );
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                "info,rumqttd=warn,rumqttd::server::broker=off,sqlx=warn".into()
-            }),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
 

@@ -152,43 +152,32 @@ async fn admin_commands_and_the_mosquitto_walkthrough() {
 #[tokio::test]
 async fn a_taken_port_is_named_with_its_flag() {
     let server = Server::start(Backend::Sqlite).await;
-    let taken = server.mqtt.to_string();
-    let output = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
-        .args([
-            "up",
-            "--data",
-            &server.data_dir().join("other").display().to_string(),
-            "--mqtt",
-            &taken,
-            "--http",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("already in use") && stderr.contains("--mqtt"),
-        "{stderr}"
-    );
-    let taken = server.http.to_string();
-    let output = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
-        .args([
-            "up",
-            "--data",
-            &server.data_dir().join("other").display().to_string(),
-            "--mqtt",
-            "127.0.0.1:0",
-            "--http",
-            &taken,
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("already in use") && stderr.contains("--http"),
-        "{stderr}"
-    );
+    let other_data = server.data_dir().join("other").display().to_string();
+    for (flag, taken) in [("--mqtt", server.mqtt), ("--http", server.http)] {
+        let (mqtt, http) = if flag == "--mqtt" {
+            (taken.to_string(), "127.0.0.1:0".to_string())
+        } else {
+            ("127.0.0.1:0".to_string(), taken.to_string())
+        };
+        let output = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+            .args([
+                "up",
+                "--data",
+                &other_data,
+                "--mqtt",
+                &mqtt,
+                "--http",
+                &http,
+            ])
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("already in use") && stderr.contains(flag),
+            "{stderr}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -4,11 +4,10 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
 use rumqttc::{Event, Incoming, Outgoing, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{connect_v4, Backend, Server, WAIT};
+use crate::harness::{connect_v4, put_remaining_length, raw_mqtt311, Backend, Server, WAIT};
 
 /// Publishes seq 0.. at QoS 1 until the connection breaks or `total` is
 /// reached, calling `at_acks` once when `trigger` PUBACKs have arrived.
@@ -66,18 +65,22 @@ async fn publish_until_broken(
     acked
 }
 
+async fn stored_seqs(server: &Server) -> HashSet<i64> {
+    server
+        .rows("SELECT seq FROM temperature")
+        .await
+        .iter()
+        .map(|r| r[0].as_i64().unwrap())
+        .collect()
+}
+
 async fn kill9_loses_nothing_acknowledged(backend: Backend) {
     let mut server = Server::with_temperature(backend).await;
     let token = server.add_device("sensor-1", "ingest").await;
     let acked = publish_until_broken(&mut server, &token, 1_000_000, 2_000, |s| s.kill9()).await;
     assert!(acked.len() >= 2_000);
     server.restart();
-    let stored: HashSet<i64> = server
-        .rows("SELECT seq FROM temperature")
-        .await
-        .iter()
-        .map(|r| r[0].as_i64().unwrap())
-        .collect();
+    let stored = stored_seqs(&server).await;
     let lost: Vec<_> = acked.difference(&stored).collect();
     assert!(
         lost.is_empty(),
@@ -105,12 +108,7 @@ async fn ctrl_c_commits_in_flight_batches(backend: Backend) {
         "Ctrl-C must exit cleanly"
     );
     server.restart();
-    let stored: HashSet<i64> = server
-        .rows("SELECT seq FROM temperature")
-        .await
-        .iter()
-        .map(|r| r[0].as_i64().unwrap())
-        .collect();
+    let stored = stored_seqs(&server).await;
     assert!(
         acked.is_subset(&stored),
         "acknowledged records lost on Ctrl-C"
@@ -166,26 +164,14 @@ impl Blocker {
     }
 }
 
-fn encode_publish(out: &mut BytesMut, pkid: u16, payload: &[u8]) {
+fn encode_publish(out: &mut Vec<u8>, pkid: u16, payload: &[u8]) {
     let topic = b"ingest/temperature/sensor-1";
-    let len = 2 + topic.len() + 2 + payload.len();
-    out.put_u8(0x32);
-    let mut n = len;
-    loop {
-        let mut byte = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            byte |= 0x80;
-        }
-        out.put_u8(byte);
-        if n == 0 {
-            break;
-        }
-    }
-    out.put_u16(topic.len() as u16);
-    out.put_slice(topic);
-    out.put_u16(pkid);
-    out.put_slice(payload);
+    out.push(0x32);
+    put_remaining_length(out, 2 + topic.len() + 2 + payload.len());
+    out.extend((topic.len() as u16).to_be_bytes());
+    out.extend(topic);
+    out.extend(pkid.to_be_bytes());
+    out.extend(payload);
 }
 
 async fn back_pressure_instead_of_buffering(backend: Backend) {
@@ -194,29 +180,11 @@ async fn back_pressure_instead_of_buffering(backend: Backend) {
     let blocker = Blocker::lock(&server).await;
 
     // A raw MQTT 3.1.1 publisher that writes as fast as the socket takes it.
-    let mut socket = tokio::net::TcpStream::connect(server.mqtt).await.unwrap();
-    let mut connect = BytesMut::new();
-    let body_len = 10 + 2 + 8 + 2 + 8 + 2 + token.len();
-    connect.put_u8(0x10);
-    connect.put_u8(0x80 | (body_len % 128) as u8);
-    connect.put_u8((body_len / 128) as u8);
-    connect.put_slice(&[0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0xc2, 0x00, 0x3c]);
-    for field in [
-        b"sensor-1".as_slice(),
-        b"sensor-1".as_slice(),
-        token.as_bytes(),
-    ] {
-        connect.put_u16(field.len() as u16);
-        connect.put_slice(field);
-    }
-    socket.write_all(&connect).await.unwrap();
-    let mut connack = [0u8; 4];
-    socket.read_exact(&mut connack).await.unwrap();
-    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    let socket = raw_mqtt311(&server, "sensor-1", &token).await;
 
     const TOTAL: usize = 20_000;
     let padding = "x".repeat(900);
-    let mut packets = BytesMut::new();
+    let mut packets = Vec::new();
     for seq in 0..TOTAL {
         let payload = format!(r#"{{"seq":{seq},"celsius":1,"label":"{padding}"}}"#);
         encode_publish(&mut packets, (seq % 65535 + 1) as u16, payload.as_bytes());

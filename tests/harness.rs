@@ -526,3 +526,40 @@ pub async fn publish_acked(
 pub fn mosquitto_available() -> bool {
     Command::new("mosquitto_pub").arg("--help").output().is_ok()
 }
+
+/// Appends an MQTT remaining-length varint.
+pub fn put_remaining_length(out: &mut Vec<u8>, mut len: usize) {
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+}
+
+/// A raw TCP connection that has sent an MQTT 3.1.1 CONNECT (clean session,
+/// 60 s keep-alive) and received a successful CONNACK, for tests that write
+/// bytes no client library would.
+pub async fn raw_mqtt311(server: &Server, id: &str, token: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut payload = Vec::new();
+    for field in [id.as_bytes(), id.as_bytes(), token.as_bytes()] {
+        payload.extend((field.len() as u16).to_be_bytes());
+        payload.extend(field);
+    }
+    let mut connect = vec![0x10];
+    put_remaining_length(&mut connect, 10 + payload.len());
+    connect.extend([0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0xc2, 0x00, 0x3c]);
+    connect.extend(payload);
+    let mut socket = tokio::net::TcpStream::connect(server.mqtt).await.unwrap();
+    socket.write_all(&connect).await.unwrap();
+    let mut connack = [0u8; 4];
+    socket.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00], "CONNACK");
+    socket
+}

@@ -7,7 +7,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{connect_v5, publish_acked, Backend, Server, V5};
+use crate::harness::{connect_v5, publish_acked, raw_mqtt311, Backend, Server, V5};
 
 async fn publish(
     client: &mut V5,
@@ -249,32 +249,7 @@ async fn malformed_packets_close_only_their_connection() {
 
     // After a good CONNECT, a corrupt packet ends that session only.
     let token = server.add_device("sensor-2", "ingest").await;
-    let mut raw = tokio::net::TcpStream::connect(server.mqtt).await.unwrap();
-    let mut connect = Vec::new();
-    let login = token.as_bytes();
-    let body_len = 10 + 2 + 8 + 2 + 8 + 2 + login.len();
-    connect.extend([0x10]);
-    let mut len = body_len;
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        connect.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    connect.extend([0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0xc2, 0x00, 0x3c]);
-    for field in [b"sensor-2".as_slice(), b"sensor-2".as_slice(), login] {
-        connect.extend((field.len() as u16).to_be_bytes());
-        connect.extend(field);
-    }
-    raw.write_all(&connect).await.unwrap();
-    let mut connack = [0u8; 4];
-    raw.read_exact(&mut connack).await.unwrap();
-    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    let mut raw = raw_mqtt311(&server, "sensor-2", &token).await;
     raw.write_all(&[0x82, 0x03, 0x00, 0x01, 0x00])
         .await
         .unwrap(); // SUBSCRIBE with a cut filter

@@ -21,11 +21,9 @@ impl StoreMetrics {
             records_duplicate: Counter::default(),
             records_rejected: Counter::default(),
             commits: Counter::default(),
-            commit_seconds: Histogram::new(
-                [
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                ],
-            ),
+            commit_seconds: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
             queued_messages: Gauge::default(),
         };
         registry.register(

@@ -113,12 +113,14 @@ struct Writer {
 
 impl Writer {
     async fn run(self, mut queue: mpsc::Receiver<Job>, mut closing: watch::Receiver<bool>) {
+        let mut open = true;
         loop {
             let first = tokio::select! {
                 job = queue.recv() => job,
-                _ = closing.changed() => {
+                _ = closing.changed(), if open => {
                     // Refuse new messages; what is queued is still committed.
                     queue.close();
+                    open = false;
                     continue;
                 }
             };

@@ -1,0 +1,523 @@
+//! `fleetgate bench`: durable ingest throughput and latency over real MQTT,
+//! with a plain Mosquitto broker measured under the same load as reference.
+//!
+//! It starts its own `fleetgate up` (this binary) on ephemeral ports with a
+//! fresh data directory, so the figures are reproducible with one command.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex as StdMutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Concurrent device connections.
+    #[arg(long, default_value_t = 10)]
+    connections: usize,
+    /// Messages each connection publishes.
+    #[arg(long, default_value_t = 20_000)]
+    messages: usize,
+    /// Records per message (a JSON array when more than one).
+    #[arg(long, default_value_t = 1)]
+    records_per_message: usize,
+    /// QoS 1 publishes in flight per connection.
+    #[arg(long, default_value_t = 100)]
+    inflight: u16,
+    /// Reference broker to run the same load against; "none" to skip.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    reference: String,
+    /// PostgreSQL URL for the store; SQLite when absent.
+    #[arg(long)]
+    database: Option<String>,
+}
+
+struct Load {
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+    acked: usize,
+}
+
+struct Target {
+    addr: String,
+    port: u16,
+    /// (client id, password) per connection; `None` for an open broker.
+    credentials: Vec<Option<(String, String)>>,
+    topic_prefix: String,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+struct Spawned {
+    child: Child,
+    _dir: tempfile::TempDir,
+    http: String,
+    mqtt: std::net::SocketAddr,
+    admin: String,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_server(database: Option<&str>) -> anyhow::Result<Spawned> {
+    let dir = tempfile::tempdir()?;
+    let mut command = Command::new(std::env::current_exe()?);
+    command
+        .args([
+            "up",
+            "--mqtt",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--data",
+        ])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(url) = database {
+        command.args(["--database", url]);
+    }
+    let mut child = command.spawn().context("cannot start fleetgate up")?;
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let ready = loop {
+        match lines.next() {
+            Some(Ok(line)) if line.starts_with("fleetgate ready:") => break line,
+            Some(Ok(_)) => continue,
+            _ => bail!("fleetgate up exited before it was ready"),
+        }
+    };
+    let field = |name: &str| {
+        ready
+            .split_whitespace()
+            .find_map(|p| p.strip_prefix(name))
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("no {name}"))
+    };
+    let admin = std::fs::read_to_string(dir.path().join("admin.token"))?
+        .trim()
+        .to_string();
+    Ok(Spawned {
+        mqtt: field("mqtt=")?.parse()?,
+        http: format!("http://{}", field("http=")?),
+        child,
+        _dir: dir,
+        admin,
+    })
+}
+
+async fn api(
+    http: &reqwest::Client,
+    server: &Spawned,
+    path: &str,
+    body: reqwest::Body,
+    json_body: bool,
+) -> anyhow::Result<Value> {
+    let mut request = http
+        .post(format!("{}{path}", server.http))
+        .bearer_auth(&server.admin)
+        .body(body);
+    if json_body {
+        request = request.header("content-type", "application/json");
+    }
+    let response = request.send().await?;
+    let status = response.status();
+    let value: Value = response.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!("{path}: {status} {value}");
+    }
+    Ok(value)
+}
+
+const STREAM: &str = r#"
+[streams.bench]
+key = ["device_id", "seq"]
+fields.seq    = { type = "int", required = true }
+fields.value  = { type = "float", min = -1000.0, max = 1000.0, required = true }
+fields.status = { type = "enum", values = ["ok", "warn", "fault"] }
+"#;
+
+fn payload(seq: usize, records: usize) -> String {
+    let record = |s: usize| format!(r#"{{"seq":{s},"value":{}.25,"status":"ok"}}"#, s % 900);
+    if records == 1 {
+        record(seq)
+    } else {
+        let items: Vec<String> = (0..records).map(|r| record(seq * records + r)).collect();
+        format!("[{}]", items.join(","))
+    }
+}
+
+/// Every connection publishes `messages` QoS 1 messages as fast as its
+/// in-flight window allows; returns the wall time until the last PUBACK and
+/// each message's publish-to-PUBACK latency.
+///
+/// The publisher is a lean MQTT 3.1.1 client over raw TCP (pre-encoded
+/// packets, coalesced writes) rather than a general client library, so the
+/// load generator, which shares the two cores, is not what is measured.
+async fn run_load(target: &Target, args: &BenchArgs) -> anyhow::Result<Load> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, credentials) in target.credentials.iter().enumerate() {
+        let id = credentials
+            .as_ref()
+            .map_or_else(|| format!("bench-ref-{i}"), |(id, _)| id.clone());
+        let socket = TcpStream::connect((target.addr.as_str(), target.port)).await?;
+        socket.set_nodelay(true)?;
+        let mut socket =
+            mqtt_connect(socket, &id, credentials.as_ref().map(|(_, p)| p.as_str())).await?;
+        let topic = format!("{}{id}", target.topic_prefix);
+        let (messages, records, inflight) = (
+            args.messages,
+            args.records_per_message,
+            args.inflight as usize,
+        );
+        tasks.push(tokio::spawn(async move {
+            let (mut reader, mut writer) = socket.split();
+            let window = Semaphore::new(inflight);
+            let sent: StdMutex<VecDeque<(u16, Instant)>> =
+                StdMutex::new(VecDeque::with_capacity(inflight));
+            let publish = async {
+                let mut out = Vec::with_capacity(64 * 1024);
+                let mut seq = 0;
+                while seq < messages {
+                    window.acquire().await?.forget();
+                    let mut batch = Vec::new();
+                    loop {
+                        let pkid = (seq % 65_535 + 1) as u16;
+                        encode_publish(&mut out, &topic, pkid, payload(seq, records).as_bytes());
+                        batch.push(pkid);
+                        seq += 1;
+                        if seq == messages || out.len() > 32 * 1024 {
+                            break;
+                        }
+                        match window.try_acquire() {
+                            Ok(permit) => permit.forget(),
+                            Err(_) => break,
+                        }
+                    }
+                    let now = Instant::now();
+                    sent.lock()
+                        .expect("sent lock")
+                        .extend(batch.into_iter().map(|p| (p, now)));
+                    writer.write_all(&out).await?;
+                    out.clear();
+                }
+                anyhow::Ok(())
+            };
+            let acks = async {
+                let mut latencies = Vec::with_capacity(messages);
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut pending = Vec::new();
+                while latencies.len() < messages {
+                    let n = reader.read(&mut buf).await?;
+                    if n == 0 {
+                        bail!("connection closed after {} acks", latencies.len());
+                    }
+                    pending.extend_from_slice(&buf[..n]);
+                    let whole = pending.len() / 4 * 4;
+                    let mut sent = sent.lock().expect("sent lock");
+                    for ack in pending[..whole].chunks(4) {
+                        if ack[0] != 0x40 || ack[1] != 2 {
+                            bail!("expected PUBACK, got {ack:?}");
+                        }
+                        let pkid = u16::from_be_bytes([ack[2], ack[3]]);
+                        let (expected, at) = sent
+                            .pop_front()
+                            .ok_or_else(|| anyhow!("PUBACK {pkid} for nothing sent"))?;
+                        if expected != pkid {
+                            bail!("PUBACK {pkid} out of order (expected {expected})");
+                        }
+                        latencies.push(at.elapsed());
+                    }
+                    drop(sent);
+                    window.add_permits(whole / 4);
+                    pending.drain(..whole);
+                }
+                Ok(latencies)
+            };
+            let (published, latencies) = tokio::join!(publish, acks);
+            published?;
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    Ok(Load {
+        elapsed,
+        acked: latencies.len(),
+        latencies,
+    })
+}
+
+fn put_remaining_length(out: &mut Vec<u8>, mut len: usize) {
+    loop {
+        let byte = (len % 128) as u8;
+        len /= 128;
+        out.push(if len > 0 { byte | 0x80 } else { byte });
+        if len == 0 {
+            break;
+        }
+    }
+}
+
+fn encode_publish(out: &mut Vec<u8>, topic: &str, pkid: u16, payload: &[u8]) {
+    out.push(0x32); // PUBLISH, QoS 1
+    put_remaining_length(out, 2 + topic.len() + 2 + payload.len());
+    out.extend((topic.len() as u16).to_be_bytes());
+    out.extend(topic.as_bytes());
+    out.extend(pkid.to_be_bytes());
+    out.extend(payload);
+}
+
+/// MQTT 3.1.1 CONNECT (clean session; username = client id when a password
+/// is given) and its CONNACK.
+async fn mqtt_connect(
+    mut socket: TcpStream,
+    id: &str,
+    password: Option<&str>,
+) -> anyhow::Result<TcpStream> {
+    let mut fields = vec![id];
+    let mut flags = 0x02;
+    if let Some(password) = password {
+        fields.extend([id, password]);
+        flags |= 0xc0;
+    }
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, flags, 0x00, 0x3c];
+    for field in fields {
+        body.extend((field.len() as u16).to_be_bytes());
+        body.extend(field.as_bytes());
+    }
+    let mut connect = vec![0x10];
+    put_remaining_length(&mut connect, body.len());
+    connect.extend(body);
+    socket.write_all(&connect).await?;
+    let mut connack = [0u8; 4];
+    socket.read_exact(&mut connack).await?;
+    if connack != [0x20, 0x02, 0x00, 0x00] {
+        bail!("{id}: CONNECT refused: {connack:?}");
+    }
+    Ok(socket)
+}
+
+/// While the load runs: publish one record every 20 ms from a probe device
+/// and poll the query API until it is visible.
+async fn probe_queryable(
+    server: &Spawned,
+    token: String,
+    stop: &AtomicBool,
+) -> anyhow::Result<Vec<Duration>> {
+    let http = reqwest::Client::new();
+    let mut options = MqttOptions::new(
+        "bench-probe",
+        server.mqtt.ip().to_string(),
+        server.mqtt.port(),
+    );
+    options.set_credentials("bench-probe", token);
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let mut samples = Vec::new();
+    let mut seq = 0;
+    while !stop.load(Ordering::Relaxed) {
+        seq += 1;
+        let published = Instant::now();
+        client
+            .publish(
+                "ingest/bench/bench-probe",
+                QoS::AtLeastOnce,
+                false,
+                payload(seq, 1),
+            )
+            .await?;
+        let sql = json!({ "sql": format!("SELECT count(*) FROM bench WHERE device_id = 'bench-probe' AND seq = {seq}") });
+        loop {
+            let reply: Value = http
+                .post(format!("{}/v1/query", server.http))
+                .bearer_auth(&server.admin)
+                .json(&sql)
+                .send()
+                .await?
+                .json()
+                .await?;
+            if reply["rows"][0][0].as_i64() == Some(1) {
+                samples.push(published.elapsed());
+                break;
+            }
+            if published.elapsed() > Duration::from_secs(10) {
+                bail!("probe record {seq} not queryable after 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    samples.sort();
+    Ok(samples)
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let total = args.connections * args.messages;
+    let records_total = total * args.records_per_message;
+    println!(
+        "load: {} connections x {} QoS 1 messages x {} record(s), in-flight window {}",
+        args.connections, args.messages, args.records_per_message, args.inflight
+    );
+
+    let server = spawn_server(args.database.as_deref())?;
+    let http = reqwest::Client::new();
+    api(
+        &http,
+        &server,
+        "/v1/streams",
+        STREAM.to_string().into(),
+        false,
+    )
+    .await?;
+    let mut credentials = Vec::new();
+    for i in 0..args.connections {
+        let id = format!("bench-{i}");
+        let reply = api(
+            &http,
+            &server,
+            "/v1/devices",
+            json!({ "id": id, "role": "ingest" }).to_string().into(),
+            true,
+        )
+        .await?;
+        credentials.push(Some((
+            id,
+            reply["token"].as_str().unwrap_or_default().to_string(),
+        )));
+    }
+    let probe = api(
+        &http,
+        &server,
+        "/v1/devices",
+        json!({ "id": "bench-probe", "role": "ingest" })
+            .to_string()
+            .into(),
+        true,
+    )
+    .await?;
+    let target = Target {
+        addr: server.mqtt.ip().to_string(),
+        port: server.mqtt.port(),
+        credentials,
+        topic_prefix: "ingest/bench/".into(),
+    };
+    let stop = AtomicBool::new(false);
+    let probe_token = probe["token"].as_str().unwrap_or_default().to_string();
+    let (load, probes) = tokio::join!(
+        async {
+            let load = run_load(&target, &args).await;
+            stop.store(true, Ordering::Relaxed);
+            load
+        },
+        probe_queryable(&server, probe_token, &stop)
+    );
+    let (load, probes) = (load?, probes?);
+
+    let count = api(
+        &http,
+        &server,
+        "/v1/query",
+        json!({ "sql": "SELECT count(*) FROM bench WHERE device_id <> 'bench-probe'" })
+            .to_string()
+            .into(),
+        true,
+    )
+    .await?;
+    let stored = count["rows"][0][0].as_i64().unwrap_or(-1);
+    if stored != records_total as i64 {
+        bail!("{stored} records stored, expected {records_total}");
+    }
+    let rate = records_total as f64 / load.elapsed.as_secs_f64();
+    println!(
+        "\nfleetgate ({}), durable validated ingest:",
+        if args.database.is_some() {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        }
+    );
+    println!(
+        "  {} messages ({} records) committed in {:.2} s: {:.0} records/s, {:.0} messages/s",
+        load.acked,
+        records_total,
+        load.elapsed.as_secs_f64(),
+        rate,
+        load.acked as f64 / load.elapsed.as_secs_f64()
+    );
+    println!(
+        "  publish -> PUBACK (= committed, queryable): p50 {}  p99 {}  max {}",
+        ms(percentile(&load.latencies, 0.50)),
+        ms(percentile(&load.latencies, 0.99)),
+        ms(*load.latencies.last().unwrap_or(&Duration::ZERO))
+    );
+    println!(
+        "  publish -> seen by the query API ({} probes under load): p50 {}  p99 {}",
+        probes.len(),
+        ms(percentile(&probes, 0.50)),
+        ms(percentile(&probes, 0.99))
+    );
+    drop(server);
+
+    if args.reference != "none" {
+        let (host, port) = args
+            .reference
+            .rsplit_once(':')
+            .ok_or_else(|| anyhow!("--reference HOST:PORT"))?;
+        let reference = Target {
+            addr: host.to_string(),
+            port: port.parse()?,
+            credentials: vec![None; args.connections],
+            topic_prefix: "bench/".into(),
+        };
+        match run_load(&reference, &args).await {
+            Ok(load) => {
+                println!(
+                    "\nreference broker at {} (accepts QoS 1; stores and validates nothing):",
+                    args.reference
+                );
+                println!(
+                    "  {} messages acknowledged in {:.2} s: {:.0} messages/s",
+                    load.acked,
+                    load.elapsed.as_secs_f64(),
+                    load.acked as f64 / load.elapsed.as_secs_f64()
+                );
+                println!(
+                    "  publish -> PUBACK: p50 {}  p99 {}",
+                    ms(percentile(&load.latencies, 0.50)),
+                    ms(percentile(&load.latencies, 0.99))
+                );
+            }
+            Err(e) => println!("\nreference broker at {} not measured: {e}", args.reference),
+        }
+    }
+    Ok(())
+}
