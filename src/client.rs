@@ -31,6 +31,12 @@ pub enum DeviceCommand {
     List,
     /// Revoke a device: its tokens stop working and its connections close.
     Revoke { id: String },
+    /// Change a device's role; its connections close and reconnect under the new role.
+    Role { id: String, role: String },
+    /// List devices banned after repeated refusals.
+    Bans,
+    /// Lift a device's ban.
+    Unban { id: String },
 }
 
 #[derive(Subcommand)]
@@ -153,6 +159,31 @@ pub async fn device(command: DeviceCommand, server: &ServerArgs) -> anyhow::Resu
             api.call(api.http.post(api.url(&format!("/v1/devices/{id}/revoke"))))
                 .await?;
             println!("revoked {id}");
+        }
+        DeviceCommand::Role { id, role } => {
+            let url = api.url(&format!("/v1/devices/{id}/role"));
+            let reply = api
+                .call(api.http.post(url).json(&json!({ "role": role })))
+                .await?;
+            println!(
+                "{id} is now {}",
+                reply["device"]["role"].as_str().unwrap_or("?")
+            );
+        }
+        DeviceCommand::Bans => {
+            let reply = api.call(api.http.get(api.url("/v1/bans"))).await?;
+            let rows: Vec<Vec<Value>> = reply["bans"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| vec![b["device"].clone(), b["until"].clone(), b["reason"].clone()])
+                .collect();
+            print_table(&["device", "until (unix)", "reason"], &rows);
+        }
+        DeviceCommand::Unban { id } => {
+            api.call(api.http.delete(api.url(&format!("/v1/bans/{id}"))))
+                .await?;
+            println!("unbanned {id}");
         }
     }
     Ok(())

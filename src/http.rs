@@ -11,12 +11,12 @@ use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use fleetgate_admin::registry::RegistryError;
-use fleetgate_admin::{unix_now, Platform, RefusalLedger, Registry};
+use fleetgate_admin::{unix_now, AuditLog, Bans, Platform, RefusalLedger, Registry};
 use fleetgate_protocol::schema::StreamsFile;
-use fleetgate_protocol::{Authenticate, Principal, Role};
+use fleetgate_protocol::{AuthError, Authenticate, Principal, Role};
 use fleetgate_store::query::{self, QueryError, QueryLimits};
 use fleetgate_store::{rejects, Catalog, Db};
 use serde::Deserialize;
@@ -30,6 +30,8 @@ pub struct AppState {
     pub platform: Arc<Platform>,
     pub auth: Arc<dyn Authenticate>,
     pub ledger: Arc<RefusalLedger>,
+    pub bans: Bans,
+    pub audit: AuditLog,
     pub metrics: Arc<prometheus_client::registry::Registry>,
 }
 
@@ -40,7 +42,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/devices", get(list_devices).post(add_device))
         .route("/v1/devices/{id}/token", post(mint_token))
         .route("/v1/devices/{id}/revoke", post(revoke_device))
+        .route("/v1/devices/{id}/role", post(change_role))
         .route("/v1/refusals", get(refusals))
+        .route("/v1/bans", get(list_bans))
+        .route("/v1/bans/{id}", delete(lift_ban))
+        .route("/v1/audit", get(list_audit))
         .route("/v1/streams", get(list_streams).post(apply_streams))
         .route("/v1/streams/{name}/rejects", get(list_rejects))
         .route("/v1/query", post(run_query))
@@ -97,7 +103,10 @@ impl FromRequestParts<AppState> for Caller {
             .auth
             .authenticate(None, token.trim())
             .map(Caller)
-            .map_err(|e| ApiError(StatusCode::UNAUTHORIZED, e.to_string()))
+            .map_err(|e| match e {
+                AuthError::Banned { .. } => ApiError(StatusCode::FORBIDDEN, e.to_string()),
+                _ => ApiError(StatusCode::UNAUTHORIZED, e.to_string()),
+            })
     }
 }
 
@@ -115,6 +124,23 @@ impl Caller {
                 .record_refusal(&self.0.device_id, &format!("http: {reason}"));
             Err(ApiError(StatusCode::FORBIDDEN, reason))
         }
+    }
+}
+
+impl AppState {
+    /// Writes an admin action to the audit log; the request fails if the log
+    /// cannot be written, so no action goes unrecorded.
+    async fn audit(
+        &self,
+        admin: &Principal,
+        action: &str,
+        target: &str,
+        detail: Value,
+    ) -> Result<(), ApiError> {
+        self.audit
+            .record(&admin.device_id, action, target, detail)
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))
     }
 }
 
@@ -149,11 +175,19 @@ async fn add_device(
     caller: Caller,
     Json(new): Json<NewDevice>,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Admin, &state)?;
+    let admin = caller.require(Role::Admin, &state)?;
     let now = unix_now();
     let device = state
         .registry
         .add(&new.id, new.role, new.device_type.as_deref(), now)
+        .await?;
+    state
+        .audit(
+            admin,
+            "device.add",
+            &device.id,
+            json!({ "role": device.role, "type": device.device_type }),
+        )
         .await?;
     let ttl = new.ttl_secs.unwrap_or(DEFAULT_TOKEN_TTL_SECS);
     let token = state.platform.mint(&device.id, device.role, ttl, now);
@@ -183,7 +217,7 @@ async fn mint_token(
     Path(id): Path<String>,
     body: Option<Json<TokenRequest>>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require(Role::Admin, &state)?;
+    let admin = caller.require(Role::Admin, &state)?;
     let device = state.registry.get(&id).ok_or(RegistryError::NotFound(id))?;
     if device.revoked_at.is_some() {
         return Err(ApiError(
@@ -199,6 +233,14 @@ async fn mint_token(
     }
     let now = unix_now();
     let token = state.platform.mint(&device.id, device.role, ttl, now);
+    state
+        .audit(
+            admin,
+            "device.token",
+            &device.id,
+            json!({ "ttl_secs": ttl }),
+        )
+        .await?;
     Ok(Json(
         json!({ "device": device.id, "role": device.role, "token": token, "expires_at": now + ttl }),
     ))
@@ -209,9 +251,81 @@ async fn revoke_device(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require(Role::Admin, &state)?;
+    let admin = caller.require(Role::Admin, &state)?;
     let device = state.registry.revoke(&id, unix_now()).await?;
+    state.audit(admin, "device.revoke", &id, json!({})).await?;
     Ok(Json(json!({ "device": device })))
+}
+
+#[derive(Deserialize)]
+struct RoleChange {
+    role: Role,
+}
+
+async fn change_role(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(change): Json<RoleChange>,
+) -> Result<Json<Value>, ApiError> {
+    let admin = caller.require(Role::Admin, &state)?;
+    let before = state.registry.get(&id).map(|d| d.role);
+    let device = state.registry.set_role(&id, change.role).await?;
+    state
+        .audit(
+            admin,
+            "device.role",
+            &id,
+            json!({ "from": before, "to": device.role }),
+        )
+        .await?;
+    Ok(Json(json!({ "device": device })))
+}
+
+async fn list_bans(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Admin, &state)?;
+    Ok(Json(json!({ "bans": state.bans.list(unix_now()) })))
+}
+
+async fn lift_ban(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let admin = caller.require(Role::Admin, &state)?;
+    let was_banned = state
+        .bans
+        .unban(&id, unix_now())
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    if !was_banned {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("device {id:?} is not banned"),
+        ));
+    }
+    state.audit(admin, "device.unban", &id, json!({})).await?;
+    Ok(Json(json!({ "unbanned": id })))
+}
+
+#[derive(Deserialize)]
+struct Page {
+    limit: Option<i64>,
+    before: Option<i64>,
+}
+
+async fn list_audit(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(page): Query<Page>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Admin, &state)?;
+    let entries = state
+        .audit
+        .list(page.limit.unwrap_or(100).clamp(1, 10_000), page.before)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    Ok(Json(json!({ "entries": entries })))
 }
 
 async fn refusals(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
@@ -226,9 +340,18 @@ async fn apply_streams(
     caller: Caller,
     body: String,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require(Role::Admin, &state)?;
+    let admin = caller.require(Role::Admin, &state)?;
     let file = StreamsFile::parse(&body).map_err(bad_request)?;
     let applied = state.catalog.apply(&file).await.map_err(bad_request)?;
+    let names: Vec<&String> = file.streams.keys().collect();
+    state
+        .audit(
+            admin,
+            "stream.apply",
+            "streams",
+            json!({ "streams": names, "applied": applied }),
+        )
+        .await?;
     Ok(Json(json!({ "applied": applied })))
 }
 
@@ -246,17 +369,11 @@ async fn list_streams(
     Ok(Json(json!({ "streams": streams })))
 }
 
-#[derive(Deserialize)]
-struct RejectsQuery {
-    limit: Option<i64>,
-    before: Option<i64>,
-}
-
 async fn list_rejects(
     State(state): State<AppState>,
     caller: Caller,
     Path(name): Path<String>,
-    Query(params): Query<RejectsQuery>,
+    Query(params): Query<Page>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Role::Extract, &state)?;
     let limit = params.limit.unwrap_or(100).clamp(1, 10_000);

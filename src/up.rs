@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use fleetgate_admin::platform::{ADMIN_DEVICE, ADMIN_TOKEN_TTL_SECS};
 use fleetgate_admin::{
-    unix_now, Platform, RefusalLedger, Registry, RegistryEvent, TokenAuthenticator,
+    unix_now, AuditLog, Bans, Platform, RefusalLedger, Registry, RegistryEvent, TokenAuthenticator,
 };
 use fleetgate_broker::{EndReason, Gatekeeper, GatekeeperConfig, Upstream};
 use fleetgate_protocol::schema::StreamsFile;
@@ -46,6 +46,9 @@ pub struct UpArgs {
     /// Window for --alert-threshold, e.g. 60s or 5m.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     alert_window: Duration,
+    /// How long an alert bans the device (0s: alerts only, no bans).
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+    ban_duration: Duration,
 }
 
 async fn bind(addr: SocketAddr, flag: &str, what: &str) -> anyhow::Result<TcpListener> {
@@ -84,6 +87,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow!(e))?;
     let catalog = open_catalog(&db).await.map_err(|e| anyhow!(e))?;
     let registry = Registry::load(db.clone()).await.map_err(|e| anyhow!(e))?;
+    let bans = Bans::load(db.clone(), unix_now())
+        .await
+        .map_err(|e| anyhow!(e))?;
+    let audit = AuditLog::open(db.clone()).await.map_err(|e| anyhow!(e))?;
     bootstrap_admin(&platform, &registry).await?;
     if let Some(path) = &args.streams {
         let text = std::fs::read_to_string(path)
@@ -102,6 +109,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         platform.signer.verifier(),
         registry.clone(),
         ledger.clone(),
+        bans.clone(),
+        args.ban_duration.as_secs() as i64,
     ));
     let live_dropped = Counter::default();
     metrics.register(
@@ -143,6 +152,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         platform: Arc::new(platform),
         auth,
         ledger,
+        bans,
+        audit,
         metrics: Arc::new(metrics),
     };
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -192,7 +203,7 @@ async fn bootstrap_admin(platform: &Platform, registry: &Registry) -> anyhow::Re
     Ok(())
 }
 
-/// Revocations end the device's live sessions at once.
+/// Revocations, role changes and bans end the device's live sessions at once.
 fn spawn_revocation_follower(registry: &Registry, gatekeeper: Arc<Gatekeeper>) {
     let mut events = registry.subscribe();
     tokio::spawn(async move {
@@ -201,6 +212,14 @@ fn spawn_revocation_follower(registry: &Registry, gatekeeper: Arc<Gatekeeper>) {
                 Ok(RegistryEvent::Revoked(device)) => {
                     let ended = gatekeeper.disconnect_device(&device, EndReason::Revoked);
                     tracing::info!(device, sessions = ended, "device revoked; sessions closed");
+                }
+                Ok(RegistryEvent::RoleChanged(device, role)) => {
+                    let ended = gatekeeper.disconnect_device(&device, EndReason::RoleChanged);
+                    tracing::info!(device, %role, sessions = ended, "role changed; sessions closed to reconnect");
+                }
+                Ok(RegistryEvent::Banned(device)) => {
+                    let ended = gatekeeper.disconnect_device(&device, EndReason::Banned);
+                    tracing::info!(device, sessions = ended, "device banned; sessions closed");
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(_) => break,

@@ -22,7 +22,8 @@ fn foreign_token(sub: &str) -> String {
 }
 
 async fn refusals(backend: Backend) {
-    let server = Server::start(backend).await;
+    // Bans are tested on their own (admin.rs); here every refusal must be answered.
+    let server = Server::start_with(backend, &["--ban-duration", "0s"]).await;
     let good = server.add_device("sensor-1", "ingest").await;
     server.add_device("gone-1", "ingest").await;
     let gone_token = server.mint("gone-1", Role::Ingest, now(), now() + 3600);
@@ -87,8 +88,10 @@ async fn refusals(backend: Backend) {
         assert_eq!(v5, Some(*v5_code), "MQTT 5, {case}");
     }
     // The right token still works, after all of that.
-    assert!(connect_v4(&server, "sensor-1", &good).await.is_ok());
-    assert!(connect_v5(&server, "sensor-1", &good).await.is_ok());
+    let v4 = connect_v4(&server, "sensor-1", &good).await;
+    assert!(v4.is_ok(), "3.1.1 with the right token: {:?}", v4.err());
+    let v5 = connect_v5(&server, "sensor-1", &good).await;
+    assert!(v5.is_ok(), "MQTT 5 with the right token: {:?}", v5.err());
 
     // Twelve refusals for sensor-1 in a minute: an alert names it, in the
     // API and in the metrics.
@@ -159,4 +162,19 @@ async fn clients_that_never_send_connect_do_not_block_others() {
         .await
         .unwrap();
     assert!(connect_v4(&server, "sensor-1", &token).await.is_ok());
+}
+
+/// Devices reconnect the moment a connection drops; every reconnect with the
+/// same client id must be accepted, whichever protocol version it uses.
+#[tokio::test]
+async fn rapid_reconnects_with_the_same_client_id_are_accepted() {
+    let server = Server::start(Backend::Sqlite).await;
+    let token = server.add_device("sensor-1", "ingest").await;
+    for round in 0..40 {
+        let v4 = connect_v4(&server, "sensor-1", &token).await;
+        assert!(v4.is_ok(), "round {round}, 3.1.1: {:?}", v4.err());
+        drop(v4);
+        let v5 = connect_v5(&server, "sensor-1", &token).await;
+        assert!(v5.is_ok(), "round {round}, MQTT 5: {:?}", v5.err());
+    }
 }

@@ -421,6 +421,19 @@ pub async fn connect_v5(
                     }
                 }
                 Ok(_) => {}
+                // rumqttc reports a server's DISCONNECT as an error; hand it
+                // to the test as the packet it was.
+                Err(v5::ConnectionError::MqttState(v5::StateError::ServerDisconnect {
+                    reason_code,
+                    ..
+                })) => {
+                    let disconnect = v5::mqttbytes::v5::Disconnect {
+                        reason_code,
+                        properties: None,
+                    };
+                    let _ = tx.send(Ok(v5::mqttbytes::v5::Packet::Disconnect(disconnect)));
+                    break;
+                }
                 Err(e) => {
                     let _ = tx.send(Err(format!("{e:?}")));
                     break;

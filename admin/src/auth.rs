@@ -1,33 +1,57 @@
 use std::sync::Arc;
 
-use fleetgate_protocol::{AuthError, Authenticate, Principal, TokenVerifier};
+use fleetgate_protocol::token::claimed_subject;
+use fleetgate_protocol::{AuthError, Authenticate, Principal, Role, TokenVerifier};
 
-use crate::refusals::RefusalLedger;
+use crate::bans::{Ban, Bans};
+use crate::refusals::{RefusalLedger, AUTH};
 use crate::registry::Registry;
 
-/// The one place a token becomes a principal, for MQTT and HTTP alike: the
-/// signature and expiry, then the registry (unknown, revoked, tokens reset).
-/// The effective role is the lower of the token's and the registry's, so a
-/// downgrade takes effect without waiting for old tokens to expire.
+/// The one place a token becomes a principal, for MQTT and HTTP alike: bans,
+/// the signature and expiry, then the registry (unknown, revoked, tokens
+/// reset). The token identifies the device; the registry decides its role,
+/// so a role change applies to the tokens it already holds.
 pub struct TokenAuthenticator {
     verifier: TokenVerifier,
     registry: Registry,
     ledger: Arc<RefusalLedger>,
+    bans: Bans,
+    /// How long a repeated-refusal alert bans the device; 0 disables bans.
+    ban_secs: i64,
 }
 
 impl TokenAuthenticator {
-    pub fn new(verifier: TokenVerifier, registry: Registry, ledger: Arc<RefusalLedger>) -> Self {
+    pub fn new(
+        verifier: TokenVerifier,
+        registry: Registry,
+        ledger: Arc<RefusalLedger>,
+        bans: Bans,
+        ban_secs: i64,
+    ) -> Self {
         TokenAuthenticator {
             verifier,
             registry,
             ledger,
+            bans,
+            ban_secs,
         }
     }
 
-    fn check(&self, client_id: Option<&str>, token: &str) -> Result<Principal, AuthError> {
+    fn check(
+        &self,
+        client_id: Option<&str>,
+        token: &str,
+        now: i64,
+    ) -> Result<Principal, AuthError> {
+        if let Some(ban) = client_id.and_then(|id| self.bans.get(id, now)) {
+            return Err(AuthError::Banned {
+                device: ban.device,
+                until: ban.until,
+            });
+        }
         let claims = self
             .verifier
-            .verify(token, crate::unix_now())
+            .verify(token, now)
             .map_err(|e| AuthError::BadCredentials(e.to_string()))?;
         if let Some(client_id) = client_id {
             if client_id != claims.sub {
@@ -36,6 +60,12 @@ impl TokenAuthenticator {
                     subject: claims.sub,
                 });
             }
+        }
+        if let Some(ban) = self.bans.get(&claims.sub, now) {
+            return Err(AuthError::Banned {
+                device: ban.device,
+                until: ban.until,
+            });
         }
         let device = self
             .registry
@@ -53,23 +83,63 @@ impl TokenAuthenticator {
             ));
         }
         Ok(Principal {
-            role: claims.role.min(device.role),
+            role: device.role,
             device_id: claims.sub,
         })
+    }
+
+    /// Counts a refusal. Repeated authentication failures (not other
+    /// refusals, which only raise alerts) ban the device. Admins are never
+    /// banned, so forged admin tokens cannot lock the operators out; their
+    /// alerts still fire.
+    fn refused(&self, device: &str, kind: &str, reason: &str) {
+        self.ledger.record(device, kind, reason);
+        if kind != AUTH || self.ban_secs <= 0 {
+            return;
+        }
+        let failures = self.ledger.recent_auth_failures(device);
+        let now = crate::unix_now();
+        let is_admin = self
+            .registry
+            .get(device)
+            .is_some_and(|d| d.role == Role::Admin);
+        if failures < self.ledger.threshold() || is_admin || self.bans.get(device, now).is_some() {
+            return;
+        }
+        let until = now + self.ban_secs;
+        tracing::warn!(
+            device,
+            until,
+            failures,
+            "banning device after repeated authentication failures"
+        );
+        self.bans.ban(Ban {
+            device: device.to_string(),
+            until,
+            reason: format!("{failures} authentication failures; last: {reason}"),
+        });
+        self.registry.announce_ban(device);
     }
 }
 
 impl Authenticate for TokenAuthenticator {
     fn authenticate(&self, client_id: Option<&str>, token: &str) -> Result<Principal, AuthError> {
-        self.check(client_id, token).inspect_err(|e| {
-            // Count the refusal against whoever the caller claimed to be.
-            let claimed = client_id.unwrap_or("(no client id)");
-            self.ledger.record(claimed, "auth", &e.to_string());
-        })
+        self.check(client_id, token, crate::unix_now())
+            .inspect_err(|e| {
+                // A banned device's attempts are not counted again: that would
+                // only extend the ban it is already serving.
+                if !matches!(e, AuthError::Banned { .. }) {
+                    let claimed = client_id
+                        .map(str::to_string)
+                        .or_else(|| claimed_subject(token))
+                        .unwrap_or_else(|| "(unidentified)".to_string());
+                    self.refused(&claimed, AUTH, &e.to_string());
+                }
+            })
     }
 
     fn record_refusal(&self, device_id: &str, what: &str) {
         let kind = what.split(':').next().unwrap_or("refusal");
-        self.ledger.record(device_id, kind, what);
+        self.refused(device_id, kind, what);
     }
 }

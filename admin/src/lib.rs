@@ -5,13 +5,19 @@
 //! - [`registry`]: devices, their roles and revocation (database + cache).
 //! - [`auth`]: [`TokenAuthenticator`], the one place a token becomes a principal.
 //! - [`refusals`]: per-device refusal counts and repeated-failure alerts.
+//! - [`bans`]: temporary bans that follow those alerts.
+//! - [`audit`]: the log of every admin action.
 
+pub mod audit;
 pub mod auth;
+pub mod bans;
 pub mod platform;
 pub mod refusals;
 pub mod registry;
 
+pub use audit::AuditLog;
 pub use auth::TokenAuthenticator;
+pub use bans::{Ban, Bans};
 pub use platform::Platform;
 pub use refusals::RefusalLedger;
 pub use registry::{Device, Registry, RegistryEvent};

@@ -39,9 +39,14 @@ pub struct DeviceRefusals {
 struct Entry {
     total: u64,
     recent: VecDeque<Instant>,
+    /// The authentication failures among `recent`, which alone lead to bans.
+    recent_auth: VecDeque<Instant>,
     last_reason: String,
     alerted_at: Option<Instant>,
 }
+
+/// The kind of refusal that counts toward bans: failed authentication.
+pub const AUTH: &str = "auth";
 
 pub struct RefusalLedger {
     threshold: usize,
@@ -104,18 +109,23 @@ impl RefusalLedger {
         let entry = entries.entry(device.to_string()).or_insert_with(|| Entry {
             total: 0,
             recent: VecDeque::new(),
+            recent_auth: VecDeque::new(),
             last_reason: String::new(),
             alerted_at: None,
         });
         entry.total += 1;
         entry.last_reason = reason.to_string();
         entry.recent.push_back(now);
-        while entry
-            .recent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > self.window)
-        {
-            entry.recent.pop_front();
+        if kind == AUTH {
+            entry.recent_auth.push_back(now);
+        }
+        for recent in [&mut entry.recent, &mut entry.recent_auth] {
+            while recent
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > self.window)
+            {
+                recent.pop_front();
+            }
         }
         // One alert per window per device, not one per refusal past the threshold.
         let quiet = entry
@@ -150,6 +160,25 @@ impl RefusalLedger {
         }
         alerts.push_back(alert.clone());
         Some(alert)
+    }
+
+    pub fn threshold(&self) -> usize {
+        self.threshold
+    }
+
+    /// Authentication failures of `device` within the window.
+    pub fn recent_auth_failures(&self, device: &str) -> usize {
+        let now = Instant::now();
+        self.entries
+            .lock()
+            .expect("ledger lock")
+            .get(device)
+            .map_or(0, |e| {
+                e.recent_auth
+                    .iter()
+                    .filter(|t| now.duration_since(**t) <= self.window)
+                    .count()
+            })
     }
 
     pub fn alerts(&self) -> Vec<Alert> {

@@ -27,6 +27,9 @@ pub struct Device {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegistryEvent {
     Revoked(String),
+    /// The device's sessions must reconnect to get the new role's permissions.
+    RoleChanged(String, Role),
+    Banned(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,5 +188,39 @@ impl Registry {
             .insert(id.to_string(), device.clone());
         let _ = self.events.send(RegistryEvent::Revoked(id.to_string()));
         Ok(device)
+    }
+
+    /// Changes a device's role; its live sessions are told to end so that
+    /// they reconnect under the new role.
+    pub async fn set_role(&self, id: &str, role: Role) -> Result<Device, RegistryError> {
+        let mut device = self
+            .get(id)
+            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+        if device.revoked_at.is_some() {
+            return Err(RegistryError::Invalid(format!("device {id:?} is revoked")));
+        }
+        device.role = role;
+        with_pool!(self.db, pool => {
+            sqlx::query("UPDATE fleetgate_devices SET role = $1 WHERE id = $2")
+                .bind(role.as_str())
+                .bind(id)
+                .execute(pool)
+                .await
+                .map(|_| ())
+        })
+        .map_err(db_error)?;
+        self.devices
+            .write()
+            .expect("registry lock")
+            .insert(id.to_string(), device.clone());
+        let _ = self
+            .events
+            .send(RegistryEvent::RoleChanged(id.to_string(), role));
+        Ok(device)
+    }
+
+    /// Tells live sessions of a newly banned device to end.
+    pub fn announce_ban(&self, id: &str) {
+        let _ = self.events.send(RegistryEvent::Banned(id.to_string()));
     }
 }

@@ -329,15 +329,23 @@ impl Connect {
     }
 
     /// The CONNECT the gatekeeper sends to the embedded broker: the device's
-    /// own, with the internal password, a long keep-alive (the gatekeeper
-    /// keeps the device to its own keep-alive), and without a will the
-    /// gatekeeper handles itself.
-    pub fn upstream(&self, secret: &str, keep_will: bool) -> Result<Bytes, CodecError> {
+    /// own, under `client_id` (unique per connection), with a clean session,
+    /// the internal password, a long keep-alive (the gatekeeper keeps the
+    /// device to its own keep-alive), and without a will the gatekeeper
+    /// handles itself.
+    pub fn upstream(
+        &self,
+        client_id: &str,
+        secret: &str,
+        keep_will: bool,
+    ) -> Result<Bytes, CodecError> {
         const UPSTREAM_KEEP_ALIVE: u16 = u16::MAX;
         let mut out = BytesMut::new();
         match self {
             Connect::V4(c) => {
                 let mut c = c.clone();
+                c.client_id = client_id.to_string();
+                c.clean_session = true;
                 c.keep_alive = UPSTREAM_KEEP_ALIVE;
                 c.login = Some(v4::Login {
                     username: c.client_id.clone(),
@@ -350,6 +358,8 @@ impl Connect {
             }
             Connect::V5(c, will, _) => {
                 let mut c = c.clone();
+                c.client_id = client_id.to_string();
+                c.clean_start = true;
                 c.keep_alive = UPSTREAM_KEEP_ALIVE;
                 let login = Some(v5::Login {
                     username: c.client_id.clone(),
@@ -369,6 +379,7 @@ pub enum Refusal {
     BadCredentials,
     NotAuthorized,
     BadClientId,
+    Banned,
     Unavailable,
     UnsupportedProtocol,
 }
@@ -379,7 +390,7 @@ pub fn connack_refusal(version: Version, refusal: Refusal) -> Bytes {
         Version::V4 => {
             let code = match refusal {
                 Refusal::BadCredentials => v4::ConnectReturnCode::BadUserNamePassword,
-                Refusal::NotAuthorized => v4::ConnectReturnCode::NotAuthorized,
+                Refusal::NotAuthorized | Refusal::Banned => v4::ConnectReturnCode::NotAuthorized,
                 Refusal::BadClientId => v4::ConnectReturnCode::BadClientId,
                 Refusal::Unavailable => v4::ConnectReturnCode::ServiceUnavailable,
                 Refusal::UnsupportedProtocol => v4::ConnectReturnCode::RefusedProtocolVersion,
@@ -393,6 +404,7 @@ pub fn connack_refusal(version: Version, refusal: Refusal) -> Bytes {
                 Refusal::BadCredentials => v5::ConnectReturnCode::BadUserNamePassword,
                 Refusal::NotAuthorized => v5::ConnectReturnCode::NotAuthorized,
                 Refusal::BadClientId => v5::ConnectReturnCode::ClientIdentifierNotValid,
+                Refusal::Banned => v5::ConnectReturnCode::Banned,
                 Refusal::Unavailable => v5::ConnectReturnCode::ServerUnavailable,
                 Refusal::UnsupportedProtocol => v5::ConnectReturnCode::UnsupportedProtocolVersion,
             };

@@ -84,10 +84,14 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>) {
             return;
         }
     };
-    let Some(upstream) = connect_upstream(&shared, version, &connect, &mut write_half).await else {
+    let handle = shared.sessions.register(&principal.device_id);
+    let upstream_id = handle.upstream_client_id();
+    let Some(upstream) =
+        connect_upstream(&shared, version, &connect, &upstream_id, &mut write_half).await
+    else {
+        shared.sessions.unregister(&handle);
         return;
     };
-    let handle = shared.sessions.register(&principal.device_id);
     shared.metrics.connections.inc();
     let will = connect
         .will()
@@ -141,6 +145,7 @@ fn admit(shared: &Shared, connect: &Connect) -> Result<Principal, Refusal> {
             AuthError::BadCredentials(_) => Refusal::BadCredentials,
             AuthError::ClientIdMismatch { .. } => Refusal::BadClientId,
             AuthError::NotAuthorized(..) => Refusal::NotAuthorized,
+            AuthError::Banned { .. } => Refusal::Banned,
         })?;
     if let Some(will) = connect.will() {
         if let Err(denied) = may_publish(principal.role, &principal.device_id, &will.topic) {
@@ -160,6 +165,7 @@ async fn connect_upstream(
     shared: &Shared,
     version: Version,
     connect: &Connect,
+    upstream_id: &str,
     client: &mut OwnedWriteHalf,
 ) -> Option<UpstreamLink> {
     let addr = match version {
@@ -169,12 +175,16 @@ async fn connect_upstream(
     let keep_will = connect
         .will()
         .is_some_and(|w| IngestTopic::parse(&w.topic).is_none());
-    let attempt = async {
+    let attempt = || async {
         let stream = TcpStream::connect(addr).await.ok()?;
         let _ = stream.set_nodelay(true);
         let (read_half, mut writer) = stream.into_split();
         writer
-            .write_all(&connect.upstream(&shared.upstream.secret, keep_will).ok()?)
+            .write_all(
+                &connect
+                    .upstream(upstream_id, &shared.upstream.secret, keep_will)
+                    .ok()?,
+            )
             .await
             .ok()?;
         let mut reader = FrameReader::new(read_half);
@@ -185,9 +195,17 @@ async fn connect_upstream(
             _ => None,
         }
     };
-    let Ok(Some((reader, writer, header, connack))) =
-        tokio::time::timeout(Duration::from_secs(10), attempt).await
-    else {
+    // A refused or dropped attempt (the embedded broker momentarily busy) is
+    // worth a second try before telling the device to go away.
+    let mut accepted = None;
+    for delay_ms in [0, 50, 250] {
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        if let Ok(Some(link)) = tokio::time::timeout(Duration::from_secs(5), attempt()).await {
+            accepted = Some(link);
+            break;
+        }
+    }
+    let Some((reader, writer, header, connack)) = accepted else {
         tracing::error!(
             device = connect.client_id(),
             "embedded broker did not accept the session"
@@ -254,6 +272,9 @@ impl Session {
         if let End::Ended(reason) = &end {
             let code = match reason {
                 EndReason::Revoked => DisconnectReasonCode::NotAuthorized,
+                EndReason::RoleChanged | EndReason::Banned => {
+                    DisconnectReasonCode::AdministrativeAction
+                }
                 EndReason::ShuttingDown => DisconnectReasonCode::ServerShuttingDown,
                 EndReason::TakenOver => DisconnectReasonCode::SessionTakenOver,
             };
@@ -323,6 +344,12 @@ impl Session {
                 }
                 Err(_) => {
                     tracing::info!(device = %self.principal.device_id, "keep-alive expired");
+                    if let Some(bytes) = codec::server_disconnect(
+                        self.version,
+                        DisconnectReasonCode::KeepAliveTimeout,
+                    ) {
+                        let _ = acks.send(ready(bytes));
+                    }
                     return End::Abnormal;
                 }
             };

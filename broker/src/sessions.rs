@@ -10,6 +10,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndReason {
     Revoked,
+    RoleChanged,
+    Banned,
     TakenOver,
     ShuttingDown,
 }
@@ -29,6 +31,13 @@ impl SessionHandle {
         self.end.cancel();
     }
 
+    /// The embedded broker's client id for this connection: unique, so the
+    /// embedded broker never sees one client id twice (its own takeover path
+    /// races and can poison its listener; see ARCHITECTURE.md).
+    pub fn upstream_client_id(&self) -> String {
+        format!("{}~{}", self.device, self.id)
+    }
+
     pub async fn ended(&self) -> EndReason {
         self.end.cancelled().await;
         *self.reason.get().unwrap_or(&EndReason::ShuttingDown)
@@ -42,6 +51,8 @@ pub struct Sessions {
 }
 
 impl Sessions {
+    /// Registers a new session of `device`, ending the ones it already has:
+    /// MQTT's session takeover, done here rather than in the embedded broker.
     pub fn register(&self, device: &str) -> SessionHandle {
         let handle = SessionHandle {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -49,12 +60,12 @@ impl Sessions {
             end: CancellationToken::new(),
             reason: Arc::new(OnceLock::new()),
         };
-        self.by_device
-            .lock()
-            .expect("sessions lock")
-            .entry(device.to_string())
-            .or_default()
-            .push(handle.clone());
+        let mut by_device = self.by_device.lock().expect("sessions lock");
+        let sessions = by_device.entry(device.to_string()).or_default();
+        for previous in sessions.iter() {
+            previous.end(EndReason::TakenOver);
+        }
+        sessions.push(handle.clone());
         handle
     }
 

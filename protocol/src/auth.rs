@@ -19,6 +19,9 @@ pub enum AuthError {
     /// Valid signature, but the device is unknown or revoked.
     #[error("device {0:?} is not authorized: {1}")]
     NotAuthorized(String, String),
+    /// Too many recent refusals: the device is banned until `until`.
+    #[error("device {device:?} is banned until {until} (Unix seconds) after repeated refusals")]
+    Banned { device: String, until: i64 },
 }
 
 /// Turns a bearer token into a principal. Implementations record every

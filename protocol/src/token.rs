@@ -122,6 +122,16 @@ impl TokenVerifier {
     }
 }
 
+/// The device a token claims to be for, without checking anything: only for
+/// attributing a refusal to someone. `None` when nothing plausible is there.
+pub fn claimed_subject(token: &str) -> Option<String> {
+    let body = token.strip_prefix(PREFIX)?.split('.').next()?;
+    let claims: Claims = serde_json::from_slice(&B64.decode(body).ok()?).ok()?;
+    crate::validate_device_id(&claims.sub)
+        .ok()
+        .map(|_| claims.sub)
+}
+
 /// Verifies an Ed25519 signature made with `TokenSigner::sign_bytes`.
 pub fn verify_bytes(public_key: &[u8], message: &[u8], signature: &[u8]) -> bool {
     UnparsedPublicKey::new(&ED25519, public_key)

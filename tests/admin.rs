@@ -1,0 +1,341 @@
+//! Live administration: revocation and role changes take effect on open
+//! sessions at once, repeated refusals ban a device, and every admin action
+//! is audited.
+
+use std::time::{Duration, Instant};
+
+use fleetgate_protocol::Role;
+use rumqttc::v5::mqttbytes::v5::{
+    ConnectReturnCode, DisconnectReasonCode, Packet, SubscribeReasonCode,
+};
+use rumqttc::v5::mqttbytes::QoS;
+use serde_json::json;
+
+use crate::harness::{connect_v4, connect_v5, now, Backend, Server, V5};
+
+async fn subscribe(client: &mut V5, filter: &str) -> SubscribeReasonCode {
+    client
+        .client
+        .subscribe(filter, QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    client
+        .expect(|p| match p {
+            Packet::SubAck(ack) => Some(ack.return_codes[0]),
+            _ => None,
+        })
+        .await
+}
+
+/// Waits for the server's DISCONNECT; returns its reason and when it came.
+async fn disconnected(client: &mut V5) -> (DisconnectReasonCode, Instant) {
+    client
+        .expect(|p| match p {
+            Packet::Disconnect(d) => Some((d.reason_code, Instant::now())),
+            _ => None,
+        })
+        .await
+}
+
+async fn revocation_is_immediate(backend: Backend) {
+    let server = Server::with_temperature(backend).await;
+    let sensor_token = server.add_device("sensor-1", "ingest").await;
+    let analyst_token = server.add_device("analyst-1", "extract").await;
+    let mut sensor = connect_v5(&server, "sensor-1", &sensor_token)
+        .await
+        .unwrap();
+    assert!(matches!(
+        subscribe(&mut sensor, "devices/sensor-1/#").await,
+        SubscribeReasonCode::Success(_)
+    ));
+    let mut analyst = connect_v5(&server, "analyst-1", &analyst_token)
+        .await
+        .unwrap();
+    assert!(matches!(
+        subscribe(&mut analyst, "live/#").await,
+        SubscribeReasonCode::Success(_)
+    ));
+
+    for (device, client, token) in [
+        ("sensor-1", &mut sensor, &sensor_token),
+        ("analyst-1", &mut analyst, &analyst_token),
+    ] {
+        let started = Instant::now();
+        let (status, body) = server
+            .api(
+                "POST",
+                &format!("/v1/devices/{device}/revoke"),
+                Some(&server.admin),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let (reason, at) = disconnected(client).await;
+        assert_eq!(reason, DisconnectReasonCode::NotAuthorized);
+        let took = at - started;
+        assert!(
+            took < Duration::from_secs(1),
+            "{device}'s session closed {took:?} after the revoke command"
+        );
+        // Its token stops working everywhere: reconnects and HTTP.
+        assert_eq!(
+            connect_v5(&server, device, token).await.err(),
+            Some(ConnectReturnCode::NotAuthorized)
+        );
+        let (status, _) = server.api("GET", "/v1/streams", Some(token), None).await;
+        assert_eq!(status, 401);
+    }
+    // And nobody can mint a new one for it.
+    let (status, _) = server
+        .api(
+            "POST",
+            "/v1/devices/sensor-1/token",
+            Some(&server.admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, 409);
+}
+
+async fn role_changes_apply_to_live_sessions(backend: Backend) {
+    let server = Server::with_temperature(backend).await;
+    let analyst_token = server.add_device("analyst-1", "extract").await;
+    let sensor_token = server.add_device("sensor-1", "ingest").await;
+    let query = json!({"sql": "SELECT count(*) FROM temperature"});
+
+    // Downgrade: the analyst is cut off live/# now, and its token no longer queries.
+    let mut analyst = connect_v5(&server, "analyst-1", &analyst_token)
+        .await
+        .unwrap();
+    assert!(matches!(
+        subscribe(&mut analyst, "live/#").await,
+        SubscribeReasonCode::Success(_)
+    ));
+    let (status, _) = server
+        .api(
+            "POST",
+            "/v1/devices/analyst-1/role",
+            Some(&server.admin),
+            Some(json!({"role": "ingest"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        disconnected(&mut analyst).await.0,
+        DisconnectReasonCode::AdministrativeAction
+    );
+    let mut analyst = connect_v5(&server, "analyst-1", &analyst_token)
+        .await
+        .unwrap();
+    assert_eq!(
+        subscribe(&mut analyst, "live/#").await,
+        SubscribeReasonCode::NotAuthorized
+    );
+    assert_eq!(
+        server
+            .api(
+                "POST",
+                "/v1/query",
+                Some(&analyst_token),
+                Some(query.clone())
+            )
+            .await
+            .0,
+        403
+    );
+
+    // Upgrade: the sensor reconnects, with the token it has, as extract.
+    let mut sensor = connect_v5(&server, "sensor-1", &sensor_token)
+        .await
+        .unwrap();
+    let (status, _) = server
+        .api(
+            "POST",
+            "/v1/devices/sensor-1/role",
+            Some(&server.admin),
+            Some(json!({"role": "extract"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        disconnected(&mut sensor).await.0,
+        DisconnectReasonCode::AdministrativeAction
+    );
+    let mut sensor = connect_v5(&server, "sensor-1", &sensor_token)
+        .await
+        .unwrap();
+    assert!(matches!(
+        subscribe(&mut sensor, "live/#").await,
+        SubscribeReasonCode::Success(_)
+    ));
+    assert_eq!(
+        server
+            .api("POST", "/v1/query", Some(&sensor_token), Some(query))
+            .await
+            .0,
+        200
+    );
+
+    let (status, body) = server
+        .api(
+            "POST",
+            "/v1/devices/sensor-1/role",
+            Some(&server.admin),
+            Some(json!({"role": "root"})),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let (status, _) = server
+        .api(
+            "POST",
+            "/v1/devices/ghost/role",
+            Some(&server.admin),
+            Some(json!({"role": "admin"})),
+        )
+        .await;
+    assert_eq!(status, 404);
+}
+
+async fn repeated_refusals_ban_the_device(backend: Backend) {
+    let mut server =
+        Server::start_with(backend, &["--alert-threshold", "3", "--ban-duration", "1h"]).await;
+    let token = server.add_device("sensor-1", "ingest").await;
+    let mut live = connect_v5(&server, "sensor-1", &token).await.unwrap();
+    for _ in 0..3 {
+        assert!(connect_v4(&server, "sensor-1", "forged").await.is_err());
+    }
+    // The third refusal bans it: its open session ends, the right token is refused.
+    assert_eq!(
+        disconnected(&mut live).await.0,
+        DisconnectReasonCode::AdministrativeAction
+    );
+    assert_eq!(
+        connect_v5(&server, "sensor-1", &token).await.err(),
+        Some(ConnectReturnCode::Banned)
+    );
+    assert_eq!(
+        connect_v4(&server, "sensor-1", &token).await.err(),
+        Some(rumqttc::ConnectReturnCode::NotAuthorized)
+    );
+    let (status, body) = server
+        .api("GET", "/v1/bans", Some(&server.admin), None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["bans"][0]["device"], "sensor-1", "{body}");
+    assert!(body["bans"][0]["until"].as_i64().unwrap() > now() + 3000);
+
+    // A ban outlives a restart.
+    server.interrupt();
+    server.restart();
+    assert_eq!(
+        connect_v5(&server, "sensor-1", &token).await.err(),
+        Some(ConnectReturnCode::Banned)
+    );
+
+    let (status, _) = server
+        .api("DELETE", "/v1/bans/sensor-1", Some(&server.admin), None)
+        .await;
+    assert_eq!(status, 200);
+    assert!(connect_v5(&server, "sensor-1", &token).await.is_ok());
+    let (status, _) = server
+        .api("DELETE", "/v1/bans/sensor-1", Some(&server.admin), None)
+        .await;
+    assert_eq!(status, 404);
+}
+
+async fn admin_actions_are_audited(backend: Backend) {
+    let server = Server::start(backend).await;
+    let (status, _) = server.apply_streams(crate::harness::TEMPERATURE).await;
+    assert_eq!(status, 200);
+    let extract = server.add_device("analyst-1", "extract").await;
+    server.add_device("sensor-1", "ingest").await;
+    for (method, path, body) in [
+        (
+            "POST",
+            "/v1/devices/sensor-1/token",
+            json!({"ttl_secs": 60}),
+        ),
+        (
+            "POST",
+            "/v1/devices/sensor-1/role",
+            json!({"role": "extract"}),
+        ),
+        ("POST", "/v1/devices/sensor-1/revoke", json!({})),
+    ] {
+        let (status, body) = server
+            .api(method, path, Some(&server.admin), Some(body))
+            .await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    let (status, body) = server
+        .api("GET", "/v1/audit", Some(&server.admin), None)
+        .await;
+    assert_eq!(status, 200);
+    let entries = body["entries"].as_array().unwrap();
+    let actions: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|e| (e["action"].as_str().unwrap(), e["target"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("device.revoke", "sensor-1"),
+            ("device.role", "sensor-1"),
+            ("device.token", "sensor-1"),
+            ("device.add", "sensor-1"),
+            ("device.add", "analyst-1"),
+            ("stream.apply", "streams"),
+        ]
+    );
+    assert!(entries.iter().all(|e| e["actor"] == "admin"));
+    assert_eq!(
+        entries[1]["detail"],
+        json!({"from": "ingest", "to": "extract"})
+    );
+
+    // Only an admin, with a genuine and current token, may do any of it.
+    let forged = {
+        use ring::signature::Ed25519KeyPair;
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+        fleetgate_protocol::TokenSigner::from_pkcs8(pkcs8.as_ref())
+            .unwrap()
+            .sign(&fleetgate_protocol::Claims {
+                sub: "admin".into(),
+                role: Role::Admin,
+                iat: now(),
+                exp: now() + 3600,
+            })
+    };
+    let expired = server.mint("admin", Role::Admin, now() - 7200, now() - 3600);
+    for (token, expected) in [
+        (extract.as_str(), 403),
+        (forged.as_str(), 401),
+        (expired.as_str(), 401),
+    ] {
+        for (method, path) in [
+            ("GET", "/v1/audit"),
+            ("GET", "/v1/devices"),
+            ("POST", "/v1/devices/analyst-1/revoke"),
+            ("GET", "/v1/bans"),
+        ] {
+            let (status, _) = server.api(method, path, Some(token), None).await;
+            assert_eq!(status, expected, "{method} {path}");
+        }
+    }
+    let (status, body) = server
+        .api("GET", "/v1/audit", Some(&server.admin), None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body["entries"].as_array().unwrap().len(),
+        6,
+        "refused calls change nothing"
+    );
+}
+
+crate::on_both_backends!(
+    revocation_is_immediate,
+    role_changes_apply_to_live_sessions,
+    repeated_refusals_ban_the_device,
+    admin_actions_are_audited
+);
