@@ -32,6 +32,7 @@ pub struct AppState {
     pub ledger: Arc<RefusalLedger>,
     pub bans: Bans,
     pub audit: AuditLog,
+    pub query_timeout: Duration,
     pub metrics: Arc<prometheus_client::registry::Registry>,
 }
 
@@ -395,9 +396,10 @@ async fn run_query(
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Role::Extract, &state)?;
     let tables: HashSet<String> = state.catalog.names().into_iter().collect();
-    query::check(&request.sql, &tables).map_err(|e| bad_request(e.to_string()))?;
+    query::check(&request.sql, &tables, state.db.backend())
+        .map_err(|e| bad_request(e.to_string()))?;
     let limits = QueryLimits {
-        timeout: Duration::from_secs(30),
+        timeout: state.query_timeout,
         ..Default::default()
     };
     match query::run(&state.db, &request.sql, &limits).await {

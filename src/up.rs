@@ -46,7 +46,10 @@ pub struct UpArgs {
     /// Window for --alert-threshold, e.g. 60s or 5m.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     alert_window: Duration,
-    /// How long an alert bans the device (0s: alerts only, no bans).
+    /// Longest a query may run before it is stopped.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    query_timeout: Duration,
+    /// How long repeated authentication failures ban the device (0s: no bans).
     #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
     ban_duration: Duration,
 }
@@ -154,6 +157,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ledger,
         bans,
         audit,
+        query_timeout: args.query_timeout,
         metrics: Arc::new(metrics),
     };
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();

@@ -201,10 +201,22 @@ async fn repeated_refusals_ban_the_device(backend: Backend) {
         Server::start_with(backend, &["--alert-threshold", "3", "--ban-duration", "1h"]).await;
     let token = server.add_device("sensor-1", "ingest").await;
     let mut live = connect_v5(&server, "sensor-1", &token).await.unwrap();
-    for _ in 0..3 {
+    // Forged tokens raise alerts but never ban: anyone could make them for
+    // any device id.
+    for _ in 0..5 {
         assert!(connect_v4(&server, "sensor-1", "forged").await.is_err());
     }
-    // The third refusal bans it: its open session ends, the right token is refused.
+    let (_, body) = server
+        .api("GET", "/v1/bans", Some(&server.admin), None)
+        .await;
+    assert_eq!(body["bans"], json!([]), "forged tokens must not ban");
+    // A genuinely signed but expired token, three times: that is the device
+    // itself misbehaving.
+    let expired = server.mint("sensor-1", Role::Ingest, now() - 7200, now() - 3600);
+    for _ in 0..3 {
+        assert!(connect_v4(&server, "sensor-1", &expired).await.is_err());
+    }
+    // The third bans it: its open session ends, the right token is refused.
     assert_eq!(
         disconnected(&mut live).await.0,
         DisconnectReasonCode::AdministrativeAction

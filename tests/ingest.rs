@@ -296,3 +296,177 @@ async fn mqtt311_bad_payloads_are_acknowledged_as_rejects() {
     assert_eq!(server.count("SELECT count(*) FROM temperature").await, 1);
     assert_eq!(rejects(&server, "temperature").await.len(), 1);
 }
+
+#[tokio::test]
+async fn qos2_and_topic_aliases_work_and_stay_in_bounds() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    let server = Server::with_temperature(Backend::Sqlite).await;
+    let token = server.add_device("sensor-1", "ingest").await;
+    let mut client = connect_v5(&server, "sensor-1", &token).await.unwrap();
+
+    // QoS 2: PUBREC after the commit, then PUBCOMP for our PUBREL.
+    client
+        .client
+        .publish(
+            "ingest/temperature/sensor-1",
+            QoS::ExactlyOnce,
+            false,
+            r#"{"seq":1,"celsius":1}"#,
+        )
+        .await
+        .unwrap();
+    client
+        .expect(|p| matches!(p, Packet::PubRec(_)).then_some(()))
+        .await;
+    client
+        .expect(|p| matches!(p, Packet::PubComp(_)).then_some(()))
+        .await;
+
+    // A topic alias set once, then used alone.
+    let alias = |n| PublishProperties {
+        topic_alias: Some(n),
+        ..Default::default()
+    };
+    client
+        .client
+        .publish_with_properties(
+            "ingest/temperature/sensor-1",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"seq":2,"celsius":2}"#,
+            alias(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(publish_ack_reason(&mut client).await, PubAckReason::Success);
+    client
+        .client
+        .publish_with_properties(
+            "",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"seq":3,"celsius":3}"#,
+            alias(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(publish_ack_reason(&mut client).await, PubAckReason::Success);
+    assert_eq!(server.count("SELECT count(*) FROM temperature").await, 3);
+
+    assert_eq!(server.count("SELECT count(*) FROM temperature").await, 3);
+}
+
+/// rumqttc will not send an alias beyond the announced maximum, so this
+/// speaks MQTT 5 by hand: the gatekeeper must treat it as a protocol error.
+#[tokio::test]
+async fn an_out_of_range_topic_alias_ends_the_connection() {
+    let server = Server::with_temperature(Backend::Sqlite).await;
+    let token = server.add_device("sensor-1", "ingest").await;
+    let mut body = vec![
+        0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0xc2, 0x00, 0x3c, 0x00,
+    ];
+    for field in [
+        b"sensor-1".as_slice(),
+        b"sensor-1".as_slice(),
+        token.as_bytes(),
+    ] {
+        body.extend((field.len() as u16).to_be_bytes());
+        body.extend(field);
+    }
+    let mut connect = vec![0x10];
+    crate::harness::put_remaining_length(&mut connect, body.len());
+    connect.extend(body);
+    let mut raw = tokio::net::TcpStream::connect(server.mqtt).await.unwrap();
+    raw.write_all(&connect).await.unwrap();
+    let mut header = [0u8; 2];
+    raw.read_exact(&mut header).await.unwrap();
+    assert_eq!(header[0], 0x20, "CONNACK");
+    let mut connack = vec![0u8; header[1] as usize];
+    raw.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack[1], 0, "CONNACK reason");
+    // PUBLISH QoS 1, topic alias 5000 (the server announced 4096).
+    let topic = b"ingest/temperature/sensor-1";
+    let payload = br#"{"seq":9,"celsius":1}"#;
+    let mut variable = Vec::new();
+    variable.extend((topic.len() as u16).to_be_bytes());
+    variable.extend(topic);
+    variable.extend([0x00, 0x01, 0x03, 0x23, 0x13, 0x88]);
+    variable.extend(payload);
+    let mut publish = vec![0x32];
+    crate::harness::put_remaining_length(&mut publish, variable.len());
+    publish.extend(variable);
+    raw.write_all(&publish).await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(crate::harness::WAIT, raw.read_to_end(&mut reply))
+        .await
+        .expect("closed")
+        .unwrap();
+    assert_eq!(
+        reply,
+        [0xe0, 0x02, 0x82, 0x00],
+        "DISCONNECT with 0x82 protocol error"
+    );
+    assert_eq!(server.count("SELECT count(*) FROM temperature").await, 0);
+}
+
+async fn publish_ack_reason(client: &mut V5) -> PubAckReason {
+    client
+        .expect(|p| match p {
+            Packet::PubAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .await
+}
+
+#[tokio::test]
+async fn an_unknown_pubrel_is_completed_not_relayed() {
+    let server = Server::with_temperature(Backend::Sqlite).await;
+    let token = server.add_device("sensor-1", "ingest").await;
+    let mut raw = raw_mqtt311(&server, "sensor-1", &token).await;
+    // PUBREL for packet id 7, which this connection never used (as after a
+    // reconnect): completed here, and the connection stays up.
+    raw.write_all(&[0x62, 0x02, 0x00, 0x07]).await.unwrap();
+    let mut pubcomp = [0u8; 4];
+    raw.read_exact(&mut pubcomp).await.unwrap();
+    assert_eq!(pubcomp, [0x70, 0x02, 0x00, 0x07]);
+    let payload = br#"{"seq":1,"celsius":1}"#;
+    let topic = b"ingest/temperature/sensor-1";
+    let mut publish = vec![
+        0x32,
+        (2 + topic.len() + 2 + payload.len()) as u8,
+        0x00,
+        topic.len() as u8,
+    ];
+    publish.extend(topic);
+    publish.extend([0x00, 0x08]);
+    publish.extend(payload);
+    raw.write_all(&publish).await.unwrap();
+    let mut puback = [0u8; 4];
+    raw.read_exact(&mut puback).await.unwrap();
+    assert_eq!(puback, [0x40, 0x02, 0x00, 0x08]);
+}
+
+#[tokio::test]
+async fn a_message_may_hold_at_most_ten_thousand_records() {
+    let server = Server::with_temperature(Backend::Sqlite).await;
+    let token = server.add_device("sensor-1", "ingest").await;
+    let mut client = connect_v5(&server, "sensor-1", &token).await.unwrap();
+    let too_many = format!("[{}]", vec!["{}"; 10_001].join(","));
+    let (reason, text) = publish(&mut client, "ingest/temperature/sensor-1", too_many).await;
+    assert_eq!(reason, PubAckReason::PayloadFormatInvalid);
+    assert!(text.unwrap().contains("at most 10000 per message"));
+    let many: Vec<String> = (0..10_000)
+        .map(|i| format!(r#"{{"seq":{i},"celsius":1}}"#))
+        .collect();
+    let (reason, _) = publish(
+        &mut client,
+        "ingest/temperature/sensor-1",
+        format!("[{}]", many.join(",")),
+    )
+    .await;
+    assert_eq!(reason, PubAckReason::Success);
+    assert_eq!(
+        server.count("SELECT count(*) FROM temperature").await,
+        10_000
+    );
+}

@@ -101,3 +101,39 @@ async fn permissions_and_read_only(backend: Backend) {
 }
 
 crate::on_both_backends!(permissions_and_read_only);
+
+/// A query that would run forever is stopped at the deadline, on SQLite too,
+/// and runaway queries do not starve the others.
+async fn runaway_queries_are_stopped(backend: Backend) {
+    let server = Server::start_with(backend, &["--query-timeout", "1s"]).await;
+    let (status, _) = server.apply_streams(crate::harness::TEMPERATURE).await;
+    assert_eq!(status, 200);
+    let forever = json!({"sql": "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"});
+    let started = std::time::Instant::now();
+    // More runaway queries at once than there are read connections.
+    let runaways: Vec<_> = (0..6)
+        .map(|_| {
+            server.api(
+                "POST",
+                "/v1/query",
+                Some(&server.admin),
+                Some(forever.clone()),
+            )
+        })
+        .collect();
+    for (status, body) in futures::future::join_all(runaways).await {
+        assert_eq!(status, 408, "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("did not finish"),
+            "{body}"
+        );
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(server.count("SELECT count(*) FROM temperature").await, 0);
+}
+
+crate::on_both_backends!(runaway_queries_are_stopped);

@@ -37,7 +37,25 @@ impl TokenAuthenticator {
         }
     }
 
+    /// On refusal, also says whether the token's signature verified: only
+    /// then is the failure held against the device it names, toward a ban.
     fn check(
+        &self,
+        client_id: Option<&str>,
+        token: &str,
+        now: i64,
+    ) -> Result<Principal, (AuthError, bool)> {
+        self.check_token(client_id, token, now).map_err(|e| {
+            let verified = match &e {
+                AuthError::BadCredentials(_) => self.verifier.signature_verifies(token),
+                AuthError::NotAuthorized(..) => true,
+                AuthError::ClientIdMismatch { .. } | AuthError::Banned { .. } => false,
+            };
+            (e, verified)
+        })
+    }
+
+    fn check_token(
         &self,
         client_id: Option<&str>,
         token: &str,
@@ -88,16 +106,16 @@ impl TokenAuthenticator {
         })
     }
 
-    /// Counts a refusal. Repeated authentication failures (not other
-    /// refusals, which only raise alerts) ban the device. Admins are never
-    /// banned, so forged admin tokens cannot lock the operators out; their
-    /// alerts still fire.
-    fn refused(&self, device: &str, kind: &str, reason: &str) {
-        self.ledger.record(device, kind, reason);
-        if kind != AUTH || self.ban_secs <= 0 {
+    /// Counts a refusal. Repeated authentication failures with genuinely
+    /// signed tokens (expired, revoked, reset) ban the device; forged or
+    /// garbage tokens, which anyone can make for any device id, only raise
+    /// alerts. Admins are never banned, so no one can lock the operators out.
+    fn refused(&self, device: &str, kind: &str, reason: &str, bannable: bool) {
+        self.ledger.record(device, kind, reason, bannable);
+        if !bannable || self.ban_secs <= 0 {
             return;
         }
-        let failures = self.ledger.recent_auth_failures(device);
+        let failures = self.ledger.recent_bannable(device);
         let now = crate::unix_now();
         let is_admin = self
             .registry
@@ -125,7 +143,7 @@ impl TokenAuthenticator {
 impl Authenticate for TokenAuthenticator {
     fn authenticate(&self, client_id: Option<&str>, token: &str) -> Result<Principal, AuthError> {
         self.check(client_id, token, crate::unix_now())
-            .inspect_err(|e| {
+            .map_err(|(e, verified)| {
                 // A banned device's attempts are not counted again: that would
                 // only extend the ban it is already serving.
                 if !matches!(e, AuthError::Banned { .. }) {
@@ -133,13 +151,14 @@ impl Authenticate for TokenAuthenticator {
                         .map(str::to_string)
                         .or_else(|| claimed_subject(token))
                         .unwrap_or_else(|| "(unidentified)".to_string());
-                    self.refused(&claimed, AUTH, &e.to_string());
+                    self.refused(&claimed, AUTH, &e.to_string(), verified);
                 }
+                e
             })
     }
 
     fn record_refusal(&self, device_id: &str, what: &str) {
         let kind = what.split(':').next().unwrap_or("refusal");
-        self.refused(device_id, kind, what);
+        self.refused(device_id, kind, what, false);
     }
 }

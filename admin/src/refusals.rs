@@ -39,8 +39,9 @@ pub struct DeviceRefusals {
 struct Entry {
     total: u64,
     recent: VecDeque<Instant>,
-    /// The authentication failures among `recent`, which alone lead to bans.
-    recent_auth: VecDeque<Instant>,
+    /// The refusals among `recent` that may lead to a ban: failed
+    /// authentication by someone holding a genuinely signed token.
+    recent_bannable: VecDeque<Instant>,
     last_reason: String,
     alerted_at: Option<Instant>,
 }
@@ -86,7 +87,8 @@ impl RefusalLedger {
     }
 
     /// Records one refusal; returns the alert if this one crossed the threshold.
-    pub fn record(&self, device: &str, kind: &str, reason: &str) -> Option<Alert> {
+    /// `bannable` marks refusals that count toward a ban.
+    pub fn record(&self, device: &str, kind: &str, reason: &str, bannable: bool) -> Option<Alert> {
         self.refusals
             .get_or_create(&KindLabel {
                 kind: kind.to_string(),
@@ -109,17 +111,17 @@ impl RefusalLedger {
         let entry = entries.entry(device.to_string()).or_insert_with(|| Entry {
             total: 0,
             recent: VecDeque::new(),
-            recent_auth: VecDeque::new(),
+            recent_bannable: VecDeque::new(),
             last_reason: String::new(),
             alerted_at: None,
         });
         entry.total += 1;
         entry.last_reason = reason.to_string();
         entry.recent.push_back(now);
-        if kind == AUTH {
-            entry.recent_auth.push_back(now);
+        if bannable {
+            entry.recent_bannable.push_back(now);
         }
-        for recent in [&mut entry.recent, &mut entry.recent_auth] {
+        for recent in [&mut entry.recent, &mut entry.recent_bannable] {
             while recent
                 .front()
                 .is_some_and(|t| now.duration_since(*t) > self.window)
@@ -166,15 +168,15 @@ impl RefusalLedger {
         self.threshold
     }
 
-    /// Authentication failures of `device` within the window.
-    pub fn recent_auth_failures(&self, device: &str) -> usize {
+    /// Refusals of `device` within the window that count toward a ban.
+    pub fn recent_bannable(&self, device: &str) -> usize {
         let now = Instant::now();
         self.entries
             .lock()
             .expect("ledger lock")
             .get(device)
             .map_or(0, |e| {
-                e.recent_auth
+                e.recent_bannable
                     .iter()
                     .filter(|t| now.duration_since(**t) <= self.window)
                     .count()
@@ -213,20 +215,28 @@ mod tests {
     #[test]
     fn alerts_once_when_the_threshold_is_crossed_within_the_window() {
         let ledger = RefusalLedger::new(3, Duration::from_secs(60), &mut Registry::default());
-        assert!(ledger.record("mallory", "auth", "bad signature").is_none());
-        assert!(ledger.record("alice", "auth", "expired").is_none());
-        assert!(ledger.record("mallory", "auth", "bad signature").is_none());
+        assert!(ledger
+            .record("mallory", "auth", "bad signature", false)
+            .is_none());
+        assert!(ledger.record("alice", "auth", "expired", false).is_none());
+        assert!(ledger
+            .record("mallory", "auth", "bad signature", false)
+            .is_none());
         let alert = ledger
-            .record("mallory", "publish", "not her topic")
+            .record("mallory", "publish", "not her topic", false)
             .expect("third refusal alerts");
         assert_eq!(alert.device, "mallory");
         assert_eq!(alert.refusals_in_window, 3);
         assert!(
-            ledger.record("mallory", "auth", "again").is_none(),
+            ledger.record("mallory", "auth", "again", false).is_none(),
             "no second alert in the same window"
         );
         assert_eq!(ledger.alerts().len(), 1);
         assert_eq!(ledger.by_device()[0].device, "mallory");
         assert_eq!(ledger.by_device()[0].total, 4);
+        // Only refusals marked bannable count toward a ban.
+        assert_eq!(ledger.recent_bannable("mallory"), 0);
+        ledger.record("alice", "auth", "expired", true);
+        assert_eq!(ledger.recent_bannable("alice"), 1);
     }
 }

@@ -104,6 +104,9 @@ pub struct OversizedPublish {
 pub struct FrameReader<R> {
     reader: R,
     buf: BytesMut,
+    /// Bytes of an oversized PUBLISH still to be dropped. Kept here, not in
+    /// a local, so that a `next` cancelled mid-skip resumes in step.
+    skip: usize,
 }
 
 /// How much of an oversized PUBLISH is kept: enough for any topic name.
@@ -114,6 +117,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         FrameReader {
             reader,
             buf: BytesMut::with_capacity(16 * 1024),
+            skip: 0,
         }
     }
 
@@ -141,6 +145,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         max_publish: usize,
         max_other: usize,
     ) -> Result<Frame, CodecError> {
+        while self.skip > 0 {
+            if self.buf.is_empty() {
+                self.fill().await?;
+            }
+            let n = self.skip.min(self.buf.len());
+            self.buf.advance(n);
+            self.skip -= n;
+        }
         let header = loop {
             if let Some(header) = parse_header(&self.buf)? {
                 break header;
@@ -177,15 +189,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             self.fill().await?;
         }
         let head = self.buf.split_to(keep).freeze();
-        let mut left = header.frame_len() - keep;
-        while left > 0 {
-            if self.buf.is_empty() {
-                self.fill().await?;
-            }
-            let n = left.min(self.buf.len());
-            self.buf.advance(n);
-            left -= n;
-        }
+        // The rest is dropped as it arrives, by the next call to `next`.
+        self.skip = header.frame_len() - keep;
         let qos = (header.byte1 >> 1) & 0b11;
         let mut rest = head.slice(header.len..);
         let topic = read_string(&mut rest)?;
@@ -527,17 +532,22 @@ pub fn publish_ack(version: Version, qos: u8, pkid: u16, reason: &AckReason) -> 
     out.freeze()
 }
 
-pub fn pubcomp(version: Version, pkid: u16) -> Bytes {
+/// PUBCOMP for `pkid`; MQTT 5 says "packet identifier not found" when the
+/// exchange is unknown.
+pub fn pubcomp(version: Version, pkid: u16, found: bool) -> Bytes {
     let mut out = BytesMut::with_capacity(8);
     match version {
         Version::V4 => v4::PubComp::new(pkid)
             .write(&mut out)
             .map(drop)
             .map_err(malformed),
-        Version::V5 => v5::PubComp::new(pkid, None)
-            .write(&mut out)
-            .map(drop)
-            .map_err(malformed),
+        Version::V5 => {
+            let mut comp = v5::PubComp::new(pkid, None);
+            if !found {
+                comp.reason = v5::PubCompReason::PacketIdentifierNotFound;
+            }
+            comp.write(&mut out).map(drop).map_err(malformed)
+        }
     }
     .expect("pubcomp encodes");
     out.freeze()

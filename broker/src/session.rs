@@ -32,6 +32,16 @@ use crate::sessions::{EndReason, SessionHandle};
 use crate::Shared;
 
 type AckFuture = Pin<Box<dyn Future<Output = Outgoing> + Send>>;
+/// Bounded: a device that sends faster than it reads its acknowledgements
+/// is no longer read (each entry is small, but a flood of PINGREQs or
+/// refused publishes must not grow without limit).
+type AckSender = mpsc::Sender<AckFuture>;
+/// Acknowledgements waiting in the writer, at most.
+const MAX_PENDING_ACKS: usize = 4096;
+/// The topic alias maximum the embedded broker announces in its CONNACK.
+const MAX_TOPIC_ALIAS: u16 = 4096;
+/// Longest a write to a device may take before the device is given up on.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the writer sends for one entry of the ordered acknowledgement queue.
 enum Outgoing {
@@ -104,6 +114,7 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>) {
         handle,
         aliases: HashMap::new(),
         local_qos2: HashSet::new(),
+        forwarded_qos2: HashSet::new(),
         pending_subacks: Arc::new(Mutex::new(HashMap::new())),
         inflight: Arc::new(Semaphore::new(shared.config.max_inflight)),
         live_readers: 0,
@@ -176,33 +187,51 @@ async fn connect_upstream(
         .will()
         .is_some_and(|w| IngestTopic::parse(&w.topic).is_none());
     let attempt = || async {
-        let stream = TcpStream::connect(addr).await.ok()?;
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
         let _ = stream.set_nodelay(true);
         let (read_half, mut writer) = stream.into_split();
+        let connect_bytes = connect
+            .upstream(upstream_id, &shared.upstream.secret, keep_will)
+            .map_err(|e| e.to_string())?;
         writer
-            .write_all(
-                &connect
-                    .upstream(upstream_id, &shared.upstream.secret, keep_will)
-                    .ok()?,
-            )
+            .write_all(&connect_bytes)
             .await
-            .ok()?;
+            .map_err(|e| format!("send CONNECT: {e}"))?;
         let mut reader = FrameReader::new(read_half);
-        match reader.next(version, usize::MAX, 64 * 1024).await.ok()? {
+        match reader
+            .next(version, usize::MAX, 64 * 1024)
+            .await
+            .map_err(|e| format!("read CONNACK: {e}"))?
+        {
             Frame::Whole(header, connack) if header.packet_type() == 2 => {
-                Some((reader, writer, header, connack))
+                Ok((reader, writer, header, connack))
             }
-            _ => None,
+            Frame::Whole(header, _) => Err(format!(
+                "expected CONNACK, got packet type {}",
+                header.packet_type()
+            )),
+            Frame::OversizedPublish(_) => Err("expected CONNACK, got a PUBLISH".to_string()),
         }
     };
     // A refused or dropped attempt (the embedded broker momentarily busy) is
     // worth a second try before telling the device to go away.
     let mut accepted = None;
-    for delay_ms in [0, 50, 250] {
+    for delay_ms in [0, 50, 250, 1000] {
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-        if let Ok(Some(link)) = tokio::time::timeout(Duration::from_secs(5), attempt()).await {
-            accepted = Some(link);
-            break;
+        match tokio::time::timeout(Duration::from_secs(5), attempt()).await {
+            Ok(Ok(link)) => {
+                accepted = Some(link);
+                break;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(device = connect.client_id(), error = %e, "embedded broker session attempt failed")
+            }
+            Err(_) => tracing::warn!(
+                device = connect.client_id(),
+                "embedded broker session attempt timed out"
+            ),
         }
     }
     let Some((reader, writer, header, connack)) = accepted else {
@@ -230,6 +259,8 @@ struct Session {
     aliases: HashMap<u16, String>,
     /// QoS 2 ingest publishes answered here, whose PUBREL is ours to complete.
     local_qos2: HashSet<u16>,
+    /// QoS 2 publishes relayed to the embedded broker, whose PUBREL is its.
+    forwarded_qos2: HashSet<u16>,
     /// SUBSCRIBEs forwarded with some filters removed: pkid → which were kept.
     pending_subacks: Arc<Mutex<HashMap<u16, Vec<bool>>>>,
     /// Bounds publishes awaiting commit on this connection.
@@ -256,7 +287,7 @@ impl Session {
         upstream: UpstreamLink,
         will: Option<codec::Will>,
     ) {
-        let (acks, ack_queue) = mpsc::unbounded_channel::<AckFuture>();
+        let (acks, ack_queue) = mpsc::channel::<AckFuture>(MAX_PENDING_ACKS);
         let (relay, relay_queue) = mpsc::channel::<Bytes>(1024);
         let writer = tokio::spawn(write_loop(client, ack_queue, relay_queue));
         let upstream_task = tokio::spawn(relay_upstream(
@@ -279,12 +310,19 @@ impl Session {
                 EndReason::TakenOver => DisconnectReasonCode::SessionTakenOver,
             };
             if let Some(bytes) = codec::server_disconnect(self.version, code) {
-                let _ = acks.send(ready(bytes));
+                let _ = acks.try_send(ready(bytes));
             }
         }
         // Acknowledgements still waiting for commits are written before close.
         drop(acks);
-        let _ = tokio::time::timeout(Duration::from_secs(30), writer).await;
+        let mut writer = writer;
+        if tokio::time::timeout(Duration::from_secs(30), &mut writer)
+            .await
+            .is_err()
+        {
+            // A device that stopped reading: give up on it.
+            writer.abort();
+        }
         upstream_task.abort();
         let _ = up.shutdown().await;
         self.shared
@@ -301,7 +339,7 @@ impl Session {
         &mut self,
         reader: &mut FrameReader<OwnedReadHalf>,
         up: &mut OwnedWriteHalf,
-        acks: &mpsc::UnboundedSender<AckFuture>,
+        acks: &AckSender,
     ) -> End {
         // The device's keep-alive, enforced here (1.5x, as MQTT says); the
         // embedded broker's session is kept alive by our own pings.
@@ -338,7 +376,7 @@ impl Session {
                     if let Some(bytes) =
                         code.and_then(|c| codec::server_disconnect(self.version, c))
                     {
-                        let _ = acks.send(ready(bytes));
+                        let _ = acks.send(ready(bytes)).await;
                     }
                     return End::Abnormal;
                 }
@@ -348,7 +386,7 @@ impl Session {
                         self.version,
                         DisconnectReasonCode::KeepAliveTimeout,
                     ) {
-                        let _ = acks.send(ready(bytes));
+                        let _ = acks.send(ready(bytes)).await;
                     }
                     return End::Abnormal;
                 }
@@ -375,7 +413,7 @@ impl Session {
                     if let Some(bytes) =
                         codec::server_disconnect(self.version, DisconnectReasonCode::ProtocolError)
                     {
-                        let _ = acks.send(ready(bytes));
+                        let _ = acks.send(ready(bytes)).await;
                     }
                     return End::Abnormal;
                 }
@@ -388,14 +426,24 @@ impl Session {
         header: Header,
         bytes: Bytes,
         up: &mut OwnedWriteHalf,
-        acks: &mpsc::UnboundedSender<AckFuture>,
+        acks: &AckSender,
     ) -> Result<Option<End>, CodecError> {
         match header.packet_type() {
             codec::PUBLISH => {
                 let publish = codec::Publish::parse(self.version, &header, bytes.clone())?;
                 let topic = match (publish.topic.is_empty(), publish.alias) {
                     (false, Some(alias)) => {
-                        self.aliases.insert(alias, publish.topic.clone());
+                        if alias == 0 || alias > MAX_TOPIC_ALIAS {
+                            return Err(CodecError::Malformed(format!(
+                                "topic alias {alias} out of range"
+                            )));
+                        }
+                        // Only topics this device may publish to are worth
+                        // remembering: a refused one must not cost memory.
+                        let Principal { role, device_id } = &self.principal;
+                        if may_publish(*role, device_id, &publish.topic).is_ok() {
+                            self.aliases.insert(alias, publish.topic.clone());
+                        }
                         publish.topic
                     }
                     (false, None) => publish.topic,
@@ -423,15 +471,21 @@ impl Session {
             }
             codec::PUBREL => {
                 let pkid = codec::pubrel_pkid(self.version, &header, bytes.clone())?;
-                if self.local_qos2.remove(&pkid) {
-                    let _ = acks.send(ready(codec::pubcomp(self.version, pkid)));
-                } else {
+                if self.forwarded_qos2.remove(&pkid) {
                     forward(up, &bytes).await?;
+                } else {
+                    // Ours, or unknown (e.g. re-sent after a reconnect, when
+                    // the embedded broker's session is new): answered here, as
+                    // forwarding an unknown PUBREL makes rumqttd drop the link.
+                    let found = self.local_qos2.remove(&pkid);
+                    let _ = acks
+                        .send(ready(codec::pubcomp(self.version, pkid, found)))
+                        .await;
                 }
                 Ok(None)
             }
             codec::PINGREQ => {
-                let _ = acks.send(ready(codec::pingresp()));
+                let _ = acks.send(ready(codec::pingresp())).await;
                 Ok(None)
             }
             codec::DISCONNECT => {
@@ -442,10 +496,14 @@ impl Session {
                 "second CONNECT on one connection".into(),
             )),
             // PUBACK, PUBREC, PUBCOMP for deliveries, UNSUBSCRIBE, AUTH.
-            _ => {
+            4 | 5 | 7 | 10 | 15 => {
                 forward(up, &bytes).await?;
                 Ok(None)
             }
+            // CONNACK, SUBACK, UNSUBACK, PINGRESP and type 0 are never sent by clients.
+            other => Err(CodecError::Malformed(format!(
+                "packet type {other} is not sent by clients"
+            ))),
         }
     }
 
@@ -453,11 +511,13 @@ impl Session {
         &mut self,
         message: Incoming,
         up: &mut OwnedWriteHalf,
-        acks: &mpsc::UnboundedSender<AckFuture>,
+        acks: &AckSender,
     ) -> Result<Option<End>, CodecError> {
         let Principal { role, device_id } = &self.principal;
         if let Err(denied) = may_publish(*role, device_id, &message.topic) {
-            return Ok(self.deny_publish(&message, AckReason::NotAuthorized(denied.0), acks));
+            return Ok(self
+                .deny_publish(&message, AckReason::NotAuthorized(denied.0), acks)
+                .await);
         }
         let ingest = match IngestTopic::parse(&message.topic) {
             Some(Ok(topic)) => Some((topic.stream.to_string(), topic.device.to_string())),
@@ -470,7 +530,14 @@ impl Session {
                     "publish of {size} bytes exceeds the {}-byte limit",
                     self.shared.config.max_payload
                 );
-                return Ok(self.deny_publish(&message, AckReason::TooLarge(reason), acks));
+                return Ok(self
+                    .deny_publish(&message, AckReason::TooLarge(reason), acks)
+                    .await);
+            }
+            if message.qos == 2 {
+                // This packet id's PUBREL now belongs to the embedded broker.
+                self.local_qos2.remove(&message.pkid);
+                self.forwarded_qos2.insert(message.pkid);
             }
             forward(up, message.raw.as_deref().unwrap_or_default()).await?;
             return Ok(None);
@@ -496,30 +563,33 @@ impl Session {
             return Ok(Some(End::Ended(EndReason::ShuttingDown)));
         };
         if message.qos == 2 {
+            self.forwarded_qos2.remove(&message.pkid);
             self.local_qos2.insert(message.pkid);
         }
         let (version, qos, pkid) = (self.version, message.qos, message.pkid);
-        let _ = acks.send(Box::pin(async move {
-            let outcome = pending.await;
-            drop::<OwnedSemaphorePermit>(permit);
-            match outcome {
-                Ok(Ok(outcome)) if qos > 0 => {
-                    Outgoing::Bytes(publish_ack(version, qos, pkid, &ack_reason(&outcome)))
+        let _ = acks
+            .send(Box::pin(async move {
+                let outcome = pending.await;
+                drop::<OwnedSemaphorePermit>(permit);
+                match outcome {
+                    Ok(Ok(outcome)) if qos > 0 => {
+                        Outgoing::Bytes(publish_ack(version, qos, pkid, &ack_reason(&outcome)))
+                    }
+                    Ok(Ok(_)) => Outgoing::Nothing,
+                    _ => Outgoing::Abort,
                 }
-                Ok(Ok(_)) => Outgoing::Nothing,
-                _ => Outgoing::Abort,
-            }
-        }));
+            }))
+            .await;
         Ok(None)
     }
 
     /// A refused publish is never stored or delivered. MQTT 5 answers with a
     /// reason code; MQTT 3.1.1 has none, so the connection is closed.
-    fn deny_publish(
+    async fn deny_publish(
         &self,
         message: &Incoming,
         reason: AckReason,
-        acks: &mpsc::UnboundedSender<AckFuture>,
+        acks: &AckSender,
     ) -> Option<End> {
         let text = match &reason {
             AckReason::NotAuthorized(t) | AckReason::TooLarge(t) | AckReason::PayloadInvalid(t) => {
@@ -533,17 +603,21 @@ impl Session {
             .record_refusal(&self.principal.device_id, &format!("publish: {text}"));
         match self.version {
             Version::V5 if message.qos > 0 => {
-                let _ = acks.send(ready(publish_ack(
-                    self.version,
-                    message.qos,
-                    message.pkid,
-                    &reason,
-                )));
+                let _ = acks
+                    .send(ready(publish_ack(
+                        self.version,
+                        message.qos,
+                        message.pkid,
+                        &reason,
+                    )))
+                    .await;
                 None
             }
             Version::V5 => None,
             Version::V4 => {
-                let _ = acks.send(Box::pin(std::future::ready(Outgoing::Abort)));
+                let _ = acks
+                    .send(Box::pin(std::future::ready(Outgoing::Abort)))
+                    .await;
                 Some(End::Abnormal)
             }
         }
@@ -554,7 +628,7 @@ impl Session {
         subscribe: Subscribe,
         raw: Bytes,
         up: &mut OwnedWriteHalf,
-        acks: &mpsc::UnboundedSender<AckFuture>,
+        acks: &AckSender,
     ) -> Result<(), CodecError> {
         let Principal { role, device_id } = &self.principal;
         let mut allowed = Vec::new();
@@ -583,11 +657,13 @@ impl Session {
         if allowed.iter().all(|a| *a) {
             forward(up, &raw).await
         } else if allowed.iter().all(|a| !a) {
-            let _ = acks.send(ready(codec::suback_refused(
-                self.version,
-                pkid,
-                allowed.len(),
-            )));
+            let _ = acks
+                .send(ready(codec::suback_refused(
+                    self.version,
+                    pkid,
+                    allowed.len(),
+                )))
+                .await;
             Ok(())
         } else {
             self.pending_subacks
@@ -664,7 +740,7 @@ fn now_ms() -> i64 {
 /// write.
 async fn write_loop(
     client: OwnedWriteHalf,
-    mut ack_queue: mpsc::UnboundedReceiver<AckFuture>,
+    mut ack_queue: mpsc::Receiver<AckFuture>,
     mut relay_queue: mpsc::Receiver<Bytes>,
 ) {
     let mut client = BufWriter::with_capacity(64 * 1024, client);
@@ -682,7 +758,7 @@ async fn write_loop(
                     break;
                 }
             }
-            ack = ack_queue.recv(), if acks_open => match ack {
+            ack = ack_queue.recv(), if acks_open && pending.len() < MAX_PENDING_ACKS => match ack {
                 Some(ack) => pending.push_back(ack),
                 None => acks_open = false,
             },
@@ -692,8 +768,11 @@ async fn write_loop(
             },
         }
         // Take everything else that is ready without waiting.
-        while let Ok(ack) = ack_queue.try_recv() {
-            pending.push_back(ack);
+        while pending.len() < MAX_PENDING_ACKS {
+            match ack_queue.try_recv() {
+                Ok(ack) => pending.push_back(ack),
+                Err(_) => break,
+            }
         }
         let mut aborted = false;
         while let Some(Some(outgoing)) = pending.next().now_or_never() {
@@ -706,7 +785,10 @@ async fn write_loop(
             out.extend_from_slice(&bytes);
         }
         if !out.is_empty() {
-            if client.write_all(&out).await.is_err() || client.flush().await.is_err() {
+            let write = async { client.write_all(&out).await.and(client.flush().await) };
+            // A peer that stops reading (a zero TCP window) must not hold
+            // this task and its buffers forever.
+            if !matches!(tokio::time::timeout(WRITE_TIMEOUT, write).await, Ok(Ok(()))) {
                 break;
             }
             out.clear();

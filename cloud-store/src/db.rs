@@ -21,7 +21,13 @@ pub enum Pools {
         /// Opened read-only, so no query can write whatever its text says.
         read: SqlitePool,
     },
-    Postgres(PgPool),
+    Postgres {
+        /// Ingest commits and administration.
+        write: PgPool,
+        /// Analytics queries, kept apart so that slow queries cannot take
+        /// the connections group commits need.
+        read: PgPool,
+    },
 }
 
 #[derive(Clone)]
@@ -35,7 +41,7 @@ macro_rules! with_pool {
     ($db:expr, $pool:ident => $body:expr) => {
         match &$db.pools {
             $crate::db::Pools::Sqlite { write: $pool, .. } => $body,
-            $crate::db::Pools::Postgres($pool) => $body,
+            $crate::db::Pools::Postgres { write: $pool, .. } => $body,
         }
     };
 }
@@ -99,21 +105,27 @@ impl Db {
     async fn open_postgres(url: &str) -> Result<Db, String> {
         let options =
             PgConnectOptions::from_str(url).map_err(|e| format!("invalid PostgreSQL URL: {e}"))?;
-        let pool = PgPoolOptions::new()
-            .max_connections(8)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
+        let connect = |size: u32| {
+            PgPoolOptions::new()
+                .max_connections(size)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options.clone())
+        };
+        let write = connect(4)
+            .await
+            .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
+        let read = connect(6)
             .await
             .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
         Ok(Db {
-            pools: Pools::Postgres(pool),
+            pools: Pools::Postgres { write, read },
         })
     }
 
     pub fn backend(&self) -> Backend {
         match self.pools {
             Pools::Sqlite { .. } => Backend::Sqlite,
-            Pools::Postgres(_) => Backend::Postgres,
+            Pools::Postgres { .. } => Backend::Postgres,
         }
     }
 
@@ -144,7 +156,10 @@ impl Db {
                 read.close().await;
                 write.close().await;
             }
-            Pools::Postgres(pool) => pool.close().await,
+            Pools::Postgres { write, read } => {
+                read.close().await;
+                write.close().await;
+            }
         }
     }
 }

@@ -13,12 +13,12 @@ use futures::TryStreamExt;
 use rust_decimal::prelude::ToPrimitive;
 use serde::Serialize;
 use serde_json::Value;
-use sqlparser::ast::{Expr, ObjectName, Query, SetExpr, Statement, Visit, Visitor};
-use sqlparser::dialect::GenericDialect;
+use sqlparser::ast::{Expr, ObjectName, Query, SetExpr, Statement, TableFactor, Visit, Visitor};
+use sqlparser::dialect::{PostgreSqlDialect, SQLiteDialect};
 use sqlparser::parser::Parser;
 use sqlx::{Column, Executor, Row, TypeInfo, ValueRef};
 
-use crate::db::{Db, Pools};
+use crate::db::{Backend, Db, Pools};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct QueryResult {
@@ -128,10 +128,15 @@ const ALLOWED_FUNCTIONS: &[&str] = &[
     "variance",
 ];
 
-/// Checks that `sql` is a single read-only SELECT over `tables`.
-pub fn check(sql: &str, tables: &HashSet<String>) -> Result<(), QueryError> {
-    let statements = Parser::parse_sql(&GenericDialect {}, sql)
-        .map_err(|e| QueryError::NotAllowed(format!("cannot parse query: {e}")))?;
+/// Checks that `sql` is a single read-only SELECT over `tables`, parsed as
+/// the database that will run it parses it (SQLite does not nest comments,
+/// PostgreSQL does: a generic parser can be shown a different query).
+pub fn check(sql: &str, tables: &HashSet<String>, backend: Backend) -> Result<(), QueryError> {
+    let statements = match backend {
+        Backend::Sqlite => Parser::parse_sql(&SQLiteDialect {}, sql),
+        Backend::Postgres => Parser::parse_sql(&PostgreSqlDialect {}, sql),
+    }
+    .map_err(|e| QueryError::NotAllowed(format!("cannot parse query: {e}")))?;
     let statement = match statements.as_slice() {
         [one] => one,
         [] => return Err(QueryError::NotAllowed("empty query".into())),
@@ -148,7 +153,7 @@ pub fn check(sql: &str, tables: &HashSet<String>) -> Result<(), QueryError> {
     };
     let mut guard = Guard {
         tables,
-        ctes: HashSet::new(),
+        scopes: Vec::new(),
         problem: None,
     };
     if let ControlFlow::Break(()) = query.visit(&mut guard) {
@@ -157,9 +162,15 @@ pub fn check(sql: &str, tables: &HashSet<String>) -> Result<(), QueryError> {
     Ok(())
 }
 
+/// Prefixes of the platform's own tables and the databases' catalogs: no
+/// query may name them, not even as a CTE (which could make a reference
+/// elsewhere in the query look like the CTE while it reads the real table).
+const RESERVED_PREFIXES: &[&str] = &["fleetgate_", "sqlite_", "pg_"];
+
 struct Guard<'a> {
     tables: &'a HashSet<String>,
-    ctes: HashSet<String>,
+    /// CTE names visible at the current point, one set per enclosing query.
+    scopes: Vec<HashSet<String>>,
     problem: Option<String>,
 }
 
@@ -167,6 +178,10 @@ impl Guard<'_> {
     fn refuse(&mut self, problem: String) -> ControlFlow<()> {
         self.problem = Some(problem);
         ControlFlow::Break(())
+    }
+
+    fn is_cte(&self, name: &str) -> bool {
+        self.scopes.iter().any(|scope| scope.contains(name))
     }
 }
 
@@ -177,40 +192,66 @@ fn simple_name(name: &ObjectName) -> Option<String> {
     }
 }
 
+/// Only SELECTs, VALUES, parenthesized queries and set operations over them;
+/// `TABLE x`, and anything that writes, is refused wherever it appears.
+fn read_only_body(body: &SetExpr) -> Result<(), String> {
+    match body {
+        SetExpr::Select(select) if select.into.is_some() => {
+            Err("SELECT INTO is not allowed (the query API is read-only)".into())
+        }
+        SetExpr::Select(_) | SetExpr::Query(_) | SetExpr::Values(_) => Ok(()),
+        SetExpr::SetOperation { left, right, .. } => {
+            read_only_body(left).and(read_only_body(right))
+        }
+        SetExpr::Table(_) => Err("TABLE statements are not allowed; use SELECT".into()),
+        _ => Err("only SELECT queries are allowed (the query API is read-only)".into()),
+    }
+}
+
 impl Visitor for Guard<'_> {
     type Break = ();
 
     fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        let mut scope = HashSet::new();
         if let Some(with) = &query.with {
             for cte in &with.cte_tables {
-                self.ctes.insert(cte.alias.name.value.to_lowercase());
+                let name = cte.alias.name.value.to_lowercase();
+                if RESERVED_PREFIXES.iter().any(|p| name.starts_with(p)) {
+                    return self.refuse(format!("a CTE may not be named {name:?}"));
+                }
+                scope.insert(name);
             }
         }
+        self.scopes.push(scope);
         if !query.locks.is_empty() {
             return self.refuse("row locks (FOR UPDATE/SHARE) are not allowed".into());
         }
-        if let SetExpr::Select(select) = query.body.as_ref() {
-            if select.into.is_some() {
-                return self
-                    .refuse("SELECT INTO is not allowed (the query API is read-only)".into());
-            }
-        }
-        if !matches!(
-            query.body.as_ref(),
-            SetExpr::Select(_)
-                | SetExpr::Query(_)
-                | SetExpr::SetOperation { .. }
-                | SetExpr::Values(_)
-        ) {
-            return self
-                .refuse("only SELECT queries are allowed (the query API is read-only)".into());
+        if let Err(problem) = read_only_body(&query.body) {
+            return self.refuse(problem);
         }
         ControlFlow::Continue(())
     }
 
+    fn post_visit_query(&mut self, _query: &Query) -> ControlFlow<()> {
+        self.scopes.pop();
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+        match factor {
+            TableFactor::Table { args: None, .. }
+            | TableFactor::Derived { .. }
+            | TableFactor::NestedJoin { .. } => ControlFlow::Continue(()),
+            TableFactor::Table { name, .. } => {
+                self.refuse(format!("table function {name} is not allowed in queries"))
+            }
+            _ => self.refuse("only tables, subqueries and joins may appear in FROM".into()),
+        }
+    }
+
     fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
         match simple_name(relation) {
-            Some(name) if self.tables.contains(&name) || self.ctes.contains(&name) => {
+            Some(name) if self.tables.contains(&name) || self.is_cte(&name) => {
                 ControlFlow::Continue(())
             }
             _ => self.refuse(format!(
@@ -288,9 +329,16 @@ pub async fn run(db: &Db, sql: &str, limits: &QueryLimits) -> Result<QueryResult
         match &db.pools {
             Pools::Sqlite { read, .. } => {
                 let mut conn = read.acquire().await.map_err(db_error)?;
+                // SQLite has no statement timeout, and dropping the future does
+                // not stop its worker thread: interrupt the statement itself.
+                let deadline = std::time::Instant::now() + limits.timeout;
+                conn.lock_handle()
+                    .await
+                    .map_err(db_error)?
+                    .set_progress_handler(10_000, move || std::time::Instant::now() < deadline);
                 collect!(conn, sql, limits.max_rows, sqlite_value)
             }
-            Pools::Postgres(pool) => {
+            Pools::Postgres { read: pool, .. } => {
                 let mut tx = pool.begin().await.map_err(db_error)?;
                 sqlx::query("SET TRANSACTION READ ONLY")
                     .execute(&mut *tx)
@@ -310,9 +358,20 @@ pub async fn run(db: &Db, sql: &str, limits: &QueryLimits) -> Result<QueryResult
             }
         }
     };
-    tokio::time::timeout(limits.timeout, work)
+    // The database's own deadline comes first; this one only catches a
+    // connection that never answers.
+    let result = tokio::time::timeout(limits.timeout + Duration::from_secs(2), work)
         .await
-        .map_err(|_| QueryError::Timeout(limits.timeout))?
+        .map_err(|_| QueryError::Timeout(limits.timeout))?;
+    match result {
+        // SQLite's progress handler stopped it, or PostgreSQL's statement_timeout.
+        Err(QueryError::Database(message))
+            if message == "interrupted" || message.contains("statement timeout") =>
+        {
+            Err(QueryError::Timeout(limits.timeout))
+        }
+        other => other,
+    }
 }
 
 fn db_error(e: sqlx::Error) -> QueryError {
@@ -420,8 +479,20 @@ mod tests {
             "SELECT a.device_id FROM temperature a JOIN sales b ON a.device_id = b.device_id",
             "SELECT 1",
         ] {
-            check(sql, &tables()).unwrap_or_else(|e| panic!("{sql}: {e}"));
+            for backend in [Backend::Sqlite, Backend::Postgres] {
+                check(sql, &tables(), backend).unwrap_or_else(|e| panic!("{sql}: {e}"));
+            }
         }
+    }
+
+    #[test]
+    fn parses_comments_as_the_database_does() {
+        // SQLite does not nest comments: the subquery is live code there.
+        let sql = "SELECT 1 /* /* */ , (SELECT count(*) FROM fleetgate_devices) -- */";
+        let err = check(sql, &tables(), Backend::Sqlite)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown table"), "{err}");
     }
 
     #[test]
@@ -443,9 +514,24 @@ mod tests {
                 "unknown table",
             ),
             ("SELEC * FROM temperature", "cannot parse"),
+            // Reviewed bypasses: scoped CTE names, reserved CTE names, TABLE,
+            // table functions.
+            (
+                "SELECT * FROM (WITH t AS (SELECT 1) SELECT 1) s, t",
+                "unknown table t",
+            ),
+            (
+                "WITH fleetgate_devices AS (SELECT * FROM fleetgate_devices) SELECT * FROM fleetgate_devices",
+                "may not be named",
+            ),
+            ("SELECT 1 UNION ALL TABLE fleetgate_devices", "TABLE"),
+            ("SELECT * FROM temperature, LATERAL pg_read_file('/etc/passwd') f", "in FROM"),
+            ("SELECT * FROM generate_series(1, 10)", "not allowed"),
         ] {
-            let err = check(sql, &tables()).expect_err(sql).to_string();
-            assert!(err.contains(expected), "{sql}: {err}");
+            for backend in [Backend::Sqlite, Backend::Postgres] {
+                let err = check(sql, &tables(), backend).expect_err(sql).to_string();
+                assert!(err.contains(expected), "{backend:?} {sql}: {err}");
+            }
         }
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use fleetgate_protocol::ingest::BoxFuture;
 use fleetgate_protocol::{IngestError, IngestMessage, IngestOutcome, IngestService, PendingCommit};
 use sqlx::QueryBuilder;
-use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio::sync::{mpsc, oneshot, watch, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::catalog::{ColumnKind, Stream};
@@ -26,6 +26,9 @@ use crate::with_pool;
 pub struct WriterConfig {
     /// Messages that may wait for a commit before `submit` waits.
     pub queue_capacity: usize,
+    /// Records (valid and rejected) that may wait for a commit, across all
+    /// messages: a message's size, not only their number, is back-pressure.
+    pub queue_records: usize,
     /// Records per transaction at most.
     pub max_group_records: usize,
 }
@@ -34,6 +37,7 @@ impl Default for WriterConfig {
     fn default() -> Self {
         WriterConfig {
             queue_capacity: 8192,
+            queue_records: 200_000,
             max_group_records: 20_000,
         }
     }
@@ -42,12 +46,17 @@ impl Default for WriterConfig {
 struct Job {
     work: Work,
     done: oneshot::Sender<Result<IngestOutcome, IngestError>>,
+    /// This message's share of the queue's record budget, returned when the
+    /// job is answered.
+    _budget: OwnedSemaphorePermit,
 }
 
 /// The store's ingest front door ([`IngestService`]).
 pub struct Store {
     pipeline: Arc<Pipeline>,
     jobs: mpsc::Sender<Job>,
+    budget: Arc<Semaphore>,
+    budget_size: usize,
     metrics: StoreMetrics,
     closing: watch::Sender<bool>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -73,6 +82,8 @@ impl Store {
         Store {
             pipeline: Arc::new(pipeline),
             jobs,
+            budget: Arc::new(Semaphore::new(config.queue_records)),
+            budget_size: config.queue_records,
             metrics,
             closing,
             writer: Mutex::new(Some(handle)),
@@ -93,12 +104,26 @@ impl IngestService for Store {
     fn submit(&self, message: IngestMessage) -> BoxFuture<'_, Result<PendingCommit, IngestError>> {
         Box::pin(async move {
             let work = self.pipeline.run(message);
+            let cost = (work.records.len() + work.rejects.len()).clamp(1, self.budget_size) as u32;
+            let budget = self
+                .budget
+                .clone()
+                .acquire_many_owned(cost)
+                .await
+                .map_err(|_| IngestError::ShuttingDown)?;
             let (done, pending) = oneshot::channel();
             self.metrics.queued_messages.inc();
-            self.jobs.send(Job { work, done }).await.map_err(|_| {
-                self.metrics.queued_messages.dec();
-                IngestError::ShuttingDown
-            })?;
+            self.jobs
+                .send(Job {
+                    work,
+                    done,
+                    _budget: budget,
+                })
+                .await
+                .map_err(|_| {
+                    self.metrics.queued_messages.dec();
+                    IngestError::ShuttingDown
+                })?;
             Ok(pending)
         })
     }
@@ -146,6 +171,9 @@ impl Writer {
         let works: Vec<&Work> = group.iter().map(|j| &j.work).collect();
         match self.commit_with_retry(&works).await {
             Ok(inserted) => self.finish(group, Ok(inserted), started),
+            // The database is unavailable: nothing is acknowledged, and the
+            // devices re-send once it is back.
+            Err(e) if is_transient(&e) => self.finish(group, Err(e.to_string()), started),
             Err(e) => {
                 // Some message's data broke the transaction: commit each on
                 // its own, so the others are not held hostage and the culprit
@@ -160,18 +188,24 @@ impl Writer {
         for mut job in group {
             let started = Instant::now();
             let mut result = self.commit_with_retry(&[&job.work]).await;
-            if let Err(e) = &result {
-                // The database refuses these records as they are: keep them as
-                // rejects with its reason, so they are neither lost nor retried forever.
-                let reason = format!("the database refused the record: {e}");
-                let records = std::mem::take(&mut job.work.records);
-                job.work.rejects.extend(records.into_iter().map(|r| Reject {
-                    payload: serde_json::Value::Object(r.raw).to_string(),
-                    reasons: vec![reason.clone()],
-                }));
-                result = self.commit_with_retry(&[&job.work]).await;
+            if let Err(e) = result
+                .as_ref()
+                .map_err(|e| (is_transient(e), e.to_string()))
+            {
+                if !e.0 {
+                    // The database refuses these records as they are: keep them
+                    // as rejects with its reason, so they are neither lost nor
+                    // retried forever.
+                    let reason = format!("the database refused the record: {}", e.1);
+                    let records = std::mem::take(&mut job.work.records);
+                    job.work.rejects.extend(records.into_iter().map(|r| Reject {
+                        payload: serde_json::Value::Object(r.raw).to_string(),
+                        reasons: vec![reason.clone()],
+                    }));
+                    result = self.commit_with_retry(&[&job.work]).await;
+                }
             }
-            self.finish(vec![job], result, started);
+            self.finish(vec![job], result.map_err(|e| e.to_string()), started);
         }
     }
 
@@ -219,20 +253,20 @@ impl Writer {
 
     /// Retries what may succeed on retry (a locked database, a dropped
     /// connection) for about a minute; returns rows newly inserted.
-    async fn commit_with_retry(&self, works: &[&Work]) -> Result<u64, String> {
+    async fn commit_with_retry(&self, works: &[&Work]) -> Result<u64, sqlx::Error> {
         let mut delay = Duration::from_millis(20);
-        for attempt in 1.. {
+        let mut attempt = 1;
+        loop {
             match commit(&self.db, works).await {
-                Ok(inserted) => return Ok(inserted),
                 Err(e) if is_transient(&e) && attempt < 40 => {
                     tracing::warn!(error = %e, attempt, "commit failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
+                    attempt += 1;
                 }
-                Err(e) => return Err(e.to_string()),
+                result => return result,
             }
         }
-        unreachable!("the retry loop returns")
     }
 }
 

@@ -2,6 +2,10 @@ use serde_json::Value;
 
 use super::{Record, Reject, Stage, Work};
 
+/// More records than this in one message are refused: the store's queue is
+/// budgeted in records, and one message must fit comfortably in it.
+pub const MAX_RECORDS_PER_MESSAGE: usize = 10_000;
+
 /// Bytes → JSON records. A payload is one JSON object or an array of them.
 pub struct Decode {
     pub max_payload: usize,
@@ -32,6 +36,12 @@ impl Stage for Decode {
                 raw,
                 values: Vec::new(),
             }),
+            Value::Array(items) if items.len() > MAX_RECORDS_PER_MESSAGE => {
+                return Err(format!(
+                    "payload holds {} records; at most {MAX_RECORDS_PER_MESSAGE} per message",
+                    items.len()
+                ))
+            }
             Value::Array(items) => {
                 for (i, item) in items.into_iter().enumerate() {
                     match item {
