@@ -6,6 +6,7 @@
 mod bench;
 mod client;
 mod http;
+mod tls;
 mod up;
 
 use std::path::PathBuf;

@@ -31,6 +31,24 @@ pub struct UpArgs {
     /// HTTP API listen address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
+    /// MQTT over TLS listen address (default 127.0.0.1:8883 when TLS is on).
+    #[arg(long)]
+    mqtts: Option<SocketAddr>,
+    /// HTTPS listen address (default 127.0.0.1:8443 when TLS is on).
+    #[arg(long)]
+    https: Option<SocketAddr>,
+    /// PEM certificate chain for MQTT over TLS and HTTPS.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// PEM private key for --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Serve TLS with a generated development CA and certificate (in <data>/dev-tls/).
+    #[arg(long, conflicts_with_all = ["cert", "key"])]
+    dev_tls: bool,
+    /// Time a client has to complete its TLS handshake.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    tls_handshake_timeout: Duration,
     /// PostgreSQL URL (postgres://...); SQLite at <data>/store.db when absent.
     #[arg(long, env = "FLEETGATE_DATABASE")]
     database: Option<String>,
@@ -83,8 +101,41 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // nothing should be created before it is known.
     let mqtt_listener = bind(args.mqtt, "--mqtt", "MQTT").await?;
     let http_listener = bind(args.http, "--http", "HTTP").await?;
+    let tls_on = args.dev_tls || args.cert.is_some();
+    if !tls_on && (args.mqtts.is_some() || args.https.is_some()) {
+        return Err(anyhow!(
+            "--mqtts and --https need --cert and --key, or --dev-tls"
+        ));
+    }
+    let tls_listeners = if tls_on {
+        let mqtts = args
+            .mqtts
+            .unwrap_or_else(|| "127.0.0.1:8883".parse().expect("literal"));
+        let https = args
+            .https
+            .unwrap_or_else(|| "127.0.0.1:8443".parse().expect("literal"));
+        Some((
+            bind(mqtts, "--mqtts", "MQTT over TLS").await?,
+            bind(https, "--https", "HTTPS").await?,
+        ))
+    } else {
+        None
+    };
 
     let (platform, _) = Platform::open(&args.data).map_err(|e| anyhow!(e))?;
+    let identity = tls::identity_from_flags(
+        args.cert.as_deref(),
+        args.key.as_deref(),
+        args.dev_tls,
+        &args.data,
+    )?;
+    let acceptor = match &identity {
+        Some(identity) => Some(
+            fleetgate_broker::tls::acceptor_from_pem(&identity.cert, &identity.key)
+                .map_err(|e| anyhow!(e))?,
+        ),
+        None => None,
+    };
     let db = Db::open(args.database.as_deref(), &args.data.join("store.db"))
         .await
         .map_err(|e| anyhow!(e))?;
@@ -160,33 +211,65 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         query_timeout: args.query_timeout,
         metrics: Arc::new(metrics),
     };
-    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(http_listener, crate::http::router(state))
-            .with_graceful_shutdown(async {
-                let _ = http_stopped.await;
-            })
-            .await
-    });
-    // Tests and scripts read this line to learn the bound addresses.
-    println!(
+    let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let mut ready = format!(
         "fleetgate ready: mqtt={} http={}",
         gatekeeper.local_addr(),
         http_addr
     );
+    let mut servers = Vec::new();
+    if let (Some((mqtts, https)), Some(acceptor)) = (tls_listeners, acceptor) {
+        let mqtts = TlsIncoming::start(mqtts, acceptor.clone(), args.tls_handshake_timeout)?;
+        let https = TlsIncoming::start(https, acceptor, args.tls_handshake_timeout)?;
+        ready.push_str(&format!(
+            " mqtts={} https={}",
+            mqtts.local_addr(),
+            https.local_addr()
+        ));
+        gatekeeper.serve_tls(mqtts);
+        let (router, stop) = (
+            crate::http::router(state.clone()),
+            stopped(http_stopped.clone()),
+        );
+        servers.push(tokio::spawn(async move {
+            axum::serve(tls::HttpsListener(https), router)
+                .with_graceful_shutdown(stop)
+                .await
+        }));
+        if let Some(ca) = identity.and_then(|i| i.ca) {
+            println!(
+                "development TLS: clients trust {} (e.g. mosquitto_pub --cafile)",
+                ca.display()
+            );
+        }
+    }
+    let (router, stop) = (crate::http::router(state), stopped(http_stopped.clone()));
+    servers.push(tokio::spawn(async move {
+        axum::serve(http_listener, router)
+            .with_graceful_shutdown(stop)
+            .await
+    }));
+    // Tests and scripts read this line to learn the bound addresses.
+    println!("{ready}");
 
     shutdown_signal().await;
     tracing::info!("shutting down: finishing in-flight commits");
     gatekeeper.shutdown(Duration::from_secs(15)).await;
     store.shutdown().await;
-    let _ = stop_http.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    let _ = stop_http.send(true);
+    for server in servers {
+        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    }
     db.close().await;
     tracing::info!("stopped");
     Ok(())
 }
 
-use crate::http;
+use crate::{http, tls};
+use fleetgate_broker::tls::TlsIncoming;
 
 /// The built-in admin device and, on first start, its token (printed once).
 async fn bootstrap_admin(platform: &Platform, registry: &Registry) -> anyhow::Result<()> {

@@ -114,6 +114,8 @@ pub struct Server {
     pub dir: tempfile::TempDir,
     pub admin: String,
     pub backend: Backend,
+    /// Every `name=address` of the ready line (mqtt, http, mqtts, https).
+    ready: Vec<(String, SocketAddr)>,
     database: Option<TestDatabase>,
     extra_args: Vec<String>,
     http_client: reqwest::Client,
@@ -148,6 +150,7 @@ impl Server {
             dir: tempfile::tempdir().unwrap(),
             admin: String::new(),
             backend,
+            ready: Vec::new(),
             database,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             http_client: reqwest::Client::new(),
@@ -214,15 +217,19 @@ impl Server {
                 _ => panic!("fleetgate exited before it was ready; log:\n{}", self.log()),
             }
         };
-        for part in ready.split_whitespace() {
-            if let Some(addr) = part.strip_prefix("mqtt=") {
-                self.mqtt = addr.parse().unwrap();
-            }
-            if let Some(addr) = part.strip_prefix("http=") {
-                self.http = addr.parse().unwrap();
-            }
-        }
+        self.ready = ready
+            .split_whitespace()
+            .filter_map(|part| part.split_once('='))
+            .filter_map(|(name, addr)| Some((name.to_string(), addr.parse().ok()?)))
+            .collect();
+        self.mqtt = self.extra_addr("mqtt").expect("mqtt address");
+        self.http = self.extra_addr("http").expect("http address");
         self.child = Some(child);
+    }
+
+    /// An address from the ready line, by name.
+    pub fn extra_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.ready.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
     }
 
     pub fn log(&self) -> String {

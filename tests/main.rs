@@ -11,3 +11,4 @@ mod durability;
 mod ingest;
 mod query;
 mod roles;
+mod tls;

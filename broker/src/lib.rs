@@ -10,10 +10,12 @@
 //! - [`session`]: one connection.
 //! - [`sessions`]: live sessions by device (revocation, shutdown).
 //! - [`upstream`]: the embedded rumqttd and the live feed into it.
+//! - [`tls`]: MQTT over TLS (and the HTTP API's), handshakes off the accept loop.
 
 pub mod codec;
 mod session;
 pub mod sessions;
+pub mod tls;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -71,6 +73,7 @@ pub(crate) struct Shared {
 pub struct Gatekeeper {
     shared: Arc<Shared>,
     accept: JoinHandle<()>,
+    tls_accept: std::sync::Mutex<Vec<JoinHandle<()>>>,
     local_addr: SocketAddr,
 }
 
@@ -124,12 +127,29 @@ impl Gatekeeper {
         Ok(Gatekeeper {
             shared,
             accept,
+            tls_accept: std::sync::Mutex::new(Vec::new()),
             local_addr,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Also serves MQTT over TLS on the connections `incoming` completes.
+    pub fn serve_tls(&self, mut incoming: tls::TlsIncoming) {
+        let shared = self.shared.clone();
+        let task = tokio::spawn(async move {
+            while let Some((stream, _peer)) = incoming.accept().await {
+                let (read, write) = tokio::io::split(stream);
+                tokio::spawn(session::run(
+                    Box::new(read),
+                    Box::new(write),
+                    shared.clone(),
+                ));
+            }
+        });
+        self.tls_accept.lock().expect("tls accept lock").push(task);
     }
 
     /// Disconnects every live session of `device` now.
@@ -141,6 +161,9 @@ impl Gatekeeper {
     /// are written, and returns when they are gone (or after `grace`).
     pub async fn shutdown(&self, grace: Duration) {
         self.accept.abort();
+        for task in self.tls_accept.lock().expect("tls accept lock").drain(..) {
+            task.abort();
+        }
         self.shared.sessions.end_all(EndReason::ShuttingDown);
         let deadline = tokio::time::Instant::now() + grace;
         while self.shared.sessions.count() > 0 && tokio::time::Instant::now() < deadline {
@@ -155,7 +178,13 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             // Each connection is its own task from the first byte, so a slow
             // or silent client never holds up anyone else's CONNECT.
             Ok((stream, _peer)) => {
-                tokio::spawn(session::run(stream, shared.clone()));
+                let _ = stream.set_nodelay(true);
+                let (read, write) = stream.into_split();
+                tokio::spawn(session::run(
+                    Box::new(read),
+                    Box::new(write),
+                    shared.clone(),
+                ));
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off, keep serving.

@@ -19,7 +19,7 @@ use fleetgate_protocol::topic::{may_publish, may_subscribe, IngestTopic};
 use fleetgate_protocol::{AuthError, IngestMessage, IngestOutcome, Principal};
 use futures::stream::{FuturesOrdered, StreamExt};
 use futures::FutureExt;
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -57,9 +57,11 @@ fn ready(bytes: Bytes) -> AckFuture {
 }
 
 /// Reads the CONNECT, authenticates, and then runs the connection.
-pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>) {
-    let _ = stream.set_nodelay(true);
-    let (read_half, mut write_half) = stream.into_split();
+/// The device's side of a connection, plain TCP or TLS.
+pub(crate) type ClientRead = Box<dyn AsyncRead + Send + Unpin>;
+pub(crate) type ClientWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+pub(crate) async fn run(read_half: ClientRead, mut write_half: ClientWrite, shared: Arc<Shared>) {
     let mut reader = FrameReader::new(read_half);
     let max_connect = shared.config.max_payload + 64 * 1024;
     let first = tokio::time::timeout(
@@ -177,7 +179,7 @@ async fn connect_upstream(
     version: Version,
     connect: &Connect,
     upstream_id: &str,
-    client: &mut OwnedWriteHalf,
+    client: &mut ClientWrite,
 ) -> Option<UpstreamLink> {
     let addr = match version {
         Version::V4 => shared.upstream.v4,
@@ -282,8 +284,8 @@ enum End {
 impl Session {
     async fn serve(
         mut self,
-        mut reader: FrameReader<OwnedReadHalf>,
-        client: OwnedWriteHalf,
+        mut reader: FrameReader<ClientRead>,
+        client: ClientWrite,
         upstream: UpstreamLink,
         will: Option<codec::Will>,
     ) {
@@ -337,7 +339,7 @@ impl Session {
 
     async fn read_loop(
         &mut self,
-        reader: &mut FrameReader<OwnedReadHalf>,
+        reader: &mut FrameReader<ClientRead>,
         up: &mut OwnedWriteHalf,
         acks: &AckSender,
     ) -> End {
@@ -739,7 +741,7 @@ fn now_ms() -> i64 {
 /// and relayed packets as they come, coalescing whatever is ready into one
 /// write.
 async fn write_loop(
-    client: OwnedWriteHalf,
+    client: ClientWrite,
     mut ack_queue: mpsc::Receiver<AckFuture>,
     mut relay_queue: mpsc::Receiver<Bytes>,
 ) {
