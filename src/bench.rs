@@ -38,6 +38,10 @@ pub struct BenchArgs {
     /// PostgreSQL URL for the store; SQLite when absent.
     #[arg(long)]
     database: Option<String>,
+    /// Devices to revoke one by one while connected, timing command to closed
+    /// connection (0 skips it).
+    #[arg(long, default_value_t = 100)]
+    revocations: usize,
 }
 
 struct Load {
@@ -63,6 +67,33 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// A database created for one benchmark run on the server `--database`
+/// names, so the run neither sees nor leaves anything in the user's own.
+struct ScratchDatabase {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl ScratchDatabase {
+    async fn create(admin_url: &str) -> anyhow::Result<ScratchDatabase> {
+        use sqlx::Connection;
+        let name = format!("fleetgate_bench_{}", std::process::id());
+        let mut conn = sqlx::PgConnection::connect(admin_url).await.context("cannot connect to --database")?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name}")).execute(&mut conn).await?;
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await?;
+        let (base, _) = admin_url.rsplit_once('/').ok_or_else(|| anyhow!("--database URL names no database"))?;
+        Ok(ScratchDatabase { admin_url: admin_url.to_string(), url: format!("{base}/{name}"), name })
+    }
+
+    async fn drop_database(self) {
+        use sqlx::Connection;
+        if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin_url).await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).execute(&mut conn).await;
+        }
+    }
 }
 
 struct Spawned {
@@ -380,6 +411,35 @@ async fn probe_queryable(
     Ok(samples)
 }
 
+/// Connects `count` devices, then revokes them one at a time, timing from
+/// sending the revoke command to the device's connection being closed.
+async fn measure_revocations(http: &reqwest::Client, server: &Spawned, count: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut connected = Vec::with_capacity(count);
+    for i in 0..count {
+        let id = format!("revokee-{i}");
+        let reply = api(http, server, "/v1/devices", json!({ "id": id, "role": "ingest" }).to_string().into(), true).await?;
+        let token = reply["token"].as_str().unwrap_or_default().to_string();
+        let socket = TcpStream::connect(server.mqtt).await?;
+        connected.push((id.clone(), mqtt_connect(socket, &id, Some(&token)).await?));
+    }
+    let mut latencies = Vec::with_capacity(count);
+    for (id, mut socket) in connected {
+        let started = Instant::now();
+        api(http, server, &format!("/v1/devices/{id}/revoke"), reqwest::Body::from(""), false).await?;
+        let mut buf = [0u8; 64];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => continue,
+                Err(_) => bail!("{id} still connected 5 s after its revocation"),
+            }
+        }
+        latencies.push(started.elapsed());
+    }
+    latencies.sort();
+    Ok(latencies)
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let total = args.connections * args.messages;
     let records_total = total * args.records_per_message;
@@ -388,7 +448,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.connections, args.messages, args.records_per_message, args.inflight
     );
 
-    let server = spawn_server(args.database.as_deref())?;
+    // A PostgreSQL benchmark runs in a database of its own, dropped after.
+    let scratch = match &args.database {
+        Some(url) => Some(ScratchDatabase::create(url).await?),
+        None => None,
+    };
+    let server = spawn_server(scratch.as_ref().map(|s| s.url.as_str()))?;
     let http = reqwest::Client::new();
     api(
         &http,
@@ -441,6 +506,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         probe_queryable(&server, probe_token, &stop)
     );
     let (load, probes) = (load?, probes?);
+    let revocations = measure_revocations(&http, &server, args.revocations).await?;
 
     let count = api(
         &http,
@@ -485,7 +551,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         ms(percentile(&probes, 0.50)),
         ms(percentile(&probes, 0.99))
     );
+    if !revocations.is_empty() {
+        println!(
+            "  revocation, command -> connection closed ({} devices): p50 {}  p99 {}",
+            revocations.len(),
+            ms(percentile(&revocations, 0.50)),
+            ms(percentile(&revocations, 0.99))
+        );
+    }
     drop(server);
+    if let Some(scratch) = scratch {
+        scratch.drop_database().await;
+    }
 
     if args.reference != "none" {
         let (host, port) = args
