@@ -81,17 +81,34 @@ impl ScratchDatabase {
     async fn create(admin_url: &str) -> anyhow::Result<ScratchDatabase> {
         use sqlx::Connection;
         let name = format!("fleetgate_bench_{}", std::process::id());
-        let mut conn = sqlx::PgConnection::connect(admin_url).await.context("cannot connect to --database")?;
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {name}")).execute(&mut conn).await?;
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await?;
-        let (base, _) = admin_url.rsplit_once('/').ok_or_else(|| anyhow!("--database URL names no database"))?;
-        Ok(ScratchDatabase { admin_url: admin_url.to_string(), url: format!("{base}/{name}"), name })
+        let mut conn = sqlx::PgConnection::connect(admin_url)
+            .await
+            .context("cannot connect to --database")?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+            .execute(&mut conn)
+            .await?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await?;
+        let (base, _) = admin_url
+            .rsplit_once('/')
+            .ok_or_else(|| anyhow!("--database URL names no database"))?;
+        Ok(ScratchDatabase {
+            admin_url: admin_url.to_string(),
+            url: format!("{base}/{name}"),
+            name,
+        })
     }
 
     async fn drop_database(self) {
         use sqlx::Connection;
         if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin_url).await {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).execute(&mut conn).await;
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut conn)
+            .await;
         }
     }
 }
@@ -413,11 +430,22 @@ async fn probe_queryable(
 
 /// Connects `count` devices, then revokes them one at a time, timing from
 /// sending the revoke command to the device's connection being closed.
-async fn measure_revocations(http: &reqwest::Client, server: &Spawned, count: usize) -> anyhow::Result<Vec<Duration>> {
+async fn measure_revocations(
+    http: &reqwest::Client,
+    server: &Spawned,
+    count: usize,
+) -> anyhow::Result<Vec<Duration>> {
     let mut connected = Vec::with_capacity(count);
     for i in 0..count {
         let id = format!("revokee-{i}");
-        let reply = api(http, server, "/v1/devices", json!({ "id": id, "role": "ingest" }).to_string().into(), true).await?;
+        let reply = api(
+            http,
+            server,
+            "/v1/devices",
+            json!({ "id": id, "role": "ingest" }).to_string().into(),
+            true,
+        )
+        .await?;
         let token = reply["token"].as_str().unwrap_or_default().to_string();
         let socket = TcpStream::connect(server.mqtt).await?;
         connected.push((id.clone(), mqtt_connect(socket, &id, Some(&token)).await?));
@@ -425,7 +453,14 @@ async fn measure_revocations(http: &reqwest::Client, server: &Spawned, count: us
     let mut latencies = Vec::with_capacity(count);
     for (id, mut socket) in connected {
         let started = Instant::now();
-        api(http, server, &format!("/v1/devices/{id}/revoke"), reqwest::Body::from(""), false).await?;
+        api(
+            http,
+            server,
+            &format!("/v1/devices/{id}/revoke"),
+            reqwest::Body::from(""),
+            false,
+        )
+        .await?;
         let mut buf = [0u8; 64];
         loop {
             match tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buf)).await {

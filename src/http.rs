@@ -170,6 +170,16 @@ struct NewDevice {
 }
 
 const DEFAULT_TOKEN_TTL_SECS: i64 = 365 * 24 * 3600;
+const MAX_TOKEN_TTL_SECS: i64 = 10 * 365 * 24 * 3600;
+
+fn checked_ttl(ttl_secs: Option<i64>) -> Result<i64, ApiError> {
+    match ttl_secs.unwrap_or(DEFAULT_TOKEN_TTL_SECS) {
+        ttl if (1..=MAX_TOKEN_TTL_SECS).contains(&ttl) => Ok(ttl),
+        ttl => Err(bad_request(format!(
+            "ttl_secs must be between 1 and {MAX_TOKEN_TTL_SECS}, not {ttl}"
+        ))),
+    }
+}
 
 async fn add_device(
     State(state): State<AppState>,
@@ -177,6 +187,8 @@ async fn add_device(
     Json(new): Json<NewDevice>,
 ) -> Result<Response, ApiError> {
     let admin = caller.require(Role::Admin, &state)?;
+    // Checked before anything is created.
+    let ttl = checked_ttl(new.ttl_secs)?;
     let now = unix_now();
     let device = state
         .registry
@@ -190,7 +202,6 @@ async fn add_device(
             json!({ "role": device.role, "type": device.device_type }),
         )
         .await?;
-    let ttl = new.ttl_secs.unwrap_or(DEFAULT_TOKEN_TTL_SECS);
     let token = state.platform.mint(&device.id, device.role, ttl, now);
     Ok((
         StatusCode::CREATED,
@@ -226,12 +237,7 @@ async fn mint_token(
             format!("device {:?} is revoked", device.id),
         ));
     }
-    let ttl = body
-        .and_then(|b| b.0.ttl_secs)
-        .unwrap_or(DEFAULT_TOKEN_TTL_SECS);
-    if ttl <= 0 {
-        return Err(bad_request("ttl must be positive"));
-    }
+    let ttl = checked_ttl(body.and_then(|b| b.0.ttl_secs))?;
     let now = unix_now();
     let token = state.platform.mint(&device.id, device.role, ttl, now);
     state

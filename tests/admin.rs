@@ -194,6 +194,31 @@ async fn role_changes_apply_to_live_sessions(backend: Backend) {
         )
         .await;
     assert_eq!(status, 404);
+    for ttl in [-5, 0, i64::MAX] {
+        let body = json!({"id": "x", "role": "ingest", "ttl_secs": ttl});
+        let (status, reply) = server
+            .api("POST", "/v1/devices", Some(&server.admin), Some(body))
+            .await;
+        assert_eq!(status, 400, "ttl {ttl}: {reply}");
+        let ttl_body = Some(json!({ "ttl_secs": ttl }));
+        let (status, _) = server
+            .api(
+                "POST",
+                "/v1/devices/sensor-1/token",
+                Some(&server.admin),
+                ttl_body,
+            )
+            .await;
+        assert_eq!(status, 400, "ttl {ttl}");
+    }
+    let (_, devices) = server
+        .api("GET", "/v1/devices", Some(&server.admin), None)
+        .await;
+    assert_eq!(
+        devices["devices"].as_array().unwrap().len(),
+        3,
+        "a refused ttl creates no device"
+    );
 }
 
 async fn repeated_refusals_ban_the_device(backend: Backend) {

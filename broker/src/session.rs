@@ -332,7 +332,9 @@ impl Session {
             .live_readers
             .fetch_sub(self.live_readers, Ordering::Relaxed);
         self.shared.sessions.unregister(&self.handle);
-        if let (End::Abnormal, Some(will)) = (end, will) {
+        // A will is for an unplanned end: not for DISCONNECT, and not when the
+        // platform itself ended the session (revoked, banned, shutting down).
+        if let (End::Abnormal | End::Ended(EndReason::TakenOver), Some(will)) = (end, will) {
             self.fire_ingest_will(will);
         }
     }
