@@ -8,24 +8,9 @@ use fleetgate_protocol::Role;
 use rumqttc::v5::mqttbytes::v5::{
     ConnectReturnCode, DisconnectReasonCode, Packet, SubscribeReasonCode,
 };
-use rumqttc::v5::mqttbytes::QoS;
 use serde_json::json;
 
-use crate::harness::{connect_v4, connect_v5, now, Backend, Server, V5};
-
-async fn subscribe(client: &mut V5, filter: &str) -> SubscribeReasonCode {
-    client
-        .client
-        .subscribe(filter, QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    client
-        .expect(|p| match p {
-            Packet::SubAck(ack) => Some(ack.return_codes[0]),
-            _ => None,
-        })
-        .await
-}
+use crate::harness::{connect_v4, connect_v5, foreign_token, now, Backend, Server, V5};
 
 /// Waits for the server's DISCONNECT; returns its reason and when it came.
 async fn disconnected(client: &mut V5) -> (DisconnectReasonCode, Instant) {
@@ -45,14 +30,14 @@ async fn revocation_is_immediate(backend: Backend) {
         .await
         .unwrap();
     assert!(matches!(
-        subscribe(&mut sensor, "devices/sensor-1/#").await,
+        sensor.subscribe("devices/sensor-1/#").await,
         SubscribeReasonCode::Success(_)
     ));
     let mut analyst = connect_v5(&server, "analyst-1", &analyst_token)
         .await
         .unwrap();
     assert!(matches!(
-        subscribe(&mut analyst, "live/#").await,
+        analyst.subscribe("live/#").await,
         SubscribeReasonCode::Success(_)
     ));
 
@@ -108,7 +93,7 @@ async fn role_changes_apply_to_live_sessions(backend: Backend) {
         .await
         .unwrap();
     assert!(matches!(
-        subscribe(&mut analyst, "live/#").await,
+        analyst.subscribe("live/#").await,
         SubscribeReasonCode::Success(_)
     ));
     let (status, _) = server
@@ -128,7 +113,7 @@ async fn role_changes_apply_to_live_sessions(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(
-        subscribe(&mut analyst, "live/#").await,
+        analyst.subscribe("live/#").await,
         SubscribeReasonCode::NotAuthorized
     );
     assert_eq!(
@@ -165,7 +150,7 @@ async fn role_changes_apply_to_live_sessions(backend: Backend) {
         .await
         .unwrap();
     assert!(matches!(
-        subscribe(&mut sensor, "live/#").await,
+        sensor.subscribe("live/#").await,
         SubscribeReasonCode::Success(_)
     ));
     assert_eq!(
@@ -331,18 +316,7 @@ async fn admin_actions_are_audited(backend: Backend) {
     );
 
     // Only an admin, with a genuine and current token, may do any of it.
-    let forged = {
-        use ring::signature::Ed25519KeyPair;
-        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
-        fleetgate_protocol::TokenSigner::from_pkcs8(pkcs8.as_ref())
-            .unwrap()
-            .sign(&fleetgate_protocol::Claims {
-                sub: "admin".into(),
-                role: Role::Admin,
-                iat: now(),
-                exp: now() + 3600,
-            })
-    };
+    let forged = foreign_token("admin");
     let expired = server.mint("admin", Role::Admin, now() - 7200, now() - 3600);
     for (token, expected) in [
         (extract.as_str(), 403),

@@ -5,21 +5,9 @@ use fleetgate_protocol::Role;
 use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as V5Code;
 use rumqttc::ConnectReturnCode as V4Code;
 
-use crate::harness::{connect_v4, connect_v5, mosquitto_available, now, Backend, Server};
-
-/// A token signed by a key that is not the platform's.
-fn foreign_token(sub: &str) -> String {
-    use ring::signature::Ed25519KeyPair;
-    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
-    fleetgate_protocol::TokenSigner::from_pkcs8(pkcs8.as_ref())
-        .unwrap()
-        .sign(&fleetgate_protocol::Claims {
-            sub: sub.into(),
-            role: Role::Admin,
-            iat: now(),
-            exp: now() + 3600,
-        })
-}
+use crate::harness::{
+    connect_v4, connect_v5, foreign_token, mosquitto_available, now, Backend, Server,
+};
 
 async fn refusals(backend: Backend) {
     // Bans are tested on their own (admin.rs); here every refusal must be answered.

@@ -452,6 +452,18 @@ pub async fn connect_v5(
 }
 
 impl V5 {
+    /// Subscribes to one filter and returns the SUBACK's code for it.
+    pub async fn subscribe(&mut self, filter: &str) -> v5::mqttbytes::v5::SubscribeReasonCode {
+        self.client
+            .subscribe(filter, v5::mqttbytes::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        self.expect(|p| match p {
+            v5::mqttbytes::v5::Packet::SubAck(ack) => Some(ack.return_codes[0]),
+            _ => None,
+        })
+        .await
+    }
     /// The next incoming packet matching `pick`, skipping others.
     pub async fn expect<T>(
         &mut self,
@@ -582,4 +594,18 @@ pub async fn raw_mqtt311(server: &Server, id: &str, token: &str) -> tokio::net::
     socket.read_exact(&mut connack).await.unwrap();
     assert_eq!(connack, [0x20, 0x02, 0x00, 0x00], "CONNACK");
     socket
+}
+
+/// A well-formed admin-role token signed by a key that is not the platform's.
+pub fn foreign_token(sub: &str) -> String {
+    use ring::signature::Ed25519KeyPair;
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+    TokenSigner::from_pkcs8(pkcs8.as_ref())
+        .unwrap()
+        .sign(&Claims {
+            sub: sub.into(),
+            role: Role::Admin,
+            iat: now(),
+            exp: now() + 3600,
+        })
 }

@@ -8,20 +8,6 @@ use rumqttc::v5::mqttbytes::QoS;
 
 use crate::harness::{connect_v4, connect_v5, Backend, Server, V5};
 
-async fn subscribe_code(client: &mut V5, filter: &str) -> SubscribeReasonCode {
-    client
-        .client
-        .subscribe(filter, QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    client
-        .expect(|p| match p {
-            Packet::SubAck(ack) => Some(ack.return_codes[0]),
-            _ => None,
-        })
-        .await
-}
-
 async fn publish_reason(client: &mut V5, topic: &str, payload: &str) -> PubAckReason {
     client
         .client
@@ -52,7 +38,7 @@ async fn role_matrix(backend: Backend) {
     let mut watcher = connect_v5(&server, "watcher", &watcher_token)
         .await
         .unwrap();
-    assert!(granted(subscribe_code(&mut watcher, "#").await));
+    assert!(granted(watcher.subscribe("#").await));
 
     //                 filter                    ingest  extract admin
     let subscribes = [
@@ -70,7 +56,7 @@ async fn role_matrix(backend: Backend) {
         for (filter, ingest, extract, admin) in subscribes {
             let filter = filter.replace("{me}", device);
             let expected = [ingest, extract, admin][i];
-            let code = subscribe_code(&mut client, &filter).await;
+            let code = client.subscribe(&filter).await;
             assert_eq!(
                 granted(code),
                 expected,
@@ -205,15 +191,11 @@ async fn commands_reach_the_device_and_live_records_reach_extract_clients() {
     let mut sensor = connect_v5(&server, "sensor-1", &sensor_token)
         .await
         .unwrap();
-    assert!(granted(
-        subscribe_code(&mut sensor, "devices/sensor-1/#").await
-    ));
+    assert!(granted(sensor.subscribe("devices/sensor-1/#").await));
     let mut analyst = connect_v5(&server, "analyst-1", &analyst_token)
         .await
         .unwrap();
-    assert!(granted(
-        subscribe_code(&mut analyst, "live/temperature/#").await
-    ));
+    assert!(granted(analyst.subscribe("live/temperature/#").await));
 
     let mut ops = connect_v5(&server, "ops-1", &ops_token).await.unwrap();
     assert_eq!(
