@@ -33,7 +33,7 @@ pub enum DeviceCommand {
     Revoke { id: String },
     /// Change a device's role; its connections close and reconnect under the new role.
     Role { id: String, role: String },
-    /// List devices banned after repeated refusals.
+    /// List devices banned after repeated authentication failures.
     Bans,
     /// Lift a device's ban.
     Unban { id: String },

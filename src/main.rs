@@ -41,7 +41,7 @@ pub struct ServerArgs {
 enum Command {
     /// Run the gatekeeper broker, store, admin service and HTTP API in one process.
     Up(up::UpArgs),
-    /// Register devices and mint tokens.
+    /// Register devices, mint tokens, revoke, change roles, lift bans.
     Device {
         #[command(subcommand)]
         command: client::DeviceCommand,

@@ -131,12 +131,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// True when a whole frame is already buffered (the next `next` will
-    /// not wait for the network).
-    pub fn has_buffered_frame(&self) -> bool {
-        matches!(parse_header(&self.buf), Ok(Some(h)) if self.buf.len() >= h.frame_len())
-    }
-
     /// Reads the next frame. PUBLISH packets over `max_publish` bytes come back
     /// as [`Frame::OversizedPublish`]; other packets over `max_other` are an error.
     pub async fn next(

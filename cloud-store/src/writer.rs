@@ -227,7 +227,6 @@ impl Writer {
                 for job in group {
                     let outcome = IngestOutcome {
                         stored: job.work.records.len() as u32,
-                        duplicates: 0,
                         rejected: job.work.rejects.len() as u32,
                         first_reason: job
                             .work

@@ -27,10 +27,10 @@ pub struct IngestMessage {
 /// What became of a message once it is committed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IngestOutcome {
-    /// Records newly stored.
+    /// Valid records committed; re-sends of an already stored key count
+    /// here too (they are counted apart only in aggregate, by the
+    /// `fleetgate_records_duplicate` metric).
     pub stored: u32,
-    /// Valid records whose key was already stored (re-sends).
-    pub duplicates: u32,
     /// Records (or whole payloads) written to the rejects table.
     pub rejected: u32,
     /// The first reject reason, for MQTT 5 reason strings and HTTP replies.
