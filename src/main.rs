@@ -14,6 +14,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+// The ingest profile spends about a sixth of its time in glibc malloc/free
+// (BENCHMARKS.md); mimalloc serves many small, short-lived allocations faster.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "fleetgate", version, about = "Edge-to-cloud IoT data platform")]
 struct Cli {
