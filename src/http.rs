@@ -129,8 +129,10 @@ impl Caller {
 }
 
 impl AppState {
-    /// Writes an admin action to the audit log; the request fails if the log
-    /// cannot be written, so no action goes unrecorded.
+    /// Writes an admin action to the audit log before it takes effect: an
+    /// action whose entry cannot be written is not performed, so none goes
+    /// unrecorded. (One that then fails in the database is recorded as
+    /// requested; its caller gets the error.)
     async fn audit(
         &self,
         admin: &Principal,
@@ -190,17 +192,21 @@ async fn add_device(
     // Checked before anything is created.
     let ttl = checked_ttl(new.ttl_secs)?;
     let now = unix_now();
-    let device = state
-        .registry
-        .add(&new.id, new.role, new.device_type.as_deref(), now)
-        .await?;
+    if state.registry.get(&new.id).is_some() {
+        return Err(RegistryError::Exists(new.id).into());
+    }
+    fleetgate_protocol::validate_device_id(&new.id).map_err(bad_request)?;
     state
         .audit(
             admin,
             "device.add",
-            &device.id,
-            json!({ "role": device.role, "type": device.device_type }),
+            &new.id,
+            json!({ "role": new.role, "type": new.device_type }),
         )
+        .await?;
+    let device = state
+        .registry
+        .add(&new.id, new.role, new.device_type.as_deref(), now)
         .await?;
     let token = state.platform.mint(&device.id, device.role, ttl, now);
     Ok((
@@ -239,7 +245,6 @@ async fn mint_token(
     }
     let ttl = checked_ttl(body.and_then(|b| b.0.ttl_secs))?;
     let now = unix_now();
-    let token = state.platform.mint(&device.id, device.role, ttl, now);
     state
         .audit(
             admin,
@@ -248,6 +253,7 @@ async fn mint_token(
             json!({ "ttl_secs": ttl }),
         )
         .await?;
+    let token = state.platform.mint(&device.id, device.role, ttl, now);
     Ok(Json(
         json!({ "device": device.id, "role": device.role, "token": token, "expires_at": now + ttl }),
     ))
@@ -259,8 +265,11 @@ async fn revoke_device(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let admin = caller.require(Role::Admin, &state)?;
-    let device = state.registry.revoke(&id, unix_now()).await?;
+    if state.registry.get(&id).is_none() {
+        return Err(RegistryError::NotFound(id).into());
+    }
     state.audit(admin, "device.revoke", &id, json!({})).await?;
+    let device = state.registry.revoke(&id, unix_now()).await?;
     Ok(Json(json!({ "device": device })))
 }
 
@@ -276,16 +285,22 @@ async fn change_role(
     Json(change): Json<RoleChange>,
 ) -> Result<Json<Value>, ApiError> {
     let admin = caller.require(Role::Admin, &state)?;
-    let before = state.registry.get(&id).map(|d| d.role);
-    let device = state.registry.set_role(&id, change.role).await?;
+    let current = state
+        .registry
+        .get(&id)
+        .ok_or_else(|| RegistryError::NotFound(id.clone()))?;
+    if current.revoked_at.is_some() {
+        return Err(RegistryError::Invalid(format!("device {id:?} is revoked")).into());
+    }
     state
         .audit(
             admin,
             "device.role",
             &id,
-            json!({ "from": before, "to": device.role }),
+            json!({ "from": current.role, "to": change.role }),
         )
         .await?;
+    let device = state.registry.set_role(&id, change.role).await?;
     Ok(Json(json!({ "device": device })))
 }
 
@@ -300,18 +315,18 @@ async fn lift_ban(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let admin = caller.require(Role::Admin, &state)?;
-    let was_banned = state
-        .bans
-        .unban(&id, unix_now())
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-    if !was_banned {
+    if state.bans.get(&id, unix_now()).is_none() {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("device {id:?} is not banned"),
         ));
     }
     state.audit(admin, "device.unban", &id, json!({})).await?;
+    state
+        .bans
+        .unban(&id, unix_now())
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     Ok(Json(json!({ "unbanned": id })))
 }
 
@@ -349,16 +364,16 @@ async fn apply_streams(
 ) -> Result<Json<Value>, ApiError> {
     let admin = caller.require(Role::Admin, &state)?;
     let file = StreamsFile::parse(&body).map_err(bad_request)?;
-    let applied = state.catalog.apply(&file).await.map_err(bad_request)?;
     let names: Vec<&String> = file.streams.keys().collect();
     state
         .audit(
             admin,
             "stream.apply",
             "streams",
-            json!({ "streams": names, "applied": applied }),
+            json!({ "streams": names }),
         )
         .await?;
+    let applied = state.catalog.apply(&file).await.map_err(bad_request)?;
     Ok(Json(json!({ "applied": applied })))
 }
 

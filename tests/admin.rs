@@ -220,6 +220,21 @@ async fn repeated_refusals_ban_the_device(backend: Backend) {
         .api("GET", "/v1/bans", Some(&server.admin), None)
         .await;
     assert_eq!(body["bans"], json!([]), "forged tokens must not ban");
+    // Someone else's genuinely signed (expired) token, presented under
+    // sensor-1's client id: not held against sensor-1 either.
+    server.add_device("sensor-2", "ingest").await;
+    let others = server.mint("sensor-2", Role::Ingest, now() - 7200, now() - 3600);
+    for _ in 0..5 {
+        assert!(connect_v4(&server, "sensor-1", &others).await.is_err());
+    }
+    let (_, body) = server
+        .api("GET", "/v1/bans", Some(&server.admin), None)
+        .await;
+    assert_eq!(
+        body["bans"],
+        json!([]),
+        "another device's token must not ban sensor-1"
+    );
     // A genuinely signed but expired token, three times: that is the device
     // itself misbehaving.
     let expired = server.mint("sensor-1", Role::Ingest, now() - 7200, now() - 3600);

@@ -37,21 +37,23 @@ impl TokenAuthenticator {
         }
     }
 
-    /// On refusal, also says whether the token's signature verified: only
-    /// then is the failure held against the device it names, toward a ban.
+    /// On refusal, also names the device a genuinely signed token was issued
+    /// to, if it was: only such failures can count toward that device's ban.
     fn check(
         &self,
         client_id: Option<&str>,
         token: &str,
         now: i64,
-    ) -> Result<Principal, (AuthError, bool)> {
+    ) -> Result<Principal, (AuthError, Option<String>)> {
         self.check_token(client_id, token, now).map_err(|e| {
-            let verified = match &e {
-                AuthError::BadCredentials(_) => self.verifier.signature_verifies(token),
-                AuthError::NotAuthorized(..) => true,
-                AuthError::ClientIdMismatch { .. } | AuthError::Banned { .. } => false,
+            let signed_subject = match &e {
+                AuthError::BadCredentials(_) => {
+                    self.verifier.signed_claims(token).ok().map(|c| c.sub)
+                }
+                AuthError::NotAuthorized(subject, _) => Some(subject.clone()),
+                AuthError::ClientIdMismatch { .. } | AuthError::Banned { .. } => None,
             };
-            (e, verified)
+            (e, signed_subject)
         })
     }
 
@@ -143,15 +145,26 @@ impl TokenAuthenticator {
 impl Authenticate for TokenAuthenticator {
     fn authenticate(&self, client_id: Option<&str>, token: &str) -> Result<Principal, AuthError> {
         self.check(client_id, token, crate::unix_now())
-            .map_err(|(e, verified)| {
+            .map_err(|(e, signed_subject)| {
                 // A banned device's attempts are not counted again: that would
                 // only extend the ban it is already serving.
-                if !matches!(e, AuthError::Banned { .. }) {
-                    let claimed = client_id
-                        .map(str::to_string)
-                        .or_else(|| claimed_subject(token))
-                        .unwrap_or_else(|| "(unidentified)".to_string());
-                    self.refused(&claimed, AUTH, &e.to_string(), verified);
+                if matches!(e, AuthError::Banned { .. }) {
+                    return e;
+                }
+                match signed_subject {
+                    // Held against the device the platform issued the token to,
+                    // and only when it was presented as that device: someone
+                    // else's expired token must not ban whatever id it claims.
+                    Some(subject) if client_id.is_none_or(|id| id == subject) => {
+                        self.refused(&subject, AUTH, &e.to_string(), true)
+                    }
+                    _ => {
+                        let claimed = client_id
+                            .map(str::to_string)
+                            .or_else(|| claimed_subject(token))
+                            .unwrap_or_else(|| "(unidentified)".to_string());
+                        self.refused(&claimed, AUTH, &e.to_string(), false)
+                    }
                 }
                 e
             })

@@ -326,6 +326,14 @@ impl Session {
             writer.abort();
         }
         upstream_task.abort();
+        if let End::Ended(reason) = &end {
+            if *reason != EndReason::TakenOver {
+                // The platform ended it (revoked, banned, re-roled, shutting
+                // down): a normal DISCONNECT, so the embedded broker does not
+                // publish the device's will.
+                let _ = forward(&mut up, &[codec::DISCONNECT << 4, 0]).await;
+            }
+        }
         let _ = up.shutdown().await;
         self.shared
             .upstream
@@ -359,6 +367,8 @@ impl Session {
             let next = tokio::select! {
                 biased;
                 reason = self.handle.ended() => return End::Ended(reason),
+                // The writer gave up on this device (it stopped reading).
+                _ = acks.closed() => return End::Abnormal,
                 _ = upstream_ping.tick() => {
                     if up.write_all(&codec::pingreq()).await.is_err() {
                         return End::Abnormal;
@@ -447,6 +457,9 @@ impl Session {
                         let Principal { role, device_id } = &self.principal;
                         if may_publish(*role, device_id, &publish.topic).is_ok() {
                             self.aliases.insert(alias, publish.topic.clone());
+                        } else {
+                            // The device re-set this alias; its old meaning is gone.
+                            self.aliases.remove(&alias);
                         }
                         publish.topic
                     }
@@ -729,8 +742,13 @@ fn can_receive_live(filter: &str) -> bool {
     matches!(first, "live" | "+" | "#")
 }
 
+/// Writes to the embedded broker; a broker that stops reading ends the
+/// session rather than hanging it.
 async fn forward(up: &mut OwnedWriteHalf, bytes: &[u8]) -> Result<(), CodecError> {
-    up.write_all(bytes).await.map_err(CodecError::Io)
+    match tokio::time::timeout(WRITE_TIMEOUT, up.write_all(bytes)).await {
+        Ok(result) => result.map_err(CodecError::Io),
+        Err(_) => Err(CodecError::Io(std::io::ErrorKind::TimedOut.into())),
+    }
 }
 
 fn now_ms() -> i64 {
@@ -801,9 +819,15 @@ async fn write_loop(
             break;
         }
     }
-    let _ = client.write_all(&out).await;
-    let _ = client.flush().await;
-    let _ = client.into_inner().shutdown().await;
+    // Let the reader see at once that nobody writes to this device any more
+    // (its sends fail, its permits return), then make a last, bounded attempt.
+    drop((ack_queue, relay_queue, pending));
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+        client.write_all(&out).await?;
+        client.flush().await?;
+        client.into_inner().shutdown().await
+    })
+    .await;
 }
 
 /// Adds an ack's bytes to `out`; false when the connection must close.

@@ -214,12 +214,40 @@ impl Visitor for Guard<'_> {
     fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
         let mut scope = HashSet::new();
         if let Some(with) = &query.with {
-            for cte in &with.cte_tables {
-                let name = cte.alias.name.value.to_lowercase();
+            let names: Vec<String> = with
+                .cte_tables
+                .iter()
+                .map(|c| c.alias.name.value.to_lowercase())
+                .collect();
+            for (i, (cte, name)) in with.cte_tables.iter().zip(&names).enumerate() {
                 if RESERVED_PREFIXES.iter().any(|p| name.starts_with(p)) {
                     return self.refuse(format!("a CTE may not be named {name:?}"));
                 }
-                scope.insert(name);
+                // Without RECURSIVE, a CTE's own name and later siblings'
+                // names inside its body are real tables to PostgreSQL, not
+                // CTEs: they must not pass as CTEs here.
+                if !with.recursive {
+                    let not_yet_defined = &names[i..];
+                    let mut early = None;
+                    let _ =
+                        sqlparser::ast::visit_relations(&*cte.query, |relation| match simple_name(
+                            relation,
+                        )
+                        .filter(|n| not_yet_defined.contains(n))
+                        {
+                            Some(n) => {
+                                early = Some(n);
+                                ControlFlow::Break(())
+                            }
+                            None => ControlFlow::Continue(()),
+                        });
+                    if let Some(early) = early {
+                        return self.refuse(format!(
+                            "CTE {name} refers to {early}, which is not defined before it (use WITH RECURSIVE for that)"
+                        ));
+                    }
+                }
+                scope.insert(name.clone());
             }
         }
         self.scopes.push(scope);
@@ -476,6 +504,8 @@ mod tests {
             "SELECT * FROM temperature",
             "SELECT device_id, avg(celsius) FROM temperature WHERE received_at > 0 GROUP BY device_id",
             "WITH t AS (SELECT * FROM temperature) SELECT count(*) FROM t",
+            "WITH a AS (SELECT 1 AS x), b AS (SELECT x FROM a) SELECT * FROM b",
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 5) SELECT * FROM c",
             "SELECT a.device_id FROM temperature a JOIN sales b ON a.device_id = b.device_id",
             "SELECT 1",
         ] {
@@ -527,6 +557,8 @@ mod tests {
             ("SELECT 1 UNION ALL TABLE fleetgate_devices", "TABLE"),
             ("SELECT * FROM temperature, LATERAL pg_read_file('/etc/passwd') f", "in FROM"),
             ("SELECT * FROM generate_series(1, 10)", "not allowed"),
+            ("WITH t AS (SELECT * FROM t) SELECT * FROM t", "not defined before it"),
+            ("WITH a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a", "not defined before it"),
         ] {
             for backend in [Backend::Sqlite, Backend::Postgres] {
                 let err = check(sql, &tables(), backend).expect_err(sql).to_string();
