@@ -12,6 +12,7 @@ use std::sync::Mutex as StdMutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use fleetgate_broker::codec::put_remaining_length;
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -322,17 +323,6 @@ async fn run_load(target: &Target, args: &BenchArgs) -> anyhow::Result<Load> {
         acked: latencies.len(),
         latencies,
     })
-}
-
-fn put_remaining_length(out: &mut Vec<u8>, mut len: usize) {
-    loop {
-        let byte = (len % 128) as u8;
-        len /= 128;
-        out.push(if len > 0 { byte | 0x80 } else { byte });
-        if len == 0 {
-            break;
-        }
-    }
 }
 
 fn encode_publish(out: &mut Vec<u8>, topic: &str, pkid: u16, payload: &[u8]) {

@@ -559,20 +559,7 @@ pub fn mosquitto_available() -> bool {
     Command::new("mosquitto_pub").arg("--help").output().is_ok()
 }
 
-/// Appends an MQTT remaining-length varint.
-pub fn put_remaining_length(out: &mut Vec<u8>, mut len: usize) {
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-}
+pub use fleetgate_broker::codec::put_remaining_length;
 
 /// A raw TCP connection that has sent an MQTT 3.1.1 CONNECT (clean session,
 /// 60 s keep-alive) and received a successful CONNACK, for tests that write

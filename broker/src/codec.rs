@@ -653,7 +653,7 @@ pub fn merge_suback(version: Version, pkid: u16, allowed: &[bool], upstream: &[u
         .collect();
     let properties = if version == Version::V5 { 1 } else { 0 };
     out.put_u8(SUBACK << 4);
-    write_varint(&mut out, 2 + properties + merged.len());
+    put_remaining_length(&mut out, 2 + properties + merged.len());
     out.put_u16(pkid);
     if version == Version::V5 {
         out.put_u8(0);
@@ -682,7 +682,8 @@ pub fn suback_codes(
     Ok((pkid, rest.to_vec()))
 }
 
-fn write_varint(out: &mut BytesMut, mut value: usize) {
+/// Appends an MQTT variable-length integer (the remaining length).
+pub fn put_remaining_length(out: &mut impl BufMut, mut value: usize) {
     loop {
         let mut byte = (value % 128) as u8;
         value /= 128;
