@@ -7,6 +7,8 @@ use clap::Subcommand;
 use serde_json::{json, Value};
 
 use crate::ServerArgs;
+use fleetgate_device_sdk::identity::{self, DeviceKey};
+use fleetgate_protocol::sdk::{hex, SdkBundle, Target};
 
 #[derive(Subcommand)]
 pub enum DeviceCommand {
@@ -17,6 +19,10 @@ pub enum DeviceCommand {
         role: String,
         #[arg(long = "type")]
         device_type: Option<String>,
+        /// The device's public key file (`device.pub` from `device keygen`),
+        /// needed for SDK handshakes.
+        #[arg(long)]
+        public_key: Option<std::path::PathBuf>,
         /// Token lifetime, e.g. 24h or 365d.
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
@@ -37,6 +43,11 @@ pub enum DeviceCommand {
     Bans,
     /// Lift a device's ban.
     Unban { id: String },
+    /// Make a device key pair (device.key, device.pub) in a directory; no server needed.
+    Keygen {
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -103,15 +114,31 @@ impl Api {
 }
 
 pub async fn device(command: DeviceCommand, server: &ServerArgs) -> anyhow::Result<()> {
+    if let DeviceCommand::Keygen { out } = &command {
+        let key = DeviceKey::generate(out).map_err(|e| anyhow!(e))?;
+        println!("{}", key.public_hex());
+        eprintln!(
+            "wrote {} and {}",
+            out.join(identity::PRIVATE_FILE).display(),
+            out.join(identity::PUBLIC_FILE).display()
+        );
+        return Ok(());
+    }
     let api = Api::new(server)?;
     match command {
+        DeviceCommand::Keygen { .. } => unreachable!("handled above"),
         DeviceCommand::Add {
             id,
             role,
             device_type,
+            public_key,
             ttl,
         } => {
-            let body = json!({ "id": id, "role": role, "type": device_type, "ttl_secs": ttl.map(|t| t.as_secs()) });
+            let public_key = public_key
+                .map(|path| identity::read_public_key(&path).map(|k| hex(&k)))
+                .transpose()
+                .map_err(|e| anyhow!(e))?;
+            let body = json!({ "id": id, "role": role, "type": device_type, "public_key": public_key, "ttl_secs": ttl.map(|t| t.as_secs()) });
             let reply = api
                 .call(api.http.post(api.url("/v1/devices")).json(&body))
                 .await?;
@@ -307,4 +334,125 @@ fn print_table(headers: &[&str], rows: &[Vec<Value>]) {
         rows.len(),
         if rows.len() == 1 { "" } else { "s" }
     );
+}
+
+#[derive(Subcommand)]
+pub enum SdkCommand {
+    /// Build a device's SDK offline (for flashing before shipping): writes
+    /// the platform-signed manifest with the artifact inside.
+    Build {
+        #[arg(long)]
+        device: String,
+        /// wasm, x86_64, aarch64, riscv64, pulley32 or pulley64.
+        #[arg(long)]
+        target: Target,
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Manifest lifetime.
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// As the device: handshake with its key, verify and load the SDK, and
+    /// write the bundle; prints the role, target and token.
+    Fetch {
+        /// Device id.
+        #[arg(long)]
+        id: String,
+        /// Device type as registered.
+        #[arg(long = "type")]
+        device_type: String,
+        /// Directory holding device.key.
+        #[arg(long)]
+        key_dir: std::path::PathBuf,
+        /// The platform's public key (<data>/platform.pub of the server).
+        #[arg(long)]
+        platform_key: std::path::PathBuf,
+        /// Artifact to ask for; default: native code for this machine.
+        #[arg(long)]
+        target: Option<Target>,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Verify a bundle with the platform key and print its manifest, and for
+    /// WebAssembly its imports and exports.
+    Inspect {
+        file: std::path::PathBuf,
+        #[arg(long)]
+        platform_key: std::path::PathBuf,
+    },
+}
+
+pub async fn sdk(command: SdkCommand, server: &ServerArgs) -> anyhow::Result<()> {
+    match command {
+        SdkCommand::Build {
+            device,
+            target,
+            out,
+            ttl,
+        } => {
+            let api = Api::new(server)?;
+            let body = json!({ "device": device, "target": target, "ttl_secs": ttl.as_secs() });
+            let reply = api
+                .call(api.http.post(api.url("/v1/sdk/build")).json(&body))
+                .await?;
+            std::fs::write(&out, serde_json::to_vec_pretty(&reply["sdk"])?)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!("wrote {}", out.display());
+        }
+        SdkCommand::Fetch {
+            id,
+            device_type,
+            key_dir,
+            platform_key,
+            target,
+            out,
+        } => {
+            let key = DeviceKey::load(&key_dir).map_err(|e| anyhow!(e))?;
+            let platform_key = identity::read_public_key(&platform_key).map_err(|e| anyhow!(e))?;
+            let mut config = fleetgate_device_sdk::DeviceConfig::new(
+                &server.server,
+                &id,
+                &device_type,
+                key,
+                platform_key,
+                key_dir.join("queue"),
+            );
+            config.target = target;
+            let session =
+                fleetgate_device_sdk::handshake::handshake(&config, &reqwest::Client::new())
+                    .await?;
+            std::fs::write(&out, serde_json::to_vec_pretty(&session.bundle)?)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!(
+                "{}",
+                json!({
+                    "device": id,
+                    "role": session.manifest.role,
+                    "target": session.manifest.target,
+                    "artifact_bytes": session.manifest.artifact_len,
+                    "streams": session.module.schema().streams.iter().map(|s| &s.name).collect::<Vec<_>>(),
+                    "token": session.token,
+                    "token_expires_at": session.token_expires_at,
+                    "bundle": out,
+                })
+            );
+        }
+        SdkCommand::Inspect { file, platform_key } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let platform_key = identity::read_public_key(&platform_key).map_err(|e| anyhow!(e))?;
+            let (manifest, artifact) = SdkBundle::from_json(&bytes)
+                .and_then(|b| b.open(&platform_key))
+                .map_err(|e| anyhow!(e))?;
+            let mut report = json!({ "manifest": manifest });
+            if manifest.target == Target::Wasm {
+                let (imports, exports) =
+                    fleetgate_sdk_builder::interface(&artifact).map_err(|e| anyhow!(e))?;
+                report["imports"] = json!(imports);
+                report["exports"] = json!(exports);
+            }
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+    }
+    Ok(())
 }

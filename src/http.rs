@@ -16,6 +16,7 @@ use axum::{Json, Router};
 use fleetgate_admin::registry::RegistryError;
 use fleetgate_admin::{unix_now, AuditLog, Bans, Platform, RefusalLedger, Registry};
 use fleetgate_protocol::schema::StreamsFile;
+use fleetgate_protocol::sdk::from_hex;
 use fleetgate_protocol::{AuthError, Authenticate, Principal, Role};
 use fleetgate_store::query::{self, QueryError, QueryLimits};
 use fleetgate_store::{rejects, Catalog, Db};
@@ -34,6 +35,7 @@ pub struct AppState {
     pub audit: AuditLog,
     pub query_timeout: Duration,
     pub metrics: Arc<prometheus_client::registry::Registry>,
+    pub sdk: crate::sdk_api::SdkSettings,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -51,11 +53,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/streams", get(list_streams).post(apply_streams))
         .route("/v1/streams/{name}/rejects", get(list_rejects))
         .route("/v1/query", post(run_query))
+        .route("/v1/handshake/nonce", get(crate::sdk_api::nonce))
+        .route("/v1/handshake", post(crate::sdk_api::handshake))
+        .route("/v1/sdk/build", post(crate::sdk_api::offline_build))
         .with_state(state)
 }
 
 /// An error as the API reports it: a status and `{"error": "..."}`.
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -112,7 +117,7 @@ impl FromRequestParts<AppState> for Caller {
 }
 
 impl Caller {
-    fn require(&self, role: Role, state: &AppState) -> Result<&Principal, ApiError> {
+    pub fn require(&self, role: Role, state: &AppState) -> Result<&Principal, ApiError> {
         if self.0.role.allows(role) {
             Ok(&self.0)
         } else {
@@ -133,7 +138,7 @@ impl AppState {
     /// action whose entry cannot be written is not performed, so none goes
     /// unrecorded. (One that then fails in the database is recorded as
     /// requested; its caller gets the error.)
-    async fn audit(
+    pub async fn audit(
         &self,
         admin: &Principal,
         action: &str,
@@ -168,6 +173,8 @@ struct NewDevice {
     role: Role,
     #[serde(rename = "type")]
     device_type: Option<String>,
+    /// Hex Ed25519 public key for SDK handshakes.
+    public_key: Option<String>,
     ttl_secs: Option<i64>,
 }
 
@@ -196,6 +203,16 @@ async fn add_device(
         return Err(RegistryError::Exists(new.id).into());
     }
     fleetgate_protocol::validate_device_id(&new.id).map_err(bad_request)?;
+    let public_key = new
+        .public_key
+        .as_deref()
+        .map(|hex| {
+            from_hex(hex)
+                .ok()
+                .filter(|k| k.len() == 32)
+                .ok_or_else(|| bad_request("public_key must be 64 hex digits (an Ed25519 public key)"))
+        })
+        .transpose()?;
     state
         .audit(
             admin,
@@ -206,7 +223,13 @@ async fn add_device(
         .await?;
     let device = state
         .registry
-        .add(&new.id, new.role, new.device_type.as_deref(), now)
+        .add(
+            &new.id,
+            new.role,
+            new.device_type.as_deref(),
+            public_key.as_deref(),
+            now,
+        )
         .await?;
     let token = state.platform.mint(&device.id, device.role, ttl, now);
     Ok((

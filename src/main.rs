@@ -6,6 +6,7 @@
 mod bench;
 mod client;
 mod http;
+mod sdk_api;
 mod tls;
 mod up;
 
@@ -60,6 +61,13 @@ enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Device SDKs: build one offline, fetch one as a device, inspect a bundle.
+    Sdk {
+        #[command(subcommand)]
+        command: client::SdkCommand,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Measure durable ingest over MQTT against a fresh server, and a reference broker.
     Bench(bench::BenchArgs),
     /// Run a read-only SQL query and print the result as a table.
@@ -82,6 +90,7 @@ fn main() -> ExitCode {
             Command::Bench(args) => bench::run(args).await,
             Command::Device { command, server } => client::device(command, &server).await,
             Command::Stream { command, server } => client::stream(command, &server).await,
+            Command::Sdk { command, server } => client::sdk(command, &server).await,
             Command::Query { sql, server } => client::query(&sql, &server).await,
         }
     });

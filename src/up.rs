@@ -10,6 +10,8 @@ use fleetgate_admin::platform::{ADMIN_DEVICE, ADMIN_TOKEN_TTL_SECS};
 use fleetgate_admin::{
     unix_now, AuditLog, Bans, Platform, RefusalLedger, Registry, RegistryEvent, TokenAuthenticator,
 };
+use fleetgate_admin::Handshakes;
+use fleetgate_sdk_builder::Builder;
 use fleetgate_broker::{EndReason, Gatekeeper, GatekeeperConfig, Upstream};
 use fleetgate_protocol::schema::StreamsFile;
 use fleetgate_protocol::Role;
@@ -67,6 +69,16 @@ pub struct UpArgs {
     /// Longest a query may run before it is stopped.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     query_timeout: Duration,
+    /// Lifetime of the token a device gets with its SDK; devices renew it
+    /// by handshaking again before it runs out.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    sdk_token_ttl: Duration,
+    /// Lifetime of the SDK manifest a handshake answers with.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    sdk_manifest_ttl: Duration,
+    /// Built SDK artifacts kept for identical requests (0: no cache).
+    #[arg(long, default_value_t = 256)]
+    sdk_cache: usize,
     /// How long repeated authentication failures ban the device (0s: no bans).
     #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
     ban_duration: Duration,
@@ -123,6 +135,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
 
     let (platform, _) = Platform::open(&args.data).map_err(|e| anyhow!(e))?;
+    platform.save_public_key().map_err(|e| anyhow!(e))?;
     let identity = tls::identity_from_flags(
         args.cert.as_deref(),
         args.key.as_deref(),
@@ -199,6 +212,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     spawn_revocation_follower(&registry, gatekeeper.clone());
 
     let http_addr = http_listener.local_addr()?;
+    let sdk = crate::sdk_api::SdkSettings {
+        handshakes: Arc::new(Handshakes::new(
+            registry.clone(),
+            bans.clone(),
+            auth.clone(),
+        )),
+        builder: Arc::new(Builder::new(args.sdk_cache)),
+        token_ttl: args.sdk_token_ttl,
+        manifest_ttl: args.sdk_manifest_ttl,
+        mqtt_port: gatekeeper.local_addr().port(),
+    };
     let state = http::AppState {
         db: db.clone(),
         catalog,
@@ -210,6 +234,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         audit,
         query_timeout: args.query_timeout,
         metrics: Arc::new(metrics),
+        sdk,
     };
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -276,7 +301,7 @@ async fn bootstrap_admin(platform: &Platform, registry: &Registry) -> anyhow::Re
     let now = unix_now();
     if registry.get(ADMIN_DEVICE).is_none() {
         registry
-            .add(ADMIN_DEVICE, Role::Admin, Some("fleetgate-admin"), now)
+            .add(ADMIN_DEVICE, Role::Admin, Some("fleetgate-admin"), None, now)
             .await?;
     }
     if !platform.admin_token_path().exists() {

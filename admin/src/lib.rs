@@ -7,10 +7,12 @@
 //! - [`refusals`]: per-device refusal counts and repeated-failure alerts.
 //! - [`bans`]: temporary bans that follow those alerts.
 //! - [`audit`]: the log of every admin action.
+//! - [`handshake`]: nonces and the checks on a device's signed SDK handshake.
 
 pub mod audit;
 pub mod auth;
 pub mod bans;
+pub mod handshake;
 pub mod platform;
 pub mod refusals;
 pub mod registry;
@@ -18,6 +20,7 @@ pub mod registry;
 pub use audit::AuditLog;
 pub use auth::TokenAuthenticator;
 pub use bans::{Ban, Bans};
+pub use handshake::{HandshakeError, Handshakes};
 pub use platform::Platform;
 pub use refusals::RefusalLedger;
 pub use registry::{Device, Registry, RegistryEvent};
@@ -27,4 +30,11 @@ pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Current time in Unix milliseconds.
+pub fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }

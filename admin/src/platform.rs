@@ -54,6 +54,15 @@ impl Platform {
         })
     }
 
+    /// Writes `<data>/platform.pub` (hex): what devices are flashed with to
+    /// verify tokens and SDK manifests.
+    pub fn save_public_key(&self) -> Result<(), String> {
+        let path = self.data_dir.join("platform.pub");
+        let hex = fleetgate_protocol::sdk::hex(&self.signer.public_key());
+        std::fs::write(&path, format!("{hex}\n"))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    }
+
     pub fn admin_token_path(&self) -> PathBuf {
         self.data_dir.join("admin.token")
     }

@@ -16,6 +16,8 @@ pub struct Device {
     pub id: String,
     pub role: Role,
     pub device_type: Option<String>,
+    /// Hex Ed25519 public key the device signs its SDK handshakes with.
+    pub public_key: Option<String>,
     /// Unix seconds; `None` while the device may connect.
     pub revoked_at: Option<i64>,
     /// Tokens issued before this Unix second are refused.
@@ -51,7 +53,8 @@ pub struct Registry {
     events: broadcast::Sender<RegistryEvent>,
 }
 
-const COLUMNS: &str = "id, role, device_type, revoked_at, tokens_not_before, created_at";
+const COLUMNS: &str =
+    "id, role, device_type, revoked_at, tokens_not_before, created_at, public_key";
 
 fn db_error(e: sqlx::Error) -> RegistryError {
     RegistryError::Database(e.to_string())
@@ -61,11 +64,13 @@ impl Registry {
     pub async fn load(db: Db) -> Result<Registry, String> {
         db.execute_ddl(&[
             "CREATE TABLE IF NOT EXISTS fleetgate_devices (id TEXT PRIMARY KEY, role TEXT NOT NULL, device_type TEXT, \
-             revoked_at BIGINT, tokens_not_before BIGINT NOT NULL, created_at BIGINT NOT NULL)"
+             revoked_at BIGINT, tokens_not_before BIGINT NOT NULL, created_at BIGINT NOT NULL, \
+             public_key TEXT)"
                 .to_string(),
         ])
         .await
         .map_err(|e| format!("cannot create the device registry: {e}"))?;
+        add_public_key_column(&db).await?;
         let rows = with_pool!(db, pool => {
             sqlx::query(&format!("SELECT {COLUMNS} FROM fleetgate_devices"))
                 .fetch_all(pool)
@@ -79,6 +84,7 @@ impl Registry {
                         revoked_at: r.get(3),
                         tokens_not_before: r.get(4),
                         created_at: r.get(5),
+                        public_key: r.get(6),
                     }
                 }).collect::<Vec<_>>())
         })
@@ -117,6 +123,7 @@ impl Registry {
         id: &str,
         role: Role,
         device_type: Option<&str>,
+        public_key: Option<&[u8]>,
         now: i64,
     ) -> Result<Device, RegistryError> {
         validate_device_id(id).map_err(RegistryError::Invalid)?;
@@ -126,6 +133,11 @@ impl Registry {
                     "device type must be 1-64 characters".into(),
                 ));
             }
+        }
+        if public_key.is_some_and(|k| k.len() != 32) {
+            return Err(RegistryError::Invalid(
+                "public key must be a 32-byte Ed25519 key".into(),
+            ));
         }
         if self.get(id).is_some() {
             return Err(RegistryError::Exists(id.to_string()));
@@ -137,15 +149,17 @@ impl Registry {
             revoked_at: None,
             tokens_not_before: now,
             created_at: now,
+            public_key: public_key.map(fleetgate_protocol::sdk::hex),
         };
         let result = with_pool!(self.db, pool => {
-            sqlx::query(&format!("INSERT INTO fleetgate_devices ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"))
+            sqlx::query(&format!("INSERT INTO fleetgate_devices ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"))
                 .bind(&device.id)
                 .bind(role.as_str())
                 .bind(&device.device_type)
                 .bind(device.revoked_at)
                 .bind(device.tokens_not_before)
                 .bind(device.created_at)
+                .bind(&device.public_key)
                 .execute(pool)
                 .await
                 .map(|_| ())
@@ -223,4 +237,21 @@ impl Registry {
     pub fn announce_ban(&self, id: &str) {
         let _ = self.events.send(RegistryEvent::Banned(id.to_string()));
     }
+}
+
+/// Registries created before devices had keys lack the column; adding it is
+/// the whole migration.
+async fn add_public_key_column(db: &Db) -> Result<(), String> {
+    let has_column = with_pool!(db, pool => {
+        sqlx::query("SELECT public_key FROM fleetgate_devices LIMIT 1")
+            .fetch_all(pool)
+            .await
+            .map(|_| ())
+    });
+    if has_column.is_ok() {
+        return Ok(());
+    }
+    db.execute_ddl(&["ALTER TABLE fleetgate_devices ADD COLUMN public_key TEXT".to_string()])
+        .await
+        .map_err(|e| format!("cannot add public keys to the device registry: {e}"))
 }

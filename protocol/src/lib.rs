@@ -7,8 +7,10 @@
 
 pub mod auth;
 pub mod ingest;
+pub mod record;
 pub mod role;
 pub mod schema;
+pub mod sdk;
 pub mod token;
 pub mod topic;
 

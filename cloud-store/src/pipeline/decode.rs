@@ -1,3 +1,4 @@
+use fleetgate_protocol::record;
 use serde_json::Value;
 
 use super::{Record, Reject, Stage, Work};
@@ -6,7 +7,8 @@ use super::{Record, Reject, Stage, Work};
 /// budgeted in records, and one message must fit comfortably in it.
 pub const MAX_RECORDS_PER_MESSAGE: usize = 10_000;
 
-/// Bytes → JSON records. A payload is one JSON object or an array of them.
+/// Bytes → records. A payload is one JSON object, an array of them, or one
+/// binary record (`fleetgate_protocol::record`, what generated SDKs send).
 pub struct Decode {
     pub max_payload: usize,
 }
@@ -26,6 +28,14 @@ impl Stage for Decode {
                 message.payload.len(),
                 self.max_payload
             ));
+        }
+        if record::is_binary_record(&message.payload) {
+            let raw = record::decode(&message.payload)?;
+            work.records.push(Record {
+                raw,
+                values: Vec::new(),
+            });
+            return Ok(());
         }
         // serde_json refuses nesting deeper than 128 levels, so a hostile
         // payload cannot exhaust the stack.
