@@ -207,10 +207,9 @@ async fn add_device(
         .public_key
         .as_deref()
         .map(|hex| {
-            from_hex(hex)
-                .ok()
-                .filter(|k| k.len() == 32)
-                .ok_or_else(|| bad_request("public_key must be 64 hex digits (an Ed25519 public key)"))
+            from_hex(hex).ok().filter(|k| k.len() == 32).ok_or_else(|| {
+                bad_request("public_key must be 64 hex digits (an Ed25519 public key)")
+            })
         })
         .transpose()?;
     state

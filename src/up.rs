@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use fleetgate_admin::platform::{ADMIN_DEVICE, ADMIN_TOKEN_TTL_SECS};
+use fleetgate_admin::Handshakes;
 use fleetgate_admin::{
     unix_now, AuditLog, Bans, Platform, RefusalLedger, Registry, RegistryEvent, TokenAuthenticator,
 };
-use fleetgate_admin::Handshakes;
-use fleetgate_sdk_builder::Builder;
 use fleetgate_broker::{EndReason, Gatekeeper, GatekeeperConfig, Upstream};
 use fleetgate_protocol::schema::StreamsFile;
 use fleetgate_protocol::Role;
+use fleetgate_sdk_builder::Builder;
 use fleetgate_store::metrics::StoreMetrics;
 use fleetgate_store::pipeline::{Pipeline, PublishLive};
 use fleetgate_store::{open_catalog, Db, Store, WriterConfig};
@@ -301,7 +301,13 @@ async fn bootstrap_admin(platform: &Platform, registry: &Registry) -> anyhow::Re
     let now = unix_now();
     if registry.get(ADMIN_DEVICE).is_none() {
         registry
-            .add(ADMIN_DEVICE, Role::Admin, Some("fleetgate-admin"), None, now)
+            .add(
+                ADMIN_DEVICE,
+                Role::Admin,
+                Some("fleetgate-admin"),
+                None,
+                now,
+            )
             .await?;
     }
     if !platform.admin_token_path().exists() {

@@ -11,4 +11,5 @@ mod durability;
 mod ingest;
 mod query;
 mod roles;
+mod sdk;
 mod tls;

@@ -84,12 +84,11 @@ impl Handshakes {
             .unverified_claims()
             .map_err(HandshakeError::Malformed)?;
         let device_id = claimed.device_id.clone();
-        self.check(signed, claimed, now_ms).map_err(|e| {
-            if let HandshakeError::Refused(reason) = &e {
+        self.check(signed, claimed, now_ms).inspect_err(|e| {
+            if let HandshakeError::Refused(reason) = e {
                 self.auth
                     .record_refusal(&device_id, &format!("handshake: {reason}"));
             }
-            e
         })
     }
 

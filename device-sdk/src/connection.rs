@@ -80,7 +80,10 @@ async fn connect_once(shared: &Shared, was_connected: &mut bool) -> Refusal {
     }
 }
 
-async fn session(shared: &Shared, was_connected: &mut bool) -> Result<std::convert::Infallible, Refusal> {
+async fn session(
+    shared: &Shared,
+    was_connected: &mut bool,
+) -> Result<std::convert::Infallible, Refusal> {
     let (address, token) = {
         let session = shared.session.lock().expect("session lock");
         (session.mqtt.clone(), session.token.clone())
@@ -108,7 +111,11 @@ async fn session(shared: &Shared, was_connected: &mut bool) -> Result<std::conve
                     connected = true;
                     *was_connected = true;
                     subscribed = 0;
-                    shared.status.send_modify(|s| { s.connected = true; s.last_error = None; });
+                    shared.status.send_modify(|s| {
+                        s.connected = true;
+                        s.following = 0;
+                        s.last_error = None;
+                    });
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                     if let Some(entry) = in_flight.iter_mut().find(|e| e.pkid.is_none()) {
@@ -120,6 +127,9 @@ async fn session(shared: &Shared, was_connected: &mut bool) -> Result<std::conve
                         entry.acked = true;
                     }
                     advance(shared, &mut in_flight)?;
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    shared.status.send_modify(|s| s.following += 1);
                 }
                 Ok(Event::Incoming(Packet::Publish(message))) => {
                     let topic = message.topic.clone();
@@ -156,7 +166,10 @@ async fn session(shared: &Shared, was_connected: &mut bool) -> Result<std::conve
             .map(|(f, _)| f.clone())
             .collect();
         while subscribed < follows.len() {
-            if client.try_subscribe(follows[subscribed].clone(), QoS::AtLeastOnce).is_err() {
+            if client
+                .try_subscribe(follows[subscribed].clone(), QoS::AtLeastOnce)
+                .is_err()
+            {
                 break;
             }
             subscribed += 1;

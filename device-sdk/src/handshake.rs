@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetgate_protocol::sdk::{HandshakeClaims, Manifest, SdkBundle, SignedHandshake, Target, SDK_VERSION};
+use fleetgate_protocol::sdk::{
+    HandshakeClaims, Manifest, SdkBundle, SignedHandshake, Target, SDK_VERSION,
+};
 use fleetgate_protocol::{Role, TokenVerifier};
 use serde::Deserialize;
 use serde_json::json;
@@ -102,7 +104,9 @@ fn unix_now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-async fn json_or_refusal<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> Result<T, SdkError> {
+async fn json_or_refusal<T: serde::de::DeserializeOwned>(
+    response: reqwest::Response,
+) -> Result<T, SdkError> {
     let status = response.status();
     let body = response
         .bytes()

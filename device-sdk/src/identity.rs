@@ -60,7 +60,8 @@ impl DeviceKey {
 
 /// Reads a hex public key file (`device.pub`, `platform.pub`).
 pub fn read_public_key(path: &Path) -> Result<Vec<u8>, String> {
-    let text = fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text =
+        fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     from_hex(&text)
         .ok()
         .filter(|k| k.len() == 32)

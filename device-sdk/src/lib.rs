@@ -81,7 +81,14 @@ pub struct DeviceConfig {
 }
 
 impl DeviceConfig {
-    pub fn new(server: &str, device_id: &str, device_type: &str, key: DeviceKey, platform_key: Vec<u8>, queue_dir: PathBuf) -> DeviceConfig {
+    pub fn new(
+        server: &str,
+        device_id: &str,
+        device_type: &str,
+        key: DeviceKey,
+        platform_key: Vec<u8>,
+        queue_dir: PathBuf,
+    ) -> DeviceConfig {
         DeviceConfig {
             server: server.trim_end_matches('/').to_string(),
             device_id: device_id.to_string(),
@@ -102,6 +109,8 @@ impl DeviceConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Status {
     pub connected: bool,
+    /// Subscriptions of [`Device::follow`] the broker has granted on this connection.
+    pub following: usize,
     pub handshakes: u64,
     /// Records the broker acknowledged since start.
     pub acked: u64,
@@ -168,21 +177,42 @@ impl Device {
     }
 
     pub fn role(&self) -> Role {
-        self.shared.session.lock().expect("session lock").manifest.role
+        self.shared
+            .session
+            .lock()
+            .expect("session lock")
+            .manifest
+            .role
     }
 
     pub fn target(&self) -> Target {
-        self.shared.session.lock().expect("session lock").manifest.target
+        self.shared
+            .session
+            .lock()
+            .expect("session lock")
+            .manifest
+            .target
     }
 
     /// The streams this SDK can encode, as its module describes them.
     pub fn schema(&self) -> ModuleSchema {
-        self.shared.session.lock().expect("session lock").module.schema().clone()
+        self.shared
+            .session
+            .lock()
+            .expect("session lock")
+            .module
+            .schema()
+            .clone()
     }
 
     /// The current token (for HTTP calls of the device's own).
     pub fn token(&self) -> String {
-        self.shared.session.lock().expect("session lock").token.clone()
+        self.shared
+            .session
+            .lock()
+            .expect("session lock")
+            .token
+            .clone()
     }
 
     pub fn status(&self) -> watch::Receiver<Status> {
@@ -222,7 +252,10 @@ impl Device {
         }
     }
 
-    fn ask(&self, call: impl FnOnce(&mut SdkModule) -> Result<HostRequest, SdkError>) -> Result<(HostRequest, String), SdkError> {
+    fn ask(
+        &self,
+        call: impl FnOnce(&mut SdkModule) -> Result<HostRequest, SdkError>,
+    ) -> Result<(HostRequest, String), SdkError> {
         let mut session = self.shared.session.lock().expect("session lock");
         let request = call(&mut session.module)?;
         Ok((request, session.token.clone()))
@@ -234,7 +267,8 @@ impl Device {
         let HostRequest::Query(sql) = request else {
             return Err(SdkError::Module(format!("fg_query asked for {request:?}")));
         };
-        self.call_api("/v1/query", &token, serde_json::json!({ "sql": sql })).await
+        self.call_api("/v1/query", &token, serde_json::json!({ "sql": sql }))
+            .await
     }
 
     /// Follows live records on an MQTT topic filter (extract and admin roles).
@@ -260,8 +294,12 @@ impl Device {
         let HostRequest::Admin { arg, .. } = request else {
             return Err(SdkError::Module(format!("fg_admin asked for {request:?}")));
         };
-        self.call_api(&format!("/v1/devices/{arg}/revoke"), &token, serde_json::json!({}))
-            .await
+        self.call_api(
+            &format!("/v1/devices/{arg}/revoke"),
+            &token,
+            serde_json::json!({}),
+        )
+        .await
     }
 
     /// Changes a device's role (admin role).
@@ -283,7 +321,12 @@ impl Device {
         .await
     }
 
-    async fn call_api(&self, path: &str, token: &str, body: serde_json::Value) -> Result<serde_json::Value, SdkError> {
+    async fn call_api(
+        &self,
+        path: &str,
+        token: &str,
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value, SdkError> {
         let response = self
             .shared
             .http

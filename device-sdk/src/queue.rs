@@ -53,7 +53,8 @@ impl DiskQueue {
             acked = 0;
         }
         let mut bytes = Vec::new();
-        log.seek(SeekFrom::Start(acked)).map_err(|e| e.to_string())?;
+        log.seek(SeekFrom::Start(acked))
+            .map_err(|e| e.to_string())?;
         log.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
         let (mut at, mut entries) = (0usize, 0u64);
         while let Some((next, _)) = parse(&bytes, at) {
@@ -62,7 +63,8 @@ impl DiskQueue {
         }
         let len = acked + at as u64;
         if len < file_len {
-            log.set_len(len).map_err(|e| format!("cannot repair the queue: {e}"))?;
+            log.set_len(len)
+                .map_err(|e| format!("cannot repair the queue: {e}"))?;
         }
         Ok(DiskQueue {
             log,

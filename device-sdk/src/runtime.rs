@@ -104,13 +104,20 @@ pub struct SdkModule {
 fn trap(what: &str, e: wasmtime::Error) -> SdkError {
     let text = format!("{e:#}");
     if text.contains("fuel") {
-        SdkError::Module(format!("{what}: the SDK module ran out of fuel (endless loop?)"))
+        SdkError::Module(format!(
+            "{what}: the SDK module ran out of fuel (endless loop?)"
+        ))
     } else {
         SdkError::Module(format!("{what}: {text}"))
     }
 }
 
-fn read_string(memory: &Memory, caller: &Caller<'_, HostState>, ptr: i32, len: i32) -> Option<String> {
+fn read_string(
+    memory: &Memory,
+    caller: &Caller<'_, HostState>,
+    ptr: i32,
+    len: i32,
+) -> Option<String> {
     let data = memory.data(caller);
     let start = usize::try_from(ptr).ok()?;
     let end = start.checked_add(usize::try_from(len).ok()?)?;
@@ -390,7 +397,11 @@ impl SdkModule {
 
     /// Validates and encodes one record inside the module; returns the
     /// binary record (`fleetgate_protocol::record`).
-    pub fn encode(&mut self, stream: &str, fields: &[(&str, FieldValue)]) -> Result<Vec<u8>, SdkError> {
+    pub fn encode(
+        &mut self,
+        stream: &str,
+        fields: &[(&str, FieldValue)],
+    ) -> Result<Vec<u8>, SdkError> {
         let index = self.fill_slots(stream, fields)?;
         self.refuel()?;
         let len = self
@@ -410,7 +421,11 @@ impl SdkModule {
 
     /// Has the module validate, encode and publish one record; returns the
     /// stream's name and the payload the module handed to the host.
-    pub fn publish(&mut self, stream: &str, fields: &[(&str, FieldValue)]) -> Result<(String, Vec<u8>), SdkError> {
+    pub fn publish(
+        &mut self,
+        stream: &str,
+        fields: &[(&str, FieldValue)],
+    ) -> Result<(String, Vec<u8>), SdkError> {
         let index = self.fill_slots(stream, fields)?;
         self.refuel()?;
         self.store.data_mut().requests.clear();
@@ -453,9 +468,21 @@ impl SdkModule {
         let (ptr, len) = (self.text as i32, text.len() as i32);
         let not_in_role = || SdkError::NotInRole(format!("this SDK's role cannot {export}"));
         let result = match (export, op) {
-            (abi::QUERY, _) => self.query.as_ref().ok_or_else(not_in_role)?.call(&mut self.store, (ptr, len)),
-            (abi::FOLLOW, _) => self.follow.as_ref().ok_or_else(not_in_role)?.call(&mut self.store, (ptr, len)),
-            (abi::ADMIN, Some(op)) => self.admin.as_ref().ok_or_else(not_in_role)?.call(&mut self.store, (op, ptr, len)),
+            (abi::QUERY, _) => self
+                .query
+                .as_ref()
+                .ok_or_else(not_in_role)?
+                .call(&mut self.store, (ptr, len)),
+            (abi::FOLLOW, _) => self
+                .follow
+                .as_ref()
+                .ok_or_else(not_in_role)?
+                .call(&mut self.store, (ptr, len)),
+            (abi::ADMIN, Some(op)) => self
+                .admin
+                .as_ref()
+                .ok_or_else(not_in_role)?
+                .call(&mut self.store, (op, ptr, len)),
             _ => return Err(not_in_role()),
         }
         .map_err(|e| trap(export, e))?;

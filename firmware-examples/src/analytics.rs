@@ -17,7 +17,11 @@ pub async fn temperature_summary(device: &Device) -> anyhow::Result<Value> {
 }
 
 /// The next `count` live records on `filter`.
-pub async fn follow(device: &Device, filter: &str, count: usize) -> anyhow::Result<Vec<LiveMessage>> {
+pub async fn follow(
+    device: &Device,
+    filter: &str,
+    count: usize,
+) -> anyhow::Result<Vec<LiveMessage>> {
     let mut live = device.follow(filter)?;
     let mut seen = Vec::with_capacity(count);
     while seen.len() < count {

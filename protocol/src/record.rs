@@ -202,7 +202,9 @@ mod tests {
         }
         let mut trailing = bytes.clone();
         trailing.push(0);
-        assert!(decode(&trailing).unwrap_err().contains("after the last field"));
+        assert!(decode(&trailing)
+            .unwrap_err()
+            .contains("after the last field"));
         let nan = encode(&[("x", f64::NAN.into())]).unwrap();
         assert!(decode(&nan).unwrap_err().contains("not a finite number"));
         let twice = encode(&[("x", 1.into()), ("x", 2.into())]).unwrap();

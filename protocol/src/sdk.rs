@@ -224,7 +224,9 @@ impl SdkBundle {
     /// returned: nothing unverified ever reaches a deserializer.
     pub fn open(&self, platform_public_key: &[u8]) -> Result<(Manifest, Vec<u8>), BundleError> {
         let malformed = |what: &str| BundleError::Malformed(format!("{what} is not base64"));
-        let json = B64.decode(&self.manifest).map_err(|_| malformed("manifest"))?;
+        let json = B64
+            .decode(&self.manifest)
+            .map_err(|_| malformed("manifest"))?;
         let signature = B64
             .decode(&self.signature)
             .map_err(|_| malformed("signature"))?;
@@ -233,7 +235,9 @@ impl SdkBundle {
             .map_err(|_| BundleError::BadSignature)?;
         let manifest: Manifest = serde_json::from_slice(&json)
             .map_err(|e| BundleError::Malformed(format!("manifest: {e}")))?;
-        let artifact = B64.decode(&self.artifact).map_err(|_| malformed("artifact"))?;
+        let artifact = B64
+            .decode(&self.artifact)
+            .map_err(|_| malformed("artifact"))?;
         if artifact.len() as u64 != manifest.artifact_len {
             return Err(BundleError::ArtifactMismatch(format!(
                 "{} bytes, the manifest says {}",
@@ -266,7 +270,7 @@ pub fn hex(bytes: &[u8]) -> String {
 
 pub fn from_hex(text: &str) -> Result<Vec<u8>, String> {
     let text = text.trim();
-    if text.len() % 2 != 0 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err("not an even-length hex string".into());
     }
     (0..text.len())

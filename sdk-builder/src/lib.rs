@@ -63,22 +63,25 @@ impl Builder {
     }
 
     /// The module's view of the streams: those an SDK can encode (at most
-    /// [`abi::MAX_FIELDS`] fields), in the given order.
+    /// [`abi::MAX_FIELDS`] fields), by name, so that equal catalogs give
+    /// equal modules (and cache keys) whatever order they were listed in.
     pub fn module_schema<'a>(
         role: Role,
         streams: impl IntoIterator<Item = (&'a str, &'a StreamDef)>,
     ) -> ModuleSchema {
+        let mut streams: Vec<ModuleStream> = streams
+            .into_iter()
+            .filter(|(_, def)| def.fields.len() <= abi::MAX_FIELDS as usize)
+            .map(|(name, def)| ModuleStream {
+                name: name.to_string(),
+                fields: def.fields.clone(),
+            })
+            .collect();
+        streams.sort_by(|a, b| a.name.cmp(&b.name));
         ModuleSchema {
             sdk_version: SDK_VERSION.to_string(),
             role,
-            streams: streams
-                .into_iter()
-                .filter(|(_, def)| def.fields.len() <= abi::MAX_FIELDS as usize)
-                .map(|(name, def)| ModuleStream {
-                    name: name.to_string(),
-                    fields: def.fields.clone(),
-                })
-                .collect(),
+            streams,
         }
     }
 
@@ -314,11 +317,11 @@ fields.at      = { type = "timestamp" }
     fn the_module_refuses_what_the_store_would_refuse() {
         let builder = Builder::new(0);
         let mut module = load(&builder, Role::Ingest, Target::Wasm);
-        let mut check = |fields: Vec<(&str, FieldValue)>, expected: &str| {
-            match module.encode("temperature", &fields) {
-                Err(SdkError::Invalid(reason)) => assert_eq!(reason, expected),
-                other => panic!("{fields:?}: expected {expected:?}, got {other:?}"),
-            }
+        let mut check = |fields: Vec<(&str, FieldValue)>, expected: &str| match module
+            .encode("temperature", &fields)
+        {
+            Err(SdkError::Invalid(reason)) => assert_eq!(reason, expected),
+            other => panic!("{fields:?}: expected {expected:?}, got {other:?}"),
         };
         check(vec![("celsius", 20.0.into())], "seq is required");
         check(
@@ -338,15 +341,27 @@ fields.at      = { type = "timestamp" }
             "celsius is not a finite number",
         );
         check(
-            vec![("seq", 1.into()), ("celsius", 1.0.into()), ("mode", "dry".into())],
+            vec![
+                ("seq", 1.into()),
+                ("celsius", 1.0.into()),
+                ("mode", "dry".into()),
+            ],
             "mode is not one of the allowed values",
         );
         check(
-            vec![("seq", 1.into()), ("celsius", 1.0.into()), ("mode", "hea".into())],
+            vec![
+                ("seq", 1.into()),
+                ("celsius", 1.0.into()),
+                ("mode", "hea".into()),
+            ],
             "mode is not one of the allowed values",
         );
         check(
-            vec![("seq", 1.into()), ("celsius", 1.0.into()), ("room", "a\0b".into())],
+            vec![
+                ("seq", 1.into()),
+                ("celsius", 1.0.into()),
+                ("room", "a\0b".into()),
+            ],
             "room contains a NUL character",
         );
         assert!(matches!(
@@ -385,7 +400,9 @@ fields.at      = { type = "timestamp" }
             assert_eq!(e_machine, machine, "{target}");
             assert!(artifact.wasmtime_compat.is_some());
         }
-        let (pulley32, _) = builder.build(&schema(Role::Ingest), Target::Pulley32).unwrap();
+        let (pulley32, _) = builder
+            .build(&schema(Role::Ingest), Target::Pulley32)
+            .unwrap();
         assert_eq!(&pulley32.bytes[..4], b"\x7fELF");
     }
 
@@ -486,7 +503,9 @@ fields.at      = { type = "timestamp" }
         let mut module = load_wasm(&hostile(body));
         for _ in 0..2 {
             match module.encode("temperature", &[("seq", 1.into())]) {
-                Err(SdkError::Module(reason)) => assert!(reason.contains("ran out of fuel"), "{reason}"),
+                Err(SdkError::Module(reason)) => {
+                    assert!(reason.contains("ran out of fuel"), "{reason}")
+                }
                 other => panic!("expected a fuel error, got {other:?}"),
             }
         }
@@ -507,7 +526,10 @@ fields.at      = { type = "timestamp" }
         let mut module = load_wasm(&hostile(body));
         match module.encode("temperature", &[("seq", 1.into())]) {
             Err(SdkError::Module(reason)) => {
-                assert!(reason.contains("memory") || reason.contains("grow"), "{reason}")
+                assert!(
+                    reason.contains("memory") || reason.contains("grow"),
+                    "{reason}"
+                )
             }
             other => panic!("expected a memory error, got {other:?}"),
         }

@@ -34,11 +34,20 @@ const T_STREAM: u32 = 1; // (i32) -> i32
 const T_TEXT: u32 = 2; // (i32, i32) -> i32
 const T_THREE: u32 = 3; // (i32, i32, i32) -> i32
 
+/// Bytes in the data segment: (offset, length).
+type Span = (u32, u32);
+
+/// A field's name and enum members, as placed in the data segment.
+struct PlacedField {
+    name: Span,
+    members: Vec<Span>,
+}
+
 /// Where things live in the module's memory.
 struct Layout {
-    schema: (u32, u32),
-    /// Per stream, per field: (name offset, name length, enum members).
-    names: Vec<Vec<(u32, u32, Vec<(u32, u32)>)>>,
+    schema: Span,
+    /// Per stream, per field.
+    fields: Vec<Vec<PlacedField>>,
     input: u32,
     text: u32,
     output: u32,
@@ -54,22 +63,21 @@ fn layout(schema: &ModuleSchema) -> Layout {
         data.extend_from_slice(bytes);
         (at, bytes.len() as u32)
     };
-    let names = schema
+    let fields = schema
         .streams
         .iter()
         .map(|stream| {
             stream
                 .fields
                 .iter()
-                .map(|(name, def)| {
-                    let (at, len) = place(name.as_bytes());
-                    let members = def
+                .map(|(name, def)| PlacedField {
+                    name: place(name.as_bytes()),
+                    members: def
                         .values
                         .iter()
                         .flatten()
                         .map(|v| place(v.as_bytes()))
-                        .collect();
-                    (at, len, members)
+                        .collect(),
                 })
                 .collect()
         })
@@ -80,7 +88,7 @@ fn layout(schema: &ModuleSchema) -> Layout {
     let end = output + OUTPUT_CAP;
     Layout {
         schema: schema_span,
-        names,
+        fields,
         input,
         text,
         output,
@@ -104,7 +112,9 @@ pub fn generate(role: Role, schema: &ModuleSchema) -> Vec<u8> {
     let mut types = TypeSection::new();
     types.ty().function([], [ValType::I32]);
     types.ty().function([ValType::I32], [ValType::I32]);
-    types.ty().function([ValType::I32, ValType::I32], [ValType::I32]);
+    types
+        .ty()
+        .function([ValType::I32, ValType::I32], [ValType::I32]);
     types
         .ty()
         .function([ValType::I32, ValType::I32, ValType::I32], [ValType::I32]);
@@ -159,7 +169,8 @@ pub fn generate(role: Role, schema: &ModuleSchema) -> Vec<u8> {
         .iter()
         .enumerate()
         .map(|(s, stream)| {
-            let body = encode_function(&layout, &layout.names[s], stream.fields.values(), bytes_eq);
+            let body =
+                encode_function(&layout, &layout.fields[s], stream.fields.values(), bytes_eq);
             add(T_CONST, body, None)
         })
         .collect();
@@ -170,11 +181,23 @@ pub fn generate(role: Role, schema: &ModuleSchema) -> Vec<u8> {
         Some(abi::PUBLISH),
     );
     if extract {
-        add(T_TEXT, pass_text_function(&layout, host_query), Some(abi::QUERY));
-        add(T_TEXT, pass_text_function(&layout, host_follow), Some(abi::FOLLOW));
+        add(
+            T_TEXT,
+            pass_text_function(&layout, host_query),
+            Some(abi::QUERY),
+        );
+        add(
+            T_TEXT,
+            pass_text_function(&layout, host_follow),
+            Some(abi::FOLLOW),
+        );
     }
     if admin {
-        add(T_THREE, admin_function(&layout, host_admin), Some(abi::ADMIN));
+        add(
+            T_THREE,
+            admin_function(&layout, host_admin),
+            Some(abi::ADMIN),
+        );
     }
 
     let mut memories = MemorySection::new();
@@ -262,12 +285,18 @@ fn check_room(sink: &mut InstructionSink<'_>, layout: &Layout, field: usize) {
 
 fn bound_checks(sink: &mut InstructionSink<'_>, def: &FieldDef, field: usize) {
     if let Some(min) = def.min {
-        sink.local_get(FLOAT).f64_const(min.into()).f64_lt().if_(BlockType::Empty);
+        sink.local_get(FLOAT)
+            .f64_const(min.into())
+            .f64_lt()
+            .if_(BlockType::Empty);
         fail(sink, field, error::BELOW_MIN);
         sink.end();
     }
     if let Some(max) = def.max {
-        sink.local_get(FLOAT).f64_const(max.into()).f64_gt().if_(BlockType::Empty);
+        sink.local_get(FLOAT)
+            .f64_const(max.into())
+            .f64_gt()
+            .if_(BlockType::Empty);
         fail(sink, field, error::ABOVE_MAX);
         sink.end();
     }
@@ -277,7 +306,7 @@ fn bound_checks(sink: &mut InstructionSink<'_>, def: &FieldDef, field: usize) {
 /// field's bytes, in declaration order; returns the record's length.
 fn encode_function<'a>(
     layout: &Layout,
-    names: &[(u32, u32, Vec<(u32, u32)>)],
+    placed: &[PlacedField],
     fields: impl Iterator<Item = &'a FieldDef>,
     bytes_eq: u32,
 ) -> Function {
@@ -297,8 +326,14 @@ fn encode_function<'a>(
         .local_set(COUNT);
     for (k, def) in fields.enumerate() {
         let slot = layout.input + k as u32 * abi::SLOT_SIZE;
-        let (name_at, name_len, members) = &names[k];
-        sink.i32_const(0).i32_load8_u(mem(slot)).i32_eqz().if_(BlockType::Empty);
+        let PlacedField {
+            name: (name_at, name_len),
+            members,
+        } = &placed[k];
+        sink.i32_const(0)
+            .i32_load8_u(mem(slot))
+            .i32_eqz()
+            .if_(BlockType::Empty);
         if def.required {
             fail(&mut sink, k, error::MISSING);
         }
@@ -472,7 +507,7 @@ fn text_checks(sink: &mut InstructionSink<'_>, layout: &Layout, slot: u32, field
         .end();
 }
 
-fn enum_check(sink: &mut InstructionSink<'_>, members: &[(u32, u32)], field: usize, bytes_eq: u32) {
+fn enum_check(sink: &mut InstructionSink<'_>, members: &[Span], field: usize, bytes_eq: u32) {
     sink.block(BlockType::Empty);
     for (at, len) in members {
         sink.local_get(LEN)

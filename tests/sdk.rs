@@ -1,0 +1,842 @@
+//! Device SDKs end to end: a device handshakes with its own key, gets a
+//! platform-signed SDK for its role, runs it (WebAssembly, x86_64 and Pulley
+//! artifacts) and publishes through the gatekeeper into the store; every bad
+//! handshake and tampered bundle is refused.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetgate_device_sdk::identity::{read_public_key, DeviceKey};
+use fleetgate_device_sdk::runtime::{RuntimeLimits, SdkModule};
+use fleetgate_device_sdk::{verify_bundle, Device, DeviceConfig, Expected, SdkError};
+use fleetgate_firmware_examples::{analytics, pos, thermostat, Cadence};
+use fleetgate_protocol::sdk::{
+    hex, HandshakeClaims, SdkBundle, SignedHandshake, Target, SDK_VERSION,
+};
+use fleetgate_protocol::Role;
+use ring::rand::SystemRandom;
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::harness::{now, Backend, Server, WAIT};
+
+const EXAMPLE_STREAMS: &str = include_str!("../firmware-examples/streams.toml");
+
+async fn server_with_examples(backend: Backend, extra: &[&str]) -> Server {
+    let server = Server::start_with(backend, extra).await;
+    let (status, body) = server.apply_streams(EXAMPLE_STREAMS).await;
+    assert_eq!(status, 200, "{body}");
+    server
+}
+
+/// Makes a key pair in `dir` and registers the device with its public key.
+async fn register(server: &Server, dir: &Path, id: &str, role: &str, device_type: &str) {
+    let key = DeviceKey::generate(dir).unwrap();
+    let (status, body) = server
+        .api(
+            "POST",
+            "/v1/devices",
+            Some(&server.admin),
+            Some(json!({ "id": id, "role": role, "type": device_type, "public_key": key.public_hex() })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+}
+
+fn platform_key(server: &Server) -> Vec<u8> {
+    read_public_key(&server.data_dir().join("platform.pub")).unwrap()
+}
+
+fn config(
+    server: &Server,
+    dir: &Path,
+    id: &str,
+    device_type: &str,
+    target: Target,
+) -> DeviceConfig {
+    let mut config = DeviceConfig::new(
+        &format!("http://{}", server.http),
+        id,
+        device_type,
+        DeviceKey::load(dir).unwrap(),
+        platform_key(server),
+        dir.join("queue"),
+    );
+    config.target = Some(target);
+    config
+}
+
+fn cadence(count: u64) -> Cadence {
+    Cadence {
+        count,
+        every: Duration::from_millis(1),
+    }
+}
+
+async fn thermostat_publishes_through_its_sdk(server: &Server, target: Target) {
+    let dir = tempfile::tempdir().unwrap();
+    let id = format!("thermo-{target}");
+    register(server, dir.path(), &id, "ingest", thermostat::DEVICE_TYPE).await;
+    let device = Device::start(config(
+        server,
+        dir.path(),
+        &id,
+        thermostat::DEVICE_TYPE,
+        target,
+    ))
+    .await
+    .unwrap();
+    assert_eq!((device.role(), device.target()), (Role::Ingest, target));
+    let streams: Vec<String> = device
+        .schema()
+        .streams
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(streams, ["sales", "temperature"]);
+
+    let sent = thermostat::run(&device, "hall", &cadence(25))
+        .await
+        .unwrap();
+    assert_eq!(sent, 25);
+    let rows = server
+        .rows(&format!(
+            "SELECT count(*), min(seq), max(seq), min(room) FROM temperature WHERE device_id = '{id}'"
+        ))
+        .await;
+    assert_eq!(rows[0], vec![json!(25), json!(0), json!(24), json!("hall")]);
+
+    // The module itself refuses what the store would; nothing is queued.
+    let err = device
+        .publish(
+            "temperature",
+            &[("seq", 1.into()), ("celsius", 500.0.into())],
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        SdkError::Invalid("celsius is above the maximum".into())
+    );
+    // An ingest SDK has no way to query, follow or administer.
+    assert!(matches!(
+        device.query("SELECT 1").await,
+        Err(SdkError::NotInRole(_))
+    ));
+    assert!(matches!(
+        device.follow("live/#"),
+        Err(SdkError::NotInRole(_))
+    ));
+    assert!(matches!(
+        device.revoke("other").await,
+        Err(SdkError::NotInRole(_))
+    ));
+    device.stop().await;
+}
+
+async fn x86_64_sdk(backend: Backend) {
+    let server = server_with_examples(backend, &[]).await;
+    thermostat_publishes_through_its_sdk(&server, Target::X86_64).await;
+}
+
+crate::on_both_backends!(x86_64_sdk);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webassembly_and_pulley_sdks() {
+    let server = server_with_examples(Backend::Sqlite, &[]).await;
+    thermostat_publishes_through_its_sdk(&server, Target::Wasm).await;
+    thermostat_publishes_through_its_sdk(&server, Target::Pulley64).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analytics_client_queries_and_follows_what_terminals_record() {
+    let server = server_with_examples(Backend::Sqlite, &[]).await;
+    let (pos_dir, analytics_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    register(
+        &server,
+        pos_dir.path(),
+        "till-1",
+        "ingest",
+        pos::DEVICE_TYPE,
+    )
+    .await;
+    register(
+        &server,
+        analytics_dir.path(),
+        "dash-1",
+        "extract",
+        analytics::DEVICE_TYPE,
+    )
+    .await;
+    let client = Device::start(config(
+        &server,
+        analytics_dir.path(),
+        "dash-1",
+        analytics::DEVICE_TYPE,
+        Target::X86_64,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(client.role(), Role::Extract);
+    let mut status = client.status();
+    let follower = tokio::spawn({
+        let client = Arc::new(client);
+        async move {
+            let seen = analytics::follow(&client, "live/sales/#", 6).await.unwrap();
+            (client, seen)
+        }
+    });
+    // Publish once the broker has granted the subscription.
+    tokio::time::timeout(WAIT, status.wait_for(|s| s.following == 1))
+        .await
+        .unwrap()
+        .unwrap();
+    let terminal = Device::start(config(
+        &server,
+        pos_dir.path(),
+        "till-1",
+        pos::DEVICE_TYPE,
+        Target::Wasm,
+    ))
+    .await
+    .unwrap();
+    let total = pos::run(&terminal, "till-1", &cadence(6)).await.unwrap();
+    let (client, seen) = tokio::time::timeout(WAIT, follower).await.unwrap().unwrap();
+    assert_eq!(seen.len(), 6);
+    assert!(seen.iter().all(|m| m.topic == "live/sales/till-1"));
+    let first: Value = serde_json::from_slice(&seen[0].payload).unwrap();
+    assert_eq!(first[0]["order_id"], "till-1-000000", "{first}");
+
+    let result = client
+        .query("SELECT count(*), sum(amount) FROM sales WHERE device_id = 'till-1'")
+        .await
+        .unwrap();
+    assert_eq!(result["rows"][0], json!([6, total]));
+    // Extract is not admin: the SDK has no admin call.
+    assert!(matches!(
+        client.revoke("till-1").await,
+        Err(SdkError::NotInRole(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_sdk_revokes_and_the_revoked_device_is_refused_its_sdk() {
+    let server = server_with_examples(Backend::Sqlite, &[]).await;
+    let (admin_dir, sensor_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    register(&server, admin_dir.path(), "ops-1", "admin", "console").await;
+    register(
+        &server,
+        sensor_dir.path(),
+        "thermo-9",
+        "ingest",
+        thermostat::DEVICE_TYPE,
+    )
+    .await;
+    let sensor = Device::start(config(
+        &server,
+        sensor_dir.path(),
+        "thermo-9",
+        thermostat::DEVICE_TYPE,
+        Target::Wasm,
+    ))
+    .await
+    .unwrap();
+    let mut status = sensor.status();
+    tokio::time::timeout(WAIT, status.wait_for(|s| s.connected))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let admin = Device::start(config(
+        &server,
+        admin_dir.path(),
+        "ops-1",
+        "console",
+        Target::X86_64,
+    ))
+    .await
+    .unwrap();
+    admin.revoke("thermo-9").await.unwrap();
+    // The live connection is closed, and a new handshake is refused.
+    tokio::time::timeout(WAIT, status.wait_for(|s| !s.connected))
+        .await
+        .unwrap()
+        .unwrap();
+    let refused = Device::start(config(
+        &server,
+        sensor_dir.path(),
+        "thermo-9",
+        thermostat::DEVICE_TYPE,
+        Target::Wasm,
+    ))
+    .await
+    .err()
+    .unwrap();
+    assert!(refused.to_string().contains("is revoked"), "{refused}");
+    let changed = admin.set_role("ops-1", Role::Admin).await.unwrap();
+    assert_eq!(changed["device"]["role"], "admin");
+}
+
+/// Signs a handshake by hand, as a (possibly hostile) device would.
+fn signed(key: &Ed25519KeyPair, id: &str, nonce: &str, timestamp_ms: i64) -> Value {
+    let claims = HandshakeClaims {
+        device_id: id.into(),
+        device_type: "thermostat".into(),
+        fingerprint: "fw-test".into(),
+        os: "linux".into(),
+        arch: "x86_64".into(),
+        secure_transfer: false,
+        sdk_version: SDK_VERSION.into(),
+        target: Some(Target::Wasm),
+        nonce: nonce.into(),
+        timestamp_ms,
+    };
+    json!(SignedHandshake::sign(&claims, key))
+}
+
+async fn nonce(server: &Server) -> String {
+    let (status, body) = server.api("GET", "/v1/handshake/nonce", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    body["nonce"].as_str().unwrap().to_string()
+}
+
+fn key_pair() -> Ed25519KeyPair {
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
+    Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_replayed_stale_and_unknown_handshakes_are_refused_and_counted() {
+    let server = server_with_examples(Backend::Sqlite, &[]).await;
+    let device_key = key_pair();
+    let (status, body) = server
+        .api(
+            "POST",
+            "/v1/devices",
+            Some(&server.admin),
+            Some(json!({ "id": "t1", "role": "ingest", "type": "thermostat",
+                         "public_key": hex(device_key.public_key().as_ref()) })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    server.add_device("keyless", "ingest").await;
+    let ms = now() * 1000;
+    let handshake = |body: Value| server.api("POST", "/v1/handshake", None, Some(body));
+
+    // The genuine handshake works once; the same bytes again are a replay.
+    let genuine = signed(&device_key, "t1", &nonce(&server).await, ms);
+    let (status, body) = handshake(genuine.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["role"], "ingest");
+    let refusals = [
+        (genuine, "already used"),
+        // Signed with another key.
+        (
+            signed(&key_pair(), "t1", &nonce(&server).await, ms),
+            "does not verify",
+        ),
+        // Stale and future timestamps.
+        (
+            signed(&device_key, "t1", &nonce(&server).await, ms - 300_000),
+            "from the server's clock",
+        ),
+        (
+            signed(&device_key, "t1", &nonce(&server).await, ms + 300_000),
+            "from the server's clock",
+        ),
+        // A nonce the server never issued.
+        (
+            signed(&device_key, "t1", "made-up-nonce", ms),
+            "unknown or already used",
+        ),
+        // Unknown device, and a device with no key.
+        (
+            signed(&device_key, "ghost", &nonce(&server).await, ms),
+            "unknown device",
+        ),
+        (
+            signed(&device_key, "keyless", &nonce(&server).await, ms),
+            "no registered public key",
+        ),
+    ];
+    for (request, reason) in refusals {
+        let (status, body) = handshake(request).await;
+        assert_eq!(status, 401, "{reason}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains(reason),
+            "{reason}: {body}"
+        );
+    }
+    // Claims altered after signing.
+    let mut altered = signed(&device_key, "t1", &nonce(&server).await, ms);
+    let mut claims: Value =
+        serde_json::from_slice(&base64_url_decode(altered["claims"].as_str().unwrap())).unwrap();
+    claims["arch"] = json!("aarch64");
+    altered["claims"] = json!(base64_url_encode(&serde_json::to_vec(&claims).unwrap()));
+    let (status, body) = handshake(altered).await;
+    assert_eq!(status, 401, "{body}");
+    // Garbage is a 400 that names the problem.
+    for garbage in [json!("hello"), json!({ "claims": "!!", "signature": "" })] {
+        let (status, body) = handshake(garbage).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("handshake"),
+            "{body}"
+        );
+    }
+    // The refusals for t1 raised the repeated-failure alert.
+    let (_, body) = server
+        .api("GET", "/v1/refusals", Some(&server.admin), None)
+        .await;
+    let alerted: Vec<&str> = body["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["device"].as_str().unwrap())
+        .collect();
+    assert!(alerted.contains(&"t1"), "{body}");
+    // And the server still serves the genuine device.
+    let (status, _) = handshake(signed(
+        &device_key,
+        "t1",
+        &nonce(&server).await,
+        now() * 1000,
+    ))
+    .await;
+    assert_eq!(status, 200);
+}
+
+fn base64_url_decode(text: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text)
+        .unwrap()
+}
+
+fn base64_url_encode(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_foreign_and_expired_bundles_never_reach_the_runtime() {
+    let server = server_with_examples(Backend::Sqlite, &[]).await;
+    server.add_device("t1", "ingest").await;
+    let build = |target: &str, ttl: i64| {
+        server.api(
+            "POST",
+            "/v1/sdk/build",
+            Some(&server.admin),
+            Some(json!({ "device": "t1", "target": target, "ttl_secs": ttl })),
+        )
+    };
+    let (status, body) = build("x86_64", 3600).await;
+    assert_eq!(status, 200, "{body}");
+    let bundle: SdkBundle = serde_json::from_value(body["sdk"].clone()).unwrap();
+    let platform = platform_key(&server);
+    let expect = |device_id: &'static str, role: Option<Role>| Expected {
+        device_id,
+        role,
+        nonce: None,
+        target: Some(Target::X86_64),
+        now: now(),
+    };
+    let (manifest, artifact) =
+        verify_bundle(&bundle, &platform, &expect("t1", Some(Role::Ingest))).unwrap();
+    let mut module = SdkModule::load(&manifest, &artifact, RuntimeLimits::default()).unwrap();
+    assert!(module
+        .encode("temperature", &[("seq", 1.into()), ("celsius", 2.0.into())])
+        .is_ok());
+
+    let refused = |bundle: &SdkBundle, expected: Expected<'_>, reason: &str| match verify_bundle(
+        bundle, &platform, &expected,
+    ) {
+        Err(SdkError::Verify(text)) => assert!(text.contains(reason), "{reason}: {text}"),
+        other => panic!(
+            "{reason}: expected a refusal, got {:?}",
+            other.map(|(m, _)| m)
+        ),
+    };
+    refused(&bundle, expect("t2", None), "built for device \"t1\"");
+    refused(&bundle, expect("t1", Some(Role::Extract)), "ingest role");
+    refused(
+        &bundle,
+        Expected {
+            target: Some(Target::Aarch64),
+            ..expect("t1", None)
+        },
+        "built for x86_64",
+    );
+    refused(
+        &bundle,
+        Expected {
+            nonce: Some("mine"),
+            ..expect("t1", None)
+        },
+        "nonce",
+    );
+    refused(
+        &bundle,
+        Expected {
+            now: now() + 7200,
+            ..expect("t1", None)
+        },
+        "expired",
+    );
+
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut flipped = artifact.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 1;
+    let tampered = SdkBundle {
+        artifact: b64.encode(&flipped),
+        ..bundle.clone()
+    };
+    refused(&tampered, expect("t1", None), "SHA-256");
+    let truncated = SdkBundle {
+        artifact: b64.encode(&artifact[..artifact.len() - 100]),
+        ..bundle.clone()
+    };
+    refused(&truncated, expect("t1", None), "bytes");
+    let mut manifest_json: Value =
+        serde_json::from_slice(&b64.decode(&bundle.manifest).unwrap()).unwrap();
+    manifest_json["role"] = json!("admin");
+    let relabeled = SdkBundle {
+        manifest: b64.encode(serde_json::to_vec(&manifest_json).unwrap()),
+        ..bundle.clone()
+    };
+    refused(&relabeled, expect("t1", None), "signature");
+    let other_platform = key_pair();
+    assert!(matches!(
+        verify_bundle(
+            &bundle,
+            other_platform.public_key().as_ref(),
+            &expect("t1", None)
+        ),
+        Err(SdkError::Verify(_))
+    ));
+    // Garbage where a bundle should be.
+    assert!(SdkBundle::from_json(b"{\"manifest\": 1}").is_err());
+
+    // An expired offline build is refused even with a valid signature.
+    let (_, body) = build("wasm", 1).await;
+    let short: SdkBundle = serde_json::from_value(body["sdk"].clone()).unwrap();
+    let later = Expected {
+        target: Some(Target::Wasm),
+        now: now() + 5,
+        ..expect("t1", None)
+    };
+    refused(&short, later, "expired");
+}
+
+/// A TCP relay the test can cut and restore, standing in for a flaky link.
+struct Link {
+    addr: std::net::SocketAddr,
+    up: watch::Sender<bool>,
+}
+
+impl Link {
+    async fn to(target: std::net::SocketAddr) -> Link {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (up, _) = watch::channel(true);
+        let watch = up.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut state = watch.subscribe();
+                if !*state.borrow() {
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = state.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Link { addr, up }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_wait_on_disk_while_offline_and_across_a_device_restart() {
+    let server = server_with_examples(Backend::Sqlite, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    register(&server, dir.path(), "till-7", "ingest", pos::DEVICE_TYPE).await;
+    let link = Link::to(server.mqtt).await;
+    let mut config = config(
+        &server,
+        dir.path(),
+        "till-7",
+        pos::DEVICE_TYPE,
+        Target::Wasm,
+    );
+    config.mqtt = Some(link.addr.to_string());
+
+    let device = Device::start(config.clone()).await.unwrap();
+    let mut status = device.status();
+    tokio::time::timeout(WAIT, status.wait_for(|s| s.connected))
+        .await
+        .unwrap()
+        .unwrap();
+    link.up.send_replace(false);
+    tokio::time::timeout(WAIT, status.wait_for(|s| !s.connected))
+        .await
+        .unwrap()
+        .unwrap();
+    let sale = |n: usize| {
+        vec![
+            ("order_id", format!("till-7-{n}").into()),
+            ("amount", (n as f64).into()),
+            ("currency", "EUR".into()),
+        ]
+    };
+    for n in 0..40 {
+        device.publish("sales", &sale(n)).unwrap();
+    }
+    assert_eq!(device.status().borrow().queued, 40);
+    // The device restarts while still offline: the queue is on disk.
+    device.stop().await;
+    let device = Device::start(config).await.unwrap();
+    assert_eq!(device.status().borrow().queued, 40);
+    for n in 40..50 {
+        device.publish("sales", &sale(n)).unwrap();
+    }
+    assert_eq!(server.count("SELECT count(*) FROM sales").await, 0);
+    link.up.send_replace(true);
+    device.flush(WAIT).await.unwrap();
+    assert_eq!(
+        server
+            .rows("SELECT count(*), count(DISTINCT order_id) FROM sales")
+            .await[0],
+        vec![json!(50), json!(50)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_renewed_by_handshaking_again_before_they_expire() {
+    let server = server_with_examples(Backend::Sqlite, &["--sdk-token-ttl", "3s"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    register(&server, dir.path(), "dash-2", "extract", "analytics").await;
+    let device = Device::start(config(
+        &server,
+        dir.path(),
+        "dash-2",
+        "analytics",
+        Target::Wasm,
+    ))
+    .await
+    .unwrap();
+    let first = device.token();
+    let mut status = device.status();
+    // Renewal at three quarters of 3 s; twice within 6 s.
+    tokio::time::timeout(
+        Duration::from_secs(8),
+        status.wait_for(|s| s.handshakes >= 3),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_ne!(device.token(), first);
+    // The first token has expired by now; the device still works.
+    let (status_code, _) = server
+        .api(
+            "POST",
+            "/v1/query",
+            Some(&first),
+            Some(json!({ "sql": "SELECT 1" })),
+        )
+        .await;
+    assert_eq!(status_code, 401, "the first token must have expired");
+    let result = device.query("SELECT count(*) FROM sales").await.unwrap();
+    assert_eq!(result["rows"][0][0], 0);
+}
+
+fn fleetgate(server: &Server, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        .args(args)
+        .args([
+            "--server",
+            &format!("http://{}", server.http),
+            "--data",
+            &server.data_dir().display().to_string(),
+        ])
+        .env_remove("FLEETGATE_TOKEN")
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_registers_fetches_builds_and_shows_the_role_boundary() {
+    let server = server_with_examples(Backend::Sqlite, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("t1");
+    let keys_arg = keys.to_str().unwrap();
+    let (ok, public, err) = fleetgate(&server, &["device", "keygen", "--out", keys_arg]);
+    assert!(ok, "{err}");
+    assert_eq!(public.trim().len(), 64);
+    let pub_file = keys.join("device.pub");
+    let (ok, _, err) = fleetgate(
+        &server,
+        &[
+            "device",
+            "add",
+            "t1",
+            "--role",
+            "ingest",
+            "--type",
+            "thermostat",
+            "--public-key",
+            pub_file.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    let platform = server.data_dir().join("platform.pub");
+    let fetched = dir.path().join("fetched.json");
+    let (ok, out, err) = fleetgate(
+        &server,
+        &[
+            "sdk",
+            "fetch",
+            "--id",
+            "t1",
+            "--type",
+            "thermostat",
+            "--key-dir",
+            keys_arg,
+            "--platform-key",
+            platform.to_str().unwrap(),
+            "--target",
+            "wasm",
+            "--out",
+            fetched.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (summary["role"].as_str(), summary["target"].as_str()),
+        (Some("ingest"), Some("wasm"))
+    );
+
+    // The role boundary, read from the artifact itself.
+    let (ok, out, err) = fleetgate(
+        &server,
+        &[
+            "sdk",
+            "inspect",
+            fetched.to_str().unwrap(),
+            "--platform-key",
+            platform.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["imports"], json!(["fleetgate.publish"]));
+    let exports: Vec<&str> = report["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert!(exports.contains(&"fg_publish"));
+    for forbidden in ["fg_query", "fg_follow", "fg_admin"] {
+        assert!(!exports.contains(&forbidden), "{forbidden} in {exports:?}");
+    }
+
+    // Offline builds for every target; each verifies.
+    for target in [
+        "wasm", "x86_64", "aarch64", "riscv64", "pulley32", "pulley64",
+    ] {
+        let out_file = dir.path().join(format!("t1-{target}.json"));
+        let (ok, _, err) = fleetgate(
+            &server,
+            &[
+                "sdk",
+                "build",
+                "--device",
+                "t1",
+                "--target",
+                target,
+                "--out",
+                out_file.to_str().unwrap(),
+            ],
+        );
+        assert!(ok, "{target}: {err}");
+        let (ok, out, err) = fleetgate(
+            &server,
+            &[
+                "sdk",
+                "inspect",
+                out_file.to_str().unwrap(),
+                "--platform-key",
+                platform.to_str().unwrap(),
+            ],
+        );
+        assert!(ok, "{target}: {err}");
+        let report: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(report["manifest"]["target"], target);
+        assert_eq!(report["manifest"]["device_id"], "t1");
+    }
+    // A tampered file is refused with a clear message.
+    let mut bundle: Value = serde_json::from_slice(&std::fs::read(&fetched).unwrap()).unwrap();
+    bundle["signature"] = json!("AAAA");
+    std::fs::write(&fetched, serde_json::to_vec(&bundle).unwrap()).unwrap();
+    let (ok, _, err) = fleetgate(
+        &server,
+        &[
+            "sdk",
+            "inspect",
+            fetched.to_str().unwrap(),
+            "--platform-key",
+            platform.to_str().unwrap(),
+        ],
+    );
+    assert!(!ok);
+    assert!(err.contains("signature does not verify"), "{err}");
+    // Unknown targets and devices are named.
+    let (ok, _, err) = fleetgate(
+        &server,
+        &[
+            "sdk",
+            "build",
+            "--device",
+            "nobody",
+            "--target",
+            "wasm",
+            "--out",
+            "/dev/null",
+        ],
+    );
+    assert!(!ok && err.contains("nobody"), "{err}");
+    let (ok, _, err) = fleetgate(
+        &server,
+        &[
+            "sdk",
+            "build",
+            "--device",
+            "t1",
+            "--target",
+            "armv7",
+            "--out",
+            "/dev/null",
+        ],
+    );
+    assert!(!ok && err.contains("unknown target"), "{err}");
+}
