@@ -43,6 +43,13 @@ pub struct BenchArgs {
     /// connection (0 skips it).
     #[arg(long, default_value_t = 100)]
     revocations: usize,
+    /// Measure SDK delivery instead: handshake + build (cold and cached) per
+    /// target, and encoding one record inside the module.
+    #[arg(long)]
+    sdk: bool,
+    /// Handshakes per measurement with --sdk.
+    #[arg(long, default_value_t = 50)]
+    handshakes: usize,
 }
 
 struct Load {
@@ -59,14 +66,14 @@ struct Target {
     topic_prefix: String,
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn ms(d: Duration) -> String {
+pub(crate) fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
@@ -114,10 +121,10 @@ impl ScratchDatabase {
     }
 }
 
-struct Spawned {
+pub(crate) struct Spawned {
     child: Child,
-    _dir: tempfile::TempDir,
-    http: String,
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) http: String,
     mqtt: std::net::SocketAddr,
     admin: String,
 }
@@ -131,7 +138,7 @@ impl Drop for Spawned {
     }
 }
 
-fn spawn_server(database: Option<&str>) -> anyhow::Result<Spawned> {
+pub(crate) fn spawn_server(database: Option<&str>, extra: &[&str]) -> anyhow::Result<Spawned> {
     let dir = tempfile::tempdir()?;
     let mut command = Command::new(std::env::current_exe()?);
     command
@@ -150,6 +157,7 @@ fn spawn_server(database: Option<&str>) -> anyhow::Result<Spawned> {
     if let Some(url) = database {
         command.args(["--database", url]);
     }
+    command.args(extra);
     let mut child = command.spawn().context("cannot start fleetgate up")?;
     let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
     let ready = loop {
@@ -173,12 +181,12 @@ fn spawn_server(database: Option<&str>) -> anyhow::Result<Spawned> {
         mqtt: field("mqtt=")?.parse()?,
         http: format!("http://{}", field("http=")?),
         child,
-        _dir: dir,
+        dir,
         admin,
     })
 }
 
-async fn api(
+pub(crate) async fn api(
     http: &reqwest::Client,
     server: &Spawned,
     path: &str,
@@ -201,7 +209,7 @@ async fn api(
     Ok(value)
 }
 
-const STREAM: &str = r#"
+pub(crate) const STREAM: &str = r#"
 [streams.bench]
 key = ["device_id", "seq"]
 fields.seq    = { type = "int", required = true }
@@ -209,7 +217,7 @@ fields.value  = { type = "float", min = -1000.0, max = 1000.0, required = true }
 fields.status = { type = "enum", values = ["ok", "warn", "fault"] }
 "#;
 
-fn payload(seq: usize, records: usize) -> String {
+pub(crate) fn payload(seq: usize, records: usize) -> String {
     let record = |s: usize| format!(r#"{{"seq":{s},"value":{}.25,"status":"ok"}}"#, s % 900);
     if records == 1 {
         record(seq)
@@ -466,6 +474,9 @@ async fn measure_revocations(
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.sdk {
+        return crate::bench_sdk::run(args.handshakes).await;
+    }
     let total = args.connections * args.messages;
     let records_total = total * args.records_per_message;
     println!(
@@ -478,7 +489,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(url) => Some(ScratchDatabase::create(url).await?),
         None => None,
     };
-    let server = spawn_server(scratch.as_ref().map(|s| s.url.as_str()))?;
+    let server = spawn_server(scratch.as_ref().map(|s| s.url.as_str()), &[])?;
     let http = reqwest::Client::new();
     api(
         &http,

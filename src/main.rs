@@ -4,6 +4,7 @@
 //! clients of a running server's HTTP API.
 
 mod bench;
+mod bench_sdk;
 mod client;
 mod http;
 mod sdk_api;

@@ -3,9 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetgate_protocol::sdk::{
-    HandshakeClaims, Manifest, SdkBundle, SignedHandshake, Target, SDK_VERSION,
-};
+use fleetgate_protocol::sdk::{HandshakeClaims, Manifest, SdkBundle, Target, SDK_VERSION};
 use fleetgate_protocol::{Role, TokenVerifier};
 use serde::Deserialize;
 use serde_json::json;
@@ -149,7 +147,7 @@ pub async fn handshake(config: &DeviceConfig, http: &reqwest::Client) -> Result<
     )
     .await?;
     let claims = claims(config, nonce.nonce);
-    let signed = SignedHandshake::sign(&claims, &config.key.pair);
+    let signed = config.key.sign_handshake(&claims);
     let answer: HandshakeResponse = json_or_refusal(
         http.post(format!("{}/v1/handshake", config.server))
             .json(&json!(signed))

@@ -7,12 +7,12 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use fleetgate_protocol::sdk::{from_hex, hex};
+use fleetgate_protocol::sdk::{from_hex, hex, HandshakeClaims, SignedHandshake};
 use ring::rand::SystemRandom;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
 pub struct DeviceKey {
-    pub(crate) pair: Ed25519KeyPair,
+    pair: Ed25519KeyPair,
 }
 
 pub const PRIVATE_FILE: &str = "device.key";
@@ -51,6 +51,11 @@ impl DeviceKey {
         Ed25519KeyPair::from_pkcs8(pkcs8)
             .map(|pair| DeviceKey { pair })
             .map_err(|e| format!("not an Ed25519 PKCS#8 key: {e}"))
+    }
+
+    /// Signs handshake claims with this device's key.
+    pub fn sign_handshake(&self, claims: &HandshakeClaims) -> SignedHandshake {
+        SignedHandshake::sign(claims, &self.pair)
     }
 
     pub fn public_hex(&self) -> String {

@@ -339,7 +339,6 @@ impl SdkModule {
             .enumerate()
             .find(|(_, s)| s.name == stream)
             .ok_or_else(|| SdkError::Invalid(format!("this SDK has no stream {stream:?}")))?;
-        let def = def.clone();
         let data = self.memory.data_mut(&mut self.store);
         let slots = self.input as usize;
         data[slots..slots + def.fields.len() * abi::SLOT_SIZE as usize].fill(0);
