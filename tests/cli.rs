@@ -5,26 +5,7 @@ use std::io::BufRead;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 
-use crate::harness::{mosquitto_available, Backend, Server, TEMPERATURE};
-
-fn fleetgate(server: &Server, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
-        .args(args)
-        .args([
-            "--server",
-            &format!("http://{}", server.http),
-            "--data",
-            &server.data_dir().display().to_string(),
-        ])
-        .env_remove("FLEETGATE_TOKEN")
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
+use crate::harness::{fleetgate, mosquitto_available, Backend, Server, TEMPERATURE};
 
 #[tokio::test]
 async fn admin_commands_and_the_mosquitto_walkthrough() {

@@ -344,6 +344,20 @@ impl Server {
         }
     }
 
+    /// Devices named by the repeated-refusal alerts.
+    pub async fn alerted_devices(&self) -> Vec<String> {
+        let (status, body) = self
+            .api("GET", "/v1/refusals", Some(&self.admin), None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["device"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     pub async fn metrics(&self) -> String {
         self.http_client
             .get(format!("http://{}/metrics", self.http))
@@ -377,6 +391,26 @@ impl Drop for Server {
             eprintln!("--- server log ---\n{}", self.log());
         }
     }
+}
+
+/// Runs the `fleetgate` binary as a client of `server`: (success, stdout, stderr).
+pub fn fleetgate(server: &Server, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        .args(args)
+        .args([
+            "--server",
+            &format!("http://{}", server.http),
+            "--data",
+            &server.data_dir().display().to_string(),
+        ])
+        .env_remove("FLEETGATE_TOKEN")
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 pub fn now() -> i64 {

@@ -4,7 +4,6 @@
 //! handshake and tampered bundle is refused.
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +21,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::harness::{now, Backend, Server, WAIT};
+use crate::harness::{fleetgate, now, Backend, Server, WAIT};
 
 const EXAMPLE_STREAMS: &str = include_str!("../firmware-examples/streams.toml");
 
@@ -33,9 +32,16 @@ async fn server_with_examples(backend: Backend, extra: &[&str]) -> Server {
     server
 }
 
-/// Makes a key pair in `dir` and registers the device with its public key.
-async fn register(server: &Server, dir: &Path, id: &str, role: &str, device_type: &str) {
-    let key = DeviceKey::generate(dir).unwrap();
+/// A device with a key pair of its own, registered with the server.
+struct Enrolled {
+    dir: tempfile::TempDir,
+    id: String,
+    device_type: String,
+}
+
+async fn enroll(server: &Server, id: &str, role: &str, device_type: &str) -> Enrolled {
+    let dir = tempfile::tempdir().unwrap();
+    let key = DeviceKey::generate(dir.path()).unwrap();
     let (status, body) = server
         .api(
             "POST",
@@ -45,6 +51,21 @@ async fn register(server: &Server, dir: &Path, id: &str, role: &str, device_type
         )
         .await;
     assert_eq!(status, 201, "{body}");
+    Enrolled {
+        dir,
+        id: id.to_string(),
+        device_type: device_type.to_string(),
+    }
+}
+
+impl Enrolled {
+    fn config(&self, server: &Server, target: Target) -> DeviceConfig {
+        config(server, self.dir.path(), &self.id, &self.device_type, target)
+    }
+
+    async fn start(&self, server: &Server, target: Target) -> Result<Device, SdkError> {
+        Device::start(self.config(server, target)).await
+    }
 }
 
 fn platform_key(server: &Server) -> Vec<u8> {
@@ -78,18 +99,9 @@ fn cadence(count: u64) -> Cadence {
 }
 
 async fn thermostat_publishes_through_its_sdk(server: &Server, target: Target) {
-    let dir = tempfile::tempdir().unwrap();
     let id = format!("thermo-{target}");
-    register(server, dir.path(), &id, "ingest", thermostat::DEVICE_TYPE).await;
-    let device = Device::start(config(
-        server,
-        dir.path(),
-        &id,
-        thermostat::DEVICE_TYPE,
-        target,
-    ))
-    .await
-    .unwrap();
+    let thermo = enroll(server, &id, "ingest", thermostat::DEVICE_TYPE).await;
+    let device = thermo.start(server, target).await.unwrap();
     assert_eq!((device.role(), device.target()), (Role::Ingest, target));
     let streams: Vec<String> = device
         .schema()
@@ -154,32 +166,9 @@ async fn webassembly_and_pulley_sdks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn analytics_client_queries_and_follows_what_terminals_record() {
     let server = server_with_examples(Backend::Sqlite, &[]).await;
-    let (pos_dir, analytics_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    register(
-        &server,
-        pos_dir.path(),
-        "till-1",
-        "ingest",
-        pos::DEVICE_TYPE,
-    )
-    .await;
-    register(
-        &server,
-        analytics_dir.path(),
-        "dash-1",
-        "extract",
-        analytics::DEVICE_TYPE,
-    )
-    .await;
-    let client = Device::start(config(
-        &server,
-        analytics_dir.path(),
-        "dash-1",
-        analytics::DEVICE_TYPE,
-        Target::X86_64,
-    ))
-    .await
-    .unwrap();
+    let till = enroll(&server, "till-1", "ingest", pos::DEVICE_TYPE).await;
+    let dash = enroll(&server, "dash-1", "extract", analytics::DEVICE_TYPE).await;
+    let client = dash.start(&server, Target::X86_64).await.unwrap();
     assert_eq!(client.role(), Role::Extract);
     let mut status = client.status();
     let follower = tokio::spawn({
@@ -194,15 +183,7 @@ async fn analytics_client_queries_and_follows_what_terminals_record() {
         .await
         .unwrap()
         .unwrap();
-    let terminal = Device::start(config(
-        &server,
-        pos_dir.path(),
-        "till-1",
-        pos::DEVICE_TYPE,
-        Target::Wasm,
-    ))
-    .await
-    .unwrap();
+    let terminal = till.start(&server, Target::Wasm).await.unwrap();
     let total = pos::run(&terminal, "till-1", &cadence(6)).await.unwrap();
     let (client, seen) = tokio::time::timeout(WAIT, follower).await.unwrap().unwrap();
     assert_eq!(seen.len(), 6);
@@ -225,56 +206,23 @@ async fn analytics_client_queries_and_follows_what_terminals_record() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_sdk_revokes_and_the_revoked_device_is_refused_its_sdk() {
     let server = server_with_examples(Backend::Sqlite, &[]).await;
-    let (admin_dir, sensor_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    register(&server, admin_dir.path(), "ops-1", "admin", "console").await;
-    register(
-        &server,
-        sensor_dir.path(),
-        "thermo-9",
-        "ingest",
-        thermostat::DEVICE_TYPE,
-    )
-    .await;
-    let sensor = Device::start(config(
-        &server,
-        sensor_dir.path(),
-        "thermo-9",
-        thermostat::DEVICE_TYPE,
-        Target::Wasm,
-    ))
-    .await
-    .unwrap();
+    let ops = enroll(&server, "ops-1", "admin", "console").await;
+    let thermo = enroll(&server, "thermo-9", "ingest", thermostat::DEVICE_TYPE).await;
+    let sensor = thermo.start(&server, Target::Wasm).await.unwrap();
     let mut status = sensor.status();
     tokio::time::timeout(WAIT, status.wait_for(|s| s.connected))
         .await
         .unwrap()
         .unwrap();
 
-    let admin = Device::start(config(
-        &server,
-        admin_dir.path(),
-        "ops-1",
-        "console",
-        Target::X86_64,
-    ))
-    .await
-    .unwrap();
+    let admin = ops.start(&server, Target::X86_64).await.unwrap();
     admin.revoke("thermo-9").await.unwrap();
     // The live connection is closed, and a new handshake is refused.
     tokio::time::timeout(WAIT, status.wait_for(|s| !s.connected))
         .await
         .unwrap()
         .unwrap();
-    let refused = Device::start(config(
-        &server,
-        sensor_dir.path(),
-        "thermo-9",
-        thermostat::DEVICE_TYPE,
-        Target::Wasm,
-    ))
-    .await
-    .err()
-    .unwrap();
+    let refused = thermo.start(&server, Target::Wasm).await.err().unwrap();
     assert!(refused.to_string().contains("is revoked"), "{refused}");
     let changed = admin.set_role("ops-1", Role::Admin).await.unwrap();
     assert_eq!(changed["device"]["role"], "admin");
@@ -388,16 +336,8 @@ async fn forged_replayed_stale_and_unknown_handshakes_are_refused_and_counted() 
         );
     }
     // The refusals for t1 raised the repeated-failure alert.
-    let (_, body) = server
-        .api("GET", "/v1/refusals", Some(&server.admin), None)
-        .await;
-    let alerted: Vec<&str> = body["alerts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["device"].as_str().unwrap())
-        .collect();
-    assert!(alerted.contains(&"t1"), "{body}");
+    let alerted = server.alerted_devices().await;
+    assert!(alerted.iter().any(|d| d == "t1"), "{alerted:?}");
     // And the server still serves the genuine device.
     let (status, _) = handshake(signed(
         &device_key,
@@ -572,16 +512,9 @@ impl Link {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_wait_on_disk_while_offline_and_across_a_device_restart() {
     let server = server_with_examples(Backend::Sqlite, &[]).await;
-    let dir = tempfile::tempdir().unwrap();
-    register(&server, dir.path(), "till-7", "ingest", pos::DEVICE_TYPE).await;
+    let till = enroll(&server, "till-7", "ingest", pos::DEVICE_TYPE).await;
     let link = Link::to(server.mqtt).await;
-    let mut config = config(
-        &server,
-        dir.path(),
-        "till-7",
-        pos::DEVICE_TYPE,
-        Target::Wasm,
-    );
+    let mut config = till.config(&server, Target::Wasm);
     config.mqtt = Some(link.addr.to_string());
 
     let device = Device::start(config.clone()).await.unwrap();
@@ -627,17 +560,8 @@ async fn records_wait_on_disk_while_offline_and_across_a_device_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_renewed_by_handshaking_again_before_they_expire() {
     let server = server_with_examples(Backend::Sqlite, &["--sdk-token-ttl", "3s"]).await;
-    let dir = tempfile::tempdir().unwrap();
-    register(&server, dir.path(), "dash-2", "extract", "analytics").await;
-    let device = Device::start(config(
-        &server,
-        dir.path(),
-        "dash-2",
-        "analytics",
-        Target::Wasm,
-    ))
-    .await
-    .unwrap();
+    let dash = enroll(&server, "dash-2", "extract", "analytics").await;
+    let device = dash.start(&server, Target::Wasm).await.unwrap();
     let first = device.token();
     let mut status = device.status();
     // Renewal at three quarters of 3 s; twice within 6 s.
@@ -661,25 +585,6 @@ async fn tokens_are_renewed_by_handshaking_again_before_they_expire() {
     assert_eq!(status_code, 401, "the first token must have expired");
     let result = device.query("SELECT count(*) FROM sales").await.unwrap();
     assert_eq!(result["rows"][0][0], 0);
-}
-
-fn fleetgate(server: &Server, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
-        .args(args)
-        .args([
-            "--server",
-            &format!("http://{}", server.http),
-            "--data",
-            &server.data_dir().display().to_string(),
-        ])
-        .env_remove("FLEETGATE_TOKEN")
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -735,17 +640,20 @@ async fn the_cli_registers_fetches_builds_and_shows_the_role_boundary() {
         (Some("ingest"), Some("wasm"))
     );
 
+    let inspect = |file: &Path| {
+        fleetgate(
+            &server,
+            &[
+                "sdk",
+                "inspect",
+                file.to_str().unwrap(),
+                "--platform-key",
+                platform.to_str().unwrap(),
+            ],
+        )
+    };
     // The role boundary, read from the artifact itself.
-    let (ok, out, err) = fleetgate(
-        &server,
-        &[
-            "sdk",
-            "inspect",
-            fetched.to_str().unwrap(),
-            "--platform-key",
-            platform.to_str().unwrap(),
-        ],
-    );
+    let (ok, out, err) = inspect(&fetched);
     assert!(ok, "{err}");
     let report: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["imports"], json!(["fleetgate.publish"]));
@@ -760,35 +668,23 @@ async fn the_cli_registers_fetches_builds_and_shows_the_role_boundary() {
         assert!(!exports.contains(&forbidden), "{forbidden} in {exports:?}");
     }
 
+    let build = |device: &str, target: &str, out: &Path| {
+        let out = out.to_str().unwrap();
+        fleetgate(
+            &server,
+            &[
+                "sdk", "build", "--device", device, "--target", target, "--out", out,
+            ],
+        )
+    };
     // Offline builds for every target; each verifies.
     for target in [
         "wasm", "x86_64", "aarch64", "riscv64", "pulley32", "pulley64",
     ] {
         let out_file = dir.path().join(format!("t1-{target}.json"));
-        let (ok, _, err) = fleetgate(
-            &server,
-            &[
-                "sdk",
-                "build",
-                "--device",
-                "t1",
-                "--target",
-                target,
-                "--out",
-                out_file.to_str().unwrap(),
-            ],
-        );
+        let (ok, _, err) = build("t1", target, &out_file);
         assert!(ok, "{target}: {err}");
-        let (ok, out, err) = fleetgate(
-            &server,
-            &[
-                "sdk",
-                "inspect",
-                out_file.to_str().unwrap(),
-                "--platform-key",
-                platform.to_str().unwrap(),
-            ],
-        );
+        let (ok, out, err) = inspect(&out_file);
         assert!(ok, "{target}: {err}");
         let report: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(report["manifest"]["target"], target);
@@ -798,45 +694,12 @@ async fn the_cli_registers_fetches_builds_and_shows_the_role_boundary() {
     let mut bundle: Value = serde_json::from_slice(&std::fs::read(&fetched).unwrap()).unwrap();
     bundle["signature"] = json!("AAAA");
     std::fs::write(&fetched, serde_json::to_vec(&bundle).unwrap()).unwrap();
-    let (ok, _, err) = fleetgate(
-        &server,
-        &[
-            "sdk",
-            "inspect",
-            fetched.to_str().unwrap(),
-            "--platform-key",
-            platform.to_str().unwrap(),
-        ],
-    );
+    let (ok, _, err) = inspect(&fetched);
     assert!(!ok);
     assert!(err.contains("signature does not verify"), "{err}");
     // Unknown targets and devices are named.
-    let (ok, _, err) = fleetgate(
-        &server,
-        &[
-            "sdk",
-            "build",
-            "--device",
-            "nobody",
-            "--target",
-            "wasm",
-            "--out",
-            "/dev/null",
-        ],
-    );
+    let (ok, _, err) = build("nobody", "wasm", Path::new("/dev/null"));
     assert!(!ok && err.contains("nobody"), "{err}");
-    let (ok, _, err) = fleetgate(
-        &server,
-        &[
-            "sdk",
-            "build",
-            "--device",
-            "t1",
-            "--target",
-            "armv7",
-            "--out",
-            "/dev/null",
-        ],
-    );
+    let (ok, _, err) = build("t1", "armv7", Path::new("/dev/null"));
     assert!(!ok && err.contains("unknown target"), "{err}");
 }
