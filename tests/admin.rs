@@ -365,3 +365,17 @@ crate::on_both_backends!(
     repeated_refusals_ban_the_device,
     admin_actions_are_audited
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_when_its_token_expires() {
+    let server = Server::with_temperature(Backend::Sqlite).await;
+    server.add_device("sensor-1", "ingest").await;
+    let short = server.mint("sensor-1", Role::Ingest, now(), now() + 2);
+    let mut sensor = connect_v5(&server, "sensor-1", &short).await.unwrap();
+    let started = Instant::now();
+    let (reason, at) = disconnected(&mut sensor).await;
+    assert_eq!(reason, DisconnectReasonCode::MaximumConnectTime);
+    assert!(at - started <= Duration::from_secs(3), "{:?}", at - started);
+    // And the expired token cannot open another.
+    assert!(connect_v5(&server, "sensor-1", &short).await.is_err());
+}

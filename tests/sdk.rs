@@ -585,6 +585,22 @@ async fn tokens_are_renewed_by_handshaking_again_before_they_expire() {
     assert_eq!(status_code, 401, "the first token must have expired");
     let result = device.query("SELECT count(*) FROM sales").await.unwrap();
     assert_eq!(result["rows"][0][0], 0);
+    // The gatekeeper ends sessions when their token expires; the device
+    // reconnects with the renewed one and its records still arrive.
+    for n in 0..5 {
+        device
+            .publish(
+                "sales",
+                &[
+                    ("order_id", format!("dash-2-{n}").into()),
+                    ("amount", 1.0.into()),
+                    ("currency", "GBP".into()),
+                ],
+            )
+            .unwrap();
+    }
+    device.flush(WAIT).await.unwrap();
+    assert_eq!(server.count("SELECT count(*) FROM sales").await, 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -105,6 +105,7 @@ impl TokenAuthenticator {
         Ok(Principal {
             role: device.role,
             device_id: claims.sub,
+            expires_at: claims.exp,
         })
     }
 

@@ -97,11 +97,13 @@ pub(crate) async fn run(read_half: ClientRead, mut write_half: ClientWrite, shar
         }
     };
     let handle = shared.sessions.register(&principal.device_id);
+    let expiry = tokio::spawn(end_at_token_expiry(handle.clone(), principal.expires_at));
     let upstream_id = handle.upstream_client_id();
     let Some(upstream) =
         connect_upstream(&shared, version, &connect, &upstream_id, &mut write_half).await
     else {
         shared.sessions.unregister(&handle);
+        expiry.abort();
         return;
     };
     shared.metrics.connections.inc();
@@ -122,6 +124,7 @@ pub(crate) async fn run(read_half: ClientRead, mut write_half: ClientWrite, shar
         live_readers: 0,
     };
     session.serve(reader, write_half, upstream, will).await;
+    expiry.abort();
     shared.metrics.connections.dec();
 }
 
@@ -310,6 +313,7 @@ impl Session {
                 }
                 EndReason::ShuttingDown => DisconnectReasonCode::ServerShuttingDown,
                 EndReason::TakenOver => DisconnectReasonCode::SessionTakenOver,
+                EndReason::TokenExpired => DisconnectReasonCode::MaximumConnectTime,
             };
             if let Some(bytes) = codec::server_disconnect(self.version, code) {
                 let _ = acks.try_send(ready(bytes));
@@ -454,7 +458,9 @@ impl Session {
                         }
                         // Only topics this device may publish to are worth
                         // remembering: a refused one must not cost memory.
-                        let Principal { role, device_id } = &self.principal;
+                        let Principal {
+                            role, device_id, ..
+                        } = &self.principal;
                         if may_publish(*role, device_id, &publish.topic).is_ok() {
                             self.aliases.insert(alias, publish.topic.clone());
                         } else {
@@ -530,7 +536,9 @@ impl Session {
         up: &mut OwnedWriteHalf,
         acks: &AckSender,
     ) -> Result<Option<End>, CodecError> {
-        let Principal { role, device_id } = &self.principal;
+        let Principal {
+            role, device_id, ..
+        } = &self.principal;
         if let Err(denied) = may_publish(*role, device_id, &message.topic) {
             return Ok(self
                 .deny_publish(&message, AckReason::NotAuthorized(denied.0), acks)
@@ -647,7 +655,9 @@ impl Session {
         up: &mut OwnedWriteHalf,
         acks: &AckSender,
     ) -> Result<(), CodecError> {
-        let Principal { role, device_id } = &self.principal;
+        let Principal {
+            role, device_id, ..
+        } = &self.principal;
         let mut allowed = Vec::new();
         for filter in subscribe.filters() {
             match may_subscribe(*role, device_id, filter) {
@@ -878,4 +888,22 @@ async fn relay_upstream(
     // The embedded broker ended the session (e.g. the same client id
     // connected again): end this connection too.
     handle.end(EndReason::TakenOver);
+}
+
+/// Ends the session when the token that opened it expires. Short-lived
+/// tokens (those SDK handshakes hand out) thereby bound a connection's life;
+/// the device reconnects with its renewed token.
+async fn end_at_token_expiry(handle: SessionHandle, expires_at: i64) {
+    loop {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let left_ms = expires_at.saturating_mul(1000) - now_ms;
+        if left_ms <= 0 {
+            handle.end(EndReason::TokenExpired);
+            return;
+        }
+        // Sleeps are capped at a day: tokio's timer does not take years.
+        tokio::time::sleep(Duration::from_millis(left_ms.min(86_400_000) as u64)).await;
+    }
 }

@@ -14,6 +14,8 @@ pub enum EndReason {
     Banned,
     TakenOver,
     ShuttingDown,
+    /// The token the session was opened with has expired.
+    TokenExpired,
 }
 
 #[derive(Clone)]

@@ -6,6 +6,9 @@ use crate::Role;
 pub struct Principal {
     pub device_id: String,
     pub role: Role,
+    /// When the presented token expires (Unix seconds): a session it opened
+    /// ends then, so a connection never outlives its credentials.
+    pub expires_at: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
