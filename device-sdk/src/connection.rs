@@ -150,7 +150,6 @@ async fn session(
                 Err(e) => return Err(Refusal::Other(format!("connection lost: {e}"))),
             },
             _ = shared.wake.notified() => {}
-            _ = shared.reconnect.notified() => {}
             _ = sync_timer.tick() => {
                 let _ = shared.queue.lock().expect("queue lock").sync();
             }

@@ -131,11 +131,10 @@ pub(crate) struct Shared {
     pub http: reqwest::Client,
     pub session: Mutex<Session>,
     pub queue: Mutex<queue::DiskQueue>,
+    /// Wakes the connection for new records or new subscriptions.
     pub wake: Notify,
     pub status: watch::Sender<Status>,
     pub follows: Mutex<Vec<(String, mpsc::Sender<LiveMessage>)>>,
-    /// Set when a new session (token) must be used for the next connection.
-    pub reconnect: Notify,
 }
 
 /// A running device: its SDK module, MQTT connection and queue.
@@ -167,7 +166,6 @@ impl Device {
             wake: Notify::new(),
             status,
             follows: Mutex::new(Vec::new()),
-            reconnect: Notify::new(),
         });
         let tasks = vec![
             tokio::spawn(connection::run(shared.clone())),
@@ -284,7 +282,7 @@ impl Device {
             .expect("follows lock")
             .push((filter, sender));
         // The connection subscribes on its next turn, and after every reconnect.
-        self.shared.reconnect.notify_one();
+        self.shared.wake.notify_one();
         Ok(receiver)
     }
 
