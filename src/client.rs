@@ -43,6 +43,12 @@ pub enum DeviceCommand {
     Bans,
     /// Lift a device's ban.
     Unban { id: String },
+    /// Register or replace a device's public key (for SDK handshakes).
+    Key {
+        id: String,
+        #[arg(long)]
+        public_key: std::path::PathBuf,
+    },
     /// Make a device key pair (device.key, device.pub) in a directory; no server needed.
     Keygen {
         #[arg(long)]
@@ -127,6 +133,13 @@ pub async fn device(command: DeviceCommand, server: &ServerArgs) -> anyhow::Resu
     let api = Api::new(server)?;
     match command {
         DeviceCommand::Keygen { .. } => unreachable!("handled above"),
+        DeviceCommand::Key { id, public_key } => {
+            let key = identity::read_public_key(&public_key).map_err(|e| anyhow!(e))?;
+            let url = api.url(&format!("/v1/devices/{id}/key"));
+            api.call(api.http.post(url).json(&json!({ "public_key": hex(&key) })))
+                .await?;
+            println!("{id} now signs handshakes with {}", hex(&key));
+        }
         DeviceCommand::Add {
             id,
             role,
@@ -370,6 +383,9 @@ pub enum SdkCommand {
         /// Artifact to ask for; default: native code for this machine.
         #[arg(long)]
         target: Option<Target>,
+        /// CA certificate (PEM) to trust when --server is https://.
+        #[arg(long)]
+        ca: Option<std::path::PathBuf>,
         #[arg(long)]
         out: std::path::PathBuf,
     },
@@ -405,6 +421,7 @@ pub async fn sdk(command: SdkCommand, server: &ServerArgs) -> anyhow::Result<()>
             key_dir,
             platform_key,
             target,
+            ca,
             out,
         } => {
             let key = DeviceKey::load(&key_dir).map_err(|e| anyhow!(e))?;
@@ -418,9 +435,13 @@ pub async fn sdk(command: SdkCommand, server: &ServerArgs) -> anyhow::Result<()>
                 key_dir.join("queue"),
             );
             config.target = target;
-            let session =
-                fleetgate_device_sdk::handshake::handshake(&config, &reqwest::Client::new())
-                    .await?;
+            config.ca_pem = ca
+                .map(|path| {
+                    std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))
+                })
+                .transpose()?;
+            let http = fleetgate_device_sdk::tls::http_client(&config)?;
+            let session = fleetgate_device_sdk::handshake::handshake(&config, &http).await?;
             std::fs::write(&out, serde_json::to_vec_pretty(&session.bundle)?)
                 .with_context(|| format!("cannot write {}", out.display()))?;
             println!(

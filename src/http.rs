@@ -46,6 +46,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/devices/{id}/token", post(mint_token))
         .route("/v1/devices/{id}/revoke", post(revoke_device))
         .route("/v1/devices/{id}/role", post(change_role))
+        .route("/v1/devices/{id}/key", post(set_key))
         .route("/v1/refusals", get(refusals))
         .route("/v1/bans", get(list_bans))
         .route("/v1/bans/{id}", delete(lift_ban))
@@ -206,11 +207,7 @@ async fn add_device(
     let public_key = new
         .public_key
         .as_deref()
-        .map(|hex| {
-            from_hex(hex).ok().filter(|k| k.len() == 32).ok_or_else(|| {
-                bad_request("public_key must be 64 hex digits (an Ed25519 public key)")
-            })
-        })
+        .map(parse_public_key)
         .transpose()?;
     state
         .audit(
@@ -292,6 +289,42 @@ async fn revoke_device(
     }
     state.audit(admin, "device.revoke", &id, json!({})).await?;
     let device = state.registry.revoke(&id, unix_now()).await?;
+    Ok(Json(json!({ "device": device })))
+}
+
+fn parse_public_key(hex: &str) -> Result<Vec<u8>, ApiError> {
+    from_hex(hex)
+        .ok()
+        .filter(|k| k.len() == 32)
+        .ok_or_else(|| bad_request("public_key must be 64 hex digits (an Ed25519 public key)"))
+}
+
+#[derive(Deserialize)]
+struct KeyChange {
+    public_key: String,
+}
+
+/// Registers or rotates the key a device signs SDK handshakes with.
+async fn set_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(change): Json<KeyChange>,
+) -> Result<Json<Value>, ApiError> {
+    let admin = caller.require(Role::Admin, &state)?;
+    let key = parse_public_key(&change.public_key)?;
+    if state.registry.get(&id).is_none() {
+        return Err(RegistryError::NotFound(id).into());
+    }
+    state
+        .audit(
+            admin,
+            "device.key",
+            &id,
+            json!({ "public_key": change.public_key }),
+        )
+        .await?;
+    let device = state.registry.set_public_key(&id, &key).await?;
     Ok(Json(json!({ "device": device })))
 }
 

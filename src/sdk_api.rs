@@ -27,6 +27,9 @@ pub struct SdkSettings {
     pub manifest_ttl: Duration,
     /// The MQTT port devices should connect to.
     pub mqtt_port: u16,
+    /// The MQTT-over-TLS port, when TLS is on (devices that can do secure
+    /// transfer use only this).
+    pub mqtts_port: Option<u16>,
 }
 
 impl From<HandshakeError> for ApiError {
@@ -105,6 +108,7 @@ pub async fn handshake(
         "token": token,
         "token_expires_at": now + token_ttl,
         "mqtt_port": state.sdk.mqtt_port,
+        "mqtts_port": state.sdk.mqtts_port,
         "sdk": bundle,
     })))
 }

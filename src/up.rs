@@ -222,6 +222,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         token_ttl: args.sdk_token_ttl,
         manifest_ttl: args.sdk_manifest_ttl,
         mqtt_port: gatekeeper.local_addr().port(),
+        mqtts_port: match &tls_listeners {
+            Some((mqtts, _)) => Some(mqtts.local_addr()?.port()),
+            None => None,
+        },
     };
     let state = http::AppState {
         db: db.clone(),

@@ -630,25 +630,33 @@ async fn the_cli_registers_fetches_builds_and_shows_the_role_boundary() {
     assert!(ok, "{err}");
     let platform = server.data_dir().join("platform.pub");
     let fetched = dir.path().join("fetched.json");
-    let (ok, out, err) = fleetgate(
-        &server,
-        &[
-            "sdk",
-            "fetch",
-            "--id",
-            "t1",
-            "--type",
-            "thermostat",
-            "--key-dir",
-            keys_arg,
-            "--platform-key",
+    let fetch_with = |keys: &Path| {
+        let (keys, platform, out) = (
+            keys.to_str().unwrap(),
             platform.to_str().unwrap(),
-            "--target",
-            "wasm",
-            "--out",
             fetched.to_str().unwrap(),
-        ],
-    );
+        );
+        fleetgate(
+            &server,
+            &[
+                "sdk",
+                "fetch",
+                "--id",
+                "t1",
+                "--type",
+                "thermostat",
+                "--key-dir",
+                keys,
+                "--platform-key",
+                platform,
+                "--target",
+                "wasm",
+                "--out",
+                out,
+            ],
+        )
+    };
+    let (ok, out, err) = fetch_with(&keys);
     assert!(ok, "{err}");
     let summary: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
@@ -713,9 +721,72 @@ async fn the_cli_registers_fetches_builds_and_shows_the_role_boundary() {
     let (ok, _, err) = inspect(&fetched);
     assert!(!ok);
     assert!(err.contains("signature does not verify"), "{err}");
+    // Rotating the key: the old one no longer handshakes, the new one does.
+    let rotated = dir.path().join("t1-new");
+    let (ok, _, err) = fleetgate(
+        &server,
+        &["device", "keygen", "--out", rotated.to_str().unwrap()],
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = fleetgate(
+        &server,
+        &[
+            "device",
+            "key",
+            "t1",
+            "--public-key",
+            rotated.join("device.pub").to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = fetch_with(&keys);
+    assert!(!ok && err.contains("does not verify"), "{err}");
+    let (ok, _, err) = fetch_with(&rotated);
+    assert!(ok, "{err}");
     // Unknown targets and devices are named.
     let (ok, _, err) = build("nobody", "wasm", Path::new("/dev/null"));
     assert!(!ok && err.contains("nobody"), "{err}");
     let (ok, _, err) = build("t1", "armv7", Path::new("/dev/null"));
     assert!(!ok && err.contains("unknown target"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_can_do_tls_uses_https_and_mqtt_over_tls_only() {
+    let server = server_with_examples(
+        Backend::Sqlite,
+        &[
+            "--dev-tls",
+            "--mqtts",
+            "127.0.0.1:0",
+            "--https",
+            "127.0.0.1:0",
+        ],
+    )
+    .await;
+    let https = server.extra_addr("https").unwrap();
+    let mqtts = server.extra_addr("mqtts").unwrap();
+    let thermo = enroll(&server, "thermo-tls", "ingest", thermostat::DEVICE_TYPE).await;
+    let mut config = thermo.config(&server, Target::X86_64);
+    config.server = format!("https://localhost:{}", https.port());
+    // Without the CA to trust, an https server is refused up front.
+    assert!(matches!(
+        Device::start(config.clone()).await,
+        Err(SdkError::Invalid(_))
+    ));
+    config.ca_pem = Some(std::fs::read(server.data_dir().join("dev-tls/ca.pem")).unwrap());
+    let device = Device::start(config).await.unwrap();
+    assert_eq!(
+        device.broker(),
+        (format!("localhost:{}", mqtts.port()), true)
+    );
+    assert_eq!(
+        thermostat::run(&device, "lab", &cadence(5)).await.unwrap(),
+        5
+    );
+    assert_eq!(
+        server
+            .count("SELECT count(*) FROM temperature WHERE device_id = 'thermo-tls'")
+            .await,
+        5
+    );
 }

@@ -186,20 +186,7 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
         device.revoked_at = Some(now);
         device.tokens_not_before = now + 1;
-        with_pool!(self.db, pool => {
-            sqlx::query("UPDATE fleetgate_devices SET revoked_at = $1, tokens_not_before = $2 WHERE id = $3")
-                .bind(device.revoked_at)
-                .bind(device.tokens_not_before)
-                .bind(id)
-                .execute(pool)
-                .await
-                .map(|_| ())
-        })
-        .map_err(db_error)?;
-        self.devices
-            .write()
-            .expect("registry lock")
-            .insert(id.to_string(), device.clone());
+        self.save(&device).await?;
         let _ = self.events.send(RegistryEvent::Revoked(id.to_string()));
         Ok(device)
     }
@@ -214,23 +201,50 @@ impl Registry {
             return Err(RegistryError::Invalid(format!("device {id:?} is revoked")));
         }
         device.role = role;
+        self.save(&device).await?;
+        let _ = self
+            .events
+            .send(RegistryEvent::RoleChanged(id.to_string(), role));
+        Ok(device)
+    }
+
+    /// Registers or replaces the key a device signs its handshakes with.
+    pub async fn set_public_key(&self, id: &str, key: &[u8]) -> Result<Device, RegistryError> {
+        if key.len() != 32 {
+            return Err(RegistryError::Invalid(
+                "public key must be a 32-byte Ed25519 key".into(),
+            ));
+        }
+        let mut device = self
+            .get(id)
+            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+        device.public_key = Some(fleetgate_protocol::sdk::hex(key));
+        self.save(&device).await?;
+        Ok(device)
+    }
+
+    /// Writes a changed device to the database, then to the cache.
+    async fn save(&self, device: &Device) -> Result<(), RegistryError> {
         with_pool!(self.db, pool => {
-            sqlx::query("UPDATE fleetgate_devices SET role = $1 WHERE id = $2")
-                .bind(role.as_str())
-                .bind(id)
-                .execute(pool)
-                .await
-                .map(|_| ())
+            sqlx::query(
+                "UPDATE fleetgate_devices SET role = $1, revoked_at = $2, tokens_not_before = $3, \
+                 public_key = $4 WHERE id = $5",
+            )
+            .bind(device.role.as_str())
+            .bind(device.revoked_at)
+            .bind(device.tokens_not_before)
+            .bind(&device.public_key)
+            .bind(&device.id)
+            .execute(pool)
+            .await
+            .map(|_| ())
         })
         .map_err(db_error)?;
         self.devices
             .write()
             .expect("registry lock")
-            .insert(id.to_string(), device.clone());
-        let _ = self
-            .events
-            .send(RegistryEvent::RoleChanged(id.to_string(), role));
-        Ok(device)
+            .insert(device.id.clone(), device.clone());
+        Ok(())
     }
 
     /// Tells live sessions of a newly banned device to end.

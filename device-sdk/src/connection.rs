@@ -10,6 +10,7 @@ use std::time::Duration;
 use fleetgate_protocol::topic::INGEST_PREFIX;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Outgoing, Packet, QoS,
+    TlsConfiguration, Transport,
 };
 
 use crate::{handshake, LiveMessage, Shared};
@@ -98,6 +99,11 @@ async fn session(
     options.set_keep_alive(Duration::from_secs(30));
     options.set_clean_session(true);
     options.set_max_packet_size(1 << 20, 1 << 20);
+    if let Some(tls) = &shared.tls {
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            tls.clone(),
+        )));
+    }
     let (client, mut events) = AsyncClient::new(options, 2 * WINDOW + 16);
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     let mut next_send = shared.queue.lock().expect("queue lock").acked();

@@ -93,6 +93,8 @@ struct NonceResponse {
 struct HandshakeResponse {
     token: String,
     mqtt_port: u16,
+    /// Present when the server serves MQTT over TLS.
+    mqtts_port: Option<u16>,
     sdk: SdkBundle,
 }
 
@@ -128,7 +130,7 @@ pub fn claims(config: &DeviceConfig, nonce: String) -> HandshakeClaims {
         fingerprint: config.fingerprint.clone(),
         os: std::env::consts::OS.to_string(),
         arch: std::env::consts::ARCH.to_string(),
-        secure_transfer: config.server.starts_with("https:"),
+        secure_transfer: crate::tls::secure(config),
         sdk_version: SDK_VERSION.to_string(),
         target: config.target,
         nonce,
@@ -175,12 +177,20 @@ pub async fn handshake(config: &DeviceConfig, http: &reqwest::Client) -> Result<
     };
     let (manifest, artifact) = verify_bundle(&answer.sdk, &config.platform_key, &expected)?;
     let module = SdkModule::load(&manifest, &artifact, config.limits)?;
+    // A device that can do secure transfer never falls back to plain MQTT.
+    let port = if crate::tls::secure(config) {
+        answer.mqtts_port.ok_or_else(|| {
+            SdkError::Refused("the server offers no MQTT over TLS to this secure device".into())
+        })?
+    } else {
+        answer.mqtt_port
+    };
     let mqtt = config.mqtt.clone().unwrap_or_else(|| {
         let host = reqwest::Url::parse(&config.server)
             .ok()
             .and_then(|u| u.host_str().map(str::to_string))
             .unwrap_or_else(|| "127.0.0.1".into());
-        format!("{host}:{}", answer.mqtt_port)
+        format!("{host}:{port}")
     });
     Ok(Session {
         module,

@@ -13,12 +13,14 @@
 //! - [`runtime`]: the module in wasmtime, with fuel and memory limits.
 //! - [`queue`]: the bounded on-disk queue.
 //! - [`connection`]: the MQTT session that drains the queue.
+//! - [`tls`]: HTTPS and MQTT over TLS for devices that can do secure transfer.
 
 pub mod connection;
 pub mod handshake;
 pub mod identity;
 pub mod queue;
 pub mod runtime;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -75,6 +77,10 @@ pub struct DeviceConfig {
     /// MQTT broker `host:port`; `None` takes the server's host and the MQTT
     /// port the handshake reports.
     pub mqtt: Option<String>,
+    /// PEM CA certificate(s) to trust. With an `https://` server the device
+    /// can do secure transfer: it says so in its handshake and then uses
+    /// HTTPS and MQTT over TLS only.
+    pub ca_pem: Option<Vec<u8>>,
     pub queue_dir: PathBuf,
     pub queue_capacity: u64,
     pub limits: RuntimeLimits,
@@ -98,6 +104,7 @@ impl DeviceConfig {
             fingerprint: format!("fleetgate-device-sdk/{}", env!("CARGO_PKG_VERSION")),
             target: None,
             mqtt: None,
+            ca_pem: None,
             queue_dir,
             queue_capacity: 64 << 20,
             limits: RuntimeLimits::default(),
@@ -129,6 +136,8 @@ pub struct LiveMessage {
 pub(crate) struct Shared {
     pub config: DeviceConfig,
     pub http: reqwest::Client,
+    /// Set for devices that use TLS.
+    pub tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
     pub session: Mutex<Session>,
     pub queue: Mutex<queue::DiskQueue>,
     /// Wakes the connection for new records or new subscriptions.
@@ -146,10 +155,8 @@ pub struct Device {
 impl Device {
     /// Handshakes, verifies and loads the SDK, then connects in the background.
     pub async fn start(config: DeviceConfig) -> Result<Device, SdkError> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| SdkError::Network(e.to_string()))?;
+        let tls = tls::for_device(&config)?;
+        let http = tls::http_client(&config)?;
         let session = handshake::handshake(&config, &http).await?;
         let queue = queue::DiskQueue::open(&config.queue_dir, config.queue_capacity)
             .map_err(SdkError::Queue)?;
@@ -161,6 +168,7 @@ impl Device {
         let shared = Arc::new(Shared {
             config,
             http,
+            tls,
             session: Mutex::new(session),
             queue: Mutex::new(queue),
             wake: Notify::new(),
@@ -181,6 +189,12 @@ impl Device {
             .expect("session lock")
             .manifest
             .role
+    }
+
+    /// The broker address in use, and whether it is MQTT over TLS.
+    pub fn broker(&self) -> (String, bool) {
+        let session = self.shared.session.lock().expect("session lock");
+        (session.mqtt.clone(), self.shared.tls.is_some())
     }
 
     pub fn target(&self) -> Target {

@@ -34,6 +34,10 @@ pub struct Connect {
     /// (default: native code for this machine).
     #[arg(long)]
     pub target: Option<Target>,
+    /// CA certificate (PEM) to trust when --server is https:// (e.g. the
+    /// server's fleetgate-data/dev-tls/ca.pem); the device then uses TLS only.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
 }
 
 impl Connect {
@@ -49,6 +53,13 @@ impl Connect {
             self.key_dir.join("queue"),
         );
         config.target = self.target;
+        config.ca_pem = match &self.ca {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?,
+            ),
+            None => None,
+        };
         Ok(Device::start(config).await?)
     }
 }
