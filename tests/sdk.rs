@@ -228,6 +228,40 @@ async fn an_admin_sdk_revokes_and_the_revoked_device_is_refused_its_sdk() {
     assert_eq!(changed["device"]["role"], "admin");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_change_reaches_the_devices_sdk() {
+    let server = server_with_examples(Backend::Sqlite, &[]).await;
+    let dash = enroll(&server, "dash-3", "ingest", analytics::DEVICE_TYPE).await;
+    let device = dash.start(&server, Target::Wasm).await.unwrap();
+    let mut status = device.status();
+    tokio::time::timeout(WAIT, status.wait_for(|s| s.connected))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        device.query("SELECT 1").await,
+        Err(SdkError::NotInRole(_))
+    ));
+    let (code, body) = server
+        .api(
+            "POST",
+            "/v1/devices/dash-3/role",
+            Some(&server.admin),
+            Some(json!({ "role": "extract" })),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    // The gatekeeper ends the session; the device handshakes again and gets
+    // the extract SDK, whose query call now exists.
+    tokio::time::timeout(WAIT, status.wait_for(|s| s.handshakes >= 2 && s.connected))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(device.role(), Role::Extract);
+    let result = device.query("SELECT count(*) FROM sales").await.unwrap();
+    assert_eq!(result["rows"][0][0], 0);
+}
+
 /// Signs a handshake by hand, as a (possibly hostile) device would.
 fn signed(key: &Ed25519KeyPair, id: &str, nonce: &str, timestamp_ms: i64) -> Value {
     let claims = HandshakeClaims {
@@ -564,7 +598,9 @@ async fn tokens_are_renewed_by_handshaking_again_before_they_expire() {
     let device = dash.start(&server, Target::Wasm).await.unwrap();
     let first = device.token();
     let mut status = device.status();
-    // Renewal at three quarters of 3 s; twice within 6 s.
+    // Renewals at three quarters of each 3 s token, and a fresh handshake
+    // when the gatekeeper ends the session at the first token's expiry: a
+    // third handshake comes only after the first token has expired.
     tokio::time::timeout(
         Duration::from_secs(8),
         status.wait_for(|s| s.handshakes >= 3),

@@ -29,27 +29,28 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let mut was_connected = false;
-        match connect_once(&shared, &mut was_connected).await {
+        let refusal = connect_once(&shared, &mut was_connected).await;
+        shared.status.send_modify(|s| s.connected = false);
+        // A refused token, or a session the server ended (a role change, the
+        // token's expiry, a revocation): handshake again, so that the token
+        // and the SDK match what the registry says now. When the platform
+        // cannot be reached, the current token is tried again.
+        let refresh = match refusal {
             Refusal::Credentials(reason) => {
                 tracing::warn!(%reason, "broker refused the token; handshaking again");
-                match handshake::handshake(&shared.config, &shared.http).await {
-                    Ok(session) => {
-                        *shared.session.lock().expect("session lock") = session;
-                        shared.status.send_modify(|s| s.handshakes += 1);
-                    }
-                    Err(e) => shared
-                        .status
-                        .send_modify(|s| s.last_error = Some(format!("handshake: {e}"))),
-                }
+                true
             }
             Refusal::Other(reason) => {
                 shared.status.send_modify(|s| s.last_error = Some(reason));
+                was_connected
             }
+        };
+        if refresh {
+            let _ = handshake::refresh(&shared).await;
         }
         if was_connected {
             backoff = Duration::from_millis(100);
         }
-        shared.status.send_modify(|s| s.connected = false);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }

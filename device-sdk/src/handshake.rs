@@ -215,23 +215,33 @@ pub(crate) async fn renew(shared: Arc<Shared>) {
         let renew_at_ms = issued * 1000 + (expires - issued) * 750;
         let wait = (renew_at_ms - unix_now_ms()).max(0) as u64;
         tokio::time::sleep(Duration::from_millis(wait)).await;
-        match handshake(&shared.config, &shared.http).await {
-            Ok(session) => {
-                *shared.session.lock().expect("session lock") = session;
-                shared.status.send_modify(|s| {
-                    s.handshakes += 1;
-                    s.last_error = None;
-                });
-                retry = Duration::from_secs(1);
-            }
+        match refresh(&shared).await {
+            Ok(()) => retry = Duration::from_secs(1),
             Err(e) => {
                 tracing::warn!(error = %e, "token renewal failed; retrying");
-                shared
-                    .status
-                    .send_modify(|s| s.last_error = Some(format!("renewal: {e}")));
                 tokio::time::sleep(retry).await;
                 retry = (retry * 2).min(Duration::from_secs(30));
             }
+        }
+    }
+}
+
+/// Handshakes again and swaps in the new token and SDK.
+pub(crate) async fn refresh(shared: &Shared) -> Result<(), SdkError> {
+    match handshake(&shared.config, &shared.http).await {
+        Ok(session) => {
+            *shared.session.lock().expect("session lock") = session;
+            shared.status.send_modify(|s| {
+                s.handshakes += 1;
+                s.last_error = None;
+            });
+            Ok(())
+        }
+        Err(e) => {
+            shared
+                .status
+                .send_modify(|s| s.last_error = Some(format!("handshake: {e}")));
+            Err(e)
         }
     }
 }
