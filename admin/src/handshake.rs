@@ -159,3 +159,85 @@ impl Handshakes {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use fleetgate_protocol::sdk::Target;
+    use fleetgate_protocol::{AuthError, Principal, Role};
+    use fleetgate_store::Db;
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+
+    use super::*;
+
+    /// Records what the handshake refused, in place of the real ledger.
+    #[derive(Default)]
+    struct Refusals(StdMutex<Vec<(String, String)>>);
+
+    impl Authenticate for Refusals {
+        fn authenticate(&self, _: Option<&str>, _: &str) -> Result<Principal, AuthError> {
+            unreachable!("handshakes do not authenticate tokens")
+        }
+        fn record_refusal(&self, device_id: &str, what: &str) {
+            self.0.lock().unwrap().push((device_id.into(), what.into()));
+        }
+    }
+
+    fn claims(nonce: &str, timestamp_ms: i64) -> HandshakeClaims {
+        HandshakeClaims {
+            device_id: "t1".into(),
+            device_type: "thermostat".into(),
+            fingerprint: "fw".into(),
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            secure_transfer: false,
+            sdk_version: SDK_VERSION.into(),
+            target: Some(Target::Wasm),
+            nonce: nonce.into(),
+            timestamp_ms,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_nonce_expires_unused_and_the_refusal_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(None, &dir.path().join("t.db")).await.unwrap();
+        let registry = Registry::load(db.clone()).await.unwrap();
+        let bans = Bans::load(db, 0).await.unwrap();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
+        let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        registry
+            .add(
+                "t1",
+                Role::Ingest,
+                Some("thermostat"),
+                Some(key.public_key().as_ref()),
+                0,
+            )
+            .await
+            .unwrap();
+        let refusals = Arc::new(Refusals::default());
+        let handshakes = Handshakes::new(registry, bans, refusals.clone());
+
+        let now = 1_800_000_000_000;
+        let (fresh, expires) = handshakes.issue_nonce(now).unwrap();
+        assert_eq!(expires, now + NONCE_TTL_MS);
+        let signed = SignedHandshake::sign(&claims(&fresh, now), &key);
+        assert!(handshakes.verify(&signed, now + 1_000).is_ok());
+
+        // Used past its expiry (with a clock that agrees), it is refused.
+        let (stale, _) = handshakes.issue_nonce(now).unwrap();
+        let later = now + NONCE_TTL_MS + 1;
+        let signed = SignedHandshake::sign(&claims(&stale, later), &key);
+        assert_eq!(
+            handshakes.verify(&signed, later).unwrap_err(),
+            HandshakeError::Refused("nonce expired".into())
+        );
+        let counted = refusals.0.lock().unwrap().clone();
+        assert_eq!(
+            counted,
+            vec![("t1".to_string(), "handshake: nonce expired".to_string())]
+        );
+    }
+}
