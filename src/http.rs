@@ -36,6 +36,8 @@ pub struct AppState {
     pub query_timeout: Duration,
     pub metrics: Arc<prometheus_client::registry::Registry>,
     pub sdk: crate::sdk_api::SdkSettings,
+    /// Set in cluster mode (`fleetgate broker`).
+    pub balancer: Option<fleetgate_broker::balancer::Balancer>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -51,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/bans", get(list_bans))
         .route("/v1/bans/{id}", delete(lift_ban))
         .route("/v1/audit", get(list_audit))
+        .route("/v1/nodes", get(list_nodes))
         .route("/v1/streams", get(list_streams).post(apply_streams))
         .route("/v1/streams/{name}/rejects", get(list_rejects))
         .route("/v1/query", post(run_query))
@@ -403,6 +406,20 @@ async fn list_audit(
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     Ok(Json(json!({ "entries": entries })))
+}
+
+/// Store nodes in cluster mode; empty when everything runs in one process.
+async fn list_nodes(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Admin, &state)?;
+    let nodes = state
+        .balancer
+        .as_ref()
+        .map(|b| b.nodes())
+        .unwrap_or_default();
+    Ok(Json(json!({ "nodes": nodes })))
 }
 
 async fn refusals(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {

@@ -7,6 +7,7 @@ mod bench;
 mod bench_sdk;
 mod client;
 mod http;
+mod node;
 mod sdk_api;
 mod tls;
 mod up;
@@ -48,6 +49,11 @@ pub struct ServerArgs {
 enum Command {
     /// Run the gatekeeper broker, store, admin service and HTTP API in one process.
     Up(up::UpArgs),
+    /// Cluster mode: the gatekeeper and HTTP API, spreading ingest over
+    /// `fleetgate store` nodes that share its PostgreSQL database.
+    Broker(up::BrokerArgs),
+    /// Cluster mode: a store node (validation, group commit) for `fleetgate broker`.
+    Store(node::StoreArgs),
     /// Register devices, mint tokens, revoke, change roles, lift bans.
     Device {
         #[command(subcommand)]
@@ -88,6 +94,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Up(args) => up::run(args).await,
+            Command::Broker(args) => up::run_broker(args).await,
+            Command::Store(args) => node::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Device { command, server } => client::device(command, &server).await,
             Command::Stream { command, server } => client::stream(command, &server).await,

@@ -11,13 +11,15 @@ use fleetgate_admin::Handshakes;
 use fleetgate_admin::{
     unix_now, AuditLog, Bans, Platform, RefusalLedger, Registry, RegistryEvent, TokenAuthenticator,
 };
+use fleetgate_broker::balancer::Balancer;
 use fleetgate_broker::{EndReason, Gatekeeper, GatekeeperConfig, Upstream};
 use fleetgate_protocol::schema::StreamsFile;
+use fleetgate_protocol::IngestService;
 use fleetgate_protocol::Role;
 use fleetgate_sdk_builder::Builder;
 use fleetgate_store::metrics::StoreMetrics;
 use fleetgate_store::pipeline::{Pipeline, PublishLive};
-use fleetgate_store::{open_catalog, Db, Store, WriterConfig};
+use fleetgate_store::{nodes, open_catalog, Db, Store, WriterConfig};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio::net::TcpListener;
@@ -94,20 +96,43 @@ async fn bind(addr: SocketAddr, flag: &str, what: &str) -> anyhow::Result<TcpLis
     })
 }
 
+/// How `fleetgate broker` differs from `up`: ingest goes to store nodes.
+#[derive(clap::Args)]
+pub struct BrokerArgs {
+    #[command(flatten)]
+    up: UpArgs,
+    /// How long an ingest message waits for a store node to take it (while
+    /// nodes join, fail or restart) before its connection is closed.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    hold: Duration,
+}
+
+/// Where ingest goes: the store in this process, or the cluster's nodes.
+enum Ingest {
+    Local(Arc<Store>),
+    Cluster(Balancer),
+}
+
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,rumqttd=warn,sqlx=warn".into())
-        // Only the gatekeeper connects to the embedded broker; its per-link
-        // errors (e.g. the start-up readiness probe) are noise, not news.
-        .add_directive(
-            "rumqttd::server::broker=off"
-                .parse()
-                .expect("static directive"),
-        );
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    serve(args, None).await
+}
+
+pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
+    if !args
+        .up
+        .database
+        .as_deref()
+        .is_some_and(|url| url.starts_with("postgres"))
+    {
+        return Err(anyhow!(
+            "fleetgate broker needs --database postgres://... (shared with the store nodes)"
+        ));
+    }
+    serve(args.up, Some(args.hold)).await
+}
+
+async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<()> {
+    init_tracing();
 
     // Ports first: a taken port is the most common start-up failure, and
     // nothing should be created before it is known.
@@ -188,16 +213,27 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let upstream = Upstream::start(args.max_payload, live_dropped)
         .await
         .map_err(|e| anyhow!(e))?;
-    let store_metrics = StoreMetrics::register(&mut metrics);
-    let store = Arc::new(Store::start(
-        db.clone(),
-        Pipeline::standard(catalog.clone(), args.max_payload),
-        WriterConfig::default(),
-        vec![Arc::new(PublishLive {
-            sink: upstream.clone(),
-        })],
-        store_metrics,
-    ));
+    let ingest = match cluster_hold {
+        None => Ingest::Local(Arc::new(Store::start(
+            db.clone(),
+            Pipeline::standard(catalog.clone(), args.max_payload),
+            WriterConfig::default(),
+            vec![Arc::new(PublishLive {
+                sink: upstream.clone(),
+            })],
+            StoreMetrics::register(&mut metrics),
+        ))),
+        Some(hold) => {
+            nodes::ddl(&db).await.map_err(|e| anyhow!(e))?;
+            catalog.follow_changes();
+            let source = Arc::new(crate::node::NodeTable(db.clone()));
+            Ingest::Cluster(Balancer::start(source, Duration::from_millis(500), hold))
+        }
+    };
+    let ingest_service: Arc<dyn IngestService> = match &ingest {
+        Ingest::Local(store) => store.clone(),
+        Ingest::Cluster(balancer) => Arc::new(balancer.clone()),
+    };
     let gatekeeper = Arc::new(Gatekeeper::start(
         mqtt_listener,
         GatekeeperConfig {
@@ -205,7 +241,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
         auth.clone(),
-        store.clone(),
+        ingest_service,
         upstream,
         &mut metrics,
     )?);
@@ -239,6 +275,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         query_timeout: args.query_timeout,
         metrics: Arc::new(metrics),
         sdk,
+        balancer: match &ingest {
+            Ingest::Cluster(balancer) => Some(balancer.clone()),
+            Ingest::Local(_) => None,
+        },
     };
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -287,7 +327,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down: finishing in-flight commits");
     gatekeeper.shutdown(Duration::from_secs(15)).await;
-    store.shutdown().await;
+    if let Ingest::Local(store) = &ingest {
+        store.shutdown().await;
+    }
     let _ = stop_http.send(true);
     for server in servers {
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
@@ -350,11 +392,27 @@ fn spawn_revocation_follower(registry: &Registry, gatekeeper: Arc<Gatekeeper>) {
     });
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
     }
+}
+
+pub(crate) fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,rumqttd=warn,sqlx=warn".into())
+        // Only the gatekeeper connects to the embedded broker; its per-link
+        // errors (e.g. the start-up readiness probe) are noise, not news.
+        .add_directive(
+            "rumqttd::server::broker=off"
+                .parse()
+                .expect("static directive"),
+        );
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }

@@ -50,13 +50,13 @@ pub fn postgres_url() -> Option<String> {
 }
 
 /// A PostgreSQL database of its own for one test, dropped afterwards.
-struct TestDatabase {
+pub struct TestDatabase {
     admin_url: String,
     name: String,
 }
 
 impl TestDatabase {
-    async fn create() -> TestDatabase {
+    pub async fn create() -> TestDatabase {
         use sqlx::Connection;
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let admin_url = postgres_url().expect("DATABASE_URL");
@@ -79,7 +79,7 @@ impl TestDatabase {
         TestDatabase { admin_url, name }
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         let (base, _) = self.admin_url.rsplit_once('/').expect("URL has a database");
         format!("{base}/{}", self.name)
     }

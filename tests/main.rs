@@ -7,6 +7,7 @@ mod harness;
 mod admin;
 mod auth;
 mod cli;
+mod cluster;
 mod durability;
 mod ingest;
 mod query;

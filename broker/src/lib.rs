@@ -11,7 +11,9 @@
 //! - [`sessions`]: live sessions by device (revocation, shutdown).
 //! - [`upstream`]: the embedded rumqttd and the live feed into it.
 //! - [`tls`]: MQTT over TLS (and the HTTP API's), handshakes off the accept loop.
+//! - [`balancer`]: cluster mode, ingest spread over store nodes.
 
+pub mod balancer;
 pub mod codec;
 mod session;
 pub mod sessions;

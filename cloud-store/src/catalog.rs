@@ -107,23 +107,50 @@ impl Catalog {
         ])
         .await
         .map_err(|e| format!("cannot create the stream catalog: {e}"))?;
-        let rows: Vec<(String, String)> = with_pool!(db, pool => {
-            sqlx::query("SELECT name, definition FROM fleetgate_streams")
-                .fetch_all(pool)
-                .await
-                .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-        })
-        .map_err(|e| format!("cannot read the stream catalog: {e}"))?;
-        let mut streams = HashMap::new();
-        for (name, definition) in rows {
-            let def: StreamDef = serde_json::from_str(&definition)
-                .map_err(|e| format!("stream catalog entry {name} is corrupt: {e}"))?;
-            streams.insert(name.clone(), Arc::new(Stream::new(&name, def)));
-        }
+        let streams = read_streams(&db).await?;
         Ok(Catalog {
             db,
             streams: Arc::new(RwLock::new(streams)),
         })
+    }
+
+    /// Reads the catalog again, for changes another process applied.
+    pub async fn reload(&self) -> Result<(), String> {
+        let streams = read_streams(&self.db).await?;
+        *self.streams.write().expect("catalog lock") = streams;
+        Ok(())
+    }
+
+    /// In a cluster sharing PostgreSQL, reloads whenever any process applies
+    /// streams (they `NOTIFY fleetgate_catalog` in the applying transaction).
+    /// Does nothing on SQLite, which only one process uses.
+    pub fn follow_changes(&self) {
+        let crate::db::Pools::Postgres { write, .. } = &self.db.pools else {
+            return;
+        };
+        let (pool, catalog) = (write.clone(), self.clone());
+        tokio::spawn(async move {
+            loop {
+                let listener = async {
+                    let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+                    listener.listen(CATALOG_CHANNEL).await?;
+                    // Changes made while not listening are caught by this reload.
+                    let _ = catalog.reload().await;
+                    loop {
+                        listener.recv().await?;
+                        if let Err(e) = catalog.reload().await {
+                            tracing::warn!(error = %e, "cannot reload the stream catalog");
+                        }
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<(), sqlx::Error>(())
+                };
+                if let Err(e) = listener.await {
+                    tracing::warn!(error = %e, "catalog listener lost; reconnecting");
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        });
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Stream>> {
@@ -208,6 +235,14 @@ impl Catalog {
                 .bind(name).bind(definition).bind(now)
                 .execute(&mut *tx).await.map_err(|e| format!("cannot record streams: {e}"))?;
             }
+            if self.db.backend() == crate::db::Backend::Postgres {
+                sqlx::query(&format!("NOTIFY {CATALOG_CHANNEL}"))
+                    .execute(&mut *tx).await.map_err(|e| format!("cannot announce streams: {e}"))?;
+            }
+            if self.db.backend() == crate::db::Backend::Postgres {
+                sqlx::query(&format!("NOTIFY {CATALOG_CHANNEL}"))
+                    .execute(&mut *tx).await.map_err(|e| format!("cannot announce streams: {e}"))?;
+            }
             tx.commit().await.map_err(|e| format!("cannot commit streams: {e}"))
         })?;
         let mut streams = self.streams.write().expect("catalog lock");
@@ -263,4 +298,24 @@ fn evolve(old: &StreamDef, new: &StreamDef, name: &str) -> Result<Vec<String>, S
         ));
     }
     Ok(added)
+}
+
+/// The channel `apply` notifies in PostgreSQL.
+const CATALOG_CHANNEL: &str = "fleetgate_catalog";
+
+async fn read_streams(db: &Db) -> Result<HashMap<String, Arc<Stream>>, String> {
+    let rows: Vec<(String, String)> = with_pool!(db, pool => {
+        sqlx::query("SELECT name, definition FROM fleetgate_streams")
+            .fetch_all(pool)
+            .await
+            .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    })
+    .map_err(|e| format!("cannot read the stream catalog: {e}"))?;
+    let mut streams = HashMap::new();
+    for (name, definition) in rows {
+        let def: StreamDef = serde_json::from_str(&definition)
+            .map_err(|e| format!("stream catalog entry {name} is corrupt: {e}"))?;
+        streams.insert(name.clone(), Arc::new(Stream::new(&name, def)));
+    }
+    Ok(streams)
 }

@@ -7,10 +7,12 @@
 //! - [`writer`]: the store stage (group commit, back-pressure) — [`Store`].
 //! - [`query`]: the read-only query guard and runner.
 //! - [`rejects`]: refused records.
+//! - [`nodes`]: cluster membership (store nodes and their heartbeats).
 
 pub mod catalog;
 pub mod db;
 pub mod metrics;
+pub mod nodes;
 pub mod pipeline;
 pub mod query;
 pub mod rejects;

@@ -25,7 +25,7 @@ pub struct IngestMessage {
 }
 
 /// What became of a message once it is committed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IngestOutcome {
     /// Valid records committed; re-sends of an already stored key count
     /// here too (they are counted apart only in aggregate, by the
@@ -37,7 +37,7 @@ pub struct IngestOutcome {
     pub first_reason: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum IngestError {
     #[error("the store is shutting down")]
     ShuttingDown,

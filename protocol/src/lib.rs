@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod ingest;
+pub mod node;
 pub mod record;
 pub mod role;
 pub mod schema;

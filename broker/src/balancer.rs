@@ -1,0 +1,342 @@
+//! Cluster mode: the gatekeeper as load balancer. Ingest goes to store
+//! nodes by rendezvous hashing of the device id, so each device's records go
+//! to one node, in order. Each node gets one pipelined connection whose
+//! answers come back in order after the node's commit. A node that fails is
+//! taken out of rotation and everything it had not answered is sent to the
+//! next node; a message whose first node committed it but died before
+//! answering is stored again (keyed streams store it once). While no node
+//! can take a message, submit waits up to the hold time: the device's
+//! connection is simply not read meanwhile.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use fleetgate_protocol::ingest::BoxFuture;
+use fleetgate_protocol::node::{encode_request, read_frame, write_frame, NodeResponse};
+use fleetgate_protocol::{IngestError, IngestMessage, IngestOutcome, IngestService, PendingCommit};
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+/// A store node as the cluster's database lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub id: String,
+    pub addr: String,
+    pub secret: String,
+}
+
+/// Where the balancer learns which nodes are alive (their heartbeats).
+pub trait NodeSource: Send + Sync + 'static {
+    fn live_nodes(&self) -> BoxFuture<'_, Result<Vec<NodeInfo>, String>>;
+}
+
+/// A node's state, for `GET /v1/nodes`.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    pub id: String,
+    pub addr: String,
+    pub up: bool,
+    pub routed: u64,
+    pub failed_over: u64,
+}
+
+/// A message on its way, with where its answer goes.
+struct Job {
+    message: IngestMessage,
+    reply: oneshot::Sender<Result<IngestOutcome, IngestError>>,
+    attempts: u32,
+}
+
+/// Attempts before a message is refused (the device then re-sends it).
+const MAX_ATTEMPTS: u32 = 5;
+
+struct Link {
+    info: NodeInfo,
+    jobs: mpsc::Sender<Job>,
+    up: Arc<AtomicBool>,
+    routed: Arc<AtomicU64>,
+    failed_over: Arc<AtomicU64>,
+}
+
+struct Inner {
+    links: RwLock<HashMap<String, Link>>,
+    changed: Notify,
+    hold: Duration,
+}
+
+#[derive(Clone)]
+pub struct Balancer {
+    inner: Arc<Inner>,
+}
+
+impl Balancer {
+    /// Follows `source` (polled every `poll`) and routes over its nodes.
+    pub fn start(source: Arc<dyn NodeSource>, poll: Duration, hold: Duration) -> Balancer {
+        let balancer = Balancer {
+            inner: Arc::new(Inner {
+                links: RwLock::new(HashMap::new()),
+                changed: Notify::new(),
+                hold,
+            }),
+        };
+        let follower = balancer.clone();
+        tokio::spawn(async move {
+            loop {
+                match source.live_nodes().await {
+                    Ok(nodes) => follower.update(nodes),
+                    Err(e) => tracing::warn!(error = %e, "cannot read the node list"),
+                }
+                tokio::time::sleep(poll).await;
+            }
+        });
+        balancer
+    }
+
+    fn update(&self, nodes: Vec<NodeInfo>) {
+        let mut links = self.inner.links.write().expect("links lock");
+        let before = links.len();
+        links.retain(|id, link| nodes.iter().any(|n| n.id == *id && *n == link.info));
+        for node in nodes {
+            if links.contains_key(&node.id) {
+                continue;
+            }
+            tracing::info!(node = %node.id, addr = %node.addr, "store node joined");
+            let (jobs, queue) = mpsc::channel(1024);
+            let link = Link {
+                info: node.clone(),
+                jobs,
+                up: Arc::new(AtomicBool::new(false)),
+                routed: Arc::new(AtomicU64::new(0)),
+                failed_over: Arc::new(AtomicU64::new(0)),
+            };
+            tokio::spawn(run_link(
+                self.clone(),
+                node.clone(),
+                queue,
+                link.up.clone(),
+                link.failed_over.clone(),
+            ));
+            links.insert(node.id, link);
+        }
+        if links.len() != before {
+            self.inner.changed.notify_waiters();
+        }
+    }
+
+    pub fn nodes(&self) -> Vec<NodeStatus> {
+        let links = self.inner.links.read().expect("links lock");
+        let mut list: Vec<NodeStatus> = links
+            .values()
+            .map(|l| NodeStatus {
+                id: l.info.id.clone(),
+                addr: l.info.addr.clone(),
+                up: l.up.load(Ordering::Relaxed),
+                routed: l.routed.load(Ordering::Relaxed),
+                failed_over: l.failed_over.load(Ordering::Relaxed),
+            })
+            .collect();
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        list
+    }
+
+    /// The up node with the highest rendezvous score for `device`.
+    fn pick(&self, device: &str) -> Option<(mpsc::Sender<Job>, Arc<AtomicU64>)> {
+        let links = self.inner.links.read().expect("links lock");
+        links
+            .values()
+            .filter(|l| l.up.load(Ordering::Relaxed))
+            .max_by_key(|l| {
+                let mut hasher = std::hash::DefaultHasher::new();
+                (&l.info.id, device).hash(&mut hasher);
+                hasher.finish()
+            })
+            .map(|l| (l.jobs.clone(), l.routed.clone()))
+    }
+
+    /// Hands the job to its node, waiting up to the hold time for one.
+    async fn route(&self, mut job: Job) {
+        let deadline = tokio::time::Instant::now() + self.inner.hold;
+        loop {
+            let changed = self.inner.changed.notified();
+            if let Some((queue, routed)) = self.pick(&job.message.device_id) {
+                match queue.send(job).await {
+                    Ok(()) => {
+                        routed.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    Err(mpsc::error::SendError(returned)) => {
+                        job = returned;
+                        continue;
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let _ = job.reply.send(Err(IngestError::Unavailable(format!(
+                    "no store node could take the message within {:?}",
+                    self.inner.hold
+                ))));
+                return;
+            }
+            let _ = tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + Duration::from_millis(100)),
+                changed,
+            )
+            .await;
+        }
+    }
+
+    /// Sends jobs a failed node did not answer to the next node.
+    fn fail_over(&self, jobs: Vec<Job>) {
+        for mut job in jobs {
+            job.attempts += 1;
+            if job.attempts >= MAX_ATTEMPTS {
+                let _ = job.reply.send(Err(IngestError::Unavailable(
+                    "store nodes failed repeatedly".into(),
+                )));
+                continue;
+            }
+            let balancer = self.clone();
+            tokio::spawn(async move { balancer.route(job).await });
+        }
+    }
+}
+
+impl IngestService for Balancer {
+    fn submit(&self, message: IngestMessage) -> BoxFuture<'_, Result<PendingCommit, IngestError>> {
+        Box::pin(async move {
+            let (reply, pending) = oneshot::channel();
+            self.route(Job {
+                message,
+                reply,
+                attempts: 0,
+            })
+            .await;
+            Ok(pending)
+        })
+    }
+}
+
+/// One node's connection: reconnects while the node is listed, and on every
+/// failure hands what the node had not answered to the others.
+async fn run_link(
+    balancer: Balancer,
+    node: NodeInfo,
+    mut queue: mpsc::Receiver<Job>,
+    up: Arc<AtomicBool>,
+    failed_over: Arc<AtomicU64>,
+) {
+    loop {
+        let in_flight: Arc<Mutex<VecDeque<Job>>> = Arc::default();
+        let outcome = serve_link(&node, &mut queue, &up, &balancer, in_flight.clone()).await;
+        up.store(false, Ordering::Relaxed);
+        balancer.inner.changed.notify_waiters();
+        let mut unanswered: Vec<Job> = in_flight
+            .lock()
+            .expect("in-flight lock")
+            .drain(..)
+            .collect();
+        while let Ok(job) = queue.try_recv() {
+            unanswered.push(job);
+        }
+        failed_over.fetch_add(unanswered.len() as u64, Ordering::Relaxed);
+        match outcome {
+            LinkEnd::Removed => {
+                balancer.fail_over(unanswered);
+                return;
+            }
+            LinkEnd::Failed(reason) => {
+                if !unanswered.is_empty() || up_before(&reason) {
+                    tracing::warn!(node = %node.id, %reason, resent = unanswered.len(), "store node failed; its messages go to the others");
+                }
+                balancer.fail_over(unanswered);
+            }
+        }
+        if queue.is_closed() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn up_before(reason: &str) -> bool {
+    !reason.starts_with("cannot connect")
+}
+
+enum LinkEnd {
+    /// The node left the list; nothing more will be queued to it.
+    Removed,
+    Failed(String),
+}
+
+async fn serve_link(
+    node: &NodeInfo,
+    queue: &mut mpsc::Receiver<Job>,
+    up: &AtomicBool,
+    balancer: &Balancer,
+    in_flight: Arc<Mutex<VecDeque<Job>>>,
+) -> LinkEnd {
+    let connect = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&node.addr));
+    let stream = match connect.await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return LinkEnd::Failed(format!("cannot connect: {e}")),
+        Err(_) => return LinkEnd::Failed("cannot connect: timed out".into()),
+    };
+    let _ = stream.set_nodelay(true);
+    let (mut reader, mut writer) = stream.into_split();
+    if let Err(e) = write_frame(&mut writer, node.secret.as_bytes()).await {
+        return LinkEnd::Failed(format!("cannot connect: {e}"));
+    }
+    up.store(true, Ordering::Relaxed);
+    balancer.inner.changed.notify_waiters();
+    tracing::info!(node = %node.id, "store node connected");
+
+    let answers = {
+        let in_flight = in_flight.clone();
+        async move {
+            loop {
+                let body = match read_frame(&mut reader).await {
+                    Ok(Some(body)) => body,
+                    Ok(None) => return "the node closed the connection".to_string(),
+                    Err(e) => return format!("reading from the node: {e}"),
+                };
+                let response: NodeResponse = match serde_json::from_slice(&body) {
+                    Ok(r) => r,
+                    Err(e) => return format!("unreadable answer: {e}"),
+                };
+                let job = in_flight.lock().expect("in-flight lock").pop_front();
+                match job {
+                    // Answers come in the order messages were sent.
+                    Some(job) => {
+                        let _ = job.reply.send(response.result);
+                    }
+                    None => return format!("answer {} to nothing", response.seq),
+                }
+            }
+        }
+    };
+    let sends = async {
+        let mut seq = 0u64;
+        loop {
+            // `None`: the node left the list and its queue closed.
+            let job = queue.recv().await?;
+            seq += 1;
+            let body = encode_request(seq, &job.message);
+            // In flight before it is written, so an answer always finds it.
+            in_flight.lock().expect("in-flight lock").push_back(job);
+            if let Err(e) = write_frame(&mut writer, &body).await {
+                return Some(format!("writing to the node: {e}"));
+            }
+        }
+    };
+    tokio::select! {
+        reason = answers => LinkEnd::Failed(reason),
+        ended = sends => match ended {
+            Some(reason) => LinkEnd::Failed(reason),
+            None => LinkEnd::Removed,
+        },
+    }
+}

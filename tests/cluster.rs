@@ -1,0 +1,328 @@
+//! Cluster mode: `fleetgate broker` and `fleetgate store --node` processes
+//! sharing one PostgreSQL database. Devices (on the device SDK) publish
+//! through the broker; a node is killed mid-stream; every acknowledged
+//! record is stored exactly once, and live copies and stream changes reach
+//! every process.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fleetgate_device_sdk::identity::{read_public_key, DeviceKey};
+use fleetgate_device_sdk::{Device, DeviceConfig};
+use fleetgate_firmware_examples::{thermostat, Cadence};
+use fleetgate_protocol::sdk::Target;
+use serde_json::{json, Value};
+
+use crate::harness::{postgres_url, TestDatabase, WAIT};
+
+/// A fleetgate process, killed when dropped.
+struct Process {
+    child: Child,
+    ready: String,
+}
+
+impl Process {
+    fn start(args: &[&str]) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready = loop {
+            let line = lines
+                .next()
+                .expect("process exited before it was ready")
+                .unwrap();
+            if line.contains("ready:") {
+                break line;
+            }
+        };
+        // Keep draining stdout so the process never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        Process { child, ready }
+    }
+
+    fn field(&self, name: &str) -> String {
+        self.ready
+            .split_whitespace()
+            .find_map(|p| p.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name} in {:?}", self.ready))
+            .to_string()
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Cluster {
+    broker: Process,
+    url: String,
+    dir: tempfile::TempDir,
+    admin: String,
+    http: reqwest::Client,
+    /// Last, so the database outlives the processes using it.
+    _database: TestDatabase,
+}
+
+impl Cluster {
+    async fn api(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let url = format!("http://{}{path}", self.broker.field("http"));
+        let mut request = self
+            .http
+            .request(method.parse().unwrap(), url)
+            .bearer_auth(&self.admin);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        assert!(
+            response.status().is_success(),
+            "{method} {path}: {}",
+            response.status()
+        );
+        response.json().await.unwrap()
+    }
+
+    async fn apply(&self, streams: &str) {
+        let response = self
+            .http
+            .post(format!("http://{}/v1/streams", self.broker.field("http")))
+            .bearer_auth(&self.admin)
+            .body(streams.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success());
+    }
+
+    fn node(&self, id: &str, token: &str) -> Process {
+        Process::start(&[
+            "store",
+            "--node",
+            id,
+            "--database",
+            &self.url,
+            "--mqtt",
+            &self.broker.field("mqtt"),
+            "--token",
+            token,
+        ])
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        let body = self
+            .api("POST", "/v1/query", Some(json!({ "sql": sql })))
+            .await;
+        body["rows"][0][0].as_i64().unwrap()
+    }
+
+    async fn wait_nodes_up(&self, ids: &[&str]) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let body = self.api("GET", "/v1/nodes", None).await;
+            let up: Vec<&str> = body["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| n["up"] == true)
+                .map(|n| n["id"].as_str().unwrap())
+                .collect();
+            if ids.iter().all(|id| up.contains(id)) {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "nodes up: {up:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn device(&self, id: &str) -> Device {
+        let dir = self.dir.path().join(id);
+        let key = DeviceKey::generate(&dir).unwrap();
+        self.api(
+            "POST",
+            "/v1/devices",
+            Some(json!({ "id": id, "role": "ingest", "type": "thermostat", "public_key": key.public_hex() })),
+        )
+        .await;
+        let platform = read_public_key(&self.dir.path().join("broker/platform.pub")).unwrap();
+        let mut config = DeviceConfig::new(
+            &format!("http://{}", self.broker.field("http")),
+            id,
+            "thermostat",
+            DeviceKey::load(&dir).unwrap(),
+            platform,
+            dir.join("queue"),
+        );
+        config.target = Some(Target::X86_64);
+        Device::start(config).await.unwrap()
+    }
+}
+
+async fn cluster() -> Option<Cluster> {
+    postgres_url()?;
+    let database = TestDatabase::create().await;
+    let url = database.url();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("broker");
+    let broker = Process::start(&[
+        "broker",
+        "--mqtt",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--data",
+        data.to_str().unwrap(),
+        "--database",
+        &url,
+    ]);
+    let admin = std::fs::read_to_string(data.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    Some(Cluster {
+        broker,
+        url,
+        dir,
+        admin,
+        http: reqwest::Client::new(),
+        _database: database,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_stream_loses_nothing_acknowledged() {
+    let Some(cluster) = cluster().await else {
+        eprintln!("skipped: DATABASE_URL is not set, so this PostgreSQL cluster test did not run");
+        return;
+    };
+    cluster
+        .apply(include_str!("../firmware-examples/streams.toml"))
+        .await;
+    // Each node re-publishes live copies as an admin device of its own.
+    let mut feeds = Vec::new();
+    for id in ["feed-n1", "feed-n2"] {
+        let body = json!({ "id": id, "role": "admin" });
+        let feed = cluster.api("POST", "/v1/devices", Some(body)).await;
+        feeds.push(feed["token"].as_str().unwrap().to_string());
+    }
+    let mut first = cluster.node("n1", &feeds[0]);
+    let _second = cluster.node("n2", &feeds[1]);
+    cluster.wait_nodes_up(&["n1", "n2"]).await;
+
+    // An analyst follows live copies, which nodes send back through the broker.
+    let analyst = cluster
+        .api(
+            "POST",
+            "/v1/devices",
+            Some(json!({ "id": "analyst", "role": "extract" })),
+        )
+        .await;
+    let (host, port) = cluster
+        .broker
+        .field("mqtt")
+        .rsplit_once(':')
+        .map(|(h, p)| (h.to_string(), p.parse::<u16>().unwrap()))
+        .unwrap();
+    let mut options = rumqttc::MqttOptions::new("analyst", host, port);
+    options.set_credentials("analyst", analyst["token"].as_str().unwrap());
+    let (live, mut live_events) = rumqttc::AsyncClient::new(options, 100);
+    live.subscribe("live/temperature/#", rumqttc::QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let (seen, mut seen_rx) = tokio::sync::watch::channel(0usize);
+    tokio::spawn(async move {
+        while let Ok(event) = live_events.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(_)) = event {
+                seen.send_modify(|n| *n += 1);
+            }
+        }
+    });
+
+    let readings = 150u64;
+    let mut devices = Vec::new();
+    for i in 0..4 {
+        devices.push(cluster.device(&format!("thermo-{i}")).await);
+    }
+    let publishers: Vec<_> = devices
+        .into_iter()
+        .map(|device| {
+            tokio::spawn(async move {
+                let cadence = Cadence {
+                    count: readings,
+                    every: Duration::from_millis(2),
+                };
+                let sent = thermostat::run(&device, "hall", &cadence).await.unwrap();
+                (device, sent)
+            })
+        })
+        .collect();
+    // Both nodes take traffic, then n1 dies without warning.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let nodes = cluster.api("GET", "/v1/nodes", None).await;
+        let busy = nodes["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["routed"].as_u64().unwrap() >= 20);
+        if busy {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{nodes}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.kill9();
+    for publisher in publishers {
+        let (device, sent) = tokio::time::timeout(Duration::from_secs(60), publisher)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(sent, readings);
+        assert_eq!(device.status().borrow().queued, 0);
+    }
+    // Every reading of every device is stored, once.
+    assert_eq!(
+        cluster.count("SELECT count(*) FROM temperature").await,
+        4 * readings as i64
+    );
+    assert_eq!(
+        cluster
+            .count("SELECT count(*) FROM (SELECT DISTINCT device_id, seq FROM temperature) d")
+            .await,
+        4 * readings as i64
+    );
+    tokio::time::timeout(WAIT, seen_rx.wait_for(|n| *n > 0))
+        .await
+        .expect("live copies from the store nodes")
+        .unwrap();
+    let nodes = cluster.api("GET", "/v1/nodes", None).await;
+    let n2 = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == "n2")
+        .unwrap()
+        .clone();
+    assert_eq!(n2["up"], true, "{nodes}");
+
+    // A stream applied through the broker reaches the surviving node.
+    cluster
+        .apply("[streams.door]\nfields.open = { type = \"bool\", required = true }\n")
+        .await;
+    let door = cluster.device("door-1").await;
+    door.publish("door", &[("open", true.into())]).unwrap();
+    door.flush(WAIT).await.unwrap();
+    assert_eq!(cluster.count("SELECT count(*) FROM door").await, 1);
+}
