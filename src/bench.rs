@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// connection (0 skips it).
     #[arg(long, default_value_t = 100)]
     revocations: usize,
+    /// Run `fleetgate broker` and this many `fleetgate store` nodes instead
+    /// of `up` (needs --database).
+    #[arg(long, default_value_t = 0)]
+    cluster_nodes: usize,
     /// Measure SDK delivery instead: handshake + build (cold and cached) per
     /// target, and encoding one record inside the module.
     #[arg(long)]
@@ -123,27 +127,66 @@ impl ScratchDatabase {
 
 pub(crate) struct Spawned {
     child: Child,
+    /// Store nodes, in cluster mode.
+    nodes: Vec<Child>,
     pub(crate) dir: tempfile::TempDir,
     pub(crate) http: String,
     mqtt: std::net::SocketAddr,
     admin: String,
 }
 
+fn interrupt(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
 impl Drop for Spawned {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
+        interrupt(&mut self.child);
+        for node in &mut self.nodes {
+            interrupt(node);
+        }
     }
 }
 
+/// Starts `fleetgate store --node` processes for a cluster benchmark.
+fn spawn_nodes(database: &str, count: usize) -> anyhow::Result<Vec<Child>> {
+    (0..count)
+        .map(|i| {
+            let mut child = Command::new(std::env::current_exe()?)
+                .args([
+                    "store",
+                    "--node",
+                    &format!("bench-n{i}"),
+                    "--database",
+                    database,
+                ])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("cannot start fleetgate store")?;
+            let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+            match lines.next() {
+                Some(Ok(line)) if line.starts_with("fleetgate store ready:") => Ok(child),
+                _ => bail!("fleetgate store exited before it was ready"),
+            }
+        })
+        .collect()
+}
+
 pub(crate) fn spawn_server(database: Option<&str>, extra: &[&str]) -> anyhow::Result<Spawned> {
+    spawn("up", database, extra)
+}
+
+fn spawn(mode: &str, database: Option<&str>, extra: &[&str]) -> anyhow::Result<Spawned> {
     let dir = tempfile::tempdir()?;
     let mut command = Command::new(std::env::current_exe()?);
     command
         .args([
-            "up",
+            mode,
             "--mqtt",
             "127.0.0.1:0",
             "--http",
@@ -181,6 +224,7 @@ pub(crate) fn spawn_server(database: Option<&str>, extra: &[&str]) -> anyhow::Re
         mqtt: field("mqtt=")?.parse()?,
         http: format!("http://{}", field("http=")?),
         child,
+        nodes: Vec::new(),
         dir,
         admin,
     })
@@ -225,6 +269,28 @@ pub(crate) fn payload(seq: usize, records: usize) -> String {
         let items: Vec<String> = (0..records).map(|r| record(seq * records + r)).collect();
         format!("[{}]", items.join(","))
     }
+}
+
+/// Waits until the broker has connected to `count` store nodes.
+async fn wait_for_nodes(server: &Spawned, count: usize) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    for _ in 0..200 {
+        let nodes: Value = http
+            .get(format!("{}/v1/nodes", server.http))
+            .bearer_auth(&server.admin)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let up = nodes["nodes"]
+            .as_array()
+            .map_or(0, |n| n.iter().filter(|n| n["up"] == true).count());
+        if up >= count {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("store nodes did not come up")
 }
 
 /// Every connection publishes `messages` QoS 1 messages as fast as its
@@ -489,7 +555,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(url) => Some(ScratchDatabase::create(url).await?),
         None => None,
     };
-    let server = spawn_server(scratch.as_ref().map(|s| s.url.as_str()), &[])?;
+    let database = scratch.as_ref().map(|s| s.url.as_str());
+    let server = match (args.cluster_nodes, database) {
+        (0, _) => spawn_server(database, &[])?,
+        (count, Some(url)) => {
+            let mut server = spawn("broker", database, &[])?;
+            server.nodes = spawn_nodes(url, count)?;
+            wait_for_nodes(&server, count).await?;
+            server
+        }
+        (_, None) => bail!("--cluster-nodes needs --database postgres://..."),
+    };
     let http = reqwest::Client::new();
     api(
         &http,
@@ -561,10 +637,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let rate = records_total as f64 / load.elapsed.as_secs_f64();
     println!(
         "\nfleetgate ({}), durable validated ingest:",
-        if args.database.is_some() {
-            "PostgreSQL"
-        } else {
-            "SQLite"
+        match (args.cluster_nodes, args.database.is_some()) {
+            (0, true) => "PostgreSQL".to_string(),
+            (0, false) => "SQLite".to_string(),
+            (n, _) => format!("broker + {n} store nodes, PostgreSQL"),
         }
     );
     println!(

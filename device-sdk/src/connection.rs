@@ -223,8 +223,8 @@ fn advance(shared: &Shared, in_flight: &mut VecDeque<InFlight>) -> Result<(), Re
     };
     let mut queue = shared.queue.lock().expect("queue lock");
     queue.ack(upto, count).map_err(Refusal::Other)?;
+    // Under the queue's lock, like `Device::publish`: counts stay in order.
     let queued = queue.pending_entries();
-    drop(queue);
     shared.status.send_modify(|s| {
         s.acked += count;
         s.queued = queued;

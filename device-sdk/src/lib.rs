@@ -244,9 +244,11 @@ impl Device {
             .publish(stream, fields)?;
         let mut queue = self.shared.queue.lock().expect("queue lock");
         queue.push(&stream, &payload).map_err(SdkError::Queue)?;
+        // Under the queue's lock, so that a stale count never overwrites a
+        // newer one (flush waits on it).
         let queued = queue.pending_entries();
-        drop(queue);
         self.shared.status.send_modify(|s| s.queued = queued);
+        drop(queue);
         self.shared.wake.notify_one();
         Ok(())
     }
