@@ -179,6 +179,8 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         .map_err(|e| anyhow!(e))?;
     let catalog = open_catalog(&db).await.map_err(|e| anyhow!(e))?;
     let registry = Registry::load(db.clone()).await.map_err(|e| anyhow!(e))?;
+    // Other brokers sharing the database revoke and change roles too.
+    registry.follow_changes();
     let bans = Bans::load(db.clone(), unix_now())
         .await
         .map_err(|e| anyhow!(e))?;

@@ -5,6 +5,7 @@
 //! every process.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -170,13 +171,8 @@ impl Cluster {
     }
 }
 
-async fn cluster() -> Option<Cluster> {
-    postgres_url()?;
-    let database = TestDatabase::create().await;
-    let url = database.url();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("broker");
-    let broker = Process::start(&[
+fn start_broker(data: &Path, url: &str) -> Process {
+    Process::start(&[
         "broker",
         "--mqtt",
         "127.0.0.1:0",
@@ -185,8 +181,17 @@ async fn cluster() -> Option<Cluster> {
         "--data",
         data.to_str().unwrap(),
         "--database",
-        &url,
-    ]);
+        url,
+    ])
+}
+
+async fn cluster() -> Option<Cluster> {
+    postgres_url()?;
+    let database = TestDatabase::create().await;
+    let url = database.url();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("broker");
+    let broker = start_broker(&data, &url);
     let admin = std::fs::read_to_string(data.join("admin.token"))
         .unwrap()
         .trim()
@@ -325,4 +330,86 @@ async fn a_node_killed_mid_stream_loses_nothing_acknowledged() {
     door.publish("door", &[("open", true.into())]).unwrap();
     door.flush(WAIT).await.unwrap();
     assert_eq!(cluster.count("SELECT count(*) FROM door").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_broker_ends_sessions_on_another() {
+    let Some(cluster) = cluster().await else {
+        eprintln!("skipped: DATABASE_URL is not set, so this PostgreSQL cluster test did not run");
+        return;
+    };
+    // A second broker of the same cluster: same database, same platform key.
+    let second_data = cluster.dir.path().join("second");
+    std::fs::create_dir_all(&second_data).unwrap();
+    std::fs::copy(
+        cluster.dir.path().join("broker/platform.key"),
+        second_data.join("platform.key"),
+    )
+    .unwrap();
+    let second = start_broker(&second_data, &cluster.url);
+    let added = cluster
+        .api(
+            "POST",
+            "/v1/devices",
+            Some(json!({ "id": "sensor-9", "role": "extract" })),
+        )
+        .await;
+    let token = added["token"].as_str().unwrap().to_string();
+    // Connected to the second broker, which learned of the device from the first.
+    let (host, port) = second
+        .field("mqtt")
+        .rsplit_once(':')
+        .map(|(h, p)| (h.to_string(), p.parse::<u16>().unwrap()))
+        .unwrap();
+    let mut options = rumqttc::MqttOptions::new("sensor-9", host, port);
+    options.set_credentials("sensor-9", token.as_str());
+    let (_client, mut events) = rumqttc::AsyncClient::new(options, 10);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, events.poll())
+            .await
+            .unwrap()
+        {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => {
+                // The second broker may not have heard of the device yet.
+                assert!(tokio::time::Instant::now() < deadline, "{e:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let query = |token: String| {
+        let url = format!("http://{}/v1/query", second.field("http"));
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({ "sql": "SELECT 1" }))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(query(token.clone()).await, 200);
+
+    // Revoked through the first broker: the second ends the session at once.
+    let revoked_at = tokio::time::Instant::now();
+    cluster
+        .api("POST", "/v1/devices/sensor-9/revoke", None)
+        .await;
+    loop {
+        match tokio::time::timeout(WAIT, events.poll()).await.unwrap() {
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    let took = revoked_at.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "session ended after {took:?}"
+    );
+    assert_eq!(query(token).await, 401);
 }

@@ -51,7 +51,13 @@ pub struct Registry {
     db: Db,
     devices: Arc<RwLock<HashMap<String, Device>>>,
     events: broadcast::Sender<RegistryEvent>,
+    /// Tells this process's own notifications from other brokers'.
+    origin: Arc<str>,
 }
+
+/// The PostgreSQL channel registry changes are announced on, as
+/// `<origin> <change> <device>`, for the other brokers of a cluster.
+const CHANNEL: &str = "fleetgate_registry";
 
 const COLUMNS: &str =
     "id, role, device_type, revoked_at, tokens_not_before, created_at, public_key";
@@ -71,31 +77,96 @@ impl Registry {
         .await
         .map_err(|e| format!("cannot create the device registry: {e}"))?;
         add_public_key_column(&db).await?;
-        let rows = with_pool!(db, pool => {
-            sqlx::query(&format!("SELECT {COLUMNS} FROM fleetgate_devices"))
-                .fetch_all(pool)
-                .await
-                .map(|rows| rows.iter().map(|r| {
-                    let role: String = r.get(1);
-                    Device {
-                        id: r.get(0),
-                        role: role.parse().unwrap_or(Role::Ingest),
-                        device_type: r.get(2),
-                        revoked_at: r.get(3),
-                        tokens_not_before: r.get(4),
-                        created_at: r.get(5),
-                        public_key: r.get(6),
-                    }
-                }).collect::<Vec<_>>())
-        })
-        .map_err(|e| format!("cannot read the device registry: {e}"))?;
+        let rows = read_devices(&db, None)
+            .await
+            .map_err(|e| format!("cannot read the device registry: {e}"))?;
         let devices = rows.into_iter().map(|d| (d.id.clone(), d)).collect();
         let (events, _) = broadcast::channel(1024);
+        let origin = format!("{}-{}", std::process::id(), crate::unix_now_ms());
         Ok(Registry {
             db,
             devices: Arc::new(RwLock::new(devices)),
             events,
+            origin: origin.into(),
         })
+    }
+
+    /// On PostgreSQL, follows the changes other brokers of the cluster make:
+    /// their revocations and role changes end this broker's sessions too,
+    /// and their new devices and keys are known here at once.
+    pub fn follow_changes(&self) {
+        let fleetgate_store::db::Pools::Postgres { write, .. } = &self.db.pools else {
+            return;
+        };
+        let (pool, registry) = (write.clone(), self.clone());
+        tokio::spawn(async move {
+            loop {
+                let followed = async {
+                    let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+                    listener.listen(CHANNEL).await?;
+                    loop {
+                        let notification = listener.recv().await?;
+                        registry.apply_remote(notification.payload()).await;
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<(), sqlx::Error>(())
+                };
+                if let Err(e) = followed.await {
+                    tracing::warn!(error = %e, "registry listener lost; reconnecting");
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        });
+    }
+
+    async fn apply_remote(&self, payload: &str) {
+        let mut parts = payload.splitn(3, ' ');
+        let (Some(origin), Some(change), Some(id)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return;
+        };
+        if origin == &*self.origin {
+            return;
+        }
+        let device = match read_devices(&self.db, Some(id)).await {
+            Ok(mut rows) => rows.pop(),
+            Err(e) => {
+                tracing::warn!(error = %e, device = id, "cannot read a changed device");
+                return;
+            }
+        };
+        let Some(device) = device else { return };
+        self.devices
+            .write()
+            .expect("registry lock")
+            .insert(device.id.clone(), device.clone());
+        let event = match change {
+            "revoked" => Some(RegistryEvent::Revoked(device.id)),
+            "role" => Some(RegistryEvent::RoleChanged(device.id, device.role)),
+            _ => None,
+        };
+        if let Some(event) = event {
+            let _ = self.events.send(event);
+        }
+    }
+
+    /// Tells the cluster's other brokers (PostgreSQL only).
+    async fn announce(&self, change: &str, id: &str) {
+        if self.db.backend() != fleetgate_store::db::Backend::Postgres {
+            return;
+        }
+        let payload = format!("{} {change} {id}", self.origin);
+        let sent = with_pool!(self.db, pool => {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANNEL)
+                .bind(payload)
+                .execute(pool)
+                .await
+                .map(|_| ())
+        });
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, device = id, "cannot announce a registry change");
+        }
     }
 
     pub fn get(&self, id: &str) -> Option<Device> {
@@ -175,6 +246,7 @@ impl Registry {
             .write()
             .expect("registry lock")
             .insert(device.id.clone(), device.clone());
+        self.announce("added", id).await;
         Ok(device)
     }
 
@@ -187,6 +259,7 @@ impl Registry {
         device.revoked_at = Some(now);
         device.tokens_not_before = now + 1;
         self.save(&device).await?;
+        self.announce("revoked", id).await;
         let _ = self.events.send(RegistryEvent::Revoked(id.to_string()));
         Ok(device)
     }
@@ -202,6 +275,7 @@ impl Registry {
         }
         device.role = role;
         self.save(&device).await?;
+        self.announce("role", id).await;
         let _ = self
             .events
             .send(RegistryEvent::RoleChanged(id.to_string(), role));
@@ -220,6 +294,7 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
         device.public_key = Some(fleetgate_protocol::sdk::hex(key));
         self.save(&device).await?;
+        self.announce("key", id).await;
         Ok(device)
     }
 
@@ -268,4 +343,32 @@ async fn add_public_key_column(db: &Db) -> Result<(), String> {
     db.execute_ddl(&["ALTER TABLE fleetgate_devices ADD COLUMN public_key TEXT".to_string()])
         .await
         .map_err(|e| format!("cannot add public keys to the device registry: {e}"))
+}
+
+/// Devices from the database: all of them, or the one with `id`.
+async fn read_devices(db: &Db, id: Option<&str>) -> Result<Vec<Device>, sqlx::Error> {
+    let filter = if id.is_some() { " WHERE id = $1" } else { "" };
+    let sql = format!("SELECT {COLUMNS} FROM fleetgate_devices{filter}");
+    with_pool!(db, pool => {
+        let mut query = sqlx::query(&sql);
+        if let Some(id) = id {
+            query = query.bind(id);
+        }
+        query.fetch_all(pool).await.map(|rows| {
+            rows.iter()
+                .map(|r| {
+                    let role: String = r.get(1);
+                    Device {
+                        id: r.get(0),
+                        role: role.parse().unwrap_or(Role::Ingest),
+                        device_type: r.get(2),
+                        revoked_at: r.get(3),
+                        tokens_not_before: r.get(4),
+                        created_at: r.get(5),
+                        public_key: r.get(6),
+                    }
+                })
+                .collect()
+        })
+    })
 }
