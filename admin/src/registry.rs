@@ -111,7 +111,11 @@ impl Registry {
                     #[allow(unreachable_code)]
                     Ok::<(), sqlx::Error>(())
                 };
-                if let Err(e) = followed.await {
+                let lost = followed.await;
+                if pool.is_closed() {
+                    return; // shutting down
+                }
+                if let Err(e) = lost {
                     tracing::warn!(error = %e, "registry listener lost; reconnecting");
                 }
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;

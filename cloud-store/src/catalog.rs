@@ -145,7 +145,11 @@ impl Catalog {
                     #[allow(unreachable_code)]
                     Ok::<(), sqlx::Error>(())
                 };
-                if let Err(e) = listener.await {
+                let lost = listener.await;
+                if pool.is_closed() {
+                    return; // shutting down
+                }
+                if let Err(e) = lost {
                     tracing::warn!(error = %e, "catalog listener lost; reconnecting");
                 }
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
