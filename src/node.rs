@@ -22,6 +22,7 @@ use fleetgate_store::pipeline::{Pipeline, PublishLive};
 use fleetgate_store::{open_catalog, Db, Store, WriterConfig};
 use ring::rand::{SecureRandom, SystemRandom};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -198,12 +199,20 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
 /// after its commit.
 async fn serve_broker(socket: TcpStream, store: Arc<Store>, secret: String) {
     let (mut reader, mut writer) = socket.into_split();
-    match read_frame(&mut reader).await {
-        Ok(Some(hello)) if hello == secret.as_bytes() => {}
-        _ => {
-            tracing::warn!("refused a node-link connection without the node's secret");
-            return;
-        }
+    // The secret comes first, small and soon; anything else is refused
+    // before it can hold the connection or make the node buffer a frame.
+    let wanted = [&(secret.len() as u32).to_le_bytes()[..], secret.as_bytes()].concat();
+    let mut presented = vec![0u8; wanted.len()];
+    let read = tokio::time::timeout(Duration::from_secs(5), reader.read_exact(&mut presented));
+    let read_ok = matches!(read.await, Ok(Ok(_)));
+    // Compared without an early exit, so timing tells nothing of the secret.
+    let differs = presented
+        .iter()
+        .zip(&wanted)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    if !read_ok || differs != 0 {
+        tracing::warn!("refused a node-link connection without the node's secret");
+        return;
     }
     let (answers, mut pending) = mpsc::channel::<(u64, PendingCommit)>(4096);
     let write = tokio::spawn(async move {

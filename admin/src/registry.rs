@@ -55,6 +55,13 @@ pub struct Registry {
     origin: Arc<str>,
 }
 
+/// One change to a device, written column by column.
+enum Change<'a> {
+    Revoke { now: i64 },
+    Role(Role),
+    Key(&'a str),
+}
+
 /// The PostgreSQL channel registry changes are announced on, as
 /// `<origin> <change> <device>`, for the other brokers of a cluster.
 const CHANNEL: &str = "fleetgate_registry";
@@ -104,9 +111,17 @@ impl Registry {
                 let followed = async {
                     let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
                     listener.listen(CHANNEL).await?;
+                    // What changed before we listened is caught up here.
+                    registry.resync().await;
                     loop {
-                        let notification = listener.recv().await?;
-                        registry.apply_remote(notification.payload()).await;
+                        match listener.try_recv().await? {
+                            Some(notification) => {
+                                registry.apply_remote(notification.payload()).await
+                            }
+                            // The listener reconnected: notifications sent
+                            // meanwhile are lost, so read everything again.
+                            None => registry.resync().await,
+                        }
                     }
                     #[allow(unreachable_code)]
                     Ok::<(), sqlx::Error>(())
@@ -121,6 +136,34 @@ impl Registry {
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         });
+    }
+
+    /// Reads every device again and raises the events for what changed.
+    async fn resync(&self) {
+        let rows = match read_devices(&self.db, None).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot re-read the device registry");
+                return;
+            }
+        };
+        let mut events = Vec::new();
+        {
+            let mut devices = self.devices.write().expect("registry lock");
+            for device in rows {
+                if let Some(known) = devices.get(&device.id) {
+                    if device.revoked_at.is_some() && known.revoked_at.is_none() {
+                        events.push(RegistryEvent::Revoked(device.id.clone()));
+                    } else if device.role != known.role {
+                        events.push(RegistryEvent::RoleChanged(device.id.clone(), device.role));
+                    }
+                }
+                devices.insert(device.id.clone(), device);
+            }
+        }
+        for event in events {
+            let _ = self.events.send(event);
+        }
     }
 
     async fn apply_remote(&self, payload: &str) {
@@ -257,12 +300,7 @@ impl Registry {
     /// Revokes a device: its tokens stop working and live sessions are told
     /// to close (through [`Registry::subscribe`]).
     pub async fn revoke(&self, id: &str, now: i64) -> Result<Device, RegistryError> {
-        let mut device = self
-            .get(id)
-            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
-        device.revoked_at = Some(now);
-        device.tokens_not_before = now + 1;
-        self.save(&device).await?;
+        let device = self.change(id, Change::Revoke { now }).await?;
         self.announce("revoked", id).await;
         let _ = self.events.send(RegistryEvent::Revoked(id.to_string()));
         Ok(device)
@@ -271,14 +309,7 @@ impl Registry {
     /// Changes a device's role; its live sessions are told to end so that
     /// they reconnect under the new role.
     pub async fn set_role(&self, id: &str, role: Role) -> Result<Device, RegistryError> {
-        let mut device = self
-            .get(id)
-            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
-        if device.revoked_at.is_some() {
-            return Err(RegistryError::Invalid(format!("device {id:?} is revoked")));
-        }
-        device.role = role;
-        self.save(&device).await?;
+        let device = self.change(id, Change::Role(role)).await?;
         self.announce("role", id).await;
         let _ = self
             .events
@@ -293,37 +324,51 @@ impl Registry {
                 "public key must be a 32-byte Ed25519 key".into(),
             ));
         }
-        let mut device = self
-            .get(id)
-            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
-        device.public_key = Some(fleetgate_protocol::sdk::hex(key));
-        self.save(&device).await?;
+        let hex = fleetgate_protocol::sdk::hex(key);
+        let device = self.change(id, Change::Key(&hex)).await?;
         self.announce("key", id).await;
         Ok(device)
     }
 
-    /// Writes a changed device to the database, then to the cache.
-    async fn save(&self, device: &Device) -> Result<(), RegistryError> {
-        with_pool!(self.db, pool => {
-            sqlx::query(
-                "UPDATE fleetgate_devices SET role = $1, revoked_at = $2, tokens_not_before = $3, \
-                 public_key = $4 WHERE id = $5",
-            )
-            .bind(device.role.as_str())
-            .bind(device.revoked_at)
-            .bind(device.tokens_not_before)
-            .bind(&device.public_key)
-            .bind(&device.id)
-            .execute(pool)
-            .await
-            .map(|_| ())
+    /// Writes one change to the database, touching only its own columns
+    /// (another broker may have changed the others), then refreshes the
+    /// cache from the row as it now is.
+    async fn change(&self, id: &str, change: Change<'_>) -> Result<Device, RegistryError> {
+        let updated = with_pool!(self.db, pool => {
+            let query = match change {
+                Change::Revoke { now } => sqlx::query(
+                    "UPDATE fleetgate_devices SET revoked_at = $1, tokens_not_before = $2 WHERE id = $3",
+                )
+                .bind(now)
+                .bind(now + 1)
+                .bind(id),
+                Change::Role(role) => sqlx::query(
+                    "UPDATE fleetgate_devices SET role = $1 WHERE id = $2 AND revoked_at IS NULL",
+                )
+                .bind(role.as_str())
+                .bind(id),
+                Change::Key(hex) => {
+                    sqlx::query("UPDATE fleetgate_devices SET public_key = $1 WHERE id = $2")
+                        .bind(hex)
+                        .bind(id)
+                }
+            };
+            query.execute(pool).await.map(|r| r.rows_affected())
         })
         .map_err(db_error)?;
+        let device = read_devices(&self.db, Some(id))
+            .await
+            .map_err(db_error)?
+            .pop()
+            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
         self.devices
             .write()
             .expect("registry lock")
             .insert(device.id.clone(), device.clone());
-        Ok(())
+        if updated == 0 {
+            return Err(RegistryError::Invalid(format!("device {id:?} is revoked")));
+        }
+        Ok(device)
     }
 
     /// Tells live sessions of a newly banned device to end.

@@ -53,6 +53,13 @@ struct Job {
 
 /// Attempts before a message is refused (the device then re-sends it).
 const MAX_ATTEMPTS: u32 = 5;
+/// A node that has not answered its oldest message for this long is taken
+/// out, and its messages go to the others: it may be frozen, or its host
+/// gone without closing the connection.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Messages written to a node and not yet answered, oldest first.
+type InFlight = Arc<Mutex<VecDeque<(tokio::time::Instant, Job)>>>;
 
 struct Link {
     info: NodeInfo,
@@ -230,7 +237,7 @@ async fn run_link(
     failed_over: Arc<AtomicU64>,
 ) {
     loop {
-        let in_flight: Arc<Mutex<VecDeque<Job>>> = Arc::default();
+        let in_flight: InFlight = Arc::default();
         let outcome = serve_link(&node, &mut queue, &up, &balancer, in_flight.clone()).await;
         up.store(false, Ordering::Relaxed);
         balancer.inner.changed.notify_waiters();
@@ -238,6 +245,7 @@ async fn run_link(
             .lock()
             .expect("in-flight lock")
             .drain(..)
+            .map(|(_, job)| job)
             .collect();
         while let Ok(job) = queue.try_recv() {
             unanswered.push(job);
@@ -256,6 +264,12 @@ async fn run_link(
             }
         }
         if queue.is_closed() {
+            // Anything queued after the drain above goes on too.
+            let mut late = Vec::new();
+            while let Ok(job) = queue.try_recv() {
+                late.push(job);
+            }
+            balancer.fail_over(late);
             return;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -277,7 +291,7 @@ async fn serve_link(
     queue: &mut mpsc::Receiver<Job>,
     up: &AtomicBool,
     balancer: &Balancer,
-    in_flight: Arc<Mutex<VecDeque<Job>>>,
+    in_flight: InFlight,
 ) -> LinkEnd {
     let connect = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&node.addr));
     let stream = match connect.await {
@@ -296,6 +310,7 @@ async fn serve_link(
 
     let answers = {
         let in_flight = in_flight.clone();
+        let balancer = balancer.clone();
         async move {
             loop {
                 let body = match read_frame(&mut reader).await {
@@ -308,12 +323,17 @@ async fn serve_link(
                     Err(e) => return format!("unreadable answer: {e}"),
                 };
                 let job = in_flight.lock().expect("in-flight lock").pop_front();
-                match job {
-                    // Answers come in the order messages were sent.
-                    Some(job) => {
-                        let _ = job.reply.send(response.result);
+                match (job, response.result) {
+                    // A node that is stopping has not stored the message:
+                    // another one takes it.
+                    (Some((_, job)), Err(IngestError::ShuttingDown)) => {
+                        balancer.fail_over(vec![job])
                     }
-                    None => return format!("answer {} to nothing", response.seq),
+                    // Answers come in the order messages were sent.
+                    (Some((_, job)), result) => {
+                        let _ = job.reply.send(result);
+                    }
+                    (None, _) => return format!("answer {} to nothing", response.seq),
                 }
             }
         }
@@ -326,14 +346,31 @@ async fn serve_link(
             seq += 1;
             let body = encode_request(seq, &job.message);
             // In flight before it is written, so an answer always finds it.
-            in_flight.lock().expect("in-flight lock").push_back(job);
+            in_flight
+                .lock()
+                .expect("in-flight lock")
+                .push_back((tokio::time::Instant::now(), job));
             if let Err(e) = write_frame(&mut writer, &body).await {
                 return Some(format!("writing to the node: {e}"));
             }
         }
     };
+    let watchdog = async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let oldest = in_flight
+                .lock()
+                .expect("in-flight lock")
+                .front()
+                .map(|(sent, _)| sent.elapsed());
+            if oldest.is_some_and(|age| age > ANSWER_TIMEOUT) {
+                return format!("no answer for {ANSWER_TIMEOUT:?}");
+            }
+        }
+    };
     tokio::select! {
         reason = answers => LinkEnd::Failed(reason),
+        reason = watchdog => LinkEnd::Failed(reason),
         ended = sends => match ended {
             Some(reason) => LinkEnd::Failed(reason),
             None => LinkEnd::Removed,

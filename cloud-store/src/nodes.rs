@@ -15,8 +15,13 @@ pub struct NodeRow {
     pub secret: String,
 }
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+/// The database's clock, in Unix milliseconds: heartbeats are written and
+/// judged by one clock, whatever the skew between the machines.
+fn database_now_ms(db: &Db) -> &'static str {
+    match db.backend() {
+        crate::db::Backend::Postgres => "(extract(epoch from clock_timestamp()) * 1000)::bigint",
+        crate::db::Backend::Sqlite => "CAST(unixepoch('subsec') * 1000 AS INTEGER)",
+    }
 }
 
 pub async fn ddl(db: &Db) -> Result<(), String> {
@@ -31,16 +36,17 @@ pub async fn ddl(db: &Db) -> Result<(), String> {
 
 /// Announces or refreshes a node.
 pub async fn heartbeat(db: &Db, node: &NodeRow) -> Result<(), String> {
+    let sql = format!(
+        "INSERT INTO fleetgate_nodes (id, addr, secret, heartbeat_at) VALUES ($1, $2, $3, {}) \
+         ON CONFLICT (id) DO UPDATE SET addr = excluded.addr, secret = excluded.secret, \
+         heartbeat_at = excluded.heartbeat_at",
+        database_now_ms(db)
+    );
     with_pool!(db, pool => {
-        sqlx::query(
-            "INSERT INTO fleetgate_nodes (id, addr, secret, heartbeat_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (id) DO UPDATE SET addr = excluded.addr, secret = excluded.secret, \
-             heartbeat_at = excluded.heartbeat_at",
-        )
+        sqlx::query(&sql)
         .bind(&node.id)
         .bind(&node.addr)
         .bind(&node.secret)
-        .bind(now_ms())
         .execute(pool)
         .await
         .map(|_| ())
@@ -62,10 +68,13 @@ pub async fn remove(db: &Db, id: &str) -> Result<(), String> {
 
 /// Nodes whose heartbeat is recent.
 pub async fn live(db: &Db) -> Result<Vec<NodeRow>, String> {
-    let since = now_ms() - HEARTBEAT_TIMEOUT_MS;
+    let sql = format!(
+        "SELECT id, addr, secret FROM fleetgate_nodes WHERE heartbeat_at >= {} - $1 ORDER BY id",
+        database_now_ms(db)
+    );
     with_pool!(db, pool => {
-        sqlx::query("SELECT id, addr, secret FROM fleetgate_nodes WHERE heartbeat_at >= $1 ORDER BY id")
-            .bind(since)
+        sqlx::query(&sql)
+            .bind(HEARTBEAT_TIMEOUT_MS)
             .fetch_all(pool)
             .await
             .map(|rows| {

@@ -13,7 +13,18 @@ use rumqttc::{
     TlsConfiguration, Transport,
 };
 
+use tokio::sync::mpsc;
+
 use crate::{handshake, LiveMessage, Shared};
+
+/// Aborts a task when the connection that owns it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// Records published but not yet acknowledged, at most.
 const WINDOW: usize = 32;
@@ -105,7 +116,21 @@ async fn session(
             tls.clone(),
         )));
     }
-    let (client, mut events) = AsyncClient::new(options, 2 * WINDOW + 16);
+    let (client, mut event_loop) = AsyncClient::new(options, 2 * WINDOW + 16);
+    // rumqttc's `poll` must not be cancelled (a cancelled connect or write is
+    // lost), so it runs in a task of its own and the loop below selects on
+    // its events, which is cancel-safe.
+    let (event_tx, mut events) = mpsc::channel(64);
+    let poller = tokio::spawn(async move {
+        loop {
+            let event = event_loop.poll().await;
+            let failed = event.is_err();
+            if event_tx.send(event).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    let _stop_poller = AbortOnDrop(poller);
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     let mut next_send = shared.queue.lock().expect("queue lock").acked();
     let mut connected = false;
@@ -113,7 +138,7 @@ async fn session(
     let mut sync_timer = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
-            event = events.poll() => match event {
+            event = events.recv() => match event.expect("the poller sends until its first error") {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     connected = true;
                     *was_connected = true;

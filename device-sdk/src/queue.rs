@@ -107,9 +107,11 @@ impl DiskQueue {
         entry.push(stream.len() as u8);
         entry.extend_from_slice(stream.as_bytes());
         entry.extend_from_slice(payload);
-        self.log
-            .write_all(&entry)
-            .map_err(|e| format!("cannot write the offline queue: {e}"))?;
+        if let Err(e) = self.log.write_all(&entry) {
+            // Cut off whatever part was written, so later entries stay aligned.
+            let _ = self.log.set_len(self.len);
+            return Err(format!("cannot write the offline queue: {e}"));
+        }
         self.len += size;
         self.pending_entries += 1;
         self.dirty = true;
