@@ -3,7 +3,8 @@
 //!
 //! `queue.log` holds entries (`u32 LE length`, `u8 stream length`, stream,
 //! payload); `queue.acked` holds the byte offset up to which the broker has
-//! acknowledged. Entries are written to the file before publish returns
+//! acknowledged. The file starts over when everything is acknowledged, and
+//! is compacted when a large acknowledged head builds up. Entries are written to the file before publish returns
 //! (they survive a process crash) and synced to disk in batches.
 
 use std::fs::{self, File, OpenOptions};
@@ -18,9 +19,15 @@ pub struct Entry {
     pub payload: Vec<u8>,
 }
 
+/// Offsets handed out (`Entry::end`, `acked`) are logical: they keep
+/// growing while the file is started over or compacted underneath, so a
+/// connection's in-flight offsets stay valid. `base` is the logical offset
+/// of the file's first byte.
 pub struct DiskQueue {
     log: File,
+    log_path: PathBuf,
     acked_path: PathBuf,
+    base: u64,
     len: u64,
     acked: u64,
     capacity: u64,
@@ -29,6 +36,10 @@ pub struct DiskQueue {
 }
 
 const MAX_ENTRY: u64 = 16 << 20;
+/// Acknowledged bytes at the head of the file past which it is compacted
+/// (when they are also at least half of it), so a device that is never
+/// fully caught up still does not grow its file without end.
+const COMPACT_AT: u64 = 1 << 20;
 
 impl DiskQueue {
     /// Opens (or creates) the queue in `dir`, holding at most `capacity`
@@ -66,9 +77,12 @@ impl DiskQueue {
             log.set_len(len)
                 .map_err(|e| format!("cannot repair the queue: {e}"))?;
         }
+        let _ = fs::remove_file(dir.join("queue.log.new"));
         Ok(DiskQueue {
             log,
+            log_path,
             acked_path,
+            base: 0,
             len,
             acked,
             capacity,
@@ -109,7 +123,7 @@ impl DiskQueue {
         entry.extend_from_slice(payload);
         if let Err(e) = self.log.write_all(&entry) {
             // Cut off whatever part was written, so later entries stay aligned.
-            let _ = self.log.set_len(self.len);
+            let _ = self.log.set_len(self.len - self.base);
             return Err(format!("cannot write the offline queue: {e}"));
         }
         self.len += size;
@@ -132,10 +146,14 @@ impl DiskQueue {
         if from >= self.len || max == 0 {
             return Ok(Vec::new());
         }
+        if from < self.acked {
+            return Err(format!("offset {from} was already acknowledged"));
+        }
+        let physical = from - self.base;
         let want = (self.len - from).min(1 << 20) as usize;
         let mut bytes = vec![0; want];
         self.log
-            .seek(SeekFrom::Start(from))
+            .seek(SeekFrom::Start(physical))
             .and_then(|_| self.log.read_exact(&mut bytes))
             .map_err(|e| format!("cannot read the offline queue: {e}"))?;
         let mut entries = Vec::new();
@@ -156,7 +174,7 @@ impl DiskQueue {
             let size = u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")) as usize + 4;
             let mut whole = vec![0; size];
             self.log
-                .seek(SeekFrom::Start(from))
+                .seek(SeekFrom::Start(physical))
                 .and_then(|_| self.log.read_exact(&mut whole))
                 .map_err(|e| format!("cannot read the offline queue: {e}"))?;
             if let Some((next, (stream, payload))) = parse(&whole, 0) {
@@ -183,12 +201,43 @@ impl DiskQueue {
             // (at least once), never skips.
             self.write_acked(0)?;
             self.log.set_len(0).map_err(|e| e.to_string())?;
-            self.len = 0;
-            self.acked = 0;
+            self.base = self.len;
             self.pending_entries = 0;
             return Ok(());
         }
-        self.write_acked(self.acked)
+        let head = self.acked - self.base;
+        if head >= COMPACT_AT && head * 2 >= self.len - self.base {
+            return self.compact();
+        }
+        self.write_acked(head)
+    }
+
+    /// Rewrites the file without its acknowledged head. The order makes a
+    /// crash at any point resend (at least once), never skip: the new file
+    /// is complete, then the acknowledged offset becomes 0, then the new
+    /// file replaces the old.
+    fn compact(&mut self) -> Result<(), String> {
+        let failed = |e: std::io::Error| format!("cannot compact the offline queue: {e}");
+        let mut tail = vec![0; (self.len - self.acked) as usize];
+        self.log
+            .seek(SeekFrom::Start(self.acked - self.base))
+            .and_then(|_| self.log.read_exact(&mut tail))
+            .map_err(failed)?;
+        let new_path = self.log_path.with_extension("log.new");
+        let mut new = File::create(&new_path).map_err(failed)?;
+        new.write_all(&tail)
+            .and_then(|_| new.sync_all())
+            .map_err(failed)?;
+        self.write_acked(0)?;
+        fs::rename(&new_path, &self.log_path).map_err(failed)?;
+        self.log = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&self.log_path)
+            .map_err(failed)?;
+        self.base = self.acked;
+        self.dirty = false;
+        Ok(())
     }
 
     fn write_acked(&self, offset: u64) -> Result<(), String> {
@@ -236,7 +285,32 @@ mod tests {
         assert_eq!(payloads, vec![2, 3, 4]);
         queue.ack(rest[2].end, 3).unwrap();
         assert_eq!((queue.pending_entries(), queue.pending_bytes()), (0, 0));
-        assert!(queue.read_from(0, 10).unwrap().is_empty());
+        assert!(queue.read_from(queue.acked(), 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_queue_never_fully_caught_up_is_compacted_and_keeps_its_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut queue = DiskQueue::open(dir.path(), 64 << 20).unwrap();
+        let record = |n: u32| [&n.to_le_bytes()[..], &[7u8; 1000][..]].concat();
+        queue.push("s", &record(0)).unwrap();
+        let mut next = 0;
+        // One record is always outstanding, so the log never starts over.
+        for n in 1..5000u32 {
+            queue.push("s", &record(n)).unwrap();
+            let oldest = queue.read_from(next, 1).unwrap();
+            assert_eq!(oldest[0].payload, record(n - 1), "record {}", n - 1);
+            queue.ack(oldest[0].end, 1).unwrap();
+            next = oldest[0].end;
+        }
+        let file = fs::metadata(dir.path().join("queue.log")).unwrap().len();
+        assert!(file < 3 << 20, "the log grew to {file} bytes");
+        drop(queue);
+        // What was not acknowledged is still there after a reopen.
+        let mut queue = DiskQueue::open(dir.path(), 64 << 20).unwrap();
+        let rest = queue.read_from(queue.acked(), 10).unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].payload, record(4999));
     }
 
     #[test]
