@@ -513,8 +513,32 @@ struct Link {
     up: watch::Sender<bool>,
 }
 
+/// Copies one direction of a relay, holding every chunk for `delay`.
+async fn slow_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 16 * 1024];
+    while let Ok(n) = from.read(&mut buffer).await {
+        if n == 0 {
+            return;
+        }
+        tokio::time::sleep(delay).await;
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
 impl Link {
     async fn to(target: std::net::SocketAddr) -> Link {
+        Link::with_delay(target, Duration::ZERO).await
+    }
+
+    /// A relay whose every chunk, either way, takes `delay` (a slow radio link).
+    async fn with_delay(target: std::net::SocketAddr, delay: Duration) -> Link {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (up, _) = watch::channel(true);
@@ -532,8 +556,18 @@ impl Link {
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
                         return;
                     };
+                    if delay.is_zero() {
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = state.wait_for(|up| !*up) => {}
+                        }
+                        return;
+                    }
+                    let ((in_read, in_write), (out_read, out_write)) =
+                        (inbound.into_split(), outbound.into_split());
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = slow_copy(in_read, out_write, delay) => {}
+                        _ = slow_copy(out_read, in_write, delay) => {}
                         _ = state.wait_for(|up| !*up) => {}
                     }
                 });
@@ -824,5 +858,22 @@ async fn a_device_that_can_do_tls_uses_https_and_mqtt_over_tls_only() {
             .count("SELECT count(*) FROM temperature WHERE device_id = 'thermo-tls'")
             .await,
         5
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_connects_and_publishes_over_a_slow_link() {
+    let server = server_with_examples(Backend::Sqlite, &[]).await;
+    let till = enroll(&server, "till-slow", "ingest", pos::DEVICE_TYPE).await;
+    // 300 ms each way: CONNECT to CONNACK alone takes longer than the
+    // device's own timers (its 100 ms sync tick, every publish's wake-up).
+    let link = Link::with_delay(server.mqtt, Duration::from_millis(300)).await;
+    let mut config = till.config(&server, Target::Wasm);
+    config.mqtt = Some(link.addr.to_string());
+    let device = Device::start(config).await.unwrap();
+    let total = pos::run(&device, "till-slow", &cadence(5)).await.unwrap();
+    assert_eq!(
+        server.rows("SELECT count(*), sum(amount) FROM sales").await[0],
+        vec![json!(5), json!(total)]
     );
 }
