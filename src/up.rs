@@ -185,6 +185,11 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         .await
         .map_err(|e| anyhow!(e))?;
     let audit = AuditLog::open(db.clone()).await.map_err(|e| anyhow!(e))?;
+    // Bans made by other brokers sharing the database end sessions here too.
+    bans.follow_changes({
+        let registry = registry.clone();
+        move |device| registry.announce_ban(device)
+    });
     bootstrap_admin(&platform, &registry).await?;
     if let Some(path) = &args.streams {
         let text = std::fs::read_to_string(path)

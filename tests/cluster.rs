@@ -77,7 +77,55 @@ struct Cluster {
     _database: TestDatabase,
 }
 
+/// An MQTT 3.1.1 session of `id` on `broker`, once its CONNACK arrived.
+async fn connected(
+    broker: &Process,
+    id: &str,
+    token: &str,
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let (host, port) = broker
+        .field("mqtt")
+        .rsplit_once(':')
+        .map(|(h, p)| (h.to_string(), p.parse::<u16>().unwrap()))
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut options = rumqttc::MqttOptions::new(id, host.clone(), port);
+        options.set_credentials(id, token);
+        let (client, mut events) = rumqttc::AsyncClient::new(options, 10);
+        loop {
+            match tokio::time::timeout_at(deadline, events.poll())
+                .await
+                .unwrap()
+            {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                    return (client, events)
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // The broker may not have heard of the device yet.
+                    assert!(tokio::time::Instant::now() < deadline, "{e:?}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
 impl Cluster {
+    /// A second broker of the same cluster: same database, same platform key.
+    fn second_broker(&self) -> Process {
+        let data = self.dir.path().join("second");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::copy(
+            self.dir.path().join("broker/platform.key"),
+            data.join("platform.key"),
+        )
+        .unwrap();
+        start_broker(&data, &self.url)
+    }
+
     async fn api(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let url = format!("http://{}{path}", self.broker.field("http"));
         let mut request = self
@@ -338,15 +386,7 @@ async fn a_revocation_on_one_broker_ends_sessions_on_another() {
         eprintln!("skipped: DATABASE_URL is not set, so this PostgreSQL cluster test did not run");
         return;
     };
-    // A second broker of the same cluster: same database, same platform key.
-    let second_data = cluster.dir.path().join("second");
-    std::fs::create_dir_all(&second_data).unwrap();
-    std::fs::copy(
-        cluster.dir.path().join("broker/platform.key"),
-        second_data.join("platform.key"),
-    )
-    .unwrap();
-    let second = start_broker(&second_data, &cluster.url);
+    let second = cluster.second_broker();
     let added = cluster
         .api(
             "POST",
@@ -356,29 +396,7 @@ async fn a_revocation_on_one_broker_ends_sessions_on_another() {
         .await;
     let token = added["token"].as_str().unwrap().to_string();
     // Connected to the second broker, which learned of the device from the first.
-    let (host, port) = second
-        .field("mqtt")
-        .rsplit_once(':')
-        .map(|(h, p)| (h.to_string(), p.parse::<u16>().unwrap()))
-        .unwrap();
-    let mut options = rumqttc::MqttOptions::new("sensor-9", host, port);
-    options.set_credentials("sensor-9", token.as_str());
-    let (_client, mut events) = rumqttc::AsyncClient::new(options, 10);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        match tokio::time::timeout_at(deadline, events.poll())
-            .await
-            .unwrap()
-        {
-            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => break,
-            Ok(_) => {}
-            Err(e) => {
-                // The second broker may not have heard of the device yet.
-                assert!(tokio::time::Instant::now() < deadline, "{e:?}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let (_client, mut events) = connected(&second, "sensor-9", &token).await;
     let query = |token: String| {
         let url = format!("http://{}/v1/query", second.field("http"));
         async move {
@@ -412,4 +430,67 @@ async fn a_revocation_on_one_broker_ends_sessions_on_another() {
         "session ended after {took:?}"
     );
     assert_eq!(query(token).await, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_on_one_broker_holds_on_another() {
+    let Some(cluster) = cluster().await else {
+        eprintln!("skipped: DATABASE_URL is not set, so this PostgreSQL cluster test did not run");
+        return;
+    };
+    let second = cluster.second_broker();
+    let added = cluster
+        .api(
+            "POST",
+            "/v1/devices",
+            Some(json!({ "id": "sensor-b", "role": "ingest" })),
+        )
+        .await;
+    let token = added["token"].as_str().unwrap().to_string();
+    let (_client, mut events) = connected(&second, "sensor-b", &token).await;
+
+    // Five failures with the device's own (expired) token on the first
+    // broker ban it there...
+    let pkcs8 = std::fs::read(cluster.dir.path().join("broker/platform.key")).unwrap();
+    let signer = fleetgate_protocol::TokenSigner::from_pkcs8(&pkcs8).unwrap();
+    let now = crate::harness::now();
+    let expired = signer.sign(&fleetgate_protocol::Claims {
+        sub: "sensor-b".into(),
+        role: fleetgate_protocol::Role::Ingest,
+        iat: now - 7200,
+        exp: now - 3600,
+    });
+    let (host, port) = cluster
+        .broker
+        .field("mqtt")
+        .rsplit_once(':')
+        .map(|(h, p)| (h.to_string(), p.parse::<u16>().unwrap()))
+        .unwrap();
+    for _ in 0..5 {
+        let mut options = rumqttc::MqttOptions::new("sensor-b", host.clone(), port);
+        options.set_credentials("sensor-b", expired.as_str());
+        let (_client, mut attempt) = rumqttc::AsyncClient::new(options, 10);
+        while tokio::time::timeout(WAIT, attempt.poll())
+            .await
+            .unwrap()
+            .is_ok()
+        {}
+    }
+    // ...and on the second: its session there ends, and the ban is listed.
+    while tokio::time::timeout(WAIT, events.poll())
+        .await
+        .unwrap()
+        .is_ok()
+    {}
+    let admin = std::fs::read_to_string(cluster.dir.path().join("second/admin.token")).unwrap();
+    let bans: Value = reqwest::Client::new()
+        .get(format!("http://{}/v1/bans", second.field("http")))
+        .bearer_auth(admin.trim())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(bans["bans"][0]["device"], "sensor-b", "{bans}");
 }

@@ -35,14 +35,9 @@ impl Bans {
         ])
         .await
         .map_err(|e| format!("cannot create the bans table: {e}"))?;
-        let rows = with_pool!(db, pool => {
-            sqlx::query("SELECT device_id, until, reason FROM fleetgate_bans WHERE until > $1")
-                .bind(now)
-                .fetch_all(pool)
-                .await
-                .map(|rows| rows.iter().map(|r| Ban { device: r.get(0), until: r.get(1), reason: r.get(2) }).collect::<Vec<_>>())
-        })
-        .map_err(|e| format!("cannot read bans: {e}"))?;
+        let rows = read_bans(&db, now, None)
+            .await
+            .map_err(|e| format!("cannot read bans: {e}"))?;
         let active = rows.into_iter().map(|b| (b.device.clone(), b)).collect();
         Ok(Bans {
             db,
@@ -94,10 +89,78 @@ impl Bans {
                 .await
                 .map(|_| ())
             });
-            if let Err(e) = result {
-                tracing::error!(device = ban.device, error = %e, "cannot persist ban");
+            match result {
+                Ok(()) => announce(&db, &ban.device).await,
+                Err(e) => tracing::error!(device = ban.device, error = %e, "cannot persist ban"),
             }
         });
+    }
+
+    /// On PostgreSQL, takes in the bans and unbans of the cluster's other
+    /// brokers; `on_ban` is called for each device newly banned that way
+    /// (to end its sessions here).
+    pub fn follow_changes(&self, on_ban: impl Fn(&str) + Send + Sync + 'static) {
+        let fleetgate_store::db::Pools::Postgres { write, .. } = &self.db.pools else {
+            return;
+        };
+        let (pool, bans) = (write.clone(), self.clone());
+        tokio::spawn(async move {
+            loop {
+                let followed = async {
+                    let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+                    listener.listen(CHANNEL).await?;
+                    bans.refresh(None, &on_ban).await;
+                    loop {
+                        match listener.try_recv().await? {
+                            Some(n) => bans.refresh(Some(n.payload()), &on_ban).await,
+                            // Reconnected: what was sent meanwhile is lost.
+                            None => bans.refresh(None, &on_ban).await,
+                        }
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<(), sqlx::Error>(())
+                };
+                let lost = followed.await;
+                if pool.is_closed() {
+                    return;
+                }
+                if let Err(e) = lost {
+                    tracing::warn!(error = %e, "ban listener lost; reconnecting");
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        });
+    }
+
+    /// Reads the bans of one device (or all) again from the database.
+    async fn refresh(&self, device: Option<&str>, on_ban: &impl Fn(&str)) {
+        let now = crate::unix_now();
+        let rows = match read_bans(&self.db, now, device).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot re-read bans");
+                return;
+            }
+        };
+        let mut newly_banned = Vec::new();
+        {
+            let mut active = self.active.write().expect("bans lock");
+            match device {
+                Some(device) => {
+                    active.remove(device);
+                }
+                None => active.clear(),
+            }
+            for ban in rows {
+                let was = active.insert(ban.device.clone(), ban.clone());
+                if was.is_none_or(|b| b.until <= now) {
+                    newly_banned.push(ban.device);
+                }
+            }
+        }
+        for device in newly_banned {
+            on_ban(&device);
+        }
     }
 
     /// Lifts a ban; returns whether there was one.
@@ -112,6 +175,49 @@ impl Bans {
             sqlx::query("DELETE FROM fleetgate_bans WHERE device_id = $1").bind(device).execute(pool).await.map(|_| ())
         })
         .map_err(|e| format!("cannot lift ban: {e}"))?;
+        announce(&self.db, device).await;
         Ok(was)
     }
+}
+
+/// The PostgreSQL channel bans and unbans are announced on (the device id).
+const CHANNEL: &str = "fleetgate_bans";
+
+async fn announce(db: &Db, device: &str) {
+    if db.backend() != fleetgate_store::db::Backend::Postgres {
+        return;
+    }
+    let sent = with_pool!(db, pool => {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(device)
+            .execute(pool)
+            .await
+            .map(|_| ())
+    });
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, device, "cannot announce a ban");
+    }
+}
+
+/// Bans in force at `now`: all of them, or those of one device.
+async fn read_bans(db: &Db, now: i64, device: Option<&str>) -> Result<Vec<Ban>, sqlx::Error> {
+    let filter = if device.is_some() {
+        " AND device_id = $2"
+    } else {
+        ""
+    };
+    let sql =
+        format!("SELECT device_id, until, reason FROM fleetgate_bans WHERE until > $1{filter}");
+    with_pool!(db, pool => {
+        let mut query = sqlx::query(&sql).bind(now);
+        if let Some(device) = device {
+            query = query.bind(device);
+        }
+        query.fetch_all(pool).await.map(|rows| {
+            rows.iter()
+                .map(|r| Ban { device: r.get(0), until: r.get(1), reason: r.get(2) })
+                .collect()
+        })
+    })
 }
