@@ -53,6 +53,10 @@ pub struct UpArgs {
     /// Time a client has to complete its TLS handshake.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     tls_handshake_timeout: Duration,
+    /// TLS handshakes in progress at once, per listener; connections beyond
+    /// are closed at once.
+    #[arg(long, default_value_t = 1024)]
+    tls_max_handshakes: usize,
     /// PostgreSQL URL (postgres://...); SQLite at <data>/store.db when absent.
     #[arg(long, env = "FLEETGATE_DATABASE")]
     database: Option<String>,
@@ -298,8 +302,9 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
     );
     let mut servers = Vec::new();
     if let (Some((mqtts, https)), Some(acceptor)) = (tls_listeners, acceptor) {
-        let mqtts = TlsIncoming::start(mqtts, acceptor.clone(), args.tls_handshake_timeout)?;
-        let https = TlsIncoming::start(https, acceptor, args.tls_handshake_timeout)?;
+        let (timeout, max) = (args.tls_handshake_timeout, args.tls_max_handshakes);
+        let mqtts = TlsIncoming::start(mqtts, acceptor.clone(), timeout, max)?;
+        let https = TlsIncoming::start(https, acceptor, timeout, max)?;
         ready.push_str(&format!(
             " mqtts={} https={}",
             mqtts.local_addr(),

@@ -233,3 +233,52 @@ async fn tls_flags_are_checked() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[tokio::test]
+async fn concurrent_handshakes_are_capped_and_the_cap_frees_up() {
+    use tokio::io::AsyncReadExt;
+    let server = Server::start_with(
+        Backend::Sqlite,
+        &[
+            "--dev-tls",
+            "--mqtts",
+            "127.0.0.1:0",
+            "--https",
+            "127.0.0.1:0",
+            "--tls-max-handshakes",
+            "2",
+        ],
+    )
+    .await;
+    let mqtts = addr(&server, "mqtts");
+    // Two silent clients hold both handshake slots...
+    let silent: Vec<tokio::net::TcpStream> =
+        futures::future::join_all((0..2).map(|_| tokio::net::TcpStream::connect(mqtts)))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+    // ...so a third connection is closed at once, not left waiting.
+    let mut third = tokio::net::TcpStream::connect(mqtts).await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), third.read(&mut byte)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the third connection should be closed: {read:?}"
+    );
+    // Once the silent ones leave, a new connection gets its handshake slot
+    // (it stays open, waiting for a ClientHello).
+    drop(silent);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut next = tokio::net::TcpStream::connect(mqtts).await.unwrap();
+        let read = tokio::time::timeout(Duration::from_millis(300), next.read(&mut byte)).await;
+        if read.is_err() {
+            break; // still open after 300 ms: it holds a slot
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slots were not freed"
+        );
+    }
+}

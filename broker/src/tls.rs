@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -53,13 +53,18 @@ pub struct TlsIncoming {
 }
 
 impl TlsIncoming {
+    /// At most `max_handshakes` handshakes run at once: a connection beyond
+    /// that is closed at once rather than given a task, so a flood of
+    /// silent sockets costs bounded memory (and ends at the deadline).
     pub fn start(
         listener: TcpListener,
         acceptor: TlsAcceptor,
         handshake_timeout: Duration,
+        max_handshakes: usize,
     ) -> io::Result<TlsIncoming> {
         let local = listener.local_addr()?;
         let (tx, completed) = mpsc::channel(1024);
+        let handshakes = Arc::new(Semaphore::new(max_handshakes));
         let accept_loop = tokio::spawn(async move {
             loop {
                 let (tcp, peer) = match listener.accept().await {
@@ -70,9 +75,14 @@ impl TlsIncoming {
                         continue;
                     }
                 };
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, max_handshakes, "too many TLS handshakes at once; connection closed");
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
+                    let _permit = permit;
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
                             let _ = tx.send((stream, peer)).await;
