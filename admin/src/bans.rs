@@ -90,7 +90,7 @@ impl Bans {
                 .map(|_| ())
             });
             match result {
-                Ok(()) => announce(&db, &ban.device).await,
+                Ok(()) => db.notify(CHANNEL, &ban.device).await,
                 Err(e) => tracing::error!(device = ban.device, error = %e, "cannot persist ban"),
             }
         });
@@ -100,35 +100,10 @@ impl Bans {
     /// brokers; `on_ban` is called for each device newly banned that way
     /// (to end its sessions here).
     pub fn follow_changes(&self, on_ban: impl Fn(&str) + Send + Sync + 'static) {
-        let fleetgate_store::db::Pools::Postgres { write, .. } = &self.db.pools else {
-            return;
-        };
-        let (pool, bans) = (write.clone(), self.clone());
-        tokio::spawn(async move {
-            loop {
-                let followed = async {
-                    let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
-                    listener.listen(CHANNEL).await?;
-                    bans.refresh(None, &on_ban).await;
-                    loop {
-                        match listener.try_recv().await? {
-                            Some(n) => bans.refresh(Some(n.payload()), &on_ban).await,
-                            // Reconnected: what was sent meanwhile is lost.
-                            None => bans.refresh(None, &on_ban).await,
-                        }
-                    }
-                    #[allow(unreachable_code)]
-                    Ok::<(), sqlx::Error>(())
-                };
-                let lost = followed.await;
-                if pool.is_closed() {
-                    return;
-                }
-                if let Err(e) = lost {
-                    tracing::warn!(error = %e, "ban listener lost; reconnecting");
-                }
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            }
+        let (bans, on_ban) = (self.clone(), Arc::new(on_ban));
+        self.db.follow(CHANNEL, move |device| {
+            let (bans, on_ban) = (bans.clone(), on_ban.clone());
+            async move { bans.refresh(device.as_deref(), &*on_ban).await }
         });
     }
 
@@ -175,30 +150,13 @@ impl Bans {
             sqlx::query("DELETE FROM fleetgate_bans WHERE device_id = $1").bind(device).execute(pool).await.map(|_| ())
         })
         .map_err(|e| format!("cannot lift ban: {e}"))?;
-        announce(&self.db, device).await;
+        self.db.notify(CHANNEL, device).await;
         Ok(was)
     }
 }
 
 /// The PostgreSQL channel bans and unbans are announced on (the device id).
 const CHANNEL: &str = "fleetgate_bans";
-
-async fn announce(db: &Db, device: &str) {
-    if db.backend() != fleetgate_store::db::Backend::Postgres {
-        return;
-    }
-    let sent = with_pool!(db, pool => {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(CHANNEL)
-            .bind(device)
-            .execute(pool)
-            .await
-            .map(|_| ())
-    });
-    if let Err(e) = sent {
-        tracing::warn!(error = %e, device, "cannot announce a ban");
-    }
-}
 
 /// Bans in force at `now`: all of them, or those of one device.
 async fn read_bans(db: &Db, now: i64, device: Option<&str>) -> Result<Vec<Ban>, sqlx::Error> {

@@ -102,38 +102,14 @@ impl Registry {
     /// their revocations and role changes end this broker's sessions too,
     /// and their new devices and keys are known here at once.
     pub fn follow_changes(&self) {
-        let fleetgate_store::db::Pools::Postgres { write, .. } = &self.db.pools else {
-            return;
-        };
-        let (pool, registry) = (write.clone(), self.clone());
-        tokio::spawn(async move {
-            loop {
-                let followed = async {
-                    let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
-                    listener.listen(CHANNEL).await?;
-                    // What changed before we listened is caught up here.
-                    registry.resync().await;
-                    loop {
-                        match listener.try_recv().await? {
-                            Some(notification) => {
-                                registry.apply_remote(notification.payload()).await
-                            }
-                            // The listener reconnected: notifications sent
-                            // meanwhile are lost, so read everything again.
-                            None => registry.resync().await,
-                        }
-                    }
-                    #[allow(unreachable_code)]
-                    Ok::<(), sqlx::Error>(())
-                };
-                let lost = followed.await;
-                if pool.is_closed() {
-                    return; // shutting down
+        let registry = self.clone();
+        self.db.follow(CHANNEL, move |payload| {
+            let registry = registry.clone();
+            async move {
+                match payload {
+                    Some(payload) => registry.apply_remote(&payload).await,
+                    None => registry.resync().await,
                 }
-                if let Err(e) = lost {
-                    tracing::warn!(error = %e, "registry listener lost; reconnecting");
-                }
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         });
     }
@@ -199,21 +175,8 @@ impl Registry {
 
     /// Tells the cluster's other brokers (PostgreSQL only).
     async fn announce(&self, change: &str, id: &str) {
-        if self.db.backend() != fleetgate_store::db::Backend::Postgres {
-            return;
-        }
         let payload = format!("{} {change} {id}", self.origin);
-        let sent = with_pool!(self.db, pool => {
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(CHANNEL)
-                .bind(payload)
-                .execute(pool)
-                .await
-                .map(|_| ())
-        });
-        if let Err(e) = sent {
-            tracing::warn!(error = %e, device = id, "cannot announce a registry change");
-        }
+        self.db.notify(CHANNEL, &payload).await;
     }
 
     pub fn get(&self, id: &str) -> Option<Device> {

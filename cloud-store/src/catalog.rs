@@ -125,34 +125,13 @@ impl Catalog {
     /// streams (they `NOTIFY fleetgate_catalog` in the applying transaction).
     /// Does nothing on SQLite, which only one process uses.
     pub fn follow_changes(&self) {
-        let crate::db::Pools::Postgres { write, .. } = &self.db.pools else {
-            return;
-        };
-        let (pool, catalog) = (write.clone(), self.clone());
-        tokio::spawn(async move {
-            loop {
-                let listener = async {
-                    let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
-                    listener.listen(CATALOG_CHANNEL).await?;
-                    // Changes made while not listening are caught by this reload.
-                    let _ = catalog.reload().await;
-                    loop {
-                        listener.recv().await?;
-                        if let Err(e) = catalog.reload().await {
-                            tracing::warn!(error = %e, "cannot reload the stream catalog");
-                        }
-                    }
-                    #[allow(unreachable_code)]
-                    Ok::<(), sqlx::Error>(())
-                };
-                let lost = listener.await;
-                if pool.is_closed() {
-                    return; // shutting down
+        let catalog = self.clone();
+        self.db.follow(CATALOG_CHANNEL, move |_| {
+            let catalog = catalog.clone();
+            async move {
+                if let Err(e) = catalog.reload().await {
+                    tracing::warn!(error = %e, "cannot reload the stream catalog");
                 }
-                if let Err(e) = lost {
-                    tracing::warn!(error = %e, "catalog listener lost; reconnecting");
-                }
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         });
     }

@@ -4,6 +4,7 @@
 //! Code that must run on both is written once inside [`with_pool!`], which
 //! compiles the same body against each backend's concrete pool type.
 
+use std::future::Future;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -53,6 +54,64 @@ pub enum Backend {
 }
 
 impl Db {
+    /// Tells the other processes following `channel` (see [`Db::follow`]);
+    /// nothing to do on SQLite. A failure is logged: followers resync when
+    /// they reconnect, and the change itself is already committed.
+    pub async fn notify(&self, channel: &str, payload: &str) {
+        let Pools::Postgres { write, .. } = &self.pools else {
+            return;
+        };
+        let sent = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(channel)
+            .bind(payload)
+            .execute(write)
+            .await;
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, channel, payload, "cannot notify other processes");
+        }
+    }
+
+    /// Follows a PostgreSQL notification channel, so that processes
+    /// sharing the database hear of each other's changes. `on` gets `None`
+    /// after every (re)subscription (whatever was sent while not listening
+    /// is lost: read everything again) and `Some(payload)` per
+    /// notification. Reconnects until the pool closes. Does nothing on
+    /// SQLite, which one process uses alone.
+    pub fn follow<F, Fut>(&self, channel: &'static str, on: F)
+    where
+        F: Fn(Option<String>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        let Pools::Postgres { write, .. } = &self.pools else {
+            return;
+        };
+        let pool = write.clone();
+        tokio::spawn(async move {
+            loop {
+                let followed = async {
+                    let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+                    listener.listen(channel).await?;
+                    on(None).await;
+                    loop {
+                        // `None`: the listener reconnected on its own.
+                        let payload = listener.try_recv().await?.map(|n| n.payload().to_string());
+                        on(payload).await;
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<(), sqlx::Error>(())
+                };
+                let lost = followed.await;
+                if pool.is_closed() {
+                    return; // shutting down
+                }
+                if let Err(e) = lost {
+                    tracing::warn!(error = %e, channel, "notification listener lost; reconnecting");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+
     /// `database` is a `postgres://` URL, or `None` for SQLite at `sqlite_path`.
     pub async fn open(database: Option<&str>, sqlite_path: &Path) -> Result<Db, String> {
         match database {
