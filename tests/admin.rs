@@ -82,6 +82,31 @@ async fn revocation_is_immediate(backend: Backend) {
     assert_eq!(status, 409);
 }
 
+/// Changes `device`'s role, sees its live session end with "administrative
+/// action", and reconnects it with the token it already has.
+async fn change_role(
+    server: &Server,
+    session: &mut V5,
+    device: &str,
+    token: &str,
+    role: &str,
+) -> V5 {
+    let (status, _) = server
+        .api(
+            "POST",
+            &format!("/v1/devices/{device}/role"),
+            Some(&server.admin),
+            Some(json!({ "role": role })),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        disconnected(session).await.0,
+        DisconnectReasonCode::AdministrativeAction
+    );
+    connect_v5(server, device, token).await.unwrap()
+}
+
 async fn role_changes_apply_to_live_sessions(backend: Backend) {
     let server = Server::with_temperature(backend).await;
     let analyst_token = server.add_device("analyst-1", "extract").await;
@@ -96,22 +121,8 @@ async fn role_changes_apply_to_live_sessions(backend: Backend) {
         analyst.subscribe("live/#").await,
         SubscribeReasonCode::Success(_)
     ));
-    let (status, _) = server
-        .api(
-            "POST",
-            "/v1/devices/analyst-1/role",
-            Some(&server.admin),
-            Some(json!({"role": "ingest"})),
-        )
-        .await;
-    assert_eq!(status, 200);
-    assert_eq!(
-        disconnected(&mut analyst).await.0,
-        DisconnectReasonCode::AdministrativeAction
-    );
-    let mut analyst = connect_v5(&server, "analyst-1", &analyst_token)
-        .await
-        .unwrap();
+    let mut analyst =
+        change_role(&server, &mut analyst, "analyst-1", &analyst_token, "ingest").await;
     assert_eq!(
         analyst.subscribe("live/#").await,
         SubscribeReasonCode::NotAuthorized
@@ -133,22 +144,7 @@ async fn role_changes_apply_to_live_sessions(backend: Backend) {
     let mut sensor = connect_v5(&server, "sensor-1", &sensor_token)
         .await
         .unwrap();
-    let (status, _) = server
-        .api(
-            "POST",
-            "/v1/devices/sensor-1/role",
-            Some(&server.admin),
-            Some(json!({"role": "extract"})),
-        )
-        .await;
-    assert_eq!(status, 200);
-    assert_eq!(
-        disconnected(&mut sensor).await.0,
-        DisconnectReasonCode::AdministrativeAction
-    );
-    let mut sensor = connect_v5(&server, "sensor-1", &sensor_token)
-        .await
-        .unwrap();
+    let mut sensor = change_role(&server, &mut sensor, "sensor-1", &sensor_token, "extract").await;
     assert!(matches!(
         sensor.subscribe("live/#").await,
         SubscribeReasonCode::Success(_)

@@ -55,6 +55,12 @@ impl Process {
             .to_string()
     }
 
+    /// The MQTT host and port of a broker.
+    fn mqtt(&self) -> (String, u16) {
+        let addr: std::net::SocketAddr = self.field("mqtt").parse().unwrap();
+        (addr.ip().to_string(), addr.port())
+    }
+
     fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -83,11 +89,7 @@ async fn connected(
     id: &str,
     token: &str,
 ) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
-    let (host, port) = broker
-        .field("mqtt")
-        .rsplit_once(':')
-        .map(|(h, p)| (h.to_string(), p.parse::<u16>().unwrap()))
-        .unwrap();
+    let (host, port) = broker.mqtt();
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let mut options = rumqttc::MqttOptions::new(id, host.clone(), port);
@@ -282,12 +284,7 @@ async fn a_node_killed_mid_stream_loses_nothing_acknowledged() {
             Some(json!({ "id": "analyst", "role": "extract" })),
         )
         .await;
-    let (host, port) = cluster
-        .broker
-        .field("mqtt")
-        .rsplit_once(':')
-        .map(|(h, p)| (h.to_string(), p.parse::<u16>().unwrap()))
-        .unwrap();
+    let (host, port) = cluster.broker.mqtt();
     let mut options = rumqttc::MqttOptions::new("analyst", host, port);
     options.set_credentials("analyst", analyst["token"].as_str().unwrap());
     let (live, mut live_events) = rumqttc::AsyncClient::new(options, 100);
@@ -380,23 +377,56 @@ async fn a_node_killed_mid_stream_loses_nothing_acknowledged() {
     assert_eq!(cluster.count("SELECT count(*) FROM door").await, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revocation_on_one_broker_ends_sessions_on_another() {
+/// Two brokers of one cluster, and a device the first registered, connected
+/// to the second (which learned of it from the first).
+struct TwoBrokers {
+    cluster: Cluster,
+    second: Process,
+    token: String,
+    _client: rumqttc::AsyncClient,
+    events: rumqttc::EventLoop,
+}
+
+async fn two_brokers(device: &str, role: &str) -> Option<TwoBrokers> {
     let Some(cluster) = cluster().await else {
         eprintln!("skipped: DATABASE_URL is not set, so this PostgreSQL cluster test did not run");
-        return;
+        return None;
     };
     let second = cluster.second_broker();
-    let added = cluster
-        .api(
-            "POST",
-            "/v1/devices",
-            Some(json!({ "id": "sensor-9", "role": "extract" })),
-        )
-        .await;
+    let body = json!({ "id": device, "role": role });
+    let added = cluster.api("POST", "/v1/devices", Some(body)).await;
     let token = added["token"].as_str().unwrap().to_string();
-    // Connected to the second broker, which learned of the device from the first.
-    let (_client, mut events) = connected(&second, "sensor-9", &token).await;
+    let (_client, events) = connected(&second, device, &token).await;
+    Some(TwoBrokers {
+        cluster,
+        second,
+        token,
+        _client,
+        events,
+    })
+}
+
+/// Polls (pings keep coming) until the broker closes the connection.
+async fn until_closed(events: &mut rumqttc::EventLoop) {
+    while tokio::time::timeout(WAIT, events.poll())
+        .await
+        .unwrap()
+        .is_ok()
+    {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_broker_ends_sessions_on_another() {
+    let Some(TwoBrokers {
+        cluster,
+        second,
+        token,
+        _client,
+        mut events,
+    }) = two_brokers("sensor-9", "extract").await
+    else {
+        return;
+    };
     let query = |token: String| {
         let url = format!("http://{}/v1/query", second.field("http"));
         async move {
@@ -418,12 +448,7 @@ async fn a_revocation_on_one_broker_ends_sessions_on_another() {
     cluster
         .api("POST", "/v1/devices/sensor-9/revoke", None)
         .await;
-    // Pings keep coming until the broker closes the connection.
-    while tokio::time::timeout(WAIT, events.poll())
-        .await
-        .unwrap()
-        .is_ok()
-    {}
+    until_closed(&mut events).await;
     let took = revoked_at.elapsed();
     assert!(
         took < Duration::from_secs(1),
@@ -434,20 +459,16 @@ async fn a_revocation_on_one_broker_ends_sessions_on_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ban_on_one_broker_holds_on_another() {
-    let Some(cluster) = cluster().await else {
-        eprintln!("skipped: DATABASE_URL is not set, so this PostgreSQL cluster test did not run");
+    let Some(TwoBrokers {
+        cluster,
+        second,
+        token: _,
+        _client,
+        mut events,
+    }) = two_brokers("sensor-b", "ingest").await
+    else {
         return;
     };
-    let second = cluster.second_broker();
-    let added = cluster
-        .api(
-            "POST",
-            "/v1/devices",
-            Some(json!({ "id": "sensor-b", "role": "ingest" })),
-        )
-        .await;
-    let token = added["token"].as_str().unwrap().to_string();
-    let (_client, mut events) = connected(&second, "sensor-b", &token).await;
 
     // Five failures with the device's own (expired) token on the first
     // broker ban it there...
@@ -460,28 +481,15 @@ async fn a_ban_on_one_broker_holds_on_another() {
         iat: now - 7200,
         exp: now - 3600,
     });
-    let (host, port) = cluster
-        .broker
-        .field("mqtt")
-        .rsplit_once(':')
-        .map(|(h, p)| (h.to_string(), p.parse::<u16>().unwrap()))
-        .unwrap();
+    let (host, port) = cluster.broker.mqtt();
     for _ in 0..5 {
         let mut options = rumqttc::MqttOptions::new("sensor-b", host.clone(), port);
         options.set_credentials("sensor-b", expired.as_str());
         let (_client, mut attempt) = rumqttc::AsyncClient::new(options, 10);
-        while tokio::time::timeout(WAIT, attempt.poll())
-            .await
-            .unwrap()
-            .is_ok()
-        {}
+        until_closed(&mut attempt).await;
     }
     // ...and on the second: its session there ends, and the ban is listed.
-    while tokio::time::timeout(WAIT, events.poll())
-        .await
-        .unwrap()
-        .is_ok()
-    {}
+    until_closed(&mut events).await;
     let admin = std::fs::read_to_string(cluster.dir.path().join("second/admin.token")).unwrap();
     let bans: Value = reqwest::Client::new()
         .get(format!("http://{}/v1/bans", second.field("http")))

@@ -121,6 +121,15 @@ pub struct Server {
     http_client: reqwest::Client,
 }
 
+/// `fleetgate up` flags for TLS with the development CA on ephemeral ports.
+pub const DEV_TLS: [&str; 5] = [
+    "--dev-tls",
+    "--mqtts",
+    "127.0.0.1:0",
+    "--https",
+    "127.0.0.1:0",
+];
+
 pub const TEMPERATURE: &str = r#"
 [streams.temperature]
 key = ["device_id", "seq"]

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::harness::{fleetgate, now, Backend, Server, WAIT};
+use crate::harness::{fleetgate, now, Backend, Server, DEV_TLS, WAIT};
 
 const EXAMPLE_STREAMS: &str = include_str!("../firmware-examples/streams.toml");
 
@@ -822,17 +822,7 @@ async fn the_cli_registers_fetches_builds_and_shows_the_role_boundary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_can_do_tls_uses_https_and_mqtt_over_tls_only() {
-    let server = server_with_examples(
-        Backend::Sqlite,
-        &[
-            "--dev-tls",
-            "--mqtts",
-            "127.0.0.1:0",
-            "--https",
-            "127.0.0.1:0",
-        ],
-    )
-    .await;
+    let server = server_with_examples(Backend::Sqlite, &DEV_TLS).await;
     let https = server.extra_addr("https").unwrap();
     let mqtts = server.extra_addr("mqtts").unwrap();
     let thermo = enroll(&server, "thermo-tls", "ingest", thermostat::DEVICE_TYPE).await;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use rumqttc::{Event, Incoming, MqttOptions, QoS, TlsConfiguration, Transport};
 use tokio::io::AsyncWriteExt;
 
-use crate::harness::{mosquitto_available, Backend, Server, TEMPERATURE};
+use crate::harness::{mosquitto_available, Backend, Server, DEV_TLS, TEMPERATURE};
 
 fn addr(server: &Server, name: &str) -> std::net::SocketAddr {
     server
@@ -21,15 +21,7 @@ async fn mqtt_and_http_over_tls_with_silent_clients_around() {
     let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let server = Server::start_with(
         Backend::Sqlite,
-        &[
-            "--dev-tls",
-            "--mqtts",
-            "127.0.0.1:0",
-            "--https",
-            "127.0.0.1:0",
-            "--tls-handshake-timeout",
-            "2s",
-        ],
+        &[&DEV_TLS[..], &["--tls-handshake-timeout", "2s"]].concat(),
     )
     .await;
     let (status, _) = server.apply_streams(TEMPERATURE).await;
@@ -186,52 +178,40 @@ async fn mqtt_and_http_over_tls_with_silent_clients_around() {
 #[tokio::test]
 async fn tls_flags_are_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
-        .args([
-            "up",
-            "--data",
-            dir.path().to_str().unwrap(),
-            "--mqtt",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--mqtts",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("need --cert and --key, or --dev-tls"));
+    let data = dir.path().to_str().unwrap();
+    // `fleetgate up` on ephemeral ports with `extra`; its stderr, if it failed.
+    let up_fails = |extra: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+            .args([
+                "up",
+                "--data",
+                data,
+                "--mqtt",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    assert!(up_fails(&["--mqtts", "127.0.0.1:0"]).contains("need --cert and --key, or --dev-tls"));
     std::fs::write(dir.path().join("not-a-cert.pem"), "hello").unwrap();
     let bad = dir.path().join("not-a-cert.pem");
-    let output = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
-        .args([
-            "up",
-            "--data",
-            dir.path().to_str().unwrap(),
-            "--mqtt",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-        ])
-        .args([
-            "--mqtts",
-            "127.0.0.1:0",
-            "--https",
-            "127.0.0.1:0",
-            "--cert",
-            bad.to_str().unwrap(),
-            "--key",
-            bad.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    assert!(
-        String::from_utf8_lossy(&output.stderr).contains("no PEM certificate"),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let bad = bad.to_str().unwrap();
+    let stderr = up_fails(&[
+        "--mqtts",
+        "127.0.0.1:0",
+        "--https",
+        "127.0.0.1:0",
+        "--cert",
+        bad,
+        "--key",
+        bad,
+    ]);
+    assert!(stderr.contains("no PEM certificate"), "{stderr}");
 }
 
 #[tokio::test]
@@ -239,15 +219,7 @@ async fn concurrent_handshakes_are_capped_and_the_cap_frees_up() {
     use tokio::io::AsyncReadExt;
     let server = Server::start_with(
         Backend::Sqlite,
-        &[
-            "--dev-tls",
-            "--mqtts",
-            "127.0.0.1:0",
-            "--https",
-            "127.0.0.1:0",
-            "--tls-max-handshakes",
-            "2",
-        ],
+        &[&DEV_TLS[..], &["--tls-max-handshakes", "2"]].concat(),
     )
     .await;
     let mqtts = addr(&server, "mqtts");

@@ -40,7 +40,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let mut was_connected = false;
-        let refusal = connect_once(&shared, &mut was_connected).await;
+        let Err(refusal) = connect_once(&shared, &mut was_connected).await;
         shared.status.send_modify(|s| s.connected = false);
         // A refused token, or a session the server ended (a role change, the
         // token's expiry, a revocation): handshake again, so that the token
@@ -86,14 +86,7 @@ fn topic_matches(filter: &str, topic: &str) -> bool {
 }
 
 /// One connection, until it fails; says why.
-async fn connect_once(shared: &Shared, was_connected: &mut bool) -> Refusal {
-    match session(shared, was_connected).await {
-        Ok(never) => match never {},
-        Err(refusal) => refusal,
-    }
-}
-
-async fn session(
+async fn connect_once(
     shared: &Shared,
     was_connected: &mut bool,
 ) -> Result<std::convert::Infallible, Refusal> {
@@ -164,10 +157,10 @@ async fn session(
                     shared.status.send_modify(|s| s.following += 1);
                 }
                 Ok(Event::Incoming(Packet::Publish(message))) => {
-                    let topic = message.topic.clone();
-                    let follows = shared.follows.lock().expect("follows lock").clone();
-                    for (_, sender) in follows.iter().filter(|(f, _)| topic_matches(f, &topic)) {
-                        let _ = sender.try_send(LiveMessage { topic: topic.clone(), payload: message.payload.to_vec() });
+                    // `try_send` never waits, so it is done under the lock.
+                    let follows = shared.follows.lock().expect("follows lock");
+                    for (_, sender) in follows.iter().filter(|(f, _)| topic_matches(f, &message.topic)) {
+                        let _ = sender.try_send(LiveMessage { topic: message.topic.clone(), payload: message.payload.to_vec() });
                     }
                 }
                 Ok(_) => {}
@@ -189,18 +182,16 @@ async fn session(
         if !connected {
             continue;
         }
-        let follows: Vec<String> = shared
+        // Subscribes to follows added since the last turn (all of them
+        // after a reconnect); on most turns there are none.
+        while let Some(filter) = shared
             .follows
             .lock()
             .expect("follows lock")
-            .iter()
-            .map(|(f, _)| f.clone())
-            .collect();
-        while subscribed < follows.len() {
-            if client
-                .try_subscribe(follows[subscribed].clone(), QoS::AtLeastOnce)
-                .is_err()
-            {
+            .get(subscribed)
+            .map(|(filter, _)| filter.clone())
+        {
+            if client.try_subscribe(filter, QoS::AtLeastOnce).is_err() {
                 break;
             }
             subscribed += 1;

@@ -112,20 +112,28 @@ fn trap(what: &str, e: wasmtime::Error) -> SdkError {
     }
 }
 
-fn read_string(
-    memory: &Memory,
-    caller: &Caller<'_, HostState>,
-    ptr: i32,
-    len: i32,
-) -> Option<String> {
-    let data = memory.data(caller);
+/// The `len` bytes at `ptr` in the calling module's memory, if they are there.
+fn take(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> Option<Vec<u8>> {
+    let memory = caller.get_export(abi::MEMORY)?.into_memory()?;
     let start = usize::try_from(ptr).ok()?;
     let end = start.checked_add(usize::try_from(len).ok()?)?;
-    String::from_utf8(data.get(start..end)?.to_vec()).ok()
+    memory.data(&*caller).get(start..end).map(<[u8]>::to_vec)
 }
 
-fn caller_memory(caller: &mut Caller<'_, HostState>) -> Option<Memory> {
-    caller.get_export(abi::MEMORY)?.into_memory()
+/// Records what the module asked for; 0, or BAD_ARGUMENT when its bytes
+/// were not in memory (or not UTF-8 where text is wanted).
+fn record(caller: &mut Caller<'_, HostState>, request: Option<HostRequest>) -> i32 {
+    match request {
+        Some(request) => {
+            caller.data_mut().requests.push(request);
+            0
+        }
+        None => error::whole(error::BAD_ARGUMENT),
+    }
+}
+
+fn take_text(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> Option<String> {
+    String::from_utf8(take(caller, ptr, len)?).ok()
 }
 
 fn linker(engine: &Engine) -> Result<Linker<HostState>, SdkError> {
@@ -136,25 +144,11 @@ fn linker(engine: &Engine) -> Result<Linker<HostState>, SdkError> {
             abi::IMPORT_MODULE,
             abi::HOST_PUBLISH,
             |mut caller: Caller<'_, HostState>, stream: i32, ptr: i32, len: i32| -> i32 {
-                let Some(memory) = caller_memory(&mut caller) else {
-                    return error::whole(error::BAD_ARGUMENT);
-                };
-                let data = memory.data(&caller);
-                let payload = usize::try_from(ptr)
-                    .ok()
-                    .zip(usize::try_from(len).ok())
-                    .and_then(|(p, l)| data.get(p..p.checked_add(l)?))
-                    .map(<[u8]>::to_vec);
-                match payload {
-                    Some(payload) => {
-                        caller.data_mut().requests.push(HostRequest::Publish {
-                            stream: stream as u32,
-                            payload,
-                        });
-                        0
-                    }
-                    None => error::whole(error::BAD_ARGUMENT),
-                }
+                let request = take(&mut caller, ptr, len).map(|payload| HostRequest::Publish {
+                    stream: stream as u32,
+                    payload,
+                });
+                record(&mut caller, request)
             },
         )
         .map_err(define)?;
@@ -168,16 +162,8 @@ fn linker(engine: &Engine) -> Result<Linker<HostState>, SdkError> {
                 abi::IMPORT_MODULE,
                 name,
                 move |mut caller: Caller<'_, HostState>, ptr: i32, len: i32| -> i32 {
-                    let Some(memory) = caller_memory(&mut caller) else {
-                        return error::whole(error::BAD_ARGUMENT);
-                    };
-                    match read_string(&memory, &caller, ptr, len) {
-                        Some(text) => {
-                            caller.data_mut().requests.push(wrap(text));
-                            0
-                        }
-                        None => error::whole(error::BAD_ARGUMENT),
-                    }
+                    let request = take_text(&mut caller, ptr, len).map(wrap);
+                    record(&mut caller, request)
                 },
             )
             .map_err(define)?;
@@ -187,19 +173,9 @@ fn linker(engine: &Engine) -> Result<Linker<HostState>, SdkError> {
             abi::IMPORT_MODULE,
             abi::HOST_ADMIN,
             |mut caller: Caller<'_, HostState>, op: i32, ptr: i32, len: i32| -> i32 {
-                let Some(memory) = caller_memory(&mut caller) else {
-                    return error::whole(error::BAD_ARGUMENT);
-                };
-                match read_string(&memory, &caller, ptr, len) {
-                    Some(arg) => {
-                        caller
-                            .data_mut()
-                            .requests
-                            .push(HostRequest::Admin { op, arg });
-                        0
-                    }
-                    None => error::whole(error::BAD_ARGUMENT),
-                }
+                let request =
+                    take_text(&mut caller, ptr, len).map(|arg| HostRequest::Admin { op, arg });
+                record(&mut caller, request)
             },
         )
         .map_err(define)?;
