@@ -275,6 +275,91 @@ pub async fn stream(command: StreamCommand, server: &ServerArgs) -> anyhow::Resu
     Ok(())
 }
 
+#[derive(Subcommand)]
+pub enum StateCommand {
+    /// Roll out a state document (rules/<stream> in TOML, lookup/<table> in
+    /// CSV or TOML) to every store at one instant.
+    Push {
+        /// rules/<stream> or lookup/<table>.
+        key: String,
+        file: std::path::PathBuf,
+        /// Activation time: RFC 3339 (2026-11-22T10:00:00Z) or from now (+30s).
+        /// Default: as soon as the cluster can switch together.
+        #[arg(long)]
+        at: Option<String>,
+        /// Return once the version is published, without waiting for the
+        /// stores' confirmations.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Show state versions, and which version each store holds.
+    Show,
+}
+
+pub async fn state(command: StateCommand, server: &ServerArgs) -> anyhow::Result<()> {
+    let api = Api::new(server)?;
+    match command {
+        StateCommand::Push { key, file, at, no_wait } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let csv = file.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+            let mut body = json!({
+                "text": text,
+                "format": if csv { "csv" } else { "toml" },
+                "wait": !no_wait,
+            });
+            match at.as_deref() {
+                None => {}
+                Some(relative) if relative.starts_with('+') => {
+                    let wait = humantime::parse_duration(&relative[1..])
+                        .with_context(|| format!("--at {relative}: expected e.g. +30s"))?;
+                    body["in_ms"] = json!(wait.as_millis() as u64);
+                }
+                Some(time) => {
+                    let at = humantime::parse_rfc3339_weak(time)
+                        .with_context(|| format!("--at {time}: expected RFC 3339 or +DURATION"))?;
+                    let at_ms = at
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .context("--at is before 1970")?
+                        .as_millis();
+                    body["at_ms"] = json!(at_ms as i64);
+                }
+            }
+            let reply = api
+                .call(api.http.post(api.url(&format!("/v1/state/{key}"))).json(&body))
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&reply)?);
+        }
+        StateCommand::Show => {
+            let reply = api.call(api.http.get(api.url("/v1/state"))).await?;
+            println!("current version: {}", reply["current"]);
+            let stores: Vec<Vec<Value>> = reply["stores"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|s| vec![s["node"].clone(), s["up"].clone(), s["active"].clone(), s["previous"].clone()])
+                .collect();
+            print_table(&["store", "up", "active", "previous"], &stores);
+            let versions: Vec<Vec<Value>> = reply["versions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|v| {
+                    vec![
+                        v["version"].clone(),
+                        v["key"].clone(),
+                        v["status"].clone(),
+                        v["activate_at_ms"].clone(),
+                        v["staged_by"].clone(),
+                    ]
+                })
+                .collect();
+            print_table(&["version", "key", "status", "activate_at_ms", "staged_on"], &versions);
+        }
+    }
+    Ok(())
+}
+
 pub async fn query(sql: &str, server: &ServerArgs) -> anyhow::Result<()> {
     let api = Api::new(server)?;
     let reply = api

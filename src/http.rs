@@ -38,6 +38,10 @@ pub struct AppState {
     pub sdk: crate::sdk_api::SdkSettings,
     /// Set in cluster mode (`fleetgate broker`).
     pub balancer: Option<fleetgate_broker::balancer::Balancer>,
+    /// The state rollout coordinator.
+    pub rollout: Arc<fleetgate_admin::rollout::Rollout>,
+    /// The store's state in `up` (one process).
+    pub local_state: Option<Arc<fleetgate_store::state::StateStore>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -54,6 +58,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/bans/{id}", delete(lift_ban))
         .route("/v1/audit", get(list_audit))
         .route("/v1/nodes", get(list_nodes))
+        .route("/v1/state", get(crate::state::show))
+        .route("/v1/state/{kind}/{name}", post(crate::state::push))
         .route("/v1/streams", get(list_streams).post(apply_streams))
         .route("/v1/streams/{name}/rejects", get(list_rejects))
         .route("/v1/query", post(run_query))

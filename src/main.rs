@@ -9,6 +9,7 @@ mod client;
 mod http;
 mod node;
 mod sdk_api;
+mod state;
 mod tls;
 mod up;
 
@@ -68,6 +69,13 @@ enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Cluster state (validation rules, lookup tables): roll out at one instant.
+    State {
+        #[command(subcommand)]
+        command: client::StateCommand,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Device SDKs: build one offline, fetch one as a device, inspect a bundle.
     Sdk {
         #[command(subcommand)]
@@ -100,6 +108,7 @@ fn main() -> ExitCode {
             Command::Device { command, server } => client::device(command, &server).await,
             Command::Stream { command, server } => client::stream(command, &server).await,
             Command::Sdk { command, server } => client::sdk(command, &server).await,
+            Command::State { command, server } => client::state(command, &server).await,
             Command::Query { sql, server } => client::query(&sql, &server).await,
         }
     });

@@ -3,6 +3,11 @@
 //! database, takes messages from `fleetgate broker` over the node link
 //! (`fleetgate_protocol::node`), answers each after its commit, and
 //! re-publishes committed records to the broker over MQTT for `live/#`.
+//!
+//! It also holds the cluster state: it loads the newest version before it
+//! takes traffic, stages versions the admin service sends it, switches at
+//! each activation time, tells the broker over every link which versions
+//! it holds, and reboots (leaves rotation, reloads, rejoins) when asked.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,8 +19,13 @@ use base64::Engine;
 use bytes::Bytes;
 use fleetgate_broker::balancer::{NodeInfo, NodeSource};
 use fleetgate_protocol::ingest::{BoxFuture, LiveSink};
-use fleetgate_protocol::node::{decode_request, read_frame, write_frame, NodeResponse};
-use fleetgate_protocol::{IngestError, IngestService, PendingCommit};
+use fleetgate_protocol::node::{
+    decode_request, read_frame, write_frame, CommandAnswer, NodeCommand, NodeFrame, NodeResponse,
+    Request,
+};
+use fleetgate_protocol::state::{ClusterClock, StateKey, StateValue};
+use fleetgate_protocol::{IngestError, IngestMessage, IngestService, PendingCommit};
+use fleetgate_store::state::{self, FollowerFaults, StateFollower, StateStore};
 use fleetgate_store::metrics::StoreMetrics;
 use fleetgate_store::nodes::{self, NodeRow};
 use fleetgate_store::pipeline::{Pipeline, PublishLive};
@@ -23,8 +33,9 @@ use fleetgate_store::{open_catalog, Db, Store, WriterConfig};
 use ring::rand::{SecureRandom, SystemRandom};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::io::AsyncReadExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 #[derive(clap::Args)]
 pub struct StoreArgs {
@@ -47,6 +58,12 @@ pub struct StoreArgs {
     /// Largest accepted ingest payload, in bytes (as the broker's).
     #[arg(long, default_value_t = 256 * 1024)]
     max_payload: usize,
+    /// Test fault: this node's clock is off by this many milliseconds.
+    #[arg(long, hide = true, default_value_t = 0, allow_hyphen_values = true)]
+    clock_skew_ms: i64,
+    /// Test fault: the first state activation is not confirmed.
+    #[arg(long, hide = true)]
+    drop_first_confirmation: bool,
 }
 
 /// The node list in the shared database, as the balancer reads it.
@@ -142,44 +159,67 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
             _ => Vec::new(),
         };
     let mut registry = prometheus_client::registry::Registry::default();
+    let states = Arc::new(StateStore::new(Arc::new(ClusterClock::new(args.clock_skew_ms))));
+    let faults = FollowerFaults {
+        drop_first_confirmation: args.drop_first_confirmation,
+    };
+    let follower = StateFollower::new(db.clone(), states.clone(), &args.node, faults);
+    // The newest state before any traffic: a restarted node never
+    // processes under a version the cluster has left.
+    follower.load().await.map_err(|e| anyhow!(e))?;
+    follower.follow(Duration::from_millis(500));
     let store = Arc::new(Store::start(
         db.clone(),
         Pipeline::standard(catalog, args.max_payload),
         WriterConfig::default(),
         observers,
         StoreMetrics::register(&mut registry),
+        states.clone(),
     ));
 
-    let mut secret = [0u8; 24];
-    SystemRandom::new()
-        .fill(&mut secret)
-        .map_err(|_| anyhow!("cannot generate the node secret"))?;
-    let row = NodeRow {
+    let mut row = NodeRow {
         id: args.node.clone(),
         addr: addr.to_string(),
-        secret: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret),
+        secret: new_secret()?,
+        state_version: states.active_version(),
     };
     nodes::heartbeat(&db, &row).await.map_err(|e| anyhow!(e))?;
+    // The secret a broker must present; a reboot changes it, which ends
+    // every link made before.
+    let (secret_tx, secret) = watch::channel(row.secret.clone());
     let heartbeat = tokio::spawn({
-        let (db, row) = (db.clone(), row.clone());
+        let db = db.clone();
+        let follower = follower.clone();
         async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                if let Err(e) = nodes::heartbeat(&db, &row).await {
-                    tracing::warn!(error = %e, "heartbeat failed");
+                row.state_version = follower.store().held().active;
+                match nodes::heartbeat(&db, &row).await {
+                    Ok(Some(reason)) => {
+                        reboot(&db, &follower, &mut row, &secret_tx, &reason).await;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
                 }
             }
         }
     });
     let accept = tokio::spawn({
-        let (store, secret) = (store.clone(), row.secret.clone());
+        let (store, db, node) = (store.clone(), db.clone(), args.node.clone());
         async move {
             loop {
                 let Ok((socket, _)) = listener.accept().await else {
                     continue;
                 };
                 let _ = socket.set_nodelay(true);
-                tokio::spawn(serve_broker(socket, store.clone(), secret.clone()));
+                let link = NodeLink {
+                    store: store.clone(),
+                    states: states.clone(),
+                    db: db.clone(),
+                    node: node.clone(),
+                    secret: secret.clone(),
+                };
+                tokio::spawn(link.serve(socket));
             }
         }
     });
@@ -195,59 +235,175 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One broker connection: messages in, answers out in the same order, each
-/// after its commit.
-async fn serve_broker(socket: TcpStream, store: Arc<Store>, secret: String) {
-    let (mut reader, mut writer) = socket.into_split();
-    // The secret comes first, small and soon; anything else is refused
-    // before it can hold the connection or make the node buffer a frame.
-    let wanted = [&(secret.len() as u32).to_le_bytes()[..], secret.as_bytes()].concat();
-    let mut presented = vec![0u8; wanted.len()];
-    let read = tokio::time::timeout(Duration::from_secs(5), reader.read_exact(&mut presented));
-    let read_ok = matches!(read.await, Ok(Ok(_)));
-    // Compared without an early exit, so timing tells nothing of the secret.
-    let differs = presented
-        .iter()
-        .zip(&wanted)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-    if !read_ok || differs != 0 {
-        tracing::warn!("refused a node-link connection without the node's secret");
-        return;
+fn new_secret() -> anyhow::Result<String> {
+    let mut secret = [0u8; 24];
+    SystemRandom::new()
+        .fill(&mut secret)
+        .map_err(|_| anyhow!("cannot generate the node secret"))?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret))
+}
+
+/// Asked to reboot (it did not confirm a state version in time): out of
+/// rotation, the newest state loaded, back in with a new secret, so that
+/// brokers reconnect and learn what it now holds.
+async fn reboot(
+    db: &Db,
+    follower: &StateFollower,
+    row: &mut NodeRow,
+    secret: &watch::Sender<String>,
+    reason: &str,
+) {
+    tracing::warn!(node = %row.id, reason, "reboot requested: leaving rotation to reload the state");
+    let _ = nodes::remove(db, &row.id).await;
+    loop {
+        match follower.load().await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reload the state; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
     }
-    let (answers, mut pending) = mpsc::channel::<(u64, PendingCommit)>(4096);
-    let write = tokio::spawn(async move {
-        while let Some((seq, commit)) = pending.recv().await {
-            let result = commit.await.unwrap_or(Err(IngestError::ShuttingDown));
-            let body = serde_json::to_vec(&NodeResponse { seq, result }).expect("serializes");
-            if write_frame(&mut writer, &body).await.is_err() {
+    match new_secret() {
+        Ok(fresh) => row.secret = fresh,
+        Err(e) => tracing::error!(error = %e, "keeping the old secret"),
+    }
+    let _ = secret.send(row.secret.clone());
+    row.state_version = follower.store().held().active;
+    match nodes::heartbeat(db, row).await {
+        Ok(_) => tracing::info!(node = %row.id, state = row.state_version, "rejoined after reboot"),
+        Err(e) => tracing::warn!(error = %e, "cannot rejoin yet"),
+    }
+}
+
+/// One connection from a broker.
+struct NodeLink {
+    store: Arc<Store>,
+    states: Arc<StateStore>,
+    db: Db,
+    node: String,
+    secret: watch::Receiver<String>,
+}
+
+impl NodeLink {
+    /// Checks the secret, then serves one command (a control connection)
+    /// or ingest: messages in, answers out in the same order, each after
+    /// its commit, and the held state versions whenever they change.
+    async fn serve(mut self, socket: TcpStream) {
+        let (mut reader, writer) = socket.into_split();
+        let secret = self.secret.borrow_and_update().clone();
+        // The secret comes first, small and soon; anything else is refused
+        // before it can hold the connection or make the node buffer a frame.
+        let wanted = [&(secret.len() as u32).to_le_bytes()[..], secret.as_bytes()].concat();
+        let mut presented = vec![0u8; wanted.len()];
+        let read = tokio::time::timeout(Duration::from_secs(5), reader.read_exact(&mut presented));
+        let read_ok = matches!(read.await, Ok(Ok(_)));
+        // Compared without an early exit, so timing tells nothing of the secret.
+        let differs = presented
+            .iter()
+            .zip(&wanted)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if !read_ok || differs != 0 {
+            tracing::warn!("refused a node-link connection without the node's secret");
+            return;
+        }
+        let first = match read_frame(&mut reader).await {
+            Ok(Some(body)) => decode_request(body),
+            _ => return,
+        };
+        match first {
+            Ok(Request::Command(command)) => self.command(command, writer).await,
+            Ok(Request::Ingest(seq, message)) => self.ingest(reader, writer, Some((seq, message))).await,
+            Err(e) => tracing::warn!(error = %e, "malformed node-link request; closing"),
+        }
+    }
+
+    async fn command(&self, command: NodeCommand, mut writer: OwnedWriteHalf) {
+        let result = match command {
+            NodeCommand::Stage { version, key, value } => {
+                let staged = StateKey::parse(&key).and_then(|key| {
+                    serde_json::from_value::<StateValue>(value)
+                        .map(|value| (key, value))
+                        .map_err(|e| format!("unreadable state document: {e}"))
+                });
+                match staged {
+                    Ok((key, value)) => state::stage(&self.db, version, &key, &value, &self.node).await,
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, "command failed");
+        }
+        let body = serde_json::to_vec(&CommandAnswer { result }).expect("serializes");
+        let _ = write_frame(&mut writer, &body).await;
+    }
+
+    async fn ingest(
+        mut self,
+        mut reader: OwnedReadHalf,
+        mut writer: OwnedWriteHalf,
+        mut first: Option<(u64, IngestMessage)>,
+    ) {
+        let (answers, mut pending) = mpsc::channel::<(u64, PendingCommit)>(4096);
+        let mut held = self.states.confirmed();
+        let write = tokio::spawn(async move {
+            let frame = |f: NodeFrame| serde_json::to_vec(&f).expect("serializes");
+            let versions = *held.borrow_and_update();
+            if write_frame(&mut writer, &frame(NodeFrame::Versions(versions))).await.is_err() {
                 return;
             }
-        }
-    });
-    loop {
-        let body = match read_frame(&mut reader).await {
-            Ok(Some(body)) => body,
-            _ => break,
-        };
-        let (seq, message) = match decode_request(body) {
-            Ok(request) => request,
-            Err(e) => {
-                tracing::warn!(error = %e, "malformed node-link request; closing");
+            loop {
+                let body = tokio::select! {
+                    biased;
+                    Ok(()) = held.changed() => frame(NodeFrame::Versions(*held.borrow_and_update())),
+                    next = pending.recv() => {
+                        let Some((seq, commit)) = next else { return };
+                        let result = commit.await.unwrap_or(Err(IngestError::ShuttingDown));
+                        frame(NodeFrame::Answer(NodeResponse { seq, result }))
+                    }
+                };
+                if write_frame(&mut writer, &body).await.is_err() {
+                    return;
+                }
+            }
+        });
+        loop {
+            let (seq, message) = match first.take() {
+                Some(request) => request,
+                None => {
+                    let body = tokio::select! {
+                        body = read_frame(&mut reader) => body,
+                        // A reboot changed the secret: links made before end.
+                        _ = self.secret.changed() => break,
+                    };
+                    match body.map(|b| b.map(decode_request)) {
+                        Ok(Some(Ok(Request::Ingest(seq, message)))) => (seq, message),
+                        Ok(Some(Ok(Request::Command(_)))) => {
+                            tracing::warn!("a command on an ingest link; closing");
+                            break;
+                        }
+                        Ok(Some(Err(e))) => {
+                            tracing::warn!(error = %e, "malformed node-link request; closing");
+                            break;
+                        }
+                        _ => break,
+                    }
+                }
+            };
+            let commit = match self.store.submit(message).await {
+                Ok(commit) => commit,
+                Err(e) => {
+                    let (done, commit) = oneshot::channel();
+                    let _ = done.send(Err(e));
+                    commit
+                }
+            };
+            if answers.send((seq, commit)).await.is_err() {
                 break;
             }
-        };
-        let commit = match store.submit(message).await {
-            Ok(commit) => commit,
-            Err(e) => {
-                let (done, commit) = oneshot::channel();
-                let _ = done.send(Err(e));
-                commit
-            }
-        };
-        if answers.send((seq, commit)).await.is_err() {
-            break;
         }
+        drop(answers);
+        let _ = write.await;
     }
-    drop(answers);
-    let _ = write.await;
 }

@@ -11,7 +11,11 @@ use fleetgate_admin::Handshakes;
 use fleetgate_admin::{
     unix_now, AuditLog, Bans, Platform, RefusalLedger, Registry, RegistryEvent, TokenAuthenticator,
 };
+use fleetgate_admin::rollout::{CrashPoint, Rollout, RolloutSettings, StateTransport};
 use fleetgate_broker::balancer::Balancer;
+use fleetgate_protocol::state::ClusterClock;
+use fleetgate_store::state::{StateFollower, StateStore};
+use crate::state::LOCAL_NODE;
 use fleetgate_broker::{EndReason, Gatekeeper, GatekeeperConfig, Upstream};
 use fleetgate_protocol::schema::StreamsFile;
 use fleetgate_protocol::IngestService;
@@ -88,6 +92,17 @@ pub struct UpArgs {
     /// How long repeated authentication failures ban the device (0s: no bans).
     #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
     ban_duration: Duration,
+    /// Least time between publishing a state version and its activation
+    /// (more is taken when delivery or clock uncertainty need it).
+    #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
+    state_lead: Duration,
+    /// How long after a state version's activation a store may take to
+    /// confirm it before it is rebooted.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    state_grace: Duration,
+    /// Test fault: the process dies at this step of a state push.
+    #[arg(long, hide = true)]
+    test_crash: Option<CrashPoint>,
 }
 
 async fn bind(addr: SocketAddr, flag: &str, what: &str) -> anyhow::Result<TcpListener> {
@@ -224,23 +239,56 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
     let upstream = Upstream::start(args.max_payload, live_dropped)
         .await
         .map_err(|e| anyhow!(e))?;
-    let ingest = match cluster_hold {
-        None => Ingest::Local(Arc::new(Store::start(
-            db.clone(),
-            Pipeline::standard(catalog.clone(), args.max_payload),
-            WriterConfig::default(),
-            vec![Arc::new(PublishLive {
-                sink: upstream.clone(),
-            })],
-            StoreMetrics::register(&mut metrics),
-        ))),
+    let clock = Arc::new(ClusterClock::new(0));
+    let rollout_settings = RolloutSettings {
+        min_lead: args.state_lead,
+        grace: args.state_grace,
+        fault: args.test_crash,
+    };
+    let (ingest, transport, local_state): (_, Arc<dyn StateTransport>, _) = match cluster_hold {
+        None => {
+            let states = Arc::new(StateStore::new(clock.clone()));
+            let follower = StateFollower::new(db.clone(), states.clone(), LOCAL_NODE, Default::default());
+            // The state in force before the first record is taken.
+            follower.load().await.map_err(|e| anyhow!(e))?;
+            follower.follow(Duration::from_secs(1));
+            let store = Store::start(
+                db.clone(),
+                Pipeline::standard(catalog.clone(), args.max_payload),
+                WriterConfig::default(),
+                vec![Arc::new(PublishLive {
+                    sink: upstream.clone(),
+                })],
+                StoreMetrics::register(&mut metrics),
+                states.clone(),
+            );
+            let transport = crate::state::LocalStores { db: db.clone(), follower };
+            (Ingest::Local(Arc::new(store)), Arc::new(transport) as _, Some(states))
+        }
         Some(hold) => {
             nodes::ddl(&db).await.map_err(|e| anyhow!(e))?;
             catalog.follow_changes();
             let source = Arc::new(crate::node::NodeTable(db.clone()));
-            Ingest::Cluster(Balancer::start(source, Duration::from_millis(500), hold))
+            let balancer = Balancer::start(
+                source,
+                Duration::from_millis(500),
+                hold,
+                clock.clone(),
+                args.state_grace,
+            );
+            crate::state::follow_schedule(db.clone(), balancer.clone(), clock.clone());
+            let transport = crate::state::ClusterStores { db: db.clone(), balancer: balancer.clone() };
+            (Ingest::Cluster(balancer), Arc::new(transport) as _, None)
         }
     };
+    let rollout = Arc::new(Rollout::new(
+        db.clone(),
+        catalog.clone(),
+        transport,
+        clock,
+        rollout_settings,
+    ));
+    rollout.watch(Duration::from_millis(500));
     let ingest_service: Arc<dyn IngestService> = match &ingest {
         Ingest::Local(store) => store.clone(),
         Ingest::Cluster(balancer) => Arc::new(balancer.clone()),
@@ -290,6 +338,8 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
             Ingest::Cluster(balancer) => Some(balancer.clone()),
             Ingest::Local(_) => None,
         },
+        rollout,
+        local_state,
     };
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

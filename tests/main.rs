@@ -13,4 +13,5 @@ mod ingest;
 mod query;
 mod roles;
 mod sdk;
+mod state;
 mod tls;

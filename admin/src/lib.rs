@@ -8,6 +8,7 @@
 //! - [`bans`]: temporary bans that follow those alerts.
 //! - [`audit`]: the log of every admin action.
 //! - [`handshake`]: nonces and the checks on a device's signed SDK handshake.
+//! - [`rollout`]: the time-fenced state rollout coordinator.
 
 pub mod audit;
 pub mod auth;
@@ -16,6 +17,7 @@ pub mod handshake;
 pub mod platform;
 pub mod refusals;
 pub mod registry;
+pub mod rollout;
 
 pub use audit::AuditLog;
 pub use auth::TokenAuthenticator;

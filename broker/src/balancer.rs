@@ -7,15 +7,24 @@
 //! answering is stored again (keyed streams store it once). While no node
 //! can take a message, submit waits up to the hold time: the device's
 //! connection is simply not read meanwhile.
+//!
+//! Every message is stamped with the cluster state version in force when
+//! it was received (the [`Schedule`] of published versions), and goes only
+//! to a node that holds that version, as the node tells over its link. A
+//! message received after an activation time therefore waits until its
+//! node confirms the new version; a node that has not confirmed within the
+//! grace period is passed over. A node refuses a message stamped with a
+//! version it does not hold, and the message is routed again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use fleetgate_protocol::ingest::BoxFuture;
-use fleetgate_protocol::node::{encode_request, read_frame, write_frame, NodeResponse};
+use fleetgate_protocol::node::{encode_request, read_frame, write_frame, HeldVersions, NodeFrame};
+use fleetgate_protocol::state::ClusterClock;
 use fleetgate_protocol::{IngestError, IngestMessage, IngestOutcome, IngestService, PendingCommit};
 use serde::Serialize;
 use tokio::net::TcpStream;
@@ -40,6 +49,7 @@ pub struct NodeStatus {
     pub id: String,
     pub addr: String,
     pub up: bool,
+    pub state: HeldVersions,
     pub routed: u64,
     pub failed_over: u64,
 }
@@ -65,6 +75,7 @@ struct Link {
     info: NodeInfo,
     jobs: mpsc::Sender<Job>,
     up: Arc<AtomicBool>,
+    versions: Arc<Mutex<HeldVersions>>,
     routed: Arc<AtomicU64>,
     failed_over: Arc<AtomicU64>,
 }
@@ -73,6 +84,36 @@ struct Inner {
     links: RwLock<HashMap<String, Link>>,
     changed: Notify,
     hold: Duration,
+    schedule: RwLock<Schedule>,
+    clock: Arc<ClusterClock>,
+}
+
+/// Published state versions and their activation times (cluster clock).
+#[derive(Debug, Default)]
+pub struct Schedule {
+    versions: BTreeMap<u64, i64>,
+    /// How long after an activation a node that has not confirmed it is
+    /// still waited for.
+    grace_ms: i64,
+}
+
+impl Schedule {
+    /// The version in force at cluster time `at`.
+    fn version_at(&self, at: i64) -> u64 {
+        self.versions
+            .iter()
+            .rev()
+            .find(|(_, activate_at)| **activate_at <= at)
+            .map_or(0, |(version, _)| *version)
+    }
+
+    /// Whether a node that does not hold `version` yet may still confirm it
+    /// in time to be waited for.
+    fn waiting_for(&self, version: u64, now: i64) -> bool {
+        self.versions
+            .get(&version)
+            .is_some_and(|at| now < at + self.grace_ms)
+    }
 }
 
 #[derive(Clone)]
@@ -82,12 +123,23 @@ pub struct Balancer {
 
 impl Balancer {
     /// Follows `source` (polled every `poll`) and routes over its nodes.
-    pub fn start(source: Arc<dyn NodeSource>, poll: Duration, hold: Duration) -> Balancer {
+    pub fn start(
+        source: Arc<dyn NodeSource>,
+        poll: Duration,
+        hold: Duration,
+        clock: Arc<ClusterClock>,
+        grace: Duration,
+    ) -> Balancer {
         let balancer = Balancer {
             inner: Arc::new(Inner {
                 links: RwLock::new(HashMap::new()),
                 changed: Notify::new(),
                 hold,
+                schedule: RwLock::new(Schedule {
+                    versions: BTreeMap::new(),
+                    grace_ms: grace.as_millis() as i64,
+                }),
+                clock,
             }),
         };
         let follower = balancer.clone();
@@ -101,6 +153,19 @@ impl Balancer {
             }
         });
         balancer
+    }
+
+    /// A published state version: messages received from `activate_at_ms`
+    /// on are stamped with it.
+    pub fn announce(&self, version: u64, activate_at_ms: i64) {
+        let mut schedule = self.inner.schedule.write().expect("schedule lock");
+        schedule.versions.insert(version, activate_at_ms);
+        // Versions far behind every node are of no more use.
+        while schedule.versions.len() > 64 {
+            schedule.versions.pop_first();
+        }
+        drop(schedule);
+        self.inner.changed.notify_waiters();
     }
 
     fn update(&self, nodes: Vec<NodeInfo>) {
@@ -117,6 +182,7 @@ impl Balancer {
                 info: node.clone(),
                 jobs,
                 up: Arc::new(AtomicBool::new(false)),
+                versions: Arc::default(),
                 routed: Arc::new(AtomicU64::new(0)),
                 failed_over: Arc::new(AtomicU64::new(0)),
             };
@@ -124,7 +190,10 @@ impl Balancer {
                 self.clone(),
                 node.clone(),
                 queue,
-                link.up.clone(),
+                LinkState {
+                    up: link.up.clone(),
+                    versions: link.versions.clone(),
+                },
                 link.failed_over.clone(),
             ));
             links.insert(node.id, link);
@@ -142,6 +211,7 @@ impl Balancer {
                 id: l.info.id.clone(),
                 addr: l.info.addr.clone(),
                 up: l.up.load(Ordering::Relaxed),
+                state: *l.versions.lock().expect("versions lock"),
                 routed: l.routed.load(Ordering::Relaxed),
                 failed_over: l.failed_over.load(Ordering::Relaxed),
             })
@@ -150,18 +220,31 @@ impl Balancer {
         list
     }
 
-    /// The up node with the highest rendezvous score for `device`.
-    fn pick(&self, device: &str) -> Option<(mpsc::Sender<Job>, Arc<AtomicU64>)> {
+    /// The device's node: the highest rendezvous score among up nodes that
+    /// hold the message's state version, or may still confirm it. `None`
+    /// while that node has yet to confirm (the message waits).
+    fn pick(&self, device: &str, version: u64) -> Option<(mpsc::Sender<Job>, Arc<AtomicU64>)> {
+        let waiting = self
+            .inner
+            .schedule
+            .read()
+            .expect("schedule lock")
+            .waiting_for(version, self.inner.clock.now_ms());
         let links = self.inner.links.read().expect("links lock");
-        links
+        let (link, holds) = links
             .values()
             .filter(|l| l.up.load(Ordering::Relaxed))
-            .max_by_key(|l| {
+            .filter_map(|l| {
+                let held = *l.versions.lock().expect("versions lock");
+                let holds = held.holds(version);
+                (holds || (waiting && held.active < version)).then_some((l, holds))
+            })
+            .max_by_key(|(l, _)| {
                 let mut hasher = std::hash::DefaultHasher::new();
                 (&l.info.id, device).hash(&mut hasher);
                 hasher.finish()
-            })
-            .map(|l| (l.jobs.clone(), l.routed.clone()))
+            })?;
+        holds.then(|| (link.jobs.clone(), link.routed.clone()))
     }
 
     /// Hands the job to its node, waiting up to the hold time for one.
@@ -169,7 +252,8 @@ impl Balancer {
         let deadline = tokio::time::Instant::now() + self.inner.hold;
         loop {
             let changed = self.inner.changed.notified();
-            if let Some((queue, routed)) = self.pick(&job.message.device_id) {
+            let version = job.message.state_version.unwrap_or(0);
+            if let Some((queue, routed)) = self.pick(&job.message.device_id, version) {
                 match queue.send(job).await {
                     Ok(()) => {
                         routed.fetch_add(1, Ordering::Relaxed);
@@ -183,7 +267,7 @@ impl Balancer {
             }
             if tokio::time::Instant::now() >= deadline {
                 let _ = job.reply.send(Err(IngestError::Unavailable(format!(
-                    "no store node could take the message within {:?}",
+                    "no store node holding state version {version} could take the message within {:?}",
                     self.inner.hold
                 ))));
                 return;
@@ -213,8 +297,21 @@ impl Balancer {
 }
 
 impl IngestService for Balancer {
-    fn submit(&self, message: IngestMessage) -> BoxFuture<'_, Result<PendingCommit, IngestError>> {
+    fn submit(
+        &self,
+        mut message: IngestMessage,
+    ) -> BoxFuture<'_, Result<PendingCommit, IngestError>> {
         Box::pin(async move {
+            // Received-at is this machine's clock; activation times are the
+            // cluster's.
+            let received = message.received_at_ms + self.inner.clock.offset_ms();
+            let version = self
+                .inner
+                .schedule
+                .read()
+                .expect("schedule lock")
+                .version_at(received);
+            message.state_version = Some(version);
             let (reply, pending) = oneshot::channel();
             self.route(Job {
                 message,
@@ -229,17 +326,24 @@ impl IngestService for Balancer {
 
 /// One node's connection: reconnects while the node is listed, and on every
 /// failure hands what the node had not answered to the others.
+/// What the router reads of a link: whether it is up, and which state
+/// versions its node holds.
+struct LinkState {
+    up: Arc<AtomicBool>,
+    versions: Arc<Mutex<HeldVersions>>,
+}
+
 async fn run_link(
     balancer: Balancer,
     node: NodeInfo,
     mut queue: mpsc::Receiver<Job>,
-    up: Arc<AtomicBool>,
+    state: LinkState,
     failed_over: Arc<AtomicU64>,
 ) {
     loop {
         let in_flight: InFlight = Arc::default();
-        let outcome = serve_link(&node, &mut queue, &up, &balancer, in_flight.clone()).await;
-        up.store(false, Ordering::Relaxed);
+        let outcome = serve_link(&node, &mut queue, &state, &balancer, in_flight.clone()).await;
+        state.up.store(false, Ordering::Relaxed);
         balancer.inner.changed.notify_waiters();
         let mut unanswered: Vec<Job> = in_flight
             .lock()
@@ -289,7 +393,7 @@ enum LinkEnd {
 async fn serve_link(
     node: &NodeInfo,
     queue: &mut mpsc::Receiver<Job>,
-    up: &AtomicBool,
+    state: &LinkState,
     balancer: &Balancer,
     in_flight: InFlight,
 ) -> LinkEnd {
@@ -304,13 +408,22 @@ async fn serve_link(
     if let Err(e) = write_frame(&mut writer, node.secret.as_bytes()).await {
         return LinkEnd::Failed(format!("cannot connect: {e}"));
     }
-    up.store(true, Ordering::Relaxed);
+    // The node first says which state versions it holds; until then
+    // nothing could be routed to it correctly.
+    let first = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut reader)).await;
+    let held = match first.map(|r| r.map(|body| body.map(|b| serde_json::from_slice(&b)))) {
+        Ok(Ok(Some(Ok(NodeFrame::Versions(held))))) => held,
+        _ => return LinkEnd::Failed("cannot connect: the node did not say its state versions".into()),
+    };
+    *state.versions.lock().expect("versions lock") = held;
+    state.up.store(true, Ordering::Relaxed);
     balancer.inner.changed.notify_waiters();
-    tracing::info!(node = %node.id, "store node connected");
+    tracing::info!(node = %node.id, state = held.active, "store node connected");
 
     let answers = {
         let in_flight = in_flight.clone();
         let balancer = balancer.clone();
+        let versions = state.versions.clone();
         async move {
             loop {
                 let body = match read_frame(&mut reader).await {
@@ -318,15 +431,22 @@ async fn serve_link(
                     Ok(None) => return "the node closed the connection".to_string(),
                     Err(e) => return format!("reading from the node: {e}"),
                 };
-                let response: NodeResponse = match serde_json::from_slice(&body) {
-                    Ok(r) => r,
+                let response = match serde_json::from_slice(&body) {
+                    Ok(NodeFrame::Answer(r)) => r,
+                    Ok(NodeFrame::Versions(held)) => {
+                        // The node confirmed an activation (or rebooted).
+                        *versions.lock().expect("versions lock") = held;
+                        balancer.inner.changed.notify_waiters();
+                        continue;
+                    }
                     Err(e) => return format!("unreadable answer: {e}"),
                 };
                 let job = in_flight.lock().expect("in-flight lock").pop_front();
                 match (job, response.result) {
-                    // A node that is stopping has not stored the message:
-                    // another one takes it.
-                    (Some((_, job)), Err(IngestError::ShuttingDown)) => {
+                    // A node that is stopping has not stored the message,
+                    // nor has one that does not hold its state version:
+                    // another node takes it.
+                    (Some((_, job)), Err(IngestError::ShuttingDown | IngestError::StateVersion { .. })) => {
                         balancer.fail_over(vec![job])
                     }
                     // Answers come in the order messages were sent.

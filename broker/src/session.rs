@@ -583,6 +583,7 @@ impl Session {
             payload: message.payload,
             truncated_from: message.truncated_from,
             received_at_ms: now_ms(),
+            state_version: None,
         };
         let Ok(pending) = self.shared.ingest.submit(ingest_message).await else {
             return Ok(Some(End::Ended(EndReason::ShuttingDown)));
@@ -714,6 +715,7 @@ impl Session {
             payload: will.payload,
             truncated_from: None,
             received_at_ms: now_ms(),
+            state_version: None,
         };
         let ingest = self.shared.ingest.clone();
         tokio::spawn(async move {

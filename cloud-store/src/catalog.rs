@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use fleetgate_protocol::schema::{
-    FieldDef, FieldType, StreamDef, StreamsFile, DEVICE_ID, EXTRA, RECEIVED_AT, ROW_ID,
+    EnrichDef, FieldDef, FieldType, StreamDef, StreamsFile, DEVICE_ID, EXTRA, RECEIVED_AT, ROW_ID,
 };
 use sqlx::Row;
 
@@ -16,7 +16,8 @@ use crate::with_pool;
 pub struct Stream {
     pub name: String,
     pub def: StreamDef,
-    /// Insert column order: device_id, received_at, declared fields, extra.
+    /// Insert column order: device_id, received_at, declared fields, extra,
+    /// enrich columns.
     pub columns: Vec<String>,
     /// `INSERT INTO <name> (<columns>) ` — the VALUES list is appended per batch.
     pub insert_head: String,
@@ -45,11 +46,22 @@ impl From<FieldType> for ColumnKind {
     }
 }
 
+impl ColumnKind {
+    fn of_field(def: &FieldDef) -> ColumnKind {
+        if def.code {
+            ColumnKind::Int
+        } else {
+            ColumnKind::from(def.ty)
+        }
+    }
+}
+
 impl Stream {
     fn new(name: &str, def: StreamDef) -> Stream {
         let mut columns = vec![DEVICE_ID.to_string(), RECEIVED_AT.to_string()];
         columns.extend(def.fields.keys().cloned());
         columns.push(EXTRA.to_string());
+        columns.extend(def.enrich.keys().cloned());
         let insert_head = format!("INSERT INTO {name} ({}) ", columns.join(", "));
         let insert_tail = if def.key.is_some() {
             " ON CONFLICT DO NOTHING"
@@ -57,8 +69,9 @@ impl Stream {
             ""
         };
         let mut kinds = vec![ColumnKind::Text, ColumnKind::Int];
-        kinds.extend(def.fields.values().map(|f| ColumnKind::from(f.ty)));
+        kinds.extend(def.fields.values().map(ColumnKind::of_field));
         kinds.push(ColumnKind::Text);
+        kinds.extend(def.enrich.values().map(|e| ColumnKind::from(e.ty)));
         Stream {
             name: name.to_string(),
             def,
@@ -70,20 +83,24 @@ impl Stream {
     }
 }
 
-fn sql_type(ty: FieldType) -> &'static str {
+fn sql_type(kind: ColumnKind) -> &'static str {
     // These spellings mean the same to SQLite (by affinity) and PostgreSQL.
-    match ty {
-        FieldType::Int | FieldType::Timestamp => "BIGINT",
-        FieldType::Float => "DOUBLE PRECISION",
-        FieldType::Bool => "BOOLEAN",
-        FieldType::String | FieldType::Enum => "TEXT",
+    match kind {
+        ColumnKind::Int => "BIGINT",
+        ColumnKind::Float => "DOUBLE PRECISION",
+        ColumnKind::Bool => "BOOLEAN",
+        ColumnKind::Text => "TEXT",
     }
 }
 
 fn column_ddl(name: &str, def: &FieldDef) -> String {
     // Declared columns stay nullable: `required` is enforced by validation,
     // so a field added later can be required without rewriting old rows.
-    format!("{name} {}", sql_type(def.ty))
+    format!("{name} {}", sql_type(ColumnKind::of_field(def)))
+}
+
+fn enrich_column_ddl(name: &str, def: &EnrichDef) -> String {
+    format!("{name} {}", sql_type(ColumnKind::from(def.ty)))
 }
 
 #[derive(Clone)]
@@ -184,10 +201,11 @@ impl Catalog {
                 Some(existing) => {
                     let added = evolve(&existing.def, def, name)?;
                     for field in &added {
-                        ddl.push(format!(
-                            "ALTER TABLE {name} ADD COLUMN {}",
-                            column_ddl(field, &def.fields[field])
-                        ));
+                        let column = match def.fields.get(field) {
+                            Some(field_def) => column_ddl(field, field_def),
+                            None => enrich_column_ddl(field, &def.enrich[field]),
+                        };
+                        ddl.push(format!("ALTER TABLE {name} ADD COLUMN {column}"));
                     }
                     let action = if added.is_empty() && existing.def == *def {
                         "unchanged"
@@ -222,10 +240,6 @@ impl Catalog {
                 sqlx::query(&format!("NOTIFY {CATALOG_CHANNEL}"))
                     .execute(&mut *tx).await.map_err(|e| format!("cannot announce streams: {e}"))?;
             }
-            if self.db.backend() == crate::db::Backend::Postgres {
-                sqlx::query(&format!("NOTIFY {CATALOG_CHANNEL}"))
-                    .execute(&mut *tx).await.map_err(|e| format!("cannot announce streams: {e}"))?;
-            }
             tx.commit().await.map_err(|e| format!("cannot commit streams: {e}"))
         })?;
         let mut streams = self.streams.write().expect("catalog lock");
@@ -244,6 +258,7 @@ impl Catalog {
         columns.push(format!("{RECEIVED_AT} BIGINT NOT NULL"));
         columns.extend(def.fields.iter().map(|(f, d)| column_ddl(f, d)));
         columns.push(format!("{EXTRA} TEXT"));
+        columns.extend(def.enrich.iter().map(|(c, d)| enrich_column_ddl(c, d)));
         if let Some(key) = &def.key {
             columns.push(format!("PRIMARY KEY ({})", key.join(", ")));
         }
@@ -271,9 +286,34 @@ fn evolve(old: &StreamDef, new: &StreamDef, name: &str) -> Result<Vec<String>, S
                     previous.ty, def.ty
                 ))
             }
+            Some(previous)
+                if (previous.code, previous.scale, previous.offset)
+                    != (def.code, def.scale, def.offset) =>
+            {
+                return Err(format!(
+                    "stream {name}: field {field} cannot change how it is stored (code, scale, offset): its column holds data"
+                ))
+            }
             Some(_) => {}
             None => added.push(field.clone()),
         }
+    }
+    for (column, def) in &new.enrich {
+        match old.enrich.get(column) {
+            Some(previous) if previous.ty != def.ty => {
+                return Err(format!(
+                    "stream {name}: enrich column {column} cannot change type ({:?} -> {:?})",
+                    previous.ty, def.ty
+                ))
+            }
+            Some(_) => {}
+            None => added.push(column.clone()),
+        }
+    }
+    if let Some(dropped) = old.enrich.keys().find(|c| !new.enrich.contains_key(*c)) {
+        return Err(format!(
+            "stream {name}: enrich column {dropped} cannot be removed (its column holds data)"
+        ));
     }
     if let Some(dropped) = old.fields.keys().find(|f| !new.fields.contains_key(*f)) {
         return Err(format!(

@@ -8,6 +8,8 @@
 //! - [`query`]: the read-only query guard and runner.
 //! - [`rejects`]: refused records.
 //! - [`nodes`]: cluster membership (store nodes and their heartbeats).
+//! - [`state`]: versioned cluster state (rules, lookup tables) and its
+//!   time-fenced activation.
 
 pub mod catalog;
 pub mod db;
@@ -16,6 +18,7 @@ pub mod nodes;
 pub mod pipeline;
 pub mod query;
 pub mod rejects;
+pub mod state;
 pub mod writer;
 
 pub use catalog::Catalog;
@@ -27,5 +30,6 @@ pub async fn open_catalog(db: &Db) -> Result<Catalog, String> {
     db.execute_ddl(&rejects::ddl(db))
         .await
         .map_err(|e| format!("cannot create the rejects table: {e}"))?;
+    state::ddl(db).await?;
     Catalog::load(db.clone()).await
 }

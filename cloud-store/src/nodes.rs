@@ -3,6 +3,9 @@
 
 use sqlx::Row;
 
+// Heartbeats are written and judged by one clock, the database's, whatever
+// the skew between the machines.
+use crate::state::database_now_sql;
 use crate::{with_pool, Db};
 
 /// A node without a heartbeat for this long is out of rotation.
@@ -13,45 +16,54 @@ pub struct NodeRow {
     pub id: String,
     pub addr: String,
     pub secret: String,
-}
-
-/// The database's clock, in Unix milliseconds: heartbeats are written and
-/// judged by one clock, whatever the skew between the machines.
-fn database_now_ms(db: &Db) -> &'static str {
-    match db.backend() {
-        crate::db::Backend::Postgres => "(extract(epoch from clock_timestamp()) * 1000)::bigint",
-        crate::db::Backend::Sqlite => "CAST(unixepoch('subsec') * 1000 AS INTEGER)",
-    }
+    /// The state version the node has confirmed.
+    pub state_version: u64,
 }
 
 pub async fn ddl(db: &Db) -> Result<(), String> {
     db.execute_ddl(&[
         "CREATE TABLE IF NOT EXISTS fleetgate_nodes (id TEXT PRIMARY KEY, addr TEXT NOT NULL, \
-         secret TEXT NOT NULL, heartbeat_at BIGINT NOT NULL)"
+         secret TEXT NOT NULL, heartbeat_at BIGINT NOT NULL, state_version BIGINT NOT NULL DEFAULT 0, \
+         reboot_reason TEXT)"
             .to_string(),
     ])
     .await
     .map_err(|e| format!("cannot create the node table: {e}"))
 }
 
-/// Announces or refreshes a node.
-pub async fn heartbeat(db: &Db, node: &NodeRow) -> Result<(), String> {
+/// Announces or refreshes a node. Returns the reason of a reboot someone
+/// asked of it, if any.
+pub async fn heartbeat(db: &Db, node: &NodeRow) -> Result<Option<String>, String> {
     let sql = format!(
-        "INSERT INTO fleetgate_nodes (id, addr, secret, heartbeat_at) VALUES ($1, $2, $3, {}) \
+        "INSERT INTO fleetgate_nodes (id, addr, secret, heartbeat_at, state_version) VALUES ($1, $2, $3, {}, $4) \
          ON CONFLICT (id) DO UPDATE SET addr = excluded.addr, secret = excluded.secret, \
-         heartbeat_at = excluded.heartbeat_at",
-        database_now_ms(db)
+         heartbeat_at = excluded.heartbeat_at, state_version = excluded.state_version \
+         RETURNING reboot_reason",
+        database_now_sql(db)
     );
     with_pool!(db, pool => {
-        sqlx::query(&sql)
+        sqlx::query_scalar(&sql)
         .bind(&node.id)
         .bind(&node.addr)
         .bind(&node.secret)
-        .execute(pool)
+        .bind(node.state_version as i64)
+        .fetch_one(pool)
         .await
-        .map(|_| ())
     })
     .map_err(|e| format!("node heartbeat failed: {e}"))
+}
+
+/// Asks a node to reboot: it sees this at its next heartbeat.
+pub async fn request_reboot(db: &Db, id: &str, reason: &str) -> Result<(), String> {
+    with_pool!(db, pool => {
+        sqlx::query("UPDATE fleetgate_nodes SET reboot_reason = $2 WHERE id = $1")
+            .bind(id)
+            .bind(reason)
+            .execute(pool)
+            .await
+            .map(|_| ())
+    })
+    .map_err(|e| format!("cannot ask node {id} to reboot: {e}"))
 }
 
 /// Takes a node out at once (a clean shutdown).
@@ -69,8 +81,8 @@ pub async fn remove(db: &Db, id: &str) -> Result<(), String> {
 /// Nodes whose heartbeat is recent.
 pub async fn live(db: &Db) -> Result<Vec<NodeRow>, String> {
     let sql = format!(
-        "SELECT id, addr, secret FROM fleetgate_nodes WHERE heartbeat_at >= {} - $1 ORDER BY id",
-        database_now_ms(db)
+        "SELECT id, addr, secret, state_version FROM fleetgate_nodes WHERE heartbeat_at >= {} - $1 ORDER BY id",
+        database_now_sql(db)
     );
     with_pool!(db, pool => {
         sqlx::query(&sql)
@@ -79,7 +91,12 @@ pub async fn live(db: &Db) -> Result<Vec<NodeRow>, String> {
             .await
             .map(|rows| {
                 rows.iter()
-                    .map(|r| NodeRow { id: r.get(0), addr: r.get(1), secret: r.get(2) })
+                    .map(|r| NodeRow {
+                        id: r.get(0),
+                        addr: r.get(1),
+                        secret: r.get(2),
+                        state_version: r.get::<i64, _>(3) as u64,
+                    })
                     .collect()
             })
     })

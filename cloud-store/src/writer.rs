@@ -21,6 +21,7 @@ use crate::catalog::{ColumnKind, Stream};
 use crate::db::{is_transient, Db};
 use crate::metrics::StoreMetrics;
 use crate::pipeline::{CommitObserver, Pipeline, Reject, SqlValue, Work};
+use crate::state::StateStore;
 use crate::with_pool;
 
 pub struct WriterConfig {
@@ -54,6 +55,7 @@ struct Job {
 /// The store's ingest front door ([`IngestService`]).
 pub struct Store {
     pipeline: Arc<Pipeline>,
+    states: Arc<StateStore>,
     jobs: mpsc::Sender<Job>,
     budget: Arc<Semaphore>,
     budget_size: usize,
@@ -69,6 +71,7 @@ impl Store {
         config: WriterConfig,
         observers: Vec<Arc<dyn CommitObserver>>,
         metrics: StoreMetrics,
+        states: Arc<StateStore>,
     ) -> Store {
         let (jobs, queue) = mpsc::channel(config.queue_capacity);
         let (closing, closing_rx) = watch::channel(false);
@@ -81,6 +84,7 @@ impl Store {
         let handle = tokio::spawn(writer.run(queue, closing_rx));
         Store {
             pipeline: Arc::new(pipeline),
+            states,
             jobs,
             budget: Arc::new(Semaphore::new(config.queue_records)),
             budget_size: config.queue_records,
@@ -103,7 +107,12 @@ impl Store {
 impl IngestService for Store {
     fn submit(&self, message: IngestMessage) -> BoxFuture<'_, Result<PendingCommit, IngestError>> {
         Box::pin(async move {
-            let work = self.pipeline.run(message);
+            // Under the version it was routed under, or not at all: the
+            // gatekeeper then routes it to a node that holds that version.
+            let state = self
+                .states
+                .resolve(message.state_version, message.received_at_ms)?;
+            let work = self.pipeline.run(message, state);
             let cost = (work.records.len() + work.rejects.len()).clamp(1, self.budget_size) as u32;
             let budget = self
                 .budget

@@ -22,6 +22,11 @@ pub struct IngestMessage {
     /// receiver discarded the rest without buffering it.
     pub truncated_from: Option<usize>,
     pub received_at_ms: i64,
+    /// The cluster state version the message was routed under. A store
+    /// node processes it under exactly that version or refuses it; `None`
+    /// (one process, no balancer) means the version in force at
+    /// `received_at_ms`.
+    pub state_version: Option<u64>,
 }
 
 /// What became of a message once it is committed.
@@ -43,6 +48,10 @@ pub enum IngestError {
     ShuttingDown,
     #[error("the store could not commit: {0}")]
     Unavailable(String),
+    /// The message was routed under a state version this node does not
+    /// hold (it was not, or no longer is, active or previous here).
+    #[error("state version {stamped} is not held here (active: {active})")]
+    StateVersion { stamped: u64, active: u64 },
 }
 
 /// Resolves once the message and its rejects are durably committed.

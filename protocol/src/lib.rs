@@ -12,6 +12,7 @@ pub mod record;
 pub mod role;
 pub mod schema;
 pub mod sdk;
+pub mod state;
 pub mod token;
 pub mod topic;
 

@@ -6,7 +6,12 @@
 //! gatekeeper is the node's secret (from its row in `fleetgate_nodes`):
 //! only a process that can read the cluster's database may send records.
 //! A request body is `u32 LE header length`, a JSON [`NodeRequest`], then
-//! the payload; a response body is a JSON [`NodeResponse`].
+//! the payload; everything the node sends is a JSON [`NodeFrame`]: answers,
+//! and the state versions it holds (at connect and on every change: that is
+//! how a node confirms a state activation to the gatekeeper).
+//!
+//! A connection whose first request header is a [`NodeCommand`] is a
+//! control connection: one command, one [`CommandAnswer`], closed.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -28,12 +33,62 @@ pub struct NodeRequest {
     pub device_id: String,
     pub truncated_from: Option<usize>,
     pub received_at_ms: i64,
+    pub state_version: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeResponse {
     pub seq: u64,
     pub result: Result<IngestOutcome, IngestError>,
+}
+
+/// The state versions a node can process requests under.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldVersions {
+    pub active: u64,
+    /// The version before `active`, kept so that requests routed just
+    /// before an activation are still processed under their version.
+    pub previous: Option<u64>,
+}
+
+impl HeldVersions {
+    pub fn holds(&self, version: u64) -> bool {
+        self.active == version || self.previous == Some(version)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum NodeFrame {
+    Answer(NodeResponse),
+    Versions(HeldVersions),
+}
+
+/// Control requests from the admin service to one node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum NodeCommand {
+    /// Persist this state document as the given version, not yet in force.
+    Stage {
+        version: u64,
+        key: String,
+        value: serde_json::Value,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommandAnswer {
+    pub result: Result<(), String>,
+}
+
+/// The first frame of a control connection (after the secret).
+pub fn encode_command(command: &NodeCommand) -> Vec<u8> {
+    let header = serde_json::to_vec(command).expect("command serializes");
+    [&(header.len() as u32).to_le_bytes()[..], &header].concat()
+}
+
+/// What a request frame holds: ingest, or a command.
+pub enum Request {
+    Ingest(u64, IngestMessage),
+    Command(NodeCommand),
 }
 
 pub async fn write_frame<W: AsyncWrite + Unpin>(out: &mut W, body: &[u8]) -> std::io::Result<()> {
@@ -71,6 +126,7 @@ pub fn encode_request(seq: u64, message: &IngestMessage) -> Vec<u8> {
         device_id: message.device_id.clone(),
         truncated_from: message.truncated_from,
         received_at_ms: message.received_at_ms,
+        state_version: message.state_version,
     })
     .expect("request header serializes");
     let mut body = Vec::with_capacity(4 + header.len() + message.payload.len());
@@ -80,7 +136,7 @@ pub fn encode_request(seq: u64, message: &IngestMessage) -> Vec<u8> {
     body
 }
 
-pub fn decode_request(body: Vec<u8>) -> Result<(u64, IngestMessage), String> {
+pub fn decode_request(body: Vec<u8>) -> Result<Request, String> {
     let header_len = body
         .get(..4)
         .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
@@ -88,10 +144,16 @@ pub fn decode_request(body: Vec<u8>) -> Result<(u64, IngestMessage), String> {
     let header = body
         .get(4..4 + header_len)
         .ok_or("request header truncated")?;
-    let request: NodeRequest =
-        serde_json::from_slice(header).map_err(|e| format!("request header: {e}"))?;
+    let request: NodeRequest = match serde_json::from_slice(header) {
+        Ok(request) => request,
+        Err(e) => {
+            return serde_json::from_slice(header)
+                .map(Request::Command)
+                .map_err(|_| format!("request header: {e}"))
+        }
+    };
     let payload = Bytes::from(body).slice(4 + header_len..);
-    Ok((
+    Ok(Request::Ingest(
         request.seq,
         IngestMessage {
             principal: Principal {
@@ -104,6 +166,7 @@ pub fn decode_request(body: Vec<u8>) -> Result<(u64, IngestMessage), String> {
             payload,
             truncated_from: request.truncated_from,
             received_at_ms: request.received_at_ms,
+            state_version: request.state_version,
         },
     ))
 }
@@ -125,6 +188,7 @@ mod tests {
             payload: Bytes::from_static(b"{\"seq\":1}"),
             truncated_from: None,
             received_at_ms: 5,
+            state_version: Some(3),
         };
         let (mut a, mut b) = tokio::io::duplex(1024);
         write_frame(&mut a, &encode_request(7, &message))
@@ -132,7 +196,10 @@ mod tests {
             .unwrap();
         drop(a);
         let body = read_frame(&mut b).await.unwrap().unwrap();
-        let (seq, decoded) = decode_request(body).unwrap();
+        let Ok(Request::Ingest(seq, decoded)) = decode_request(body) else {
+            panic!("not an ingest request")
+        };
+        assert_eq!(decoded.state_version, Some(3));
         assert_eq!(seq, 7);
         assert_eq!(decoded.payload, message.payload);
         assert_eq!(decoded.principal, message.principal);
@@ -142,5 +209,16 @@ mod tests {
         );
         assert!(read_frame(&mut b).await.unwrap().is_none());
         assert!(decode_request(vec![200, 0, 0, 0, b'{']).is_err());
+        let command = NodeCommand::Stage {
+            version: 4,
+            key: "rules/t".into(),
+            value: serde_json::json!({"x": 1}),
+        };
+        let Ok(Request::Command(NodeCommand::Stage { version, key, .. })) =
+            decode_request(encode_command(&command))
+        else {
+            panic!("not a command")
+        };
+        assert_eq!((version, key.as_str()), (4, "rules/t"));
     }
 }

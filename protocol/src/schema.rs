@@ -32,6 +32,41 @@ pub struct StreamDef {
     pub key: Option<Vec<String>>,
     #[serde(default)]
     pub fields: IndexMap<String, FieldDef>,
+    /// Columns filled from lookup tables (cluster state) as records arrive.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub enrich: IndexMap<String, EnrichDef>,
+}
+
+/// `enrich.price = { lookup = "prices", from = "sku", column = "price", type = "float" }`:
+/// the record's `from` field is looked up in the table, and the row's
+/// `column` is stored in a column of its own. No row, no table yet, or a
+/// value of another type: NULL.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrichDef {
+    pub lookup: String,
+    pub from: String,
+    pub column: String,
+    #[serde(rename = "type")]
+    pub ty: FieldType,
+    /// `exact` (the default) or `network`: the table's keys are IP networks
+    /// and the longest one holding the record's address wins.
+    #[serde(default, rename = "match", skip_serializing_if = "MatchKind::is_exact")]
+    pub matching: MatchKind,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MatchKind {
+    #[default]
+    Exact,
+    Network,
+}
+
+impl MatchKind {
+    fn is_exact(&self) -> bool {
+        *self == MatchKind::Exact
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +94,17 @@ pub struct FieldDef {
     pub max: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub values: Option<Vec<String>>,
+    /// Enum only: store the member's position in `values` (an integer
+    /// column) instead of its text.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub code: bool,
+    /// Float only: store `value * scale + offset` (a unit conversion, e.g.
+    /// Fahrenheit to Celsius: scale = 0.5555555555555556, offset = -17.77777777777778).
+    /// Bounds apply to the value as sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<f64>,
 }
 
 impl StreamsFile {
@@ -107,6 +153,25 @@ impl StreamDef {
             }
             def.check()
                 .map_err(|e| format!("stream {name}, field {field}: {e}"))?;
+        }
+        for (column, def) in &self.enrich {
+            check_identifier("enrich column", column).map_err(|e| format!("stream {name}: {e}"))?;
+            if RESERVED_COLUMNS.contains(&column.as_str()) || self.fields.contains_key(column) {
+                return Err(format!(
+                    "stream {name}: enrich column {column:?} is already a column of the stream"
+                ));
+            }
+            check_identifier("lookup table", &def.lookup)
+                .and_then(|_| check_identifier("lookup column", &def.column))
+                .map_err(|e| format!("stream {name}, enrich {column}: {e}"))?;
+            if def.from.is_empty() {
+                return Err(format!("stream {name}, enrich {column}: from names no field"));
+            }
+            if matches!(def.ty, FieldType::Enum | FieldType::Timestamp) {
+                return Err(format!(
+                    "stream {name}, enrich {column}: type must be int, float, bool or string"
+                ));
+            }
         }
         if let Some(key) = &self.key {
             if key.is_empty() {
@@ -170,6 +235,15 @@ impl FieldDef {
             (None, FieldType::Enum) => return Err("an enum field needs values = [...]".into()),
             (Some(_), _) => return Err("values applies only to enum fields".into()),
             (None, _) => {}
+        }
+        if self.code && self.ty != FieldType::Enum {
+            return Err("code applies only to enum fields".into());
+        }
+        if (self.scale.is_some() || self.offset.is_some()) && self.ty != FieldType::Float {
+            return Err("scale and offset apply only to float fields".into());
+        }
+        if [self.scale, self.offset].iter().flatten().any(|v| !v.is_finite()) {
+            return Err("scale and offset must be finite numbers".into());
         }
         Ok(())
     }

@@ -24,6 +24,7 @@ pub use publish_live::PublishLive;
 pub use validate::Validate;
 
 use crate::catalog::{Catalog, Stream};
+use crate::state::StateSet;
 
 /// A typed value bound into an INSERT.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +34,18 @@ pub enum SqlValue {
     Float(f64),
     Bool(bool),
     Text(String),
+}
+
+impl SqlValue {
+    pub fn to_json(&self) -> Value {
+        match self {
+            SqlValue::Null => Value::Null,
+            SqlValue::Int(v) => Value::from(*v),
+            SqlValue::Float(v) => Value::from(*v),
+            SqlValue::Bool(v) => Value::from(*v),
+            SqlValue::Text(v) => Value::from(v.as_str()),
+        }
+    }
 }
 
 /// One record on its way to a stream table.
@@ -55,6 +68,9 @@ pub struct Reject {
 #[derive(Debug)]
 pub struct Work {
     pub message: IngestMessage,
+    /// The cluster state (rules, lookup tables) the message is processed
+    /// under: the version it was routed under.
+    pub state: Arc<StateSet>,
     /// Set by Authorize once the stream is known to exist.
     pub stream: Option<Arc<Stream>>,
     pub records: Vec<Record>,
@@ -62,9 +78,10 @@ pub struct Work {
 }
 
 impl Work {
-    pub fn new(message: IngestMessage) -> Work {
+    pub fn new(message: IngestMessage, state: Arc<StateSet>) -> Work {
         Work {
             message,
+            state,
             stream: None,
             records: Vec::new(),
             rejects: Vec::new(),
@@ -118,8 +135,8 @@ impl Pipeline {
 
     /// Runs every stage; a stage that refuses the message ends the run, and
     /// the message carries a single reject with the reason.
-    pub fn run(&self, message: IngestMessage) -> Work {
-        let mut work = Work::new(message);
+    pub fn run(&self, message: IngestMessage, state: Arc<StateSet>) -> Work {
+        let mut work = Work::new(message, state);
         for stage in &self.stages {
             if let Err(reason) = stage.process(&mut work) {
                 work.reject_whole(reason);

@@ -36,6 +36,11 @@ impl CommitObserver for PublishLive {
                         Value::from(work.message.device_id.as_str()),
                     );
                     object.insert(RECEIVED_AT.into(), Value::from(work.message.received_at_ms));
+                    // Enrich columns are the last values, in declaration order.
+                    let enriched = record.values.len() - stream.def.enrich.len();
+                    for (name, value) in stream.def.enrich.keys().zip(&record.values[enriched..]) {
+                        object.insert(name.clone(), value.to_json());
+                    }
                     Value::Object(object)
                 })
                 .collect();

@@ -1,0 +1,244 @@
+//! Cluster state rollout in the binary: how the coordinator reaches the
+//! stores in each mode ([`LocalStores`] for `up`, [`ClusterStores`] for
+//! `fleetgate broker`), and the HTTP routes behind `fleetgate state`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use fleetgate_admin::rollout::{RolloutError, StateTransport};
+use fleetgate_broker::balancer::Balancer;
+use fleetgate_protocol::ingest::BoxFuture;
+use fleetgate_protocol::node::{encode_command, read_frame, write_frame, CommandAnswer, NodeCommand};
+use fleetgate_protocol::state::{ClusterClock, StateAnnouncement, StateFormat, StateKey, StateValue};
+use fleetgate_store::state::{self as store_state, StateFollower, STATE_CHANNEL};
+use fleetgate_store::{nodes, Db};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+
+use crate::http::{AppState, ApiError, Caller};
+use fleetgate_protocol::Role;
+
+/// `up`: the store is in this process.
+pub struct LocalStores {
+    pub db: Db,
+    pub follower: StateFollower,
+}
+
+/// The id a single-process store confirms under.
+pub const LOCAL_NODE: &str = "local";
+
+impl StateTransport for LocalStores {
+    fn stage(&self, version: u64, key: &StateKey, value: &StateValue) -> BoxFuture<'_, Result<String, String>> {
+        let (key, value) = (key.clone(), value.clone());
+        Box::pin(async move {
+            store_state::stage(&self.db, version, &key, &value, LOCAL_NODE).await?;
+            Ok(LOCAL_NODE.to_string())
+        })
+    }
+
+    fn announce(&self, announcement: &StateAnnouncement) -> BoxFuture<'_, ()> {
+        let announcement = announcement.clone();
+        Box::pin(async move {
+            if let Err(e) = self.follower.learn(announcement).await {
+                tracing::error!(error = %e, "the local store cannot take in the state version");
+            }
+        })
+    }
+
+    fn members(&self) -> BoxFuture<'_, Result<Vec<String>, String>> {
+        Box::pin(async { Ok(vec![LOCAL_NODE.to_string()]) })
+    }
+
+    fn reboot(&self, _node: &str, reason: &str) -> BoxFuture<'_, Result<(), String>> {
+        tracing::warn!(reason, "reloading the local store's state");
+        Box::pin(self.follower.load())
+    }
+}
+
+/// `fleetgate broker`: the stores are the cluster's nodes.
+pub struct ClusterStores {
+    pub db: Db,
+    pub balancer: Balancer,
+}
+
+impl StateTransport for ClusterStores {
+    /// The first live node (by id) that persists it; the others if it fails.
+    fn stage(&self, version: u64, key: &StateKey, value: &StateValue) -> BoxFuture<'_, Result<String, String>> {
+        let command = NodeCommand::Stage {
+            version,
+            key: key.to_string(),
+            value: serde_json::to_value(value).expect("state serializes"),
+        };
+        Box::pin(async move {
+            let mut errors = Vec::new();
+            for node in nodes::live(&self.db).await? {
+                match tokio::time::timeout(Duration::from_secs(5), send_command(&node, &command)).await {
+                    Ok(Ok(())) => return Ok(node.id),
+                    Ok(Err(e)) => errors.push(format!("{}: {e}", node.id)),
+                    Err(_) => errors.push(format!("{}: no answer within 5 s", node.id)),
+                }
+                // A node that failed may have persisted it anyway: the
+                // version number is spent, so stop rather than stage twice.
+                if store_state::version_row(&self.db, version).await?.is_some() {
+                    return Err(format!("{} (version {version} was persisted; it will be abandoned)", errors.join("; ")));
+                }
+            }
+            if errors.is_empty() {
+                Err("no store node is up".into())
+            } else {
+                Err(errors.join("; "))
+            }
+        })
+    }
+
+    fn announce(&self, announcement: &StateAnnouncement) -> BoxFuture<'_, ()> {
+        let announcement = announcement.clone();
+        Box::pin(async move {
+            self.balancer
+                .announce(announcement.version, announcement.activate_at_ms);
+            let payload = serde_json::to_string(&announcement).expect("announcement serializes");
+            self.db.notify(STATE_CHANNEL, &payload).await;
+        })
+    }
+
+    fn members(&self) -> BoxFuture<'_, Result<Vec<String>, String>> {
+        Box::pin(async move { Ok(nodes::live(&self.db).await?.into_iter().map(|n| n.id).collect()) })
+    }
+
+    fn reboot(&self, node: &str, reason: &str) -> BoxFuture<'_, Result<(), String>> {
+        let (node, reason) = (node.to_string(), reason.to_string());
+        Box::pin(async move { nodes::request_reboot(&self.db, &node, &reason).await })
+    }
+}
+
+async fn send_command(node: &nodes::NodeRow, command: &NodeCommand) -> Result<(), String> {
+    let stream = TcpStream::connect(&node.addr)
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let (mut reader, mut writer) = stream.into_split();
+    write_frame(&mut writer, node.secret.as_bytes())
+        .await
+        .and(write_frame(&mut writer, &encode_command(command)).await)
+        .map_err(|e| format!("cannot send: {e}"))?;
+    let body = read_frame(&mut reader)
+        .await
+        .map_err(|e| format!("cannot read the answer: {e}"))?
+        .ok_or("the node closed the connection")?;
+    let answer: CommandAnswer =
+        serde_json::from_slice(&body).map_err(|e| format!("unreadable answer: {e}"))?;
+    answer.result
+}
+
+/// Keeps the broker's clock synchronized with the database's, and its
+/// balancer's schedule on every published version, including those other
+/// brokers publish.
+pub fn follow_schedule(db: Db, balancer: Balancer, clock: Arc<ClusterClock>) {
+    let follower = balancer.clone();
+    db.follow(STATE_CHANNEL, move |payload| {
+        let balancer = follower.clone();
+        async move {
+            if let Some(Ok(a)) = payload.map(|p| serde_json::from_str::<StateAnnouncement>(&p)) {
+                balancer.announce(a.version, a.activate_at_ms);
+            }
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            let _ = store_state::sync_clock(&db, &clock).await;
+            match store_state::versions(&db).await {
+                Ok(rows) => {
+                    for row in rows.iter().filter(|r| r.status == "published").take(8) {
+                        balancer.announce(row.version, row.activate_at_ms.unwrap_or(0));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read state versions"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+}
+
+#[derive(Deserialize)]
+pub struct PushRequest {
+    text: String,
+    format: StateFormat,
+    /// Activation time, Unix milliseconds on the cluster clock.
+    at_ms: Option<i64>,
+    /// Or: this long from now (the cluster's now, not the caller's).
+    in_ms: Option<u64>,
+    #[serde(default = "yes")]
+    wait: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+pub async fn push(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((kind, name)): Path<(String, String)>,
+    Json(request): Json<PushRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let admin = caller.require(Role::Admin, &state)?;
+    let key = format!("{kind}/{name}");
+    let at_ms = match (request.at_ms, request.in_ms) {
+        (Some(_), Some(_)) => return Err(ApiError(StatusCode::BAD_REQUEST, "give at_ms or in_ms, not both".into())),
+        (at, None) => at,
+        (None, Some(wait)) => Some(state.rollout.cluster_now_ms() + wait as i64),
+    };
+    // Checked before the audit entry, so a refused document leaves no trace
+    // but the refusal.
+    let parsed = StateKey::parse(&key)
+        .and_then(|k| StateValue::parse(&k, &request.text, request.format).map(|v| (k, v)))
+        .and_then(|(k, v)| store_state::check_against(&state.catalog, &k, &v));
+    parsed.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    state
+        .rollout
+        .check_activation_time(at_ms)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    state
+        .audit(admin, "state.push", &key, json!({ "at_ms": at_ms, "bytes": request.text.len() }))
+        .await?;
+    match state
+        .rollout
+        .push(&key, &request.text, request.format, at_ms, request.wait)
+        .await
+    {
+        Ok(report) => Ok(Json(json!(report))),
+        Err(RolloutError::Invalid(e)) => Err(ApiError(StatusCode::BAD_REQUEST, e)),
+        Err(RolloutError::Failed(e)) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e)),
+    }
+}
+
+pub async fn show(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Admin, &state)?;
+    let internal = |e: String| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e);
+    let versions = store_state::versions(&state.db).await.map_err(internal)?;
+    let newest = versions.iter().find(|r| r.status == "published");
+    let confirmed = match newest {
+        Some(row) => store_state::activations(&state.db, row.version).await.map_err(internal)?,
+        None => Vec::new(),
+    };
+    let stores: Vec<Value> = match &state.balancer {
+        Some(balancer) => balancer
+            .nodes()
+            .into_iter()
+            .map(|n| json!({ "node": n.id, "up": n.up, "active": n.state.active, "previous": n.state.previous }))
+            .collect(),
+        None => {
+            let held = state.local_state.as_ref().map(|s| s.held()).unwrap_or_default();
+            vec![json!({ "node": LOCAL_NODE, "up": true, "active": held.active, "previous": held.previous })]
+        }
+    };
+    Ok(Json(json!({
+        "current": newest.map(|r| r.version).unwrap_or(0),
+        "versions": versions,
+        "confirmed": confirmed.into_iter().map(|(node, at)| json!({ "node": node, "activated_at_ms": at })).collect::<Vec<_>>(),
+        "stores": stores,
+    })))
+}
