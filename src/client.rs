@@ -299,10 +299,17 @@ pub enum StateCommand {
 pub async fn state(command: StateCommand, server: &ServerArgs) -> anyhow::Result<()> {
     let api = Api::new(server)?;
     match command {
-        StateCommand::Push { key, file, at, no_wait } => {
+        StateCommand::Push {
+            key,
+            file,
+            at,
+            no_wait,
+        } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
-            let csv = file.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+            let csv = file
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
             let mut body = json!({
                 "text": text,
                 "format": if csv { "csv" } else { "toml" },
@@ -326,7 +333,11 @@ pub async fn state(command: StateCommand, server: &ServerArgs) -> anyhow::Result
                 }
             }
             let reply = api
-                .call(api.http.post(api.url(&format!("/v1/state/{key}"))).json(&body))
+                .call(
+                    api.http
+                        .post(api.url(&format!("/v1/state/{key}")))
+                        .json(&body),
+                )
                 .await?;
             println!("{}", serde_json::to_string_pretty(&reply)?);
         }
@@ -337,7 +348,14 @@ pub async fn state(command: StateCommand, server: &ServerArgs) -> anyhow::Result
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(|s| vec![s["node"].clone(), s["up"].clone(), s["active"].clone(), s["previous"].clone()])
+                .map(|s| {
+                    vec![
+                        s["node"].clone(),
+                        s["up"].clone(),
+                        s["active"].clone(),
+                        s["previous"].clone(),
+                    ]
+                })
                 .collect();
             print_table(&["store", "up", "active", "previous"], &stores);
             let versions: Vec<Vec<Value>> = reply["versions"]
@@ -354,7 +372,10 @@ pub async fn state(command: StateCommand, server: &ServerArgs) -> anyhow::Result
                     ]
                 })
                 .collect();
-            print_table(&["version", "key", "status", "activate_at_ms", "staged_on"], &versions);
+            print_table(
+                &["version", "key", "status", "activate_at_ms", "staged_on"],
+                &versions,
+            );
         }
     }
     Ok(())

@@ -24,11 +24,11 @@ use fleetgate_protocol::node::{
     Request,
 };
 use fleetgate_protocol::state::{ClusterClock, StateKey, StateValue};
-use fleetgate_protocol::{IngestError, IngestMessage, IngestService, PendingCommit};
-use fleetgate_store::state::{self, FollowerFaults, StateFollower, StateStore};
+use fleetgate_protocol::{IngestError, IngestService, PendingCommit};
 use fleetgate_store::metrics::StoreMetrics;
 use fleetgate_store::nodes::{self, NodeRow};
 use fleetgate_store::pipeline::{Pipeline, PublishLive};
+use fleetgate_store::state::{self, FollowerFaults, StateFollower, StateStore};
 use fleetgate_store::{open_catalog, Db, Store, WriterConfig};
 use ring::rand::{SecureRandom, SystemRandom};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -159,7 +159,9 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
             _ => Vec::new(),
         };
     let mut registry = prometheus_client::registry::Registry::default();
-    let states = Arc::new(StateStore::new(Arc::new(ClusterClock::new(args.clock_skew_ms))));
+    let states = Arc::new(StateStore::new(Arc::new(ClusterClock::new(
+        args.clock_skew_ms,
+    ))));
     let faults = FollowerFaults {
         drop_first_confirmation: args.drop_first_confirmation,
     };
@@ -307,27 +309,25 @@ impl NodeLink {
             tracing::warn!("refused a node-link connection without the node's secret");
             return;
         }
-        let first = match read_frame(&mut reader).await {
-            Ok(Some(body)) => decode_request(body),
-            _ => return,
-        };
-        match first {
-            Ok(Request::Command(command)) => self.command(command, writer).await,
-            Ok(Request::Ingest(seq, message)) => self.ingest(reader, writer, Some((seq, message))).await,
-            Err(e) => tracing::warn!(error = %e, "malformed node-link request; closing"),
-        }
+        self.serve_requests(reader, writer).await;
     }
 
-    async fn command(&self, command: NodeCommand, mut writer: OwnedWriteHalf) {
+    async fn command(&self, command: NodeCommand) -> CommandAnswer {
         let result = match command {
-            NodeCommand::Stage { version, key, value } => {
+            NodeCommand::Stage {
+                version,
+                key,
+                value,
+            } => {
                 let staged = StateKey::parse(&key).and_then(|key| {
                     serde_json::from_value::<StateValue>(value)
                         .map(|value| (key, value))
                         .map_err(|e| format!("unreadable state document: {e}"))
                 });
                 match staged {
-                    Ok((key, value)) => state::stage(&self.db, version, &key, &value, &self.node).await,
+                    Ok((key, value)) => {
+                        state::stage(&self.db, version, &key, &value, &self.node).await
+                    }
                     Err(e) => Err(e),
                 }
             }
@@ -335,75 +335,76 @@ impl NodeLink {
         if let Err(e) = &result {
             tracing::warn!(error = %e, "command failed");
         }
-        let body = serde_json::to_vec(&CommandAnswer { result }).expect("serializes");
-        let _ = write_frame(&mut writer, &body).await;
+        CommandAnswer { result }
     }
 
-    async fn ingest(
-        mut self,
-        mut reader: OwnedReadHalf,
-        mut writer: OwnedWriteHalf,
-        mut first: Option<(u64, IngestMessage)>,
-    ) {
-        let (answers, mut pending) = mpsc::channel::<(u64, PendingCommit)>(4096);
+    /// Requests in; answers out in the same order, each after its commit;
+    /// the held state versions first and whenever they change, so a
+    /// broker learns of an activation even on a link with no traffic.
+    async fn serve_requests(mut self, mut reader: OwnedReadHalf, mut writer: OwnedWriteHalf) {
+        let (answers, mut pending) = mpsc::channel::<Outgoing>(4096);
         let mut held = self.states.confirmed();
         let write = tokio::spawn(async move {
             let frame = |f: NodeFrame| serde_json::to_vec(&f).expect("serializes");
-            let versions = *held.borrow_and_update();
-            if write_frame(&mut writer, &frame(NodeFrame::Versions(versions))).await.is_err() {
-                return;
-            }
+            let mut next = Some(frame(NodeFrame::Versions(*held.borrow_and_update())));
             loop {
-                let body = tokio::select! {
+                if let Some(body) = next.take() {
+                    if write_frame(&mut writer, &body).await.is_err() {
+                        return;
+                    }
+                }
+                next = Some(tokio::select! {
                     biased;
                     Ok(()) = held.changed() => frame(NodeFrame::Versions(*held.borrow_and_update())),
-                    next = pending.recv() => {
-                        let Some((seq, commit)) = next else { return };
-                        let result = commit.await.unwrap_or(Err(IngestError::ShuttingDown));
-                        frame(NodeFrame::Answer(NodeResponse { seq, result }))
-                    }
-                };
-                if write_frame(&mut writer, &body).await.is_err() {
-                    return;
-                }
+                    outgoing = pending.recv() => match outgoing {
+                        None => return,
+                        Some(Outgoing::Command(answer)) => frame(NodeFrame::Command(answer)),
+                        Some(Outgoing::Answer(seq, commit)) => {
+                            let result = commit.await.unwrap_or(Err(IngestError::ShuttingDown));
+                            frame(NodeFrame::Answer(NodeResponse { seq, result }))
+                        }
+                    },
+                });
             }
         });
         loop {
-            let (seq, message) = match first.take() {
-                Some(request) => request,
-                None => {
-                    let body = tokio::select! {
-                        body = read_frame(&mut reader) => body,
-                        // A reboot changed the secret: links made before end.
-                        _ = self.secret.changed() => break,
+            let body = tokio::select! {
+                body = read_frame(&mut reader) => body,
+                // A reboot changed the secret: links made before end.
+                _ = self.secret.changed() => break,
+            };
+            let outgoing = match body.map(|b| b.map(decode_request)) {
+                Ok(Some(Ok(Request::Command(command)))) => {
+                    Outgoing::Command(self.command(command).await)
+                }
+                Ok(Some(Ok(Request::Ingest(seq, message)))) => {
+                    let commit = match self.store.submit(message).await {
+                        Ok(commit) => commit,
+                        Err(e) => {
+                            let (done, commit) = oneshot::channel();
+                            let _ = done.send(Err(e));
+                            commit
+                        }
                     };
-                    match body.map(|b| b.map(decode_request)) {
-                        Ok(Some(Ok(Request::Ingest(seq, message)))) => (seq, message),
-                        Ok(Some(Ok(Request::Command(_)))) => {
-                            tracing::warn!("a command on an ingest link; closing");
-                            break;
-                        }
-                        Ok(Some(Err(e))) => {
-                            tracing::warn!(error = %e, "malformed node-link request; closing");
-                            break;
-                        }
-                        _ => break,
-                    }
+                    Outgoing::Answer(seq, commit)
                 }
-            };
-            let commit = match self.store.submit(message).await {
-                Ok(commit) => commit,
-                Err(e) => {
-                    let (done, commit) = oneshot::channel();
-                    let _ = done.send(Err(e));
-                    commit
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "malformed node-link request; closing");
+                    break;
                 }
+                _ => break,
             };
-            if answers.send((seq, commit)).await.is_err() {
+            if answers.send(outgoing).await.is_err() {
                 break;
             }
         }
         drop(answers);
         let _ = write.await;
     }
+}
+
+/// What the link's writer sends, in order.
+enum Outgoing {
+    Answer(u64, PendingCommit),
+    Command(CommandAnswer),
 }

@@ -11,15 +11,17 @@ use axum::Json;
 use fleetgate_admin::rollout::{RolloutError, StateTransport};
 use fleetgate_broker::balancer::Balancer;
 use fleetgate_protocol::ingest::BoxFuture;
-use fleetgate_protocol::node::{encode_command, read_frame, write_frame, CommandAnswer, NodeCommand};
-use fleetgate_protocol::state::{ClusterClock, StateAnnouncement, StateFormat, StateKey, StateValue};
+use fleetgate_protocol::node::{encode_command, read_frame, write_frame, NodeCommand, NodeFrame};
+use fleetgate_protocol::state::{
+    ClusterClock, StateAnnouncement, StateFormat, StateKey, StateValue,
+};
 use fleetgate_store::state::{self as store_state, StateFollower, STATE_CHANNEL};
 use fleetgate_store::{nodes, Db};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 
-use crate::http::{AppState, ApiError, Caller};
+use crate::http::{ApiError, AppState, Caller};
 use fleetgate_protocol::Role;
 
 /// `up`: the store is in this process.
@@ -32,7 +34,12 @@ pub struct LocalStores {
 pub const LOCAL_NODE: &str = "local";
 
 impl StateTransport for LocalStores {
-    fn stage(&self, version: u64, key: &StateKey, value: &StateValue) -> BoxFuture<'_, Result<String, String>> {
+    fn stage(
+        &self,
+        version: u64,
+        key: &StateKey,
+        value: &StateValue,
+    ) -> BoxFuture<'_, Result<String, String>> {
         let (key, value) = (key.clone(), value.clone());
         Box::pin(async move {
             store_state::stage(&self.db, version, &key, &value, LOCAL_NODE).await?;
@@ -67,7 +74,12 @@ pub struct ClusterStores {
 
 impl StateTransport for ClusterStores {
     /// The first live node (by id) that persists it; the others if it fails.
-    fn stage(&self, version: u64, key: &StateKey, value: &StateValue) -> BoxFuture<'_, Result<String, String>> {
+    fn stage(
+        &self,
+        version: u64,
+        key: &StateKey,
+        value: &StateValue,
+    ) -> BoxFuture<'_, Result<String, String>> {
         let command = NodeCommand::Stage {
             version,
             key: key.to_string(),
@@ -76,7 +88,9 @@ impl StateTransport for ClusterStores {
         Box::pin(async move {
             let mut errors = Vec::new();
             for node in nodes::live(&self.db).await? {
-                match tokio::time::timeout(Duration::from_secs(5), send_command(&node, &command)).await {
+                match tokio::time::timeout(Duration::from_secs(5), send_command(&node, &command))
+                    .await
+                {
                     Ok(Ok(())) => return Ok(node.id),
                     Ok(Err(e)) => errors.push(format!("{}: {e}", node.id)),
                     Err(_) => errors.push(format!("{}: no answer within 5 s", node.id)),
@@ -84,7 +98,10 @@ impl StateTransport for ClusterStores {
                 // A node that failed may have persisted it anyway: the
                 // version number is spent, so stop rather than stage twice.
                 if store_state::version_row(&self.db, version).await?.is_some() {
-                    return Err(format!("{} (version {version} was persisted; it will be abandoned)", errors.join("; ")));
+                    return Err(format!(
+                        "{} (version {version} was persisted; it will be abandoned)",
+                        errors.join("; ")
+                    ));
                 }
             }
             if errors.is_empty() {
@@ -106,7 +123,13 @@ impl StateTransport for ClusterStores {
     }
 
     fn members(&self) -> BoxFuture<'_, Result<Vec<String>, String>> {
-        Box::pin(async move { Ok(nodes::live(&self.db).await?.into_iter().map(|n| n.id).collect()) })
+        Box::pin(async move {
+            Ok(nodes::live(&self.db)
+                .await?
+                .into_iter()
+                .map(|n| n.id)
+                .collect())
+        })
     }
 
     fn reboot(&self, node: &str, reason: &str) -> BoxFuture<'_, Result<(), String>> {
@@ -124,13 +147,18 @@ async fn send_command(node: &nodes::NodeRow, command: &NodeCommand) -> Result<()
         .await
         .and(write_frame(&mut writer, &encode_command(command)).await)
         .map_err(|e| format!("cannot send: {e}"))?;
-    let body = read_frame(&mut reader)
-        .await
-        .map_err(|e| format!("cannot read the answer: {e}"))?
-        .ok_or("the node closed the connection")?;
-    let answer: CommandAnswer =
-        serde_json::from_slice(&body).map_err(|e| format!("unreadable answer: {e}"))?;
-    answer.result
+    // The node also says which state versions it holds; skip that.
+    loop {
+        let body = read_frame(&mut reader)
+            .await
+            .map_err(|e| format!("cannot read the answer: {e}"))?
+            .ok_or("the node closed the connection")?;
+        match serde_json::from_slice(&body) {
+            Ok(NodeFrame::Command(answer)) => return answer.result,
+            Ok(_) => continue,
+            Err(e) => return Err(format!("unreadable answer: {e}")),
+        }
+    }
 }
 
 /// Keeps the broker's clock synchronized with the database's, and its
@@ -187,7 +215,12 @@ pub async fn push(
     let admin = caller.require(Role::Admin, &state)?;
     let key = format!("{kind}/{name}");
     let at_ms = match (request.at_ms, request.in_ms) {
-        (Some(_), Some(_)) => return Err(ApiError(StatusCode::BAD_REQUEST, "give at_ms or in_ms, not both".into())),
+        (Some(_), Some(_)) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "give at_ms or in_ms, not both".into(),
+            ))
+        }
         (at, None) => at,
         (None, Some(wait)) => Some(state.rollout.cluster_now_ms() + wait as i64),
     };
@@ -202,7 +235,12 @@ pub async fn push(
         .check_activation_time(at_ms)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
     state
-        .audit(admin, "state.push", &key, json!({ "at_ms": at_ms, "bytes": request.text.len() }))
+        .audit(
+            admin,
+            "state.push",
+            &key,
+            json!({ "at_ms": at_ms, "bytes": request.text.len() }),
+        )
         .await?;
     match state
         .rollout
@@ -221,7 +259,9 @@ pub async fn show(State(state): State<AppState>, caller: Caller) -> Result<Json<
     let versions = store_state::versions(&state.db).await.map_err(internal)?;
     let newest = versions.iter().find(|r| r.status == "published");
     let confirmed = match newest {
-        Some(row) => store_state::activations(&state.db, row.version).await.map_err(internal)?,
+        Some(row) => store_state::activations(&state.db, row.version)
+            .await
+            .map_err(internal)?,
         None => Vec::new(),
     };
     let stores: Vec<Value> = match &state.balancer {

@@ -5,24 +5,24 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::state::LOCAL_NODE;
 use anyhow::{anyhow, Context};
 use fleetgate_admin::platform::{ADMIN_DEVICE, ADMIN_TOKEN_TTL_SECS};
+use fleetgate_admin::rollout::{CrashPoint, Rollout, RolloutSettings, StateTransport};
 use fleetgate_admin::Handshakes;
 use fleetgate_admin::{
     unix_now, AuditLog, Bans, Platform, RefusalLedger, Registry, RegistryEvent, TokenAuthenticator,
 };
-use fleetgate_admin::rollout::{CrashPoint, Rollout, RolloutSettings, StateTransport};
 use fleetgate_broker::balancer::Balancer;
-use fleetgate_protocol::state::ClusterClock;
-use fleetgate_store::state::{StateFollower, StateStore};
-use crate::state::LOCAL_NODE;
 use fleetgate_broker::{EndReason, Gatekeeper, GatekeeperConfig, Upstream};
 use fleetgate_protocol::schema::StreamsFile;
+use fleetgate_protocol::state::ClusterClock;
 use fleetgate_protocol::IngestService;
 use fleetgate_protocol::Role;
 use fleetgate_sdk_builder::Builder;
 use fleetgate_store::metrics::StoreMetrics;
 use fleetgate_store::pipeline::{Pipeline, PublishLive};
+use fleetgate_store::state::{StateFollower, StateStore};
 use fleetgate_store::{nodes, open_catalog, Db, Store, WriterConfig};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry as MetricsRegistry;
@@ -248,7 +248,8 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
     let (ingest, transport, local_state): (_, Arc<dyn StateTransport>, _) = match cluster_hold {
         None => {
             let states = Arc::new(StateStore::new(clock.clone()));
-            let follower = StateFollower::new(db.clone(), states.clone(), LOCAL_NODE, Default::default());
+            let follower =
+                StateFollower::new(db.clone(), states.clone(), LOCAL_NODE, Default::default());
             // The state in force before the first record is taken.
             follower.load().await.map_err(|e| anyhow!(e))?;
             follower.follow(Duration::from_secs(1));
@@ -262,8 +263,15 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
                 StoreMetrics::register(&mut metrics),
                 states.clone(),
             );
-            let transport = crate::state::LocalStores { db: db.clone(), follower };
-            (Ingest::Local(Arc::new(store)), Arc::new(transport) as _, Some(states))
+            let transport = crate::state::LocalStores {
+                db: db.clone(),
+                follower,
+            };
+            (
+                Ingest::Local(Arc::new(store)),
+                Arc::new(transport) as _,
+                Some(states),
+            )
         }
         Some(hold) => {
             nodes::ddl(&db).await.map_err(|e| anyhow!(e))?;
@@ -277,7 +285,10 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
                 args.state_grace,
             );
             crate::state::follow_schedule(db.clone(), balancer.clone(), clock.clone());
-            let transport = crate::state::ClusterStores { db: db.clone(), balancer: balancer.clone() };
+            let transport = crate::state::ClusterStores {
+                db: db.clone(),
+                balancer: balancer.clone(),
+            };
             (Ingest::Cluster(balancer), Arc::new(transport) as _, None)
         }
     };

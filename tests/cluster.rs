@@ -18,13 +18,13 @@ use serde_json::{json, Value};
 use crate::harness::{postgres_url, TestDatabase, WAIT};
 
 /// A fleetgate process, killed when dropped.
-struct Process {
+pub(crate) struct Process {
     child: Child,
     ready: String,
 }
 
 impl Process {
-    fn start(args: &[&str]) -> Process {
+    pub(crate) fn start(args: &[&str]) -> Process {
         let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
             .args(args)
             .env("RUST_LOG", "warn")
@@ -47,7 +47,7 @@ impl Process {
         Process { child, ready }
     }
 
-    fn field(&self, name: &str) -> String {
+    pub(crate) fn field(&self, name: &str) -> String {
         self.ready
             .split_whitespace()
             .find_map(|p| p.strip_prefix(&format!("{name}=")))
@@ -56,12 +56,12 @@ impl Process {
     }
 
     /// The MQTT host and port of a broker.
-    fn mqtt(&self) -> (String, u16) {
+    pub(crate) fn mqtt(&self) -> (String, u16) {
         let addr: std::net::SocketAddr = self.field("mqtt").parse().unwrap();
         (addr.ip().to_string(), addr.port())
     }
 
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -73,18 +73,18 @@ impl Drop for Process {
     }
 }
 
-struct Cluster {
-    broker: Process,
-    url: String,
-    dir: tempfile::TempDir,
-    admin: String,
-    http: reqwest::Client,
+pub(crate) struct Cluster {
+    pub(crate) broker: Process,
+    pub(crate) url: String,
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) admin: String,
+    pub(crate) http: reqwest::Client,
     /// Last, so the database outlives the processes using it.
     _database: TestDatabase,
 }
 
 /// An MQTT 3.1.1 session of `id` on `broker`, once its CONNACK arrived.
-async fn connected(
+pub(crate) async fn connected(
     broker: &Process,
     id: &str,
     token: &str,
@@ -128,7 +128,7 @@ impl Cluster {
         start_broker(&data, &self.url)
     }
 
-    async fn api(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+    pub(crate) async fn api(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let url = format!("http://{}{path}", self.broker.field("http"));
         let mut request = self
             .http
@@ -146,7 +146,7 @@ impl Cluster {
         response.json().await.unwrap()
     }
 
-    async fn apply(&self, streams: &str) {
+    pub(crate) async fn apply(&self, streams: &str) {
         let response = self
             .http
             .post(format!("http://{}/v1/streams", self.broker.field("http")))
@@ -179,7 +179,7 @@ impl Cluster {
         body["rows"][0][0].as_i64().unwrap()
     }
 
-    async fn wait_nodes_up(&self, ids: &[&str]) {
+    pub(crate) async fn wait_nodes_up(&self, ids: &[&str]) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let body = self.api("GET", "/v1/nodes", None).await;
@@ -221,7 +221,7 @@ impl Cluster {
     }
 }
 
-fn start_broker(data: &Path, url: &str) -> Process {
+pub(crate) fn start_broker(data: &Path, url: &str) -> Process {
     Process::start(&[
         "broker",
         "--mqtt",
@@ -235,7 +235,7 @@ fn start_broker(data: &Path, url: &str) -> Process {
     ])
 }
 
-async fn cluster() -> Option<Cluster> {
+pub(crate) async fn cluster() -> Option<Cluster> {
     postgres_url()?;
     let database = TestDatabase::create().await;
     let url = database.url();

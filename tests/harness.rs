@@ -639,3 +639,41 @@ pub fn foreign_token(sub: &str) -> String {
             exp: now() + 3600,
         })
 }
+
+/// Publishes `{"seq": n, "celsius": 75}` with rising `n` every few ms on
+/// `topic` until `stop` flips; returns once every one sent is
+/// acknowledged, with their number.
+pub async fn publish_until(
+    client: rumqttc::AsyncClient,
+    events: &mut rumqttc::EventLoop,
+    topic: &str,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> u64 {
+    let (total_tx, mut total_rx) = tokio::sync::oneshot::channel();
+    let topic = topic.to_string();
+    tokio::spawn(async move {
+        let mut seq = 0u64;
+        while !*stop.borrow() {
+            seq += 1;
+            let payload = json!({ "seq": seq, "celsius": 75.0 }).to_string();
+            client
+                .publish(&topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        let _ = total_tx.send(seq);
+    });
+    let (mut acked, mut total) = (0u64, None);
+    while total != Some(acked) {
+        tokio::select! {
+            event = events.poll() => {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = event.expect("connection stays up") {
+                    acked += 1;
+                }
+            }
+            sent = &mut total_rx, if total.is_none() => total = Some(sent.unwrap()),
+        }
+    }
+    acked
+}

@@ -12,6 +12,7 @@ mod durability;
 mod ingest;
 mod query;
 mod roles;
+mod rollout;
 mod sdk;
 mod state;
 mod tls;

@@ -8,44 +8,12 @@ use std::time::Duration;
 use fleetgate_protocol::Role;
 use serde_json::{json, Value};
 
-use crate::harness::{connect_v4, fleetgate, now, publish_acked, Backend, Server};
+use crate::harness::{connect_v4, fleetgate, now, publish_acked, publish_until, Backend, Server};
 use crate::on_both_backends;
 
 /// Records whose arrival is this close to the activation time may fall on
 /// either side: received-at and the cluster clock are read a moment apart.
 const BOUNDARY_MS: i64 = 2;
-
-/// Publishes `celsius = 75` with rising seq every few ms until `stop`
-/// flips; returns once every one sent is acknowledged, with their number.
-async fn publish_until(server: &Server, token: &str, stop: tokio::sync::watch::Receiver<bool>) -> u64 {
-    let (client, mut events) = connect_v4(server, "t1", token).await.expect("connect");
-    let (total_tx, mut total_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let mut seq = 0u64;
-        while !*stop.borrow() {
-            seq += 1;
-            let payload = json!({ "seq": seq, "celsius": 75.0 }).to_string();
-            client
-                .publish("ingest/temperature/t1", rumqttc::QoS::AtLeastOnce, false, payload)
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(3)).await;
-        }
-        let _ = total_tx.send(seq);
-    });
-    let (mut acked, mut total) = (0u64, None);
-    while total != Some(acked) {
-        tokio::select! {
-            event = events.poll() => {
-                if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = event.expect("connection stays up") {
-                    acked += 1;
-                }
-            }
-            sent = &mut total_rx, if total.is_none() => total = Some(sent.unwrap()),
-        }
-    }
-    acked
-}
 
 /// `fleetgate ARGS` against `server`, without blocking the runtime.
 async fn fleetgate_async(server: &Server, args: &[&str]) -> (bool, String, String) {
@@ -73,7 +41,12 @@ async fn split_by_outcome(server: &Server) -> (Vec<(i64, i64)>, Vec<(i64, i64, S
         .map(|r| (r[0].as_i64().unwrap(), r[1].as_i64().unwrap()))
         .collect();
     let (status, body) = server
-        .api("GET", "/v1/streams/temperature/rejects?limit=1000", Some(&server.admin), None)
+        .api(
+            "GET",
+            "/v1/streams/temperature/rejects?limit=1000",
+            Some(&server.admin),
+            None,
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     let rejected = body["rejects"]
@@ -104,13 +77,26 @@ async fn a_rules_push_changes_what_is_rejected_from_its_activation_instant(backe
     let push = async {
         // Let the stream run a moment under the declared rules first.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let pushed = fleetgate_async(&server, &["state", "push", "rules/temperature", &rules, "--at", "+700ms"]).await;
+        let pushed = fleetgate_async(
+            &server,
+            &[
+                "state",
+                "push",
+                "rules/temperature",
+                &rules,
+                "--at",
+                "+700ms",
+            ],
+        )
+        .await;
         // Keep publishing a while past the activation, then stop.
         tokio::time::sleep(Duration::from_millis(300)).await;
         stop.send(true).unwrap();
         pushed
     };
-    let (sent, (ok, out, err)) = tokio::join!(publish_until(&server, &token, stopped), push);
+    let (client, mut events) = connect_v4(&server, "t1", &token).await.expect("connect");
+    let publish = publish_until(client, &mut events, "ingest/temperature/t1", stopped);
+    let (sent, (ok, out, err)) = tokio::join!(publish, push);
     assert!(ok, "state push failed: {err}");
     let report: Value = serde_json::from_str(&out).unwrap();
     let activate_at = report["activate_at_ms"].as_i64().unwrap();
@@ -119,13 +105,26 @@ async fn a_rules_push_changes_what_is_rejected_from_its_activation_instant(backe
     let sent = sent as usize;
 
     let (stored, rejected) = split_by_outcome(&server).await;
-    assert_eq!(stored.len() + rejected.len(), sent, "every record stored or rejected, once");
-    assert!(!stored.is_empty() && !rejected.is_empty(), "the push happened mid-stream");
+    assert_eq!(
+        stored.len() + rejected.len(),
+        sent,
+        "every record stored or rejected, once"
+    );
+    assert!(
+        !stored.is_empty() && !rejected.is_empty(),
+        "the push happened mid-stream"
+    );
     for (seq, received_at) in &stored {
-        assert!(*received_at < activate_at + BOUNDARY_MS, "seq {seq} at {received_at} stored under the old rules after {activate_at}");
+        assert!(
+            *received_at < activate_at + BOUNDARY_MS,
+            "seq {seq} at {received_at} stored under the old rules after {activate_at}"
+        );
     }
     for (seq, received_at, reasons) in &rejected {
-        assert!(*received_at >= activate_at - BOUNDARY_MS, "seq {seq} at {received_at} rejected before {activate_at}");
+        assert!(
+            *received_at >= activate_at - BOUNDARY_MS,
+            "seq {seq} at {received_at} rejected before {activate_at}"
+        );
         assert!(reasons.contains("above the maximum 50"), "{reasons}");
     }
 
@@ -136,8 +135,20 @@ async fn a_rules_push_changes_what_is_rejected_from_its_activation_instant(backe
     assert!(ok);
     assert!(out.contains("current version: 1"), "{out}");
     assert!(out.contains("local") && out.contains("published"), "{out}");
-    publish_acked(&server, "t1", &token, "ingest/temperature/t1", &[json!({"seq": 100000, "celsius": 75.0}).to_string()]).await;
-    assert_eq!(server.count("SELECT count(*) FROM temperature WHERE seq = 100000").await, 0);
+    publish_acked(
+        &server,
+        "t1",
+        &token,
+        "ingest/temperature/t1",
+        &[json!({"seq": 100000, "celsius": 75.0}).to_string()],
+    )
+    .await;
+    assert_eq!(
+        server
+            .count("SELECT count(*) FROM temperature WHERE seq = 100000")
+            .await,
+        0
+    );
 }
 
 const SALES: &str = r#"
@@ -160,19 +171,34 @@ async fn lookups_enrich_records_and_conversions_store_compactly(backend: Backend
     assert_eq!(status, 200, "{body}");
     let token = server.add_device("pos-1", "ingest").await;
     let order = |n: i64, sku: &str, ip: &str| {
-        json!({ "order_no": n, "sku": sku, "ip": ip, "channel": "store", "temp_f": 98.6 }).to_string()
+        json!({ "order_no": n, "sku": sku, "ip": ip, "channel": "store", "temp_f": 98.6 })
+            .to_string()
     };
     // Before any table is pushed, enrich columns are NULL.
-    publish_acked(&server, "pos-1", &token, "ingest/sales/pos-1", &[order(1, "A1", "10.1.2.3")]).await;
+    publish_acked(
+        &server,
+        "pos-1",
+        &token,
+        "ingest/sales/pos-1",
+        &[order(1, "A1", "10.1.2.3")],
+    )
+    .await;
 
     let dir = server.data_dir();
-    std::fs::write(dir.join("prices.csv"), "sku,price,title\nA1,9.5,Widget\nB2,12,\"Big, gadget\"\n").unwrap();
+    std::fs::write(
+        dir.join("prices.csv"),
+        "sku,price,title\nA1,9.5,Widget\nB2,12,\"Big, gadget\"\n",
+    )
+    .unwrap();
     std::fs::write(
         dir.join("regions.toml"),
         "key = \"network\"\n[rows.\"10.0.0.0/8\"]\nregion = \"campus\"\n[rows.\"10.1.0.0/16\"]\nregion = \"north\"\n",
     )
     .unwrap();
-    for (key, file) in [("lookup/prices", "prices.csv"), ("lookup/regions", "regions.toml")] {
+    for (key, file) in [
+        ("lookup/prices", "prices.csv"),
+        ("lookup/regions", "regions.toml"),
+    ] {
         let path = dir.join(file).display().to_string();
         let (ok, out, err) = fleetgate(&server, &["state", "push", key, &path]);
         assert!(ok, "{key}: {err}");
@@ -183,7 +209,11 @@ async fn lookups_enrich_records_and_conversions_store_compactly(backend: Backend
         "pos-1",
         &token,
         "ingest/sales/pos-1",
-        &[order(2, "A1", "10.1.2.3"), order(3, "B2", "10.9.0.1"), order(4, "Z9", "192.168.1.1")],
+        &[
+            order(2, "A1", "10.1.2.3"),
+            order(3, "B2", "10.9.0.1"),
+            order(4, "Z9", "192.168.1.1"),
+        ],
     )
     .await;
     let rows = server
@@ -192,10 +222,38 @@ async fn lookups_enrich_records_and_conversions_store_compactly(backend: Backend
     assert_eq!(
         rows,
         vec![
-            vec![json!(1), Value::Null, Value::Null, Value::Null, json!(1), json!(37.0)],
-            vec![json!(2), json!(9.5), json!("Widget"), json!("north"), json!(1), json!(37.0)],
-            vec![json!(3), json!(12.0), json!("Big, gadget"), json!("campus"), json!(1), json!(37.0)],
-            vec![json!(4), Value::Null, Value::Null, Value::Null, json!(1), json!(37.0)],
+            vec![
+                json!(1),
+                Value::Null,
+                Value::Null,
+                Value::Null,
+                json!(1),
+                json!(37.0)
+            ],
+            vec![
+                json!(2),
+                json!(9.5),
+                json!("Widget"),
+                json!("north"),
+                json!(1),
+                json!(37.0)
+            ],
+            vec![
+                json!(3),
+                json!(12.0),
+                json!("Big, gadget"),
+                json!("campus"),
+                json!(1),
+                json!(37.0)
+            ],
+            vec![
+                json!(4),
+                Value::Null,
+                Value::Null,
+                Value::Null,
+                json!(1),
+                json!(37.0)
+            ],
         ]
     );
     let (ok, out, _) = fleetgate(&server, &["state", "show"]);
@@ -210,40 +268,112 @@ async fn bad_state_and_bad_callers_are_refused_before_anything_changes(backend: 
     let analyst = server.add_device("analyst-1", "extract").await;
     let push = |key: &str, text: &str, format: &str, extra: Value| {
         let mut body = json!({ "text": text, "format": format, "wait": true });
-        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         (format!("/v1/state/{key}"), body)
     };
     let refused = [
-        (push("rules/sales", "[fields.temp_f\nmax = 1", "toml", json!({})), "invalid rules file"),
-        (push("rules/nope", "[fields.x]\nmax = 1.0", "toml", json!({})), "no stream"),
-        (push("rules/sales", "[fields.sku]\nmax = 1.0", "toml", json!({})), "only to int and float"),
-        (push("rules/sales", "[fields.channel]\nvalues = [\"fax\"]", "toml", json!({})), "can only narrow"),
-        (push("rules/sales", "max = 1.0", "csv", json!({})), "written in TOML"),
-        (push("lookup/prices", "sku,cost\nA1,1\n", "csv", json!({})), "which it lacks"),
-        (push("lookup/regions", "net,region\nnot-a-net,x\n", "csv", json!({})), "not an IP network"),
-        (push("lookup/prices", "sku,price,title\nA1,1,x\nA1,2,y\n", "csv", json!({})), "appears twice"),
-        (push("views/x", "a", "toml", json!({})), "rules/<stream> or lookup/<table>"),
-        (push("rules/sales", "[fields.temp_f]\nmax = 100.0", "toml", json!({ "at_ms": 1000 })), "at least"),
+        (
+            push("rules/sales", "[fields.temp_f\nmax = 1", "toml", json!({})),
+            "invalid rules file",
+        ),
+        (
+            push("rules/nope", "[fields.x]\nmax = 1.0", "toml", json!({})),
+            "no stream",
+        ),
+        (
+            push("rules/sales", "[fields.sku]\nmax = 1.0", "toml", json!({})),
+            "only to int and float",
+        ),
+        (
+            push(
+                "rules/sales",
+                "[fields.channel]\nvalues = [\"fax\"]",
+                "toml",
+                json!({}),
+            ),
+            "can only narrow",
+        ),
+        (
+            push("rules/sales", "max = 1.0", "csv", json!({})),
+            "written in TOML",
+        ),
+        (
+            push("lookup/prices", "sku,cost\nA1,1\n", "csv", json!({})),
+            "which it lacks",
+        ),
+        (
+            push(
+                "lookup/regions",
+                "net,region\nnot-a-net,x\n",
+                "csv",
+                json!({}),
+            ),
+            "not an IP network",
+        ),
+        (
+            push(
+                "lookup/prices",
+                "sku,price,title\nA1,1,x\nA1,2,y\n",
+                "csv",
+                json!({}),
+            ),
+            "appears twice",
+        ),
+        (
+            push("views/x", "a", "toml", json!({})),
+            "rules/<stream> or lookup/<table>",
+        ),
+        (
+            push(
+                "rules/sales",
+                "[fields.temp_f]\nmax = 100.0",
+                "toml",
+                json!({ "at_ms": 1000 }),
+            ),
+            "at least",
+        ),
     ];
     for ((path, body), expected) in refused {
-        let (status, reply) = server.api("POST", &path, Some(&server.admin), Some(body)).await;
+        let (status, reply) = server
+            .api("POST", &path, Some(&server.admin), Some(body))
+            .await;
         assert_eq!(status, 400, "{path}: {reply}");
-        assert!(reply["error"].as_str().unwrap().contains(expected), "{path}: {reply}");
+        assert!(
+            reply["error"].as_str().unwrap().contains(expected),
+            "{path}: {reply}"
+        );
     }
     let good = json!({ "text": "[fields.temp_f]\nmax = 100.0", "format": "toml" });
     let expired = server.mint("fleetgate-admin", Role::Admin, now() - 7200, now() - 3600);
     let forged = crate::harness::foreign_token("fleetgate-admin");
-    for (token, expected) in [(analyst.as_str(), 403), (expired.as_str(), 401), (forged.as_str(), 401)] {
-        let (status, reply) = server.api("POST", "/v1/state/rules/sales", Some(token), Some(good.clone())).await;
+    for (token, expected) in [
+        (analyst.as_str(), 403),
+        (expired.as_str(), 401),
+        (forged.as_str(), 401),
+    ] {
+        let (status, reply) = server
+            .api(
+                "POST",
+                "/v1/state/rules/sales",
+                Some(token),
+                Some(good.clone()),
+            )
+            .await;
         assert_eq!(status, expected, "{reply}");
         let (status, _) = server.api("GET", "/v1/state", Some(token), None).await;
         assert_eq!(status, expected);
     }
-    let (status, state) = server.api("GET", "/v1/state", Some(&server.admin), None).await;
+    let (status, state) = server
+        .api("GET", "/v1/state", Some(&server.admin), None)
+        .await;
     assert_eq!(status, 200);
     assert_eq!(state["current"], 0, "{state}");
     assert_eq!(state["versions"], json!([]), "nothing was staged: {state}");
     // The audit log names only what was done.
-    let (_, audit) = server.api("GET", "/v1/audit", Some(&server.admin), None).await;
+    let (_, audit) = server
+        .api("GET", "/v1/audit", Some(&server.admin), None)
+        .await;
     assert!(!audit.to_string().contains("state.push"), "{audit}");
 }

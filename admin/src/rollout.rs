@@ -32,7 +32,12 @@ use tokio::sync::Mutex;
 pub trait StateTransport: Send + Sync {
     /// Has one store persist the document as `version`, not in force.
     /// Returns that store's id.
-    fn stage(&self, version: u64, key: &StateKey, value: &StateValue) -> BoxFuture<'_, Result<String, String>>;
+    fn stage(
+        &self,
+        version: u64,
+        key: &StateKey,
+        value: &StateValue,
+    ) -> BoxFuture<'_, Result<String, String>>;
     /// Tells gatekeepers and stores of a published version.
     fn announce(&self, announcement: &StateAnnouncement) -> BoxFuture<'_, ()>;
     /// The stores that must confirm each version.
@@ -196,7 +201,8 @@ impl Rollout {
     ) -> Result<PushReport, RolloutError> {
         let started = self.clock.now_ms();
         let key = StateKey::parse(key).map_err(RolloutError::Invalid)?;
-        let value = StateValue::parse(&key, text, format).map_err(|e| RolloutError::Invalid(format!("{key}: {e}")))?;
+        let value = StateValue::parse(&key, text, format)
+            .map_err(|e| RolloutError::Invalid(format!("{key}: {e}")))?;
         store_state::check_against(&self.catalog, &key, &value).map_err(RolloutError::Invalid)?;
         let failed = RolloutError::Failed;
         self.check_activation_time(at_ms)?;
@@ -204,28 +210,35 @@ impl Rollout {
         let _one_at_a_time = self.pushing.lock().await;
         // A version left staged by a coordinator that stopped can never be
         // published now; say so before taking the next number.
-        let abandoned = store_state::abandon_staged(&self.db).await.map_err(failed)?;
+        let abandoned = store_state::abandon_staged(&self.db)
+            .await
+            .map_err(failed)?;
         if abandoned > 0 {
-            tracing::warn!(abandoned, "state versions staged by an earlier push that never published them are abandoned");
+            tracing::warn!(
+                abandoned,
+                "state versions staged by an earlier push that never published them are abandoned"
+            );
         }
         let version = store_state::next_version(&self.db).await.map_err(failed)?;
 
         // Step a: one store persists it, not in force.
         let stage_started = tokio::time::Instant::now();
-        let staged_on = self.transport.stage(version, &key, &value).await.map_err(|e| {
-            RolloutError::Failed(format!("staging {key} as version {version} failed, nothing changed: {e}"))
-        })?;
+        let staged_on = self
+            .transport
+            .stage(version, &key, &value)
+            .await
+            .map_err(|e| {
+                RolloutError::Failed(format!(
+                    "staging {key} as version {version} failed, nothing changed: {e}"
+                ))
+            })?;
         let delivery = stage_started.elapsed();
         self.settings.fault.crash_at(CrashPoint::AfterStage);
 
         // Step b: the decision, with room for delivery and clock error.
         let _ = sync_clock(&self.db, &self.clock).await;
         let now = self.clock.now_ms();
-        let lead = self
-            .settings
-            .min_lead
-            .max(delivery * 4)
-            .as_millis() as i64
+        let lead = self.settings.min_lead.max(delivery * 4).as_millis() as i64
             + 2 * self.clock.uncertainty_ms().clamp(0, 1_000);
         let activate_at = match at_ms {
             Some(at) if at < now + lead => {
@@ -238,7 +251,9 @@ impl Rollout {
             Some(at) => at,
             None => now + lead,
         };
-        let row = store_state::publish(&self.db, version, activate_at).await.map_err(failed)?;
+        let row = store_state::publish(&self.db, version, activate_at)
+            .await
+            .map_err(failed)?;
         self.settings.fault.crash_at(CrashPoint::AfterPublish);
         let announcement = row.announcement();
         tracing::info!(version, %key, activate_at, staged_on, "state version published");
@@ -258,22 +273,33 @@ impl Rollout {
         };
         if wait {
             drop(_one_at_a_time);
-            self.await_confirmations(&mut report, started).await.map_err(failed)?;
+            self.await_confirmations(&mut report, started)
+                .await
+                .map_err(failed)?;
         }
         Ok(report)
     }
 
-    async fn await_confirmations(&self, report: &mut PushReport, started: i64) -> Result<(), String> {
+    async fn await_confirmations(
+        &self,
+        report: &mut PushReport,
+        started: i64,
+    ) -> Result<(), String> {
         let deadline = report.activate_at_ms + self.settings.grace.as_millis() as i64;
         let members = loop {
             let members = self.transport.members().await?;
             let confirmed = store_state::activations(&self.db, report.version).await?;
-            let all = members.iter().all(|m| confirmed.iter().any(|(n, _)| n == m));
+            let all = members
+                .iter()
+                .all(|m| confirmed.iter().any(|(n, _)| n == m));
             if all || self.clock.now_ms() >= deadline {
                 report.confirmed = confirmed
                     .into_iter()
                     .filter(|(node, _)| members.contains(node))
-                    .map(|(node, activated_at_ms)| Activation { node, activated_at_ms })
+                    .map(|(node, activated_at_ms)| Activation {
+                        node,
+                        activated_at_ms,
+                    })
                     .collect();
                 if all {
                     report.command_to_active_ms = Some(self.clock.now_ms() - started);
@@ -283,7 +309,11 @@ impl Rollout {
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
         let instants = report.confirmed.iter().map(|a| a.activated_at_ms);
-        report.spread_ms = instants.clone().max().zip(instants.min()).map(|(hi, lo)| hi - lo);
+        report.spread_ms = instants
+            .clone()
+            .max()
+            .zip(instants.min())
+            .map(|(hi, lo)| hi - lo);
         if report.confirmed.len() < members.len() {
             let wait = deadline - self.clock.now_ms();
             if wait > 0 {
@@ -321,7 +351,11 @@ impl Rollout {
             if recently {
                 continue;
             }
-            let reason = format!("did not confirm state version {} by {} ms past its activation", newest.version, self.settings.grace.as_millis());
+            let reason = format!(
+                "did not confirm state version {} by {} ms past its activation",
+                newest.version,
+                self.settings.grace.as_millis()
+            );
             tracing::warn!(%node, version = newest.version, "store did not confirm the state version; rebooting it");
             self.transport.reboot(&node, &reason).await?;
             asked.push(node);

@@ -413,7 +413,11 @@ async fn serve_link(
     let first = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut reader)).await;
     let held = match first.map(|r| r.map(|body| body.map(|b| serde_json::from_slice(&b)))) {
         Ok(Ok(Some(Ok(NodeFrame::Versions(held))))) => held,
-        _ => return LinkEnd::Failed("cannot connect: the node did not say its state versions".into()),
+        _ => {
+            return LinkEnd::Failed(
+                "cannot connect: the node did not say its state versions".into(),
+            )
+        }
     };
     *state.versions.lock().expect("versions lock") = held;
     state.up.store(true, Ordering::Relaxed);
@@ -439,6 +443,9 @@ async fn serve_link(
                         balancer.inner.changed.notify_waiters();
                         continue;
                     }
+                    Ok(NodeFrame::Command(_)) => {
+                        return "a command answer on an ingest link".into()
+                    }
                     Err(e) => return format!("unreadable answer: {e}"),
                 };
                 let job = in_flight.lock().expect("in-flight lock").pop_front();
@@ -446,9 +453,10 @@ async fn serve_link(
                     // A node that is stopping has not stored the message,
                     // nor has one that does not hold its state version:
                     // another node takes it.
-                    (Some((_, job)), Err(IngestError::ShuttingDown | IngestError::StateVersion { .. })) => {
-                        balancer.fail_over(vec![job])
-                    }
+                    (
+                        Some((_, job)),
+                        Err(IngestError::ShuttingDown | IngestError::StateVersion { .. }),
+                    ) => balancer.fail_over(vec![job]),
                     // Answers come in the order messages were sent.
                     (Some((_, job)), result) => {
                         let _ = job.reply.send(result);

@@ -28,6 +28,9 @@ pub enum Pools {
         /// Analytics queries, kept apart so that slow queries cannot take
         /// the connections group commits need.
         read: PgPool,
+        /// `LISTEN` connections: each follower holds one for good, so they
+        /// must not come out of the write pool.
+        listen: PgPool,
     },
 }
 
@@ -82,10 +85,10 @@ impl Db {
         F: Fn(Option<String>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send,
     {
-        let Pools::Postgres { write, .. } = &self.pools else {
+        let Pools::Postgres { listen, .. } = &self.pools else {
             return;
         };
-        let pool = write.clone();
+        let pool = listen.clone();
         tokio::spawn(async move {
             loop {
                 let followed = async {
@@ -176,8 +179,15 @@ impl Db {
         let read = connect(6)
             .await
             .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
+        let listen = PgPoolOptions::new()
+            .max_connections(8)
+            .connect_lazy_with(options);
         Ok(Db {
-            pools: Pools::Postgres { write, read },
+            pools: Pools::Postgres {
+                write,
+                read,
+                listen,
+            },
         })
     }
 
@@ -215,7 +225,12 @@ impl Db {
                 read.close().await;
                 write.close().await;
             }
-            Pools::Postgres { write, read } => {
+            Pools::Postgres {
+                write,
+                read,
+                listen,
+            } => {
+                listen.close().await;
                 read.close().await;
                 write.close().await;
             }

@@ -32,12 +32,15 @@ pub async fn ddl(db: &Db) -> Result<(), String> {
 }
 
 /// Announces or refreshes a node. Returns the reason of a reboot someone
-/// asked of it, if any.
+/// asked of it, if any; a new secret (a new process, or a reboot done)
+/// clears it.
 pub async fn heartbeat(db: &Db, node: &NodeRow) -> Result<Option<String>, String> {
     let sql = format!(
         "INSERT INTO fleetgate_nodes (id, addr, secret, heartbeat_at, state_version) VALUES ($1, $2, $3, {}, $4) \
          ON CONFLICT (id) DO UPDATE SET addr = excluded.addr, secret = excluded.secret, \
-         heartbeat_at = excluded.heartbeat_at, state_version = excluded.state_version \
+         heartbeat_at = excluded.heartbeat_at, state_version = excluded.state_version, \
+         reboot_reason = CASE WHEN fleetgate_nodes.secret = excluded.secret \
+         THEN fleetgate_nodes.reboot_reason END \
          RETURNING reboot_reason",
         database_now_sql(db)
     );

@@ -60,7 +60,7 @@ impl Lookup {
             .map(|k| parse_network(k).map(|net| (net, k.clone())))
             .collect();
         let mut networks = parsed.unwrap_or_default();
-        networks.sort_by(|a, b| b.0 .1.cmp(&a.0 .1));
+        networks.sort_by_key(|((_, len), _)| std::cmp::Reverse(*len));
         Lookup { table, networks }
     }
 
@@ -92,7 +92,13 @@ impl StateSet {
     }
 
     /// This set with one key changed, as `version`.
-    fn with(&self, version: u64, activate_at_ms: i64, key: &StateKey, value: StateValue) -> StateSet {
+    fn with(
+        &self,
+        version: u64,
+        activate_at_ms: i64,
+        key: &StateKey,
+        value: StateValue,
+    ) -> StateSet {
         let mut next = StateSet {
             version,
             activate_at_ms,
@@ -104,7 +110,8 @@ impl StateSet {
                 next.rules.insert(stream.clone(), rules);
             }
             (StateKey::Lookup(table), StateValue::Lookup(lookup)) => {
-                next.lookups.insert(table.clone(), Arc::new(Lookup::new(lookup)));
+                next.lookups
+                    .insert(table.clone(), Arc::new(Lookup::new(lookup)));
             }
             (key, _) => tracing::error!(%key, "state document of the wrong kind ignored"),
         }
@@ -318,7 +325,12 @@ pub async fn load_set(db: &Db, version: u64) -> Result<StateSet, String> {
 
 /// Records that `node` activated `version` at `activated_at_ms` (its
 /// cluster-clock reading). This row is the node's confirmation.
-pub async fn record_activation(db: &Db, node: &str, version: u64, activated_at_ms: i64) -> Result<(), String> {
+pub async fn record_activation(
+    db: &Db,
+    node: &str,
+    version: u64,
+    activated_at_ms: i64,
+) -> Result<(), String> {
     let sql = format!(
         "INSERT INTO fleetgate_state_activations (node, version, activated_at, recorded_at) \
          VALUES ($1, $2, $3, {}) ON CONFLICT (node, version) DO NOTHING",
@@ -426,7 +438,11 @@ impl StateStore {
     /// The set to process a message under. A stamped message gets exactly
     /// its version or an error; an unstamped one (one process, no
     /// balancer) the version in force when it was received.
-    pub fn resolve(&self, stamp: Option<u64>, received_at_ms: i64) -> Result<Arc<StateSet>, IngestError> {
+    pub fn resolve(
+        &self,
+        stamp: Option<u64>,
+        received_at_ms: i64,
+    ) -> Result<Arc<StateSet>, IngestError> {
         let held = self.held.read().expect("state lock");
         let Some(stamp) = stamp else {
             let at = received_at_ms + self.clock.offset_ms();
@@ -474,7 +490,8 @@ impl StateStore {
     }
 
     fn confirm(&self) {
-        let _ = self.confirmed.send(self.held());
+        // Stored even while no link listens: the next link reads it.
+        self.confirmed.send_replace(self.held());
     }
 
     /// Replaces everything (a restart or reboot): `active` is in force now.
@@ -525,7 +542,12 @@ pub struct StateFollower {
 }
 
 impl StateFollower {
-    pub fn new(db: Db, store: Arc<StateStore>, node: &str, faults: FollowerFaults) -> StateFollower {
+    pub fn new(
+        db: Db,
+        store: Arc<StateStore>,
+        node: &str,
+        faults: FollowerFaults,
+    ) -> StateFollower {
         StateFollower {
             db,
             store,
@@ -552,7 +574,9 @@ impl StateFollower {
             .into_iter()
             .filter(|r| r.status == "published")
             .collect();
-        let mut due = published.iter().filter(|r| r.activate_at_ms.unwrap_or(0) <= now);
+        let mut due = published
+            .iter()
+            .filter(|r| r.activate_at_ms.unwrap_or(0) <= now);
         let active = match due.next() {
             Some(row) => load_set(&self.db, row.version).await?,
             None => StateSet::default(),
@@ -580,13 +604,20 @@ impl StateFollower {
     /// has passed. Older or already known versions are ignored.
     pub async fn learn(&self, announced: StateAnnouncement) -> Result<(), String> {
         let _learning = self.learning.lock().await;
-        let known = self.store.scheduled_version().unwrap_or(0).max(self.store.active_version());
+        let known = self
+            .store
+            .scheduled_version()
+            .unwrap_or(0)
+            .max(self.store.active_version());
         if announced.version <= known {
             return Ok(());
         }
         let row = version_row(&self.db, announced.version).await?;
         if row.as_ref().map(|r| r.status.as_str()) != Some("published") {
-            return Err(format!("state version {} is not published", announced.version));
+            return Err(format!(
+                "state version {} is not published",
+                announced.version
+            ));
         }
         let mut set = load_set(&self.db, announced.version).await?;
         set.activate_at_ms = announced.activate_at_ms;
@@ -636,7 +667,8 @@ impl StateFollower {
         self.db.follow(STATE_CHANNEL, move |payload| {
             let follower = follower.clone();
             async move {
-                let announced = match payload.map(|p| serde_json::from_str::<StateAnnouncement>(&p)) {
+                let announced = match payload.map(|p| serde_json::from_str::<StateAnnouncement>(&p))
+                {
                     Some(Ok(a)) => Some(a),
                     _ => newest_published(&follower.db).await.ok().flatten(),
                 };
@@ -687,7 +719,10 @@ mod tests {
         // Scheduled is not held until it is active.
         assert_eq!(
             store.resolve(Some(2), 0).unwrap_err(),
-            IngestError::StateVersion { stamped: 2, active: 1 }
+            IngestError::StateVersion {
+                stamped: 2,
+                active: 1
+            }
         );
         assert!(store.activate(2));
         assert_eq!(store.resolve(Some(2), 0).unwrap().version, 2);
@@ -695,7 +730,13 @@ mod tests {
         store.schedule(set(3, 2_000));
         assert!(store.activate(3));
         assert!(store.resolve(Some(1), 0).is_err());
-        assert_eq!(store.held(), HeldVersions { active: 3, previous: Some(2) });
+        assert_eq!(
+            store.held(),
+            HeldVersions {
+                active: 3,
+                previous: Some(2)
+            }
+        );
     }
 
     #[test]
@@ -720,13 +761,20 @@ mod tests {
                 .collect(),
         };
         let regions = Lookup::new(table(&[("10.0.0.0/8", "lan"), ("10.9.0.0/16", "lab")]));
-        let find = |key| regions.find(key, MatchKind::Network, "v").and_then(Value::as_str);
+        let find = |key| {
+            regions
+                .find(key, MatchKind::Network, "v")
+                .and_then(Value::as_str)
+        };
         assert_eq!(find("10.9.1.1"), Some("lab"));
         assert_eq!(find("10.8.1.1"), Some("lan"));
         assert_eq!(find("192.168.0.1"), None);
         assert_eq!(find("not an address"), None);
         let prices = Lookup::new(table(&[("A1", "x")]));
-        assert_eq!(prices.find("A1", MatchKind::Exact, "v"), Some(&Value::from("x")));
+        assert_eq!(
+            prices.find("A1", MatchKind::Exact, "v"),
+            Some(&Value::from("x"))
+        );
         assert_eq!(prices.find("A1", MatchKind::Exact, "nope"), None);
         assert_eq!(prices.find("B2", MatchKind::Exact, "v"), None);
     }

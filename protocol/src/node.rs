@@ -10,8 +10,8 @@
 //! and the state versions it holds (at connect and on every change: that is
 //! how a node confirms a state activation to the gatekeeper).
 //!
-//! A connection whose first request header is a [`NodeCommand`] is a
-//! control connection: one command, one [`CommandAnswer`], closed.
+//! A request header may also be a [`NodeCommand`] (the admin service uses a
+//! connection of its own for one), answered by a [`CommandAnswer`] frame.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -61,6 +61,7 @@ impl HeldVersions {
 pub enum NodeFrame {
     Answer(NodeResponse),
     Versions(HeldVersions),
+    Command(CommandAnswer),
 }
 
 /// Control requests from the admin service to one node.

@@ -165,7 +165,9 @@ impl StreamDef {
                 .and_then(|_| check_identifier("lookup column", &def.column))
                 .map_err(|e| format!("stream {name}, enrich {column}: {e}"))?;
             if def.from.is_empty() {
-                return Err(format!("stream {name}, enrich {column}: from names no field"));
+                return Err(format!(
+                    "stream {name}, enrich {column}: from names no field"
+                ));
             }
             if matches!(def.ty, FieldType::Enum | FieldType::Timestamp) {
                 return Err(format!(
@@ -242,7 +244,11 @@ impl FieldDef {
         if (self.scale.is_some() || self.offset.is_some()) && self.ty != FieldType::Float {
             return Err("scale and offset apply only to float fields".into());
         }
-        if [self.scale, self.offset].iter().flatten().any(|v| !v.is_finite()) {
+        if [self.scale, self.offset]
+            .iter()
+            .flatten()
+            .any(|v| !v.is_finite())
+        {
             return Err("scale and offset must be finite numbers".into());
         }
         Ok(())

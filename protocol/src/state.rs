@@ -30,12 +30,14 @@ pub enum StateKey {
 
 impl StateKey {
     pub fn parse(key: &str) -> Result<StateKey, String> {
-        let (kind, name) = key.split_once('/').ok_or_else(|| {
-            format!("state key {key:?} must be rules/<stream> or lookup/<table>")
-        })?;
+        let (kind, name) = key
+            .split_once('/')
+            .ok_or_else(|| format!("state key {key:?} must be rules/<stream> or lookup/<table>"))?;
         match kind {
             "rules" => check_identifier("stream", name).map(|_| StateKey::Rules(name.into())),
-            "lookup" => check_identifier("lookup table", name).map(|_| StateKey::Lookup(name.into())),
+            "lookup" => {
+                check_identifier("lookup table", name).map(|_| StateKey::Lookup(name.into()))
+            }
             _ => Err(format!(
                 "state key {key:?} must be rules/<stream> or lookup/<table>"
             )),
@@ -78,7 +80,9 @@ impl StateValue {
             (StateKey::Lookup(_), StateFormat::Toml) => {
                 LookupTable::parse_toml(text).map(Self::Lookup)
             }
-            (StateKey::Lookup(_), StateFormat::Csv) => LookupTable::parse_csv(text).map(Self::Lookup),
+            (StateKey::Lookup(_), StateFormat::Csv) => {
+                LookupTable::parse_csv(text).map(Self::Lookup)
+            }
         }
     }
 }
@@ -116,9 +120,10 @@ impl StreamRules {
     /// fields, bounds only on numbers, members only on enums.
     pub fn check(&self, stream: &str, def: &StreamDef) -> Result<(), String> {
         for (name, rule) in &self.fields {
-            let field = def.fields.get(name).ok_or_else(|| {
-                format!("rules/{stream}: stream {stream} has no field {name:?}")
-            })?;
+            let field = def
+                .fields
+                .get(name)
+                .ok_or_else(|| format!("rules/{stream}: stream {stream} has no field {name:?}"))?;
             let numeric = matches!(field.ty, FieldType::Int | FieldType::Float);
             if !numeric && (rule.min.is_some() || rule.max.is_some()) {
                 return Err(format!(
@@ -256,7 +261,9 @@ impl LookupTable {
             return Err(format!("row {line}: key {key:?} appears twice"));
         }
         if self.rows.len() > MAX_LOOKUP_ROWS {
-            return Err(format!("a lookup table holds at most {MAX_LOOKUP_ROWS} rows"));
+            return Err(format!(
+                "a lookup table holds at most {MAX_LOOKUP_ROWS} rows"
+            ));
         }
         Ok(())
     }
@@ -392,7 +399,8 @@ impl ClusterClock {
     }
 
     pub fn uncertainty_ms(&self) -> i64 {
-        self.uncertainty_ms.load(std::sync::atomic::Ordering::Relaxed)
+        self.uncertainty_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Cluster time now.
@@ -475,7 +483,10 @@ mod tests {
         let StateValue::Lookup(table) = csv else {
             unreachable!()
         };
-        assert_eq!(table.rows["B2"], vec![Value::from(12), Value::from("Big, gadget")]);
+        assert_eq!(
+            table.rows["B2"],
+            vec![Value::from(12), Value::from("Big, gadget")]
+        );
         for (text, expected) in [
             ("sku,price\nA1,1\nA1,2\n", "appears twice"),
             ("sku,price\nA1,1,3\n", "CSV line 2"),

@@ -27,19 +27,23 @@ impl Rng {
     fn new(seed: u64) -> Rng {
         Rng(seed)
     }
-    fn next(&mut self) -> u64 {
+    fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         mix(self.0)
     }
     fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
+        if n == 0 {
+            0
+        } else {
+            self.next_u64() % n
+        }
     }
     /// Uniform in `lo..=hi`.
     fn range(&mut self, lo: i64, hi: i64) -> i64 {
         lo + self.below((hi - lo + 1) as u64) as i64
     }
     fn chance(&mut self, p: f64) -> bool {
-        ((self.next() >> 11) as f64 / (1u64 << 53) as f64) < p
+        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
     }
 }
 
@@ -214,15 +218,27 @@ impl SimConfig {
         c.skews_ms = (0..c.nodes).map(|_| r.range(-5000, 5000)).collect();
         c.gate_skew_ms = r.range(-5000, 5000);
         c.db_confirm_loss = if r.chance(0.3) { 0.2 } else { 0.0 };
-        let points = [CrashPoint::BeforeStage, CrashPoint::AfterStage, CrashPoint::AfterPublish, CrashPoint::MidNotify];
+        let points = [
+            CrashPoint::BeforeStage,
+            CrashPoint::AfterStage,
+            CrashPoint::AfterPublish,
+            CrashPoint::MidNotify,
+        ];
         if r.chance(0.5) {
-            c.coordinator_crash = Some((r.below(c.pushes as u64) as usize, points[r.below(4) as usize]));
+            c.coordinator_crash = Some((
+                r.below(c.pushes as u64) as usize,
+                points[r.below(4) as usize],
+            ));
         }
         let fault_end = c.timing.fault_end_ms;
         c.node_faults = (0..r.below(4))
             .map(|_| NodeFault {
                 node: r.below(c.nodes as u64) as usize,
-                at: if r.chance(0.2) { FaultAt::FirstFence } else { FaultAt::Ms(r.range(0, fault_end)) },
+                at: if r.chance(0.2) {
+                    FaultAt::FirstFence
+                } else {
+                    FaultAt::Ms(r.range(0, fault_end))
+                },
                 restart_after_ms: r.chance(0.7).then(|| r.range(100, 3000)),
             })
             .collect();
@@ -268,7 +284,10 @@ impl Clock {
     fn sync(skew: i64, rng: &mut Rng, max_rtt: i64, broken: bool) -> Clock {
         let half = rng.range(0, max_rtt) / 2;
         let err = rng.range(-half, half);
-        Clock { skew, est_offset: if broken { 0 } else { skew + err } }
+        Clock {
+            skew,
+            est_offset: if broken { 0 } else { skew + err },
+        }
     }
     fn corrected(&self, now: i64) -> i64 {
         now + self.skew - self.est_offset
@@ -295,7 +314,11 @@ impl Network {
         if lossy && rng.chance(self.loss) {
             return None;
         }
-        Some(if rng.chance(self.long_prob) { rng.range(0, self.long_delay) } else { rng.range(0, self.max_delay) })
+        Some(if rng.chance(self.long_prob) {
+            rng.range(0, self.long_delay)
+        } else {
+            rng.range(0, self.max_delay)
+        })
     }
 }
 
@@ -325,7 +348,13 @@ struct Db {
 impl Db {
     fn new(nodes: usize) -> Db {
         let mut rows = BTreeMap::new();
-        rows.insert(1, Row { status: RowStatus::Published, activate_at: 0 });
+        rows.insert(
+            1,
+            Row {
+                status: RowStatus::Published,
+                activate_at: 0,
+            },
+        );
         Db {
             rows,
             next_version: 2,
@@ -341,36 +370,54 @@ impl Db {
         self.next_version - 1
     }
     fn stage(&mut self, v: u64) {
-        self.rows.entry(v).or_insert(Row { status: RowStatus::Staged, activate_at: 0 });
+        self.rows.entry(v).or_insert(Row {
+            status: RowStatus::Staged,
+            activate_at: 0,
+        });
     }
     /// The decision point: staged -> published with its activation time.
     fn publish(&mut self, v: u64, at: i64) -> bool {
         match self.rows.get_mut(&v) {
             Some(row) if row.status == RowStatus::Staged => {
-                *row = Row { status: RowStatus::Published, activate_at: at };
+                *row = Row {
+                    status: RowStatus::Published,
+                    activate_at: at,
+                };
                 true
             }
             _ => false,
         }
     }
     fn abandon(&mut self, v: u64) {
-        if let Some(row) = self.rows.get_mut(&v).filter(|r| r.status == RowStatus::Staged) {
+        if let Some(row) = self
+            .rows
+            .get_mut(&v)
+            .filter(|r| r.status == RowStatus::Staged)
+        {
             row.status = RowStatus::Abandoned;
         }
     }
     fn published(&self) -> impl Iterator<Item = (u64, i64)> + '_ {
-        self.rows.iter().filter(|(_, r)| r.status == RowStatus::Published).map(|(&v, r)| (v, r.activate_at))
+        self.rows
+            .iter()
+            .filter(|(_, r)| r.status == RowStatus::Published)
+            .map(|(&v, r)| (v, r.activate_at))
     }
     fn newest_published(&self) -> (u64, i64) {
         self.published().last().unwrap_or((1, 0))
     }
     /// Newest row of any status: only the `PollSeesStaged` mutation reads this.
     fn newest_row(&self) -> (u64, i64) {
-        self.rows.iter().next_back().map_or((1, 0), |(&v, r)| (v, r.activate_at))
+        self.rows
+            .iter()
+            .next_back()
+            .map_or((1, 0), |(&v, r)| (v, r.activate_at))
     }
     /// (active, previous) for a node reloading at corrected time `at`.
     fn in_force(&self, at: i64) -> (u64, u64) {
-        self.published().filter(|&(_, t)| t <= at).fold((NONE, NONE), |(cur, _), (v, _)| (v, cur))
+        self.published()
+            .filter(|&(_, t)| t <= at)
+            .fold((NONE, NONE), |(cur, _), (v, _)| (v, cur))
     }
 }
 
@@ -433,7 +480,13 @@ impl Node {
     }
     fn report(&mut self, node: usize) -> Report {
         self.seq += 1;
-        Report { node, inc: self.inc, seq: self.seq, active: self.active, previous: self.previous }
+        Report {
+            node,
+            inc: self.inc,
+            seq: self.seq,
+            active: self.active,
+            previous: self.previous,
+        }
     }
 }
 
@@ -470,12 +523,23 @@ impl Gatekeeper {
     /// The newest version it knows whose activation time has passed.
     fn stamp(&self, now: i64) -> u64 {
         let g = self.clock.corrected(now);
-        self.known.iter().rev().find(|&(_, &t)| t <= g).map_or(1, |(&v, _)| v)
+        self.known
+            .iter()
+            .rev()
+            .find(|&(_, &t)| t <= g)
+            .map_or(1, |(&v, _)| v)
     }
     fn apply(&mut self, r: Report) {
         let view = &mut self.views[r.node];
         if r.inc >= view.dead_below && r.seq > view.seq {
-            *view = View { up: true, inc: r.inc, seq: r.seq, active: r.active, previous: r.previous, ..*view };
+            *view = View {
+                up: true,
+                inc: r.inc,
+                seq: r.seq,
+                active: r.active,
+                previous: r.previous,
+                ..*view
+            };
         }
     }
     fn down(&mut self, node: usize, inc: u64) {
@@ -556,18 +620,21 @@ struct ActivationRec {
 
 // ---------------------------------------------------------------- events
 
+#[derive(Debug)]
 enum NodeMsg {
     Stage(u64),
     Published(u64, i64),
     Request { req: usize, inc: u64 },
 }
 
+#[derive(Debug)]
 enum GateMsg {
     Published(u64, i64),
     Report(Report),
     Down { node: usize, inc: u64 },
 }
 
+#[derive(Debug)]
 enum Ev {
     PushStart,
     StageTimeout(u64),
@@ -575,8 +642,16 @@ enum Ev {
     ToNode(usize, NodeMsg),
     ToGate(GateMsg),
     Poll(usize),
-    Activate { node: usize, inc: u64, version: u64, fence: i64 },
-    Back { node: usize, inc: u64 },
+    Activate {
+        node: usize,
+        inc: u64,
+        version: u64,
+        fence: i64,
+    },
+    Back {
+        node: usize,
+        inc: u64,
+    },
     Crash(usize, Option<i64>),
     Restart(usize),
     GatePoll,
@@ -641,11 +716,28 @@ impl<'a> Sim<'a> {
             .map(|i| {
                 let skew = cfg.skews_ms.get(i).copied().unwrap_or(0);
                 let clock = Clock::sync(skew, &mut rng, t.max_rtt_ms, broken);
-                Node { status: Status::Up, inc: 0, seq: 0, skew, clock, active: 1, previous: NONE, scheduled: 1, reboot_seen: 0 }
+                Node {
+                    status: Status::Up,
+                    inc: 0,
+                    seq: 0,
+                    skew,
+                    clock,
+                    active: 1,
+                    previous: NONE,
+                    scheduled: 1,
+                    reboot_seen: 0,
+                }
             })
             .collect();
         let views = (0..cfg.nodes)
-            .map(|_| View { up: true, inc: 0, dead_below: 0, seq: 0, active: 1, previous: NONE })
+            .map(|_| View {
+                up: true,
+                inc: 0,
+                dead_below: 0,
+                seq: 0,
+                active: 1,
+                previous: NONE,
+            })
             .collect();
         let gate = Gatekeeper {
             clock: Clock::sync(cfg.gate_skew_ms, &mut rng, t.max_rtt_ms, false),
@@ -655,7 +747,12 @@ impl<'a> Sim<'a> {
             outstanding: BTreeMap::new(),
             tick_armed: false,
         };
-        let net = Network { loss: cfg.loss, max_delay: cfg.max_delay_ms, long_prob: cfg.long_delay_prob, long_delay: cfg.long_delay_ms };
+        let net = Network {
+            loss: cfg.loss,
+            max_delay: cfg.max_delay_ms,
+            long_prob: cfg.long_delay_prob,
+            long_delay: cfg.long_delay_ms,
+        };
         let mut sim = Sim {
             cfg,
             rng,
@@ -666,9 +763,21 @@ impl<'a> Sim<'a> {
             db: Db::new(cfg.nodes),
             nodes,
             gate,
-            coord: Coordinator { alive: true, push: 0, awaiting: None, crash: cfg.coordinator_crash },
+            coord: Coordinator {
+                alive: true,
+                push: 0,
+                awaiting: None,
+                crash: cfg.coordinator_crash,
+            },
             requests: Vec::new(),
-            activations: (0..cfg.nodes).map(|node| ActivationRec { node, version: 1, at: 0, fence: None }).collect(),
+            activations: (0..cfg.nodes)
+                .map(|node| ActivationRec {
+                    node,
+                    version: 1,
+                    at: 0,
+                    fence: None,
+                })
+                .collect(),
             fence_faults_armed: false,
             confirmation_dropped: false,
             retried: 0,
@@ -699,7 +808,11 @@ impl<'a> Sim<'a> {
 
     fn at(&mut self, at: i64, ev: Ev) {
         self.seq += 1;
-        self.queue.push(Scheduled { at, seq: self.seq, ev });
+        self.queue.push(Scheduled {
+            at,
+            seq: self.seq,
+            ev,
+        });
     }
 
     fn log(&mut self, line: impl FnOnce() -> String) {
@@ -718,7 +831,7 @@ impl<'a> Sim<'a> {
         let in_faults = self.in_faults();
         match self.net.delay(&mut self.rng, lossy, in_faults) {
             Some(d) => self.at(self.now + d, ev),
-            None => self.log(|| "message lost".to_string()),
+            None => self.log(|| format!("lost {ev:?}")),
         }
     }
 
@@ -731,8 +844,11 @@ impl<'a> Sim<'a> {
             self.handle(s.ev);
         }
         let violations = Checker { sim: &self }.check();
-        let on_time: Vec<(usize, u64, i64)> =
-            self.activations.iter().filter_map(|a| a.fence.map(|f| (a.node, a.version, a.at - f))).collect();
+        let on_time: Vec<(usize, u64, i64)> = self
+            .activations
+            .iter()
+            .filter_map(|a| a.fence.map(|f| (a.node, a.version, a.at - f)))
+            .collect();
         let mut by_version: BTreeMap<u64, (i64, i64)> = BTreeMap::new();
         for &(_, v, off) in &on_time {
             let e = by_version.entry(v).or_insert((off, off));
@@ -741,13 +857,27 @@ impl<'a> Sim<'a> {
         SimReport {
             violations,
             activation_spread_ms: by_version.values().map(|&(lo, hi)| (hi - lo) as u64).max(),
-            processed: self.requests.iter().filter(|r| r.outcome == Outcome::Processed).count(),
+            processed: self
+                .requests
+                .iter()
+                .filter(|r| r.outcome == Outcome::Processed)
+                .count(),
             retried: self.retried,
             rerouted: self.rerouted,
             reboots: self.reboots,
             newest_published: self.db.newest_published().0,
-            unpublished: self.db.rows.iter().filter(|(_, r)| r.status != RowStatus::Published).map(|(&v, _)| v).collect(),
-            final_active: self.nodes.iter().map(|n| (n.status == Status::Up).then_some(n.active)).collect(),
+            unpublished: self
+                .db
+                .rows
+                .iter()
+                .filter(|(_, r)| r.status != RowStatus::Published)
+                .map(|(&v, _)| v)
+                .collect(),
+            final_active: self
+                .nodes
+                .iter()
+                .map(|n| (n.status == Status::Up).then_some(n.active))
+                .collect(),
             activation_offsets: on_time,
             trace: self.trace,
         }
@@ -769,7 +899,12 @@ impl<'a> Sim<'a> {
             Ev::ToNode(i, msg) => self.node_msg(i, msg),
             Ev::ToGate(msg) => self.gate_msg(msg),
             Ev::Poll(i) => self.poll(i),
-            Ev::Activate { node, inc, version, fence } => {
+            Ev::Activate {
+                node,
+                inc,
+                version,
+                fence,
+            } => {
                 let n = &self.nodes[node];
                 if n.status == Status::Up && n.inc == inc && version > n.active {
                     self.activate(node, version, Some(fence));
@@ -824,7 +959,10 @@ impl<'a> Sim<'a> {
     // ----- coordinator (steps 1 and 2)
 
     fn push_start(&mut self) {
-        if !self.coord.alive || self.coord.push >= self.cfg.pushes || self.now > self.cfg.timing.last_push_start_ms {
+        if !self.coord.alive
+            || self.coord.push >= self.cfg.pushes
+            || self.now > self.cfg.timing.last_push_start_ms
+        {
             return;
         }
         if self.coord.crashes_at(CrashPoint::BeforeStage) {
@@ -835,7 +973,10 @@ impl<'a> Sim<'a> {
         self.coord.awaiting = Some(v);
         self.log(|| format!("C: Stage(v{v}) -> N{target}"));
         self.send(Ev::ToNode(target, NodeMsg::Stage(v)), true);
-        self.at(self.now + self.cfg.timing.stage_timeout_ms, Ev::StageTimeout(v));
+        self.at(
+            self.now + self.cfg.timing.stage_timeout_ms,
+            Ev::StageTimeout(v),
+        );
         if self.coord.crashes_at(CrashPoint::AfterStage) {
             self.log(|| "C: crashed after stage".to_string());
         }
@@ -862,13 +1003,18 @@ impl<'a> Sim<'a> {
         if self.coord.crashes_at(CrashPoint::AfterPublish) {
             return self.log(|| "C: crashed after publish".to_string());
         }
-        // Gatekeeper first, then each node; MidNotify stops after a prefix.
-        let stop_after = self.rng.below(self.cfg.nodes as u64 + 2) as usize;
+        // Gatekeeper first, then each node; MidNotify stops before one of the
+        // nodes, so at least the gatekeeper and at most all but one node hear.
+        let stop_after = 1 + self.rng.below(self.cfg.nodes as u64) as usize;
         for k in 0..=self.cfg.nodes {
             if k == stop_after && self.coord.crashes_at(CrashPoint::MidNotify) {
                 return self.log(|| format!("C: crashed after {k} notifications"));
             }
-            let ev = if k == 0 { Ev::ToGate(GateMsg::Published(v, fence)) } else { Ev::ToNode(k - 1, NodeMsg::Published(v, fence)) };
+            let ev = if k == 0 {
+                Ev::ToGate(GateMsg::Published(v, fence))
+            } else {
+                Ev::ToNode(k - 1, NodeMsg::Published(v, fence))
+            };
             self.send(ev, true);
         }
         // It waits out the grace period for confirmations before the next push.
@@ -928,7 +1074,15 @@ impl<'a> Sim<'a> {
             Learned::Now => self.activate(i, v, None),
             Learned::At(when) => {
                 let inc = self.nodes[i].inc;
-                self.at(when, Ev::Activate { node: i, inc, version: v, fence });
+                self.at(
+                    when,
+                    Ev::Activate {
+                        node: i,
+                        inc,
+                        version: v,
+                        fence,
+                    },
+                );
             }
         }
     }
@@ -938,8 +1092,18 @@ impl<'a> Sim<'a> {
         node.previous = node.active;
         node.active = v;
         node.scheduled = node.scheduled.max(v);
-        self.activations.push(ActivationRec { node: i, version: v, at: self.now, fence });
-        self.log(|| format!("N{i}: active v{v} ({})", if fence.is_some() { "on time" } else { "late" }));
+        self.activations.push(ActivationRec {
+            node: i,
+            version: v,
+            at: self.now,
+            fence,
+        });
+        self.log(|| {
+            format!(
+                "N{i}: active v{v} ({})",
+                if fence.is_some() { "on time" } else { "late" }
+            )
+        });
         self.confirm(i, true);
     }
 
@@ -974,9 +1138,21 @@ impl<'a> Sim<'a> {
         let node = &mut self.nodes[i];
         node.clock = Clock::sync(node.skew, &mut self.rng, self.cfg.timing.max_rtt_ms, broken);
         let (active, previous) = self.db.in_force(node.clock.corrected(self.now));
-        *node = Node { status: Status::Up, active, previous, scheduled: active, reboot_seen: self.db.reboot_gen[i], ..*node };
+        *node = Node {
+            status: Status::Up,
+            active,
+            previous,
+            scheduled: active,
+            reboot_seen: self.db.reboot_gen[i],
+            ..*node
+        };
         for v in [active, previous].into_iter().filter(|&v| v != NONE) {
-            self.activations.push(ActivationRec { node: i, version: v, at: self.now, fence: None });
+            self.activations.push(ActivationRec {
+                node: i,
+                version: v,
+                at: self.now,
+                fence: None,
+            });
         }
         self.log(|| format!("N{i}: reloaded v{active} (previous v{previous})"));
         self.confirm(i, false);
@@ -991,7 +1167,13 @@ impl<'a> Sim<'a> {
         match self.nodes[i].accepts(stamp, self.cfg.variant) {
             Some(used) => {
                 let r = &mut self.requests[req];
-                r.processings.push(Processing { node: i, at: self.now, used, active, previous });
+                r.processings.push(Processing {
+                    node: i,
+                    at: self.now,
+                    used,
+                    active,
+                    previous,
+                });
                 r.outcome = Outcome::Processed;
             }
             None => {
@@ -1016,7 +1198,8 @@ impl<'a> Sim<'a> {
             return;
         }
         for i in 0..self.cfg.nodes {
-            let recent = self.db.last_reboot_cmd[i].is_some_and(|at| self.now - at < t.reboot_retry_ms);
+            let recent =
+                self.db.last_reboot_cmd[i].is_some_and(|at| self.now - at < t.reboot_retry_ms);
             if !self.db.activations.contains(&(i, v)) && !recent {
                 self.db.reboot_gen[i] += 1;
                 self.db.last_reboot_cmd[i] = Some(self.now);
@@ -1028,7 +1211,15 @@ impl<'a> Sim<'a> {
     // ----- gatekeeper (step 4) and devices
 
     fn new_request(&mut self, device: u64, arrival: i64, attempt: u32) {
-        let r = Request { device, arrival, attempt, stamp: NONE, known: Vec::new(), outcome: Outcome::Pending, processings: Vec::new() };
+        let r = Request {
+            device,
+            arrival,
+            attempt,
+            stamp: NONE,
+            known: Vec::new(),
+            outcome: Outcome::Pending,
+            processings: Vec::new(),
+        };
         self.requests.push(r);
         self.at(arrival, Ev::Arrive(self.requests.len() - 1));
     }
@@ -1041,8 +1232,13 @@ impl<'a> Sim<'a> {
             GateMsg::Report(r) => self.gate.apply(r),
             GateMsg::Down { node, inc } => {
                 self.gate.down(node, inc);
-                let lost: Vec<usize> =
-                    self.gate.outstanding.iter().filter(|&(_, &sent)| sent == (node, inc)).map(|(&r, _)| r).collect();
+                let lost: Vec<usize> = self
+                    .gate
+                    .outstanding
+                    .iter()
+                    .filter(|&(_, &sent)| sent == (node, inc))
+                    .map(|(&r, _)| r)
+                    .collect();
                 for req in lost {
                     self.gate.outstanding.remove(&req);
                     self.rerouted += 1;
@@ -1057,13 +1253,21 @@ impl<'a> Sim<'a> {
     /// Routes under the request's stamp, which never changes.
     fn dispatch(&mut self, req: usize) {
         let (stamp, device) = (self.requests[req].stamp, self.requests[req].device);
-        match self.gate.route(stamp, device, self.now, self.cfg.timing.grace_ms) {
+        match self
+            .gate
+            .route(stamp, device, self.now, self.cfg.timing.grace_ms)
+        {
             Some(node) => {
                 self.gate.held.remove(&req);
                 let inc = self.gate.views[node].inc;
                 self.gate.outstanding.insert(req, (node, inc));
-                let d = self.rng.range(0, self.cfg.max_delay_ms.min(DATA_PATH_MAX_MS));
-                self.at(self.now + d, Ev::ToNode(node, NodeMsg::Request { req, inc }));
+                let d = self
+                    .rng
+                    .range(0, self.cfg.max_delay_ms.min(DATA_PATH_MAX_MS));
+                self.at(
+                    self.now + d,
+                    Ev::ToNode(node, NodeMsg::Request { req, inc }),
+                );
             }
             None => {
                 self.gate.held.entry(req).or_insert(self.now);
@@ -1123,7 +1327,12 @@ impl Checker<'_, '_> {
     }
 
     fn fence_of(&self, v: u64) -> Option<i64> {
-        self.sim.db.rows.get(&v).filter(|r| r.status == RowStatus::Published).map(|r| r.activate_at)
+        self.sim
+            .db
+            .rows
+            .get(&v)
+            .filter(|r| r.status == RowStatus::Published)
+            .map(|r| r.activate_at)
     }
 
     fn requests(&self, out: &mut Vec<String>) {
@@ -1135,9 +1344,14 @@ impl Checker<'_, '_> {
         }
         for (id, r) in self.sim.requests.iter().enumerate() {
             match (r.outcome, r.processings.len()) {
-                (Outcome::Pending, _) => out.push(format!("No loss: request {id} (arrived {}) never answered", r.arrival)),
+                (Outcome::Pending, _) => out.push(format!(
+                    "No loss: request {id} (arrived {}) never answered",
+                    r.arrival
+                )),
                 (Outcome::Processed, 1) | (Outcome::FailedBack, 0) => {}
-                (o, n) => out.push(format!("Exactly once: request {id} is {o:?} with {n} processings")),
+                (o, n) => out.push(format!(
+                    "Exactly once: request {id} is {o:?} with {n} processings"
+                )),
             }
             if r.outcome == Outcome::Pending {
                 continue;
@@ -1145,15 +1359,22 @@ impl Checker<'_, '_> {
             // Safety 2, at the gatekeeper: the stamp is the newest version it
             // knew to be in force at arrival, up to its clock error.
             match self.fence_of(r.stamp) {
-                None => out.push(format!("Safety 2: request {id} stamped v{} which is not published", r.stamp)),
-                Some(t) if t - r.arrival > eps => {
-                    out.push(format!("Safety 2: request {id} arrived {} stamped v{} due at {t}", r.arrival, r.stamp))
-                }
+                None => out.push(format!(
+                    "Safety 2: request {id} stamped v{} which is not published",
+                    r.stamp
+                )),
+                Some(t) if t - r.arrival > eps => out.push(format!(
+                    "Safety 2: request {id} arrived {} stamped v{} due at {t}",
+                    r.arrival, r.stamp
+                )),
                 Some(_) => {}
             }
             for &(v, t) in r.known.iter().filter(|&&(v, _)| v > r.stamp) {
                 if r.arrival - t > eps {
-                    out.push(format!("Safety 2: request {id} arrived {} stamped v{} though v{v} was due at {t}", r.arrival, r.stamp));
+                    out.push(format!(
+                        "Safety 2: request {id} arrived {} stamped v{} though v{v} was due at {t}",
+                        r.arrival, r.stamp
+                    ));
                 }
             }
             for p in &r.processings {
@@ -1163,8 +1384,14 @@ impl Checker<'_, '_> {
                         r.stamp, p.node, p.used, p.active, p.previous
                     ));
                 }
-                if first_held.get(&(p.node, r.stamp)).is_none_or(|&at| at > p.at) {
-                    out.push(format!("Safety 2: request {id} stamped v{} processed by N{} before it had v{}", r.stamp, p.node, r.stamp));
+                if first_held
+                    .get(&(p.node, r.stamp))
+                    .is_none_or(|&at| at > p.at)
+                {
+                    out.push(format!(
+                        "Safety 2: request {id} stamped v{} processed by N{} before it had v{}",
+                        r.stamp, p.node, r.stamp
+                    ));
                 }
             }
         }
@@ -1174,14 +1401,26 @@ impl Checker<'_, '_> {
         let eps = self.sim.cfg.timing.clock_error();
         for a in &self.sim.activations {
             let Some(t) = self.fence_of(a.version) else {
-                out.push(format!("Safety 3: N{} activated v{}, which was never published", a.node, a.version));
+                out.push(format!(
+                    "Safety 3: N{} activated v{}, which was never published",
+                    a.node, a.version
+                ));
                 continue;
             };
             if a.at < t - eps {
-                out.push(format!("Fence: N{} activated v{} at {}, before its activate_at {t}", a.node, a.version, a.at));
+                out.push(format!(
+                    "Fence: N{} activated v{} at {}, before its activate_at {t}",
+                    a.node, a.version, a.at
+                ));
             }
             if a.fence.is_some() && a.at > t + eps {
-                out.push(format!("Fence: N{} activated v{} on schedule at {}, {} ms after {t}", a.node, a.version, a.at, a.at - t));
+                out.push(format!(
+                    "Fence: N{} activated v{} on schedule at {}, {} ms after {t}",
+                    a.node,
+                    a.version,
+                    a.at,
+                    a.at - t
+                ));
             }
         }
     }
@@ -1192,9 +1431,10 @@ impl Checker<'_, '_> {
             match n.status {
                 Status::Crashed => {}
                 Status::Loading => out.push(format!("Convergence: N{i} still loading at the end")),
-                Status::Up if n.active != newest => {
-                    out.push(format!("Convergence: N{i} ends on v{}, newest published is v{newest}", n.active))
-                }
+                Status::Up if n.active != newest => out.push(format!(
+                    "Convergence: N{i} ends on v{}, newest published is v{newest}",
+                    n.active
+                )),
                 Status::Up => {}
             }
         }
@@ -1209,7 +1449,13 @@ mod tests {
     fn run_checked(config: &SimConfig, seed: u64) -> SimReport {
         let report = simulate(config, seed);
         if !report.violations.is_empty() {
-            let traced = simulate(&SimConfig { trace: true, ..config.clone() }, seed);
+            let traced = simulate(
+                &SimConfig {
+                    trace: true,
+                    ..config.clone()
+                },
+                seed,
+            );
             let tail = traced.trace.len().saturating_sub(300);
             panic!(
                 "seed {seed}: {:#?}\nconfig: {config:#?}\ntrace (last 300 lines):\n{}",
@@ -1218,22 +1464,6 @@ mod tests {
             );
         }
         report
-    }
-
-    #[test]
-    #[ignore]
-    fn many_seeds() {
-        let n: u64 = std::env::var("SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);
-        for v in [ProtocolVariant::Correct, ProtocolVariant::NoRefusal, ProtocolVariant::BrokenClockSync, ProtocolVariant::PollSeesStaged] {
-            let mut hits: BTreeMap<String, usize> = BTreeMap::new();
-            let mut bad = 0;
-            for seed in 0..n {
-                let r = simulate(&SimConfig::random(seed, v), seed);
-                if !r.violations.is_empty() { bad += 1; if v == ProtocolVariant::Correct && bad < 3 { run_checked(&SimConfig::random(seed, v), seed); } }
-                for x in &r.violations { *hits.entry(x.split(':').next().unwrap().to_string()).or_default() += 1; }
-            }
-            println!("{v:?}: {bad}/{n} bad seeds {hits:?}");
-        }
     }
 
     #[test]
@@ -1248,14 +1478,33 @@ mod tests {
         // The exploration must actually exercise the protocol.
         assert!(processed > 50_000, "processed {processed}");
         assert!(retried > 0);
-        assert!(spread <= 2 * Timing::default().clock_error() as u64, "spread {spread}");
+        assert!(
+            spread <= 2 * Timing::default().clock_error() as u64,
+            "spread {spread}"
+        );
+    }
+
+    /// The same exploration, much longer: `--ignored deep_exploration`.
+    #[test]
+    #[ignore]
+    fn deep_exploration() {
+        for seed in 0..100_000 {
+            run_checked(&SimConfig::random(seed, ProtocolVariant::Correct), seed);
+        }
     }
 
     #[test]
     fn coordinator_crash_between_stage_and_publish_activates_nothing() {
-        let config = SimConfig { coordinator_crash: Some((0, CrashPoint::AfterStage)), ..SimConfig::calm(3) };
+        let config = SimConfig {
+            coordinator_crash: Some((0, CrashPoint::AfterStage)),
+            ..SimConfig::calm(3)
+        };
         let report = run_checked(&config, 1);
-        assert_eq!(report.unpublished, vec![2], "the staged row exists and stays unpublished");
+        assert_eq!(
+            report.unpublished,
+            vec![2],
+            "the staged row exists and stays unpublished"
+        );
         assert_eq!(report.newest_published, 1);
         assert_eq!(report.final_active, vec![Some(1); 3]);
         assert_eq!(report.activation_spread_ms, None);
@@ -1263,7 +1512,10 @@ mod tests {
 
     #[test]
     fn lost_confirmation_gets_the_node_rebooted_and_it_converges() {
-        let config = SimConfig { drop_confirmation: Some((0, 2)), ..SimConfig::calm(3) };
+        let config = SimConfig {
+            drop_confirmation: Some((0, 2)),
+            ..SimConfig::calm(3)
+        };
         let report = run_checked(&config, 2);
         assert!(report.reboots >= 1);
         assert_eq!(report.final_active, vec![Some(2); 3]);
@@ -1271,33 +1523,71 @@ mod tests {
 
     #[test]
     fn node_killed_at_activation_is_rerouted_around_and_converges() {
-        let kill = NodeFault { node: 1, at: FaultAt::FirstFence, restart_after_ms: Some(1500) };
-        let config = SimConfig { node_faults: vec![kill], requests: 400, ..SimConfig::calm(3) };
-        let mut rerouted = 0;
+        let kill = NodeFault {
+            node: 1,
+            at: FaultAt::FirstFence,
+            restart_after_ms: Some(1500),
+        };
+        let config = SimConfig {
+            node_faults: vec![kill],
+            requests: 400,
+            ..SimConfig::calm(3)
+        };
+        let traced = SimConfig {
+            trace: true,
+            ..config
+        };
+        let (mut rerouted, mut away_from_killed) = (0, 0);
         for seed in 0..20 {
-            let report = run_checked(&config, seed);
+            let report = run_checked(&traced, seed);
             assert_eq!(report.final_active, vec![Some(2); 3]);
             rerouted += report.rerouted;
+            away_from_killed += report
+                .trace
+                .iter()
+                .filter(|l| l.contains("N1 gone, re-routing"))
+                .count();
         }
-        assert!(rerouted > 0, "no request was ever re-routed away from the killed node");
+        assert!(
+            rerouted > 0 && away_from_killed > 0,
+            "no request was re-routed away from the killed node"
+        );
     }
 
     #[test]
     fn skewed_node_activates_within_half_an_rtt_of_the_fence() {
-        let config = SimConfig { skews_ms: vec![5000, 0, -5000], gate_skew_ms: 5000, ..SimConfig::calm(3) };
+        let config = SimConfig {
+            skews_ms: vec![5000, 0, -5000],
+            gate_skew_ms: 5000,
+            ..SimConfig::calm(3)
+        };
         for seed in 0..20 {
             let report = run_checked(&config, seed);
             let eps = config.timing.clock_error();
-            let skewed: Vec<_> = report.activation_offsets.iter().filter(|&&(node, _, _)| node != 1).collect();
+            let skewed: Vec<_> = report
+                .activation_offsets
+                .iter()
+                .filter(|&&(node, _, _)| node != 1)
+                .collect();
             assert_eq!(skewed.len(), 2, "both skewed nodes switch on schedule");
-            assert!(skewed.iter().all(|&&(_, v, off)| v == 2 && off.abs() <= eps), "{skewed:?}");
+            assert!(
+                skewed
+                    .iter()
+                    .all(|&&(_, v, off)| v == 2 && off.abs() <= eps),
+                "{skewed:?}"
+            );
         }
     }
 
     /// The checker has teeth: each mutation is caught by the invariant it
     /// breaks on some seed.
     fn caught(variant: ProtocolVariant, invariant: &str) -> bool {
-        (0..500).any(|seed| simulate(&SimConfig::random(seed, variant), seed).violations.iter().any(|v| v.starts_with(invariant)))
+        (0..500).any(|seed| {
+            simulate(&SimConfig::random(seed, variant), seed)
+                .violations
+                .iter()
+                .any(|v| v.starts_with(invariant))
+        })
     }
 
     #[test]

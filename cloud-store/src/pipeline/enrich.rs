@@ -31,7 +31,9 @@ impl Stage for Enrich {
                     .state
                     .lookup(&def.lookup)
                     .and_then(|table| table.find(&key, def.matching, &def.column));
-                record.values.push(found.map_or(SqlValue::Null, |v| typed(v, def.ty)));
+                record
+                    .values
+                    .push(found.map_or(SqlValue::Null, |v| typed(v, def.ty)));
             }
         }
         Ok(())

@@ -214,7 +214,10 @@ mod tests {
             Ok(SqlValue::Float(21.0))
         );
         assert_eq!(
-            convert("taken_at", &f["taken_at"], None,
+            convert(
+                "taken_at",
+                &f["taken_at"],
+                None,
                 Some(&Value::from("2026-01-01T00:00:01Z"))
             ),
             Ok(SqlValue::Int(1_767_225_601_000))
@@ -223,13 +226,17 @@ mod tests {
             convert("taken_at", &f["taken_at"], None, Some(&Value::from(5))),
             Ok(SqlValue::Int(5))
         );
-        assert_eq!(convert("status", &f["status"], None, None), Ok(SqlValue::Null));
+        assert_eq!(
+            convert("status", &f["status"], None, None),
+            Ok(SqlValue::Null)
+        );
     }
 
     #[test]
     fn explains_each_failure() {
         let f = temperature();
-        let err = |name: &str, v: Option<Value>| convert(name, &f[name], None, v.as_ref()).unwrap_err();
+        let err =
+            |name: &str, v: Option<Value>| convert(name, &f[name], None, v.as_ref()).unwrap_err();
         assert!(err("seq", None).contains("required"));
         assert!(err("seq", Some(Value::from(1.5))).contains("expected an integer"));
         assert!(err("celsius", Some(Value::from(200.0))).contains("above the maximum 125"));
@@ -246,10 +253,13 @@ mod tests {
             values: Some(vec!["ok".into(), "new".into()]),
             ..FieldRule::default()
         };
-        let celsius = |v: f64| convert("celsius", &f["celsius"], Some(&rule), Some(&Value::from(v)));
+        let celsius =
+            |v: f64| convert("celsius", &f["celsius"], Some(&rule), Some(&Value::from(v)));
         assert!(celsius(60.0).unwrap_err().contains("above the maximum 50"));
         // The declared minimum still holds where the rule sets none.
-        assert!(celsius(-41.0).unwrap_err().contains("below the minimum -40"));
+        assert!(celsius(-41.0)
+            .unwrap_err()
+            .contains("below the minimum -40"));
         let status = |v: &str| convert("status", &f["status"], Some(&rule), Some(&Value::from(v)));
         assert_eq!(status("new"), Ok(SqlValue::Text("new".into())));
         assert!(status("warn").unwrap_err().contains("not one of"));
