@@ -143,10 +143,11 @@ async fn send_command(node: &nodes::NodeRow, command: &NodeCommand) -> Result<()
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
     let (mut reader, mut writer) = stream.into_split();
-    write_frame(&mut writer, node.secret.as_bytes())
-        .await
-        .and(write_frame(&mut writer, &encode_command(command)).await)
-        .map_err(|e| format!("cannot send: {e}"))?;
+    let sent = async {
+        write_frame(&mut writer, node.secret.as_bytes()).await?;
+        write_frame(&mut writer, &encode_command(command)).await
+    };
+    sent.await.map_err(|e| format!("cannot send: {e}"))?;
     // The node also says which state versions it holds; skip that.
     loop {
         let body = read_frame(&mut reader)
@@ -177,9 +178,9 @@ pub fn follow_schedule(db: Db, balancer: Balancer, clock: Arc<ClusterClock>) {
     tokio::spawn(async move {
         loop {
             let _ = store_state::sync_clock(&db, &clock).await;
-            match store_state::versions(&db).await {
+            match store_state::published(&db, 8).await {
                 Ok(rows) => {
-                    for row in rows.iter().filter(|r| r.status == "published").take(8) {
+                    for row in &rows {
                         balancer.announce(row.version, row.activate_at_ms.unwrap_or(0));
                     }
                 }

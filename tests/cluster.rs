@@ -222,17 +222,15 @@ impl Cluster {
 }
 
 pub(crate) fn start_broker(data: &Path, url: &str) -> Process {
-    Process::start(&[
-        "broker",
-        "--mqtt",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--data",
-        data.to_str().unwrap(),
-        "--database",
-        url,
-    ])
+    start_broker_with(data, url, &[])
+}
+
+pub(crate) fn start_broker_with(data: &Path, url: &str, extra: &[&str]) -> Process {
+    let data = data.to_str().unwrap();
+    let mut args = vec!["broker", "--mqtt", "127.0.0.1:0", "--http", "127.0.0.1:0"];
+    args.extend(["--data", data, "--database", url]);
+    args.extend_from_slice(extra);
+    Process::start(&args)
 }
 
 pub(crate) async fn cluster() -> Option<Cluster> {

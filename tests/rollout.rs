@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::cluster::{cluster, connected, start_broker, Cluster, Process};
+use crate::cluster::{cluster, connected, start_broker_with, Cluster, Process};
 use crate::harness::{publish_until, TEMPERATURE, WAIT};
 
 /// Received-at and the cluster clock are read a moment apart.
@@ -288,22 +288,10 @@ async fn a_coordinator_crash_between_steps_leaves_every_node_on_one_version() {
     let data = cluster.dir.path().join("broker");
     let restart = |cluster: &mut Cluster, crash: Option<&str>| {
         cluster.broker.kill9();
-        cluster.broker = match crash {
-            Some(point) => Process::start(&[
-                "broker",
-                "--mqtt",
-                "127.0.0.1:0",
-                "--http",
-                "127.0.0.1:0",
-                "--data",
-                data.to_str().unwrap(),
-                "--database",
-                &cluster.url,
-                "--test-crash",
-                point,
-            ]),
-            None => start_broker(&data, &cluster.url),
-        };
+        let crash: Vec<&str> = crash
+            .map(|point| vec!["--test-crash", point])
+            .unwrap_or_default();
+        cluster.broker = start_broker_with(&data, &cluster.url, &crash);
     };
     let push_dies = |cluster: &Cluster| {
         let url = format!(

@@ -242,18 +242,36 @@ pub async fn abandon_staged(db: &Db) -> Result<u64, String> {
 }
 
 pub async fn version_row(db: &Db, version: u64) -> Result<Option<VersionRow>, String> {
-    Ok(versions(db)
-        .await?
-        .into_iter()
-        .find(|r| r.version == version))
+    let rows = select_versions(db, "version = $1", version as i64, 1).await?;
+    Ok(rows.into_iter().next())
 }
 
 /// Every version, newest first.
 pub async fn versions(db: &Db) -> Result<Vec<VersionRow>, String> {
+    select_versions(db, "$1 = $1", 0, i64::MAX).await
+}
+
+/// The newest `limit` published versions, newest first. Nodes and brokers
+/// poll this, so it reads only what it returns.
+pub async fn published(db: &Db, limit: i64) -> Result<Vec<VersionRow>, String> {
+    select_versions(db, "status = 'published' AND $1 = $1", 0, limit).await
+}
+
+/// Version rows matching `condition` (which binds `$1` to `value`).
+async fn select_versions(
+    db: &Db,
+    condition: &str,
+    value: i64,
+    limit: i64,
+) -> Result<Vec<VersionRow>, String> {
+    let sql = format!(
+        "SELECT version, key, sha256, status, activate_at, staged_by FROM fleetgate_state \
+         WHERE {condition} ORDER BY version DESC LIMIT $2"
+    );
     with_pool!(db, pool => {
-        sqlx::query(
-            "SELECT version, key, sha256, status, activate_at, staged_by FROM fleetgate_state ORDER BY version DESC",
-        )
+        sqlx::query(&sql)
+        .bind(value)
+        .bind(limit)
         .fetch_all(pool)
         .await
         .map(|rows| {
@@ -274,11 +292,8 @@ pub async fn versions(db: &Db) -> Result<Vec<VersionRow>, String> {
 
 /// The newest published version, as its announcement.
 pub async fn newest_published(db: &Db) -> Result<Option<StateAnnouncement>, String> {
-    Ok(versions(db)
-        .await?
-        .into_iter()
-        .find(|r| r.status == "published")
-        .map(|r| r.announcement()))
+    let rows = published(db, 1).await?;
+    Ok(rows.first().map(VersionRow::announcement))
 }
 
 impl VersionRow {
@@ -569,11 +584,7 @@ impl StateFollower {
         let _learning = self.learning.lock().await;
         sync_clock(&self.db, self.store.clock()).await?;
         let now = self.store.clock().now_ms();
-        let published: Vec<VersionRow> = versions(&self.db)
-            .await?
-            .into_iter()
-            .filter(|r| r.status == "published")
-            .collect();
+        let published = published(&self.db, i64::MAX).await?;
         let mut due = published
             .iter()
             .filter(|r| r.activate_at_ms.unwrap_or(0) <= now);
