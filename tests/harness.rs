@@ -404,7 +404,18 @@ impl Drop for Server {
 
 /// Runs the `fleetgate` binary as a client of `server`: (success, stdout, stderr).
 pub fn fleetgate(server: &Server, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+    outcome(fleetgate_command(server, args).output().unwrap())
+}
+
+/// The same, without blocking the async runtime.
+pub async fn fleetgate_async(server: &Server, args: &[&str]) -> (bool, String, String) {
+    let mut command = tokio::process::Command::from(fleetgate_command(server, args));
+    outcome(command.output().await.unwrap())
+}
+
+fn fleetgate_command(server: &Server, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fleetgate"));
+    command
         .args(args)
         .args([
             "--server",
@@ -412,9 +423,11 @@ pub fn fleetgate(server: &Server, args: &[&str]) -> (bool, String, String) {
             "--data",
             &server.data_dir().display().to_string(),
         ])
-        .env_remove("FLEETGATE_TOKEN")
-        .output()
-        .unwrap();
+        .env_remove("FLEETGATE_TOKEN");
+    command
+}
+
+fn outcome(output: std::process::Output) -> (bool, String, String) {
     (
         output.status.success(),
         String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -8,29 +8,14 @@ use std::time::Duration;
 use fleetgate_protocol::Role;
 use serde_json::{json, Value};
 
-use crate::harness::{connect_v4, fleetgate, now, publish_acked, publish_until, Backend, Server};
+use crate::harness::{
+    connect_v4, fleetgate, fleetgate_async, now, publish_acked, publish_until, Backend, Server,
+};
 use crate::on_both_backends;
 
 /// Records whose arrival is this close to the activation time may fall on
 /// either side: received-at and the cluster clock are read a moment apart.
 const BOUNDARY_MS: i64 = 2;
-
-/// `fleetgate ARGS` against `server`, without blocking the runtime.
-async fn fleetgate_async(server: &Server, args: &[&str]) -> (bool, String, String) {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetgate"))
-        .args(args)
-        .args(["--server", &format!("http://{}", server.http)])
-        .args(["--data", &server.data_dir().display().to_string()])
-        .env_remove("FLEETGATE_TOKEN")
-        .output()
-        .await
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
 
 /// Seq → received_at of stored and of rejected records.
 async fn split_by_outcome(server: &Server) -> (Vec<(i64, i64)>, Vec<(i64, i64, String)>) {
