@@ -54,11 +54,17 @@ pub struct BenchArgs {
     /// Handshakes per measurement with --sdk.
     #[arg(long, default_value_t = 50)]
     handshakes: usize,
+    /// State rollouts (rules pushes that change no outcome) during the load,
+    /// one every 1.5 s, to measure the ingest pause around each activation.
+    #[arg(long, default_value_t = 0)]
+    rollouts: usize,
 }
 
 struct Load {
     elapsed: Duration,
     latencies: Vec<Duration>,
+    /// Each message's publish instant and its latency, in no order.
+    timeline: Vec<(Instant, Duration)>,
     acked: usize,
 }
 
@@ -373,7 +379,7 @@ async fn run_load(target: &Target, args: &BenchArgs) -> anyhow::Result<Load> {
                         if expected != pkid {
                             bail!("PUBACK {pkid} out of order (expected {expected})");
                         }
-                        latencies.push(at.elapsed());
+                        latencies.push((at, at.elapsed()));
                     }
                     drop(sent);
                     window.add_permits(whole / 4);
@@ -386,17 +392,104 @@ async fn run_load(target: &Target, args: &BenchArgs) -> anyhow::Result<Load> {
             latencies
         }));
     }
-    let mut latencies = Vec::new();
+    let mut timeline = Vec::new();
     for task in tasks {
-        latencies.extend(task.await??);
+        timeline.extend(task.await??);
     }
     let elapsed = started.elapsed();
+    let mut latencies: Vec<Duration> = timeline.iter().map(|(_, l)| *l).collect();
     latencies.sort();
     Ok(Load {
         elapsed,
         acked: latencies.len(),
         latencies,
+        timeline,
     })
+}
+
+/// Pushes `count` rules documents for the bench stream while the load runs,
+/// 1.5 s apart, each waiting for every store's confirmation. They move
+/// `value`'s maximum about above anything the load sends, so they change
+/// no outcome: what they cost is the pause. Returns each activation instant
+/// (Unix ms on the cluster clock, which on one machine is this clock).
+async fn push_rollouts(
+    http: &reqwest::Client,
+    server: &Spawned,
+    count: usize,
+    stop: &AtomicBool,
+) -> anyhow::Result<Vec<i64>> {
+    let mut activations = Vec::new();
+    for i in 0..count {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        if stop.load(Ordering::Relaxed) {
+            bail!("the load ended after {i} of {count} rollouts; give it more --messages");
+        }
+        let body = json!({
+            "text": format!("[fields.value]\nmax = {}.0\n", 950 + i),
+            "format": "toml",
+        });
+        let report = api(
+            http,
+            server,
+            "/v1/state/rules/bench",
+            body.to_string().into(),
+            true,
+        )
+        .await?;
+        let at = report["activate_at_ms"]
+            .as_i64()
+            .ok_or_else(|| anyhow!("push answered {report}"))?;
+        activations.push(at);
+    }
+    Ok(activations)
+}
+
+/// Publish → PUBACK latency of messages published just after an activation
+/// instant (which wait for their store's confirmation) against the rest.
+fn report_rollout_pause(load: &Load, activations: &[i64]) {
+    let (now_instant, now_ms) = (Instant::now(), fleetgate_protocol::unix_now_ms());
+    let instant_of = |ms: i64| {
+        let back = Duration::from_millis((now_ms - ms).max(0) as u64);
+        now_instant.checked_sub(back).unwrap_or(now_instant)
+    };
+    let fences: Vec<Instant> = activations.iter().map(|ms| instant_of(*ms)).collect();
+    let window = Duration::from_millis(100);
+    let (mut after, mut elsewhere) = (Vec::new(), Vec::new());
+    for (sent, latency) in &load.timeline {
+        let near = |fence: &Instant| {
+            sent.checked_duration_since(*fence)
+                .is_some_and(|d| d < window)
+        };
+        let far = fences
+            .iter()
+            .all(|f| sent.duration_since(*f).max(f.duration_since(*sent)) > Duration::from_secs(1));
+        if fences.iter().any(near) {
+            after.push(*latency);
+        } else if far {
+            elsewhere.push(*latency);
+        }
+    }
+    after.sort();
+    elsewhere.sort();
+    println!(
+        "  state rollouts during the load: {} (each confirmed by every store)",
+        activations.len()
+    );
+    println!(
+        "    published in the {} ms after an activation ({} messages): p50 {}  p99 {}  max {}",
+        window.as_millis(),
+        after.len(),
+        ms(percentile(&after, 0.50)),
+        ms(percentile(&after, 0.99)),
+        ms(*after.last().unwrap_or(&Duration::ZERO))
+    );
+    println!(
+        "    published over 1 s from any activation ({} messages): p50 {}  p99 {}  max {}",
+        elsewhere.len(),
+        ms(percentile(&elsewhere, 0.50)),
+        ms(percentile(&elsewhere, 0.99)),
+        ms(*elsewhere.last().unwrap_or(&Duration::ZERO))
+    );
 }
 
 fn encode_publish(out: &mut Vec<u8>, topic: &str, pkid: u16, payload: &[u8]) {
@@ -609,15 +702,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let stop = AtomicBool::new(false);
     let probe_token = probe["token"].as_str().unwrap_or_default().to_string();
-    let (load, probes) = tokio::join!(
+    let (load, probes, activations) = tokio::join!(
         async {
             let load = run_load(&target, &args).await;
             stop.store(true, Ordering::Relaxed);
             load
         },
-        probe_queryable(&server, probe_token, &stop)
+        probe_queryable(&server, probe_token, &stop),
+        push_rollouts(&http, &server, args.rollouts, &stop)
     );
-    let (load, probes) = (load?, probes?);
+    let (load, probes, activations) = (load?, probes?, activations?);
     let revocations = measure_revocations(&http, &server, args.revocations).await?;
 
     let count = api(
@@ -663,6 +757,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         ms(percentile(&probes, 0.50)),
         ms(percentile(&probes, 0.99))
     );
+    if !activations.is_empty() {
+        report_rollout_pause(&load, &activations);
+    }
     if !revocations.is_empty() {
         println!(
             "  revocation, command -> connection closed ({} devices): p50 {}  p99 {}",

@@ -1,6 +1,7 @@
 //! Cluster state rollout in the binary: how the coordinator reaches the
 //! stores in each mode ([`LocalStores`] for `up`, [`ClusterStores`] for
-//! `fleetgate broker`), and the HTTP routes behind `fleetgate state`.
+//! `fleetgate broker`), the retained `$fleet/state/<key>` topics
+//! ([`StateTopicFeed`]), and the HTTP routes behind `fleetgate state`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use fleetgate_admin::rollout::{RolloutError, StateTransport};
 use fleetgate_broker::balancer::Balancer;
+use fleetgate_broker::PlatformTopics;
 use fleetgate_protocol::ingest::BoxFuture;
 use fleetgate_protocol::node::{encode_command, read_frame, write_frame, NodeCommand, NodeFrame};
 use fleetgate_protocol::state::{
@@ -22,12 +24,60 @@ use serde_json::{json, Value};
 use tokio::net::TcpStream;
 
 use crate::http::{ApiError, AppState, Caller};
+use fleetgate_protocol::topic::state_topic;
 use fleetgate_protocol::Role;
+
+/// Keeps the gatekeeper's retained `$fleet/state/<key>` topics on each
+/// key's newest published version: its number, activation time and
+/// document, for operators and analytics clients to watch.
+#[derive(Clone)]
+pub struct StateTopicFeed {
+    pub db: Db,
+    pub topics: PlatformTopics,
+}
+
+impl StateTopicFeed {
+    pub async fn refresh(&self) -> Result<(), String> {
+        for row in store_state::newest_per_key(&self.db).await? {
+            let topic = state_topic(&row.key);
+            if self.topics.revision(&topic) >= Some(row.version) {
+                continue;
+            }
+            let document = store_state::document(&self.db, row.version).await?;
+            let value: Value = serde_json::from_str(&document)
+                .map_err(|e| format!("state version {} is corrupt: {e}", row.version))?;
+            let payload = json!({
+                "key": row.key,
+                "version": row.version,
+                "activate_at_ms": row.activate_at_ms,
+                "sha256": row.sha256,
+                "value": value,
+            });
+            self.topics
+                .retain(&topic, row.version, payload.to_string().into());
+        }
+        Ok(())
+    }
+
+    /// Refreshes now and then every `poll` (for versions other brokers
+    /// publish; the local coordinator refreshes as it announces).
+    pub fn follow(self, poll: Duration) {
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = self.refresh().await {
+                    tracing::warn!(error = %e, "cannot refresh the state topics");
+                }
+                tokio::time::sleep(poll).await;
+            }
+        });
+    }
+}
 
 /// `up`: the store is in this process.
 pub struct LocalStores {
     pub db: Db,
     pub follower: StateFollower,
+    pub feed: StateTopicFeed,
 }
 
 /// The id a single-process store confirms under.
@@ -53,6 +103,9 @@ impl StateTransport for LocalStores {
             if let Err(e) = self.follower.learn(announcement).await {
                 tracing::error!(error = %e, "the local store cannot take in the state version");
             }
+            if let Err(e) = self.feed.refresh().await {
+                tracing::warn!(error = %e, "cannot refresh the state topics");
+            }
         })
     }
 
@@ -70,6 +123,7 @@ impl StateTransport for LocalStores {
 pub struct ClusterStores {
     pub db: Db,
     pub balancer: Balancer,
+    pub feed: StateTopicFeed,
 }
 
 impl StateTransport for ClusterStores {
@@ -119,6 +173,9 @@ impl StateTransport for ClusterStores {
                 .announce(announcement.version, announcement.activate_at_ms);
             let payload = serde_json::to_string(&announcement).expect("announcement serializes");
             self.db.notify(STATE_CHANNEL, &payload).await;
+            if let Err(e) = self.feed.refresh().await {
+                tracing::warn!(error = %e, "cannot refresh the state topics");
+            }
         })
     }
 

@@ -14,7 +14,7 @@ use fleetgate_admin::{
     unix_now, AuditLog, Bans, Platform, RefusalLedger, Registry, RegistryEvent, TokenAuthenticator,
 };
 use fleetgate_broker::balancer::Balancer;
-use fleetgate_broker::{EndReason, Gatekeeper, GatekeeperConfig, Upstream};
+use fleetgate_broker::{EndReason, Gatekeeper, GatekeeperConfig, PlatformTopics, Upstream};
 use fleetgate_protocol::schema::StreamsFile;
 use fleetgate_protocol::state::ClusterClock;
 use fleetgate_protocol::IngestService;
@@ -245,6 +245,13 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         grace: args.state_grace,
         fault: args.test_crash,
     };
+    let platform_topics = PlatformTopics::default();
+    let feed = crate::state::StateTopicFeed {
+        db: db.clone(),
+        topics: platform_topics.clone(),
+    };
+    // Other brokers' pushes, and what was published before this start.
+    feed.clone().follow(Duration::from_millis(500));
     let (ingest, transport, local_state): (_, Arc<dyn StateTransport>, _) = match cluster_hold {
         None => {
             let states = Arc::new(StateStore::new(clock.clone()));
@@ -266,6 +273,7 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
             let transport = crate::state::LocalStores {
                 db: db.clone(),
                 follower,
+                feed,
             };
             (
                 Ingest::Local(Arc::new(store)),
@@ -288,6 +296,7 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
             let transport = crate::state::ClusterStores {
                 db: db.clone(),
                 balancer: balancer.clone(),
+                feed,
             };
             (Ingest::Cluster(balancer), Arc::new(transport) as _, None)
         }
@@ -313,6 +322,7 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         auth.clone(),
         ingest_service,
         upstream,
+        platform_topics,
         &mut metrics,
     )?);
     spawn_revocation_follower(&registry, gatekeeper.clone());

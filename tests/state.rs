@@ -9,7 +9,8 @@ use fleetgate_protocol::Role;
 use serde_json::{json, Value};
 
 use crate::harness::{
-    connect_v4, fleetgate, fleetgate_async, now, publish_acked, publish_until, Backend, Server,
+    connect_v4, connect_v5, fleetgate, fleetgate_async, mosquitto_available, now, publish_acked,
+    publish_until, Backend, Server,
 };
 use crate::on_both_backends;
 
@@ -361,4 +362,155 @@ async fn bad_state_and_bad_callers_are_refused_before_anything_changes(backend: 
         .api("GET", "/v1/audit", Some(&server.admin), None)
         .await;
     assert!(!audit.to_string().contains("state.push"), "{audit}");
+}
+
+/// What a `$fleet/state/<key>` message says.
+fn announcement(payload: &[u8]) -> Value {
+    serde_json::from_slice(payload).expect("state announcements are JSON")
+}
+
+on_both_backends!(state_versions_are_announced_on_retained_platform_topics);
+async fn state_versions_are_announced_on_retained_platform_topics(backend: Backend) {
+    use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
+    use rumqttc::v5::mqttbytes::QoS;
+
+    let mut server = Server::with_temperature(backend).await;
+    let analyst = server.add_device("a1", "extract").await;
+    let sensor = server.add_device("t1", "ingest").await;
+
+    let mut watcher = connect_v5(&server, "a1", &analyst).await.unwrap();
+    assert!(matches!(
+        watcher.subscribe("$fleet/state/#").await,
+        SubscribeReasonCode::Success(_)
+    ));
+    let mut device = connect_v5(&server, "t1", &sensor).await.unwrap();
+    assert_eq!(
+        device.subscribe("$fleet/state/#").await,
+        SubscribeReasonCode::NotAuthorized,
+        "state topics are not for ingest-only devices"
+    );
+
+    let rules = server.data_dir().join("cooler.toml");
+    std::fs::write(&rules, "[fields.celsius]\nmax = 50.0\n").unwrap();
+    let rules = rules.display().to_string();
+    let (ok, out, err) = fleetgate_async(
+        &server,
+        &[
+            "state",
+            "push",
+            "rules/temperature",
+            &rules,
+            "--at",
+            "+2s",
+            "--no-wait",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let pushed: Value = serde_json::from_str(&out).unwrap();
+
+    // Announced as soon as it is published, before it takes effect.
+    let (topic, live) = watcher
+        .expect(|p| match p {
+            Packet::Publish(p) => Some((p.topic.clone(), p.clone())),
+            _ => None,
+        })
+        .await;
+    assert_eq!(topic, "$fleet/state/rules/temperature");
+    assert!(
+        !live.retain,
+        "a message to an existing subscriber is not flagged retained"
+    );
+    let said = announcement(&live.payload);
+    assert_eq!(said["version"], pushed["version"], "{said} vs {pushed}");
+    assert_eq!(said["key"], "rules/temperature");
+    assert_eq!(said["activate_at_ms"], pushed["activate_at_ms"]);
+    assert_eq!(
+        said["value"]["rules"]["fields"]["celsius"]["max"], 50.0,
+        "{said}"
+    );
+
+    // Nobody publishes under $fleet/, admins included.
+    let mut admin = connect_v5(&server, "admin", &server.admin).await.unwrap();
+    admin
+        .client
+        .publish(
+            "$fleet/state/rules/temperature",
+            QoS::AtLeastOnce,
+            true,
+            "{\"version\": 999}",
+        )
+        .await
+        .unwrap();
+    let refused = admin
+        .expect(|p| match p {
+            Packet::PubAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        format!("{refused:?}"),
+        "NotAuthorized",
+        "a publish under $fleet/ is refused"
+    );
+    watcher
+        .assert_silent(Duration::from_millis(300), "after a refused publish")
+        .await;
+
+    // A later subscriber, after a restart, gets the retained message, from a
+    // real client too.
+    drop((watcher, device, admin));
+    assert!(server.interrupt().success());
+    server.restart();
+    let check_retained = |said: Value| {
+        assert_eq!(said["version"], pushed["version"]);
+        assert_eq!(said["value"]["rules"]["fields"]["celsius"]["max"], 50.0);
+    };
+    let mut late = connect_v5(&server, "a1", &analyst).await.unwrap();
+    late.client
+        .subscribe("$fleet/state/+/temperature", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let retained = late
+        .expect(|p| match p {
+            Packet::Publish(p) => Some(p.clone()),
+            _ => None,
+        })
+        .await;
+    assert!(retained.retain, "sent on subscribe, so flagged retained");
+    check_retained(announcement(&retained.payload));
+    drop(late);
+    if mosquitto_available() {
+        let port = server.mqtt.port().to_string();
+        let analyst = analyst.clone();
+        let output = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("mosquitto_sub")
+                .args(["-p", &port, "-i", "a1", "-u", "a1", "-P", &analyst])
+                .args([
+                    "-t",
+                    "$fleet/state/#",
+                    "-C",
+                    "1",
+                    "-W",
+                    "10",
+                    "-F",
+                    "%r %t %p",
+                ])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let line = String::from_utf8_lossy(&output.stdout).to_string();
+        let (flags, payload) = line
+            .split_once(" $fleet/state/rules/temperature ")
+            .unwrap_or_else(|| {
+                let err = String::from_utf8_lossy(&output.stderr);
+                panic!("mosquitto_sub printed {line:?}, {err:?}")
+            });
+        assert_eq!(flags, "1", "retained flag as mosquitto_sub sees it");
+        check_retained(announcement(payload.trim().as_bytes()));
+    } else {
+        eprintln!("mosquitto_sub is not installed; only rumqttc read the retained topic");
+    }
 }

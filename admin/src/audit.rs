@@ -43,9 +43,7 @@ impl AuditLog {
         target: &str,
         detail: Value,
     ) -> Result<(), String> {
-        let at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
+        let at = crate::unix_now_ms();
         with_pool!(self.db, pool => {
             sqlx::query("INSERT INTO fleetgate_audit (at, actor, action, target, detail) VALUES ($1, $2, $3, $4, $5)")
                 .bind(at)

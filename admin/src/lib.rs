@@ -27,16 +27,4 @@ pub use platform::Platform;
 pub use refusals::RefusalLedger;
 pub use registry::{Device, Registry, RegistryEvent};
 
-/// Current time in Unix seconds.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
-/// Current time in Unix milliseconds.
-pub fn unix_now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+pub use fleetgate_protocol::{unix_now, unix_now_ms};

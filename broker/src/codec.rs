@@ -34,6 +34,7 @@ pub const PUBLISH: u8 = 3;
 pub const PUBREL: u8 = 6;
 pub const SUBSCRIBE: u8 = 8;
 pub const SUBACK: u8 = 9;
+pub const UNSUBSCRIBE: u8 = 10;
 pub const PINGREQ: u8 = 12;
 pub const PINGRESP: u8 = 13;
 pub const DISCONNECT: u8 = 14;
@@ -628,27 +629,36 @@ impl Subscribe {
     }
 }
 
-/// A SUBACK refusing every filter.
-pub fn suback_refused(version: Version, pkid: u16, count: usize) -> Bytes {
-    merge_suback(version, pkid, &vec![false; count], &[])
+/// What became of one filter of a SUBSCRIBE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterFate {
+    /// Passed to the embedded broker, which grants it.
+    Forwarded,
+    /// Refused by role.
+    Refused,
+    /// A platform topic the gatekeeper serves itself, granted at QoS 0.
+    ServedHere,
+}
+
+/// A SUBACK for filters none of which went to the embedded broker.
+pub fn suback_local(version: Version, pkid: u16, fates: &[FilterFate]) -> Bytes {
+    merge_suback(version, pkid, fates, &[])
 }
 
 /// Builds the SUBACK the device expects from the one the embedded broker
-/// sent for the allowed filters only: `allowed[i]` says whether filter `i`
-/// was forwarded; forwarded filters take their codes from `upstream`.
-pub fn merge_suback(version: Version, pkid: u16, allowed: &[bool], upstream: &[u8]) -> Bytes {
+/// sent for the forwarded filters only; forwarded filters take their codes
+/// from `upstream`, in order.
+pub fn merge_suback(version: Version, pkid: u16, fates: &[FilterFate], upstream: &[u8]) -> Bytes {
     let mut codes = upstream.iter();
     let mut out = BytesMut::new();
     // Failure codes: 0x80 in 3.1.1, 0x87 (not authorized) in 5.
     let refused = if version == Version::V4 { 0x80 } else { 0x87 };
-    let merged: Vec<u8> = allowed
+    let merged: Vec<u8> = fates
         .iter()
-        .map(|ok| {
-            if *ok {
-                *codes.next().unwrap_or(&0x80)
-            } else {
-                refused
-            }
+        .map(|fate| match fate {
+            FilterFate::Forwarded => *codes.next().unwrap_or(&0x80),
+            FilterFate::Refused => refused,
+            FilterFate::ServedHere => 0,
         })
         .collect();
     let properties = if version == Version::V5 { 1 } else { 0 };
@@ -659,6 +669,68 @@ pub fn merge_suback(version: Version, pkid: u16, allowed: &[bool], upstream: &[u
         out.put_u8(0);
     }
     out.extend_from_slice(&merged);
+    out.freeze()
+}
+
+/// An UNSUBSCRIBE's packet id and filters.
+pub fn unsubscribe_filters(
+    version: Version,
+    header: &Header,
+    frame: Bytes,
+) -> Result<(u16, Vec<String>), CodecError> {
+    match version {
+        Version::V4 => v4::Unsubscribe::read(header.v4(), frame)
+            .map(|u| (u.pkid, u.topics))
+            .map_err(malformed),
+        Version::V5 => v5::Unsubscribe::read(header.v5(), frame)
+            .map(|u| (u.pkid, u.filters))
+            .map_err(malformed),
+    }
+}
+
+/// An UNSUBACK reporting success for `count` filters.
+pub fn unsuback(version: Version, pkid: u16, count: usize) -> Bytes {
+    let mut out = BytesMut::new();
+    match version {
+        Version::V4 => v4::UnsubAck::new(pkid)
+            .write(&mut out)
+            .map(drop)
+            .map_err(malformed),
+        Version::V5 => v5::UnsubAck {
+            pkid,
+            reasons: vec![v5::UnsubAckReason::Success; count],
+            properties: None,
+        }
+        .write(&mut out)
+        .map(drop)
+        .map_err(malformed),
+    }
+    .expect("unsuback encodes");
+    out.freeze()
+}
+
+/// A QoS 0 PUBLISH the gatekeeper itself sends (platform topics).
+pub fn publish_qos0(version: Version, topic: &str, payload: Bytes, retain: bool) -> Bytes {
+    let mut out = BytesMut::new();
+    match version {
+        Version::V4 => {
+            let mut publish =
+                v4::Publish::new(topic, rumqttc::mqttbytes::QoS::AtMostOnce, payload.to_vec());
+            publish.retain = retain;
+            publish.write(&mut out).map(drop).map_err(malformed)
+        }
+        Version::V5 => {
+            let mut publish = v5::Publish::new(
+                topic,
+                rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+                payload,
+                None,
+            );
+            publish.retain = retain;
+            publish.write(&mut out).map(drop).map_err(malformed)
+        }
+    }
+    .expect("publish encodes");
     out.freeze()
 }
 
@@ -703,10 +775,36 @@ mod tests {
 
     #[test]
     fn merged_suback_keeps_filter_order() {
-        let bytes = merge_suback(Version::V4, 7, &[true, false, true], &[0x01, 0x00]);
-        assert_eq!(&bytes[..], &[0x90, 5, 0, 7, 0x01, 0x80, 0x00]);
-        let bytes = merge_suback(Version::V5, 7, &[false], &[]);
+        use FilterFate::*;
+        let bytes = merge_suback(
+            Version::V4,
+            7,
+            &[Forwarded, Refused, ServedHere, Forwarded],
+            &[0x01, 0x00],
+        );
+        assert_eq!(&bytes[..], &[0x90, 6, 0, 7, 0x01, 0x80, 0x00, 0x00]);
+        let bytes = suback_local(Version::V5, 7, &[Refused]);
         assert_eq!(&bytes[..], &[0x90, 4, 0, 7, 0, 0x87]);
+    }
+
+    #[test]
+    fn platform_publishes_and_unsubacks_read_back() {
+        let bytes = publish_qos0(
+            Version::V5,
+            "$fleet/state/x",
+            Bytes::from_static(b"{}"),
+            true,
+        );
+        assert_eq!(bytes[0], 0x31, "PUBLISH, QoS 0, retain");
+        let bytes = publish_qos0(
+            Version::V4,
+            "$fleet/state/x",
+            Bytes::from_static(b"{}"),
+            false,
+        );
+        assert_eq!(bytes[0], 0x30);
+        assert_eq!(&unsuback(Version::V4, 9, 2)[..], &[0xB0, 2, 0, 9]);
+        assert_eq!(&unsuback(Version::V5, 9, 2)[..], &[0xB0, 5, 0, 9, 0, 0, 0]);
     }
 
     #[test]

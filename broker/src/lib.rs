@@ -12,9 +12,11 @@
 //! - [`upstream`]: the embedded rumqttd and the live feed into it.
 //! - [`tls`]: MQTT over TLS (and the HTTP API's), handshakes off the accept loop.
 //! - [`balancer`]: cluster mode, ingest spread over store nodes.
+//! - [`platform_topics`]: the retained `$fleet/...` topics served here.
 
 pub mod balancer;
 pub mod codec;
+pub mod platform_topics;
 mod session;
 pub mod sessions;
 pub mod tls;
@@ -31,6 +33,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+pub use platform_topics::PlatformTopics;
 pub use sessions::EndReason;
 use sessions::Sessions;
 pub use upstream::Upstream;
@@ -70,6 +73,7 @@ pub(crate) struct Shared {
     pub upstream: Arc<Upstream>,
     pub sessions: Sessions,
     pub metrics: GatekeeperMetrics,
+    pub platform: PlatformTopics,
 }
 
 pub struct Gatekeeper {
@@ -88,6 +92,7 @@ impl Gatekeeper {
         auth: Arc<dyn Authenticate>,
         ingest: Arc<dyn IngestService>,
         upstream: Arc<Upstream>,
+        platform: PlatformTopics,
         registry: &mut Registry,
     ) -> std::io::Result<Gatekeeper> {
         let metrics = GatekeeperMetrics {
@@ -124,6 +129,7 @@ impl Gatekeeper {
             upstream,
             sessions: Sessions::default(),
             metrics,
+            platform,
         });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(Gatekeeper {

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use fleetgate_protocol::topic::{may_publish, may_subscribe, IngestTopic};
-use fleetgate_protocol::{AuthError, IngestMessage, IngestOutcome, Principal};
+use fleetgate_protocol::topic::{is_platform_filter, may_publish, may_subscribe, IngestTopic};
+use fleetgate_protocol::{unix_now_ms, AuthError, IngestMessage, IngestOutcome, Principal};
 use futures::stream::{FuturesOrdered, StreamExt};
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -26,8 +26,9 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::codec::{
     self, connack_refusal, connect_version, publish_ack, AckReason, CodecError, Connect,
-    DisconnectReasonCode, Frame, FrameReader, Header, Refusal, Subscribe, Version,
+    DisconnectReasonCode, FilterFate, Frame, FrameReader, Header, Refusal, Subscribe, Version,
 };
+use crate::platform_topics::PlatformSubscriber;
 use crate::sessions::{EndReason, SessionHandle};
 use crate::Shared;
 
@@ -122,6 +123,8 @@ pub(crate) async fn run(read_half: ClientRead, mut write_half: ClientWrite, shar
         pending_subacks: Arc::new(Mutex::new(HashMap::new())),
         inflight: Arc::new(Semaphore::new(shared.config.max_inflight)),
         live_readers: 0,
+        relay: None,
+        platform: None,
     };
     session.serve(reader, write_half, upstream, will).await;
     expiry.abort();
@@ -266,13 +269,20 @@ struct Session {
     local_qos2: HashSet<u16>,
     /// QoS 2 publishes relayed to the embedded broker, whose PUBREL is its.
     forwarded_qos2: HashSet<u16>,
-    /// SUBSCRIBEs forwarded with some filters removed: pkid → which were kept.
-    pending_subacks: Arc<Mutex<HashMap<u16, Vec<bool>>>>,
+    /// SUBSCRIBEs forwarded with some filters removed: pkid → what became
+    /// of each filter.
+    pending_subacks: PendingSubacks,
     /// Bounds publishes awaiting commit on this connection.
     inflight: Arc<Semaphore>,
     /// Live-capable subscriptions this session added to the shared count.
     live_readers: usize,
+    /// The writer's queue for packets that are not acknowledgements.
+    relay: Option<mpsc::Sender<Bytes>>,
+    /// Started at the first subscription to a platform topic.
+    platform: Option<PlatformSubscriber>,
 }
+
+type PendingSubacks = Arc<Mutex<HashMap<u16, Vec<FilterFate>>>>;
 
 /// How the reader loop ended.
 enum End {
@@ -295,6 +305,7 @@ impl Session {
         let (acks, ack_queue) = mpsc::channel::<AckFuture>(MAX_PENDING_ACKS);
         let (relay, relay_queue) = mpsc::channel::<Bytes>(1024);
         let writer = tokio::spawn(write_loop(client, ack_queue, relay_queue));
+        self.relay = Some(relay.clone());
         let upstream_task = tokio::spawn(relay_upstream(
             upstream.reader,
             self.version,
@@ -330,6 +341,7 @@ impl Session {
             writer.abort();
         }
         upstream_task.abort();
+        self.platform = None;
         if let End::Ended(reason) = &end {
             if *reason != EndReason::TakenOver {
                 // The platform ended it (revoked, banned, re-roled, shutting
@@ -492,6 +504,28 @@ impl Session {
                 self.on_subscribe(subscribe, bytes, up, acks).await?;
                 Ok(None)
             }
+            codec::UNSUBSCRIBE => {
+                let (pkid, filters) =
+                    codec::unsubscribe_filters(self.version, &header, bytes.clone())?;
+                let platform: Vec<String> = filters
+                    .iter()
+                    .filter(|f| is_platform_filter(f))
+                    .cloned()
+                    .collect();
+                let all_platform = platform.len() == filters.len();
+                if let Some(subscriber) = &self.platform {
+                    subscriber.unsubscribe(platform);
+                }
+                if all_platform {
+                    let _ = acks
+                        .send(ready(codec::unsuback(self.version, pkid, filters.len())))
+                        .await;
+                } else {
+                    // The embedded broker skips filters it never had.
+                    forward(up, &bytes).await?;
+                }
+                Ok(None)
+            }
             codec::PUBREL => {
                 let pkid = codec::pubrel_pkid(self.version, &header, bytes.clone())?;
                 if self.forwarded_qos2.remove(&pkid) {
@@ -518,8 +552,8 @@ impl Session {
             codec::CONNECT => Err(CodecError::Malformed(
                 "second CONNECT on one connection".into(),
             )),
-            // PUBACK, PUBREC, PUBCOMP for deliveries, UNSUBSCRIBE, AUTH.
-            4 | 5 | 7 | 10 | 15 => {
+            // PUBACK, PUBREC, PUBCOMP for deliveries, AUTH.
+            4 | 5 | 7 | 15 => {
                 forward(up, &bytes).await?;
                 Ok(None)
             }
@@ -582,7 +616,7 @@ impl Session {
             device_id: device,
             payload: message.payload,
             truncated_from: message.truncated_from,
-            received_at_ms: now_ms(),
+            received_at_ms: unix_now_ms(),
             state_version: None,
         };
         let Ok(pending) = self.shared.ingest.submit(ingest_message).await else {
@@ -659,11 +693,16 @@ impl Session {
         let Principal {
             role, device_id, ..
         } = &self.principal;
-        let mut allowed = Vec::new();
+        let mut fates = Vec::new();
+        let mut served_here = Vec::new();
         for filter in subscribe.filters() {
             match may_subscribe(*role, device_id, filter) {
+                Ok(()) if is_platform_filter(filter) => {
+                    fates.push(FilterFate::ServedHere);
+                    served_here.push(filter.to_string());
+                }
                 Ok(()) => {
-                    allowed.push(true);
+                    fates.push(FilterFate::Forwarded);
                     if can_receive_live(filter) {
                         self.live_readers += 1;
                         self.shared
@@ -673,7 +712,7 @@ impl Session {
                     }
                 }
                 Err(denied) => {
-                    allowed.push(false);
+                    fates.push(FilterFate::Refused);
                     self.shared.metrics.subscribes_denied.inc();
                     self.shared
                         .auth
@@ -681,24 +720,29 @@ impl Session {
                 }
             }
         }
+        if !served_here.is_empty() {
+            let relay = self.relay.clone().expect("relay queue set before reading");
+            let (topics, version) = (self.shared.platform.clone(), self.version);
+            self.platform
+                .get_or_insert_with(|| PlatformSubscriber::start(topics, version, relay))
+                .subscribe(served_here);
+        }
         let pkid = subscribe.pkid();
-        if allowed.iter().all(|a| *a) {
+        let forwarded: Vec<bool> = fates.iter().map(|f| *f == FilterFate::Forwarded).collect();
+        if forwarded.iter().all(|f| *f) {
             forward(up, &raw).await
-        } else if allowed.iter().all(|a| !a) {
+        } else if !forwarded.contains(&true) {
+            // MQTT lets retained messages arrive before the SUBACK.
             let _ = acks
-                .send(ready(codec::suback_refused(
-                    self.version,
-                    pkid,
-                    allowed.len(),
-                )))
+                .send(ready(codec::suback_local(self.version, pkid, &fates)))
                 .await;
             Ok(())
         } else {
             self.pending_subacks
                 .lock()
                 .expect("suback lock")
-                .insert(pkid, allowed.clone());
-            forward(up, &subscribe.retain_filters(&allowed)).await
+                .insert(pkid, fates);
+            forward(up, &subscribe.retain_filters(&forwarded)).await
         }
     }
 
@@ -714,7 +758,7 @@ impl Session {
             device_id: topic.device.to_string(),
             payload: will.payload,
             truncated_from: None,
-            received_at_ms: now_ms(),
+            received_at_ms: unix_now_ms(),
             state_version: None,
         };
         let ingest = self.shared.ingest.clone();
@@ -761,12 +805,6 @@ async fn forward(up: &mut OwnedWriteHalf, bytes: &[u8]) -> Result<(), CodecError
         Ok(result) => result.map_err(CodecError::Io),
         Err(_) => Err(CodecError::Io(std::io::ErrorKind::TimedOut.into())),
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Writes acknowledgements in arrival order (each once its commit is done)
@@ -861,7 +899,7 @@ async fn relay_upstream(
     mut reader: FrameReader<OwnedReadHalf>,
     version: Version,
     relay: mpsc::Sender<Bytes>,
-    pending_subacks: Arc<Mutex<HashMap<u16, Vec<bool>>>>,
+    pending_subacks: PendingSubacks,
     handle: SessionHandle,
 ) {
     loop {
@@ -874,7 +912,7 @@ async fn relay_upstream(
             codec::SUBACK => match codec::suback_codes(version, &header, &bytes) {
                 Ok((pkid, codes)) => {
                     match pending_subacks.lock().expect("suback lock").remove(&pkid) {
-                        Some(allowed) => codec::merge_suback(version, pkid, &allowed, &codes),
+                        Some(fates) => codec::merge_suback(version, pkid, &fates, &codes),
                         None => bytes,
                     }
                 }
@@ -897,10 +935,7 @@ async fn relay_upstream(
 /// the device reconnects with its renewed token.
 async fn end_at_token_expiry(handle: SessionHandle, expires_at: i64) {
     loop {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        let left_ms = expires_at.saturating_mul(1000) - now_ms;
+        let left_ms = expires_at.saturating_mul(1000) - unix_now_ms();
         if left_ms <= 0 {
             handle.end(EndReason::TokenExpired);
             return;

@@ -307,6 +307,30 @@ impl VersionRow {
     }
 }
 
+/// Each key's newest published version. Brokers poll this for their
+/// retained state topics, so it reads no documents.
+pub async fn newest_per_key(db: &Db) -> Result<Vec<VersionRow>, String> {
+    select_versions(
+        db,
+        "status = 'published' AND version = (SELECT MAX(s.version) FROM fleetgate_state s \
+         WHERE s.key = fleetgate_state.key AND s.status = 'published') AND $1 = $1",
+        0,
+        i64::MAX,
+    )
+    .await
+}
+
+/// The document stored as `version` (JSON of its [`StateValue`]).
+pub async fn document(db: &Db, version: u64) -> Result<String, String> {
+    with_pool!(db, pool => {
+        sqlx::query_scalar("SELECT value FROM fleetgate_state WHERE version = $1")
+            .bind(version as i64)
+            .fetch_one(pool)
+            .await
+    })
+    .map_err(|e| format!("cannot read state version {version}: {e}"))
+}
+
 /// The set in force at `version`: each key's newest published document at
 /// or below it.
 pub async fn load_set(db: &Db, version: u64) -> Result<StateSet, String> {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetgate_protocol::sdk::{HandshakeClaims, Manifest, SdkBundle, Target, SDK_VERSION};
+use fleetgate_protocol::unix_now_ms;
 use fleetgate_protocol::{Role, TokenVerifier};
 use serde::Deserialize;
 use serde_json::json;
@@ -96,12 +97,6 @@ struct HandshakeResponse {
     /// Present when the server serves MQTT over TLS.
     mqtts_port: Option<u16>,
     sdk: SdkBundle,
-}
-
-fn unix_now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 async fn json_or_refusal<T: serde::de::DeserializeOwned>(

@@ -19,6 +19,18 @@ pub mod topic;
 pub use auth::{AuthError, Authenticate, Principal};
 pub use ingest::{IngestError, IngestMessage, IngestOutcome, IngestService, PendingCommit};
 pub use role::Role;
+
+/// This machine's clock, in Unix seconds.
+pub fn unix_now() -> i64 {
+    unix_now_ms() / 1000
+}
+
+/// This machine's clock, in Unix milliseconds.
+pub fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
 pub use token::{Claims, TokenError, TokenSigner, TokenVerifier};
 
 /// Device ids appear in topics, tokens and SQL values; keeping them to a safe

@@ -19,9 +19,6 @@ use serde_json::Value;
 
 use crate::schema::{check_identifier, FieldType, StreamDef};
 
-/// The retained topic prefix of state announcements: `$fleet/state/<key>`.
-pub const STATE_TOPIC_PREFIX: &str = "$fleet/state/";
-
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum StateKey {
     Rules(String),
@@ -388,10 +385,7 @@ impl ClusterClock {
 
     /// This machine's clock, in Unix milliseconds.
     pub fn local_ms(&self) -> i64 {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        now + self.skew_ms
+        crate::unix_now_ms() + self.skew_ms
     }
 
     pub fn offset_ms(&self) -> i64 {
