@@ -336,6 +336,25 @@ async fn a_coordinator_crash_between_steps_leaves_every_node_on_one_version() {
     assert_eq!(statuses, ["published", "abandoned"], "{state}");
     let activate_at = state["versions"][0]["activate_at_ms"].as_i64().unwrap();
 
+    // The new broker announces what the dead one published, retained.
+    let (watcher, mut events) = connected(&cluster.broker, "admin", &cluster.admin).await;
+    watcher
+        .subscribe("$fleet/state/#", rumqttc::QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let retained = loop {
+        match tokio::time::timeout(WAIT, events.poll()).await.unwrap() {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => break p,
+            Ok(_) => {}
+            Err(e) => panic!("{e:?}"),
+        }
+    };
+    assert_eq!(retained.topic, "$fleet/state/rules/temperature");
+    assert!(retained.retain);
+    let said: Value = serde_json::from_slice(&retained.payload).unwrap();
+    assert_eq!(said["version"], 2, "{said}");
+    assert_eq!(said["activate_at_ms"], activate_at, "{said}");
+
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let tasks = publishers(&cluster, &stopped).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
