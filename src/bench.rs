@@ -58,6 +58,11 @@ pub struct BenchArgs {
     /// one every 1.5 s, to measure the ingest pause around each activation.
     #[arg(long, default_value_t = 0)]
     rollouts: usize,
+    /// Realtime views on the bench stream during the load (per device and
+    /// bucket of 1..N minutes); afterwards, an hourly aggregate is timed
+    /// through the view and on the primary table.
+    #[arg(long, default_value_t = 0)]
+    views: usize,
 }
 
 struct Load {
@@ -407,6 +412,65 @@ async fn run_load(target: &Target, args: &BenchArgs) -> anyhow::Result<Load> {
     })
 }
 
+/// `count` realtime views over the bench stream, one per bucket width.
+fn bench_views(count: usize) -> String {
+    (1..=count)
+        .map(|minutes| {
+            format!(
+                "[views.per_device_{minutes}m]\nsource = \"bench\"\ngroup_by = [\"device_id\"]\n\
+                 bucket = {{ column = \"received_at\", width = \"{minutes}m\" }}\n\
+                 aggregates = {{ n = \"count(*)\", mean = \"avg(value)\", peak = \"max(value)\" }}\n"
+            )
+        })
+        .collect()
+}
+
+/// The hourly average per device, through the view the router picks and on
+/// the primary table (a subquery, which no view answers).
+async fn time_view_queries(
+    http: &reqwest::Client,
+    server: &Spawned,
+    views: usize,
+) -> anyhow::Result<()> {
+    let sql = "SELECT device_id, (received_at / 3600000) * 3600000 AS hour, avg(value), count(*) \
+               FROM bench GROUP BY device_id, (received_at / 3600000) * 3600000";
+    let primary = format!("SELECT * FROM ({sql}) AS primary_only");
+    let mut timings = Vec::new();
+    for (query, runs) in [(sql.to_string(), 50), (primary, 10)] {
+        let mut took = Vec::new();
+        let mut view = Value::Null;
+        for _ in 0..runs {
+            let started = Instant::now();
+            let reply = api(
+                http,
+                server,
+                "/v1/query",
+                json!({ "sql": query }).to_string().into(),
+                true,
+            )
+            .await?;
+            took.push(started.elapsed());
+            view = reply["view"].clone();
+        }
+        took.sort();
+        timings.push((view, took));
+    }
+    println!("  aggregate query with {views} realtime view(s) (HTTP round trip included):");
+    for (view, took) in &timings {
+        println!(
+            "    {}: p50 {}  p99 {}  ({} runs)",
+            match view.as_str() {
+                Some(name) => format!("through view {name}"),
+                None => "primary table".to_string(),
+            },
+            ms(percentile(took, 0.50)),
+            ms(percentile(took, 0.99)),
+            took.len()
+        );
+    }
+    Ok(())
+}
+
 /// Pushes `count` rules documents for the bench stream while the load runs,
 /// 1.5 s apart, each waiting for every store's confirmation. They move
 /// `value`'s maximum about above anything the load sends, so they change
@@ -668,6 +732,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         false,
     )
     .await?;
+    if args.views > 0 {
+        api(
+            &http,
+            &server,
+            "/v1/views",
+            bench_views(args.views).into(),
+            false,
+        )
+        .await?;
+    }
     let mut credentials = Vec::new();
     for i in 0..args.connections {
         let id = format!("bench-{i}");
@@ -759,6 +833,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     if !activations.is_empty() {
         report_rollout_pause(&load, &activations);
+    }
+    if args.views > 0 {
+        time_view_queries(&http, &server, args.views).await?;
     }
     if !revocations.is_empty() {
         println!(

@@ -381,15 +381,70 @@ pub async fn state(command: StateCommand, server: &ServerArgs) -> anyhow::Result
     Ok(())
 }
 
-pub async fn query(sql: &str, server: &ServerArgs) -> anyhow::Result<()> {
+#[derive(Subcommand)]
+pub enum ViewCommand {
+    /// Create the views declared in a TOML file ([views.<name>] tables).
+    Create { file: std::path::PathBuf },
+    /// List views, their refresh and their size.
+    List,
+    /// Drop a view (queries go back to the primary table).
+    Drop { name: String },
+}
+
+pub async fn view(command: ViewCommand, server: &ServerArgs) -> anyhow::Result<()> {
     let api = Api::new(server)?;
+    match command {
+        ViewCommand::Create { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let reply = api
+                .call(api.http.post(api.url("/v1/views")).body(text))
+                .await?;
+            for name in reply["created"].as_array().into_iter().flatten() {
+                println!("{}: created", name.as_str().unwrap_or("?"));
+            }
+        }
+        ViewCommand::List => {
+            let reply = api.call(api.http.get(api.url("/v1/views"))).await?;
+            let rows: Vec<Vec<Value>> = reply["views"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|v| {
+                    vec![
+                        v["name"].clone(),
+                        v["source"].clone(),
+                        v["refresh"].clone(),
+                        v["origin"].clone(),
+                        v["rows"].clone(),
+                    ]
+                })
+                .collect();
+            print_table(&["view", "source", "refresh", "origin", "rows"], &rows);
+        }
+        ViewCommand::Drop { name } => {
+            api.call(api.http.delete(api.url(&format!("/v1/views/{name}"))))
+                .await?;
+            println!("dropped {name}");
+        }
+    }
+    Ok(())
+}
+
+pub async fn query(sql: &str, explain: bool, server: &ServerArgs) -> anyhow::Result<()> {
+    let api = Api::new(server)?;
+    let path = if explain {
+        "/v1/query/explain"
+    } else {
+        "/v1/query"
+    };
     let reply = api
-        .call(
-            api.http
-                .post(api.url("/v1/query"))
-                .json(&json!({ "sql": sql })),
-        )
+        .call(api.http.post(api.url(path)).json(&json!({ "sql": sql })))
         .await?;
+    if explain {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+        return Ok(());
+    }
     let columns: Vec<String> = reply["columns"]
         .as_array()
         .into_iter()
@@ -406,6 +461,9 @@ pub async fn query(sql: &str, server: &ServerArgs) -> anyhow::Result<()> {
     print_table(&headers, &rows);
     if reply["truncated"].as_bool() == Some(true) {
         eprintln!("(result truncated)");
+    }
+    if let Some(view) = reply["view"].as_str() {
+        eprintln!("(answered by view {view})");
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ use fleetgate_protocol::schema::StreamsFile;
 use fleetgate_protocol::sdk::from_hex;
 use fleetgate_protocol::{AuthError, Authenticate, Principal, Role};
 use fleetgate_store::query::{self, QueryError, QueryLimits};
+use fleetgate_store::views::{Route, Views, ViewsFile};
 use fleetgate_store::{rejects, Catalog, Db};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -42,6 +43,7 @@ pub struct AppState {
     pub rollout: Arc<fleetgate_admin::rollout::Rollout>,
     /// The store's state in `up` (one process).
     pub local_state: Option<Arc<fleetgate_store::state::StateStore>>,
+    pub views: Arc<Views>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -63,6 +65,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/streams", get(list_streams).post(apply_streams))
         .route("/v1/streams/{name}/rejects", get(list_rejects))
         .route("/v1/query", post(run_query))
+        .route("/v1/query/explain", post(explain_query))
+        .route("/v1/views", get(list_views).post(create_views))
+        .route("/v1/views/{name}", delete(drop_view))
         .route("/v1/handshake/nonce", get(crate::sdk_api::nonce))
         .route("/v1/handshake", post(crate::sdk_api::handshake))
         .route("/v1/sdk/build", post(crate::sdk_api::offline_build))
@@ -488,27 +493,114 @@ struct QueryRequest {
     sql: String,
 }
 
+/// Checks a query and picks where it runs: the cheapest view that answers
+/// it exactly, or the primary table.
+async fn route_query(state: &AppState, caller: &Caller, sql: &str) -> Result<Route, ApiError> {
+    caller.require(Role::Extract, state)?;
+    let tables: HashSet<String> = state.catalog.names().into_iter().collect();
+    query::check(sql, &tables, state.db.backend()).map_err(|e| bad_request(e.to_string()))?;
+    let names = query::columns(&state.db, sql)
+        .await
+        .map_err(|e| bad_request(e.to_string()))?;
+    Ok(state.views.route(sql, &names))
+}
+
+async fn explain_query(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(request): Json<QueryRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let route = route_query(&state, &caller, &request.sql).await?;
+    Ok(Json(json!(route)))
+}
+
 async fn run_query(
     State(state): State<AppState>,
     caller: Caller,
     Json(request): Json<QueryRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require(Role::Extract, &state)?;
-    let tables: HashSet<String> = state.catalog.names().into_iter().collect();
-    query::check(&request.sql, &tables, state.db.backend())
-        .map_err(|e| bad_request(e.to_string()))?;
+    let route = route_query(&state, &caller, &request.sql).await?;
     let limits = QueryLimits {
         timeout: state.query_timeout,
         ..Default::default()
     };
-    match query::run(&state.db, &request.sql, &limits).await {
-        Ok(result) => Ok(Json(
-            serde_json::to_value(result).expect("result serializes"),
-        )),
+    let through_view = match &route.view {
+        Some(view) => match state.views.prepare(view).await {
+            Ok(()) => match query::run(&state.db, &route.sql, &limits).await {
+                // A view that fails must not fail the query: the primary
+                // table still answers it.
+                Err(QueryError::Database(e)) => {
+                    tracing::error!(view, error = %e, sql = %route.sql, "query through view failed");
+                    None
+                }
+                other => Some((Some(view.clone()), other)),
+            },
+            Err(e) => {
+                tracing::error!(view, error = %e, "cannot bring view up to date");
+                None
+            }
+        },
+        None => None,
+    };
+    let (view, outcome) = match through_view {
+        Some(done) => done,
+        None => (None, query::run(&state.db, &request.sql, &limits).await),
+    };
+    match outcome {
+        Ok(result) => {
+            let mut body = serde_json::to_value(result).expect("result serializes");
+            body["view"] = json!(view);
+            Ok(Json(body))
+        }
         Err(QueryError::Timeout(d)) => Err(ApiError(
             StatusCode::REQUEST_TIMEOUT,
             format!("query did not finish within {d:?}"),
         )),
         Err(e) => Err(bad_request(e.to_string())),
+    }
+}
+
+async fn create_views(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: String,
+) -> Result<Json<Value>, ApiError> {
+    let admin = caller.require(Role::Admin, &state)?;
+    let file = ViewsFile::parse(&body).map_err(bad_request)?;
+    let names: Vec<&String> = file.views.keys().collect();
+    state
+        .audit(admin, "view.create", "views", json!({ "views": names }))
+        .await?;
+    let created = state.views.create(&file).await.map_err(bad_request)?;
+    Ok(Json(json!({ "created": created })))
+}
+
+async fn list_views(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Extract, &state)?;
+    let views = state
+        .views
+        .list()
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    Ok(Json(json!({ "views": views })))
+}
+
+async fn drop_view(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let admin = caller.require(Role::Admin, &state)?;
+    state.audit(admin, "view.drop", &name, json!({})).await?;
+    match state.views.drop_view(&name).await {
+        Ok(true) => Ok(Json(json!({ "dropped": name }))),
+        Ok(false) => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no view named {name:?}"),
+        )),
+        Err(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e)),
     }
 }

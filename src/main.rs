@@ -69,6 +69,13 @@ enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Declared views: aggregates kept up to date, which queries use by themselves.
+    View {
+        #[command(subcommand)]
+        command: client::ViewCommand,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Cluster state (validation rules, lookup tables): roll out at one instant.
     State {
         #[command(subcommand)]
@@ -88,6 +95,10 @@ enum Command {
     /// Run a read-only SQL query and print the result as a table.
     Query {
         sql: String,
+        /// Show which view (or the primary table) would answer, and why,
+        /// without running it.
+        #[arg(long)]
+        explain: bool,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -109,7 +120,12 @@ fn main() -> ExitCode {
             Command::Stream { command, server } => client::stream(command, &server).await,
             Command::Sdk { command, server } => client::sdk(command, &server).await,
             Command::State { command, server } => client::state(command, &server).await,
-            Command::Query { sql, server } => client::query(&sql, &server).await,
+            Command::View { command, server } => client::view(command, &server).await,
+            Command::Query {
+                sql,
+                explain,
+                server,
+            } => client::query(&sql, explain, &server).await,
         }
     });
     match result {

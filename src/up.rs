@@ -23,6 +23,7 @@ use fleetgate_sdk_builder::Builder;
 use fleetgate_store::metrics::StoreMetrics;
 use fleetgate_store::pipeline::{Pipeline, PublishLive};
 use fleetgate_store::state::{StateFollower, StateStore};
+use fleetgate_store::views::Views;
 use fleetgate_store::{nodes, open_catalog, Db, Store, WriterConfig};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry as MetricsRegistry;
@@ -197,6 +198,12 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         .await
         .map_err(|e| anyhow!(e))?;
     let catalog = open_catalog(&db).await.map_err(|e| anyhow!(e))?;
+    let views = Arc::new(
+        Views::open(db.clone(), catalog.clone())
+            .await
+            .map_err(|e| anyhow!(e))?,
+    );
+    views.follow();
     let registry = Registry::load(db.clone()).await.map_err(|e| anyhow!(e))?;
     // Other brokers sharing the database revoke and change roles too.
     registry.follow_changes();
@@ -361,6 +368,7 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         },
         rollout,
         local_state,
+        views,
     };
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

@@ -304,11 +304,16 @@ impl Server {
     }
 
     pub async fn apply_streams(&self, toml: &str) -> (u16, Value) {
+        self.post_text("/v1/streams", &self.admin, toml).await
+    }
+
+    /// POSTs a plain-text body (TOML declarations).
+    pub async fn post_text(&self, path: &str, token: &str, text: &str) -> (u16, Value) {
         let response = self
             .http_client
-            .post(format!("http://{}/v1/streams", self.http))
-            .bearer_auth(&self.admin)
-            .body(toml.to_string())
+            .post(format!("http://{}{path}", self.http))
+            .bearer_auth(token)
+            .body(text.to_string())
             .send()
             .await
             .unwrap();

@@ -16,3 +16,4 @@ mod rollout;
 mod sdk;
 mod state;
 mod tls;
+mod views;

@@ -65,14 +65,7 @@ async fn a_rules_push_changes_what_is_rejected_from_its_activation_instant(backe
         tokio::time::sleep(Duration::from_millis(200)).await;
         let pushed = fleetgate_async(
             &server,
-            &[
-                "state",
-                "push",
-                "rules/temperature",
-                &rules,
-                "--at",
-                "+700ms",
-            ],
+            &["state", "push", "rules/temperature", &rules, "--at", "+2s"],
         )
         .await;
         // Keep publishing a while past the activation, then stop.

@@ -83,7 +83,7 @@ impl Stream {
     }
 }
 
-fn sql_type(kind: ColumnKind) -> &'static str {
+pub(crate) fn sql_type(kind: ColumnKind) -> &'static str {
     // These spellings mean the same to SQLite (by affinity) and PostgreSQL.
     match kind {
         ColumnKind::Int => "BIGINT",

@@ -10,6 +10,8 @@
 //! - [`nodes`]: cluster membership (store nodes and their heartbeats).
 //! - [`state`]: versioned cluster state (rules, lookup tables) and its
 //!   time-fenced activation.
+//! - [`views`]: declared aggregate views, maintained in the database, and
+//!   the query routing that answers from them.
 
 pub mod catalog;
 pub mod db;
@@ -19,6 +21,7 @@ pub mod pipeline;
 pub mod query;
 pub mod rejects;
 pub mod state;
+pub mod views;
 pub mod writer;
 
 pub use catalog::Catalog;

@@ -16,7 +16,7 @@ use serde_json::Value;
 use sqlparser::ast::{Expr, ObjectName, Query, SetExpr, Statement, TableFactor, Visit, Visitor};
 use sqlparser::dialect::{PostgreSqlDialect, SQLiteDialect};
 use sqlparser::parser::Parser;
-use sqlx::{Column, Executor, Row, TypeInfo, ValueRef};
+use sqlx::{Column, Executor, Row, Statement as _, TypeInfo, ValueRef};
 
 use crate::db::{Backend, Db, Pools};
 
@@ -349,6 +349,20 @@ macro_rules! collect {
             truncated,
         })
     }};
+}
+
+/// The result column names a checked query would have, without running it.
+/// (Prepared, not described: sqlx describes a SQLite statement by analysing
+/// its bytecode, which takes hundreds of milliseconds for an aggregate.)
+pub async fn columns(db: &Db, sql: &str) -> Result<Vec<String>, QueryError> {
+    fn names<C: Column>(columns: &[C]) -> Vec<String> {
+        columns.iter().map(|c| c.name().to_string()).collect()
+    }
+    match &db.pools {
+        Pools::Sqlite { read, .. } => read.prepare(sql).await.map(|s| names(s.columns())),
+        Pools::Postgres { read, .. } => read.prepare(sql).await.map(|s| names(s.columns())),
+    }
+    .map_err(db_error)
 }
 
 /// Runs a checked query on a read-only connection.

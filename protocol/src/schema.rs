@@ -140,7 +140,10 @@ pub fn check_identifier(kind: &str, name: &str) -> Result<(), String> {
 impl StreamDef {
     pub fn check(&self, name: &str) -> Result<(), String> {
         check_identifier("stream", name)?;
-        if name.starts_with("fleetgate_") || name.starts_with("sqlite_") || name.starts_with("pg_")
+        // fgv_ tables hold views.
+        if ["fleetgate_", "sqlite_", "pg_", "fgv_"]
+            .iter()
+            .any(|p| name.starts_with(p))
         {
             return Err(format!("stream name {name:?} uses a reserved prefix"));
         }

@@ -1,0 +1,641 @@
+//! What a declared view is, checked against its source stream, and the SQL
+//! that creates and maintains it.
+//!
+//! ```toml
+//! [views.hourly_temperature]
+//! source = "temperature"
+//! group_by = ["device_id"]
+//! bucket = { column = "received_at", width = "1h" }
+//! aggregates = { readings = "count(*)", mean = "avg(celsius)", peak = "max(celsius)" }
+//! refresh = "realtime"        # or { every = "30s" }, or "on_demand"
+//! ```
+//!
+//! A view keeps *partials* per group and bucket (row count, and per measured
+//! column its non-null count, sum, min and max), never finished averages:
+//! partials merge by addition, so late rows, several commits and a coarser
+//! query bucket all fold into the same answer the primary table gives.
+
+use std::time::Duration;
+
+use fleetgate_protocol::schema::{check_identifier, FieldType, DEVICE_ID, RECEIVED_AT};
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{sql_type, ColumnKind, Stream};
+use crate::db::Backend;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewsFile {
+    pub views: IndexMap<String, ViewDef>,
+}
+
+impl ViewsFile {
+    pub fn parse(text: &str) -> Result<ViewsFile, String> {
+        let file: ViewsFile =
+            toml::from_str(text).map_err(|e| format!("invalid views TOML: {e}"))?;
+        if file.views.is_empty() {
+            return Err("the file declares no views ([views.<name>] tables)".into());
+        }
+        Ok(file)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewDef {
+    pub source: String,
+    #[serde(default)]
+    pub group_by: Vec<String>,
+    #[serde(default)]
+    pub bucket: Option<BucketDef>,
+    pub aggregates: IndexMap<String, String>,
+    #[serde(default)]
+    pub refresh: RefreshDef,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BucketDef {
+    pub column: String,
+    pub width: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RefreshDef {
+    Named(String),
+    Every { every: String },
+}
+
+impl Default for RefreshDef {
+    fn default() -> Self {
+        RefreshDef::Named("realtime".into())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refresh {
+    /// Updated inside each ingest commit.
+    Realtime,
+    /// Commits append to a tail that is folded in this often; queries read
+    /// both.
+    Every(Duration),
+    /// Commits append to the tail; a query folds it first.
+    OnDemand,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AggFn {
+    Count,
+    Sum,
+    Avg,
+    Min,
+    Max,
+}
+
+impl AggFn {
+    pub fn parse_name(name: &str) -> Option<AggFn> {
+        Some(match name {
+            "count" => AggFn::Count,
+            "sum" => AggFn::Sum,
+            "avg" => AggFn::Avg,
+            "min" => AggFn::Min,
+            "max" => AggFn::Max,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Aggregate {
+    pub name: String,
+    pub func: AggFn,
+    /// `None` for `count(*)`.
+    pub column: Option<String>,
+}
+
+/// A source column the view keeps partials of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Measured {
+    pub column: String,
+    pub kind: ColumnKind,
+}
+
+/// A view checked against its source stream.
+#[derive(Debug, Clone)]
+pub struct ViewPlan {
+    pub name: String,
+    pub def: ViewDef,
+    pub group_by: Vec<(String, ColumnKind)>,
+    /// The bucketed source column and the bucket width in its unit (ms).
+    pub bucket: Option<(String, i64)>,
+    pub aggregates: Vec<Aggregate>,
+    pub measured: Vec<Measured>,
+    pub refresh: Refresh,
+}
+
+/// Column names the view tables use for themselves.
+pub const BUCKET: &str = "fg_bucket";
+pub const ROWS: &str = "fg_rows";
+
+pub fn partial(column: &str, part: &str) -> String {
+    format!("{column}__{part}")
+}
+
+impl ViewPlan {
+    /// Checks `def` against `source` (the stream it reads).
+    pub fn new(name: &str, def: &ViewDef, source: &Stream) -> Result<ViewPlan, String> {
+        check_identifier("view", name)?;
+        let problem = |what: String| format!("view {name}: {what}");
+        let kind_of = |column: &str| -> Option<(ColumnKind, Option<FieldType>)> {
+            match column {
+                DEVICE_ID => Some((ColumnKind::Text, Some(FieldType::String))),
+                RECEIVED_AT => Some((ColumnKind::Int, Some(FieldType::Timestamp))),
+                _ => source
+                    .def
+                    .fields
+                    .get(column)
+                    .map(|f| {
+                        let kind = if f.code {
+                            ColumnKind::Int
+                        } else {
+                            ColumnKind::from(f.ty)
+                        };
+                        (kind, Some(f.ty))
+                    })
+                    .or_else(|| {
+                        source
+                            .def
+                            .enrich
+                            .get(column)
+                            .map(|e| (ColumnKind::from(e.ty), Some(e.ty)))
+                    }),
+            }
+        };
+        let unknown = |column: &str| {
+            problem(format!(
+                "{column:?} is not a column of stream {} (columns: {})",
+                source.name,
+                source
+                    .columns
+                    .iter()
+                    .filter(|c| *c != "extra")
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        };
+
+        let mut group_by = Vec::new();
+        for column in &def.group_by {
+            let (kind, _) = kind_of(column).ok_or_else(|| unknown(column))?;
+            if group_by.iter().any(|(c, _)| c == column) {
+                return Err(problem(format!("{column:?} is grouped by twice")));
+            }
+            group_by.push((column.clone(), kind));
+        }
+        let bucket = match &def.bucket {
+            None => None,
+            Some(b) => {
+                let (kind, ty) = kind_of(&b.column).ok_or_else(|| unknown(&b.column))?;
+                if kind != ColumnKind::Int
+                    || !matches!(ty, Some(FieldType::Timestamp | FieldType::Int))
+                {
+                    return Err(problem(format!(
+                        "bucket column {:?} must be received_at or an int or timestamp field",
+                        b.column
+                    )));
+                }
+                let width = humantime::parse_duration(&b.width)
+                    .map_err(|e| problem(format!("bucket width {:?}: {e}", b.width)))?;
+                let width_ms = width.as_millis() as i64;
+                if width_ms < 1 {
+                    return Err(problem("bucket width must be at least 1ms".into()));
+                }
+                if group_by.iter().any(|(c, _)| *c == b.column) {
+                    return Err(problem(format!(
+                        "{:?} is both grouped by and bucketed",
+                        b.column
+                    )));
+                }
+                Some((b.column.clone(), width_ms))
+            }
+        };
+
+        if def.aggregates.is_empty() {
+            return Err(problem(
+                "declare at least one aggregate, e.g. aggregates = { n = \"count(*)\" }".into(),
+            ));
+        }
+        let mut aggregates = Vec::new();
+        let mut measured: Vec<Measured> = Vec::new();
+        for (alias, text) in &def.aggregates {
+            check_identifier("aggregate", alias).map_err(problem)?;
+            if alias.starts_with("fg_") || alias.contains("__") {
+                return Err(problem(format!(
+                    "aggregate name {alias:?} is reserved (fg_ prefix or a double underscore)"
+                )));
+            }
+            let aggregate = parse_aggregate(alias, text).map_err(problem)?;
+            if let Some(column) = &aggregate.column {
+                let (kind, ty) = kind_of(column).ok_or_else(|| unknown(column))?;
+                let numeric = matches!(kind, ColumnKind::Int | ColumnKind::Float);
+                let fits = match aggregate.func {
+                    AggFn::Count => true,
+                    AggFn::Sum | AggFn::Avg => numeric && ty != Some(FieldType::Timestamp),
+                    AggFn::Min | AggFn::Max => kind != ColumnKind::Bool,
+                };
+                if !fits {
+                    return Err(problem(format!(
+                        "{text} does not fit column {column:?} ({kind:?})"
+                    )));
+                }
+                if !measured.iter().any(|m| m.column == *column) {
+                    measured.push(Measured {
+                        column: column.clone(),
+                        kind,
+                    });
+                }
+            }
+            aggregates.push(aggregate);
+        }
+
+        let refresh = match &def.refresh {
+            RefreshDef::Named(n) if n == "realtime" => Refresh::Realtime,
+            RefreshDef::Named(n) if n == "on_demand" => Refresh::OnDemand,
+            RefreshDef::Every { every } => {
+                let period = humantime::parse_duration(every)
+                    .map_err(|e| problem(format!("refresh every {every:?}: {e}")))?;
+                if period < Duration::from_secs(1) {
+                    return Err(problem(
+                        "a periodic refresh must be at least 1s apart".into(),
+                    ));
+                }
+                Refresh::Every(period)
+            }
+            RefreshDef::Named(other) => return Err(problem(format!(
+                "refresh {other:?}: expected \"realtime\", \"on_demand\" or {{ every = \"30s\" }}"
+            ))),
+        };
+        Ok(ViewPlan {
+            name: name.to_string(),
+            def: def.clone(),
+            group_by,
+            bucket,
+            aggregates,
+            measured,
+            refresh,
+        })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.def.source
+    }
+
+    /// The materialized table.
+    pub fn table(&self) -> String {
+        format!("fgv_{}", self.name)
+    }
+
+    /// Partials of commits not yet folded into the table (periodic and
+    /// on-demand views).
+    pub fn tail(&self) -> String {
+        format!("fgv_{}_tail", self.name)
+    }
+
+    fn trigger(&self) -> String {
+        format!("fgv_{}_maintain", self.name)
+    }
+
+    /// The view table's columns with their SQL types.
+    fn columns(&self) -> Vec<(String, &'static str)> {
+        let mut columns: Vec<(String, &'static str)> = self
+            .group_by
+            .iter()
+            .map(|(c, k)| (c.clone(), sql_type(*k)))
+            .collect();
+        columns.push((BUCKET.into(), "BIGINT"));
+        columns.push((ROWS.into(), "BIGINT"));
+        for m in &self.measured {
+            let sum_type = if m.kind == ColumnKind::Int {
+                "BIGINT"
+            } else {
+                "DOUBLE PRECISION"
+            };
+            columns.push((partial(&m.column, "n"), "BIGINT"));
+            if matches!(m.kind, ColumnKind::Int | ColumnKind::Float) {
+                columns.push((partial(&m.column, "sum"), sum_type));
+            }
+            if m.kind != ColumnKind::Bool {
+                columns.push((partial(&m.column, "min"), sql_type(m.kind)));
+                columns.push((partial(&m.column, "max"), sql_type(m.kind)));
+            }
+        }
+        columns
+    }
+
+    fn column_list(&self) -> String {
+        let names: Vec<String> = self.columns().into_iter().map(|(c, _)| c).collect();
+        names.join(", ")
+    }
+
+    fn key_list(&self) -> String {
+        let mut key: Vec<&str> = self.group_by.iter().map(|(c, _)| c.as_str()).collect();
+        key.push(BUCKET);
+        key.join(", ")
+    }
+
+    /// The bucket of a source row (`row` prefixes its columns: "" or "NEW.").
+    pub fn bucket_sql(&self, row: &str) -> String {
+        match &self.bucket {
+            Some((column, width)) => format!("({row}{column} / {width}) * {width}"),
+            None => "0".into(),
+        }
+    }
+
+    /// Partials of a set of source rows, grouped (a SELECT list matching
+    /// [`Self::columns`]).
+    fn partials_of_rows(&self) -> String {
+        let mut items: Vec<String> = self.group_by.iter().map(|(c, _)| c.clone()).collect();
+        items.push(self.bucket_sql(""));
+        items.push("count(*)".into());
+        for m in &self.measured {
+            let c = &m.column;
+            items.push(format!("count({c})"));
+            if matches!(m.kind, ColumnKind::Int | ColumnKind::Float) {
+                items.push(format!("COALESCE(sum({c}), 0)"));
+            }
+            if m.kind != ColumnKind::Bool {
+                items.push(format!("min({c})"));
+                items.push(format!("max({c})"));
+            }
+        }
+        items.join(", ")
+    }
+
+    /// Partials of one source row (a VALUES list matching [`Self::columns`]).
+    fn partials_of_new_row(&self) -> String {
+        let mut items: Vec<String> = self
+            .group_by
+            .iter()
+            .map(|(c, _)| format!("NEW.{c}"))
+            .collect();
+        items.push(self.bucket_sql("NEW."));
+        items.push("1".into());
+        for m in &self.measured {
+            let c = &m.column;
+            items.push(format!("(NEW.{c} IS NOT NULL)"));
+            if matches!(m.kind, ColumnKind::Int | ColumnKind::Float) {
+                items.push(format!("COALESCE(NEW.{c}, 0)"));
+            }
+            if m.kind != ColumnKind::Bool {
+                items.push(format!("NEW.{c}"));
+                items.push(format!("NEW.{c}"));
+            }
+        }
+        items.join(", ")
+    }
+
+    /// Partials of partials: what folding the tail groups by.
+    fn partials_of_partials(&self) -> String {
+        self.columns()
+            .into_iter()
+            .enumerate()
+            .map(|(i, (c, _))| {
+                if i <= self.group_by.len() {
+                    c
+                } else if c.ends_with("__min") {
+                    format!("min({c})")
+                } else if c.ends_with("__max") {
+                    format!("max({c})")
+                } else {
+                    format!("sum({c})")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn group_positions(&self) -> String {
+        (1..=self.group_by.len() + 1)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// `INSERT … ON CONFLICT` merging `rows` (partials) into the table.
+    fn merge_into_table(&self, rows: &str, backend: Backend) -> String {
+        // Unaliased: SQLite takes no `AS` alias in a trigger's INSERT.
+        let table = self.table();
+        let assignments: Vec<String> = self
+            .columns()
+            .into_iter()
+            .skip(self.group_by.len() + 1)
+            .map(|(c, _)| {
+                let (old, new) = (format!("{table}.{c}"), format!("excluded.{c}"));
+                let merged = match (c.ends_with("__min"), c.ends_with("__max"), backend) {
+                    (true, _, Backend::Postgres) => format!("LEAST({old}, {new})"),
+                    (_, true, Backend::Postgres) => format!("GREATEST({old}, {new})"),
+                    // SQLite's two-argument min/max are NULL if either is.
+                    (true, _, Backend::Sqlite) => {
+                        format!("COALESCE(min({old}, {new}), {old}, {new})")
+                    }
+                    (_, true, Backend::Sqlite) => {
+                        format!("COALESCE(max({old}, {new}), {old}, {new})")
+                    }
+                    _ => format!("{old} + {new}"),
+                };
+                format!("{c} = {merged}")
+            })
+            .collect();
+        format!(
+            "INSERT INTO {table} ({}) {rows} ON CONFLICT ({}) DO UPDATE SET {}",
+            self.column_list(),
+            self.key_list(),
+            assignments.join(", ")
+        )
+    }
+
+    /// Creates the tables and the trigger that maintains them; then
+    /// [`Self::backfill_sql`] takes in the rows already there. Run in one
+    /// transaction, nothing committed in between is missed or counted twice.
+    pub fn create_sql(&self, backend: Backend) -> Vec<String> {
+        let columns: Vec<String> = self
+            .columns()
+            .into_iter()
+            .map(|(c, t)| format!("{c} {t}"))
+            .collect();
+        let (table, tail, source, trigger) =
+            (self.table(), self.tail(), self.source(), self.trigger());
+        let mut sql = vec![
+            format!("CREATE TABLE {table} ({})", columns.join(", ")),
+            // Not a primary key: a NULL group is a group too, and NULLs never
+            // conflict, so such rows may repeat; queries merge them anyway.
+            format!(
+                "CREATE UNIQUE INDEX {table}_key ON {table} ({})",
+                self.key_list()
+            ),
+            format!("CREATE TABLE {tail} ({})", columns.join(", ")),
+        ];
+        match backend {
+            Backend::Postgres => {
+                let body = match self.refresh {
+                    Refresh::Realtime => self.merge_into_table(
+                        &format!(
+                            "SELECT {} FROM fgv_new WHERE true GROUP BY {}",
+                            self.partials_of_rows(),
+                            self.group_positions()
+                        ),
+                        backend,
+                    ),
+                    Refresh::Every(_) | Refresh::OnDemand => format!(
+                        "INSERT INTO {tail} ({}) SELECT {} FROM fgv_new GROUP BY {}",
+                        self.column_list(),
+                        self.partials_of_rows(),
+                        self.group_positions()
+                    ),
+                };
+                sql.push(format!(
+                    "CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $fgv$ \
+                     BEGIN {body}; RETURN NULL; END $fgv$"
+                ));
+                sql.push(format!(
+                    "CREATE TRIGGER {trigger} AFTER INSERT ON {source} \
+                     REFERENCING NEW TABLE AS fgv_new FOR EACH STATEMENT EXECUTE FUNCTION {trigger}()"
+                ));
+            }
+            Backend::Sqlite => {
+                let values = format!("VALUES ({})", self.partials_of_new_row());
+                let body = match self.refresh {
+                    Refresh::Realtime => self.merge_into_table(&values, backend),
+                    Refresh::Every(_) | Refresh::OnDemand => {
+                        format!("INSERT INTO {tail} ({}) {values}", self.column_list())
+                    }
+                };
+                sql.push(format!(
+                    "CREATE TRIGGER {trigger} AFTER INSERT ON {source} BEGIN {body}; END"
+                ));
+            }
+        }
+        sql
+    }
+
+    /// Takes in the source rows present when the view is created.
+    pub fn backfill_sql(&self, backend: Backend) -> String {
+        self.merge_into_table(
+            &format!(
+                "SELECT {} FROM {} WHERE true GROUP BY {}",
+                self.partials_of_rows(),
+                self.source(),
+                self.group_positions()
+            ),
+            backend,
+        )
+    }
+
+    /// Folds the tail into the table; runs with the tail locked, followed by
+    /// emptying it.
+    pub fn fold_sql(&self, backend: Backend) -> [String; 2] {
+        [
+            self.merge_into_table(
+                &format!(
+                    "SELECT {} FROM {} WHERE true GROUP BY {}",
+                    self.partials_of_partials(),
+                    self.tail(),
+                    self.group_positions()
+                ),
+                backend,
+            ),
+            format!("DELETE FROM {}", self.tail()),
+        ]
+    }
+
+    pub fn drop_sql(&self, backend: Backend) -> Vec<String> {
+        let trigger = self.trigger();
+        let mut sql = match backend {
+            Backend::Postgres => vec![
+                format!("DROP TRIGGER IF EXISTS {trigger} ON {}", self.source()),
+                format!("DROP FUNCTION IF EXISTS {trigger}()"),
+            ],
+            Backend::Sqlite => vec![format!("DROP TRIGGER IF EXISTS {trigger}")],
+        };
+        sql.push(format!("DROP TABLE IF EXISTS {}", self.table()));
+        sql.push(format!("DROP TABLE IF EXISTS {}", self.tail()));
+        sql
+    }
+
+    /// What a query reads to see everything: the table, plus the tail for
+    /// periodic views.
+    pub fn read_from(&self) -> String {
+        match self.refresh {
+            Refresh::Every(_) => format!(
+                "(SELECT * FROM {} UNION ALL SELECT * FROM {}) AS fgv",
+                self.table(),
+                self.tail()
+            ),
+            Refresh::Realtime | Refresh::OnDemand => self.table(),
+        }
+    }
+}
+
+/// `count(*)`, `count(col)`, `sum(col)`, `avg(col)`, `min(col)`, `max(col)`.
+fn parse_aggregate(alias: &str, text: &str) -> Result<Aggregate, String> {
+    let text = text.trim();
+    let (func, rest) = text
+        .split_once('(')
+        .ok_or_else(|| format!("aggregate {alias} = {text:?}: expected e.g. \"avg(celsius)\""))?;
+    let argument = rest
+        .strip_suffix(')')
+        .ok_or_else(|| format!("aggregate {alias} = {text:?}: missing closing parenthesis"))?
+        .trim();
+    let func_name = func.trim().to_lowercase();
+    let func = AggFn::parse_name(&func_name).ok_or_else(|| {
+        format!(
+            "aggregate {alias} = {text:?}: {func_name} cannot be maintained incrementally; \
+             use count, sum, avg, min or max"
+        )
+    })?;
+    if argument.to_lowercase().starts_with("distinct ") {
+        return Err(format!(
+            "aggregate {alias} = {text:?}: a distinct count cannot be maintained incrementally"
+        ));
+    }
+    let column = match (func, argument) {
+        (AggFn::Count, "*") => None,
+        (_, "*") => return Err(format!("aggregate {alias} = {text:?}: only count takes *")),
+        (_, column) => {
+            check_identifier("column", column).map_err(|_| {
+                format!("aggregate {alias} = {text:?}: the argument must be a column name")
+            })?;
+            Some(column.to_string())
+        }
+    };
+    Ok(Aggregate {
+        name: alias.to_string(),
+        func,
+        column,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aggregates_parse_or_say_why_not() {
+        let a = parse_aggregate("n", "count(*)").unwrap();
+        assert_eq!((a.func, a.column), (AggFn::Count, None));
+        let a = parse_aggregate("m", " AVG( celsius ) ").unwrap();
+        assert_eq!((a.func, a.column.as_deref()), (AggFn::Avg, Some("celsius")));
+        assert!(parse_aggregate("x", "median(celsius)")
+            .unwrap_err()
+            .contains("cannot be maintained incrementally"));
+        assert!(parse_aggregate("x", "count(distinct device_id)")
+            .unwrap_err()
+            .contains("distinct"));
+        assert!(parse_aggregate("x", "sum(*)").is_err());
+        assert!(parse_aggregate("x", "sum(a + b)").is_err());
+        assert!(parse_aggregate("x", "celsius").is_err());
+    }
+}

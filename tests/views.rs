@@ -1,0 +1,443 @@
+//! Declared views: a query over a stream is answered from a view when one
+//! can answer it exactly, and then gives what the primary table gives, on
+//! randomized records (late, duplicated, NULLs) and randomized queries, for
+//! each refresh cycle. Bad declarations change nothing.
+
+use serde_json::{json, Value};
+
+use crate::harness::{fleetgate, publish_acked, Backend, Server};
+use crate::on_both_backends;
+
+const HOUR: i64 = 3_600_000;
+const DAY: i64 = 24 * HOUR;
+/// A Monday, midnight UTC: buckets of every width start here.
+const START: i64 = 1_795_046_400_000;
+
+const VIEWS: &str = r#"
+[views.hourly]
+source = "temperature"
+group_by = ["device_id"]
+bucket = { column = "taken_at", width = "1h" }
+aggregates = { readings = "count(*)", mean = "avg(celsius)", low = "min(celsius)", high = "max(celsius)" }
+refresh = "realtime"
+
+[views.daily_status]
+source = "temperature"
+group_by = ["status"]
+bucket = { column = "taken_at", width = "1d" }
+aggregates = { readings = "count(*)", wettest = "max(humidity)", total = "sum(humidity)" }
+refresh = { every = "1s" }
+
+[views.per_device]
+source = "temperature"
+group_by = ["device_id", "status"]
+aggregates = { readings = "count(*)", mean = "avg(humidity)", first_seq = "min(seq)" }
+refresh = "on_demand"
+"#;
+
+/// splitmix64: reproducible randomness from a printed seed.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+const DEVICES: [&str; 3] = ["t1", "t2", "t3"];
+
+/// Records for `device`, seq `from..to`: taken over three days in random
+/// order (late ones included), some without humidity or status.
+fn records(random: &mut Random, from: i64, to: i64) -> Vec<String> {
+    (from..to)
+        .map(|seq| {
+            let mut record = json!({
+                "seq": seq,
+                "celsius": (random.below(1300) as f64) / 10.0 - 10.0,
+                "taken_at": START + random.below(3 * DAY as u64) as i64,
+            });
+            if random.chance(80) {
+                record["humidity"] = json!(random.below(1000) as f64 / 10.0);
+            }
+            if random.chance(90) {
+                record["status"] = json!(random.pick(&["ok", "warn", "fault"]));
+            }
+            record.to_string()
+        })
+        .collect()
+}
+
+async fn ingest(server: &Server, tokens: &[String], random: &mut Random, from: i64, to: i64) {
+    for (device, token) in DEVICES.iter().zip(tokens) {
+        let batch = records(random, from, to);
+        publish_acked(
+            server,
+            device,
+            token,
+            &format!("ingest/temperature/{device}"),
+            &batch,
+        )
+        .await;
+        // A device re-sends some records after a reconnect: stored once,
+        // and counted once by every view.
+        publish_acked(
+            server,
+            device,
+            token,
+            &format!("ingest/temperature/{device}"),
+            &batch[..batch.len() / 5],
+        )
+        .await;
+    }
+}
+
+/// A random aggregate query some view may answer, and one no view can.
+fn random_query(random: &mut Random) -> String {
+    let bucket = *random.pick(&[HOUR, 2 * HOUR, 6 * HOUR, DAY]);
+    let bucket_expr = format!("(taken_at / {bucket}) * {bucket}");
+    let groupings: &[&[&str]] = &[
+        &["device_id"],
+        &["status"],
+        &["device_id", "status"],
+        &[],
+        &["device_id", "@bucket"],
+        &["status", "@bucket"],
+        &["@bucket"],
+    ];
+    let group: Vec<String> = random
+        .pick(groupings)
+        .iter()
+        .map(|g| {
+            if *g == "@bucket" {
+                bucket_expr.clone()
+            } else {
+                g.to_string()
+            }
+        })
+        .collect();
+    let aggregates = [
+        "count(*)",
+        "avg(celsius)",
+        "min(celsius)",
+        "max(celsius)",
+        "sum(humidity)",
+        "max(humidity)",
+        "count(humidity)",
+        "avg(humidity)",
+        "min(seq)",
+        "max(celsius) - min(celsius)",
+    ];
+    let mut select: Vec<String> = group.clone();
+    let chosen = 1 + random.below(3);
+    for i in 0..chosen {
+        select.push(format!("{} AS a{i}", random.pick(&aggregates)));
+    }
+    let mut filters = Vec::new();
+    if random.chance(40) {
+        filters.push(format!("device_id = '{}'", random.pick(&DEVICES)));
+    }
+    if random.chance(40) {
+        let day = START + DAY * random.below(3) as i64;
+        filters.push(format!("taken_at >= {day}"));
+        filters.push(format!("taken_at < {}", day + DAY));
+    }
+    if random.chance(20) {
+        filters.push("status IN ('ok', 'warn')".to_string());
+    }
+    let mut sql = format!("SELECT {} FROM temperature", select.join(", "));
+    if !filters.is_empty() {
+        sql.push_str(&format!(" WHERE {}", filters.join(" AND ")));
+    }
+    if !group.is_empty() {
+        sql.push_str(&format!(" GROUP BY {}", group.join(", ")));
+    }
+    sql
+}
+
+/// Rows as comparable text, floats to 9 significant digits: the view sums
+/// in a different order than a scan of the table.
+fn normalized(body: &Value) -> Vec<String> {
+    let mut rows: Vec<String> = body["rows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no rows in {body}"))
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| match v.as_f64() {
+                    Some(f) if v.is_f64() => format!("{f:.9e}"),
+                    _ => v.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("|")
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+async fn query(server: &Server, sql: &str) -> Value {
+    let (status, body) = server
+        .api(
+            "POST",
+            "/v1/query",
+            Some(&server.admin),
+            Some(json!({ "sql": sql })),
+        )
+        .await;
+    assert_eq!(status, 200, "{sql}: {body}");
+    body
+}
+
+/// The same query on the primary table: views never answer a subquery.
+async fn on_primary(server: &Server, sql: &str) -> Value {
+    let body = query(server, &format!("SELECT * FROM ({sql}) AS primary_only")).await;
+    assert_eq!(body["view"], Value::Null);
+    body
+}
+
+async fn compare_random_queries(server: &Server, random: &mut Random, rounds: usize) -> usize {
+    let mut through_views = 0;
+    for _ in 0..rounds {
+        let sql = random_query(random);
+        let routed = query(server, &sql).await;
+        let primary = on_primary(server, &sql).await;
+        assert_eq!(routed["columns"], primary["columns"], "{sql}");
+        assert_eq!(
+            normalized(&routed),
+            normalized(&primary),
+            "{sql} through {} differs from the primary table",
+            routed["view"]
+        );
+        if !routed["view"].is_null() {
+            through_views += 1;
+        }
+    }
+    through_views
+}
+
+on_both_backends!(views_answer_random_queries_exactly_as_the_primary_table);
+async fn views_answer_random_queries_exactly_as_the_primary_table(backend: Backend) {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("random seed {seed}");
+    let mut random = Random(seed);
+    let server = Server::with_temperature(backend).await;
+    let mut tokens = Vec::new();
+    for device in DEVICES {
+        tokens.push(server.add_device(device, "ingest").await);
+    }
+    // Rows before the views exist are taken in when they are created;
+    // rows after, by each refresh cycle.
+    ingest(&server, &tokens, &mut random, 1, 120).await;
+    let views = server.data_dir().join("views.toml");
+    std::fs::write(&views, VIEWS).unwrap();
+    let (ok, out, err) = fleetgate(&server, &["view", "create", views.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("hourly: created"), "{out}");
+
+    let mut through_views = compare_random_queries(&server, &mut random, 30).await;
+    ingest(&server, &tokens, &mut random, 120, 240).await;
+    // Straight after ingest: the periodic view's tail is not folded yet,
+    // and the on-demand view has not been asked.
+    through_views += compare_random_queries(&server, &mut random, 30).await;
+    // About a fifth fit a view; the rest prove the routing refuses what a
+    // view cannot answer exactly.
+    assert!(
+        through_views >= 5,
+        "only {through_views} of 60 random queries went through a view"
+    );
+
+    // Each refresh cycle answers the queries made for it.
+    for (sql, view) in [
+        (
+            "SELECT device_id, (taken_at / 3600000) * 3600000 AS hour, avg(celsius) FROM temperature GROUP BY device_id, (taken_at / 3600000) * 3600000",
+            "hourly",
+        ),
+        (
+            "SELECT status, max(humidity) FROM temperature WHERE taken_at >= 1795046400000 GROUP BY status",
+            "daily_status",
+        ),
+        (
+            "SELECT device_id, count(*), avg(humidity) FROM temperature GROUP BY device_id",
+            "per_device",
+        ),
+    ] {
+        let routed = query(&server, sql).await;
+        assert_eq!(routed["view"], view, "{sql}");
+        assert_eq!(normalized(&routed), normalized(&on_primary(&server, sql).await));
+    }
+    let listed = server
+        .api("GET", "/v1/views", Some(&server.admin), None)
+        .await
+        .1;
+    let stored = server.count("SELECT count(*) FROM temperature").await;
+    assert_eq!(stored, 3 * 239, "duplicates are stored once");
+    for view in listed["views"].as_array().unwrap() {
+        assert!(view["rows"].as_i64().unwrap() > 0, "{view}");
+        assert_eq!(view["origin"], "declared");
+    }
+}
+
+on_both_backends!(explain_names_the_view_and_why_the_others_do_not_fit);
+async fn explain_names_the_view_and_why_the_others_do_not_fit(backend: Backend) {
+    let server = Server::with_temperature(backend).await;
+    let token = server.add_device("t1", "ingest").await;
+    let mut random = Random(7);
+    publish_acked(
+        &server,
+        "t1",
+        &token,
+        "ingest/temperature/t1",
+        &records(&mut random, 1, 50),
+    )
+    .await;
+    let (status, body) = server.post_text("/v1/views", &server.admin, VIEWS).await;
+    assert_eq!(status, 200, "{body}");
+
+    let sql = "SELECT device_id, max(celsius) FROM temperature GROUP BY device_id";
+    let (status, explained) = server
+        .api(
+            "POST",
+            "/v1/query/explain",
+            Some(&server.admin),
+            Some(json!({ "sql": sql })),
+        )
+        .await;
+    assert_eq!(status, 200, "{explained}");
+    assert_eq!(explained["view"], "hourly", "{explained}");
+    let reasons: Vec<(String, bool, String)> = explained["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["view"].as_str().unwrap().to_string(),
+                c["usable"].as_bool().unwrap(),
+                c["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|(v, usable, why)| v == "daily_status" && !usable && why.contains("device_id")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|(v, usable, why)| v == "per_device" && !usable && why.contains("celsius")),
+        "{reasons:?}"
+    );
+    let (ok, out, _) = fleetgate(&server, &["query", "--explain", sql]);
+    assert!(ok && out.contains("\"view\": \"hourly\""), "{out}");
+
+    // Rows are not aggregates, and a filter off a bucket boundary would
+    // split buckets: both stay on the primary table.
+    for sql in [
+        "SELECT * FROM temperature",
+        "SELECT device_id, count(*) FROM temperature WHERE taken_at >= 1795046400001 GROUP BY device_id",
+        "SELECT device_id, count(*) FROM temperature WHERE celsius > 20 GROUP BY device_id",
+    ] {
+        let body = query(&server, sql).await;
+        assert_eq!(body["view"], Value::Null, "{sql}");
+    }
+
+    // Dropped, the query goes back to the primary table, with the same answer.
+    let before = query(&server, sql).await;
+    assert_eq!(before["view"], "hourly");
+    let (ok, _, err) = fleetgate(&server, &["view", "drop", "hourly"]);
+    assert!(ok, "{err}");
+    let after = query(&server, sql).await;
+    assert_eq!(after["view"], Value::Null);
+    assert_eq!(normalized(&before), normalized(&after));
+    let (ok, out, _) = fleetgate(&server, &["view", "list"]);
+    assert!(
+        ok && !out.contains("hourly") && out.contains("per_device"),
+        "{out}"
+    );
+}
+
+on_both_backends!(bad_views_are_refused_and_change_nothing);
+async fn bad_views_are_refused_and_change_nothing(backend: Backend) {
+    let server = Server::with_temperature(backend).await;
+    let good = "[views.v1]\nsource = \"temperature\"\ngroup_by = [\"device_id\"]\naggregates = { n = \"count(*)\" }\n";
+    let (status, body) = server.post_text("/v1/views", &server.admin, good).await;
+    assert_eq!(status, 200, "{body}");
+    let cases = [
+        ("not toml [", "invalid views TOML"),
+        ("[views.v2]\nsource = \"nope\"\naggregates = { n = \"count(*)\" }\n", "unknown source stream"),
+        ("[views.v2]\nsource = \"v1\"\naggregates = { n = \"count(*)\" }\n", "views over views"),
+        ("[views.v2]\nsource = \"temperature\"\ngroup_by = [\"nope\"]\naggregates = { n = \"count(*)\" }\n", "\\\"nope\\\" is not a column"),
+        ("[views.v2]\nsource = \"temperature\"\naggregates = { m = \"median(celsius)\" }\n", "cannot be maintained incrementally"),
+        ("[views.v2]\nsource = \"temperature\"\naggregates = { m = \"count(distinct device_id)\" }\n", "distinct"),
+        ("[views.v2]\nsource = \"temperature\"\naggregates = { m = \"avg(label)\" }\n", "does not fit"),
+        ("[views.v2]\nsource = \"temperature\"\nbucket = { column = \"label\", width = \"1h\" }\naggregates = { n = \"count(*)\" }\n", "bucket column"),
+        ("[views.v2]\nsource = \"temperature\"\naggregates = { n = \"count(*)\" }\nrefresh = \"sometimes\"\n", "refresh"),
+        ("[views.v2]\nsource = \"temperature\"\naggregates = {}\n", "at least one aggregate"),
+        ("[views.v1]\nsource = \"temperature\"\naggregates = { n = \"count(*)\" }\n", "exists"),
+    ];
+    for (toml, expected) in cases {
+        let (status, body) = server.post_text("/v1/views", &server.admin, toml).await;
+        assert_eq!(status, 400, "{toml}: {body}");
+        assert!(body.to_string().contains(expected), "{toml}: {body}");
+    }
+    let listed = server
+        .api("GET", "/v1/views", Some(&server.admin), None)
+        .await
+        .1;
+    let names: Vec<&str> = listed["views"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["v1"]);
+
+    let analyst = server.add_device("a1", "extract").await;
+    let (status, _) = server
+        .post_text("/v1/views", &analyst, &good.replace("v1", "v3"))
+        .await;
+    assert_eq!(status, 403, "only admins declare views");
+    let (status, _) = server
+        .api("DELETE", "/v1/views/v1", Some(&analyst), None)
+        .await;
+    assert_eq!(status, 403);
+    let (status, _) = server
+        .api("DELETE", "/v1/views/nope", Some(&server.admin), None)
+        .await;
+    assert_eq!(status, 404);
+    let (status, body) = server
+        .api(
+            "POST",
+            "/v1/query/explain",
+            Some(&analyst),
+            Some(json!({ "sql": "SELEC nothing" })),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    // The view still works.
+    let body = query(
+        &server,
+        "SELECT device_id, count(*) FROM temperature GROUP BY device_id",
+    )
+    .await;
+    assert_eq!(body["view"], "v1");
+}
