@@ -135,6 +135,17 @@ pub struct ViewPlan {
     pub refresh: Refresh,
 }
 
+/// One column of a view table: what it holds of the source.
+enum Part<'a> {
+    Group(&'a str, ColumnKind),
+    Bucket,
+    Rows,
+    Count(&'a str),
+    Sum(&'a str, ColumnKind),
+    Min(&'a str, ColumnKind),
+    Max(&'a str, ColumnKind),
+}
+
 /// Column names the view tables use for themselves.
 pub const BUCKET: &str = "fg_bucket";
 pub const ROWS: &str = "fg_rows";
@@ -274,9 +285,11 @@ impl ViewPlan {
                 }
                 Refresh::Every(period)
             }
-            RefreshDef::Named(other) => return Err(problem(format!(
+            RefreshDef::Named(other) => {
+                return Err(problem(format!(
                 "refresh {other:?}: expected \"realtime\", \"on_demand\" or {{ every = \"30s\" }}"
-            ))),
+            )))
+            }
         };
         Ok(ViewPlan {
             name: name.to_string(),
@@ -308,31 +321,44 @@ impl ViewPlan {
         format!("fgv_{}_maintain", self.name)
     }
 
-    /// The view table's columns with their SQL types.
-    fn columns(&self) -> Vec<(String, &'static str)> {
-        let mut columns: Vec<(String, &'static str)> = self
+    /// The view table's columns, in order: each grouping column, the
+    /// bucket, the row count, then each measured column's partials.
+    fn parts(&self) -> Vec<Part<'_>> {
+        let mut parts: Vec<Part> = self
             .group_by
             .iter()
-            .map(|(c, k)| (c.clone(), sql_type(*k)))
+            .map(|(c, k)| Part::Group(c, *k))
             .collect();
-        columns.push((BUCKET.into(), "BIGINT"));
-        columns.push((ROWS.into(), "BIGINT"));
+        parts.push(Part::Bucket);
+        parts.push(Part::Rows);
         for m in &self.measured {
-            let sum_type = if m.kind == ColumnKind::Int {
-                "BIGINT"
-            } else {
-                "DOUBLE PRECISION"
-            };
-            columns.push((partial(&m.column, "n"), "BIGINT"));
+            parts.push(Part::Count(&m.column));
             if matches!(m.kind, ColumnKind::Int | ColumnKind::Float) {
-                columns.push((partial(&m.column, "sum"), sum_type));
+                parts.push(Part::Sum(&m.column, m.kind));
             }
             if m.kind != ColumnKind::Bool {
-                columns.push((partial(&m.column, "min"), sql_type(m.kind)));
-                columns.push((partial(&m.column, "max"), sql_type(m.kind)));
+                parts.push(Part::Min(&m.column, m.kind));
+                parts.push(Part::Max(&m.column, m.kind));
             }
         }
-        columns
+        parts
+    }
+
+    /// The view table's columns with their SQL types.
+    fn columns(&self) -> Vec<(String, &'static str)> {
+        self.parts()
+            .iter()
+            .map(|part| match part {
+                Part::Group(c, kind) => (c.to_string(), sql_type(*kind)),
+                Part::Bucket => (BUCKET.into(), "BIGINT"),
+                Part::Rows => (ROWS.into(), "BIGINT"),
+                Part::Count(c) => (partial(c, "n"), "BIGINT"),
+                Part::Sum(c, ColumnKind::Int) => (partial(c, "sum"), "BIGINT"),
+                Part::Sum(c, _) => (partial(c, "sum"), "DOUBLE PRECISION"),
+                Part::Min(c, kind) => (partial(c, "min"), sql_type(*kind)),
+                Part::Max(c, kind) => (partial(c, "max"), sql_type(*kind)),
+            })
+            .collect()
     }
 
     fn column_list(&self) -> String {
@@ -357,64 +383,44 @@ impl ViewPlan {
     /// Partials of a set of source rows, grouped (a SELECT list matching
     /// [`Self::columns`]).
     fn partials_of_rows(&self) -> String {
-        let mut items: Vec<String> = self.group_by.iter().map(|(c, _)| c.clone()).collect();
-        items.push(self.bucket_sql(""));
-        items.push("count(*)".into());
-        for m in &self.measured {
-            let c = &m.column;
-            items.push(format!("count({c})"));
-            if matches!(m.kind, ColumnKind::Int | ColumnKind::Float) {
-                items.push(format!("COALESCE(sum({c}), 0)"));
-            }
-            if m.kind != ColumnKind::Bool {
-                items.push(format!("min({c})"));
-                items.push(format!("max({c})"));
-            }
-        }
-        items.join(", ")
+        self.select_parts(|part| match part {
+            Part::Group(c, _) => c.to_string(),
+            Part::Bucket => self.bucket_sql(""),
+            Part::Rows => "count(*)".into(),
+            Part::Count(c) => format!("count({c})"),
+            Part::Sum(c, _) => format!("COALESCE(sum({c}), 0)"),
+            Part::Min(c, _) => format!("min({c})"),
+            Part::Max(c, _) => format!("max({c})"),
+        })
     }
 
     /// Partials of one source row (a VALUES list matching [`Self::columns`]).
     fn partials_of_new_row(&self) -> String {
-        let mut items: Vec<String> = self
-            .group_by
-            .iter()
-            .map(|(c, _)| format!("NEW.{c}"))
-            .collect();
-        items.push(self.bucket_sql("NEW."));
-        items.push("1".into());
-        for m in &self.measured {
-            let c = &m.column;
-            items.push(format!("(NEW.{c} IS NOT NULL)"));
-            if matches!(m.kind, ColumnKind::Int | ColumnKind::Float) {
-                items.push(format!("COALESCE(NEW.{c}, 0)"));
-            }
-            if m.kind != ColumnKind::Bool {
-                items.push(format!("NEW.{c}"));
-                items.push(format!("NEW.{c}"));
-            }
-        }
-        items.join(", ")
+        self.select_parts(|part| match part {
+            Part::Group(c, _) => format!("NEW.{c}"),
+            Part::Bucket => self.bucket_sql("NEW."),
+            Part::Rows => "1".into(),
+            Part::Count(c) => format!("(NEW.{c} IS NOT NULL)"),
+            Part::Sum(c, _) => format!("COALESCE(NEW.{c}, 0)"),
+            Part::Min(c, _) | Part::Max(c, _) => format!("NEW.{c}"),
+        })
     }
 
     /// Partials of partials: what folding the tail groups by.
     fn partials_of_partials(&self) -> String {
-        self.columns()
-            .into_iter()
-            .enumerate()
-            .map(|(i, (c, _))| {
-                if i <= self.group_by.len() {
-                    c
-                } else if c.ends_with("__min") {
-                    format!("min({c})")
-                } else if c.ends_with("__max") {
-                    format!("max({c})")
-                } else {
-                    format!("sum({c})")
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
+        self.select_parts(|part| match part {
+            Part::Group(c, _) => c.to_string(),
+            Part::Bucket => BUCKET.into(),
+            Part::Rows => format!("sum({ROWS})"),
+            Part::Count(c) => format!("sum({})", partial(c, "n")),
+            Part::Sum(c, _) => format!("sum({})", partial(c, "sum")),
+            Part::Min(c, _) => format!("min({})", partial(c, "min")),
+            Part::Max(c, _) => format!("max({})", partial(c, "max")),
+        })
+    }
+
+    fn select_parts(&self, item: impl Fn(&Part) -> String) -> String {
+        self.parts().iter().map(item).collect::<Vec<_>>().join(", ")
     }
 
     fn group_positions(&self) -> String {
@@ -429,24 +435,25 @@ impl ViewPlan {
         // Unaliased: SQLite takes no `AS` alias in a trigger's INSERT.
         let table = self.table();
         let assignments: Vec<String> = self
-            .columns()
-            .into_iter()
-            .skip(self.group_by.len() + 1)
-            .map(|(c, _)| {
+            .parts()
+            .iter()
+            .zip(self.columns())
+            .filter_map(|(part, (c, _))| {
                 let (old, new) = (format!("{table}.{c}"), format!("excluded.{c}"));
-                let merged = match (c.ends_with("__min"), c.ends_with("__max"), backend) {
-                    (true, _, Backend::Postgres) => format!("LEAST({old}, {new})"),
-                    (_, true, Backend::Postgres) => format!("GREATEST({old}, {new})"),
+                let merged = match (part, backend) {
+                    (Part::Group(..) | Part::Bucket, _) => return None,
+                    (Part::Min(..), Backend::Postgres) => format!("LEAST({old}, {new})"),
+                    (Part::Max(..), Backend::Postgres) => format!("GREATEST({old}, {new})"),
                     // SQLite's two-argument min/max are NULL if either is.
-                    (true, _, Backend::Sqlite) => {
+                    (Part::Min(..), Backend::Sqlite) => {
                         format!("COALESCE(min({old}, {new}), {old}, {new})")
                     }
-                    (_, true, Backend::Sqlite) => {
+                    (Part::Max(..), Backend::Sqlite) => {
                         format!("COALESCE(max({old}, {new}), {old}, {new})")
                     }
                     _ => format!("{old} + {new}"),
                 };
-                format!("{c} = {merged}")
+                Some(format!("{c} = {merged}"))
             })
             .collect();
         format!(
