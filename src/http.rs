@@ -498,11 +498,41 @@ struct QueryRequest {
 async fn route_query(state: &AppState, caller: &Caller, sql: &str) -> Result<Route, ApiError> {
     caller.require(Role::Extract, state)?;
     let tables: HashSet<String> = state.catalog.names().into_iter().collect();
-    query::check(sql, &tables, state.db.backend()).map_err(|e| bad_request(e.to_string()))?;
+    let parsed =
+        query::check(sql, &tables, state.db.backend()).map_err(|e| bad_request(e.to_string()))?;
+    if state.views.is_empty() {
+        return Ok(Route {
+            view: None,
+            sql: sql.to_string(),
+            candidates: Vec::new(),
+        });
+    }
     let names = query::columns(&state.db, sql)
         .await
         .map_err(|e| bad_request(e.to_string()))?;
-    Ok(state.views.route(sql, &names))
+    Ok(state.views.route(sql, &parsed, &names))
+}
+
+/// Runs a routed query on its view; `None` when the view could not answer
+/// after all, for the primary table to: a view that fails must not fail
+/// the query.
+async fn run_through_view(
+    state: &AppState,
+    view: &str,
+    sql: &str,
+    limits: &QueryLimits,
+) -> Option<Result<query::QueryResult, QueryError>> {
+    if let Err(e) = state.views.prepare(view).await {
+        tracing::error!(view, error = %e, "cannot bring view up to date");
+        return None;
+    }
+    match query::run(&state.db, sql, limits).await {
+        Err(QueryError::Database(e)) => {
+            tracing::error!(view, error = %e, sql, "query through view failed");
+            None
+        }
+        other => Some(other),
+    }
 }
 
 async fn explain_query(
@@ -511,6 +541,11 @@ async fn explain_query(
     Json(request): Json<QueryRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let route = route_query(&state, &caller, &request.sql).await?;
+    // Without views the route skipped preparing it: a query the database
+    // refuses is still a 400 here, not a plan.
+    query::columns(&state.db, &request.sql)
+        .await
+        .map_err(|e| bad_request(e.to_string()))?;
     Ok(Json(json!(route)))
 }
 
@@ -525,21 +560,9 @@ async fn run_query(
         ..Default::default()
     };
     let through_view = match &route.view {
-        Some(view) => match state.views.prepare(view).await {
-            Ok(()) => match query::run(&state.db, &route.sql, &limits).await {
-                // A view that fails must not fail the query: the primary
-                // table still answers it.
-                Err(QueryError::Database(e)) => {
-                    tracing::error!(view, error = %e, sql = %route.sql, "query through view failed");
-                    None
-                }
-                other => Some((Some(view.clone()), other)),
-            },
-            Err(e) => {
-                tracing::error!(view, error = %e, "cannot bring view up to date");
-                None
-            }
-        },
+        Some(view) => run_through_view(&state, view, &route.sql, &limits)
+            .await
+            .map(|outcome| (Some(view.clone()), outcome)),
         None => None,
     };
     let (view, outcome) = match through_view {

@@ -59,17 +59,12 @@ impl StateTopicFeed {
         Ok(())
     }
 
-    /// Refreshes now and then every `poll` (for versions other brokers
-    /// publish; the local coordinator refreshes as it announces).
-    pub fn follow(self, poll: Duration) {
-        tokio::spawn(async move {
-            loop {
-                if let Err(e) = self.refresh().await {
-                    tracing::warn!(error = %e, "cannot refresh the state topics");
-                }
-                tokio::time::sleep(poll).await;
-            }
-        });
+    /// [`Self::refresh`], whose failure only delays an announcement: the
+    /// next refresh catches up.
+    pub async fn refresh_or_warn(&self) {
+        if let Err(e) = self.refresh().await {
+            tracing::warn!(error = %e, "cannot refresh the state topics");
+        }
     }
 }
 
@@ -103,9 +98,7 @@ impl StateTransport for LocalStores {
             if let Err(e) = self.follower.learn(announcement).await {
                 tracing::error!(error = %e, "the local store cannot take in the state version");
             }
-            if let Err(e) = self.feed.refresh().await {
-                tracing::warn!(error = %e, "cannot refresh the state topics");
-            }
+            self.feed.refresh_or_warn().await;
         })
     }
 
@@ -173,9 +166,7 @@ impl StateTransport for ClusterStores {
                 .announce(announcement.version, announcement.activate_at_ms);
             let payload = serde_json::to_string(&announcement).expect("announcement serializes");
             self.db.notify(STATE_CHANNEL, &payload).await;
-            if let Err(e) = self.feed.refresh().await {
-                tracing::warn!(error = %e, "cannot refresh the state topics");
-            }
+            self.feed.refresh_or_warn().await;
         })
     }
 
@@ -220,16 +211,17 @@ async fn send_command(node: &nodes::NodeRow, command: &NodeCommand) -> Result<()
 }
 
 /// Keeps the broker's clock synchronized with the database's, and its
-/// balancer's schedule on every published version, including those other
-/// brokers publish.
-pub fn follow_schedule(db: Db, balancer: Balancer, clock: Arc<ClusterClock>) {
-    let follower = balancer.clone();
+/// balancer's schedule and state topics on every published version,
+/// including those other brokers publish.
+pub fn follow_schedule(db: Db, balancer: Balancer, clock: Arc<ClusterClock>, feed: StateTopicFeed) {
+    let (follower, notified_feed) = (balancer.clone(), feed.clone());
     db.follow(STATE_CHANNEL, move |payload| {
-        let balancer = follower.clone();
+        let (balancer, feed) = (follower.clone(), notified_feed.clone());
         async move {
             if let Some(Ok(a)) = payload.map(|p| serde_json::from_str::<StateAnnouncement>(&p)) {
                 balancer.announce(a.version, a.activate_at_ms);
             }
+            feed.refresh_or_warn().await;
         }
     });
     tokio::spawn(async move {
@@ -243,6 +235,7 @@ pub fn follow_schedule(db: Db, balancer: Balancer, clock: Arc<ClusterClock>) {
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot read state versions"),
             }
+            feed.refresh_or_warn().await;
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     });

@@ -257,8 +257,10 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         db: db.clone(),
         topics: platform_topics.clone(),
     };
-    // Other brokers' pushes, and what was published before this start.
-    feed.clone().follow(Duration::from_millis(500));
+    // What was published before this start; later versions come through
+    // the coordinator's announcements (and, in a cluster, the schedule).
+    let initial = feed.clone();
+    tokio::spawn(async move { initial.refresh_or_warn().await });
     let (ingest, transport, local_state): (_, Arc<dyn StateTransport>, _) = match cluster_hold {
         None => {
             let states = Arc::new(StateStore::new(clock.clone()));
@@ -299,7 +301,12 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
                 clock.clone(),
                 args.state_grace,
             );
-            crate::state::follow_schedule(db.clone(), balancer.clone(), clock.clone());
+            crate::state::follow_schedule(
+                db.clone(),
+                balancer.clone(),
+                clock.clone(),
+                feed.clone(),
+            );
             let transport = crate::state::ClusterStores {
                 db: db.clone(),
                 balancer: balancer.clone(),

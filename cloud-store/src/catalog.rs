@@ -47,7 +47,7 @@ impl From<FieldType> for ColumnKind {
 }
 
 impl ColumnKind {
-    fn of_field(def: &FieldDef) -> ColumnKind {
+    pub(crate) fn of_field(def: &FieldDef) -> ColumnKind {
         if def.code {
             ColumnKind::Int
         } else {

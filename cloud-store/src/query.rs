@@ -131,15 +131,20 @@ const ALLOWED_FUNCTIONS: &[&str] = &[
 /// Checks that `sql` is a single read-only SELECT over `tables`, parsed as
 /// the database that will run it parses it (SQLite does not nest comments,
 /// PostgreSQL does: a generic parser can be shown a different query).
-pub fn check(sql: &str, tables: &HashSet<String>, backend: Backend) -> Result<(), QueryError> {
-    let statements = match backend {
+/// Returns the parsed query, for the view router.
+pub fn check(
+    sql: &str,
+    tables: &HashSet<String>,
+    backend: Backend,
+) -> Result<Box<Query>, QueryError> {
+    let mut statements = match backend {
         Backend::Sqlite => Parser::parse_sql(&SQLiteDialect {}, sql),
         Backend::Postgres => Parser::parse_sql(&PostgreSqlDialect {}, sql),
     }
     .map_err(|e| QueryError::NotAllowed(format!("cannot parse query: {e}")))?;
-    let statement = match statements.as_slice() {
-        [one] => one,
-        [] => return Err(QueryError::NotAllowed("empty query".into())),
+    let statement = match statements.len() {
+        1 => statements.remove(0),
+        0 => return Err(QueryError::NotAllowed("empty query".into())),
         _ => {
             return Err(QueryError::NotAllowed(
                 "only one statement per query".into(),
@@ -159,7 +164,7 @@ pub fn check(sql: &str, tables: &HashSet<String>, backend: Backend) -> Result<()
     if let ControlFlow::Break(()) = query.visit(&mut guard) {
         return Err(QueryError::NotAllowed(guard.problem.unwrap_or_default()));
     }
-    Ok(())
+    Ok(query)
 }
 
 /// Prefixes of the platform's own tables and the databases' catalogs: no

@@ -159,28 +159,19 @@ impl ViewPlan {
     pub fn new(name: &str, def: &ViewDef, source: &Stream) -> Result<ViewPlan, String> {
         check_identifier("view", name)?;
         let problem = |what: String| format!("view {name}: {what}");
-        let kind_of = |column: &str| -> Option<(ColumnKind, Option<FieldType>)> {
+        // A column's storage kind, and the declared type it holds.
+        let kind_of = |column: &str| -> Option<(ColumnKind, FieldType)> {
             match column {
-                DEVICE_ID => Some((ColumnKind::Text, Some(FieldType::String))),
-                RECEIVED_AT => Some((ColumnKind::Int, Some(FieldType::Timestamp))),
+                DEVICE_ID => Some((ColumnKind::Text, FieldType::String)),
+                RECEIVED_AT => Some((ColumnKind::Int, FieldType::Timestamp)),
                 _ => source
                     .def
                     .fields
                     .get(column)
-                    .map(|f| {
-                        let kind = if f.code {
-                            ColumnKind::Int
-                        } else {
-                            ColumnKind::from(f.ty)
-                        };
-                        (kind, Some(f.ty))
-                    })
+                    .map(|f| (ColumnKind::of_field(f), f.ty))
                     .or_else(|| {
-                        source
-                            .def
-                            .enrich
-                            .get(column)
-                            .map(|e| (ColumnKind::from(e.ty), Some(e.ty)))
+                        let e = source.def.enrich.get(column)?;
+                        Some((ColumnKind::from(e.ty), e.ty))
                     }),
             }
         };
@@ -210,9 +201,7 @@ impl ViewPlan {
             None => None,
             Some(b) => {
                 let (kind, ty) = kind_of(&b.column).ok_or_else(|| unknown(&b.column))?;
-                if kind != ColumnKind::Int
-                    || !matches!(ty, Some(FieldType::Timestamp | FieldType::Int))
-                {
+                if kind != ColumnKind::Int || !matches!(ty, FieldType::Timestamp | FieldType::Int) {
                     return Err(problem(format!(
                         "bucket column {:?} must be received_at or an int or timestamp field",
                         b.column
@@ -254,7 +243,7 @@ impl ViewPlan {
                 let numeric = matches!(kind, ColumnKind::Int | ColumnKind::Float);
                 let fits = match aggregate.func {
                     AggFn::Count => true,
-                    AggFn::Sum | AggFn::Avg => numeric && ty != Some(FieldType::Timestamp),
+                    AggFn::Sum | AggFn::Avg => numeric && ty != FieldType::Timestamp,
                     AggFn::Min | AggFn::Max => kind != ColumnKind::Bool,
                 };
                 if !fits {

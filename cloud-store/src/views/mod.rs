@@ -17,9 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use sqlparser::ast::Statement;
-use sqlparser::dialect::{PostgreSqlDialect, SQLiteDialect};
-use sqlparser::parser::Parser;
+use sqlparser::ast::Query;
 use sqlx::Row;
 
 use crate::catalog::Catalog;
@@ -296,25 +294,15 @@ impl Views {
         });
     }
 
-    /// Picks the cheapest view that answers `sql` exactly (a query already
-    /// checked by the query guard), whose result columns are `names`.
-    pub fn route(&self, sql: &str, names: &[String]) -> Route {
-        let primary = |candidates| Route {
-            view: None,
-            sql: sql.to_string(),
-            candidates,
-        };
+    /// Whether any view exists (if none, there is nothing to route).
+    pub fn is_empty(&self) -> bool {
+        self.plans.read().expect("views lock").is_empty()
+    }
+
+    /// Picks the cheapest view that answers `query` exactly (`sql` as the
+    /// query guard parsed it), whose result columns are `names`.
+    pub fn route(&self, sql: &str, query: &Query, names: &[String]) -> Route {
         let backend = self.db.backend();
-        let parsed = match backend {
-            Backend::Sqlite => Parser::parse_sql(&SQLiteDialect {}, sql),
-            Backend::Postgres => Parser::parse_sql(&PostgreSqlDialect {}, sql),
-        };
-        let Ok(statements) = parsed else {
-            return primary(Vec::new());
-        };
-        let [Statement::Query(query)] = statements.as_slice() else {
-            return primary(Vec::new());
-        };
         let mut candidates = Vec::new();
         let mut usable = Vec::new();
         for plan in self.plans() {
@@ -338,7 +326,11 @@ impl Views {
             .into_iter()
             .min_by_key(|(plan, _)| rewrite::rank(plan))
         else {
-            return primary(candidates);
+            return Route {
+                view: None,
+                sql: sql.to_string(),
+                candidates,
+            };
         };
         for candidate in &mut candidates {
             if candidate.usable && candidate.view != plan.name {
