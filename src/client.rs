@@ -389,6 +389,9 @@ pub enum ViewCommand {
     List,
     /// Drop a view (queries go back to the primary table).
     Drop { name: String },
+    /// The query shapes the store has seen, and what it decided for each
+    /// (automatic views).
+    Shapes,
 }
 
 pub async fn view(command: ViewCommand, server: &ServerArgs) -> anyhow::Result<()> {
@@ -417,10 +420,34 @@ pub async fn view(command: ViewCommand, server: &ServerArgs) -> anyhow::Result<(
                         v["refresh"].clone(),
                         v["origin"].clone(),
                         v["rows"].clone(),
+                        v["bytes"].clone(),
                     ]
                 })
                 .collect();
-            print_table(&["view", "source", "refresh", "origin", "rows"], &rows);
+            print_table(
+                &["view", "source", "refresh", "origin", "rows", "bytes"],
+                &rows,
+            );
+        }
+        ViewCommand::Shapes => {
+            let reply = api.call(api.http.get(api.url("/v1/views/shapes"))).await?;
+            let rows: Vec<Vec<Value>> = reply["shapes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|s| {
+                    let mean = s["primary_mean_ms"]
+                        .as_f64()
+                        .map_or(Value::Null, |ms| json!(format!("{ms:.1}")));
+                    vec![
+                        s["shape"].clone(),
+                        s["queries"].clone(),
+                        mean,
+                        s["decision"].clone(),
+                    ]
+                })
+                .collect();
+            print_table(&["shape", "queries", "mean ms", "decision"], &rows);
         }
         ViewCommand::Drop { name } => {
             api.call(api.http.delete(api.url(&format!("/v1/views/{name}"))))

@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
@@ -68,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/query/explain", post(explain_query))
         .route("/v1/views", get(list_views).post(create_views))
         .route("/v1/views/{name}", delete(drop_view))
+        .route("/v1/views/shapes", get(list_shapes))
         .route("/v1/handshake/nonce", get(crate::sdk_api::nonce))
         .route("/v1/handshake", post(crate::sdk_api::handshake))
         .route("/v1/sdk/build", post(crate::sdk_api::offline_build))
@@ -494,23 +495,28 @@ struct QueryRequest {
 }
 
 /// Checks a query and picks where it runs: the cheapest view that answers
-/// it exactly, or the primary table.
-async fn route_query(state: &AppState, caller: &Caller, sql: &str) -> Result<Route, ApiError> {
+/// it exactly, or the primary table. Also returns the parsed query.
+async fn route_query(
+    state: &AppState,
+    caller: &Caller,
+    sql: &str,
+) -> Result<(Route, Box<query::ParsedQuery>), ApiError> {
     caller.require(Role::Extract, state)?;
     let tables: HashSet<String> = state.catalog.names().into_iter().collect();
     let parsed =
         query::check(sql, &tables, state.db.backend()).map_err(|e| bad_request(e.to_string()))?;
     if state.views.is_empty() {
-        return Ok(Route {
+        let route = Route {
             view: None,
             sql: sql.to_string(),
             candidates: Vec::new(),
-        });
+        };
+        return Ok((route, parsed));
     }
     let names = query::columns(&state.db, sql)
         .await
         .map_err(|e| bad_request(e.to_string()))?;
-    Ok(state.views.route(sql, &parsed, &names))
+    Ok((state.views.route(sql, &parsed, &names), parsed))
 }
 
 /// Runs a routed query on its view; `None` when the view could not answer
@@ -540,7 +546,7 @@ async fn explain_query(
     caller: Caller,
     Json(request): Json<QueryRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let route = route_query(&state, &caller, &request.sql).await?;
+    let (route, _) = route_query(&state, &caller, &request.sql).await?;
     // Without views the route skipped preparing it: a query the database
     // refuses is still a 400 here, not a plan.
     query::columns(&state.db, &request.sql)
@@ -554,11 +560,12 @@ async fn run_query(
     caller: Caller,
     Json(request): Json<QueryRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let route = route_query(&state, &caller, &request.sql).await?;
+    let (route, parsed) = route_query(&state, &caller, &request.sql).await?;
     let limits = QueryLimits {
         timeout: state.query_timeout,
         ..Default::default()
     };
+    let started = Instant::now();
     let through_view = match &route.view {
         Some(view) => run_through_view(&state, view, &route.sql, &limits)
             .await
@@ -571,6 +578,10 @@ async fn run_query(
     };
     match outcome {
         Ok(result) => {
+            state
+                .views
+                .observe(&request.sql, &parsed, view.as_deref(), started.elapsed())
+                .await;
             let mut body = serde_json::to_value(result).expect("result serializes");
             body["view"] = json!(view);
             Ok(Json(body))
@@ -609,6 +620,20 @@ async fn list_views(
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     Ok(Json(json!({ "views": views })))
+}
+
+/// The query shapes the store has logged, with what it decided for each.
+async fn list_shapes(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Extract, &state)?;
+    let shapes = state
+        .views
+        .shapes()
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    Ok(Json(json!({ "shapes": shapes })))
 }
 
 async fn drop_view(

@@ -23,7 +23,7 @@ use fleetgate_sdk_builder::Builder;
 use fleetgate_store::metrics::StoreMetrics;
 use fleetgate_store::pipeline::{Pipeline, PublishLive};
 use fleetgate_store::state::{StateFollower, StateStore};
-use fleetgate_store::views::Views;
+use fleetgate_store::views::{self, AutoSettings, Views};
 use fleetgate_store::{nodes, open_catalog, Db, Store, WriterConfig};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry as MetricsRegistry;
@@ -101,9 +101,49 @@ pub struct UpArgs {
     /// confirm it before it is rebooted.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     state_grace: Duration,
+    #[command(flatten)]
+    auto_views: AutoViewArgs,
     /// Test fault: the process dies at this step of a state push.
     #[arg(long, hide = true)]
     test_crash: Option<CrashPoint>,
+}
+
+/// Automatic views: created for query shapes that recur and cost enough,
+/// dropped when unused.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AutoViewArgs {
+    /// Space all automatic views may take together (e.g. 256MiB); 0 turns
+    /// automatic views off.
+    #[arg(long, default_value = "256MiB", value_parser = views::auto::parse_bytes)]
+    auto_views_budget: u64,
+    /// Runs of one query shape on the primary table, within
+    /// --auto-views-window, that earn it a view.
+    #[arg(long, default_value_t = 5)]
+    auto_views_after: usize,
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    auto_views_window: Duration,
+    /// Queries faster than this on the primary table are left alone.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    auto_views_min_cost: Duration,
+    /// How many times fewer rows a view must hold than its stream.
+    #[arg(long, default_value_t = 10.0)]
+    auto_views_min_gain: f64,
+    /// An automatic view that answers no query for this long is dropped.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    auto_views_unused: Duration,
+}
+
+impl AutoViewArgs {
+    fn settings(&self) -> AutoSettings {
+        AutoSettings {
+            budget_bytes: self.auto_views_budget,
+            recurrences: self.auto_views_after.max(1),
+            window: self.auto_views_window,
+            min_cost: self.auto_views_min_cost,
+            min_gain: self.auto_views_min_gain,
+            unused_after: self.auto_views_unused,
+        }
+    }
 }
 
 async fn bind(addr: SocketAddr, flag: &str, what: &str) -> anyhow::Result<TcpListener> {
@@ -199,7 +239,7 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         .map_err(|e| anyhow!(e))?;
     let catalog = open_catalog(&db).await.map_err(|e| anyhow!(e))?;
     let views = Arc::new(
-        Views::open(db.clone(), catalog.clone())
+        Views::open(db.clone(), catalog.clone(), args.auto_views.settings())
             .await
             .map_err(|e| anyhow!(e))?,
     );

@@ -197,6 +197,11 @@ impl Server {
         if let Some(url) = self.database_url() {
             args.extend(["--database".to_string(), url]);
         }
+        // Automatic views would add views of their own to the ones a test
+        // declares; only the tests about them turn them on.
+        if !self.extra_args.iter().any(|a| a == "--auto-views-budget") {
+            args.extend(["--auto-views-budget".to_string(), "0".to_string()]);
+        }
         args.extend(self.extra_args.iter().cloned());
         args
     }

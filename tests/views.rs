@@ -291,6 +291,7 @@ async fn views_answer_random_queries_exactly_as_the_primary_table(backend: Backe
     assert_eq!(stored, 3 * 239, "duplicates are stored once");
     for view in listed["views"].as_array().unwrap() {
         assert!(view["rows"].as_i64().unwrap() > 0, "{view}");
+        assert!(view["bytes"].as_i64().unwrap() > 0, "{view}");
         assert_eq!(view["origin"], "declared");
     }
 }
@@ -440,4 +441,200 @@ async fn bad_views_are_refused_and_change_nothing(backend: Backend) {
     )
     .await;
     assert_eq!(body["view"], "v1");
+}
+
+/// Polls `GET path` until `done` holds for its body (the automatic-view
+/// loop runs every second), or fails after 30 s with the last body.
+async fn wait_for(server: &Server, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (status, body) = server.api("GET", path, Some(&server.admin), None).await;
+        assert_eq!(status, 200, "{body}");
+        if done(&body) {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gave up waiting for {what}: {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+fn shape_decision<'a>(shapes: &'a Value, measured: &str) -> Option<&'a str> {
+    shapes["shapes"]
+        .as_array()?
+        .iter()
+        .find(|s| s["shape"].as_str().is_some_and(|k| k.contains(measured)))?["decision"]
+        .as_str()
+}
+
+on_both_backends!(recurring_queries_get_an_automatic_view_that_is_dropped_when_unused);
+async fn recurring_queries_get_an_automatic_view_that_is_dropped_when_unused(backend: Backend) {
+    let server = Server::start_with(
+        backend,
+        &[
+            "--auto-views-budget",
+            "10MiB",
+            "--auto-views-after",
+            "3",
+            "--auto-views-min-cost",
+            "0ms",
+            "--auto-views-min-gain",
+            "5",
+            "--auto-views-unused",
+            "3s",
+        ],
+    )
+    .await;
+    let (status, body) = server.apply_streams(crate::harness::TEMPERATURE).await;
+    assert_eq!(status, 200, "{body}");
+    let mut tokens = Vec::new();
+    for device in DEVICES {
+        tokens.push(server.add_device(device, "ingest").await);
+    }
+    let mut random = Random(11);
+    ingest(&server, &tokens, &mut random, 1, 301).await;
+
+    // A dashboard asks the same thing again and again, for one device or
+    // another: one shape. The primary table answers until a view exists.
+    let recurring = |device: &str| {
+        format!(
+            "SELECT device_id, avg(celsius), max(celsius), count(*) FROM temperature \
+             WHERE device_id = '{device}' GROUP BY device_id"
+        )
+    };
+    // Grouped by seq, a view would keep 300 rows for 900: not worth it.
+    let unprofitable = "SELECT seq, sum(humidity) FROM temperature GROUP BY seq";
+    for device in DEVICES {
+        assert_eq!(
+            query(&server, &recurring(device)).await["view"],
+            Value::Null
+        );
+        assert_eq!(query(&server, unprofitable).await["view"], Value::Null);
+    }
+
+    let shapes = wait_for(
+        &server,
+        "/v1/views/shapes",
+        "decisions on both shapes",
+        |b| {
+            shape_decision(b, "measured[celsius]").is_some_and(|d| d.starts_with("created"))
+                && shape_decision(b, "measured[humidity]").is_some_and(|d| d != "watching")
+        },
+    )
+    .await;
+    let decision = shape_decision(&shapes, "measured[humidity]").unwrap();
+    assert!(decision.contains("300 rows for 900"), "{decision}");
+    let listed = server
+        .api("GET", "/v1/views", Some(&server.admin), None)
+        .await
+        .1;
+    let views = listed["views"].as_array().unwrap();
+    assert_eq!(
+        views.len(),
+        1,
+        "only the profitable shape earns a view: {listed}"
+    );
+    let auto = &views[0];
+    assert_eq!(auto["origin"], "auto", "{auto}");
+    // Its queries read rows that had just arrived.
+    assert_eq!(auto["refresh"], "realtime", "{auto}");
+    assert_eq!(auto["rows"], 3, "one row per device: {auto}");
+    assert!(auto["bytes"].as_i64().unwrap() > 0, "{auto}");
+    let name = auto["name"].as_str().unwrap().to_string();
+    assert!(name.starts_with("auto_temperature_"), "{name}");
+
+    // Routed to it from now on, for any device, with what the table says,
+    // also for rows that arrive after it was made.
+    ingest(&server, &tokens, &mut random, 301, 341).await;
+    for device in DEVICES {
+        let sql = recurring(device);
+        let routed = query(&server, &sql).await;
+        assert_eq!(routed["view"], name.as_str(), "{sql}");
+        assert_eq!(
+            normalized(&routed),
+            normalized(&on_primary(&server, &sql).await)
+        );
+    }
+    let (ok, out, err) = fleetgate(&server, &["view", "shapes"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains(&format!("created view {name}")), "{out}");
+
+    // Nobody asks any more: dropped after --auto-views-unused, and the
+    // query goes back to the primary table with the same answer.
+    wait_for(
+        &server,
+        "/v1/views",
+        "the unused automatic view to go",
+        |b| b["views"].as_array().is_some_and(|v| v.is_empty()),
+    )
+    .await;
+    let sql = recurring("t2");
+    let routed = query(&server, &sql).await;
+    assert_eq!(routed["view"], Value::Null);
+    assert_eq!(
+        normalized(&routed),
+        normalized(&on_primary(&server, &sql).await)
+    );
+    assert!(
+        server.log().contains("automatic view dropped"),
+        "{}",
+        server.log()
+    );
+}
+
+on_both_backends!(the_automatic_view_budget_bounds_and_turns_off_automatic_views);
+async fn the_automatic_view_budget_bounds_and_turns_off_automatic_views(backend: Backend) {
+    let flags = |budget: &'static str| {
+        [
+            "--auto-views-budget",
+            budget,
+            "--auto-views-after",
+            "2",
+            "--auto-views-min-cost",
+            "0ms",
+            "--auto-views-min-gain",
+            "2",
+        ]
+    };
+    let sql = "SELECT device_id, min(celsius) FROM temperature GROUP BY device_id";
+    for budget in ["100B", "0"] {
+        let server = Server::start_with(backend, &flags(budget)).await;
+        let (status, body) = server.apply_streams(crate::harness::TEMPERATURE).await;
+        assert_eq!(status, 200, "{body}");
+        let token = server.add_device("t1", "ingest").await;
+        let mut random = Random(5);
+        publish_acked(
+            &server,
+            "t1",
+            &token,
+            "ingest/temperature/t1",
+            &records(&mut random, 1, 100),
+        )
+        .await;
+        for _ in 0..3 {
+            assert_eq!(query(&server, sql).await["view"], Value::Null);
+        }
+        if budget == "0" {
+            // Off: not even logged.
+            let shapes = server
+                .api("GET", "/v1/views/shapes", Some(&server.admin), None)
+                .await
+                .1;
+            assert_eq!(shapes["shapes"], json!([]), "{shapes}");
+        } else {
+            let shapes = wait_for(&server, "/v1/views/shapes", "the budget decision", |b| {
+                shape_decision(b, "measured[celsius]").is_some_and(|d| d != "watching")
+            })
+            .await;
+            let decision = shape_decision(&shapes, "measured[celsius]").unwrap();
+            assert!(decision.starts_with("over budget"), "{decision}");
+        }
+        let listed = server
+            .api("GET", "/v1/views", Some(&server.admin), None)
+            .await
+            .1;
+        assert_eq!(listed["views"], json!([]), "{listed}");
+    }
 }

@@ -20,6 +20,9 @@ use sqlx::{Column, Executor, Row, Statement as _, TypeInfo, ValueRef};
 
 use crate::db::{Backend, Db, Pools};
 
+/// A query as [`check`] parsed it.
+pub use sqlparser::ast::Query as ParsedQuery;
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct QueryResult {
     pub columns: Vec<String>,

@@ -350,6 +350,15 @@ impl ViewPlan {
             .collect()
     }
 
+    /// Roughly what one row of the view table and its index take on disk,
+    /// to weigh a view before it exists.
+    pub fn row_bytes_estimate(&self) -> i64 {
+        let columns = self.columns().len() as i64;
+        let key = self.group_by.len() as i64 + 1;
+        // A row header, 9 bytes a column, and the index entry.
+        24 + 9 * columns + 16 + 9 * key
+    }
+
     fn column_list(&self) -> String {
         let names: Vec<String> = self.columns().into_iter().map(|(c, _)| c).collect();
         names.join(", ")

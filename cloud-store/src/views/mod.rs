@@ -1,16 +1,21 @@
 //! Views: aggregates the store maintains over a stream, and the routing
 //! that answers queries from them.
 //!
-//! - [`def`]: a declared view checked against its source, and its SQL.
+//! - [`def`]: a declared view checked against its source stream, and its SQL.
 //! - [`rewrite`]: a query over a stream as the same query over a view.
+//! - [`shape`]: the view a query would need, with its literal values taken out.
+//! - [`auto`]: automatic views, created for recurring costly shapes within a
+//!   budget and dropped when unused.
 //!
 //! The database maintains views itself, with a trigger on the source table
 //! that runs inside each ingest commit: the writer does not know views
 //! exist, every store node of a cluster maintains them alike, and a record
 //! that was not inserted (a re-sent key) is not counted.
 
+pub mod auto;
 pub mod def;
 pub mod rewrite;
+pub mod shape;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -23,18 +28,48 @@ use sqlx::Row;
 use crate::catalog::Catalog;
 use crate::db::{Backend, Db};
 use crate::with_pool;
+pub use auto::{AutoSettings, ShapeInfo};
 pub use def::{Refresh, ViewDef, ViewPlan, ViewsFile};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ViewInfo {
     pub name: String,
     pub source: String,
-    /// "declared" (by a user).
-    pub origin: String,
+    pub origin: Origin,
     pub refresh: String,
     pub definition: ViewDef,
     /// Rows in the view's table and its unfolded tail.
     pub rows: i64,
+    /// Bytes its tables take.
+    pub bytes: i64,
+    pub created_at: i64,
+}
+
+/// Who made a view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// By a user, with `fleetgate view create` or `POST /v1/views`.
+    Declared,
+    /// By the store, for a recurring query shape ([`auto`]).
+    Auto,
+}
+
+impl Origin {
+    fn as_str(self) -> &'static str {
+        match self {
+            Origin::Declared => "declared",
+            Origin::Auto => "auto",
+        }
+    }
+}
+
+/// A view in the catalog.
+#[derive(Clone)]
+struct Entry {
+    plan: Arc<ViewPlan>,
+    origin: Origin,
+    created_at: i64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -57,24 +92,36 @@ pub struct Route {
 pub struct Views {
     db: Db,
     catalog: Catalog,
-    plans: RwLock<BTreeMap<String, Arc<ViewPlan>>>,
+    entries: RwLock<BTreeMap<String, Entry>>,
     folded: Mutex<HashMap<String, Instant>>,
+    auto: AutoSettings,
+    /// Query shapes seen since they were last written to the shape log.
+    shapes: Mutex<HashMap<String, auto::ShapeLog>>,
+    /// Views that answered queries since usage was last recorded: unix ms.
+    used: Mutex<HashMap<String, i64>>,
+    budget_checked: Mutex<Option<Instant>>,
 }
 
 impl Views {
-    pub async fn open(db: Db, catalog: Catalog) -> Result<Views, String> {
+    pub async fn open(db: Db, catalog: Catalog, auto: AutoSettings) -> Result<Views, String> {
         db.execute_ddl(&[
             "CREATE TABLE IF NOT EXISTS fleetgate_views (name TEXT PRIMARY KEY, \
              definition TEXT NOT NULL, origin TEXT NOT NULL, created_at BIGINT NOT NULL)"
                 .to_string(),
+            auto::SHAPES_DDL.to_string(),
+            auto::USAGE_DDL.to_string(),
         ])
         .await
         .map_err(|e| format!("cannot create the view catalog: {e}"))?;
         let views = Views {
             db,
             catalog,
-            plans: RwLock::default(),
+            entries: RwLock::default(),
             folded: Mutex::default(),
+            auto,
+            shapes: Mutex::default(),
+            used: Mutex::default(),
+            budget_checked: Mutex::default(),
         };
         views.reload().await?;
         Ok(views)
@@ -82,15 +129,15 @@ impl Views {
 
     /// Reads the view catalog again (another broker may have changed it).
     pub async fn reload(&self) -> Result<(), String> {
-        let rows: Vec<(String, String)> = with_pool!(self.db, pool => {
-            sqlx::query("SELECT name, definition FROM fleetgate_views")
+        let rows: Vec<(String, String, String, i64)> = with_pool!(self.db, pool => {
+            sqlx::query("SELECT name, definition, origin, created_at FROM fleetgate_views")
                 .fetch_all(pool)
                 .await
-                .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+                .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect())
         })
         .map_err(|e| format!("cannot read the view catalog: {e}"))?;
-        let mut plans = BTreeMap::new();
-        for (name, definition) in rows {
+        let mut entries = BTreeMap::new();
+        for (name, definition, origin, created_at) in rows {
             let planned = serde_json::from_str::<ViewDef>(&definition)
                 .map_err(|e| e.to_string())
                 .and_then(|def| {
@@ -102,17 +149,30 @@ impl Views {
                 });
             match planned {
                 Ok(plan) => {
-                    plans.insert(name, Arc::new(plan));
+                    let origin = if origin == "auto" {
+                        Origin::Auto
+                    } else {
+                        Origin::Declared
+                    };
+                    let plan = Arc::new(plan);
+                    entries.insert(
+                        name,
+                        Entry {
+                            plan,
+                            origin,
+                            created_at,
+                        },
+                    );
                 }
                 Err(e) => tracing::error!(view = %name, error = %e, "view cannot be used"),
             }
         }
-        *self.plans.write().expect("views lock") = plans;
+        *self.entries.write().expect("views lock") = entries;
         Ok(())
     }
 
-    pub fn plans(&self) -> Vec<Arc<ViewPlan>> {
-        self.plans
+    fn entries(&self) -> Vec<Entry> {
+        self.entries
             .read()
             .expect("views lock")
             .values()
@@ -120,25 +180,56 @@ impl Views {
             .collect()
     }
 
+    pub fn plans(&self) -> Vec<Arc<ViewPlan>> {
+        self.entries().into_iter().map(|e| e.plan).collect()
+    }
+
     fn plan(&self, name: &str) -> Option<Arc<ViewPlan>> {
-        self.plans.read().expect("views lock").get(name).cloned()
+        self.entries
+            .read()
+            .expect("views lock")
+            .get(name)
+            .map(|e| e.plan.clone())
     }
 
     pub async fn list(&self) -> Result<Vec<ViewInfo>, String> {
         let mut out = Vec::new();
-        for plan in self.plans() {
+        for Entry {
+            plan,
+            origin,
+            created_at,
+        } in self.entries()
+        {
             let sql = format!(
                 "SELECT (SELECT count(*) FROM {}) + (SELECT count(*) FROM {})",
                 plan.table(),
                 plan.tail()
             );
-            let rows: i64 =
+            let counted: Result<i64, String> =
                 with_pool!(self.db, pool => sqlx::query_scalar(&sql).fetch_one(pool).await)
-                    .map_err(|e| format!("cannot count view {}: {e}", plan.name))?;
+                    .map_err(|e| format!("cannot count view {}: {e}", plan.name));
+            let sized = match counted {
+                Ok(rows) => self.bytes(&plan).await.map(|bytes| (rows, bytes)),
+                Err(e) => Err(e),
+            };
+            let (rows, bytes) = match sized {
+                Ok(sized) => sized,
+                Err(e) => {
+                    // Dropped meanwhile (by the automatic-view loop, or
+                    // another broker): no longer listed.
+                    self.reload().await?;
+                    if self.plan(&plan.name).is_none() {
+                        continue;
+                    }
+                    return Err(e);
+                }
+            };
             out.push(ViewInfo {
                 name: plan.name.clone(),
                 source: plan.source().to_string(),
-                origin: "declared".into(),
+                origin,
+                bytes,
+                created_at,
                 refresh: match plan.refresh {
                     Refresh::Realtime => "realtime".into(),
                     Refresh::OnDemand => "on_demand".into(),
@@ -182,35 +273,47 @@ impl Views {
             };
             planned.push(ViewPlan::new(name, def, &source)?);
         }
-        let backend = self.db.backend();
         let mut created = Vec::new();
         for plan in planned {
-            let mut statements = plan.create_sql(backend);
-            statements.push(plan.backfill_sql(backend));
-            let definition = serde_json::to_string(&plan.def).expect("view serializes");
-            let now = fleetgate_protocol::unix_now_ms();
-            with_pool!(self.db, pool => async {
-                let mut tx = pool.begin().await?;
-                for statement in &statements {
-                    sqlx::query(statement).execute(&mut *tx).await?;
-                }
-                sqlx::query("INSERT INTO fleetgate_views (name, definition, origin, created_at) VALUES ($1, $2, 'declared', $3)")
-                    .bind(&plan.name)
-                    .bind(&definition)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await
-            }.await)
-            .map_err(|e| format!("cannot create view {}: {e}", plan.name))?;
-            tracing::info!(view = %plan.name, source = %plan.source(), "view created");
             created.push(plan.name.clone());
-            self.plans
-                .write()
-                .expect("views lock")
-                .insert(plan.name.clone(), Arc::new(plan));
+            self.install(plan, Origin::Declared).await?;
         }
         Ok(created)
+    }
+
+    /// Creates a checked view: tables, trigger, rows already in the source
+    /// and its catalog entry, in one transaction.
+    async fn install(&self, plan: ViewPlan, origin: Origin) -> Result<(), String> {
+        let backend = self.db.backend();
+        let mut statements = plan.create_sql(backend);
+        statements.push(plan.backfill_sql(backend));
+        let definition = serde_json::to_string(&plan.def).expect("view serializes");
+        let now = fleetgate_protocol::unix_now_ms();
+        with_pool!(self.db, pool => async {
+            let mut tx = pool.begin().await?;
+            for statement in &statements {
+                sqlx::query(statement).execute(&mut *tx).await?;
+            }
+            sqlx::query("INSERT INTO fleetgate_views (name, definition, origin, created_at) VALUES ($1, $2, $3, $4)")
+                .bind(&plan.name)
+                .bind(&definition)
+                .bind(origin.as_str())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        }.await)
+        .map_err(|e| format!("cannot create view {}: {e}", plan.name))?;
+        tracing::info!(view = %plan.name, source = %plan.source(), origin = origin.as_str(), "view created");
+        self.entries.write().expect("views lock").insert(
+            plan.name.clone(),
+            Entry {
+                plan: Arc::new(plan),
+                origin,
+                created_at: now,
+            },
+        );
+        Ok(())
     }
 
     /// `Ok(false)` when there is no such view.
@@ -229,10 +332,14 @@ impl Views {
                 .bind(name)
                 .execute(&mut *tx)
                 .await?;
+            sqlx::query("DELETE FROM fleetgate_view_usage WHERE name = $1")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await
         }.await)
         .map_err(|e| format!("cannot drop view {name}: {e}"))?;
-        self.plans.write().expect("views lock").remove(name);
+        self.entries.write().expect("views lock").remove(name);
         tracing::info!(view = %name, "view dropped");
         Ok(true)
     }
@@ -262,8 +369,8 @@ impl Views {
         Ok(())
     }
 
-    /// Refreshes periodic views when due, and re-reads the catalog, every
-    /// second.
+    /// Every second: re-reads the catalog, refreshes periodic views when
+    /// due, and runs a round of automatic views.
     pub fn follow(self: &Arc<Self>) {
         let views = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -290,13 +397,14 @@ impl Views {
                         tracing::warn!(error = %e, "periodic view refresh failed");
                     }
                 }
+                views.advise().await;
             }
         });
     }
 
     /// Whether any view exists (if none, there is nothing to route).
     pub fn is_empty(&self) -> bool {
-        self.plans.read().expect("views lock").is_empty()
+        self.entries.read().expect("views lock").is_empty()
     }
 
     /// Picks the cheapest view that answers `query` exactly (`sql` as the

@@ -126,6 +126,16 @@ pub fn rewrite(
 /// The name (or alias) columns may be qualified with; the FROM must be the
 /// view's source alone.
 fn source_alias(select: &Select, plan: &ViewPlan) -> Result<String, String> {
+    let (table, alias) = single_table(select)?;
+    if table != plan.source() {
+        return Err(format!("the query reads {table}, not {}", plan.source()));
+    }
+    Ok(alias)
+}
+
+/// The one table a SELECT reads, and the name its columns may be
+/// qualified with (its alias, or itself).
+pub(super) fn single_table(select: &Select) -> Result<(String, String), String> {
     let [from] = select.from.as_slice() else {
         return Err("the query reads more than one table".into());
     };
@@ -135,16 +145,14 @@ fn source_alias(select: &Select, plan: &ViewPlan) -> Result<String, String> {
     let TableFactor::Table { name, alias, .. } = &from.relation else {
         return Err("the query reads a subquery".into());
     };
-    if name.to_string().to_lowercase() != plan.source() {
-        return Err(format!("the query reads {name}, not {}", plan.source()));
-    }
-    Ok(alias.as_ref().map_or_else(
-        || plan.source().to_string(),
-        |a| a.name.value.to_lowercase(),
-    ))
+    let table = name.to_string().to_lowercase();
+    let alias = alias
+        .as_ref()
+        .map_or_else(|| table.clone(), |a| a.name.value.to_lowercase());
+    Ok((table, alias))
 }
 
-fn output_names(select: &Select) -> Vec<String> {
+pub(super) fn output_names(select: &Select) -> Vec<String> {
     select
         .projection
         .iter()
@@ -155,7 +163,7 @@ fn output_names(select: &Select) -> Vec<String> {
         .collect()
 }
 
-fn split_and(expr: &Expr) -> Vec<&Expr> {
+pub(super) fn split_and(expr: &Expr) -> Vec<&Expr> {
     match expr {
         Expr::BinaryOp {
             left,
@@ -202,18 +210,8 @@ struct Mapper<'a> {
 }
 
 impl Mapper<'_> {
-    /// The source column an identifier names, if it names one.
     fn column(&self, expr: &Expr) -> Option<String> {
-        match expr {
-            Expr::Identifier(ident) => Some(ident.value.to_lowercase()),
-            Expr::CompoundIdentifier(parts) => match parts.as_slice() {
-                [table, column] if table.value.to_lowercase() == self.alias => {
-                    Some(column.value.to_lowercase())
-                }
-                _ => None,
-            },
-            _ => None,
-        }
+        column_of(expr, &self.alias)
     }
 
     fn group_column(&self, expr: &Expr) -> Result<String, String> {
@@ -241,27 +239,10 @@ impl Mapper<'_> {
     /// view's width: the same bucket of the view's buckets.
     fn bucket(&self, expr: &Expr) -> Option<Result<String, String>> {
         let (column, width) = self.plan.bucket.as_ref()?;
-        let Expr::BinaryOp {
-            left,
-            op: BinaryOperator::Multiply,
-            right,
-        } = expr
-        else {
-            return None;
-        };
-        let outer = integer(right)?;
-        let Expr::BinaryOp {
-            left: dividend,
-            op: BinaryOperator::Divide,
-            right: divisor,
-        } = strip_nested(left)
-        else {
-            return None;
-        };
-        if self.column(strip_nested(dividend)).as_ref() != Some(column) {
+        let (dividend, inner, outer) = as_bucket(expr)?;
+        if self.column(dividend).as_ref() != Some(column) {
             return None;
         }
-        let inner = integer(divisor)?;
         Some(if inner != outer {
             Err(format!(
                 "{expr} is not a bucket (divides and multiplies by different numbers)"
@@ -469,6 +450,43 @@ impl Mapper<'_> {
     }
 }
 
+/// The source column an identifier names, if it names one (`alias`
+/// qualifies the query's one table).
+pub(super) fn column_of(expr: &Expr, alias: &str) -> Option<String> {
+    match strip_nested(expr) {
+        Expr::Identifier(ident) => Some(ident.value.to_lowercase()),
+        Expr::CompoundIdentifier(parts) => match parts.as_slice() {
+            [table, column] if table.value.to_lowercase() == alias => {
+                Some(column.value.to_lowercase())
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// `x / W1 * W2`, the bucket form: `x` and both numbers.
+pub(super) fn as_bucket(expr: &Expr) -> Option<(&Expr, i64, i64)> {
+    let Expr::BinaryOp {
+        left,
+        op: BinaryOperator::Multiply,
+        right,
+    } = strip_nested(expr)
+    else {
+        return None;
+    };
+    let outer = integer(right)?;
+    let Expr::BinaryOp {
+        left: dividend,
+        op: BinaryOperator::Divide,
+        right: divisor,
+    } = strip_nested(left)
+    else {
+        return None;
+    };
+    Some((strip_nested(dividend), integer(divisor)?, outer))
+}
+
 fn strip_nested(expr: &Expr) -> &Expr {
     match expr {
         Expr::Nested(inner) => strip_nested(inner),
@@ -476,7 +494,7 @@ fn strip_nested(expr: &Expr) -> &Expr {
     }
 }
 
-fn integer(expr: &Expr) -> Option<i64> {
+pub(super) fn integer(expr: &Expr) -> Option<i64> {
     match strip_nested(expr) {
         Expr::Value(v) => match &v.value {
             Value::Number(n, _) => n.parse().ok(),
