@@ -19,6 +19,7 @@ use fleetgate_protocol::schema::StreamsFile;
 use fleetgate_protocol::sdk::from_hex;
 use fleetgate_protocol::{AuthError, Authenticate, Principal, Role};
 use fleetgate_store::query::{self, QueryError, QueryLimits};
+use fleetgate_store::tiers::{self, Tiers};
 use fleetgate_store::views::{Route, Views, ViewsFile};
 use fleetgate_store::{rejects, Catalog, Db};
 use serde::Deserialize;
@@ -44,6 +45,7 @@ pub struct AppState {
     /// The store's state in `up` (one process).
     pub local_state: Option<Arc<fleetgate_store::state::StateStore>>,
     pub views: Arc<Views>,
+    pub tiers: Arc<Tiers>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -69,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/views", get(list_views).post(create_views))
         .route("/v1/views/{name}", delete(drop_view))
         .route("/v1/views/shapes", get(list_shapes))
+        .route("/v1/streams/{name}/tiers", get(stream_tiers))
         .route("/v1/handshake/nonce", get(crate::sdk_api::nonce))
         .route("/v1/handshake", post(crate::sdk_api::handshake))
         .route("/v1/sdk/build", post(crate::sdk_api::offline_build))
@@ -475,6 +478,24 @@ async fn list_streams(
     Ok(Json(json!({ "streams": streams })))
 }
 
+async fn stream_tiers(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Extract, &state)?;
+    let stream = state
+        .catalog
+        .get(&name)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no stream named {name:?}")))?;
+    let stats = state
+        .tiers
+        .stats(&stream)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    Ok(Json(json!(stats)))
+}
+
 async fn list_rejects(
     State(state): State<AppState>,
     caller: Caller,
@@ -494,29 +515,45 @@ struct QueryRequest {
     sql: String,
 }
 
+/// A checked query and where it runs.
+struct Routed {
+    route: Route,
+    parsed: Box<query::ParsedQuery>,
+    /// What runs on the primary tables: the query, reading both tiers of
+    /// tiered streams.
+    primary_sql: String,
+}
+
 /// Checks a query and picks where it runs: the cheapest view that answers
-/// it exactly, or the primary table. Also returns the parsed query.
-async fn route_query(
-    state: &AppState,
-    caller: &Caller,
-    sql: &str,
-) -> Result<(Route, Box<query::ParsedQuery>), ApiError> {
+/// it exactly, or the primary table.
+async fn route_query(state: &AppState, caller: &Caller, sql: &str) -> Result<Routed, ApiError> {
     caller.require(Role::Extract, state)?;
     let tables: HashSet<String> = state.catalog.names().into_iter().collect();
-    let parsed =
-        query::check(sql, &tables, state.db.backend()).map_err(|e| bad_request(e.to_string()))?;
-    if state.views.is_empty() {
-        let route = Route {
+    let backend = state.db.backend();
+    let parsed = query::check(sql, &tables, backend).map_err(|e| bad_request(e.to_string()))?;
+    let primary_sql = tiers::expand(&parsed, &state.catalog, backend)
+        .map_err(bad_request)?
+        .unwrap_or_else(|| sql.to_string());
+    let mut route = if state.views.is_empty() {
+        Route {
             view: None,
             sql: sql.to_string(),
             candidates: Vec::new(),
-        };
-        return Ok((route, parsed));
+        }
+    } else {
+        let names = query::columns(&state.db, sql)
+            .await
+            .map_err(|e| bad_request(e.to_string()))?;
+        state.views.route(sql, &parsed, &names)
+    };
+    if route.view.is_none() {
+        route.sql = primary_sql.clone();
     }
-    let names = query::columns(&state.db, sql)
-        .await
-        .map_err(|e| bad_request(e.to_string()))?;
-    Ok((state.views.route(sql, &parsed, &names), parsed))
+    Ok(Routed {
+        route,
+        parsed,
+        primary_sql,
+    })
 }
 
 /// Runs a routed query on its view; `None` when the view could not answer
@@ -546,7 +583,7 @@ async fn explain_query(
     caller: Caller,
     Json(request): Json<QueryRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let (route, _) = route_query(&state, &caller, &request.sql).await?;
+    let Routed { route, .. } = route_query(&state, &caller, &request.sql).await?;
     // Without views the route skipped preparing it: a query the database
     // refuses is still a 400 here, not a plan.
     query::columns(&state.db, &request.sql)
@@ -560,7 +597,11 @@ async fn run_query(
     caller: Caller,
     Json(request): Json<QueryRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let (route, parsed) = route_query(&state, &caller, &request.sql).await?;
+    let Routed {
+        route,
+        parsed,
+        primary_sql,
+    } = route_query(&state, &caller, &request.sql).await?;
     let limits = QueryLimits {
         timeout: state.query_timeout,
         ..Default::default()
@@ -574,7 +615,7 @@ async fn run_query(
     };
     let (view, outcome) = match through_view {
         Some(done) => done,
-        None => (None, query::run(&state.db, &request.sql, &limits).await),
+        None => (None, query::run(&state.db, &primary_sql, &limits).await),
     };
     match outcome {
         Ok(result) => {

@@ -23,6 +23,7 @@ use fleetgate_sdk_builder::Builder;
 use fleetgate_store::metrics::StoreMetrics;
 use fleetgate_store::pipeline::{Pipeline, PublishLive};
 use fleetgate_store::state::{StateFollower, StateStore};
+use fleetgate_store::tiers::Tiers;
 use fleetgate_store::views::{self, AutoSettings, Views};
 use fleetgate_store::{nodes, open_catalog, Db, Store, WriterConfig};
 use prometheus_client::metrics::counter::Counter;
@@ -244,6 +245,8 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
             .map_err(|e| anyhow!(e))?,
     );
     views.follow();
+    let tiers = Arc::new(Tiers::new(db.clone(), catalog.clone(), views.clone()));
+    tiers.clone().follow();
     let registry = Registry::load(db.clone()).await.map_err(|e| anyhow!(e))?;
     // Other brokers sharing the database revoke and change roles too.
     registry.follow_changes();
@@ -416,6 +419,7 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         rollout,
         local_state,
         views,
+        tiers,
     };
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

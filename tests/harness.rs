@@ -333,6 +333,25 @@ impl Server {
         server
     }
 
+    /// Polls `GET path` as admin until `done` holds for its body (for what
+    /// the server does on its own clock: automatic views, tier moves), or
+    /// fails after 30 s with the last body.
+    pub async fn wait_for(&self, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, body) = self.api("GET", path, Some(&self.admin), None).await;
+            assert_eq!(status, 200, "{body}");
+            if done(&body) {
+                return body;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "gave up waiting for {what}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Rows of a query run as admin; panics on an error.
     pub async fn rows(&self, sql: &str) -> Vec<Vec<Value>> {
         let (status, body) = self

@@ -15,5 +15,6 @@ mod roles;
 mod rollout;
 mod sdk;
 mod state;
+mod tiers;
 mod tls;
 mod views;

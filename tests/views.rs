@@ -443,24 +443,6 @@ async fn bad_views_are_refused_and_change_nothing(backend: Backend) {
     assert_eq!(body["view"], "v1");
 }
 
-/// Polls `GET path` until `done` holds for its body (the automatic-view
-/// loop runs every second), or fails after 30 s with the last body.
-async fn wait_for(server: &Server, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let (status, body) = server.api("GET", path, Some(&server.admin), None).await;
-        assert_eq!(status, 200, "{body}");
-        if done(&body) {
-            return body;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "gave up waiting for {what}: {body}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-}
-
 fn shape_decision<'a>(shapes: &'a Value, measured: &str) -> Option<&'a str> {
     shapes["shapes"]
         .as_array()?
@@ -514,16 +496,12 @@ async fn recurring_queries_get_an_automatic_view_that_is_dropped_when_unused(bac
         assert_eq!(query(&server, unprofitable).await["view"], Value::Null);
     }
 
-    let shapes = wait_for(
-        &server,
-        "/v1/views/shapes",
-        "decisions on both shapes",
-        |b| {
+    let shapes = server
+        .wait_for("/v1/views/shapes", "decisions on both shapes", |b| {
             shape_decision(b, "measured[celsius]").is_some_and(|d| d.starts_with("created"))
                 && shape_decision(b, "measured[humidity]").is_some_and(|d| d != "watching")
-        },
-    )
-    .await;
+        })
+        .await;
     let decision = shape_decision(&shapes, "measured[humidity]").unwrap();
     assert!(decision.contains("300 rows for 900"), "{decision}");
     let listed = server
@@ -563,13 +541,11 @@ async fn recurring_queries_get_an_automatic_view_that_is_dropped_when_unused(bac
 
     // Nobody asks any more: dropped after --auto-views-unused, and the
     // query goes back to the primary table with the same answer.
-    wait_for(
-        &server,
-        "/v1/views",
-        "the unused automatic view to go",
-        |b| b["views"].as_array().is_some_and(|v| v.is_empty()),
-    )
-    .await;
+    server
+        .wait_for("/v1/views", "the unused automatic view to go", |b| {
+            b["views"].as_array().is_some_and(|v| v.is_empty())
+        })
+        .await;
     let sql = recurring("t2");
     let routed = query(&server, &sql).await;
     assert_eq!(routed["view"], Value::Null);
@@ -624,10 +600,11 @@ async fn the_automatic_view_budget_bounds_and_turns_off_automatic_views(backend:
                 .1;
             assert_eq!(shapes["shapes"], json!([]), "{shapes}");
         } else {
-            let shapes = wait_for(&server, "/v1/views/shapes", "the budget decision", |b| {
-                shape_decision(b, "measured[celsius]").is_some_and(|d| d != "watching")
-            })
-            .await;
+            let shapes = server
+                .wait_for("/v1/views/shapes", "the budget decision", |b| {
+                    shape_decision(b, "measured[celsius]").is_some_and(|d| d != "watching")
+                })
+                .await;
             let decision = shape_decision(&shapes, "measured[celsius]").unwrap();
             assert!(decision.starts_with("over budget"), "{decision}");
         }

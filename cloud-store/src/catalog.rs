@@ -83,6 +83,45 @@ impl Stream {
     }
 }
 
+impl Stream {
+    /// Whether the stream keeps old rows in a cold tier.
+    pub fn tiered(&self) -> bool {
+        self.def.hot.is_some()
+    }
+
+    /// The cold tier's table.
+    pub fn cold_table(&self) -> String {
+        format!("fgc_{}", self.name)
+    }
+
+    /// Every stored column: the server-assigned id of a keyless stream,
+    /// then the insert columns.
+    pub fn stored_columns(&self) -> Vec<String> {
+        let mut columns = Vec::new();
+        if self.def.key.is_none() {
+            columns.push(ROW_ID.to_string());
+        }
+        columns.extend(self.columns.iter().cloned());
+        columns
+    }
+
+    /// What reads all of the stream's rows, whichever tier holds them: the
+    /// table, or both tiers under the stream's name. Columns are listed,
+    /// since the tiers' column orders may differ.
+    pub fn read_from(&self) -> String {
+        if !self.tiered() {
+            return self.name.clone();
+        }
+        let columns = self.stored_columns().join(", ");
+        format!(
+            "(SELECT {columns} FROM {} UNION ALL SELECT {columns} FROM {}) AS {}",
+            self.name,
+            self.cold_table(),
+            self.name
+        )
+    }
+}
+
 pub(crate) fn sql_type(kind: ColumnKind) -> &'static str {
     // These spellings mean the same to SQLite (by affinity) and PostgreSQL.
     match kind {
@@ -192,6 +231,9 @@ impl Catalog {
             match self.get(name) {
                 None => {
                     ddl.extend(self.create_table_ddl(name, def));
+                    if def.hot.is_some() {
+                        ddl.extend(self.cold_tier_ddl(name, def));
+                    }
                     report.push(AppliedStream {
                         stream: name.clone(),
                         action: "created",
@@ -206,6 +248,15 @@ impl Catalog {
                             None => enrich_column_ddl(field, &def.enrich[field]),
                         };
                         ddl.push(format!("ALTER TABLE {name} ADD COLUMN {column}"));
+                        if existing.tiered() {
+                            ddl.push(format!(
+                                "ALTER TABLE {} ADD COLUMN {column}",
+                                existing.cold_table()
+                            ));
+                        }
+                    }
+                    if !existing.tiered() && def.hot.is_some() {
+                        ddl.extend(self.cold_tier_ddl(name, def));
                     }
                     let action = if added.is_empty() && existing.def == *def {
                         "unchanged"
@@ -250,27 +301,69 @@ impl Catalog {
     }
 
     fn create_table_ddl(&self, name: &str, def: &StreamDef) -> Vec<String> {
-        let mut columns = Vec::new();
-        if def.key.is_none() {
-            columns.push(self.db.auto_id_column(ROW_ID));
-        }
-        columns.push(format!("{DEVICE_ID} TEXT NOT NULL"));
-        columns.push(format!("{RECEIVED_AT} BIGINT NOT NULL"));
-        columns.extend(def.fields.iter().map(|(f, d)| column_ddl(f, d)));
-        columns.push(format!("{EXTRA} TEXT"));
-        columns.extend(def.enrich.iter().map(|(c, d)| enrich_column_ddl(c, d)));
-        if let Some(key) = &def.key {
-            columns.push(format!("PRIMARY KEY ({})", key.join(", ")));
-        }
-        vec![
-            format!("CREATE TABLE {name} ({})", columns.join(", ")),
-            format!("CREATE INDEX {name}_received_at ON {name} ({RECEIVED_AT})"),
-        ]
+        table_ddl(name, def, self.db.auto_id_column(ROW_ID))
     }
+
+    /// The cold tier: the same columns (ids are copied, not assigned), and
+    /// for a keyed stream a trigger that keeps a re-sent record whose key
+    /// already went cold out of the hot table, so it stays stored once.
+    fn cold_tier_ddl(&self, name: &str, def: &StreamDef) -> Vec<String> {
+        let cold = format!("fgc_{name}");
+        let mut ddl = table_ddl(&cold, def, format!("{ROW_ID} BIGINT PRIMARY KEY"));
+        let Some(key) = &def.key else { return ddl };
+        let matches = key
+            .iter()
+            .map(|c| format!("{cold}.{c} = NEW.{c}"))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let trigger = format!("{cold}_once");
+        match self.db.backend() {
+            crate::db::Backend::Sqlite => ddl.push(format!(
+                "CREATE TRIGGER {trigger} BEFORE INSERT ON {name} \
+                 WHEN EXISTS (SELECT 1 FROM {cold} WHERE {matches}) BEGIN SELECT RAISE(IGNORE); END"
+            )),
+            crate::db::Backend::Postgres => {
+                ddl.push(format!(
+                    "CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $fgc$ \
+                     BEGIN IF EXISTS (SELECT 1 FROM {cold} WHERE {matches}) THEN RETURN NULL; END IF; \
+                     RETURN NEW; END $fgc$"
+                ));
+                ddl.push(format!(
+                    "CREATE TRIGGER {trigger} BEFORE INSERT ON {name} FOR EACH ROW EXECUTE FUNCTION {trigger}()"
+                ));
+            }
+        }
+        ddl
+    }
+}
+
+/// A stream's table (`id_column`: how a keyless stream's id is made).
+fn table_ddl(name: &str, def: &StreamDef, id_column: String) -> Vec<String> {
+    let mut columns = Vec::new();
+    if def.key.is_none() {
+        columns.push(id_column);
+    }
+    columns.push(format!("{DEVICE_ID} TEXT NOT NULL"));
+    columns.push(format!("{RECEIVED_AT} BIGINT NOT NULL"));
+    columns.extend(def.fields.iter().map(|(f, d)| column_ddl(f, d)));
+    columns.push(format!("{EXTRA} TEXT"));
+    columns.extend(def.enrich.iter().map(|(c, d)| enrich_column_ddl(c, d)));
+    if let Some(key) = &def.key {
+        columns.push(format!("PRIMARY KEY ({})", key.join(", ")));
+    }
+    vec![
+        format!("CREATE TABLE {name} ({})", columns.join(", ")),
+        format!("CREATE INDEX {name}_received_at ON {name} ({RECEIVED_AT})"),
+    ]
 }
 
 /// Fields `new` adds to `old`, or why `new` cannot replace `old`.
 fn evolve(old: &StreamDef, new: &StreamDef, name: &str) -> Result<Vec<String>, String> {
+    if old.hot.is_some() && new.hot.is_none() {
+        return Err(format!(
+            "stream {name}: hot cannot be removed (rows live in its cold tier); set a longer hot instead"
+        ));
+    }
     if old.key != new.key {
         return Err(format!(
             "stream {name}: the key cannot change ({:?} -> {:?}); declare a new stream instead",

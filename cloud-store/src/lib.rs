@@ -21,6 +21,7 @@ pub mod pipeline;
 pub mod query;
 pub mod rejects;
 pub mod state;
+pub mod tiers;
 pub mod views;
 pub mod writer;
 

@@ -7,6 +7,8 @@
 //! fields.celsius = { type = "float", min = -40.0, max = 125.0, required = true }
 //! ```
 
+use std::time::Duration;
+
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +37,13 @@ pub struct StreamDef {
     /// Columns filled from lookup tables (cluster state) as records arrive.
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
     pub enrich: IndexMap<String, EnrichDef>,
+    /// Rows received longer ago than this (e.g. "3h") move from the hot
+    /// table to the stream's cold tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hot: Option<String>,
+    /// Rows received longer ago than this (e.g. "30d") are deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
 }
 
 /// `enrich.price = { lookup = "prices", from = "sku", column = "price", type = "float" }`:
@@ -140,8 +149,8 @@ pub fn check_identifier(kind: &str, name: &str) -> Result<(), String> {
 impl StreamDef {
     pub fn check(&self, name: &str) -> Result<(), String> {
         check_identifier("stream", name)?;
-        // fgv_ tables hold views.
-        if ["fleetgate_", "sqlite_", "pg_", "fgv_"]
+        // fgv_ tables hold views, fgc_ tables cold tiers.
+        if ["fleetgate_", "sqlite_", "pg_", "fgv_", "fgc_"]
             .iter()
             .any(|p| name.starts_with(p))
         {
@@ -209,8 +218,39 @@ impl StreamDef {
                 }
             }
         }
+        let hot = self
+            .hot_after()
+            .map_err(|e| format!("stream {name}: {e}"))?;
+        let ttl = self.ttl().map_err(|e| format!("stream {name}: {e}"))?;
+        if let (Some(hot), Some(ttl)) = (hot, ttl) {
+            if hot >= ttl {
+                return Err(format!(
+                    "stream {name}: hot ({hot:?}) must be shorter than ttl ({ttl:?}), or rows expire before they turn cold"
+                ));
+            }
+        }
         Ok(())
     }
+
+    /// Age at which rows move to the cold tier.
+    pub fn hot_after(&self) -> Result<Option<Duration>, String> {
+        parse_age("hot", self.hot.as_deref())
+    }
+
+    /// Age at which rows are deleted.
+    pub fn ttl(&self) -> Result<Option<Duration>, String> {
+        parse_age("ttl", self.ttl.as_deref())
+    }
+}
+
+fn parse_age(what: &str, text: Option<&str>) -> Result<Option<Duration>, String> {
+    let Some(text) = text else { return Ok(None) };
+    let age = humantime::parse_duration(text)
+        .map_err(|e| format!("{what} = {text:?}: {e} (e.g. \"3h\", \"30d\")"))?;
+    if age < Duration::from_secs(1) {
+        return Err(format!("{what} = {text:?}: must be at least 1s"));
+    }
+    Ok(Some(age))
 }
 
 impl FieldDef {

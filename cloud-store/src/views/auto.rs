@@ -339,7 +339,7 @@ impl Views {
         lag_ms: Option<i64>,
     ) -> Result<String, String> {
         let backend = self.db.backend();
-        let source = self
+        let stream = self
             .catalog
             .get(&shape.def.source)
             .ok_or_else(|| format!("stream {} is gone", shape.def.source))?;
@@ -356,7 +356,7 @@ impl Views {
         let name = auto_name(&shape.def.source, &shape.key);
         let mut def = shape.def.clone();
         def.refresh = refresh_for_lag(lag_ms);
-        let plan = ViewPlan::new(&name, &def, &source)
+        let plan = ViewPlan::new(&name, &def, &stream)
             .map_err(|e| format!("no view can answer it: {e}"))?;
         rewrite::rewrite(query, &plan, &names, backend)
             .map_err(|e| format!("no view can answer it: {e}"))?;
@@ -398,7 +398,11 @@ impl Views {
 
     /// Rows in the source, and groups the view would hold.
     async fn estimate(&self, plan: &ViewPlan) -> Result<(i64, i64), String> {
-        let source = plan.source();
+        let source = self
+            .catalog
+            .get(plan.source())
+            .ok_or_else(|| format!("stream {} is gone", plan.source()))?
+            .read_from();
         let mut key: Vec<String> = plan.group_by.iter().map(|(c, _)| c.clone()).collect();
         if plan.bucket.is_some() {
             key.push(plan.bucket_sql(""));

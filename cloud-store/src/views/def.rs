@@ -526,13 +526,13 @@ impl ViewPlan {
         sql
     }
 
-    /// Takes in the source rows present when the view is created.
-    pub fn backfill_sql(&self, backend: Backend) -> String {
+    /// Takes in the source rows present when the view is created; `from`
+    /// reads all of them (both tiers of a tiered stream).
+    pub fn backfill_sql(&self, backend: Backend, from: &str) -> String {
         self.merge_into_table(
             &format!(
-                "SELECT {} FROM {} WHERE true GROUP BY {}",
+                "SELECT {} FROM {from} WHERE true GROUP BY {}",
                 self.partials_of_rows(),
-                self.source(),
                 self.group_positions()
             ),
             backend,

@@ -285,8 +285,12 @@ impl Views {
     /// and its catalog entry, in one transaction.
     async fn install(&self, plan: ViewPlan, origin: Origin) -> Result<(), String> {
         let backend = self.db.backend();
+        let source = self
+            .catalog
+            .get(plan.source())
+            .ok_or_else(|| format!("view {}: stream {} is gone", plan.name, plan.source()))?;
         let mut statements = plan.create_sql(backend);
-        statements.push(plan.backfill_sql(backend));
+        statements.push(plan.backfill_sql(backend, &source.read_from()));
         let definition = serde_json::to_string(&plan.def).expect("view serializes");
         let now = fleetgate_protocol::unix_now_ms();
         with_pool!(self.db, pool => async {

@@ -1,0 +1,422 @@
+//! Retention and tiering. A stream declared with `hot = "3h"` keeps rows
+//! received within that time in its table (the hot tier, which ingest
+//! writes and the view triggers watch) and moves older ones to its cold
+//! tier, `fgc_<stream>`. With `ttl = "30d"` older rows are deleted from
+//! both. Queries name the stream and read both tiers ([`expand`]).
+//!
+//! Views are unaffected by a move (the rows still exist), and follow a
+//! deletion in the same transaction: a view bucketed on `received_at`
+//! loses its buckets before the cut-off, which is rounded down to whole
+//! buckets of every such view; any other view is rebuilt from what remains.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetgate_protocol::schema::{RECEIVED_AT, ROW_ID};
+use serde::Serialize;
+use sqlparser::ast::{Query, SetExpr, Statement, TableFactor, VisitMut, VisitorMut};
+use sqlparser::dialect::{Dialect, PostgreSqlDialect, SQLiteDialect};
+use sqlparser::parser::Parser;
+use sqlx::Row;
+
+use crate::catalog::{Catalog, Stream};
+use crate::db::{Backend, Db};
+use crate::views::Views;
+use crate::with_pool;
+
+/// Rows moved per transaction, so a first move of a large backlog does not
+/// hold one huge transaction.
+const MOVE_CHUNK: i64 = 50_000;
+
+pub struct Tiers {
+    db: Db,
+    catalog: Catalog,
+    views: Arc<Views>,
+}
+
+/// Rows and time span of each tier, for `GET /v1/streams/{name}/tiers`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TierStats {
+    pub stream: String,
+    pub hot: Option<String>,
+    pub ttl: Option<String>,
+    pub hot_rows: i64,
+    pub cold_rows: i64,
+    /// Oldest and newest `received_at` (unix ms) in each tier.
+    pub hot_span: Option<(i64, i64)>,
+    pub cold_span: Option<(i64, i64)>,
+}
+
+impl Tiers {
+    pub fn new(db: Db, catalog: Catalog, views: Arc<Views>) -> Tiers {
+        Tiers { db, catalog, views }
+    }
+
+    /// Moves and expires rows every second.
+    pub fn follow(self: Arc<Self>) {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                self.round(fleetgate_protocol::unix_now_ms()).await;
+            }
+        });
+    }
+
+    /// Expires, then moves, the rows of every stream that asks for it.
+    pub async fn round(&self, now_ms: i64) {
+        for stream in self.catalog.list() {
+            match self.expire(&stream, now_ms).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(stream = %stream.name, rows = n, "expired rows deleted"),
+                Err(e) => tracing::warn!(stream = %stream.name, error = %e, "cannot expire rows"),
+            }
+            match self.move_cold(&stream, now_ms).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(stream = %stream.name, rows = n, "rows moved to the cold tier")
+                }
+                Err(e) => {
+                    tracing::warn!(stream = %stream.name, error = %e, "cannot move rows to the cold tier")
+                }
+            }
+        }
+    }
+
+    /// A condition that spares the newest row of a keyless SQLite stream:
+    /// SQLite gives a new row the largest id plus one, so the row holding
+    /// the largest id must stay, or ids of moved rows would be reused.
+    fn keep_newest_id(&self, stream: &Stream) -> String {
+        if stream.def.key.is_none() && self.db.backend() == Backend::Sqlite {
+            format!(
+                " AND {ROW_ID} < (SELECT max({ROW_ID}) FROM {})",
+                stream.name
+            )
+        } else {
+            String::new()
+        }
+    }
+
+    /// Moves rows older than the stream's `hot` to its cold tier; returns
+    /// how many.
+    pub async fn move_cold(&self, stream: &Stream, now_ms: i64) -> Result<u64, String> {
+        let Some(hot) = stream.def.hot_after()? else {
+            return Ok(0);
+        };
+        let cutoff = now_ms - hot.as_millis() as i64;
+        let (name, cold) = (&stream.name, stream.cold_table());
+        let columns = stream.stored_columns().join(", ");
+        let spare = self.keep_newest_id(stream);
+        let mut moved = 0;
+        loop {
+            let chunk_sql = format!(
+                "SELECT {RECEIVED_AT} FROM {name} WHERE {RECEIVED_AT} < $1 \
+                 ORDER BY {RECEIVED_AT} LIMIT 1 OFFSET {MOVE_CHUNK}"
+            );
+            let chunk_end: Option<i64> = with_pool!(self.db, pool => {
+                sqlx::query_scalar(&chunk_sql).bind(cutoff).fetch_optional(pool).await
+            })
+            .map_err(|e| e.to_string())?;
+            // Rows sharing one timestamp move together.
+            let upto = chunk_end.map_or(cutoff, |end| end + 1).min(cutoff);
+            let copy = format!(
+                "INSERT INTO {cold} ({columns}) SELECT {columns} FROM {name} \
+                 WHERE {RECEIVED_AT} < $1{spare} ON CONFLICT DO NOTHING"
+            );
+            let delete = format!("DELETE FROM {name} WHERE {RECEIVED_AT} < $1{spare}");
+            // One transaction: a row is in exactly one tier at any commit.
+            // Another process moving the same rows at once copies nothing
+            // (ON CONFLICT) and deletes nothing.
+            let deleted = with_pool!(self.db, pool => async {
+                let mut tx = pool.begin().await?;
+                sqlx::query(&copy).bind(upto).execute(&mut *tx).await?;
+                let deleted = sqlx::query(&delete).bind(upto).execute(&mut *tx).await?.rows_affected();
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(deleted)
+            }.await)
+            .map_err(|e| e.to_string())?;
+            moved += deleted;
+            if chunk_end.is_none() || upto >= cutoff || deleted == 0 {
+                return Ok(moved);
+            }
+        }
+    }
+
+    /// Deletes rows older than the stream's `ttl` from both tiers, and
+    /// takes them out of its views in the same transaction; returns how
+    /// many rows.
+    pub async fn expire(&self, stream: &Stream, now_ms: i64) -> Result<u64, String> {
+        let Some(ttl) = stream.def.ttl()? else {
+            return Ok(0);
+        };
+        let plans: Vec<_> = self
+            .views
+            .plans()
+            .into_iter()
+            .filter(|p| p.source() == stream.name)
+            .collect();
+        // Whole buckets of every view bucketed on received_at: those views
+        // then lose whole buckets, exactly the deleted rows.
+        let step = plans
+            .iter()
+            .filter_map(|p| match &p.bucket {
+                Some((column, width)) if column == RECEIVED_AT => Some(*width),
+                _ => None,
+            })
+            .fold(1, lcm);
+        let cutoff = (now_ms - ttl.as_millis() as i64).div_euclid(step) * step;
+        let (name, spare) = (&stream.name, self.keep_newest_id(stream));
+        let any_sql = format!(
+            "SELECT 1 FROM {name} WHERE {RECEIVED_AT} < $1{spare} {}",
+            if stream.tiered() {
+                format!(
+                    "UNION ALL SELECT 1 FROM {} WHERE {RECEIVED_AT} < $1",
+                    stream.cold_table()
+                )
+            } else {
+                String::new()
+            }
+        );
+        let due: Option<i32> = with_pool!(self.db, pool => {
+            sqlx::query_scalar(&format!("SELECT 1 FROM ({any_sql}) AS due LIMIT 1"))
+                .bind(cutoff)
+                .fetch_optional(pool)
+                .await
+        })
+        .map_err(|e| e.to_string())?;
+        if due.is_none() {
+            return Ok(0);
+        }
+
+        let backend = self.db.backend();
+        let mut deletes = vec![format!(
+            "DELETE FROM {name} WHERE {RECEIVED_AT} < $1{spare}"
+        )];
+        if stream.tiered() {
+            deletes.push(format!(
+                "DELETE FROM {} WHERE {RECEIVED_AT} < $1",
+                stream.cold_table()
+            ));
+        }
+        let mut view_updates = Vec::new();
+        for plan in &plans {
+            match &plan.bucket {
+                Some((column, _)) if column == RECEIVED_AT => {
+                    for table in [plan.table(), plan.tail()] {
+                        view_updates.push(format!(
+                            "DELETE FROM {table} WHERE {} < $1",
+                            crate::views::def::BUCKET
+                        ));
+                    }
+                }
+                // Min and max cannot be taken back: rebuilt from the rows
+                // that remain.
+                _ => {
+                    view_updates.push(format!("DELETE FROM {}", plan.table()));
+                    view_updates.push(format!("DELETE FROM {}", plan.tail()));
+                    view_updates.push(plan.backfill_sql(backend, &stream.read_from()));
+                }
+            }
+        }
+        let lock = format!("LOCK TABLE {name} IN SHARE ROW EXCLUSIVE MODE");
+        with_pool!(self.db, pool => async {
+            let mut tx = pool.begin().await?;
+            // Ingest waits while views are rebuilt, so none of its rows is
+            // counted twice or missed. (SQLite has one writer anyway.)
+            if backend == Backend::Postgres && !plans.is_empty() {
+                sqlx::query(&lock).execute(&mut *tx).await?;
+            }
+            let mut deleted = 0;
+            for statement in &deletes {
+                deleted += sqlx::query(statement).bind(cutoff).execute(&mut *tx).await?.rows_affected();
+            }
+            for statement in &view_updates {
+                let query = sqlx::query(statement);
+                // Rebuilds take no cut-off.
+                let query = if statement.contains("$1") { query.bind(cutoff) } else { query };
+                query.execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(deleted)
+        }.await)
+        .map_err(|e| e.to_string())
+    }
+
+    pub async fn stats(&self, stream: &Stream) -> Result<TierStats, String> {
+        let span = |table: &str| {
+            format!("SELECT count(*), min({RECEIVED_AT}), max({RECEIVED_AT}) FROM {table}")
+        };
+        let read = |sql: String| async move {
+            with_pool!(self.db, pool => {
+                sqlx::query(&sql).fetch_one(pool).await.map(|r| {
+                    let rows: i64 = r.get(0);
+                    let span = match (r.get::<Option<i64>, _>(1), r.get::<Option<i64>, _>(2)) {
+                        (Some(a), Some(b)) => Some((a, b)),
+                        _ => None,
+                    };
+                    (rows, span)
+                })
+            })
+            .map_err(|e| e.to_string())
+        };
+        let (hot_rows, hot_span) = read(span(&stream.name)).await?;
+        let (cold_rows, cold_span) = if stream.tiered() {
+            read(span(&stream.cold_table())).await?
+        } else {
+            (0, None)
+        };
+        Ok(TierStats {
+            stream: stream.name.clone(),
+            hot: stream.def.hot.clone(),
+            ttl: stream.def.ttl.clone(),
+            hot_rows,
+            cold_rows,
+            hot_span,
+            cold_span,
+        })
+    }
+}
+
+fn lcm(a: i64, b: i64) -> i64 {
+    fn gcd(a: i64, b: i64) -> i64 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    a / gcd(a, b) * b
+}
+
+/// `query` with each tiered stream it reads replaced by both its tiers
+/// under the stream's name (or alias); `None` when it reads no tiered
+/// stream, and runs as written. An error when it cannot read both tiers:
+/// it must not run on one.
+pub fn expand(
+    query: &Query,
+    catalog: &Catalog,
+    backend: Backend,
+) -> Result<Option<String>, String> {
+    let tiered: HashMap<String, Arc<Stream>> = catalog
+        .list()
+        .into_iter()
+        .filter(|s| s.tiered())
+        .map(|s| (s.name.clone(), s))
+        .collect();
+    if tiered.is_empty() {
+        return Ok(None);
+    }
+    let dialect: Box<dyn Dialect> = match backend {
+        Backend::Sqlite => Box::new(SQLiteDialect {}),
+        Backend::Postgres => Box::new(PostgreSqlDialect {}),
+    };
+    let mut expander = Expander {
+        tiered,
+        dialect,
+        changed: false,
+    };
+    let mut query = query.clone();
+    if let ControlFlow::Break(problem) = query.visit(&mut expander) {
+        return Err(problem);
+    }
+    Ok(expander.changed.then(|| query.to_string()))
+}
+
+struct Expander {
+    tiered: HashMap<String, Arc<Stream>>,
+    dialect: Box<dyn Dialect>,
+    changed: bool,
+}
+
+impl VisitorMut for Expander {
+    type Break = String;
+
+    // After the children: the replacement names the stream's table itself,
+    // which must not be replaced again.
+    fn post_visit_table_factor(&mut self, factor: &mut TableFactor) -> ControlFlow<String> {
+        let TableFactor::Table { name, alias, .. } = factor else {
+            return ControlFlow::Continue(());
+        };
+        let Some(stream) = self.tiered.get(&name.to_string().to_lowercase()) else {
+            return ControlFlow::Continue(());
+        };
+        let read_from = match alias {
+            // `… AS <stream>`, renamed to the query's alias.
+            Some(alias) if alias.columns.is_empty() => {
+                let from = stream.read_from();
+                let cut = from.rfind(" AS ").expect("read_from ends with an alias");
+                format!("{} AS {}", &from[..cut], alias.name)
+            }
+            // `AS m(a, b)` renames columns, which a union's would not match.
+            Some(alias) => {
+                return ControlFlow::Break(format!(
+                    "{} is kept in two tiers; read it without renaming its columns ({alias})",
+                    stream.name
+                ))
+            }
+            None => stream.read_from(),
+        };
+        let template = format!("SELECT 1 FROM {read_from}");
+        let relation = Parser::parse_sql(self.dialect.as_ref(), &template)
+            .ok()
+            .and_then(|mut statements| match statements.pop() {
+                Some(Statement::Query(parsed)) => match *parsed.body {
+                    SetExpr::Select(select) => select.from.into_iter().next(),
+                    _ => None,
+                },
+                _ => None,
+            });
+        let Some(from) = relation else {
+            return ControlFlow::Break(format!("cannot read both tiers of {}", stream.name));
+        };
+        *factor = from.relation;
+        self.changed = true;
+        ControlFlow::Continue(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn queries_read_both_tiers_under_the_name_or_alias_they_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(None, &dir.path().join("store.db")).await.unwrap();
+        let catalog = Catalog::load(db).await.unwrap();
+        let file = fleetgate_protocol::schema::StreamsFile::parse(
+            "[streams.meter]\nhot = \"1h\"\nfields.kwh = { type = \"float\" }\n\
+             [streams.plain]\nfields.kwh = { type = \"float\" }\n",
+        )
+        .unwrap();
+        catalog.apply(&file).await.unwrap();
+        let tables = ["meter", "plain"].map(String::from).into_iter().collect();
+        let expanded = |sql: &str| {
+            let parsed = crate::query::check(sql, &tables, Backend::Sqlite).unwrap();
+            expand(&parsed, &catalog, Backend::Sqlite).unwrap()
+        };
+        let both = "SELECT id, device_id, received_at, kwh, extra FROM meter UNION ALL \
+                    SELECT id, device_id, received_at, kwh, extra FROM fgc_meter";
+        assert_eq!(
+            expanded("SELECT kwh FROM meter").unwrap(),
+            format!("SELECT kwh FROM ({both}) AS meter")
+        );
+        assert_eq!(
+            expanded("SELECT m.kwh FROM meter AS m JOIN plain ON true").unwrap(),
+            format!("SELECT m.kwh FROM ({both}) AS m JOIN plain ON true")
+        );
+        assert_eq!(expanded("SELECT kwh FROM plain"), None);
+        let renamed = crate::query::check("SELECT a FROM meter AS m(a)", &tables, Backend::Sqlite);
+        if let Ok(parsed) = renamed {
+            assert!(expand(&parsed, &catalog, Backend::Sqlite).is_err());
+        }
+    }
+
+    #[test]
+    fn whole_buckets_of_every_view_make_the_step() {
+        assert_eq!(lcm(1, 3_600_000), 3_600_000);
+        assert_eq!(lcm(3_600_000, 86_400_000), 86_400_000);
+        assert_eq!(lcm(4, 6), 12);
+    }
+}
