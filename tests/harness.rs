@@ -352,8 +352,9 @@ impl Server {
         }
     }
 
-    /// Rows of a query run as admin; panics on an error.
-    pub async fn rows(&self, sql: &str) -> Vec<Vec<Value>> {
+    /// The answer to a query run as admin (`rows`, `columns`, `view`);
+    /// panics on an error.
+    pub async fn query(&self, sql: &str) -> Value {
         let (status, body) = self
             .api(
                 "POST",
@@ -363,7 +364,12 @@ impl Server {
             )
             .await;
         assert_eq!(status, 200, "{sql}: {body}");
-        serde_json::from_value(body["rows"].clone()).unwrap()
+        body
+    }
+
+    /// Rows of a query run as admin; panics on an error.
+    pub async fn rows(&self, sql: &str) -> Vec<Vec<Value>> {
+        serde_json::from_value(self.query(sql).await["rows"].clone()).unwrap()
     }
 
     pub async fn count(&self, sql: &str) -> i64 {

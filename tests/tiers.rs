@@ -45,24 +45,13 @@ async fn publish(server: &Server, tokens: &[String], seqs: std::ops::Range<i64>)
     }
 }
 
-async fn query(server: &Server, sql: &str) -> Value {
-    let (status, body) = server
-        .api(
-            "POST",
-            "/v1/query",
-            Some(&server.admin),
-            Some(json!({ "sql": sql })),
-        )
-        .await;
-    assert_eq!(status, 200, "{sql}: {body}");
-    body
-}
-
 /// The query through whatever view answers it, and on the primary tables.
 async fn assert_views_match_primary(server: &Server, sql: &str, view: &str) {
-    let routed = query(server, sql).await;
+    let routed = server.query(sql).await;
     assert_eq!(routed["view"], view, "{sql}");
-    let primary = query(server, &format!("SELECT * FROM ({sql}) AS primary_only")).await;
+    let primary = server
+        .query(&format!("SELECT * FROM ({sql}) AS primary_only"))
+        .await;
     assert_eq!(primary["view"], Value::Null);
     let sorted = |body: &Value| {
         let mut rows: Vec<String> = body["rows"]
@@ -121,18 +110,15 @@ async fn old_rows_move_cold_stay_queryable_and_expire_with_their_views(backend: 
     publish(&server, &tokens, 101..151).await;
 
     // Every row, whichever tier holds it: by scan, by key, under an alias.
-    let all = query(
-        &server,
-        "SELECT count(*), sum(kwh) FROM meter WHERE kwh >= 0",
-    )
-    .await;
+    let all = server
+        .query("SELECT count(*), sum(kwh) FROM meter WHERE kwh >= 0")
+        .await;
     assert_eq!(all["view"], Value::Null);
     assert_eq!(
         all["rows"],
         json!([[300, 2.0 * 0.5 * (150.0 * 151.0 / 2.0)]])
     );
-    let seqs = query(
-        &server,
+    let seqs = server.query(
         "SELECT m.seq FROM meter AS m WHERE m.device_id = 'm1' AND m.seq IN (1, 100, 101, 150) ORDER BY m.seq",
     )
     .await;
@@ -154,7 +140,9 @@ async fn old_rows_move_cold_stay_queryable_and_expire_with_their_views(backend: 
 
     // A device re-sends records whose keys went cold: stored once.
     publish(&server, &tokens, 1..21).await;
-    let counted = query(&server, "SELECT count(*) FROM meter WHERE kwh >= 0").await;
+    let counted = server
+        .query("SELECT count(*) FROM meter WHERE kwh >= 0")
+        .await;
     assert_eq!(counted["rows"], json!([[300]]));
     assert_views_answer_as_the_tables(&server).await;
 
@@ -168,11 +156,9 @@ async fn old_rows_move_cold_stay_queryable_and_expire_with_their_views(backend: 
         .await;
     let (hot, cold) = tier_rows(&stats);
     assert_eq!(hot + cold, 100, "{stats}");
-    let left = query(
-        &server,
-        "SELECT min(seq), max(seq), count(*) FROM meter WHERE kwh >= 0",
-    )
-    .await;
+    let left = server
+        .query("SELECT min(seq), max(seq), count(*) FROM meter WHERE kwh >= 0")
+        .await;
     assert_eq!(left["rows"], json!([[101, 150, 100]]));
     assert_views_answer_as_the_tables(&server).await;
     assert!(

@@ -190,22 +190,11 @@ fn normalized(body: &Value) -> Vec<String> {
     rows
 }
 
-async fn query(server: &Server, sql: &str) -> Value {
-    let (status, body) = server
-        .api(
-            "POST",
-            "/v1/query",
-            Some(&server.admin),
-            Some(json!({ "sql": sql })),
-        )
-        .await;
-    assert_eq!(status, 200, "{sql}: {body}");
-    body
-}
-
 /// The same query on the primary table: views never answer a subquery.
 async fn on_primary(server: &Server, sql: &str) -> Value {
-    let body = query(server, &format!("SELECT * FROM ({sql}) AS primary_only")).await;
+    let body = server
+        .query(&format!("SELECT * FROM ({sql}) AS primary_only"))
+        .await;
     assert_eq!(body["view"], Value::Null);
     body
 }
@@ -214,7 +203,7 @@ async fn compare_random_queries(server: &Server, random: &mut Random, rounds: us
     let mut through_views = 0;
     for _ in 0..rounds {
         let sql = random_query(random);
-        let routed = query(server, &sql).await;
+        let routed = server.query(&sql).await;
         let primary = on_primary(server, &sql).await;
         assert_eq!(routed["columns"], primary["columns"], "{sql}");
         assert_eq!(
@@ -279,7 +268,7 @@ async fn views_answer_random_queries_exactly_as_the_primary_table(backend: Backe
             "per_device",
         ),
     ] {
-        let routed = query(&server, sql).await;
+        let routed = server.query(sql).await;
         assert_eq!(routed["view"], view, "{sql}");
         assert_eq!(normalized(&routed), normalized(&on_primary(&server, sql).await));
     }
@@ -357,16 +346,16 @@ async fn explain_names_the_view_and_why_the_others_do_not_fit(backend: Backend) 
         "SELECT device_id, count(*) FROM temperature WHERE taken_at >= 1795046400001 GROUP BY device_id",
         "SELECT device_id, count(*) FROM temperature WHERE celsius > 20 GROUP BY device_id",
     ] {
-        let body = query(&server, sql).await;
+        let body = server.query(sql).await;
         assert_eq!(body["view"], Value::Null, "{sql}");
     }
 
     // Dropped, the query goes back to the primary table, with the same answer.
-    let before = query(&server, sql).await;
+    let before = server.query(sql).await;
     assert_eq!(before["view"], "hourly");
     let (ok, _, err) = fleetgate(&server, &["view", "drop", "hourly"]);
     assert!(ok, "{err}");
-    let after = query(&server, sql).await;
+    let after = server.query(sql).await;
     assert_eq!(after["view"], Value::Null);
     assert_eq!(normalized(&before), normalized(&after));
     let (ok, out, _) = fleetgate(&server, &["view", "list"]);
@@ -435,11 +424,9 @@ async fn bad_views_are_refused_and_change_nothing(backend: Backend) {
         .await;
     assert_eq!(status, 400, "{body}");
     // The view still works.
-    let body = query(
-        &server,
-        "SELECT device_id, count(*) FROM temperature GROUP BY device_id",
-    )
-    .await;
+    let body = server
+        .query("SELECT device_id, count(*) FROM temperature GROUP BY device_id")
+        .await;
     assert_eq!(body["view"], "v1");
 }
 
@@ -489,11 +476,8 @@ async fn recurring_queries_get_an_automatic_view_that_is_dropped_when_unused(bac
     // Grouped by seq, a view would keep 300 rows for 900: not worth it.
     let unprofitable = "SELECT seq, sum(humidity) FROM temperature GROUP BY seq";
     for device in DEVICES {
-        assert_eq!(
-            query(&server, &recurring(device)).await["view"],
-            Value::Null
-        );
-        assert_eq!(query(&server, unprofitable).await["view"], Value::Null);
+        assert_eq!(server.query(&recurring(device)).await["view"], Value::Null);
+        assert_eq!(server.query(unprofitable).await["view"], Value::Null);
     }
 
     let shapes = server
@@ -528,7 +512,7 @@ async fn recurring_queries_get_an_automatic_view_that_is_dropped_when_unused(bac
     ingest(&server, &tokens, &mut random, 301, 341).await;
     for device in DEVICES {
         let sql = recurring(device);
-        let routed = query(&server, &sql).await;
+        let routed = server.query(&sql).await;
         assert_eq!(routed["view"], name.as_str(), "{sql}");
         assert_eq!(
             normalized(&routed),
@@ -547,7 +531,7 @@ async fn recurring_queries_get_an_automatic_view_that_is_dropped_when_unused(bac
         })
         .await;
     let sql = recurring("t2");
-    let routed = query(&server, &sql).await;
+    let routed = server.query(&sql).await;
     assert_eq!(routed["view"], Value::Null);
     assert_eq!(
         normalized(&routed),
@@ -590,7 +574,7 @@ async fn the_automatic_view_budget_bounds_and_turns_off_automatic_views(backend:
         )
         .await;
         for _ in 0..3 {
-            assert_eq!(query(&server, sql).await["view"], Value::Null);
+            assert_eq!(server.query(sql).await["view"], Value::Null);
         }
         if budget == "0" {
             // Off: not even logged.
