@@ -46,6 +46,8 @@ pub struct AppState {
     pub local_state: Option<Arc<fleetgate_store::state::StateStore>>,
     pub views: Arc<Views>,
     pub tiers: Arc<Tiers>,
+    /// Where HTTP ingest goes: the local store, or the balancer.
+    pub ingest: Arc<dyn fleetgate_protocol::ingest::IngestService>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -72,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/views/{name}", delete(drop_view))
         .route("/v1/views/shapes", get(list_shapes))
         .route("/v1/streams/{name}/tiers", get(stream_tiers))
+        .route("/v1/ingest/{stream}", post(crate::ingest_api::ingest))
         .route("/v1/handshake/nonce", get(crate::sdk_api::nonce))
         .route("/v1/handshake", post(crate::sdk_api::handshake))
         .route("/v1/sdk/build", post(crate::sdk_api::offline_build))

@@ -7,6 +7,7 @@ mod bench;
 mod bench_sdk;
 mod client;
 mod http;
+mod ingest_api;
 mod node;
 mod sdk_api;
 mod state;

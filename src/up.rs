@@ -377,7 +377,7 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
             ..Default::default()
         },
         auth.clone(),
-        ingest_service,
+        ingest_service.clone(),
         upstream,
         platform_topics,
         &mut metrics,
@@ -420,6 +420,7 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         local_state,
         views,
         tiers,
+        ingest: ingest_service.clone(),
     };
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

@@ -470,3 +470,90 @@ async fn a_message_may_hold_at_most_ten_thousand_records() {
         10_000
     );
 }
+
+crate::on_both_backends!(records_posted_over_http_are_stored_like_published_ones);
+async fn records_posted_over_http_are_stored_like_published_ones(backend: Backend) {
+    let server = Server::with_temperature(backend).await;
+    let token = server.add_device("web-1", "ingest").await;
+    let post = |body: &'static str| server.post_text("/v1/ingest/temperature", &token, body);
+
+    let (status, body) =
+        post(r#"[{"seq": 1, "celsius": 20.5}, {"seq": 2, "celsius": 21.0}]"#).await;
+    assert_eq!(
+        (status, &body["stored"], &body["rejected"]),
+        (200, &json!(2), &json!(0)),
+        "{body}"
+    );
+    // Same validation as MQTT: the bad record is rejected with its reason,
+    // the good one beside it stored.
+    let (status, body) = post(r#"[{"seq": 3, "celsius": 500}, {"seq": 4, "celsius": 1}]"#).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(
+        (&body["stored"], &body["rejected"]),
+        (&json!(1), &json!(1)),
+        "{body}"
+    );
+    assert!(
+        body["first_reason"].as_str().unwrap().contains("celsius"),
+        "{body}"
+    );
+    let (status, body) = post("not json").await;
+    assert_eq!((status, &body["rejected"]), (422, &json!(1)), "{body}");
+    // Same keys: a beacon sent twice is stored once.
+    let (status, _) = post(r#"{"seq": 1, "celsius": 20.5}"#).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        server
+            .rows("SELECT seq FROM temperature WHERE device_id = 'web-1' ORDER BY seq")
+            .await,
+        vec![vec![json!(1)], vec![json!(2)], vec![json!(4)]]
+    );
+    let rejects = server
+        .api(
+            "GET",
+            "/v1/streams/temperature/rejects",
+            Some(&server.admin),
+            None,
+        )
+        .await
+        .1;
+    assert_eq!(rejects["rejects"].as_array().unwrap().len(), 2, "{rejects}");
+
+    // Only one's own records, except for admins forwarding for a device.
+    let (status, body) = server
+        .post_text(
+            "/v1/ingest/temperature?device=web-2",
+            &token,
+            r#"{"seq": 9, "celsius": 1}"#,
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = server
+        .post_text(
+            "/v1/ingest/temperature?device=web-2",
+            &server.admin,
+            r#"{"seq": 9, "celsius": 1}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        server
+            .count("SELECT count(*) FROM temperature WHERE device_id = 'web-2'")
+            .await,
+        1
+    );
+    let (status, body) = server.post_text("/v1/ingest/nowhere", &token, "{}").await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["first_reason"].as_str().unwrap().contains("nowhere"),
+        "{body}"
+    );
+    let (status, _) = server
+        .post_text(
+            "/v1/ingest/temperature",
+            "forged",
+            r#"{"seq": 5, "celsius": 1}"#,
+        )
+        .await;
+    assert_eq!(status, 401);
+}
