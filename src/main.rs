@@ -12,6 +12,7 @@ mod node;
 mod sdk_api;
 mod state;
 mod tls;
+mod udp_ingest;
 mod up;
 
 use std::path::PathBuf;

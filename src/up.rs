@@ -47,6 +47,10 @@ pub struct UpArgs {
     /// HTTPS listen address (default 127.0.0.1:8443 when TLS is on).
     #[arg(long)]
     https: Option<SocketAddr>,
+    /// UDP address taking one record per datagram (best-effort; off when
+    /// absent).
+    #[arg(long)]
+    udp: Option<SocketAddr>,
     /// PEM certificate chain for MQTT over TLS and HTTPS.
     #[arg(long, requires = "key")]
     cert: Option<PathBuf>,
@@ -199,6 +203,14 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
     // nothing should be created before it is known.
     let mqtt_listener = bind(args.mqtt, "--mqtt", "MQTT").await?;
     let http_listener = bind(args.http, "--http", "HTTP").await?;
+    let udp_socket = match args.udp {
+        Some(addr) => Some(
+            tokio::net::UdpSocket::bind(addr)
+                .await
+                .map_err(|e| anyhow!("cannot bind UDP address {addr} (--udp): {e}"))?,
+        ),
+        None => None,
+    };
     let tls_on = args.dev_tls || args.cert.is_some();
     if !tls_on && (args.mqtts.is_some() || args.https.is_some()) {
         return Err(anyhow!(
@@ -405,7 +417,7 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         catalog,
         registry,
         platform: Arc::new(platform),
-        auth,
+        auth: auth.clone(),
         ledger,
         bans,
         audit,
@@ -431,6 +443,16 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         gatekeeper.local_addr(),
         http_addr
     );
+    if let Some(socket) = udp_socket {
+        let socket = Arc::new(socket);
+        ready.push_str(&format!(" udp={}", socket.local_addr()?));
+        crate::udp_ingest::UdpIngest {
+            socket,
+            auth: auth.clone(),
+            ingest: ingest_service.clone(),
+        }
+        .serve();
+    }
     let mut servers = Vec::new();
     if let (Some((mqtts, https)), Some(acceptor)) = (tls_listeners, acceptor) {
         let (timeout, max) = (args.tls_handshake_timeout, args.tls_max_handshakes);

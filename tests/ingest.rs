@@ -557,3 +557,64 @@ async fn records_posted_over_http_are_stored_like_published_ones(backend: Backen
         .await;
     assert_eq!(status, 401);
 }
+
+crate::on_both_backends!(udp_datagrams_carry_one_record_each_and_are_answered_after_the_commit);
+async fn udp_datagrams_carry_one_record_each_and_are_answered_after_the_commit(backend: Backend) {
+    let server = Server::start_with(backend, &["--udp", "127.0.0.1:0"]).await;
+    let (status, body) = server.apply_streams(crate::harness::TEMPERATURE).await;
+    assert_eq!(status, 200, "{body}");
+    let token = server.add_device("beacon-1", "ingest").await;
+    let udp = server
+        .extra_addr("udp")
+        .expect("udp address on the ready line");
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let exchange = |datagram: String| {
+        let socket = &socket;
+        async move {
+            socket.send_to(datagram.as_bytes(), udp).await.unwrap();
+            let mut buffer = vec![0u8; 4096];
+            let (n, _) =
+                tokio::time::timeout(Duration::from_secs(10), socket.recv_from(&mut buffer))
+                    .await
+                    .expect("an answer")
+                    .unwrap();
+            serde_json::from_slice::<Value>(&buffer[..n]).unwrap()
+        }
+    };
+    let datagram = |token: &str, record: Value| {
+        json!({ "token": token, "stream": "temperature", "record": record }).to_string()
+    };
+
+    let answer = exchange(datagram(&token, json!({ "seq": 1, "celsius": 19.5 }))).await;
+    assert_eq!(
+        (&answer["stored"], &answer["rejected"]),
+        (&json!(1), &json!(0)),
+        "{answer}"
+    );
+    // Re-sent after a lost answer: stored once.
+    exchange(datagram(&token, json!({ "seq": 1, "celsius": 19.5 }))).await;
+    let answer = exchange(datagram(&token, json!({ "seq": 2, "celsius": 900 }))).await;
+    assert_eq!(answer["rejected"], 1, "{answer}");
+    assert!(
+        answer["first_reason"].as_str().unwrap().contains("celsius"),
+        "{answer}"
+    );
+    assert_eq!(
+        server
+            .rows("SELECT seq, celsius FROM temperature WHERE device_id = 'beacon-1'")
+            .await,
+        vec![vec![json!(1), json!(19.5)]]
+    );
+
+    for (bad, says) in [
+        ("garbage".to_string(), "expected"),
+        (
+            datagram("forged", json!({ "seq": 3, "celsius": 1 })),
+            "token",
+        ),
+    ] {
+        let answer = exchange(bad).await;
+        assert!(answer["error"].as_str().unwrap().contains(says), "{answer}");
+    }
+    assert_eq!(server.count("SELECT count(*) FROM temperature").await, 1);
+}
