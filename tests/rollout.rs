@@ -227,14 +227,16 @@ async fn a_lost_confirmation_reboots_the_node_and_a_skewed_clock_still_switches_
     assert_eq!(report["rebooted"], json!(["n3"]), "{report}");
     let confirmed: Vec<&Value> = report["confirmed"].as_array().unwrap().iter().collect();
     assert_eq!(confirmed.len(), 2, "{report}");
-    // n2's clock is 5 s ahead; it corrects by the database's clock.
+    // n2's clock is 5 s ahead; it corrects by the database's clock. That
+    // correction is measured over a round trip to the database, so it may
+    // be off by up to half of one, either way: a few ms early is on time.
     let n2 = confirmed
         .iter()
         .find(|a| a["node"] == "n2")
         .expect("n2 confirmed");
     let off = n2["activated_at_ms"].as_i64().unwrap() - activate_at;
     assert!(
-        (0..=50).contains(&off),
+        (-10..=50).contains(&off),
         "the skewed node switched {off} ms from the activation time"
     );
     cluster.wait_active(&["n1", "n2", "n3"], 1).await;
