@@ -64,14 +64,14 @@ pub enum StreamCommand {
     List,
 }
 
-struct Api {
-    http: reqwest::Client,
+pub(crate) struct Api {
+    pub(crate) http: reqwest::Client,
     base: String,
     token: String,
 }
 
 impl Api {
-    fn new(server: &ServerArgs) -> anyhow::Result<Api> {
+    pub(crate) fn new(server: &ServerArgs) -> anyhow::Result<Api> {
         let token = match std::env::var("FLEETGATE_TOKEN") {
             Ok(token) if !token.trim().is_empty() => token.trim().to_string(),
             _ => {
@@ -91,7 +91,7 @@ impl Api {
         })
     }
 
-    async fn call(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+    pub(crate) async fn call(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
         let response = request
             .bearer_auth(&self.token)
             .send()
@@ -114,7 +114,7 @@ impl Api {
         Ok(body)
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 }
@@ -503,7 +503,7 @@ fn cell(value: &Value) -> String {
     }
 }
 
-fn print_table(headers: &[&str], rows: &[Vec<Value>]) {
+pub(crate) fn print_table(headers: &[&str], rows: &[Vec<Value>]) {
     let cells: Vec<Vec<String>> = rows.iter().map(|r| r.iter().map(cell).collect()).collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in &cells {

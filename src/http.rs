@@ -46,6 +46,8 @@ pub struct AppState {
     pub local_state: Option<Arc<fleetgate_store::state::StateStore>>,
     pub views: Arc<Views>,
     pub tiers: Arc<Tiers>,
+    /// Batch jobs, their runs and tables.
+    pub etl: Arc<fleetgate_etl::Etl>,
     /// Where HTTP ingest goes: the local store, or the balancer.
     pub ingest: Arc<dyn fleetgate_protocol::ingest::IngestService>,
 }
@@ -75,6 +77,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/views/shapes", get(list_shapes))
         .route("/v1/streams/{name}/tiers", get(stream_tiers))
         .route("/v1/ingest/{stream}", post(crate::ingest_api::ingest))
+        .route(
+            "/v1/etl/jobs",
+            get(crate::etl_api::list).post(crate::etl_api::apply),
+        )
+        .route("/v1/etl/jobs/{name}", delete(crate::etl_api::delete))
+        .route("/v1/etl/jobs/{name}/run", post(crate::etl_api::run))
+        .route("/v1/etl/runs", get(crate::etl_api::runs))
+        .route("/v1/etl/runs/{id}", get(crate::etl_api::get_run))
+        .route("/v1/etl/runs/{id}/rejects", get(crate::etl_api::rejects))
         .route("/v1/handshake/nonce", get(crate::sdk_api::nonce))
         .route("/v1/handshake", post(crate::sdk_api::handshake))
         .route("/v1/sdk/build", post(crate::sdk_api::offline_build))
@@ -531,7 +542,13 @@ struct Routed {
 /// it exactly, or the primary table.
 async fn route_query(state: &AppState, caller: &Caller, sql: &str) -> Result<Routed, ApiError> {
     caller.require(Role::Extract, state)?;
-    let tables: HashSet<String> = state.catalog.names().into_iter().collect();
+    // Streams, and the batch tables ETL jobs load (read-only like the rest).
+    let tables: HashSet<String> = state
+        .catalog
+        .names()
+        .into_iter()
+        .chain(state.etl.tables())
+        .collect();
     let backend = state.db.backend();
     let parsed = query::check(sql, &tables, backend).map_err(|e| bad_request(e.to_string()))?;
     let primary_sql = tiers::expand(&parsed, &state.catalog, backend)

@@ -6,6 +6,8 @@
 mod bench;
 mod bench_sdk;
 mod client;
+mod etl_api;
+mod etl_cli;
 mod http;
 mod ingest_api;
 mod node;
@@ -78,6 +80,13 @@ enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Batch ETL jobs: declare, run (with progress), list runs and rejects.
+    Etl {
+        #[command(subcommand)]
+        command: etl_cli::EtlCommand,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Cluster state (validation rules, lookup tables): roll out at one instant.
     State {
         #[command(subcommand)]
@@ -123,6 +132,7 @@ fn main() -> ExitCode {
             Command::Sdk { command, server } => client::sdk(command, &server).await,
             Command::State { command, server } => client::state(command, &server).await,
             Command::View { command, server } => client::view(command, &server).await,
+            Command::Etl { command, server } => etl_cli::etl(command, &server).await,
             Command::Query {
                 sql,
                 explain,

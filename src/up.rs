@@ -258,6 +258,10 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
     );
     views.follow();
     let tiers = Arc::new(Tiers::new(db.clone(), catalog.clone(), views.clone()));
+    let etl = fleetgate_etl::Etl::open(db.clone(), &args.data)
+        .await
+        .map_err(|e| anyhow!(e))?;
+    etl.schedule();
     tiers.clone().follow();
     let registry = Registry::load(db.clone()).await.map_err(|e| anyhow!(e))?;
     // Other brokers sharing the database revoke and change roles too.
@@ -432,6 +436,7 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         local_state,
         views,
         tiers,
+        etl,
         ingest: ingest_service.clone(),
     };
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);

@@ -9,6 +9,7 @@ mod auth;
 mod cli;
 mod cluster;
 mod durability;
+mod etl;
 mod ingest;
 mod query;
 mod roles;

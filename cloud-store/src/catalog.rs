@@ -122,7 +122,7 @@ impl Stream {
     }
 }
 
-pub(crate) fn sql_type(kind: ColumnKind) -> &'static str {
+pub fn sql_type(kind: ColumnKind) -> &'static str {
     // These spellings mean the same to SQLite (by affinity) and PostgreSQL.
     match kind {
         ColumnKind::Int => "BIGINT",

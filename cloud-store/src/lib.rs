@@ -2,6 +2,7 @@
 //! primary tables with group commit, and answers read-only queries.
 //!
 //! - [`db`]: the SQLite / PostgreSQL handle.
+//! - [`bulk`]: multi-row INSERT chunking and binding.
 //! - [`catalog`]: stream declarations and their tables.
 //! - [`pipeline`]: the synchronous ingest stages.
 //! - [`writer`]: the store stage (group commit, back-pressure) — [`Store`].
@@ -13,6 +14,7 @@
 //! - [`views`]: declared aggregate views, maintained in the database, and
 //!   the query routing that answers from them.
 
+pub mod bulk;
 pub mod catalog;
 pub mod db;
 pub mod metrics;

@@ -431,7 +431,7 @@ fn db_error(e: sqlx::Error) -> QueryError {
     }
 }
 
-fn sqlite_value(row: &sqlx::sqlite::SqliteRow, i: usize) -> Value {
+pub fn sqlite_value(row: &sqlx::sqlite::SqliteRow, i: usize) -> Value {
     let Ok(raw) = row.try_get_raw(i) else {
         return Value::Null;
     };
@@ -464,7 +464,7 @@ fn sqlite_value(row: &sqlx::sqlite::SqliteRow, i: usize) -> Value {
     }
 }
 
-fn postgres_value(row: &sqlx::postgres::PgRow, i: usize) -> Value {
+pub fn postgres_value(row: &sqlx::postgres::PgRow, i: usize) -> Value {
     fn get<'r, T>(row: &'r sqlx::postgres::PgRow, i: usize) -> Value
     where
         T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Into<Value>,

@@ -17,7 +17,8 @@ use sqlx::QueryBuilder;
 use tokio::sync::{mpsc, oneshot, watch, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::catalog::{ColumnKind, Stream};
+use crate::bulk::{bind_row, chunk_sizes};
+use crate::catalog::Stream;
 use crate::db::{is_transient, Db};
 use crate::metrics::StoreMetrics;
 use crate::pipeline::{CommitObserver, Pipeline, Reject, SqlValue, Work};
@@ -282,30 +283,6 @@ fn size(job: &Job) -> usize {
     job.work.records.len() + job.work.rejects.len()
 }
 
-/// SQLite allows 32766 parameters per statement, PostgreSQL 65535.
-const MAX_PARAMS: usize = 30_000;
-const MAX_ROWS_PER_STATEMENT: usize = 512;
-
-/// Splits `n` rows into statement sizes drawn from a few powers of two, so
-/// each connection prepares a handful of statements and reuses them.
-fn chunk_sizes(mut n: usize, columns: usize) -> Vec<usize> {
-    let limit = (MAX_PARAMS / columns.max(1)).clamp(1, MAX_ROWS_PER_STATEMENT);
-    let top = 1usize << (usize::BITS - 1 - limit.leading_zeros());
-    let mut sizes = Vec::new();
-    while n >= top {
-        sizes.push(top);
-        n -= top;
-    }
-    let mut bit = top >> 1;
-    while bit > 0 {
-        if n & bit != 0 {
-            sizes.push(bit);
-        }
-        bit >>= 1;
-    }
-    sizes
-}
-
 /// One transaction: every valid record into its stream table, every reject
 /// into the rejects table. Returns the number of rows newly inserted.
 async fn commit(db: &Db, works: &[&Work]) -> Result<u64, sqlx::Error> {
@@ -334,18 +311,7 @@ async fn commit(db: &Db, works: &[&Work]) -> Result<u64, sqlx::Error> {
                 rest = later;
                 let mut insert = QueryBuilder::new(&stream.insert_head);
                 insert.push_values(now, |mut row, values| {
-                    for (value, kind) in values.iter().zip(&stream.kinds) {
-                        match (value, kind) {
-                            (SqlValue::Int(v), _) => row.push_bind(*v),
-                            (SqlValue::Float(v), _) => row.push_bind(*v),
-                            (SqlValue::Bool(v), _) => row.push_bind(*v),
-                            (SqlValue::Text(v), _) => row.push_bind(v.as_str()),
-                            (SqlValue::Null, ColumnKind::Int) => row.push_bind(None::<i64>),
-                            (SqlValue::Null, ColumnKind::Float) => row.push_bind(None::<f64>),
-                            (SqlValue::Null, ColumnKind::Bool) => row.push_bind(None::<bool>),
-                            (SqlValue::Null, ColumnKind::Text) => row.push_bind(None::<&str>),
-                        };
-                    }
+                    bind_row(&mut row, values, &stream.kinds);
                 });
                 insert.push(stream.insert_tail);
                 inserted += insert.build().persistent(true).execute(&mut *tx).await?.rows_affected();
@@ -370,20 +336,4 @@ async fn commit(db: &Db, works: &[&Work]) -> Result<u64, sqlx::Error> {
         tx.commit().await?;
         Ok(inserted)
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::chunk_sizes;
-
-    #[test]
-    fn chunks_cover_every_row_with_few_distinct_sizes() {
-        for n in [0, 1, 7, 512, 513, 1000, 20_000] {
-            let sizes = chunk_sizes(n, 8);
-            assert_eq!(sizes.iter().sum::<usize>(), n);
-            assert!(sizes.iter().all(|s| s.is_power_of_two() && *s <= 512));
-        }
-        // Wide rows get smaller statements to stay under the parameter limit.
-        assert!(chunk_sizes(10_000, 200).iter().all(|s| s * 200 <= 30_000));
-    }
 }

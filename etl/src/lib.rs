@@ -1,0 +1,574 @@
+//! fleetgate's batch ETL: jobs declared in TOML extract from files and
+//! databases, transform by rules, and load into batch tables — by hand or
+//! on a schedule.
+//!
+//! - [`job`]: declarations and their checks.
+//! - [`extract`]: sources, copied into the run's interim area, then read.
+//! - [`transform`]: the rules, each a [`transform::Step`].
+//! - [`expr`]: the SQL-syntax expressions rules use.
+//! - [`load`]: the batch table, written in one transaction with the run's
+//!   success.
+//! - [`run`]: run records, progress and rejects.
+//!
+//! A run: record it → dump → read → transform → load (+ mark succeeded).
+//! Whatever fails before the load's commit leaves the table untouched and
+//! the run `failed` with the reason.
+
+pub mod expr;
+pub mod extract;
+pub mod job;
+pub mod load;
+pub mod run;
+pub mod schema;
+pub mod transform;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use fleetgate_protocol::unix_now_ms;
+use fleetgate_store::{with_pool, Db};
+use sqlx::Row as _;
+
+use crate::job::{JobDef, JobsFile};
+use crate::run::{Progress, RejectRecord, RunRecord};
+use crate::transform::{Context, Row};
+
+/// Interim directories kept per job; older ones are removed.
+const KEPT_INTERIM_RUNS: usize = 5;
+
+/// What a finished run tells whoever waits on it (reconciliation, the
+/// caller of [`Etl::run`]).
+pub type RunObserver = Arc<dyn Fn(&RunRecord) + Send + Sync>;
+
+pub struct Etl {
+    db: Db,
+    data_dir: PathBuf,
+    /// Runs of this process, with their live counts.
+    active: Mutex<HashMap<i64, Arc<Progress>>>,
+    /// Jobs with a run in this process: one at a time each.
+    running: Mutex<HashSet<String>>,
+    /// Every job's target table, for the query guard.
+    tables: RwLock<Vec<String>>,
+    observers: Mutex<Vec<RunObserver>>,
+}
+
+/// A job as listed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JobInfo {
+    pub name: String,
+    pub definition: JobDef,
+    pub updated_at: i64,
+    /// When the schedule runs it next.
+    pub next_run_at: Option<i64>,
+}
+
+impl Etl {
+    /// Creates the ETL tables (idempotent).
+    pub async fn open(db: Db, data_dir: &Path) -> Result<Arc<Etl>, String> {
+        db.execute_ddl(&run::ddl(&db))
+            .await
+            .map_err(|e| format!("cannot create the ETL tables: {e}"))?;
+        let etl = Arc::new(Etl {
+            db,
+            data_dir: data_dir.to_path_buf(),
+            active: Mutex::default(),
+            running: Mutex::default(),
+            tables: RwLock::default(),
+            observers: Mutex::default(),
+        });
+        etl.refresh_tables().await?;
+        Ok(etl)
+    }
+
+    /// Calls `observer` after every run of this process ends.
+    pub fn observe(&self, observer: RunObserver) {
+        self.observers.lock().expect("observers").push(observer);
+    }
+
+    /// The batch tables jobs load into.
+    pub fn tables(&self) -> Vec<String> {
+        self.tables.read().expect("tables").clone()
+    }
+
+    async fn refresh_tables(&self) -> Result<(), String> {
+        let tables = self
+            .jobs()
+            .await?
+            .into_iter()
+            .map(|j| j.definition.load.table);
+        let mut tables: Vec<String> = tables.collect();
+        tables.sort();
+        tables.dedup();
+        *self.tables.write().expect("tables") = tables;
+        Ok(())
+    }
+
+    /// Declares (or replaces) the file's jobs. `taken` says whether a
+    /// table name belongs to something else (a stream, a view).
+    pub async fn apply(
+        &self,
+        file: &JobsFile,
+        taken: impl Fn(&str) -> bool,
+    ) -> Result<Vec<String>, String> {
+        let jobs = self.jobs().await?;
+        for (name, def) in &file.jobs {
+            let table = &def.load.table;
+            if taken(table) {
+                return Err(format!("job {name}: {table} is already a stream or view"));
+            }
+            if let Some(other) = jobs
+                .iter()
+                .find(|j| j.name != *name && j.definition.load.table == *table)
+            {
+                return Err(format!(
+                    "job {name}: job {} already loads {table}",
+                    other.name
+                ));
+            }
+        }
+        let now = unix_now_ms();
+        let result = with_pool!(self.db, pool => {
+            async {
+                let mut tx = pool.begin().await?;
+                for (name, def) in &file.jobs {
+                    let definition = serde_json::to_string(def).expect("jobs serialize");
+                    sqlx::query(
+                        "INSERT INTO fleetgate_etl_jobs (name, definition, updated_at) VALUES ($1, $2, $3) \
+                         ON CONFLICT (name) DO UPDATE SET definition = excluded.definition, updated_at = excluded.updated_at",
+                    )
+                    .bind(name).bind(definition).bind(now)
+                    .execute(&mut *tx).await?;
+                }
+                tx.commit().await
+            }.await
+        });
+        result.map_err(|e| format!("cannot save the jobs: {e}"))?;
+        self.refresh_tables().await?;
+        Ok(file.jobs.keys().cloned().collect())
+    }
+
+    pub async fn jobs(&self) -> Result<Vec<JobInfo>, String> {
+        let rows: Vec<(String, String, i64)> = with_pool!(self.db, pool => {
+            sqlx::query("SELECT name, definition, updated_at FROM fleetgate_etl_jobs ORDER BY name")
+                .fetch_all(pool).await
+                .and_then(|rows| rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))).collect())
+        })
+        .map_err(|e| format!("cannot read the jobs: {e}"))?;
+        let mut jobs = Vec::new();
+        for (name, text, updated_at) in rows {
+            let definition: JobDef = serde_json::from_str(&text)
+                .map_err(|e| format!("job {name} is stored unreadably: {e}"))?;
+            let next_run_at = match definition.schedule() {
+                Ok(Some(schedule)) => {
+                    let last = self.last_due(&name).await?.unwrap_or(updated_at);
+                    schedule.next_after(last.max(updated_at))
+                }
+                _ => None,
+            };
+            jobs.push(JobInfo {
+                name,
+                definition,
+                updated_at,
+                next_run_at,
+            });
+        }
+        Ok(jobs)
+    }
+
+    pub async fn job(&self, name: &str) -> Result<Option<JobInfo>, String> {
+        Ok(self.jobs().await?.into_iter().find(|j| j.name == name))
+    }
+
+    async fn require_job(&self, name: &str) -> Result<JobInfo, StartError> {
+        self.job(name)
+            .await
+            .map_err(StartError::Failed)?
+            .ok_or_else(|| StartError::NoSuchJob(name.to_string()))
+    }
+
+    /// Forgets a job; its table and runs stay.
+    pub async fn delete(&self, name: &str) -> Result<bool, String> {
+        let deleted = with_pool!(self.db, pool => {
+            sqlx::query("DELETE FROM fleetgate_etl_jobs WHERE name = $1").bind(name).execute(pool).await.map(|r| r.rows_affected())
+        })
+        .map_err(|e| format!("cannot delete job {name}: {e}"))?;
+        self.refresh_tables().await?;
+        Ok(deleted > 0)
+    }
+
+    async fn last_due(&self, job: &str) -> Result<Option<i64>, String> {
+        with_pool!(self.db, pool => {
+            sqlx::query("SELECT MAX(due_at) FROM fleetgate_etl_runs WHERE job = $1")
+                .bind(job).fetch_one(pool).await
+                .and_then(|r| r.try_get::<Option<i64>, _>(0))
+        })
+        .map_err(|e| format!("cannot read the runs of {job}: {e}"))
+    }
+
+    /// Starts a run and returns its id at once. `window` replaces the
+    /// window the rows would give (rows outside it are rejected).
+    pub async fn start(
+        self: &Arc<Self>,
+        name: &str,
+        window: Option<(i64, i64)>,
+    ) -> Result<i64, StartError> {
+        let job = self.require_job(name).await?;
+        self.begin(job, "manual", None, window)
+            .await?
+            .map(|(id, _)| id)
+            .ok_or_else(|| StartError::Failed("the run was not recorded".into()))
+    }
+
+    async fn begin(
+        self: &Arc<Self>,
+        job: JobInfo,
+        trigger: &str,
+        due_at: Option<i64>,
+        window: Option<(i64, i64)>,
+    ) -> Result<Option<(i64, tokio::task::JoinHandle<()>)>, StartError> {
+        if !self
+            .running
+            .lock()
+            .expect("running")
+            .insert(job.name.clone())
+        {
+            return Err(StartError::Busy(job.name));
+        }
+        let recorded = run::begin(
+            &self.db,
+            &job.name,
+            &job.definition.load.table,
+            trigger,
+            due_at,
+            unix_now_ms(),
+        )
+        .await;
+        let id = match recorded {
+            Ok(Some(id)) => id,
+            other => {
+                self.running.lock().expect("running").remove(&job.name);
+                return other.map(|_| None).map_err(StartError::Failed);
+            }
+        };
+        let progress = Arc::new(Progress::default());
+        self.active
+            .lock()
+            .expect("active")
+            .insert(id, progress.clone());
+        let etl = self.clone();
+        let task = tokio::spawn(async move {
+            let interim = etl
+                .data_dir
+                .join("etl")
+                .join(&job.name)
+                .join(format!("run-{id}"));
+            let result = etl.execute(id, &job, window, &progress, &interim).await;
+            if let Err(e) = &result {
+                tracing::warn!(job = job.name, run = id, error = %e, "ETL run failed");
+                run::fail(&etl.db, id, &progress, e, unix_now_ms()).await;
+            }
+            etl.active.lock().expect("active").remove(&id);
+            etl.running.lock().expect("running").remove(&job.name);
+            prune_interim(&interim);
+            if let Ok(Some(record)) = run::get(&etl.db, id, unix_now_ms()).await {
+                let observers = etl.observers.lock().expect("observers").clone();
+                for observer in observers {
+                    observer(&record);
+                }
+            }
+        });
+        Ok(Some((id, task)))
+    }
+
+    /// Runs a job to its end.
+    pub async fn run(
+        self: &Arc<Self>,
+        name: &str,
+        window: Option<(i64, i64)>,
+    ) -> Result<RunRecord, StartError> {
+        let job = self.require_job(name).await?;
+        let (id, task) = self
+            .begin(job, "manual", None, window)
+            .await?
+            .ok_or_else(|| StartError::Failed("the run was not recorded".into()))?;
+        task.await
+            .map_err(|e| StartError::Failed(format!("the run stopped: {e}")))?;
+        self.get_run(id)
+            .await
+            .map_err(StartError::Failed)?
+            .ok_or_else(|| StartError::Failed(format!("run {id} has no record")))
+    }
+
+    /// A run's record, with live counts when this process runs it.
+    pub async fn get_run(&self, id: i64) -> Result<Option<RunRecord>, String> {
+        let mut record = run::get(&self.db, id, unix_now_ms()).await?;
+        let progress = self.active.lock().expect("active").get(&id).cloned();
+        if let (Some(record), Some(progress)) = (&mut record, progress) {
+            if record.status == "running" {
+                let [read, transformed, loaded, rejected] = progress.counts();
+                record.rows_read = read;
+                record.rows_transformed = transformed;
+                record.rows_loaded = loaded;
+                record.rows_rejected = rejected;
+            }
+        }
+        Ok(record)
+    }
+
+    pub async fn runs(&self, job: Option<&str>, limit: i64) -> Result<Vec<RunRecord>, String> {
+        run::list(&self.db, job, limit, unix_now_ms()).await
+    }
+
+    pub async fn rejects(&self, run: i64, limit: i64) -> Result<Vec<RejectRecord>, String> {
+        run::rejects(&self.db, run, limit).await
+    }
+
+    async fn execute(
+        &self,
+        id: i64,
+        job: &JobInfo,
+        window: Option<(i64, i64)>,
+        progress: &Arc<Progress>,
+        interim: &Path,
+    ) -> Result<(), String> {
+        let def = &job.definition;
+        let heartbeat = {
+            let (db, progress) = (self.db.clone(), progress.clone());
+            let interim = interim.display().to_string();
+            tokio::spawn(async move {
+                loop {
+                    run::heartbeat(&db, id, &progress, &interim, unix_now_ms()).await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            })
+        };
+        let _stop_heartbeat = AbortOnDrop(heartbeat);
+        let mut dumps = Vec::new();
+        for (name, source) in &def.sources {
+            dumps.push(extract::dump(name, source, &interim.join(name)).await?);
+        }
+        let (rows, rejects, schema_window) = {
+            let (def, progress, dumps) = (def.clone(), progress.clone(), dumps.clone());
+            tokio::task::spawn_blocking(move || transform_all(&def, &dumps, &progress, window))
+                .await
+                .map_err(|e| format!("the transformation stopped: {e}"))??
+        };
+        let pipeline = def.pipeline()?;
+        let rejects: Vec<RejectRecord> = rejects
+            .into_iter()
+            .map(|(origin, reason, data)| {
+                let (source, _) = def
+                    .sources
+                    .get_index(origin.source as usize)
+                    .expect("source index");
+                RejectRecord {
+                    source: source.clone(),
+                    file: dumps[origin.source as usize]
+                        .get(origin.file as usize)
+                        .and_then(|f| f.file_name())
+                        .map(|f| {
+                            f.to_string_lossy()
+                                .split_once('-')
+                                .map_or(String::new(), |(_, n)| n.to_string())
+                        }),
+                    line: Some(origin.line as i64),
+                    reason,
+                    data,
+                }
+            })
+            .collect();
+        progress
+            .rejected
+            .store(rejects.len() as u64, Ordering::Relaxed);
+        run::save_rejects(&self.db, id, &rejects).await?;
+        let target = load::Load {
+            def: &def.load,
+            schema: pipeline.output(),
+            run: id,
+            window: schema_window,
+        };
+        load::load(&self.db, &target, rows, progress, unix_now_ms).await?;
+        Ok(())
+    }
+
+    /// Runs scheduled jobs when they are due; checks every second.
+    pub fn schedule(self: &Arc<Self>) {
+        let etl = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = etl.run_due().await {
+                    tracing::warn!(error = %e, "cannot check the ETL schedule");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+
+    async fn run_due(self: &Arc<Self>) -> Result<(), String> {
+        let now = unix_now_ms();
+        self.refresh_tables().await?;
+        for job in self.jobs().await? {
+            let Ok(Some(schedule)) = job.definition.schedule() else {
+                continue;
+            };
+            let Some(mut due) = job.next_run_at else {
+                continue;
+            };
+            if due > now {
+                continue;
+            }
+            // After a stop, run once for the latest missed time, not for each.
+            while let Some(next) = schedule.next_after(due).filter(|n| *n <= now) {
+                due = next;
+            }
+            match self.begin(job, "schedule", Some(due), None).await {
+                Ok(_) | Err(StartError::Busy(_)) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(())
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[derive(Debug)]
+pub enum StartError {
+    NoSuchJob(String),
+    /// A run of the job is under way in this process.
+    Busy(String),
+    Failed(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::NoSuchJob(name) => write!(f, "no job named {name:?}"),
+            StartError::Busy(name) => write!(f, "job {name} is already running"),
+            StartError::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+type Rejected = Vec<(transform::Origin, String, String)>;
+
+/// What the transformation hands the load: rows, rejects, the window.
+type Transformed = (Vec<Row>, Rejected, Option<(i64, i64)>);
+
+/// Reads every source's copy and applies the rules (CPU-bound: runs on a
+/// blocking thread). Returns the rows to load, the rejects, and the window.
+fn transform_all(
+    def: &JobDef,
+    dumps: &[Vec<PathBuf>],
+    progress: &Progress,
+    window: Option<(i64, i64)>,
+) -> Result<Transformed, String> {
+    let pipeline = def.pipeline()?;
+    let mut rejected: Rejected = Vec::new();
+    let mut by_source = HashMap::new();
+    let mut main_rows = Vec::new();
+    for (i, ((name, source), files)) in def.sources.iter().zip(dumps).enumerate() {
+        let mut extract_rejects = Vec::new();
+        let rows = extract::read(i as u16, source, files, progress, &mut extract_rejects)
+            .map_err(|e| format!("source {name}: {e}"))?;
+        rejected.extend(
+            extract_rejects
+                .into_iter()
+                .map(|r| (r.origin, r.reason, r.raw)),
+        );
+        if i == 0 {
+            main_rows = rows;
+        } else {
+            by_source.insert(name.clone(), rows);
+        }
+    }
+    let mut context = Context {
+        sources: &by_source,
+        rejects: Vec::new(),
+    };
+    let mut rows = pipeline.apply(main_rows, &mut context);
+    rejected.extend(
+        context
+            .rejects
+            .into_iter()
+            .map(|r| (r.origin, r.reason, r.row)),
+    );
+    let output = pipeline.output();
+    let mut window = window;
+    if let Some(time) = &def.load.time {
+        let at = output.require(time)?;
+        let covers = def.load.covers()?.map(|d| d.as_millis() as i64);
+        let mut kept = Vec::with_capacity(rows.len());
+        let mut span: Option<(i64, i64)> = None;
+        for row in rows {
+            let reason = match (&row.values[at], window) {
+                (fleetgate_store::pipeline::SqlValue::Int(t), Some((from, to)))
+                    if *t < from || *t >= to =>
+                {
+                    Some(format!("{time} is outside the run's window"))
+                }
+                (fleetgate_store::pipeline::SqlValue::Int(t), _) => {
+                    span = Some(span.map_or((*t, *t), |(a, b)| (a.min(*t), b.max(*t))));
+                    None
+                }
+                _ => Some(format!("{time} is empty")),
+            };
+            match reason {
+                None => kept.push(row),
+                Some(reason) => rejected.push((row.origin, reason, String::new())),
+            }
+        }
+        rows = kept;
+        if window.is_none() {
+            window = span.map(|(first, last)| match covers {
+                Some(p) => (first.div_euclid(p) * p, (last.div_euclid(p) + 1) * p),
+                None => (first, last + 1),
+            });
+        }
+    }
+    if let Some(key) = &def.load.key {
+        let positions = key
+            .iter()
+            .map(|k| output.require(k))
+            .collect::<Result<Vec<_>, _>>()?;
+        rows = load::last_per_key(rows, &positions);
+    }
+    progress
+        .transformed
+        .store(rows.len() as u64, Ordering::Relaxed);
+    progress
+        .rejected
+        .store(rejected.len() as u64, Ordering::Relaxed);
+    Ok((rows, rejected, window))
+}
+
+/// Removes all but the newest interim directories of the run's job.
+fn prune_interim(run_dir: &Path) {
+    let Some(job_dir) = run_dir.parent() else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(job_dir) else {
+        return;
+    };
+    let mut runs: Vec<(i64, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let id = e.file_name().to_str()?.strip_prefix("run-")?.parse().ok()?;
+            Some((id, e.path()))
+        })
+        .collect();
+    runs.sort();
+    let excess = runs.len().saturating_sub(KEPT_INTERIM_RUNS);
+    for (_, dir) in runs.into_iter().take(excess) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

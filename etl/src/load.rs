@@ -1,0 +1,214 @@
+//! Loading: the transformed rows into the job's batch table, in one
+//! transaction that also marks the run succeeded — a failed or killed run
+//! leaves the table as the previous run left it.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use fleetgate_store::bulk::{bind_row, chunk_sizes};
+use fleetgate_store::catalog::{sql_type, ColumnKind};
+use fleetgate_store::db::Backend;
+use fleetgate_store::pipeline::SqlValue;
+use fleetgate_store::{with_pool, Db};
+use sqlx::Row as _;
+
+use crate::job::{LoadDef, LoadMode};
+use crate::run::{Progress, SUCCEEDED};
+use crate::schema::Schema;
+use crate::transform::Row;
+
+/// The column recording which run loaded a row.
+pub const RUN_COLUMN: &str = "etl_run";
+
+/// What one run loads.
+pub struct Load<'a> {
+    pub def: &'a LoadDef,
+    pub schema: &'a Schema,
+    pub run: i64,
+    /// The time window the run covers (end excluded).
+    pub window: Option<(i64, i64)>,
+}
+
+impl Load<'_> {
+    fn columns(&self) -> Vec<String> {
+        let mut columns: Vec<String> = self.schema.names().map(str::to_string).collect();
+        columns.push(RUN_COLUMN.into());
+        columns
+    }
+
+    fn kinds(&self) -> Vec<ColumnKind> {
+        let mut kinds: Vec<ColumnKind> = self
+            .schema
+            .columns()
+            .iter()
+            .map(|(_, t)| t.kind())
+            .collect();
+        kinds.push(ColumnKind::Int);
+        kinds
+    }
+
+    fn create_table(&self) -> Vec<String> {
+        let mut columns: Vec<String> = self
+            .schema
+            .columns()
+            .iter()
+            .map(|(name, ty)| format!("{name} {}", sql_type(ty.kind())))
+            .collect();
+        columns.push(format!("{RUN_COLUMN} BIGINT NOT NULL"));
+        if let Some(key) = &self.def.key {
+            columns.push(format!("PRIMARY KEY ({})", key.join(", ")));
+        }
+        let table = &self.def.table;
+        let mut statements = vec![format!(
+            "CREATE TABLE IF NOT EXISTS {table} ({})",
+            columns.join(", ")
+        )];
+        if let Some(time) = &self.def.time {
+            statements.push(format!(
+                "CREATE INDEX IF NOT EXISTS {table}_{time} ON {table} ({time})"
+            ));
+        }
+        statements
+    }
+
+    fn insert_head(&self) -> String {
+        format!(
+            "INSERT INTO {} ({}) ",
+            self.def.table,
+            self.columns().join(", ")
+        )
+    }
+
+    fn insert_tail(&self) -> String {
+        match (&self.def.key, self.def.mode) {
+            (Some(key), LoadMode::Upsert) => {
+                let set: Vec<String> = self
+                    .columns()
+                    .iter()
+                    .filter(|c| !key.contains(c))
+                    .map(|c| format!("{c} = excluded.{c}"))
+                    .collect();
+                format!(
+                    " ON CONFLICT ({}) DO UPDATE SET {}",
+                    key.join(", "),
+                    set.join(", ")
+                )
+            }
+            _ => String::new(),
+        }
+    }
+
+    fn clear(&self) -> Option<String> {
+        if self.def.mode != LoadMode::Overwrite {
+            return None;
+        }
+        let table = &self.def.table;
+        Some(match (&self.def.time, self.window) {
+            (Some(time), Some((from, to))) => {
+                format!("DELETE FROM {table} WHERE {time} >= {from} AND {time} < {to}")
+            }
+            _ => format!("DELETE FROM {table}"),
+        })
+    }
+}
+
+/// Keeps the last row of each key: an export may list an order twice, and
+/// one statement may not update a row twice.
+pub fn last_per_key(rows: Vec<Row>, key: &[usize]) -> Vec<Row> {
+    let mut position: HashMap<Vec<String>, usize> = HashMap::new();
+    let mut kept: Vec<Option<Row>> = Vec::with_capacity(rows.len());
+    for row in rows {
+        let k: Vec<String> = key
+            .iter()
+            .map(|&i| format!("{:?}", row.values[i]))
+            .collect();
+        if let Some(&earlier) = position.get(&k) {
+            kept[earlier] = None;
+        }
+        position.insert(k, kept.len());
+        kept.push(Some(row));
+    }
+    kept.into_iter().flatten().collect()
+}
+
+/// Columns the table lacks (the job gained fields since the first run).
+async fn missing_columns(db: &Db, load: &Load<'_>) -> Result<Vec<String>, sqlx::Error> {
+    let sql = match db.backend() {
+        Backend::Sqlite => "SELECT name FROM pragma_table_info($1)",
+        Backend::Postgres => {
+            "SELECT column_name::TEXT FROM information_schema.columns \
+             WHERE table_schema = current_schema() AND table_name = $1"
+        }
+    };
+    let existing: Vec<String> = with_pool!(db, pool => {
+        sqlx::query(sql).bind(&load.def.table).fetch_all(pool).await?
+            .iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?
+    });
+    Ok(load
+        .schema
+        .columns()
+        .iter()
+        .filter(|(name, _)| !existing.iter().any(|e| e == name))
+        .map(|(name, ty)| {
+            format!(
+                "ALTER TABLE {} ADD COLUMN {name} {}",
+                load.def.table,
+                sql_type(ty.kind())
+            )
+        })
+        .collect())
+}
+
+/// Loads `rows` and closes the run as succeeded, in one transaction.
+pub async fn load(
+    db: &Db,
+    load: &Load<'_>,
+    mut rows: Vec<Row>,
+    progress: &Progress,
+    finished_at: impl Fn() -> i64,
+) -> Result<u64, String> {
+    db.execute_ddl(&load.create_table())
+        .await
+        .map_err(|e| format!("cannot create table {}: {e}", load.def.table))?;
+    let alter = missing_columns(db, load)
+        .await
+        .map_err(|e| format!("cannot read the columns of {}: {e}", load.def.table))?;
+    db.execute_ddl(&alter)
+        .await
+        .map_err(|e| format!("cannot add columns to {}: {e}", load.def.table))?;
+    for row in &mut rows {
+        row.values.push(SqlValue::Int(load.run));
+    }
+    let head = load.insert_head();
+    let tail = load.insert_tail();
+    let kinds = load.kinds();
+    let clear = load.clear();
+    let result = with_pool!(db, pool => {
+        async {
+            let mut tx = pool.begin().await?;
+            if let Some(clear) = &clear {
+                sqlx::query(clear).execute(&mut *tx).await?;
+            }
+            let mut rest = rows.as_slice();
+            for chunk in chunk_sizes(rows.len(), kinds.len()) {
+                let (now, later) = rest.split_at(chunk);
+                rest = later;
+                let mut insert = sqlx::QueryBuilder::new(&head);
+                insert.push_values(now, |mut row, r| bind_row(&mut row, &r.values, &kinds));
+                insert.push(&tail);
+                insert.build().persistent(true).execute(&mut *tx).await?;
+                progress.loaded.fetch_add(chunk as u64, Ordering::Relaxed);
+            }
+            let [read, transformed, loaded, rejected] = progress.counts();
+            let (from, to) = load.window.unzip();
+            sqlx::query(SUCCEEDED)
+                .bind(load.run).bind(finished_at()).bind(read).bind(transformed)
+                .bind(loaded).bind(rejected).bind(from).bind(to)
+                .execute(&mut *tx).await?;
+            tx.commit().await
+        }.await
+    });
+    result
+        .map(|()| rows.len() as u64)
+        .map_err(|e| format!("cannot load into {}: {e}", load.def.table))
+}

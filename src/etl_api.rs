@@ -1,0 +1,168 @@
+//! `/v1/etl`: declare batch jobs, run them, follow their runs and rejects.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use fleetgate_etl::job::JobsFile;
+use fleetgate_etl::schema::parse_timestamp;
+use fleetgate_etl::StartError;
+use fleetgate_protocol::Role;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::http::{ApiError, AppState, Caller};
+
+fn internal(e: String) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e)
+}
+
+pub async fn apply(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: String,
+) -> Result<Json<Value>, ApiError> {
+    let admin = caller.require(Role::Admin, &state)?;
+    let file = JobsFile::parse(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    let names: Vec<&String> = file.jobs.keys().collect();
+    state
+        .audit(admin, "etl.apply", "jobs", json!({ "jobs": names }))
+        .await?;
+    let taken = |table: &str| {
+        state.catalog.get(table).is_some() || state.views.plans().iter().any(|v| v.name == table)
+    };
+    let applied = state
+        .etl
+        .apply(&file, taken)
+        .await
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    Ok(Json(json!({ "applied": applied })))
+}
+
+pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Extract, &state)?;
+    let jobs = state.etl.jobs().await.map_err(internal)?;
+    Ok(Json(json!({ "jobs": jobs })))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let admin = caller.require(Role::Admin, &state)?;
+    state.audit(admin, "etl.delete", &name, json!({})).await?;
+    if !state.etl.delete(&name).await.map_err(internal)? {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no job named {name:?}"),
+        ));
+    }
+    Ok(Json(json!({ "deleted": name })))
+}
+
+#[derive(Deserialize)]
+pub struct Window {
+    /// RFC 3339, a date, or epoch milliseconds.
+    from: Option<String>,
+    to: Option<String>,
+}
+
+impl Window {
+    fn parse(&self) -> Result<Option<(i64, i64)>, ApiError> {
+        let at = |text: &str| {
+            parse_timestamp(text).ok_or_else(|| {
+                ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("{text:?} is not a time (RFC 3339, YYYY-MM-DD or epoch ms)"),
+                )
+            })
+        };
+        match (&self.from, &self.to) {
+            (None, None) => Ok(None),
+            (Some(from), Some(to)) => {
+                let (from, to) = (at(from)?, at(to)?);
+                if from >= to {
+                    return Err(ApiError(
+                        StatusCode::BAD_REQUEST,
+                        "from must come before to".into(),
+                    ));
+                }
+                Ok(Some((from, to)))
+            }
+            _ => Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "give both from and to, or neither".into(),
+            )),
+        }
+    }
+}
+
+/// Starts a run; the reply names it at once (`202`), the run goes on.
+pub async fn run(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Query(window): Query<Window>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let admin = caller.require(Role::Admin, &state)?;
+    let window = window.parse()?;
+    state
+        .audit(admin, "etl.run", &name, json!({ "window": window }))
+        .await?;
+    let id = state.etl.start(&name, window).await.map_err(|e| match e {
+        StartError::NoSuchJob(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+        StartError::Busy(_) => ApiError(StatusCode::CONFLICT, e.to_string()),
+        StartError::Failed(e) => internal(e),
+    })?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "run": id }))))
+}
+
+#[derive(Deserialize)]
+pub struct RunsQuery {
+    job: Option<String>,
+    limit: Option<i64>,
+}
+
+pub async fn runs(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<RunsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Extract, &state)?;
+    let limit = query.limit.unwrap_or(50).clamp(1, 1000);
+    let runs = state
+        .etl
+        .runs(query.job.as_deref(), limit)
+        .await
+        .map_err(internal)?;
+    Ok(Json(json!({ "runs": runs })))
+}
+
+pub async fn get_run(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<i64>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Extract, &state)?;
+    match state.etl.get_run(id).await.map_err(internal)? {
+        Some(run) => Ok(Json(json!(run))),
+        None => Err(ApiError(StatusCode::NOT_FOUND, format!("no run {id}"))),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct Limit {
+    limit: Option<i64>,
+}
+
+pub async fn rejects(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<i64>,
+    Query(limit): Query<Limit>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Extract, &state)?;
+    let limit = limit.limit.unwrap_or(100).clamp(1, 10_000);
+    let rejects = state.etl.rejects(id, limit).await.map_err(internal)?;
+    Ok(Json(json!({ "run": id, "rejects": rejects })))
+}
