@@ -60,15 +60,15 @@ pub async fn delete(
     Ok(Json(json!({ "deleted": name })))
 }
 
+/// `?from=&to=`: RFC 3339, a date, or epoch milliseconds.
 #[derive(Deserialize)]
 pub struct Window {
-    /// RFC 3339, a date, or epoch milliseconds.
-    from: Option<String>,
-    to: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
 }
 
 impl Window {
-    fn parse(&self) -> Result<Option<(i64, i64)>, ApiError> {
+    pub fn parse(&self) -> Result<Option<(i64, i64)>, ApiError> {
         let at = |text: &str| {
             parse_timestamp(text).ok_or_else(|| {
                 ApiError(

@@ -48,6 +48,7 @@ pub struct AppState {
     pub tiers: Arc<Tiers>,
     /// Batch jobs, their runs and tables.
     pub etl: Arc<fleetgate_etl::Etl>,
+    pub reports: Arc<fleetgate_etl::reports::Reports>,
     /// Where HTTP ingest goes: the local store, or the balancer.
     pub ingest: Arc<dyn fleetgate_protocol::ingest::IngestService>,
 }
@@ -86,6 +87,19 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/etl/runs", get(crate::etl_api::runs))
         .route("/v1/etl/runs/{id}", get(crate::etl_api::get_run))
         .route("/v1/etl/runs/{id}/rejects", get(crate::etl_api::rejects))
+        .route(
+            "/v1/reports",
+            get(crate::reports_api::list).post(crate::reports_api::apply),
+        )
+        .route("/v1/reports/{name}", get(crate::reports_api::series))
+        .route(
+            "/v1/reports/{name}/reconcile",
+            post(crate::reports_api::reconcile),
+        )
+        .route(
+            "/v1/reconciliations",
+            get(crate::reports_api::reconciliations),
+        )
         .route("/v1/handshake/nonce", get(crate::sdk_api::nonce))
         .route("/v1/handshake", post(crate::sdk_api::handshake))
         .route("/v1/sdk/build", post(crate::sdk_api::offline_build))
@@ -617,18 +631,32 @@ async fn run_query(
     caller: Caller,
     Json(request): Json<QueryRequest>,
 ) -> Result<Json<Value>, ApiError> {
+    let (result, view) = answer(&state, &caller, &request.sql).await?;
+    let mut body = serde_json::to_value(result).expect("result serializes");
+    body["view"] = json!(view);
+    Ok(Json(body))
+}
+
+/// Runs a read-only query as `/v1/query` does: checked, routed to a view
+/// where one answers exactly, else on the primary tables. Returns the
+/// result and the view that served it.
+pub async fn answer(
+    state: &AppState,
+    caller: &Caller,
+    sql: &str,
+) -> Result<(query::QueryResult, Option<String>), ApiError> {
     let Routed {
         route,
         parsed,
         primary_sql,
-    } = route_query(&state, &caller, &request.sql).await?;
+    } = route_query(state, caller, sql).await?;
     let limits = QueryLimits {
         timeout: state.query_timeout,
         ..Default::default()
     };
     let started = Instant::now();
     let through_view = match &route.view {
-        Some(view) => run_through_view(&state, view, &route.sql, &limits)
+        Some(view) => run_through_view(state, view, &route.sql, &limits)
             .await
             .map(|outcome| (Some(view.clone()), outcome)),
         None => None,
@@ -641,11 +669,9 @@ async fn run_query(
         Ok(result) => {
             state
                 .views
-                .observe(&request.sql, &parsed, view.as_deref(), started.elapsed())
+                .observe(sql, &parsed, view.as_deref(), started.elapsed())
                 .await;
-            let mut body = serde_json::to_value(result).expect("result serializes");
-            body["view"] = json!(view);
-            Ok(Json(body))
+            Ok((result, view))
         }
         Err(QueryError::Timeout(d)) => Err(ApiError(
             StatusCode::REQUEST_TIMEOUT,

@@ -11,6 +11,7 @@ mod etl_cli;
 mod http;
 mod ingest_api;
 mod node;
+mod reports_api;
 mod sdk_api;
 mod state;
 mod tls;

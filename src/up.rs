@@ -262,6 +262,10 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         .await
         .map_err(|e| anyhow!(e))?;
     etl.schedule();
+    let reports = fleetgate_etl::reports::Reports::open(db.clone(), catalog.clone())
+        .await
+        .map_err(|e| anyhow!(e))?;
+    reports.follow_runs(&etl);
     tiers.clone().follow();
     let registry = Registry::load(db.clone()).await.map_err(|e| anyhow!(e))?;
     // Other brokers sharing the database revoke and change roles too.
@@ -437,6 +441,7 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         views,
         tiers,
         etl,
+        reports,
         ingest: ingest_service.clone(),
     };
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);

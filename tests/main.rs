@@ -12,6 +12,7 @@ mod durability;
 mod etl;
 mod ingest;
 mod query;
+mod reports;
 mod roles;
 mod rollout;
 mod sdk;

@@ -9,6 +9,8 @@
 //! - [`load`]: the batch table, written in one transaction with the run's
 //!   success.
 //! - [`run`]: run records, progress and rejects.
+//! - [`report`], [`reports`], [`reconcile`]: hybrid reports over a batch
+//!   table and a stream, and the reconciliation of the two.
 //!
 //! A run: record it → dump → read → transform → load (+ mark succeeded).
 //! Whatever fails before the load's commit leaves the table untouched and
@@ -18,6 +20,9 @@ pub mod expr;
 pub mod extract;
 pub mod job;
 pub mod load;
+pub mod reconcile;
+pub mod report;
+pub mod reports;
 pub mod run;
 pub mod schema;
 pub mod transform;
