@@ -58,6 +58,11 @@ pub struct BenchArgs {
     /// one every 1.5 s, to measure the ingest pause around each activation.
     #[arg(long, default_value_t = 0)]
     rollouts: usize,
+    /// Measure batch ETL instead: a CSV of this many orders (over a year)
+    /// extracted, joined, translated and loaded, against a plain bulk load
+    /// of the same file; then a year-long hourly report with a real-time tail.
+    #[arg(long, default_value_t = 0)]
+    etl: usize,
     /// Realtime views on the bench stream during the load (per device, in
     /// buckets of 1..N hours of `taken_at`, which records then spread over a
     /// week); afterwards, the hourly average per device is timed through
@@ -95,14 +100,14 @@ pub(crate) fn ms(d: Duration) -> String {
 
 /// A database created for one benchmark run on the server `--database`
 /// names, so the run neither sees nor leaves anything in the user's own.
-struct ScratchDatabase {
+pub(crate) struct ScratchDatabase {
     admin_url: String,
     name: String,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl ScratchDatabase {
-    async fn create(admin_url: &str) -> anyhow::Result<ScratchDatabase> {
+    pub(crate) async fn create(admin_url: &str) -> anyhow::Result<ScratchDatabase> {
         use sqlx::Connection;
         let name = format!("fleetgate_bench_{}", std::process::id());
         let mut conn = sqlx::PgConnection::connect(admin_url)
@@ -124,7 +129,7 @@ impl ScratchDatabase {
         })
     }
 
-    async fn drop_database(self) {
+    pub(crate) async fn drop_database(self) {
         use sqlx::Connection;
         if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin_url).await {
             let _ = sqlx::query(&format!(
@@ -735,6 +740,9 @@ async fn measure_revocations(
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.sdk {
         return crate::bench_sdk::run(args.handshakes).await;
+    }
+    if args.etl > 0 {
+        return crate::bench_etl::run(args.etl, args.database.as_deref()).await;
     }
     let total = args.connections * args.messages;
     let records_total = total * args.records_per_message;

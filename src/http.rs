@@ -49,6 +49,7 @@ pub struct AppState {
     /// Batch jobs, their runs and tables.
     pub etl: Arc<fleetgate_etl::Etl>,
     pub reports: Arc<fleetgate_etl::reports::Reports>,
+    pub analyses: Arc<fleetgate_etl::analysis::Analyses>,
     /// Where HTTP ingest goes: the local store, or the balancer.
     pub ingest: Arc<dyn fleetgate_protocol::ingest::IngestService>,
 }
@@ -100,6 +101,11 @@ pub fn router(state: AppState) -> Router {
             "/v1/reconciliations",
             get(crate::reports_api::reconciliations),
         )
+        .route(
+            "/v1/analyses",
+            get(crate::analysis_api::list).post(crate::analysis_api::apply),
+        )
+        .route("/v1/alerts", get(crate::analysis_api::alerts))
         .route("/v1/handshake/nonce", get(crate::sdk_api::nonce))
         .route("/v1/handshake", post(crate::sdk_api::handshake))
         .route("/v1/sdk/build", post(crate::sdk_api::offline_build))
@@ -556,12 +562,14 @@ struct Routed {
 /// it exactly, or the primary table.
 async fn route_query(state: &AppState, caller: &Caller, sql: &str) -> Result<Routed, ApiError> {
     caller.require(Role::Extract, state)?;
-    // Streams, and the batch tables ETL jobs load (read-only like the rest).
+    // Streams, the batch tables ETL jobs load and the analyses' tables
+    // (read-only like the rest).
     let tables: HashSet<String> = state
         .catalog
         .names()
         .into_iter()
         .chain(state.etl.tables())
+        .chain(state.analyses.tables())
         .collect();
     let backend = state.db.backend();
     let parsed = query::check(sql, &tables, backend).map_err(|e| bad_request(e.to_string()))?;

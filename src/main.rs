@@ -3,7 +3,9 @@
 //! `fleetgate up` runs everything in one process; the other commands are
 //! clients of a running server's HTTP API.
 
+mod analysis_api;
 mod bench;
+mod bench_etl;
 mod bench_sdk;
 mod client;
 mod etl_api;

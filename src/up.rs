@@ -309,6 +309,12 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
     let upstream = Upstream::start(args.max_payload, live_dropped)
         .await
         .map_err(|e| anyhow!(e))?;
+    // Anomaly alerts go out on live/alerts/... like live copies.
+    let analyses =
+        fleetgate_etl::analysis::Analyses::open(db.clone(), catalog.clone(), upstream.clone())
+            .await
+            .map_err(|e| anyhow!(e))?;
+    analyses.follow();
     let clock = Arc::new(ClusterClock::new(0));
     let rollout_settings = RolloutSettings {
         min_lead: args.state_lead,
@@ -442,6 +448,7 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         tiers,
         etl,
         reports,
+        analyses,
         ingest: ingest_service.clone(),
     };
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);

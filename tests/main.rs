@@ -5,6 +5,7 @@
 mod harness;
 
 mod admin;
+mod analysis;
 mod auth;
 mod cli;
 mod cluster;

@@ -11,11 +11,13 @@
 //! - [`run`]: run records, progress and rejects.
 //! - [`report`], [`reports`], [`reconcile`]: hybrid reports over a batch
 //!   table and a stream, and the reconciliation of the two.
+//! - [`analysis`]: per-device statistics and anomaly alerts.
 //!
 //! A run: record it → dump → read → transform → load (+ mark succeeded).
 //! Whatever fails before the load's commit leaves the table untouched and
 //! the run `failed` with the reason.
 
+pub mod analysis;
 pub mod expr;
 pub mod extract;
 pub mod job;

@@ -18,6 +18,8 @@ pub const RECEIVED_AT: &str = "received_at";
 pub const EXTRA: &str = "extra";
 /// The server-assigned key column of streams that declare no key.
 pub const ROW_ID: &str = "id";
+/// The live topic level of anomaly alerts, which no stream may take.
+pub const ALERTS_STREAM: &str = "alerts";
 const RESERVED_COLUMNS: [&str; 4] = [DEVICE_ID, RECEIVED_AT, EXTRA, ROW_ID];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,12 +151,18 @@ pub fn check_identifier(kind: &str, name: &str) -> Result<(), String> {
 impl StreamDef {
     pub fn check(&self, name: &str) -> Result<(), String> {
         check_identifier("stream", name)?;
-        // fgv_ tables hold views, fgc_ tables cold tiers.
-        if ["fleetgate_", "sqlite_", "pg_", "fgv_", "fgc_"]
+        // fgv_ tables hold views, fgc_ cold tiers, fga_ analyses.
+        if ["fleetgate_", "sqlite_", "pg_", "fgv_", "fgc_", "fga_"]
             .iter()
             .any(|p| name.starts_with(p))
         {
             return Err(format!("stream name {name:?} uses a reserved prefix"));
+        }
+        // `live/alerts/...` carries the analyses' anomaly alerts.
+        if name == ALERTS_STREAM {
+            return Err(format!(
+                "stream name {name:?} is reserved: live/{name}/ carries anomaly alerts"
+            ));
         }
         for (field, def) in &self.fields {
             check_identifier("field", field).map_err(|e| format!("stream {name}: {e}"))?;
