@@ -56,6 +56,7 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(dashboard))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/v1/devices", get(list_devices).post(add_device))
@@ -110,6 +111,21 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/handshake", post(crate::sdk_api::handshake))
         .route("/v1/sdk/build", post(crate::sdk_api::offline_build))
         .with_state(state)
+}
+
+/// The dashboard: one self-contained page (no CDN, no external fetch;
+/// the policy forbids any) that signs in by token and reads the API.
+async fn dashboard() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
+            ),
+        ],
+        include_str!("dashboard.html"),
+    )
 }
 
 /// An error as the API reports it: a status and `{"error": "..."}`.

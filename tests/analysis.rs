@@ -20,15 +20,9 @@ history = 4
 threshold = 3.0
 "#;
 
-on_both_backends!(an_hour_far_from_the_devices_history_raises_one_alert);
-async fn an_hour_far_from_the_devices_history_raises_one_alert(backend: Backend) {
-    let server = Server::with_temperature(backend).await;
-    let reader = server.add_device("analyst", "extract").await;
-    let mut alerts = connect_v5(&server, "analyst", &reader).await.unwrap();
-    assert_eq!(
-        alerts.subscribe("live/alerts/#").await,
-        SubscribeReasonCode::Success(rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
-    );
+/// Declares `temp_hourly` and sends six hours of readings of two devices,
+/// the last hour of d1 far from its history.
+pub async fn plant_anomaly(server: &Server) {
     let (status, body) = server
         .post_text("/v1/analyses", &server.admin, ANALYSIS)
         .await;
@@ -62,6 +56,18 @@ async fn an_hour_far_from_the_devices_history_raises_one_alert(backend: Backend)
             .await;
         assert_eq!(status, 200, "{body}");
     }
+}
+
+on_both_backends!(an_hour_far_from_the_devices_history_raises_one_alert);
+async fn an_hour_far_from_the_devices_history_raises_one_alert(backend: Backend) {
+    let server = Server::with_temperature(backend).await;
+    let reader = server.add_device("analyst", "extract").await;
+    let mut alerts = connect_v5(&server, "analyst", &reader).await.unwrap();
+    assert_eq!(
+        alerts.subscribe("live/alerts/#").await,
+        SubscribeReasonCode::Success(rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+    );
+    plant_anomaly(&server).await;
 
     let alert = alerts
         .expect(|p| match p {

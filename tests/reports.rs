@@ -79,15 +79,18 @@ fn points(body: &Value) -> BTreeMap<(i64, String), (f64, String)> {
         .collect()
 }
 
-on_both_backends!(the_report_switches_to_the_nightly_batch_and_reconciles_it);
-async fn the_report_switches_to_the_nightly_batch_and_reconciles_it(backend: Backend) {
-    let server = Server::start(backend).await;
+/// Declares the orders stream and the sales report.
+pub async fn declare_story(server: &Server) {
     let (status, body) = server.apply_streams(STREAMS).await;
     assert_eq!(status, 200, "{body}");
     let (status, body) = server
         .post_text("/v1/reports", &server.admin, REPORTS)
         .await;
     assert_eq!(status, 200, "{body}");
+}
+
+/// The day's purchases over HTTP, as the shop's web pages send them.
+pub async fn feed_the_day(server: &Server) {
     let shop = server.add_device("shop-web", "ingest").await;
 
     // The day's real-time feed: o05 and o12 are lost, o07 arrives twice,
@@ -119,33 +122,11 @@ async fn the_report_switches_to_the_nightly_batch_and_reconciles_it(backend: Bac
             .await;
         assert_eq!(status, 200, "{body}");
     }
+}
 
-    // Before the batch: every point is real-time.
-    let before = series(&server).await;
-    assert_eq!(before["boundary"], Value::Null);
-    let expected_realtime_north: f64 = true_orders()
-        .iter()
-        .filter(|o| o.1 == "north" && o.0 != "o05" && o.0 != "o12")
-        .map(|o| {
-            if o.0 == "o07" {
-                2.0 * o.2
-            } else if o.0 == "o09" {
-                o.2 - 5.0
-            } else {
-                o.2
-            }
-        })
-        .sum();
-    let p = points(&before);
-    assert_eq!(
-        p[&(DAY, "north".into())],
-        (expected_realtime_north, "realtime".into())
-    );
-    assert_eq!(
-        p[&(DAY + 24 * HOUR, "north".into())],
-        (99.0, "realtime".into())
-    );
-
+/// The nightly export loaded by a job; returns the reconciliation that
+/// follows the run.
+pub async fn load_the_nightly_export(server: &Server) -> Value {
     // The nightly export of the same orders, loaded by a job.
     let export = server.dir.path().join("orders-2026-11-20.csv");
     let mut csv = String::from("order_id,region,amount,ordered_at\n");
@@ -187,7 +168,42 @@ covers = "1d"
             |b| !b["reconciliations"].as_array().unwrap().is_empty(),
         )
         .await;
-    let r = &listed["reconciliations"][0];
+    listed["reconciliations"][0].clone()
+}
+
+on_both_backends!(the_report_switches_to_the_nightly_batch_and_reconciles_it);
+async fn the_report_switches_to_the_nightly_batch_and_reconciles_it(backend: Backend) {
+    let server = Server::start(backend).await;
+    declare_story(&server).await;
+    feed_the_day(&server).await;
+
+    // Before the batch: every point is real-time.
+    let before = series(&server).await;
+    assert_eq!(before["boundary"], Value::Null);
+    let expected_realtime_north: f64 = true_orders()
+        .iter()
+        .filter(|o| o.1 == "north" && o.0 != "o05" && o.0 != "o12")
+        .map(|o| {
+            if o.0 == "o07" {
+                2.0 * o.2
+            } else if o.0 == "o09" {
+                o.2 - 5.0
+            } else {
+                o.2
+            }
+        })
+        .sum();
+    let p = points(&before);
+    assert_eq!(
+        p[&(DAY, "north".into())],
+        (expected_realtime_north, "realtime".into())
+    );
+    assert_eq!(
+        p[&(DAY + 24 * HOUR, "north".into())],
+        (99.0, "realtime".into())
+    );
+
+    let r = &load_the_nightly_export(&server).await;
     assert_eq!(
         (r["window_from"].as_i64(), r["window_to"].as_i64()),
         (Some(DAY), Some(DAY + 24 * HOUR))
