@@ -81,24 +81,34 @@ pub async fn series(
     });
     // Whole buckets only: a bucket cut by `from` would be under-counted.
     let from = from.div_euclid(width) * width;
-    let windows = state
+    let coverage = state
         .reports
-        .windows(&def.batch.table)
+        .coverage(&def.batch.table)
         .await
         .map_err(internal)?;
-    let batch = if windows.is_empty() {
-        Vec::new()
-    } else {
-        let sql = def.side_sql(&def.batch.table, &def.batch.time, from, to, width);
-        answer(&state, &caller, &sql).await?.0.rows
+    let windows = &coverage.windows;
+    let batch = match coverage.last_run {
+        None => Default::default(),
+        Some(last_run) => {
+            let key = (name.clone(), from, to, width);
+            match state.reports.cached_batch(&key, last_run) {
+                Some(rows) => rows,
+                None => {
+                    let sql = def.side_sql(&def.batch.table, &def.batch.time, from, to, width);
+                    let rows = std::sync::Arc::new(answer(&state, &caller, &sql).await?.0.rows);
+                    state.reports.cache_batch(key, last_run, rows.clone());
+                    rows
+                }
+            }
+        }
     };
     let sql = def.side_sql(&def.realtime.stream, &def.realtime.time, from, to, width);
     let (realtime, view) = answer(&state, &caller, &sql).await?;
     let points = combine(
         def.group_by.is_some(),
-        &windows,
+        windows,
         width,
-        batch,
+        &batch,
         realtime.rows,
     );
     Ok(Json(json!({

@@ -58,17 +58,30 @@ impl Load<'_> {
         if let Some(key) = &self.def.key {
             columns.push(format!("PRIMARY KEY ({})", key.join(", ")));
         }
-        let table = &self.def.table;
         let mut statements = vec![format!(
-            "CREATE TABLE IF NOT EXISTS {table} ({})",
+            "CREATE TABLE IF NOT EXISTS {} ({})",
+            self.def.table,
             columns.join(", ")
         )];
-        if let Some(time) = &self.def.time {
-            statements.push(format!(
-                "CREATE INDEX IF NOT EXISTS {table}_{time} ON {table} ({time})"
-            ));
-        }
+        statements.extend(self.create_index());
         statements
+    }
+
+    /// The index on the time column that reports and windows read by.
+    fn create_index(&self) -> Option<String> {
+        let table = &self.def.table;
+        self.def
+            .time
+            .as_ref()
+            .map(|time| format!("CREATE INDEX IF NOT EXISTS {table}_{time} ON {table} ({time})"))
+    }
+
+    fn drop_index(&self) -> Option<String> {
+        let table = &self.def.table;
+        self.def
+            .time
+            .as_ref()
+            .map(|time| format!("DROP INDEX IF EXISTS {table}_{time}"))
     }
 
     fn insert_head(&self) -> String {
@@ -179,25 +192,30 @@ pub async fn load(
     for row in &mut rows {
         row.values.push(SqlValue::Int(load.run));
     }
-    let head = load.insert_head();
-    let tail = load.insert_tail();
-    let kinds = load.kinds();
     let clear = load.clear();
+    let existing: i64 = with_pool!(db, pool => {
+        sqlx::query(&format!("SELECT count(*) FROM {}", load.def.table))
+            .fetch_one(pool).await.and_then(|r| r.try_get(0))
+    })
+    .map_err(|e| format!("cannot count the rows of {}: {e}", load.def.table))?;
+    // Loading more rows than the table holds, building the index once
+    // afterwards (a sort) beats updating it row by row at random places.
+    // Inside the transaction, so a failed load keeps the index too.
+    let rebuild_index = (rows.len() as i64 > existing)
+        .then(|| load.drop_index().zip(load.create_index()))
+        .flatten();
     let result = with_pool!(db, pool => {
         async {
             let mut tx = pool.begin().await?;
             if let Some(clear) = &clear {
                 sqlx::query(clear).execute(&mut *tx).await?;
             }
-            let mut rest = rows.as_slice();
-            for chunk in chunk_sizes(rows.len(), kinds.len()) {
-                let (now, later) = rest.split_at(chunk);
-                rest = later;
-                let mut insert = sqlx::QueryBuilder::new(&head);
-                insert.push_values(now, |mut row, r| bind_row(&mut row, &r.values, &kinds));
-                insert.push(&tail);
-                insert.build().persistent(true).execute(&mut *tx).await?;
-                progress.loaded.fetch_add(chunk as u64, Ordering::Relaxed);
+            if let Some((drop, _)) = &rebuild_index {
+                sqlx::query(drop).execute(&mut *tx).await?;
+            }
+            WriteRows::write_rows(&mut *tx, load, &rows, progress).await?;
+            if let Some((_, create)) = &rebuild_index {
+                sqlx::query(create).execute(&mut *tx).await?;
             }
             let [read, transformed, loaded, rejected] = progress.counts();
             let (from, to) = load.window.unzip();
@@ -211,4 +229,145 @@ pub async fn load(
     result
         .map(|()| rows.len() as u64)
         .map_err(|e| format!("cannot load into {}: {e}", load.def.table))
+}
+
+/// How rows reach the table inside the load's transaction: the fastest
+/// way each database offers.
+trait WriteRows {
+    async fn write_rows(
+        &mut self,
+        load: &Load<'_>,
+        rows: &[Row],
+        progress: &Progress,
+    ) -> Result<(), sqlx::Error>;
+}
+
+/// SQLite: prepared multi-row INSERTs (it has no COPY).
+impl WriteRows for sqlx::SqliteConnection {
+    async fn write_rows(
+        &mut self,
+        load: &Load<'_>,
+        rows: &[Row],
+        progress: &Progress,
+    ) -> Result<(), sqlx::Error> {
+        let (head, tail, kinds) = (load.insert_head(), load.insert_tail(), load.kinds());
+        let mut rest = rows;
+        for chunk in chunk_sizes(rows.len(), kinds.len()) {
+            let (now, later) = rest.split_at(chunk);
+            rest = later;
+            let mut insert = sqlx::QueryBuilder::new(&head);
+            insert.push_values(now, |mut row, r| bind_row(&mut row, &r.values, &kinds));
+            insert.push(&tail);
+            insert.build().persistent(true).execute(&mut *self).await?;
+            progress.loaded.fetch_add(chunk as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// Rows per COPY message.
+const COPY_CHUNK: usize = 20_000;
+
+/// PostgreSQL: COPY, straight into the table, or for an upsert into a
+/// staging table merged with `INSERT … ON CONFLICT`.
+impl WriteRows for sqlx::PgConnection {
+    async fn write_rows(
+        &mut self,
+        load: &Load<'_>,
+        rows: &[Row],
+        progress: &Progress,
+    ) -> Result<(), sqlx::Error> {
+        let columns = load.columns().join(", ");
+        let upsert = load.def.mode == LoadMode::Upsert;
+        let target = if upsert {
+            sqlx::query(&format!(
+                "CREATE TEMP TABLE fleetgate_etl_stage ON COMMIT DROP AS SELECT {columns} FROM {} WITH NO DATA",
+                load.def.table
+            ))
+            .execute(&mut *self)
+            .await?;
+            "fleetgate_etl_stage".to_string()
+        } else {
+            load.def.table.clone()
+        };
+        let mut copy = self
+            .copy_in_raw(&format!("COPY {target} ({columns}) FROM STDIN"))
+            .await?;
+        let mut text = String::new();
+        for chunk in rows.chunks(COPY_CHUNK) {
+            text.clear();
+            for row in chunk {
+                copy_line(&mut text, &row.values);
+            }
+            copy.send(text.as_bytes()).await?;
+            progress
+                .loaded
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+        copy.finish().await?;
+        if upsert {
+            sqlx::query(&format!(
+                "{}SELECT {columns} FROM fleetgate_etl_stage{}",
+                load.insert_head(),
+                load.insert_tail()
+            ))
+            .execute(&mut *self)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// One row in COPY's text format: tab-separated, `\N` for NULL, and
+/// backslash, tab, newline and carriage return escaped in text.
+fn copy_line(out: &mut String, values: &[SqlValue]) {
+    use std::fmt::Write;
+    for (i, value) in values.iter().enumerate() {
+        if i > 0 {
+            out.push('\t');
+        }
+        match value {
+            SqlValue::Null => out.push_str("\\N"),
+            SqlValue::Int(v) => {
+                let _ = write!(out, "{v}");
+            }
+            SqlValue::Float(v) => {
+                let _ = write!(out, "{v:?}");
+            }
+            SqlValue::Bool(v) => out.push(if *v { 't' } else { 'f' }),
+            SqlValue::Text(text) => {
+                for c in text.chars() {
+                    match c {
+                        '\\' => out.push_str("\\\\"),
+                        '\t' => out.push_str("\\t"),
+                        '\n' => out.push_str("\\n"),
+                        '\r' => out.push_str("\\r"),
+                        c => out.push(c),
+                    }
+                }
+            }
+        }
+    }
+    out.push('\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_lines_escape_what_copy_would_misread() {
+        let mut out = String::new();
+        copy_line(
+            &mut out,
+            &[
+                SqlValue::Text("a\tb\\c\nd\re".into()),
+                SqlValue::Null,
+                SqlValue::Int(-3),
+                SqlValue::Float(2.5),
+                SqlValue::Bool(true),
+            ],
+        );
+        assert_eq!(out, "a\\tb\\\\c\\nd\\re\t\\N\t-3\t2.5\tt\n");
+    }
 }

@@ -212,11 +212,11 @@ pub fn combine(
     grouped: bool,
     windows: &[(i64, i64)],
     width: i64,
-    batch: Vec<Vec<Value>>,
+    batch: &[Vec<Value>],
     realtime: Vec<Vec<Value>>,
 ) -> Vec<Point> {
     let mut points: BTreeMap<(i64, String), Point> = BTreeMap::new();
-    for (side, rows) in [(Side::Batch, batch), (Side::Realtime, realtime)] {
+    for (side, rows) in [(Side::Batch, batch), (Side::Realtime, realtime.as_slice())] {
         for row in rows {
             let Some(bucket) = row.first().and_then(Value::as_i64) else {
                 continue;
@@ -257,7 +257,7 @@ mod tests {
             vec![json!(100), json!(9)],
             vec![json!(200), json!(7)],
         ];
-        let points = combine(false, &windows, 100, batch, realtime);
+        let points = combine(false, &windows, 100, &batch, realtime);
         let got: Vec<(i64, Value, Side)> = points
             .into_iter()
             .map(|p| (p.bucket, p.value, p.source))

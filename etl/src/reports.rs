@@ -1,7 +1,8 @@
 //! `Reports`: declared hybrid reports, the batch windows they switch on,
 //! and the reconciliations run after each batch load and on demand.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleetgate_protocol::unix_now_ms;
@@ -22,6 +23,26 @@ const MAX_RECONCILED_ROWS: usize = 2_000_000;
 pub struct Reports {
     db: Db,
     catalog: Catalog,
+    /// Batch sides already computed. A batch table changes only when a run
+    /// succeeds, so an entry holds until a newer run loads the table.
+    batch_cache: Mutex<HashMap<BatchQuery, (i64, SideResult)>>,
+}
+
+/// A side's rows as the query returned them.
+pub type SideResult = Arc<Vec<Vec<Value>>>;
+
+/// One batch side of a report: the report, its window and bucket width.
+pub type BatchQuery = (String, i64, i64, i64);
+
+/// Batch sides kept; beyond this the cache starts over.
+const CACHED_BATCH_SIDES: usize = 256;
+
+/// The periods a batch table's succeeded runs cover, and the newest such
+/// run (which identifies the table's contents).
+#[derive(Debug, Clone, Default)]
+pub struct Coverage {
+    pub windows: Vec<(i64, i64)>,
+    pub last_run: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -56,7 +77,11 @@ impl Reports {
         ])
         .await
         .map_err(|e| format!("cannot create the report tables: {e}"))?;
-        Ok(Arc::new(Reports { db, catalog }))
+        Ok(Arc::new(Reports {
+            db,
+            catalog,
+            batch_cache: Mutex::default(),
+        }))
     }
 
     /// Reconciles every report over a batch table after each succeeded
@@ -143,18 +168,38 @@ impl Reports {
     }
 
     /// The periods succeeded batch runs into `table` cover, merged.
-    pub async fn windows(&self, table: &str) -> Result<Vec<(i64, i64)>, String> {
-        let windows: Vec<(i64, i64)> = with_pool!(self.db, pool => {
+    pub async fn coverage(&self, table: &str) -> Result<Coverage, String> {
+        let runs: Vec<(i64, Option<i64>, Option<i64>)> = with_pool!(self.db, pool => {
             sqlx::query(
-                "SELECT window_from, window_to FROM fleetgate_etl_runs \
-                 WHERE target = $1 AND status = 'succeeded' AND window_from IS NOT NULL",
+                "SELECT id, window_from, window_to FROM fleetgate_etl_runs \
+                 WHERE target = $1 AND status = 'succeeded'",
             )
             .bind(table)
             .fetch_all(pool).await
-            .and_then(|rows| rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect())
+            .and_then(|rows| rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))).collect())
         })
         .map_err(|e| format!("cannot read the batch windows of {table}: {e}"))?;
-        Ok(merge_windows(windows))
+        Ok(Coverage {
+            last_run: runs.iter().map(|r| r.0).max(),
+            windows: merge_windows(runs.iter().filter_map(|r| Some((r.1?, r.2?))).collect()),
+        })
+    }
+
+    /// A batch side computed while `last_run` was the newest run.
+    pub fn cached_batch(&self, query: &BatchQuery, last_run: i64) -> Option<SideResult> {
+        let cache = self.batch_cache.lock().expect("batch cache");
+        cache
+            .get(query)
+            .filter(|(run, _)| *run == last_run)
+            .map(|(_, rows)| rows.clone())
+    }
+
+    pub fn cache_batch(&self, query: BatchQuery, last_run: i64, rows: SideResult) {
+        let mut cache = self.batch_cache.lock().expect("batch cache");
+        if cache.len() >= CACHED_BATCH_SIDES {
+            cache.clear();
+        }
+        cache.insert(query, (last_run, rows));
     }
 
     /// What `FROM` reads the report's stream (both tiers of a tiered one).

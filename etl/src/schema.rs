@@ -105,6 +105,9 @@ impl ValueType {
 
 /// Epoch milliseconds from the spellings exports use.
 pub fn parse_timestamp(text: &str) -> Option<i64> {
+    if let Some(ms) = plain_utc(text) {
+        return Some(ms);
+    }
     if let Ok(t) = DateTime::parse_from_rfc3339(text) {
         return Some(t.timestamp_millis());
     }
@@ -117,6 +120,32 @@ pub fn parse_timestamp(text: &str) -> Option<i64> {
         return Some(d.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis());
     }
     text.parse::<i64>().ok()
+}
+
+/// `YYYY-MM-DD HH:MM:SS` or `YYYY-MM-DDTHH:MM:SS[Z]`, the spellings
+/// exports use most, read without a format parser (a million of them are a
+/// noticeable part of a load). Anything else: `None`, for the general path.
+fn plain_utc(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    if !(b.len() == 19 || (b.len() == 20 && b[19] == b'Z')) {
+        return None;
+    }
+    if b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b' ' | b'T')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let number = |from: usize, to: usize| -> Option<u32> {
+        b[from..to].iter().try_fold(0u32, |n, d| {
+            d.is_ascii_digit().then(|| n * 10 + (d - b'0') as u32)
+        })
+    };
+    let date = NaiveDate::from_ymd_opt(number(0, 4)? as i32, number(5, 7)?, number(8, 10)?)?;
+    let time = date.and_hms_opt(number(11, 13)?, number(14, 16)?, number(17, 19)?)?;
+    Some(time.and_utc().timestamp_millis())
 }
 
 /// The columns of the rows at one point of a job: names in order, typed.
@@ -206,6 +235,11 @@ mod tests {
             ts.parse_text("2026-03-01"),
             Ok(SqlValue::Int(1_772_323_200_000))
         );
+        assert_eq!(
+            ts.parse_text("2026-03-01T10:00:00.5Z"),
+            Ok(SqlValue::Int(1_772_359_200_500))
+        );
+        assert!(ts.parse_text("2026-02-30 10:00:00").is_err());
         assert_eq!(ValueType::Int.parse_text(" "), Ok(SqlValue::Null));
         assert!(ValueType::Float
             .parse_text("12,5")

@@ -316,14 +316,12 @@ impl Step for Translate {
         rows.into_iter()
             .filter_map(|mut row| {
                 let code = &row.values[self.from];
-                let meaning = if *code == SqlValue::Null {
-                    Some(SqlValue::Null)
-                } else {
-                    self.map
-                        .get(&expr::text(code))
-                        .or(self.default.as_ref())
-                        .cloned()
-                };
+                let meaning = match code {
+                    SqlValue::Null => Some(SqlValue::Null),
+                    SqlValue::Text(text) => self.map.get(text.as_str()).cloned(),
+                    other => self.map.get(&expr::text(other)).cloned(),
+                }
+                .or_else(|| self.default.clone());
                 let Some(meaning) = meaning else {
                     let reason = format!(
                         "{}: code {} has no translation",
@@ -551,18 +549,26 @@ impl Step for Join {
             .get(&self.source)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let mut index: HashMap<HashKey, Vec<&Row>> = HashMap::new();
+        // One map per kind of value, so text keys are looked up as they
+        // are, without building a key per row.
+        let mut index: [HashMap<String, Vec<&Row>>; 4] = Default::default();
         for row in right {
-            if let Some(key) = key_of(&row.values[self.right_key]) {
-                index.entry(key).or_default().push(row);
+            if let Some((kind, key)) = key_of(&row.values[self.right_key]) {
+                index[kind as usize].entry(key).or_default().push(row);
             }
         }
+        let lookup = |value: &SqlValue| match value {
+            SqlValue::Null => None,
+            SqlValue::Text(text) => index[rank(value) as usize].get(text.as_str()),
+            other => index[rank(other) as usize].get(&expr::text(other)),
+        };
         let mut joined = Vec::with_capacity(rows.len());
         for row in rows {
-            let matches = key_of(&row.values[self.left_key]).and_then(|k| index.get(&k));
+            let matches = lookup(&row.values[self.left_key]);
             match matches {
                 Some(matches) => {
-                    for other in matches {
+                    let (last, others) = matches.split_last().expect("indexed keys have rows");
+                    for other in others {
                         let mut values = row.values.clone();
                         values.extend(self.right_columns.iter().map(|&i| other.values[i].clone()));
                         joined.push(Row {
@@ -570,6 +576,10 @@ impl Step for Join {
                             origin: row.origin,
                         });
                     }
+                    let mut row = row;
+                    row.values
+                        .extend(self.right_columns.iter().map(|&i| last.values[i].clone()));
+                    joined.push(row);
                 }
                 None if self.inner => {
                     let reason = format!("no {} row with this key", self.source);
