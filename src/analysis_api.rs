@@ -2,14 +2,13 @@
 //! the anomalies they raise.
 
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
 use axum::Json;
 use fleetgate_etl::analysis::AnalysesFile;
 use fleetgate_protocol::Role;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::http::{ApiError, AppState, Caller};
+use crate::http::{bad_request, internal_error, ApiError, AppState, Caller};
 
 pub async fn apply(
     State(state): State<AppState>,
@@ -17,7 +16,7 @@ pub async fn apply(
     body: String,
 ) -> Result<Json<Value>, ApiError> {
     let admin = caller.require(Role::Admin, &state)?;
-    let file = AnalysesFile::parse(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    let file = AnalysesFile::parse(&body).map_err(bad_request)?;
     let names: Vec<&String> = file.analyses.keys().collect();
     state
         .audit(
@@ -27,21 +26,13 @@ pub async fn apply(
             json!({ "analyses": names }),
         )
         .await?;
-    let applied = state
-        .analyses
-        .apply(&file)
-        .await
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    let applied = state.analyses.apply(&file).await.map_err(bad_request)?;
     Ok(Json(json!({ "applied": applied })))
 }
 
 pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
     caller.require(Role::Extract, &state)?;
-    let list = state
-        .analyses
-        .list()
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    let list = state.analyses.list().await.map_err(internal_error)?;
     let analyses: Vec<Value> = list
         .into_iter()
         .map(|(name, def)| json!({ "name": name, "table": fleetgate_etl::analysis::table(&name), "definition": def }))
@@ -64,6 +55,6 @@ pub async fn alerts(
         .analyses
         .alerts(limit.limit.unwrap_or(50).clamp(1, 1000))
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+        .map_err(internal_error)?;
     Ok(Json(json!({ "alerts": alerts })))
 }

@@ -10,11 +10,7 @@ use fleetgate_protocol::Role;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::http::{ApiError, AppState, Caller};
-
-fn internal(e: String) -> ApiError {
-    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e)
-}
+use crate::http::{bad_request, internal_error, ApiError, AppState, Caller};
 
 pub async fn apply(
     State(state): State<AppState>,
@@ -22,7 +18,7 @@ pub async fn apply(
     body: String,
 ) -> Result<Json<Value>, ApiError> {
     let admin = caller.require(Role::Admin, &state)?;
-    let file = JobsFile::parse(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    let file = JobsFile::parse(&body).map_err(bad_request)?;
     let names: Vec<&String> = file.jobs.keys().collect();
     state
         .audit(admin, "etl.apply", "jobs", json!({ "jobs": names }))
@@ -30,17 +26,13 @@ pub async fn apply(
     let taken = |table: &str| {
         state.catalog.get(table).is_some() || state.views.plans().iter().any(|v| v.name == table)
     };
-    let applied = state
-        .etl
-        .apply(&file, taken)
-        .await
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    let applied = state.etl.apply(&file, taken).await.map_err(bad_request)?;
     Ok(Json(json!({ "applied": applied })))
 }
 
 pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
     caller.require(Role::Extract, &state)?;
-    let jobs = state.etl.jobs().await.map_err(internal)?;
+    let jobs = state.etl.jobs().await.map_err(internal_error)?;
     Ok(Json(json!({ "jobs": jobs })))
 }
 
@@ -51,7 +43,7 @@ pub async fn delete(
 ) -> Result<Json<Value>, ApiError> {
     let admin = caller.require(Role::Admin, &state)?;
     state.audit(admin, "etl.delete", &name, json!({})).await?;
-    if !state.etl.delete(&name).await.map_err(internal)? {
+    if !state.etl.delete(&name).await.map_err(internal_error)? {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("no job named {name:?}"),
@@ -112,7 +104,7 @@ pub async fn run(
     let id = state.etl.start(&name, window).await.map_err(|e| match e {
         StartError::NoSuchJob(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
         StartError::Busy(_) => ApiError(StatusCode::CONFLICT, e.to_string()),
-        StartError::Failed(e) => internal(e),
+        StartError::Failed(e) => internal_error(e),
     })?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "run": id }))))
 }
@@ -134,7 +126,7 @@ pub async fn runs(
         .etl
         .runs(query.job.as_deref(), limit)
         .await
-        .map_err(internal)?;
+        .map_err(internal_error)?;
     Ok(Json(json!({ "runs": runs })))
 }
 
@@ -144,7 +136,7 @@ pub async fn get_run(
     Path(id): Path<i64>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Role::Extract, &state)?;
-    match state.etl.get_run(id).await.map_err(internal)? {
+    match state.etl.get_run(id).await.map_err(internal_error)? {
         Some(run) => Ok(Json(json!(run))),
         None => Err(ApiError(StatusCode::NOT_FOUND, format!("no run {id}"))),
     }
@@ -163,6 +155,6 @@ pub async fn rejects(
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Role::Extract, &state)?;
     let limit = limit.limit.unwrap_or(100).clamp(1, 10_000);
-    let rejects = state.etl.rejects(id, limit).await.map_err(internal)?;
+    let rejects = state.etl.rejects(id, limit).await.map_err(internal_error)?;
     Ok(Json(json!({ "run": id, "rejects": rejects })))
 }

@@ -137,8 +137,13 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn bad_request(message: impl Into<String>) -> ApiError {
+pub fn bad_request(message: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, message.into())
+}
+
+/// A failure of the server's own (a database error): 500.
+pub fn internal_error(message: String) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, message)
 }
 
 impl From<RegistryError> for ApiError {

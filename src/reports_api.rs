@@ -11,15 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::etl_api::Window;
-use crate::http::{answer, ApiError, AppState, Caller};
-
-fn internal(e: String) -> ApiError {
-    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e)
-}
-
-fn bad(e: String) -> ApiError {
-    ApiError(StatusCode::BAD_REQUEST, e)
-}
+use crate::http::{answer, bad_request, internal_error, ApiError, AppState, Caller};
 
 pub async fn apply(
     State(state): State<AppState>,
@@ -27,7 +19,7 @@ pub async fn apply(
     body: String,
 ) -> Result<Json<Value>, ApiError> {
     let admin = caller.require(Role::Admin, &state)?;
-    let file = ReportsFile::parse(&body).map_err(bad)?;
+    let file = ReportsFile::parse(&body).map_err(bad_request)?;
     let names: Vec<&String> = file.reports.keys().collect();
     state
         .audit(
@@ -37,13 +29,13 @@ pub async fn apply(
             json!({ "reports": names }),
         )
         .await?;
-    let applied = state.reports.apply(&file).await.map_err(bad)?;
+    let applied = state.reports.apply(&file).await.map_err(bad_request)?;
     Ok(Json(json!({ "applied": applied })))
 }
 
 pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
     caller.require(Role::Extract, &state)?;
-    let reports = state.reports.list().await.map_err(internal)?;
+    let reports = state.reports.list().await.map_err(internal_error)?;
     Ok(Json(json!({ "reports": reports })))
 }
 
@@ -66,10 +58,10 @@ pub async fn series(
         .reports
         .get(&name)
         .await
-        .map_err(internal)?
+        .map_err(internal_error)?
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no report named {name:?}")))?;
-    let width =
-        ReportDef::bucket_ms(query.bucket.as_deref().unwrap_or(&def.bucket)).map_err(bad)?;
+    let width = ReportDef::bucket_ms(query.bucket.as_deref().unwrap_or(&def.bucket))
+        .map_err(bad_request)?;
     let window = Window {
         from: query.from,
         to: query.to,
@@ -85,7 +77,7 @@ pub async fn series(
         .reports
         .coverage(&def.batch.table)
         .await
-        .map_err(internal)?;
+        .map_err(internal_error)?;
     let windows = &coverage.windows;
     let batch = match coverage.last_run {
         None => Default::default(),
@@ -133,7 +125,7 @@ pub async fn reconcile(
     let admin = caller.require(Role::Admin, &state)?;
     let window = window
         .parse()?
-        .ok_or_else(|| bad("give the period: ?from=...&to=...".into()))?;
+        .ok_or_else(|| bad_request("give the period: ?from=...&to=..."))?;
     state
         .audit(
             admin,
@@ -146,7 +138,7 @@ pub async fn reconcile(
         .reports
         .reconcile(&name, window, None)
         .await
-        .map_err(bad)?;
+        .map_err(bad_request)?;
     Ok(Json(json!(result)))
 }
 
@@ -167,6 +159,6 @@ pub async fn reconciliations(
         .reports
         .reconciliations(query.report.as_deref(), limit)
         .await
-        .map_err(internal)?;
+        .map_err(internal_error)?;
     Ok(Json(json!({ "reconciliations": list })))
 }

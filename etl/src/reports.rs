@@ -35,7 +35,7 @@ pub type SideResult = Arc<Vec<Vec<Value>>>;
 pub type BatchQuery = (String, i64, i64, i64);
 
 /// Batch sides kept; beyond this the cache starts over.
-const CACHED_BATCH_SIDES: usize = 256;
+const CACHED_BATCH_SIDES: usize = 32;
 
 /// The periods a batch table's succeeded runs cover, and the newest such
 /// run (which identifies the table's contents).
