@@ -303,3 +303,48 @@ covers = "1d"
         ]
     );
 }
+
+// Text that COPY's format and CSV quoting must carry intact: tabs,
+// newlines, backslashes, quotes and delimiters inside fields.
+on_both_backends!(awkward_text_arrives_unchanged);
+async fn awkward_text_arrives_unchanged(backend: Backend) {
+    let server = Server::start(backend).await;
+    let dir = server.dir.path().to_path_buf();
+    let notes = [
+        "tab\there",
+        "line\nbreak",
+        "back\\slash \\N",
+        "quote \" and, comma",
+        "carriage\rreturn",
+    ];
+    let mut csv = String::from("id,note\n");
+    for (i, note) in notes.iter().enumerate() {
+        csv.push_str(&format!("{i},\"{}\"\n", note.replace('"', "\"\"")));
+    }
+    std::fs::write(dir.join("notes.csv"), csv).unwrap();
+    let job = format!(
+        r#"
+[jobs.notes.sources.notes]
+csv = "{}/notes.csv"
+columns = {{ id = "int", note = "text" }}
+[jobs.notes.load]
+table = "notes"
+mode = "upsert"
+key = ["id"]
+"#,
+        dir.display()
+    );
+    let (status, body) = server.post_text("/v1/etl/jobs", &server.admin, &job).await;
+    assert_eq!(status, 200, "{body}");
+    for _ in 0..2 {
+        let (ok, out, err) = fleetgate_async(&server, &["etl", "run", "notes"]).await;
+        assert!(ok, "{out}{err}");
+    }
+    let rows = server.rows("SELECT id, note FROM notes ORDER BY id").await;
+    let expected: Vec<Vec<Value>> = notes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| vec![json!(i), json!(n)])
+        .collect();
+    assert_eq!(rows, expected, "upserted twice, each note once and intact");
+}
