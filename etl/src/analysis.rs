@@ -30,6 +30,8 @@ use fleetgate_protocol::topic::LIVE_PREFIX;
 use fleetgate_protocol::unix_now_ms;
 use fleetgate_store::query::{self, QueryLimits};
 use fleetgate_store::{with_pool, Catalog, Db};
+
+use crate::declared::Declared;
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -68,6 +70,11 @@ fn day_of_hours() -> u32 {
 fn three() -> f64 {
     3.0
 }
+
+const ANALYSES: Declared = Declared {
+    kind: "analysis",
+    table: "fleetgate_analyses",
+};
 
 /// Fewer earlier buckets than this and a device has no history to judge by.
 const MIN_HISTORY: usize = 3;
@@ -162,7 +169,7 @@ impl Analyses {
         live: Arc<dyn LiveSink>,
     ) -> Result<Arc<Analyses>, String> {
         db.execute_ddl(&[
-            "CREATE TABLE IF NOT EXISTS fleetgate_analyses (name TEXT PRIMARY KEY, definition TEXT NOT NULL, updated_at BIGINT NOT NULL)".into(),
+            ANALYSES.ddl(),
             "CREATE TABLE IF NOT EXISTS fleetgate_alerts (analysis TEXT NOT NULL, device_id TEXT NOT NULL, bucket BIGINT NOT NULL, \
              mean DOUBLE PRECISION NOT NULL, expected DOUBLE PRECISION NOT NULL, score DOUBLE PRECISION NOT NULL, \
              raised_at BIGINT NOT NULL, PRIMARY KEY (analysis, device_id, bucket))".into(),
@@ -200,40 +207,17 @@ impl Analyses {
             .execute_ddl(&ddl)
             .await
             .map_err(|e| format!("cannot create the analysis tables: {e}"))?;
-        let result = with_pool!(self.db, pool => async {
-            let mut tx = pool.begin().await?;
-            for (name, def) in &file.analyses {
-                sqlx::query(
-                    "INSERT INTO fleetgate_analyses (name, definition, updated_at) VALUES ($1, $2, $3) \
-                     ON CONFLICT (name) DO UPDATE SET definition = excluded.definition, updated_at = excluded.updated_at",
-                )
-                .bind(name)
-                .bind(serde_json::to_string(def).expect("analyses serialize"))
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            }
-            tx.commit().await
-        }.await);
-        result.map_err(|e| format!("cannot save the analyses: {e}"))?;
+        ANALYSES.save(&self.db, &file.analyses, now).await?;
         Ok(file.analyses.keys().cloned().collect())
     }
 
     pub async fn list(&self) -> Result<Vec<(String, AnalysisDef)>, String> {
-        let rows: Vec<(String, String)> = with_pool!(self.db, pool => {
-            sqlx::query("SELECT name, definition FROM fleetgate_analyses ORDER BY name")
-                .fetch_all(pool).await
-                .and_then(|rows| rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect())
-        })
-        .map_err(|e| format!("cannot read the analyses: {e}"))?;
-        let list = rows
+        let list: Vec<(String, AnalysisDef)> = ANALYSES
+            .load(&self.db)
+            .await?
             .into_iter()
-            .map(|(name, text)| {
-                serde_json::from_str(&text)
-                    .map(|def| (name.clone(), def))
-                    .map_err(|e| format!("analysis {name} is stored unreadably: {e}"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|stored| (stored.name, stored.definition))
+            .collect();
         *self.tables.write().expect("tables") = list.iter().map(|(name, _)| table(name)).collect();
         Ok(list)
     }

@@ -18,6 +18,7 @@
 //! the run `failed` with the reason.
 
 pub mod analysis;
+pub mod declared;
 pub mod expr;
 pub mod extract;
 pub mod job;
@@ -39,9 +40,15 @@ use fleetgate_protocol::unix_now_ms;
 use fleetgate_store::{with_pool, Db};
 use sqlx::Row as _;
 
+use crate::declared::{Declared, Stored};
 use crate::job::{JobDef, JobsFile};
 use crate::run::{Progress, RejectRecord, RunRecord};
 use crate::transform::{Context, Row};
+
+const JOBS: Declared = Declared {
+    kind: "job",
+    table: "fleetgate_etl_jobs",
+};
 
 /// Interim directories kept per job; older ones are removed.
 const KEPT_INTERIM_RUNS: usize = 5;
@@ -75,7 +82,9 @@ pub struct JobInfo {
 impl Etl {
     /// Creates the ETL tables (idempotent).
     pub async fn open(db: Db, data_dir: &Path) -> Result<Arc<Etl>, String> {
-        db.execute_ddl(&run::ddl(&db))
+        let mut ddl = run::ddl(&db);
+        ddl.push(JOBS.ddl());
+        db.execute_ddl(&ddl)
             .await
             .map_err(|e| format!("cannot create the ETL tables: {e}"))?;
         let etl = Arc::new(Etl {
@@ -101,16 +110,19 @@ impl Etl {
     }
 
     async fn refresh_tables(&self) -> Result<(), String> {
-        let tables = self
-            .jobs()
-            .await?
-            .into_iter()
-            .map(|j| j.definition.load.table);
-        let mut tables: Vec<String> = tables.collect();
+        let jobs = self.jobs().await?;
+        self.set_tables(&jobs);
+        Ok(())
+    }
+
+    fn set_tables(&self, jobs: &[JobInfo]) {
+        let mut tables: Vec<String> = jobs
+            .iter()
+            .map(|j| j.definition.load.table.clone())
+            .collect();
         tables.sort();
         tables.dedup();
         *self.tables.write().expect("tables") = tables;
-        Ok(())
     }
 
     /// Declares (or replaces) the file's jobs. `taken` says whether a
@@ -136,38 +148,19 @@ impl Etl {
                 ));
             }
         }
-        let now = unix_now_ms();
-        let result = with_pool!(self.db, pool => {
-            async {
-                let mut tx = pool.begin().await?;
-                for (name, def) in &file.jobs {
-                    let definition = serde_json::to_string(def).expect("jobs serialize");
-                    sqlx::query(
-                        "INSERT INTO fleetgate_etl_jobs (name, definition, updated_at) VALUES ($1, $2, $3) \
-                         ON CONFLICT (name) DO UPDATE SET definition = excluded.definition, updated_at = excluded.updated_at",
-                    )
-                    .bind(name).bind(definition).bind(now)
-                    .execute(&mut *tx).await?;
-                }
-                tx.commit().await
-            }.await
-        });
-        result.map_err(|e| format!("cannot save the jobs: {e}"))?;
+        JOBS.save(&self.db, &file.jobs, unix_now_ms()).await?;
         self.refresh_tables().await?;
         Ok(file.jobs.keys().cloned().collect())
     }
 
     pub async fn jobs(&self) -> Result<Vec<JobInfo>, String> {
-        let rows: Vec<(String, String, i64)> = with_pool!(self.db, pool => {
-            sqlx::query("SELECT name, definition, updated_at FROM fleetgate_etl_jobs ORDER BY name")
-                .fetch_all(pool).await
-                .and_then(|rows| rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))).collect())
-        })
-        .map_err(|e| format!("cannot read the jobs: {e}"))?;
         let mut jobs = Vec::new();
-        for (name, text, updated_at) in rows {
-            let definition: JobDef = serde_json::from_str(&text)
-                .map_err(|e| format!("job {name} is stored unreadably: {e}"))?;
+        for stored in JOBS.load::<JobDef>(&self.db).await? {
+            let Stored {
+                name,
+                definition,
+                updated_at,
+            } = stored;
             let next_run_at = match definition.schedule() {
                 Ok(Some(schedule)) => {
                     let last = self.last_due(&name).await?.unwrap_or(updated_at);
@@ -198,12 +191,9 @@ impl Etl {
 
     /// Forgets a job; its table and runs stay.
     pub async fn delete(&self, name: &str) -> Result<bool, String> {
-        let deleted = with_pool!(self.db, pool => {
-            sqlx::query("DELETE FROM fleetgate_etl_jobs WHERE name = $1").bind(name).execute(pool).await.map(|r| r.rows_affected())
-        })
-        .map_err(|e| format!("cannot delete job {name}: {e}"))?;
+        let deleted = JOBS.delete(&self.db, name).await?;
         self.refresh_tables().await?;
-        Ok(deleted > 0)
+        Ok(deleted)
     }
 
     async fn last_due(&self, job: &str) -> Result<Option<i64>, String> {
@@ -357,14 +347,18 @@ impl Etl {
         for (name, source) in &def.sources {
             dumps.push(extract::dump(name, source, &interim.join(name)).await?);
         }
-        let (rows, rejects, schema_window) = {
+        let Transformed {
+            rows,
+            rejected,
+            window,
+            output,
+        } = {
             let (def, progress, dumps) = (def.clone(), progress.clone(), dumps.clone());
             tokio::task::spawn_blocking(move || transform_all(&def, &dumps, &progress, window))
                 .await
                 .map_err(|e| format!("the transformation stopped: {e}"))??
         };
-        let pipeline = def.pipeline()?;
-        let rejects: Vec<RejectRecord> = rejects
+        let rejects: Vec<RejectRecord> = rejected
             .into_iter()
             .map(|(origin, reason, data)| {
                 let (source, _) = def
@@ -387,15 +381,12 @@ impl Etl {
                 }
             })
             .collect();
-        progress
-            .rejected
-            .store(rejects.len() as u64, Ordering::Relaxed);
         run::save_rejects(&self.db, id, &rejects).await?;
         let target = load::Load {
             def: &def.load,
-            schema: pipeline.output(),
+            schema: &output,
             run: id,
-            window: schema_window,
+            window,
         };
         load::load(&self.db, &target, rows, progress, unix_now_ms).await?;
         Ok(())
@@ -416,8 +407,9 @@ impl Etl {
 
     async fn run_due(self: &Arc<Self>) -> Result<(), String> {
         let now = unix_now_ms();
-        self.refresh_tables().await?;
-        for job in self.jobs().await? {
+        let jobs = self.jobs().await?;
+        self.set_tables(&jobs);
+        for job in jobs {
             let Ok(Some(schedule)) = job.definition.schedule() else {
                 continue;
             };
@@ -469,10 +461,17 @@ impl std::fmt::Display for StartError {
 type Rejected = Vec<(transform::Origin, String, String)>;
 
 /// What the transformation hands the load: rows, rejects, the window.
-type Transformed = (Vec<Row>, Rejected, Option<(i64, i64)>);
+struct Transformed {
+    rows: Vec<Row>,
+    rejected: Rejected,
+    /// The time window the run covers.
+    window: Option<(i64, i64)>,
+    /// The loaded rows' columns.
+    output: schema::Schema,
+}
 
 /// Reads every source's copy and applies the rules (CPU-bound: runs on a
-/// blocking thread). Returns the rows to load, the rejects, and the window.
+/// blocking thread).
 fn transform_all(
     def: &JobDef,
     dumps: &[Vec<PathBuf>],
@@ -555,7 +554,12 @@ fn transform_all(
     progress
         .rejected
         .store(rejected.len() as u64, Ordering::Relaxed);
-    Ok((rows, rejected, window))
+    Ok(Transformed {
+        rows,
+        rejected,
+        window,
+        output: output.clone(),
+    })
 }
 
 /// Removes all but the newest interim directories of the run's job.

@@ -24,6 +24,8 @@ use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::transform::AggregateCall;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReportsFile {
@@ -87,35 +89,13 @@ pub struct ReconcileDef {
     pub compare: Vec<String>,
 }
 
-/// `count(*)` or `func(column)`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Measure {
-    pub func: String,
-    pub column: Option<String>,
-}
-
 impl ReportDef {
-    pub fn value(&self) -> Result<Measure, String> {
-        let spec = self.value.trim();
-        let (func, arg) = spec
-            .strip_suffix(')')
-            .and_then(|s| s.split_once('('))
-            .ok_or_else(|| {
-                format!("value {spec:?}: write count(*), sum(col), avg(col), min(col) or max(col)")
-            })?;
-        let func = func.trim().to_ascii_lowercase();
-        let arg = arg.trim();
-        match (func.as_str(), arg) {
-            ("count", "*") => Ok(Measure { func, column: None }),
-            ("count" | "sum" | "avg" | "min" | "max", column) => {
-                check_identifier("column", column)?;
-                Ok(Measure {
-                    func,
-                    column: Some(column.to_string()),
-                })
-            }
-            (other, _) => Err(format!("value: unknown aggregate {other}()")),
+    pub fn value(&self) -> Result<AggregateCall, String> {
+        let call = AggregateCall::parse(&self.value).map_err(|e| format!("value: {e}"))?;
+        if let Some(column) = &call.column {
+            check_identifier("column", column)?;
         }
+        Ok(call)
     }
 
     pub fn bucket_ms(bucket: &str) -> Result<i64, String> {
@@ -155,7 +135,7 @@ impl ReportDef {
         let value = self.value().expect("checked");
         let aggregate = match &value.column {
             None => "count(*)".to_string(),
-            Some(c) => format!("{}({c})", value.func),
+            Some(c) => format!("{}({c})", value.fold.name()),
         };
         let bucket_expr = format!("{time} / {bucket} * {bucket}");
         let (group_select, group_by) = match &self.group_by {

@@ -12,10 +12,16 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::Row as _;
 
+use crate::declared::Declared;
 use crate::reconcile::{self, Differences, SideRows};
 use crate::report::{merge_windows, ReportDef, ReportsFile};
 use crate::run::RunRecord;
 use crate::Etl;
+
+const REPORTS: Declared = Declared {
+    kind: "report",
+    table: "fleetgate_reports",
+};
 
 /// Rows a reconciliation reads per side at most.
 const MAX_RECONCILED_ROWS: usize = 2_000_000;
@@ -68,7 +74,7 @@ pub struct Reconciliation {
 impl Reports {
     pub async fn open(db: Db, catalog: Catalog) -> Result<Arc<Reports>, String> {
         db.execute_ddl(&[
-            "CREATE TABLE IF NOT EXISTS fleetgate_reports (name TEXT PRIMARY KEY, definition TEXT NOT NULL, updated_at BIGINT NOT NULL)".into(),
+            REPORTS.ddl(),
             format!(
                 "CREATE TABLE IF NOT EXISTS fleetgate_reconciliations ({}, report TEXT NOT NULL, run_id BIGINT, \
                  window_from BIGINT NOT NULL, window_to BIGINT NOT NULL, created_at BIGINT NOT NULL, result TEXT NOT NULL)",
@@ -122,40 +128,20 @@ impl Reports {
                 ));
             }
         }
-        let now = unix_now_ms();
-        let result = with_pool!(self.db, pool => async {
-            let mut tx = pool.begin().await?;
-            for (name, def) in &file.reports {
-                sqlx::query(
-                    "INSERT INTO fleetgate_reports (name, definition, updated_at) VALUES ($1, $2, $3) \
-                     ON CONFLICT (name) DO UPDATE SET definition = excluded.definition, updated_at = excluded.updated_at",
-                )
-                .bind(name)
-                .bind(serde_json::to_string(def).expect("reports serialize"))
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            }
-            tx.commit().await
-        }.await);
-        result.map_err(|e| format!("cannot save the reports: {e}"))?;
+        REPORTS.save(&self.db, &file.reports, unix_now_ms()).await?;
         Ok(file.reports.keys().cloned().collect())
     }
 
     pub async fn list(&self) -> Result<Vec<ReportInfo>, String> {
-        let rows: Vec<(String, String)> = with_pool!(self.db, pool => {
-            sqlx::query("SELECT name, definition FROM fleetgate_reports ORDER BY name")
-                .fetch_all(pool).await
-                .and_then(|rows| rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect())
-        })
-        .map_err(|e| format!("cannot read the reports: {e}"))?;
-        rows.into_iter()
-            .map(|(name, text)| {
-                let definition = serde_json::from_str(&text)
-                    .map_err(|e| format!("report {name} is stored unreadably: {e}"))?;
-                Ok(ReportInfo { name, definition })
+        Ok(REPORTS
+            .load(&self.db)
+            .await?
+            .into_iter()
+            .map(|stored| ReportInfo {
+                name: stored.name,
+                definition: stored.definition,
             })
-            .collect()
+            .collect())
     }
 
     pub async fn get(&self, name: &str) -> Result<Option<ReportDef>, String> {

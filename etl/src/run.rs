@@ -28,7 +28,6 @@ pub const STALE_MS: i64 = 30_000;
 
 pub fn ddl(db: &Db) -> Vec<String> {
     vec![
-        "CREATE TABLE IF NOT EXISTS fleetgate_etl_jobs (name TEXT PRIMARY KEY, definition TEXT NOT NULL, updated_at BIGINT NOT NULL)".into(),
         format!(
             "CREATE TABLE IF NOT EXISTS fleetgate_etl_runs ({}, job TEXT NOT NULL, target TEXT NOT NULL, \
              status TEXT NOT NULL, trigger TEXT NOT NULL, due_at BIGINT, started_at BIGINT NOT NULL, \

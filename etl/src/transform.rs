@@ -612,13 +612,59 @@ struct AggregateRule {
     values: IndexMap<String, String>,
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Fold {
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fold {
     Count,
     Sum,
     Avg,
     Min,
     Max,
+}
+
+impl Fold {
+    pub fn name(self) -> &'static str {
+        match self {
+            Fold::Count => "count",
+            Fold::Sum => "sum",
+            Fold::Avg => "avg",
+            Fold::Min => "min",
+            Fold::Max => "max",
+        }
+    }
+}
+
+/// `count(*)` or `func(column)`: the aggregates rules and reports take.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AggregateCall {
+    pub fold: Fold,
+    /// `None` for `count(*)`.
+    pub column: Option<String>,
+}
+
+impl AggregateCall {
+    pub fn parse(spec: &str) -> Result<AggregateCall, String> {
+        let (func, arg) = spec
+            .trim()
+            .strip_suffix(')')
+            .and_then(|s| s.split_once('('))
+            .ok_or_else(|| {
+                format!("{spec:?}: write count(*), sum(col), avg(col), min(col) or max(col)")
+            })?;
+        let fold = match func.trim().to_ascii_lowercase().as_str() {
+            "count" => Fold::Count,
+            "sum" => Fold::Sum,
+            "avg" => Fold::Avg,
+            "min" => Fold::Min,
+            "max" => Fold::Max,
+            other => return Err(format!("unknown aggregate {other}()")),
+        };
+        let column = match (fold, arg.trim()) {
+            (Fold::Count, "*") => None,
+            (_, "*") => return Err(format!("{}(*) needs a column", fold.name())),
+            (_, column) => Some(column.to_string()),
+        };
+        Ok(AggregateCall { fold, column })
+    }
 }
 
 impl Aggregate {
@@ -632,24 +678,9 @@ impl Aggregate {
         }
         let mut values = Vec::new();
         for (name, text) in &rule.values {
-            let spec = text.trim();
-            let (func, arg) = spec
-                .strip_suffix(')')
-                .and_then(|s| s.split_once('('))
-                .ok_or_else(|| format!("{name} = {text:?}: write count(*), sum(col), avg(col), min(col) or max(col)"))?;
-            let fold = match func.trim().to_ascii_lowercase().as_str() {
-                "count" => Fold::Count,
-                "sum" => Fold::Sum,
-                "avg" => Fold::Avg,
-                "min" => Fold::Min,
-                "max" => Fold::Max,
-                other => return Err(format!("{name}: unknown aggregate {other}()")),
-            };
-            let arg = arg.trim();
-            let column = match (fold, arg) {
-                (Fold::Count, "*") => None,
-                _ => Some(schema.require(arg)?),
-            };
+            let call = AggregateCall::parse(text).map_err(|e| format!("{name}: {e}"))?;
+            let fold = call.fold;
+            let column = call.column.map(|c| schema.require(&c)).transpose()?;
             let input = column.map(|i| schema.type_at(i));
             let ty = match (fold, input) {
                 (Fold::Count, _) => ValueType::Int,
@@ -657,7 +688,7 @@ impl Aggregate {
                 (_, Some(t @ (ValueType::Int | ValueType::Float))) => t,
                 (Fold::Min | Fold::Max, Some(t)) => t,
                 (_, Some(t)) => return Err(format!("{name}: cannot sum {t:?} values")),
-                (_, None) => return Err(format!("{name}: {func}(*) needs a column")),
+                (_, None) => unreachable!("only count(*) has no column"),
             };
             if output.iter().any(|(n, _)| n == name) {
                 return Err(format!("{name} is both a group and a value"));
