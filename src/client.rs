@@ -62,6 +62,9 @@ pub enum StreamCommand {
     Apply { file: std::path::PathBuf },
     /// List streams.
     List,
+    /// A stream's declared fields: stored as a column or compacted into
+    /// `extra`, when queries last used each, and why some stay columns.
+    Fields { name: String },
 }
 
 pub(crate) struct Api {
@@ -270,6 +273,34 @@ pub async fn stream(command: StreamCommand, server: &ServerArgs) -> anyhow::Resu
                 })
                 .collect();
             print_table(&["stream", "key", "columns"], &rows);
+        }
+        StreamCommand::Fields { name } => {
+            let path = format!("/v1/streams/{name}/fields");
+            let reply = api.call(api.http.get(api.url(&path))).await?;
+            let rows: Vec<Vec<Value>> = reply["fields"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|f| {
+                    vec![
+                        f["field"].clone(),
+                        f["stored"].clone(),
+                        time(&f["last_used_at"]),
+                        time(&f["compacted_at"]),
+                        f["pinned"].clone(),
+                    ]
+                })
+                .collect();
+            print_table(
+                &[
+                    "field",
+                    "stored",
+                    "last used",
+                    "compacted",
+                    "never compacted",
+                ],
+                &rows,
+            );
         }
     }
     Ok(())
@@ -501,6 +532,15 @@ fn cell(value: &Value) -> String {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     }
+}
+
+/// Unix milliseconds as a UTC time for a table cell.
+pub(crate) fn time(ms: &Value) -> Value {
+    ms.as_i64()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map_or(Value::Null, |t| {
+            Value::from(t.format("%Y-%m-%d %H:%M:%S").to_string())
+        })
 }
 
 pub(crate) fn print_table(headers: &[&str], rows: &[Vec<Value>]) {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde_json::Value;
 
-use crate::client::{print_table, Api};
+use crate::client::{print_table, time, Api};
 use crate::ServerArgs;
 
 #[derive(clap::Subcommand)]
@@ -149,14 +149,6 @@ pub async fn etl(command: EtlCommand, server: &ServerArgs) -> anyhow::Result<()>
         }
     }
     Ok(())
-}
-
-fn time(ms: &Value) -> Value {
-    ms.as_i64()
-        .and_then(chrono::DateTime::from_timestamp_millis)
-        .map_or(Value::Null, |t| {
-            Value::from(t.format("%Y-%m-%d %H:%M:%S").to_string())
-        })
 }
 
 /// Prints the run's counts as they change (in place on a terminal), then

@@ -19,7 +19,7 @@ use fleetgate_protocol::schema::StreamsFile;
 use fleetgate_protocol::sdk::from_hex;
 use fleetgate_protocol::{AuthError, Authenticate, Principal, Role};
 use fleetgate_store::query::{self, QueryError, QueryLimits};
-use fleetgate_store::tiers::{self, Tiers};
+use fleetgate_store::tiers::Tiers;
 use fleetgate_store::views::{Route, Views, ViewsFile};
 use fleetgate_store::{rejects, Catalog, Db};
 use serde::Deserialize;
@@ -46,6 +46,7 @@ pub struct AppState {
     pub local_state: Option<Arc<fleetgate_store::state::StateStore>>,
     pub views: Arc<Views>,
     pub tiers: Arc<Tiers>,
+    pub compaction: Arc<fleetgate_store::compaction::Compaction>,
     /// Batch jobs, their runs and tables.
     pub etl: Arc<fleetgate_etl::Etl>,
     pub reports: Arc<fleetgate_etl::reports::Reports>,
@@ -79,6 +80,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/views/{name}", delete(drop_view))
         .route("/v1/views/shapes", get(list_shapes))
         .route("/v1/streams/{name}/tiers", get(stream_tiers))
+        .route("/v1/streams/{name}/fields", get(stream_fields))
         .route("/v1/ingest/{stream}", post(crate::ingest_api::ingest))
         .route(
             "/v1/etl/jobs",
@@ -528,9 +530,30 @@ async fn list_streams(
         .catalog
         .list()
         .iter()
-        .map(|s| json!({ "name": s.name, "key": s.def.key, "fields": s.def.fields, "columns": s.columns }))
+        .map(|s| {
+            json!({
+                "name": s.name, "key": s.def.key, "fields": s.def.fields,
+                "columns": s.columns, "compacted": s.compacted,
+            })
+        })
         .collect();
     Ok(Json(json!({ "streams": streams })))
+}
+
+/// Each declared field: a column or compacted into `extra`, and its use.
+async fn stream_fields(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Extract, &state)?;
+    let stream = stream_named(&state, &name)?;
+    let fields = state
+        .compaction
+        .fields(&stream)
+        .await
+        .map_err(internal_error)?;
+    Ok(Json(json!({ "stream": name, "fields": fields })))
 }
 
 async fn stream_tiers(
@@ -539,16 +562,19 @@ async fn stream_tiers(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Role::Extract, &state)?;
-    let stream = state
-        .catalog
-        .get(&name)
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no stream named {name:?}")))?;
-    let stats = state
-        .tiers
-        .stats(&stream)
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    let stream = stream_named(&state, &name)?;
+    let stats = state.tiers.stats(&stream).await.map_err(internal_error)?;
     Ok(Json(json!(stats)))
+}
+
+fn stream_named(
+    state: &AppState,
+    name: &str,
+) -> Result<Arc<fleetgate_store::catalog::Stream>, ApiError> {
+    state
+        .catalog
+        .get(name)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no stream named {name:?}")))
 }
 
 async fn list_rejects(
@@ -594,7 +620,8 @@ async fn route_query(state: &AppState, caller: &Caller, sql: &str) -> Result<Rou
         .collect();
     let backend = state.db.backend();
     let parsed = query::check(sql, &tables, backend).map_err(|e| bad_request(e.to_string()))?;
-    let primary_sql = tiers::expand(&parsed, &state.catalog, backend)
+    state.compaction.observe(&parsed);
+    let primary_sql = fleetgate_store::expand::expand(&parsed, &state.catalog, backend)
         .map_err(bad_request)?
         .unwrap_or_else(|| sql.to_string());
     let mut route = if state.views.is_empty() {
@@ -604,7 +631,7 @@ async fn route_query(state: &AppState, caller: &Caller, sql: &str) -> Result<Rou
             candidates: Vec::new(),
         }
     } else {
-        let names = query::columns(&state.db, sql)
+        let names = query::columns(&state.db, &primary_sql)
             .await
             .map_err(|e| bad_request(e.to_string()))?;
         state.views.route(sql, &parsed, &names)
@@ -646,10 +673,12 @@ async fn explain_query(
     caller: Caller,
     Json(request): Json<QueryRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let Routed { route, .. } = route_query(&state, &caller, &request.sql).await?;
+    let Routed {
+        route, primary_sql, ..
+    } = route_query(&state, &caller, &request.sql).await?;
     // Without views the route skipped preparing it: a query the database
     // refuses is still a 400 here, not a plan.
-    query::columns(&state.db, &request.sql)
+    query::columns(&state.db, &primary_sql)
         .await
         .map_err(|e| bad_request(e.to_string()))?;
     Ok(Json(json!(route)))

@@ -172,6 +172,7 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
     follower.follow(Duration::from_millis(500));
     let store = Arc::new(Store::start(
         db.clone(),
+        catalog.clone(),
         Pipeline::standard(catalog, args.max_payload),
         WriterConfig::default(),
         observers,

@@ -20,6 +20,7 @@ use fleetgate_protocol::state::ClusterClock;
 use fleetgate_protocol::IngestService;
 use fleetgate_protocol::Role;
 use fleetgate_sdk_builder::Builder;
+use fleetgate_store::compaction::{Compaction, CompactionSettings};
 use fleetgate_store::metrics::StoreMetrics;
 use fleetgate_store::pipeline::{Pipeline, PublishLive};
 use fleetgate_store::state::{StateFollower, StateStore};
@@ -108,6 +109,11 @@ pub struct UpArgs {
     state_grace: Duration,
     #[command(flatten)]
     auto_views: AutoViewArgs,
+    /// A declared field that no query touches for this long is folded into
+    /// its stream's `extra` column (its column dropped) until a query uses
+    /// it again; "off" never compacts.
+    #[arg(long, default_value = "30d", value_parser = parse_compact_after)]
+    compact_after: OptionalDuration,
     /// Test fault: the process dies at this step of a state push.
     #[arg(long, hide = true)]
     test_crash: Option<CrashPoint>,
@@ -149,6 +155,19 @@ impl AutoViewArgs {
             unused_after: self.auto_views_unused,
         }
     }
+}
+
+/// A duration, or "off".
+#[derive(Debug, Clone, Copy)]
+pub struct OptionalDuration(Option<Duration>);
+
+fn parse_compact_after(text: &str) -> Result<OptionalDuration, String> {
+    if text == "off" {
+        return Ok(OptionalDuration(None));
+    }
+    humantime::parse_duration(text)
+        .map(|d| OptionalDuration(Some(d)))
+        .map_err(|e| format!("{e} (a duration such as 30d, or off)"))
 }
 
 async fn bind(addr: SocketAddr, flag: &str, what: &str) -> anyhow::Result<TcpListener> {
@@ -257,6 +276,20 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
             .map_err(|e| anyhow!(e))?,
     );
     views.follow();
+    let compaction = Arc::new(
+        Compaction::open(
+            db.clone(),
+            catalog.clone(),
+            views.clone(),
+            CompactionSettings {
+                unused_after: args.compact_after.0,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| anyhow!(e))?,
+    );
+    compaction.clone().follow();
     let tiers = Arc::new(Tiers::new(db.clone(), catalog.clone(), views.clone()));
     let etl = fleetgate_etl::Etl::open(db.clone(), &args.data)
         .await
@@ -340,6 +373,7 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
             follower.follow(Duration::from_secs(1));
             let store = Store::start(
                 db.clone(),
+                catalog.clone(),
                 Pipeline::standard(catalog.clone(), args.max_payload),
                 WriterConfig::default(),
                 vec![Arc::new(PublishLive {
@@ -446,6 +480,7 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         local_state,
         views,
         tiers,
+        compaction,
         etl,
         reports,
         analyses,

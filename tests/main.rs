@@ -9,6 +9,7 @@ mod analysis;
 mod auth;
 mod cli;
 mod cluster;
+mod compaction;
 mod dashboard;
 mod durability;
 mod etl;

@@ -240,6 +240,21 @@ impl Db {
 
 /// True for errors worth retrying as they are (lock contention, lost
 /// connections); false for errors in the statement or data themselves.
+/// Whether a statement failed for naming a column the table no longer has
+/// (or not yet): a stream's layout changed under the statement.
+pub fn is_layout_change(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = error else {
+        return false;
+    };
+    match db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        Some(pg) => pg.code() == "42703",
+        None => {
+            let message = db.message();
+            message.contains("has no column named") || message.contains("no such column")
+        }
+    }
+}
+
 pub fn is_transient(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,

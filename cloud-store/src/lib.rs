@@ -13,10 +13,15 @@
 //!   time-fenced activation.
 //! - [`views`]: declared aggregate views, maintained in the database, and
 //!   the query routing that answers from them.
+//! - [`tiers`]: retention (hot and cold tiers, ttl).
+//! - [`compaction`]: folding unused fields into `extra`, and back.
+//! - [`expand`]: queries read tiered and compacted streams as declared.
 
 pub mod bulk;
 pub mod catalog;
+pub mod compaction;
 pub mod db;
+pub mod expand;
 pub mod metrics;
 pub mod nodes;
 pub mod pipeline;

@@ -7,6 +7,7 @@
 //! queue is bounded: when it is full, `submit` waits, and a gatekeeper that
 //! waits stops reading from its publishers (back-pressure, not buffering).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,8 +19,8 @@ use tokio::sync::{mpsc, oneshot, watch, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::bulk::{bind_row, chunk_sizes};
-use crate::catalog::Stream;
-use crate::db::{is_transient, Db};
+use crate::catalog::{Catalog, Stream};
+use crate::db::{is_layout_change, is_transient, Db};
 use crate::metrics::StoreMetrics;
 use crate::pipeline::{CommitObserver, Pipeline, Reject, SqlValue, Work};
 use crate::state::StateStore;
@@ -68,6 +69,7 @@ pub struct Store {
 impl Store {
     pub fn start(
         db: Db,
+        catalog: Catalog,
         pipeline: Pipeline,
         config: WriterConfig,
         observers: Vec<Arc<dyn CommitObserver>>,
@@ -78,6 +80,7 @@ impl Store {
         let (closing, closing_rx) = watch::channel(false);
         let writer = Writer {
             db,
+            catalog,
             observers,
             metrics: metrics.clone(),
             max_group_records: config.max_group_records,
@@ -141,6 +144,9 @@ impl IngestService for Store {
 
 struct Writer {
     db: Db,
+    /// Rows are written in each stream's current layout (compaction
+    /// changes it while messages wait).
+    catalog: Catalog,
     observers: Vec<Arc<dyn CommitObserver>>,
     metrics: StoreMetrics,
     max_group_records: usize,
@@ -266,7 +272,16 @@ impl Writer {
         let mut delay = Duration::from_millis(20);
         let mut attempt = 1;
         loop {
-            match commit(&self.db, works).await {
+            match commit(&self.db, &self.catalog, works).await {
+                // Another process changed a stream's layout (compaction):
+                // learn it, and write in it.
+                Err(e) if is_layout_change(&e) && attempt < 40 => {
+                    tracing::info!(error = %e, "a stream's layout changed; reloading the catalog");
+                    if let Err(e) = self.catalog.reload().await {
+                        tracing::warn!(error = %e, "cannot reload the stream catalog");
+                    }
+                    attempt += 1;
+                }
                 Err(e) if is_transient(&e) && attempt < 40 => {
                     tracing::warn!(error = %e, attempt, "commit failed; retrying");
                     tokio::time::sleep(delay).await;
@@ -285,17 +300,31 @@ fn size(job: &Job) -> usize {
 
 /// One transaction: every valid record into its stream table, every reject
 /// into the rejects table. Returns the number of rows newly inserted.
-async fn commit(db: &Db, works: &[&Work]) -> Result<u64, sqlx::Error> {
-    let mut by_stream: HashMap<&str, (&Arc<Stream>, Vec<&[SqlValue]>)> = HashMap::new();
+async fn commit(db: &Db, catalog: &Catalog, works: &[&Work]) -> Result<u64, sqlx::Error> {
+    // Per stream: its current layout, and the rows to write in it.
+    type Rows<'a> = (Arc<Stream>, Vec<Cow<'a, [SqlValue]>>);
+    let mut by_stream: HashMap<&str, Rows> = HashMap::new();
     let mut rejects = Vec::new();
     for work in works {
         if let Some(stream) = &work.stream {
-            let entry = by_stream
-                .entry(stream.name.as_str())
-                .or_insert_with(|| (stream, Vec::new()));
-            entry
-                .1
-                .extend(work.records.iter().map(|r| r.values.as_slice()));
+            let entry = by_stream.entry(stream.name.as_str()).or_insert_with(|| {
+                let current = catalog.get(&stream.name).unwrap_or_else(|| stream.clone());
+                (current, Vec::new())
+            });
+            let current = &entry.0;
+            if Arc::ptr_eq(current, stream) || current.columns == stream.columns {
+                entry.1.extend(
+                    work.records
+                        .iter()
+                        .map(|r| Cow::Borrowed(r.values.as_slice())),
+                );
+            } else {
+                entry.1.extend(
+                    work.records
+                        .iter()
+                        .map(|r| Cow::Owned(current.adapt(stream, &r.values))),
+                );
+            }
         }
         for reject in &work.rejects {
             rejects.push((work, reject));

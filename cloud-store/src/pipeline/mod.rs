@@ -23,7 +23,7 @@ pub use enrich::Enrich;
 pub use publish_live::PublishLive;
 pub use validate::Validate;
 
-use crate::catalog::{Catalog, Stream};
+use crate::catalog::{Catalog, ColumnKind, Stream};
 use crate::state::StateSet;
 
 /// A typed value bound into an INSERT.
@@ -45,6 +45,18 @@ impl SqlValue {
             SqlValue::Bool(v) => Value::from(*v),
             SqlValue::Text(v) => Value::from(v.as_str()),
         }
+    }
+
+    /// A value [`Self::to_json`] wrote, read back as a column of `kind`
+    /// holds it; anything else is NULL.
+    pub fn from_json(kind: ColumnKind, value: &Value) -> SqlValue {
+        let converted = match kind {
+            ColumnKind::Int => value.as_i64().map(SqlValue::Int),
+            ColumnKind::Float => value.as_f64().map(SqlValue::Float),
+            ColumnKind::Bool => value.as_bool().map(SqlValue::Bool),
+            ColumnKind::Text => value.as_str().map(|t| SqlValue::Text(t.to_string())),
+        };
+        converted.unwrap_or(SqlValue::Null)
     }
 }
 

@@ -22,9 +22,15 @@ impl Stage for Validate {
             let mut reasons = Vec::new();
             let mut values = Vec::with_capacity(stream.columns.len());
             values.extend([SqlValue::Null, SqlValue::Null]);
+            // Compacted fields are checked alike, and stored in `extra`.
+            let mut folded = Map::new();
             for (name, def) in &stream.def.fields {
                 let rule = work.state.rule(&stream.name, name);
                 match convert(name, def, rule, record.raw.get(name.as_str())) {
+                    Ok(SqlValue::Null) if stream.compacted.contains(name) => {}
+                    Ok(value) if stream.compacted.contains(name) => {
+                        folded.insert(name.clone(), value.to_json());
+                    }
                     Ok(value) => values.push(value),
                     Err(reason) => reasons.push(reason),
                 }
@@ -37,7 +43,7 @@ impl Stage for Validate {
                 )),
             }
             if reasons.is_empty() {
-                values.push(extra_column(&record.raw, &stream.def.fields));
+                values.push(extra_column(&record.raw, &stream.def.fields, folded));
                 record.values = values;
                 work.records.push(record);
             } else {
@@ -51,15 +57,18 @@ impl Stage for Validate {
     }
 }
 
+/// Undeclared fields as sent, and `folded` (compacted fields, as stored).
 fn extra_column(
     raw: &Map<String, Value>,
     declared: &indexmap::IndexMap<String, FieldDef>,
+    folded: Map<String, Value>,
 ) -> SqlValue {
-    let extra: Map<String, Value> = raw
+    let mut extra: Map<String, Value> = raw
         .iter()
         .filter(|(k, _)| !declared.contains_key(k.as_str()) && k.as_str() != DEVICE_ID)
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    extra.extend(folded);
     if extra.is_empty() {
         SqlValue::Null
     } else {

@@ -295,6 +295,15 @@ impl ViewPlan {
         &self.def.source
     }
 
+    /// The source columns the view reads (its trigger names them).
+    pub fn source_columns(&self) -> impl Iterator<Item = &str> {
+        let grouped = self.group_by.iter().map(|(c, _)| c.as_str());
+        let bucketed = self.bucket.iter().map(|(c, _)| c.as_str());
+        grouped
+            .chain(bucketed)
+            .chain(self.measured.iter().map(|m| m.column.as_str()))
+    }
+
     /// The materialized table.
     pub fn table(&self) -> String {
         format!("fgv_{}", self.name)

@@ -285,10 +285,15 @@ impl Views {
     /// and its catalog entry, in one transaction.
     async fn install(&self, plan: ViewPlan, origin: Origin) -> Result<(), String> {
         let backend = self.db.backend();
-        let source = self
-            .catalog
-            .get(plan.source())
-            .ok_or_else(|| format!("view {}: stream {} is gone", plan.name, plan.source()))?;
+        let gone = || format!("view {}: stream {} is gone", plan.name, plan.source());
+        let source = self.catalog.get(plan.source()).ok_or_else(gone)?;
+        // Its trigger reads columns: fields it needs come out of `extra`.
+        for column in plan.source_columns() {
+            if source.compacted.contains(column) {
+                self.catalog.promote(plan.source(), column).await?;
+            }
+        }
+        let source = self.catalog.get(plan.source()).ok_or_else(gone)?;
         let mut statements = plan.create_sql(backend);
         statements.push(plan.backfill_sql(backend, &source.read_from()));
         let definition = serde_json::to_string(&plan.def).expect("view serializes");
