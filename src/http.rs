@@ -47,6 +47,7 @@ pub struct AppState {
     pub views: Arc<Views>,
     pub tiers: Arc<Tiers>,
     pub compaction: Arc<fleetgate_store::compaction::Compaction>,
+    pub buckets: Arc<fleetgate_store::buckets::Buckets>,
     /// Batch jobs, their runs and tables.
     pub etl: Arc<fleetgate_etl::Etl>,
     pub reports: Arc<fleetgate_etl::reports::Reports>,
@@ -81,6 +82,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/views/shapes", get(list_shapes))
         .route("/v1/streams/{name}/tiers", get(stream_tiers))
         .route("/v1/streams/{name}/fields", get(stream_fields))
+        .route("/v1/streams/{name}/buckets", get(stream_buckets))
+        .route("/v1/streams/{name}/buckets/swap", post(swap_buckets))
         .route("/v1/ingest/{stream}", post(crate::ingest_api::ingest))
         .route(
             "/v1/etl/jobs",
@@ -556,6 +559,49 @@ async fn stream_fields(
     Ok(Json(json!({ "stream": name, "fields": fields })))
 }
 
+/// A bucketed stream's buckets in `[from, to)` (default: all), oldest
+/// first: real-time rows, and rows a batch superseded.
+async fn stream_buckets(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Query(window): Query<crate::etl_api::Window>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Extract, &state)?;
+    stream_named(&state, &name)?;
+    let (from, to) = window.parse()?.unwrap_or((i64::MIN, i64::MAX));
+    let buckets = state
+        .buckets
+        .list(&name, from, to)
+        .await
+        .map_err(bad_request)?;
+    Ok(Json(json!({ "stream": name, "buckets": buckets })))
+}
+
+/// Swaps out a bucketed stream's whole buckets in `[from, to)` by hand, as
+/// a batch run that supersedes them does (recorded as run 0).
+async fn swap_buckets(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Query(window): Query<crate::etl_api::Window>,
+) -> Result<Json<Value>, ApiError> {
+    let admin = caller.require(Role::Admin, &state)?;
+    stream_named(&state, &name)?;
+    let (from, to) = window
+        .parse()?
+        .ok_or_else(|| bad_request("give the period: ?from=...&to=..."))?;
+    state
+        .audit(admin, "stream.swap", &name, json!({ "window": (from, to) }))
+        .await?;
+    let swap = state
+        .buckets
+        .swap(&name, from, to, 0)
+        .await
+        .map_err(bad_request)?;
+    Ok(Json(json!(swap)))
+}
+
 async fn stream_tiers(
     State(state): State<AppState>,
     caller: Caller,
@@ -611,10 +657,17 @@ async fn route_query(state: &AppState, caller: &Caller, sql: &str) -> Result<Rou
     caller.require(Role::Extract, state)?;
     // Streams, the batch tables ETL jobs load and the analyses' tables
     // (read-only like the rest).
+    let superseded = state
+        .catalog
+        .list()
+        .into_iter()
+        .filter(|s| s.bucket().is_some())
+        .map(|s| s.superseded_table());
     let tables: HashSet<String> = state
         .catalog
         .names()
         .into_iter()
+        .chain(superseded)
         .chain(state.etl.tables())
         .chain(state.analyses.tables())
         .collect();

@@ -20,6 +20,7 @@ use fleetgate_protocol::state::ClusterClock;
 use fleetgate_protocol::IngestService;
 use fleetgate_protocol::Role;
 use fleetgate_sdk_builder::Builder;
+use fleetgate_store::buckets::Buckets;
 use fleetgate_store::compaction::{Compaction, CompactionSettings};
 use fleetgate_store::metrics::StoreMetrics;
 use fleetgate_store::pipeline::{Pipeline, PublishLive};
@@ -295,9 +296,11 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         .await
         .map_err(|e| anyhow!(e))?;
     etl.schedule();
-    let reports = fleetgate_etl::reports::Reports::open(db.clone(), catalog.clone())
-        .await
-        .map_err(|e| anyhow!(e))?;
+    let buckets = Arc::new(Buckets::new(db.clone(), catalog.clone(), views.clone()));
+    let reports =
+        fleetgate_etl::reports::Reports::open(db.clone(), catalog.clone(), buckets.clone())
+            .await
+            .map_err(|e| anyhow!(e))?;
     reports.follow_runs(&etl);
     tiers.clone().follow();
     let registry = Registry::load(db.clone()).await.map_err(|e| anyhow!(e))?;
@@ -481,6 +484,7 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         views,
         tiers,
         compaction,
+        buckets,
         etl,
         reports,
         analyses,

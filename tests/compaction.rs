@@ -9,11 +9,13 @@ use serde_json::{json, Value};
 use crate::harness::{publish_acked, Backend, Server};
 use crate::on_both_backends;
 
-// Tiered, so both tiers are folded and unfolded.
+// Tiered and bucketed, so both tiers and the superseded table are folded
+// and unfolded (and the trigger that copies late rows follows).
 const CLIMATE: &str = r#"
 [streams.climate]
 key = ["device_id", "seq"]
 hot = "1s"
+bucket = { time = "received_at", width = "1h" }
 fields.seq = { type = "int", required = true }
 fields.celsius = { type = "float", required = true }
 fields.humidity = { type = "float" }

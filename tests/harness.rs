@@ -352,6 +352,16 @@ impl Server {
         }
     }
 
+    /// Declares ETL jobs (TOML) and starts a run of `job`; returns its id.
+    pub async fn start_job(&self, jobs: &str, job: &str) -> i64 {
+        let (status, body) = self.post_text("/v1/etl/jobs", &self.admin, jobs).await;
+        assert_eq!(status, 200, "{body}");
+        let path = format!("/v1/etl/jobs/{job}/run");
+        let (status, body) = self.api("POST", &path, Some(&self.admin), None).await;
+        assert_eq!(status, 202, "{body}");
+        body["run"].as_i64().expect("a run id")
+    }
+
     /// The answer to a query run as admin (`rows`, `columns`, `view`);
     /// panics on an error.
     pub async fn query(&self, sql: &str) -> Value {
@@ -467,6 +477,25 @@ fn outcome(output: std::process::Output) -> (bool, String, String) {
         output.status.success(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A job `name` that upserts the orders in the CSV file `csv` (of
+/// `columns`, TOML) into `orders_batch` by order id, covering whole days.
+pub fn nightly_orders_job(name: &str, csv: &std::path::Path, columns: &str) -> String {
+    format!(
+        r#"
+[jobs.{name}.sources.orders]
+csv = "{}"
+columns = {{ {columns} }}
+[jobs.{name}.load]
+table = "orders_batch"
+mode = "upsert"
+key = ["order_id"]
+time = "ordered_at"
+covers = "1d"
+"#,
+        csv.display()
     )
 }
 

@@ -7,6 +7,7 @@ mod harness;
 mod admin;
 mod analysis;
 mod auth;
+mod buckets;
 mod cli;
 mod cluster;
 mod compaction;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use crate::harness::{Backend, Server};
+use crate::harness::{nightly_orders_job, Backend, Server};
 use crate::on_both_backends;
 
 const DAY: i64 = 1_795_132_800_000; // 2026-11-20T00:00:00Z
@@ -134,31 +134,10 @@ pub async fn load_the_nightly_export(server: &Server) -> Value {
         csv.push_str(&format!("{id},{region},{amount},{}\n", DAY + hour * HOUR));
     }
     std::fs::write(&export, csv).unwrap();
-    let job = format!(
-        r#"
-[jobs.orders_nightly.sources.orders]
-csv = "{}"
-columns = {{ order_id = "text", region = "text", amount = "float", ordered_at = "timestamp" }}
-[jobs.orders_nightly.load]
-table = "orders_batch"
-mode = "upsert"
-key = ["order_id"]
-time = "ordered_at"
-covers = "1d"
-"#,
-        export.display()
-    );
-    let (status, body) = server.post_text("/v1/etl/jobs", &server.admin, &job).await;
-    assert_eq!(status, 200, "{body}");
-    let (status, body) = server
-        .api(
-            "POST",
-            "/v1/etl/jobs/orders_nightly/run",
-            Some(&server.admin),
-            None,
-        )
-        .await;
-    assert_eq!(status, 202, "{body}");
+    let columns =
+        r#"order_id = "text", region = "text", amount = "float", ordered_at = "timestamp""#;
+    let job = nightly_orders_job("orders_nightly", &export, columns);
+    server.start_job(&job, "orders_nightly").await;
 
     // The reconciliation follows the run by itself.
     let listed = server

@@ -9,7 +9,7 @@
 //! every stream it names whose name appears in it as a column reference,
 //! and every field for `SELECT *`. That may count a field as used when it
 //! was not, never the reverse. Fields that keys, booleans and views read
-//! are never compacted. Use is counted by every process that answers
+//! are never compacted, nor the time a bucketed stream is bucketed by. Use is counted by every process that answers
 //! queries, in `fleetgate_field_usage`, so a cluster's brokers add up.
 
 use std::collections::{HashMap, HashSet};
@@ -190,6 +190,9 @@ impl Compaction {
     fn pinned(&self, stream: &Stream, field: &str) -> Option<String> {
         if stream.def.key.iter().flatten().any(|k| k == field) {
             return Some("key".into());
+        }
+        if stream.bucket().is_some_and(|(time, _)| time == field) {
+            return Some("bucket time".into());
         }
         if !stream.field_kind(field).is_some_and(compacted::foldable) {
             return Some("boolean".into());

@@ -5,17 +5,18 @@
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
-use std::sync::Arc;
 
 use sqlparser::ast::{Query, SetExpr, Statement, TableFactor, VisitMut, VisitorMut};
 use sqlparser::dialect::{Dialect, PostgreSqlDialect, SQLiteDialect};
 use sqlparser::parser::Parser;
 
-use crate::catalog::{Catalog, Stream};
+use crate::catalog::Catalog;
 use crate::db::Backend;
 
 /// `query` with each stream it reads that is not one plain table (tiered,
-/// or with compacted fields) replaced by [`Stream::read_from`] under the
+/// or with compacted fields) replaced by
+/// [`crate::catalog::Stream::read_from`] (a superseded table with
+/// compacted fields by `read_superseded`) under the
 /// stream's name (or alias); `None` when it reads none, and runs as
 /// written. An error when it cannot be read so: it must not run on one
 /// tier alone, or miss a compacted field.
@@ -24,13 +25,18 @@ pub fn expand(
     catalog: &Catalog,
     backend: Backend,
 ) -> Result<Option<String>, String> {
-    let tiered: HashMap<String, Arc<Stream>> = catalog
-        .list()
-        .into_iter()
-        .filter(|s| !s.is_plain())
-        .map(|s| (s.name.clone(), s))
-        .collect();
-    if tiered.is_empty() {
+    // Each name that reads through a subquery, and the subquery.
+    let mut reads: HashMap<String, String> = HashMap::new();
+    for stream in catalog.list() {
+        if !stream.is_plain() {
+            reads.insert(stream.name.clone(), stream.read_from());
+        }
+        let superseded = stream.read_superseded();
+        if stream.bucket().is_some() && superseded != stream.superseded_table() {
+            reads.insert(stream.superseded_table(), superseded);
+        }
+    }
+    if reads.is_empty() {
         return Ok(None);
     }
     let dialect: Box<dyn Dialect> = match backend {
@@ -38,7 +44,7 @@ pub fn expand(
         Backend::Postgres => Box::new(PostgreSqlDialect {}),
     };
     let mut expander = Expander {
-        tiered,
+        reads,
         dialect,
         changed: false,
     };
@@ -50,7 +56,7 @@ pub fn expand(
 }
 
 struct Expander {
-    tiered: HashMap<String, Arc<Stream>>,
+    reads: HashMap<String, String>,
     dialect: Box<dyn Dialect>,
     changed: bool,
 }
@@ -64,25 +70,24 @@ impl VisitorMut for Expander {
         let TableFactor::Table { name, alias, .. } = factor else {
             return ControlFlow::Continue(());
         };
-        let Some(stream) = self.tiered.get(&name.to_string().to_lowercase()) else {
+        let table = name.to_string().to_lowercase();
+        let Some(from) = self.reads.get(&table) else {
             return ControlFlow::Continue(());
         };
         let read_from = match alias {
             // `… AS <stream>`, renamed to the query's alias.
             Some(alias) if alias.columns.is_empty() => {
-                let from = stream.read_from();
                 let cut = from.rfind(" AS ").expect("read_from ends with an alias");
                 format!("{} AS {}", &from[..cut], alias.name)
             }
             // `AS m(a, b)` renames columns, which a union's would not match.
             Some(alias) => {
                 return ControlFlow::Break(format!(
-                    "{} is read through a subquery (tiers or compacted fields); \
-                     read it without renaming its columns ({alias})",
-                    stream.name
+                    "{table} is read through a subquery (tiers or compacted fields); \
+                     read it without renaming its columns ({alias})"
                 ))
             }
-            None => stream.read_from(),
+            None => from.clone(),
         };
         let template = format!("SELECT 1 FROM {read_from}");
         let relation = Parser::parse_sql(self.dialect.as_ref(), &template)
@@ -95,7 +100,7 @@ impl VisitorMut for Expander {
                 _ => None,
             });
         let Some(from) = relation else {
-            return ControlFlow::Break(format!("cannot read all of {}", stream.name));
+            return ControlFlow::Break(format!("cannot read all of {table}"));
         };
         *factor = from.relation;
         self.changed = true;

@@ -14,9 +14,12 @@
 //! - [`views`]: declared aggregate views, maintained in the database, and
 //!   the query routing that answers from them.
 //! - [`tiers`]: retention (hot and cold tiers, ttl).
+//! - [`buckets`]: time-bucketed streams, and swapping out the periods a
+//!   batch supersedes.
 //! - [`compaction`]: folding unused fields into `extra`, and back.
 //! - [`expand`]: queries read tiered and compacted streams as declared.
 
+pub mod buckets;
 pub mod bulk;
 pub mod catalog;
 pub mod compaction;

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleetgate_protocol::unix_now_ms;
+use fleetgate_store::buckets::Buckets;
 use fleetgate_store::query::{self, QueryLimits};
 use fleetgate_store::{with_pool, Catalog, Db};
 use serde::Serialize;
@@ -29,6 +30,9 @@ const MAX_RECONCILED_ROWS: usize = 2_000_000;
 pub struct Reports {
     db: Db,
     catalog: Catalog,
+    /// Swaps out the real-time periods a batch run supersedes, for
+    /// bucketed streams.
+    buckets: Arc<Buckets>,
     /// Batch sides already computed. A batch table changes only when a run
     /// succeeds, so an entry holds until a newer run loads the table.
     batch_cache: Mutex<HashMap<BatchQuery, (i64, SideResult)>>,
@@ -72,7 +76,11 @@ pub struct Reconciliation {
 }
 
 impl Reports {
-    pub async fn open(db: Db, catalog: Catalog) -> Result<Arc<Reports>, String> {
+    pub async fn open(
+        db: Db,
+        catalog: Catalog,
+        buckets: Arc<Buckets>,
+    ) -> Result<Arc<Reports>, String> {
         db.execute_ddl(&[
             REPORTS.ddl(),
             format!(
@@ -86,6 +94,7 @@ impl Reports {
         Ok(Arc::new(Reports {
             db,
             catalog,
+            buckets,
             batch_cache: Mutex::default(),
         }))
     }
@@ -107,12 +116,18 @@ impl Reports {
                     return;
                 };
                 for report in list {
-                    if report.definition.batch.table != run.target || report.definition.reconcile.is_none() {
+                    let def = &report.definition;
+                    if def.batch.table != run.target {
                         continue;
                     }
-                    if let Err(e) = reports.reconcile(&report.name, (from, to), Some(run.id)).await {
-                        tracing::warn!(report = report.name, run = run.id, error = %e, "reconciliation failed");
+                    if def.reconcile.is_some() {
+                        if let Err(e) = reports.reconcile(&report.name, (from, to), Some(run.id)).await {
+                            tracing::warn!(report = report.name, run = run.id, error = %e, "reconciliation failed");
+                            // The real-time rows stay until it is reconciled.
+                            continue;
+                        }
                     }
+                    reports.supersede(def, (from, to), run.id).await;
                 }
             });
         }));
@@ -188,12 +203,47 @@ impl Reports {
         cache.insert(query, (last_run, rows));
     }
 
-    /// What `FROM` reads the report's stream (both tiers of a tiered one).
-    fn realtime_from(&self, def: &ReportDef) -> Result<String, String> {
-        self.catalog
+    /// A bucketed stream's real-time rows of a period a batch run now
+    /// answers for leave the stream for its superseded table; other
+    /// streams keep them (reports read the batch for that period anyway).
+    async fn supersede(&self, def: &ReportDef, window: (i64, i64), run: i64) {
+        let stream = &def.realtime.stream;
+        if self
+            .catalog
+            .get(stream)
+            .is_none_or(|s| s.bucket().is_none())
+        {
+            return;
+        }
+        if let Err(e) = self.buckets.swap(stream, window.0, window.1, run).await {
+            tracing::warn!(%stream, run, error = %e, "cannot swap out superseded buckets");
+        }
+    }
+
+    /// What `FROM` reads as the report's real-time rows: the stream (both
+    /// tiers of a tiered one), and the rows batches superseded of a
+    /// bucketed one (a reconciliation compares them all).
+    fn realtime_from(&self, def: &ReportDef, columns: &[String]) -> Result<String, String> {
+        let stream = self
+            .catalog
             .get(&def.realtime.stream)
-            .map(|s| s.read_from())
-            .ok_or_else(|| format!("no stream named {:?}", def.realtime.stream))
+            .ok_or_else(|| format!("no stream named {:?}", def.realtime.stream))?;
+        if stream.bucket().is_none() {
+            return Ok(stream.read_from());
+        }
+        // Once each, or the outer query's names would be ambiguous.
+        let mut distinct: Vec<&str> = Vec::new();
+        for column in columns {
+            if !distinct.contains(&column.as_str()) {
+                distinct.push(column);
+            }
+        }
+        let columns = distinct.join(", ");
+        Ok(format!(
+            "(SELECT {columns} FROM {} UNION ALL SELECT {columns} FROM {}) AS realtime",
+            stream.read_from(),
+            stream.read_superseded()
+        ))
     }
 
     /// Compares the report's two sides over `window` and stores the result.
@@ -217,19 +267,20 @@ impl Reports {
             let mut columns = vec![spec.key.clone(), time.to_string()];
             columns.extend(spec.compare.iter().cloned());
             columns.extend(value.iter().cloned());
-            columns.join(", ")
+            columns
         };
         let (from, to) = window;
         let batch_sql = format!(
             "SELECT {} FROM {} WHERE {t} >= {from} AND {t} < {to}",
-            select(&def.batch.time),
+            select(&def.batch.time).join(", "),
             def.batch.table,
             t = def.batch.time
         );
+        let realtime_columns = select(&def.realtime.time);
         let realtime_sql = format!(
             "SELECT {} FROM {} WHERE {t} >= {from} AND {t} < {to}",
-            select(&def.realtime.time),
-            self.realtime_from(&def)?,
+            realtime_columns.join(", "),
+            self.realtime_from(&def, &realtime_columns)?,
             t = def.realtime.time
         );
         let batch = self.read(&batch_sql).await?;

@@ -18,9 +18,11 @@ pub const RECEIVED_AT: &str = "received_at";
 pub const EXTRA: &str = "extra";
 /// The server-assigned key column of streams that declare no key.
 pub const ROW_ID: &str = "id";
+/// The time bucket column of a stream declared with `bucket`.
+pub const BUCKET_COLUMN: &str = "fg_bucket";
 /// The live topic level of anomaly alerts, which no stream may take.
 pub const ALERTS_STREAM: &str = "alerts";
-const RESERVED_COLUMNS: [&str; 4] = [DEVICE_ID, RECEIVED_AT, EXTRA, ROW_ID];
+const RESERVED_COLUMNS: [&str; 5] = [DEVICE_ID, RECEIVED_AT, EXTRA, ROW_ID, BUCKET_COLUMN];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,6 +48,21 @@ pub struct StreamDef {
     /// Rows received longer ago than this (e.g. "30d") are deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<String>,
+    /// Keeps rows under (time bucket, key): see [`StreamBucket`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<StreamBucket>,
+}
+
+/// `bucket = { time = "ordered_at", width = "1h" }`: each row is stored
+/// under its time bucket and key (`fg_bucket` leads the primary key), so a
+/// bucket reads in time order, a record sent twice is stored once, and a
+/// period can be swapped out wholesale when a batch supersedes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamBucket {
+    /// `received_at`, or a required int or timestamp field.
+    pub time: String,
+    pub width: String,
 }
 
 /// `enrich.price = { lookup = "prices", from = "sku", column = "price", type = "float" }`:
@@ -151,10 +168,20 @@ pub fn check_identifier(kind: &str, name: &str) -> Result<(), String> {
 impl StreamDef {
     pub fn check(&self, name: &str) -> Result<(), String> {
         check_identifier("stream", name)?;
-        // fgv_ tables hold views, fgc_ cold tiers, fga_ analyses.
-        if ["fleetgate_", "sqlite_", "pg_", "fgv_", "fgc_", "fga_"]
-            .iter()
-            .any(|p| name.starts_with(p))
+        // fgv_ tables hold views, fgc_ cold tiers, fga_ analyses, fgs_
+        // superseded real-time rows, fgf_ fences.
+        if [
+            "fleetgate_",
+            "sqlite_",
+            "pg_",
+            "fgv_",
+            "fgc_",
+            "fga_",
+            "fgs_",
+            "fgf_",
+        ]
+        .iter()
+        .any(|p| name.starts_with(p))
         {
             return Err(format!("stream name {name:?} uses a reserved prefix"));
         }
@@ -226,6 +253,25 @@ impl StreamDef {
                 }
             }
         }
+        if let Some(bucket) = &self.bucket {
+            if self.key.is_none() {
+                return Err(format!(
+                    "stream {name}: a bucketed stream needs a key (what makes a record the same record)"
+                ));
+            }
+            let time_ok = bucket.time == RECEIVED_AT
+                || self.fields.get(&bucket.time).is_some_and(|f| {
+                    f.required && matches!(f.ty, FieldType::Int | FieldType::Timestamp)
+                });
+            if !time_ok {
+                return Err(format!(
+                    "stream {name}: bucket time {:?} must be received_at or a required int or timestamp field",
+                    bucket.time
+                ));
+            }
+            self.bucket_width_ms()
+                .map_err(|e| format!("stream {name}: {e}"))?;
+        }
         let hot = self
             .hot_after()
             .map_err(|e| format!("stream {name}: {e}"))?;
@@ -248,6 +294,15 @@ impl StreamDef {
     /// Age at which rows are deleted.
     pub fn ttl(&self) -> Result<Option<Duration>, String> {
         parse_age("ttl", self.ttl.as_deref())
+    }
+
+    /// The bucket's time column and width in its unit (ms), if bucketed.
+    pub fn bucket_width_ms(&self) -> Result<Option<(&str, i64)>, String> {
+        let Some(bucket) = &self.bucket else {
+            return Ok(None);
+        };
+        let width = parse_age("bucket width", Some(&bucket.width))?.expect("given");
+        Ok(Some((bucket.time.as_str(), width.as_millis() as i64)))
     }
 }
 

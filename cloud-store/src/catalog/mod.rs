@@ -8,11 +8,16 @@
 
 pub mod compacted;
 
+/// The column of a superseded table that names the batch run that
+/// superseded the row.
+pub const SUPERSEDED_BY: &str = "fg_superseded_by";
+
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 use fleetgate_protocol::schema::{
-    EnrichDef, FieldDef, FieldType, StreamDef, StreamsFile, DEVICE_ID, EXTRA, RECEIVED_AT, ROW_ID,
+    EnrichDef, FieldDef, FieldType, StreamDef, StreamsFile, BUCKET_COLUMN, DEVICE_ID, EXTRA,
+    RECEIVED_AT, ROW_ID,
 };
 use sqlx::Row;
 
@@ -75,6 +80,9 @@ impl Stream {
         columns.extend(column_fields().map(|(f, _)| f.clone()));
         columns.push(EXTRA.to_string());
         columns.extend(def.enrich.keys().cloned());
+        if def.bucket.is_some() {
+            columns.push(BUCKET_COLUMN.to_string());
+        }
         let insert_head = format!("INSERT INTO {name} ({}) ", columns.join(", "));
         let insert_tail = if def.key.is_some() {
             " ON CONFLICT DO NOTHING"
@@ -85,6 +93,9 @@ impl Stream {
         kinds.extend(column_fields().map(|(_, d)| ColumnKind::of_field(d)));
         kinds.push(ColumnKind::Text);
         kinds.extend(def.enrich.values().map(|e| ColumnKind::from(e.ty)));
+        if def.bucket.is_some() {
+            kinds.push(ColumnKind::Int);
+        }
         Stream {
             name: name.to_string(),
             def,
@@ -207,7 +218,87 @@ impl Stream {
             format!("{extra} AS {EXTRA}")
         });
         columns.extend(self.def.enrich.keys().cloned());
+        if self.bucket().is_some() {
+            columns.push(BUCKET_COLUMN.to_string());
+        }
         columns.join(", ")
+    }
+
+    /// The bucket's time column and width (ms) of a bucketed stream.
+    pub fn bucket(&self) -> Option<(&str, i64)> {
+        self.def.bucket_width_ms().ok().flatten()
+    }
+
+    /// The table holding a bucketed stream's rows that a batch superseded.
+    pub fn superseded_table(&self) -> String {
+        format!("fgs_{}", self.name)
+    }
+
+    /// What reads the superseded rows as declared (compacted fields by
+    /// name), and which run superseded each.
+    pub fn read_superseded(&self) -> String {
+        let table = self.superseded_table();
+        if self.compacted.is_empty() {
+            return table;
+        }
+        format!(
+            "(SELECT {}, {SUPERSEDED_BY} FROM {table}) AS {table}",
+            self.logical_columns()
+        )
+    }
+
+    /// The primary key's columns: the bucket first, if bucketed.
+    pub fn primary_key(&self) -> Vec<String> {
+        let mut key = Vec::new();
+        if self.def.bucket.is_some() {
+            key.push(BUCKET_COLUMN.to_string());
+        }
+        key.extend(self.def.key.iter().flatten().cloned());
+        key
+    }
+
+    /// A bucketed stream's trigger that sends a record arriving for a
+    /// superseded bucket to the superseded table instead (so it neither
+    /// shows as real time for a period a batch answers for, nor is lost).
+    /// It copies every column, so it is made again whenever the layout
+    /// changes: the statements drop it first.
+    pub fn late_trigger_ddl(&self) -> Vec<String> {
+        if self.bucket().is_none() {
+            return Vec::new();
+        }
+        let (name, fgs) = (&self.name, self.superseded_table());
+        let trigger = format!("{fgs}_late");
+        let columns = self.stored_columns();
+        let values: Vec<String> = columns.iter().map(|c| format!("NEW.{c}")).collect();
+        let (columns, values) = (columns.join(", "), values.join(", "));
+        let range = format!(
+            "FROM fleetgate_superseded WHERE stream = '{name}' \
+             AND NEW.{BUCKET_COLUMN} >= from_bucket AND NEW.{BUCKET_COLUMN} < to_bucket"
+        );
+        match self.backend {
+            Backend::Sqlite => vec![
+                format!("DROP TRIGGER IF EXISTS {trigger}"),
+                format!(
+                    "CREATE TRIGGER {trigger} BEFORE INSERT ON {name} WHEN (SELECT max(run) {range}) IS NOT NULL \
+                     BEGIN INSERT OR IGNORE INTO {fgs} ({columns}, {SUPERSEDED_BY}) VALUES ({values}, (SELECT max(run) {range})); \
+                     SELECT RAISE(IGNORE); END"
+                ),
+            ],
+            Backend::Postgres => vec![
+                format!("DROP TRIGGER IF EXISTS {trigger} ON {name}"),
+                format!(
+                    "CREATE OR REPLACE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $fgs$ \
+                     DECLARE superseding BIGINT; BEGIN \
+                     SELECT max(run) INTO superseding {range}; \
+                     IF superseding IS NULL THEN RETURN NEW; END IF; \
+                     INSERT INTO {fgs} ({columns}, {SUPERSEDED_BY}) VALUES ({values}, superseding) ON CONFLICT DO NOTHING; \
+                     RETURN NULL; END $fgs$"
+                ),
+                format!(
+                    "CREATE TRIGGER {trigger} BEFORE INSERT ON {name} FOR EACH ROW EXECUTE FUNCTION {trigger}()"
+                ),
+            ],
+        }
     }
 
     /// What reads all of the stream's rows as declared, whichever tier
@@ -230,11 +321,15 @@ impl Stream {
         )
     }
 
-    /// The stream's tables: the hot one, and the cold tier if it has one.
+    /// The stream's tables: the hot one, the cold tier if it has one, and
+    /// the superseded rows of a bucketed one.
     fn tables(&self) -> Vec<String> {
         let mut tables = vec![self.name.clone()];
         if self.tiered() {
             tables.push(self.cold_table());
+        }
+        if self.bucket().is_some() {
+            tables.push(self.superseded_table());
         }
         tables
     }
@@ -280,6 +375,9 @@ impl Catalog {
             "CREATE TABLE IF NOT EXISTS fleetgate_streams (name TEXT PRIMARY KEY, definition TEXT NOT NULL, updated_at BIGINT NOT NULL)".to_string(),
             // A field with `promoted_at` NULL is compacted; otherwise it is a
             // column again and its fence stands until it is dropped.
+            // Periods of bucketed streams a batch run superseded: the
+            // buckets from_bucket <= b < to_bucket.
+            "CREATE TABLE IF NOT EXISTS fleetgate_superseded (stream TEXT NOT NULL, from_bucket BIGINT NOT NULL, to_bucket BIGINT NOT NULL, run BIGINT NOT NULL, at BIGINT NOT NULL)".to_string(),
             "CREATE TABLE IF NOT EXISTS fleetgate_compacted_fields (stream TEXT NOT NULL, field TEXT NOT NULL, compacted_at BIGINT NOT NULL, promoted_at BIGINT, PRIMARY KEY (stream, field))".to_string(),
         ])
         .await
@@ -349,10 +447,11 @@ impl Catalog {
         let kind = current
             .field_kind(field)
             .ok_or_else(|| format!("stream {stream} declares no field {field:?}"))?;
-        let is_key = current.def.key.iter().flatten().any(|k| k == field);
+        let is_key = current.def.key.iter().flatten().any(|k| k == field)
+            || current.bucket().is_some_and(|(time, _)| time == field);
         if is_key || !compacted::foldable(kind) {
             return Err(format!(
-                "stream {stream}: field {field} cannot be compacted (keys and booleans stay columns)"
+                "stream {stream}: field {field} cannot be compacted (keys, bucket times and booleans stay columns)"
             ));
         }
         if current.compacted.contains(field) {
@@ -366,9 +465,12 @@ impl Catalog {
             stream,
             &self.fence_name(&current, field),
         ));
+        let after = current.with_field_compacted(field, true);
+        statements.extend(current.late_trigger_ddl().into_iter().take(1));
         for table in current.tables() {
             statements.extend(compacted::fold(backend, &table, field, kind));
         }
+        statements.extend(after.late_trigger_ddl());
         let claimed =
             "INSERT INTO fleetgate_compacted_fields (stream, field, compacted_at, promoted_at) \
              VALUES ($1, $2, $3, NULL) ON CONFLICT (stream, field) DO UPDATE \
@@ -395,7 +497,12 @@ impl Catalog {
         let def = &current.def.fields[field];
         let kind = ColumnKind::of_field(def);
         let backend = self.db.backend();
-        let mut statements = Vec::new();
+        let after = current.with_field_compacted(field, false);
+        let mut statements = current
+            .late_trigger_ddl()
+            .into_iter()
+            .take(1)
+            .collect::<Vec<_>>();
         for table in current.tables() {
             statements.extend(compacted::unfold(
                 backend,
@@ -412,13 +519,14 @@ impl Catalog {
             field,
             kind,
         ));
+        statements.extend(after.late_trigger_ddl());
         let claimed = "UPDATE fleetgate_compacted_fields SET promoted_at = $3 \
              WHERE stream = $1 AND field = $2 AND promoted_at IS NULL";
         let changed = self
             .change_layout(stream, field, claimed, &statements)
             .await?;
         if changed {
-            self.replace(current.with_field_compacted(field, false));
+            self.replace(after);
         }
         Ok(changed)
     }
@@ -535,6 +643,11 @@ impl Catalog {
                     if def.hot.is_some() {
                         ddl.extend(self.cold_tier_ddl(name, def));
                     }
+                    if def.bucket.is_some() {
+                        let stream =
+                            Stream::new(name, def.clone(), BTreeSet::new(), self.db.backend());
+                        ddl.extend(superseded_ddl(&stream));
+                    }
                     report.push(AppliedStream {
                         stream: name.clone(),
                         action: "created",
@@ -558,6 +671,28 @@ impl Catalog {
                     }
                     if !existing.tiered() && def.hot.is_some() {
                         ddl.extend(self.cold_tier_ddl(name, def));
+                    }
+                    if !added.is_empty() {
+                        // Superseded rows keep every column too.
+                        for column in &added {
+                            if existing.bucket().is_some() {
+                                let ddl_column = match def.fields.get(column) {
+                                    Some(field_def) => column_ddl(column, field_def),
+                                    None => enrich_column_ddl(column, &def.enrich[column]),
+                                };
+                                ddl.push(format!(
+                                    "ALTER TABLE {} ADD COLUMN {ddl_column}",
+                                    existing.superseded_table()
+                                ));
+                            }
+                        }
+                        let evolved = Stream::new(
+                            name,
+                            def.clone(),
+                            existing.compacted.clone(),
+                            self.db.backend(),
+                        );
+                        ddl.extend(evolved.late_trigger_ddl());
                     }
                     let action = if added.is_empty() && existing.def == *def {
                         "unchanged"
@@ -617,8 +752,10 @@ impl Catalog {
         let cold = format!("fgc_{name}");
         let mut ddl = table_ddl(&cold, def, format!("{ROW_ID} BIGINT PRIMARY KEY"));
         let Some(key) = &def.key else { return ddl };
-        let matches = key
+        let bucket = def.bucket.as_ref().map(|_| BUCKET_COLUMN.to_string());
+        let matches = bucket
             .iter()
+            .chain(key)
             .map(|c| format!("{cold}.{c} = NEW.{c}"))
             .collect::<Vec<_>>()
             .join(" AND ");
@@ -643,6 +780,19 @@ impl Catalog {
     }
 }
 
+/// A bucketed stream's superseded table: its columns, the run that
+/// superseded each row, and the same key; and the trigger that sends
+/// late records of superseded buckets there.
+fn superseded_ddl(stream: &Stream) -> Vec<String> {
+    let fgs = stream.superseded_table();
+    let mut ddl = table_ddl(&fgs, &stream.def, format!("{ROW_ID} BIGINT PRIMARY KEY"));
+    ddl.push(format!(
+        "ALTER TABLE {fgs} ADD COLUMN {SUPERSEDED_BY} BIGINT"
+    ));
+    ddl.extend(stream.late_trigger_ddl());
+    ddl
+}
+
 /// A stream's table (`id_column`: how a keyless stream's id is made).
 fn table_ddl(name: &str, def: &StreamDef, id_column: String) -> Vec<String> {
     let mut columns = Vec::new();
@@ -654,13 +804,27 @@ fn table_ddl(name: &str, def: &StreamDef, id_column: String) -> Vec<String> {
     columns.extend(def.fields.iter().map(|(f, d)| column_ddl(f, d)));
     columns.push(format!("{EXTRA} TEXT"));
     columns.extend(def.enrich.iter().map(|(c, d)| enrich_column_ddl(c, d)));
+    let bucket = def.bucket.as_ref();
+    if bucket.is_some() {
+        columns.push(format!("{BUCKET_COLUMN} BIGINT NOT NULL"));
+    }
     if let Some(key) = &def.key {
+        let bucketed = bucket.map(|_| BUCKET_COLUMN.to_string());
+        let key: Vec<String> = bucketed.into_iter().chain(key.iter().cloned()).collect();
         columns.push(format!("PRIMARY KEY ({})", key.join(", ")));
     }
-    vec![
+    let mut ddl = vec![
         format!("CREATE TABLE {name} ({})", columns.join(", ")),
         format!("CREATE INDEX {name}_received_at ON {name} ({RECEIVED_AT})"),
-    ]
+    ];
+    // A bucket reads in time order.
+    if let Some(bucket) = bucket {
+        ddl.push(format!(
+            "CREATE INDEX {name}_bucket ON {name} ({BUCKET_COLUMN}, {})",
+            bucket.time
+        ));
+    }
+    ddl
 }
 
 /// Fields `new` adds to `old`, or why `new` cannot replace `old`.
@@ -668,6 +832,12 @@ fn evolve(old: &StreamDef, new: &StreamDef, name: &str) -> Result<Vec<String>, S
     if old.hot.is_some() && new.hot.is_none() {
         return Err(format!(
             "stream {name}: hot cannot be removed (rows live in its cold tier); set a longer hot instead"
+        ));
+    }
+    if old.bucket != new.bucket {
+        return Err(format!(
+            "stream {name}: the bucket cannot change ({:?} -> {:?}): it leads the key; declare a new stream instead",
+            old.bucket, new.bucket
         ));
     }
     if old.key != new.key {

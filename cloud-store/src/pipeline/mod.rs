@@ -1,4 +1,4 @@
-//! The ingest pipeline: decode → authorize → validate → enrich → store → publish live.
+//! The ingest pipeline: decode → authorize → validate → enrich → bucket → store → publish live.
 //!
 //! Each stage is a type with one job. The synchronous stages implement
 //! [`Stage`] and run in the receiving task, in the order [`Pipeline::standard`]
@@ -7,6 +7,7 @@
 //! A new stage is a new type added to that list; no other stage changes.
 
 mod authorize;
+mod bucket;
 mod decode;
 mod enrich;
 mod publish_live;
@@ -18,6 +19,7 @@ use fleetgate_protocol::IngestMessage;
 use serde_json::{Map, Value};
 
 pub use authorize::Authorize;
+pub use bucket::Bucket;
 pub use decode::Decode;
 pub use enrich::Enrich;
 pub use publish_live::PublishLive;
@@ -141,6 +143,7 @@ impl Pipeline {
                 Box::new(Authorize { catalog }),
                 Box::new(Validate),
                 Box::new(Enrich),
+                Box::new(Bucket),
             ],
         }
     }

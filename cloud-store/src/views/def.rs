@@ -548,6 +548,17 @@ impl ViewPlan {
         )
     }
 
+    /// Empties the view and takes in every row `from` reads again: after
+    /// rows left the source in a way partials cannot take back (min and
+    /// max cannot be undone).
+    pub fn rebuild_sql(&self, backend: Backend, from: &str) -> Vec<String> {
+        vec![
+            format!("DELETE FROM {}", self.table()),
+            format!("DELETE FROM {}", self.tail()),
+            self.backfill_sql(backend, from),
+        ]
+    }
+
     /// Folds the tail into the table; runs with the tail locked, followed by
     /// emptying it.
     pub fn fold_sql(&self, backend: Backend) -> [String; 2] {
