@@ -840,6 +840,12 @@ async fn drop_view(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let admin = caller.require(Role::Admin, &state)?;
+    if let Some(dependent) = state.views.dependent(&name) {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("view {dependent} is built on {name}; drop it first"),
+        ));
+    }
     state.audit(admin, "view.drop", &name, json!({})).await?;
     match state.views.drop_view(&name).await {
         Ok(true) => Ok(Json(json!({ "dropped": name }))),

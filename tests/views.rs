@@ -373,16 +373,24 @@ async fn bad_views_are_refused_and_change_nothing(backend: Backend) {
     assert_eq!(status, 200, "{body}");
     let cases = [
         ("not toml [", "invalid views TOML"),
-        ("[views.v2]\nsource = \"nope\"\naggregates = { n = \"count(*)\" }\n", "unknown source stream"),
-        ("[views.v2]\nsource = \"v1\"\naggregates = { n = \"count(*)\" }\n", "views over views"),
+        ("[views.v2]\nsource = \"nope\"\naggregates = { n = \"count(*)\" }\n", "unknown source \\\"nope\\\" (neither a stream nor a view)"),
+        ("[views.v2]\nsource = \"v1\"\ngroup_by = [\"status\"]\naggregates = { n = \"count(*)\" }\n", "is not grouped by \\\"status\\\""),
         ("[views.v2]\nsource = \"temperature\"\ngroup_by = [\"nope\"]\naggregates = { n = \"count(*)\" }\n", "\\\"nope\\\" is not a column"),
         ("[views.v2]\nsource = \"temperature\"\naggregates = { m = \"median(celsius)\" }\n", "cannot be maintained incrementally"),
         ("[views.v2]\nsource = \"temperature\"\naggregates = { m = \"count(distinct device_id)\" }\n", "distinct"),
         ("[views.v2]\nsource = \"temperature\"\naggregates = { m = \"avg(label)\" }\n", "does not fit"),
         ("[views.v2]\nsource = \"temperature\"\nbucket = { column = \"label\", width = \"1h\" }\naggregates = { n = \"count(*)\" }\n", "bucket column"),
         ("[views.v2]\nsource = \"temperature\"\naggregates = { n = \"count(*)\" }\nrefresh = \"sometimes\"\n", "refresh"),
-        ("[views.v2]\nsource = \"temperature\"\naggregates = {}\n", "at least one aggregate"),
+        ("[views.v2]\nsource = \"temperature\"\naggregates = {}\n", "declare aggregates"),
         ("[views.v1]\nsource = \"temperature\"\naggregates = { n = \"count(*)\" }\n", "exists"),
+        // Rows views and views over views.
+        ("[views.v2]\nsource = \"temperature\"\nkey = [\"status\"]\nfields = [\"nope\"]\n", "\\\"nope\\\" is not a column"),
+        ("[views.v2]\nsource = \"temperature\"\nkey = [\"status\"]\naggregates = { n = \"count(*)\" }\n", "not both"),
+        ("[views.v2]\nsource = \"temperature\"\nkey = [\"status\"]\nderived = { x = \"pg_sleep(celsius)\" }\n", "not supported in derived"),
+        ("[views.v2]\nsource = \"temperature\"\nkey = [\"status\"]\nderived = { x = \"celsius + label\" }\n", "needs numbers"),
+        ("[views.v2]\nsource = \"v1\"\nkey = [\"device_id\"]\n", "must aggregate too"),
+        ("[views.v2]\nsource = \"v3\"\naggregates = { n = \"count(*)\" }\n[views.v3]\nsource = \"v2\"\naggregates = { n = \"count(*)\" }\n", "cycle"),
+        ("[views.v2]\nsource = \"v1\"\naggregates = { m = \"max(celsius)\" }\n", "keeps no partials of \\\"celsius\\\""),
     ];
     for (toml, expected) in cases {
         let (status, body) = server.post_text("/v1/views", &server.admin, toml).await;
@@ -414,6 +422,19 @@ async fn bad_views_are_refused_and_change_nothing(backend: Backend) {
         .api("DELETE", "/v1/views/nope", Some(&server.admin), None)
         .await;
     assert_eq!(status, 404);
+    // A view others are built on stays until they go.
+    let over = "[views.v4]\nsource = \"v1\"\naggregates = { n = \"count(*)\" }\n";
+    let (status, body) = server.post_text("/v1/views", &server.admin, over).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = server
+        .api("DELETE", "/v1/views/v1", Some(&server.admin), None)
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.to_string().contains("v4 is built on v1"), "{body}");
+    let (status, _) = server
+        .api("DELETE", "/v1/views/v4", Some(&server.admin), None)
+        .await;
+    assert_eq!(status, 200);
     let (status, body) = server
         .api(
             "POST",
@@ -598,4 +619,157 @@ async fn the_automatic_view_budget_bounds_and_turns_off_automatic_views(backend:
             .1;
         assert_eq!(listed["views"], json!([]), "{listed}");
     }
+}
+
+const ROW_VIEWS: &str = r#"
+[views.by_status]
+source = "temperature"
+key = ["status"]
+fields = ["celsius", "taken_at", "humidity"]
+derived = { tag = "concat(device_id, '/', status)", fahrenheit = "celsius * 1.8 + 32" }
+
+[views.status_index]
+source = "temperature"
+key = ["status", "taken_at"]
+refresh = { every = "1s" }
+
+[views.by_tag]
+source = "by_status"
+key = ["tag"]
+fields = ["fahrenheit"]
+refresh = "on_demand"
+
+[views.hourly_by_status]
+source = "temperature"
+group_by = ["device_id", "status"]
+bucket = { column = "taken_at", width = "1h" }
+aggregates = { n = "count(*)", high = "max(celsius)", total = "sum(humidity)" }
+
+[views.daily_by_device]
+source = "hourly_by_status"
+group_by = ["device_id"]
+bucket = { column = "taken_at", width = "1d" }
+aggregates = { n = "count(*)", high = "max(celsius)" }
+refresh = "on_demand"
+"#;
+
+/// A random query a rows view may answer (it filters on status), or not.
+fn random_row_query(random: &mut Random) -> String {
+    let filter = random.pick(&[
+        "status = 'ok'",
+        "status IN ('ok', 'fault')",
+        "status > 'ok'",
+        "status LIKE 'w%'",
+        "status = 'warn' AND taken_at >= 1795100000000",
+        "celsius > 20",
+    ]);
+    let (select, tail) = *random.pick(&[
+        (
+            "device_id, seq, celsius",
+            " ORDER BY device_id, seq LIMIT 7",
+        ),
+        (
+            "concat(device_id, '/', status) AS tag, celsius * 1.8 + 32",
+            "",
+        ),
+        ("count(*), avg(celsius), max(humidity)", ""),
+        ("seq, taken_at", ""),
+        ("status, count(*)", " GROUP BY status"),
+        ("device_id, label", ""),
+    ]);
+    format!("SELECT {select} FROM temperature WHERE {filter}{tail}")
+}
+
+on_both_backends!(rows_views_and_views_over_views_answer_as_the_primary_table);
+async fn rows_views_and_views_over_views_answer_as_the_primary_table(backend: Backend) {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("random seed {seed}");
+    let mut random = Random(seed);
+    let server = Server::with_temperature(backend).await;
+    let mut tokens = Vec::new();
+    for device in DEVICES {
+        tokens.push(server.add_device(device, "ingest").await);
+    }
+    ingest(&server, &tokens, &mut random, 1, 80).await;
+    let (status, body) = server
+        .post_text("/v1/views", &server.admin, ROW_VIEWS)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    ingest(&server, &tokens, &mut random, 80, 160).await;
+
+    let mut through_views = 0;
+    for _ in 0..40 {
+        let sql = random_row_query(&mut random);
+        let routed = server.query(&sql).await;
+        let primary = on_primary(&server, &sql).await;
+        assert_eq!(routed["columns"], primary["columns"], "{sql}");
+        assert_eq!(
+            normalized(&routed),
+            normalized(&primary),
+            "{sql} through {} differs from the primary table",
+            routed["view"]
+        );
+        through_views += usize::from(!routed["view"].is_null());
+    }
+    assert!(
+        through_views >= 10,
+        "only {through_views} of 40 went through a view"
+    );
+
+    // Each kind answers what it is for: the narrowest that can.
+    for (sql, view) in [
+        ("SELECT seq, taken_at FROM temperature WHERE status = 'warn'", "status_index"),
+        ("SELECT device_id, humidity FROM temperature WHERE status = 'ok'", "by_status"),
+        (
+            "SELECT celsius * 1.8 + 32 FROM temperature WHERE concat(device_id, '/', status) = 't1/ok'",
+            "by_tag",
+        ),
+        (
+            "SELECT device_id, (taken_at / 86400000) * 86400000 AS day, count(*), max(celsius) FROM temperature \
+             GROUP BY device_id, (taken_at / 86400000) * 86400000",
+            "daily_by_device",
+        ),
+    ] {
+        let routed = server.query(sql).await;
+        assert_eq!(routed["view"], view, "{sql}: {routed}");
+        assert!(!routed["rows"].as_array().unwrap().is_empty(), "{sql}");
+        assert_eq!(normalized(&routed), normalized(&on_primary(&server, sql).await), "{sql}");
+    }
+    // Without a filter on its key, a rows view would read every row: the
+    // table answers, and explain says why.
+    let (status, body) = server
+        .api(
+            "POST",
+            "/v1/query/explain",
+            Some(&server.admin),
+            Some(json!({ "sql": "SELECT device_id, celsius FROM temperature WHERE celsius > 20" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["view"], Value::Null, "{body}");
+    let reason = body["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["view"] == "by_status")
+        .unwrap()["reason"]
+        .to_string();
+    assert!(reason.contains("does not filter on status"), "{reason}");
+    let (_, listed) = server
+        .api("GET", "/v1/views", Some(&server.admin), None)
+        .await;
+    let by_tag = listed["views"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "by_tag")
+        .unwrap();
+    assert_eq!(
+        (&by_tag["kind"], &by_tag["built_on"]),
+        (&json!("rows"), &json!("by_status"))
+    );
+    assert_eq!(by_tag["source"], "temperature");
 }

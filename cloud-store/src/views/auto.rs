@@ -346,19 +346,20 @@ impl Views {
         let names = crate::query::columns(&self.db, sql)
             .await
             .map_err(|e| format!("the query no longer runs: {e}"))?;
+        let leads = super::rows::table_leads(&stream);
         if let Some(plan) = self
             .plans()
             .into_iter()
-            .find(|plan| rewrite::rewrite(query, plan, &names, backend).is_ok())
+            .find(|plan| rewrite::rewrite(query, plan, &names, backend, &leads).is_ok())
         {
             return Err(format!("answered by view {}", plan.name));
         }
         let name = auto_name(&shape.def.source, &shape.key);
         let mut def = shape.def.clone();
         def.refresh = refresh_for_lag(lag_ms);
-        let plan = ViewPlan::new(&name, &def, &stream)
+        let plan = ViewPlan::new(&name, &def, &stream, None)
             .map_err(|e| format!("no view can answer it: {e}"))?;
-        rewrite::rewrite(query, &plan, &names, backend)
+        rewrite::rewrite(query, &plan, &names, backend, &leads)
             .map_err(|e| format!("no view can answer it: {e}"))?;
 
         let (rows, groups) = self.estimate(&plan).await?;

@@ -10,10 +10,21 @@
 //! refresh = "realtime"        # or { every = "30s" }, or "on_demand"
 //! ```
 //!
-//! A view keeps *partials* per group and bucket (row count, and per measured
-//! column its non-null count, sum, min and max), never finished averages:
-//! partials merge by addition, so late rows, several commits and a coarser
-//! query bucket all fold into the same answer the primary table gives.
+//! An aggregate view keeps *partials* per group and bucket (row count, and
+//! per measured column its non-null count, sum, min and max), never
+//! finished averages: partials merge by addition, so late rows, several
+//! commits and a coarser query bucket all fold into the same answer the
+//! primary table gives.
+//!
+//! A *rows* view declares a `key` instead of aggregates: one row per source
+//! row, ordered by that key, holding a subset of the source's `fields` and
+//! `derived` columns (see [`super::rows`]). With no fields it is an index:
+//! key value → the source rows' keys.
+//!
+//! A view's `source` may be another view: the new view is checked against
+//! what that view holds (it can only use its columns, group by its groups,
+//! and bucket by multiples of its bucket) and is maintained from the same
+//! stream, so it answers exactly what rolling the source view up would.
 
 use std::time::Duration;
 
@@ -21,6 +32,7 @@ use fleetgate_protocol::schema::{check_identifier, FieldType, DEVICE_ID, RECEIVE
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
+use super::rows::RowsPlan;
 use crate::catalog::{sql_type, ColumnKind, Stream};
 use crate::db::Backend;
 
@@ -49,7 +61,18 @@ pub struct ViewDef {
     pub group_by: Vec<String>,
     #[serde(default)]
     pub bucket: Option<BucketDef>,
+    #[serde(default)]
     pub aggregates: IndexMap<String, String>,
+    /// A rows view's leading key (the source rows' own key follows it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key: Vec<String>,
+    /// A rows view's columns copied from the source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<String>,
+    /// A rows view's columns computed from the source's, e.g.
+    /// `label = "concat(site, '/', room)"`.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub derived: IndexMap<String, String>,
     #[serde(default)]
     pub refresh: RefreshDef,
 }
@@ -127,6 +150,11 @@ pub struct Measured {
 pub struct ViewPlan {
     pub name: String,
     pub def: ViewDef,
+    /// The stream whose rows the view holds (its source, or its source
+    /// view's stream).
+    pub stream: String,
+    /// Set for a rows view; an aggregate view's parts are the fields below.
+    pub rows: Option<RowsPlan>,
     pub group_by: Vec<(String, ColumnKind)>,
     /// The bucketed source column and the bucket width in its unit (ms).
     pub bucket: Option<(String, i64)>,
@@ -155,10 +183,39 @@ pub fn partial(column: &str, part: &str) -> String {
 }
 
 impl ViewPlan {
-    /// Checks `def` against `source` (the stream it reads).
-    pub fn new(name: &str, def: &ViewDef, source: &Stream) -> Result<ViewPlan, String> {
+    /// Checks `def` against `source` (the stream it reads), and against
+    /// `over`, the view its source names, if it names one.
+    pub fn new(
+        name: &str,
+        def: &ViewDef,
+        source: &Stream,
+        over: Option<&ViewPlan>,
+    ) -> Result<ViewPlan, String> {
         check_identifier("view", name)?;
         let problem = |what: String| format!("view {name}: {what}");
+        let refresh = parse_refresh(&def.refresh).map_err(problem)?;
+        if !def.key.is_empty() || !def.fields.is_empty() || !def.derived.is_empty() {
+            if !def.aggregates.is_empty() || !def.group_by.is_empty() || def.bucket.is_some() {
+                return Err(problem(
+                    "declare either a key (with fields or derived columns) or aggregates (with group_by or bucket), not both".into(),
+                ));
+            }
+            let rows = RowsPlan::new(def, source, over).map_err(problem)?;
+            return Ok(ViewPlan {
+                name: name.to_string(),
+                def: def.clone(),
+                stream: source.name.clone(),
+                rows: Some(rows),
+                group_by: Vec::new(),
+                bucket: None,
+                aggregates: Vec::new(),
+                measured: Vec::new(),
+                refresh,
+            });
+        }
+        if let Some(over) = over {
+            check_rollup(def, over).map_err(problem)?;
+        }
         // A column's storage kind, and the declared type it holds.
         let kind_of = |column: &str| -> Option<(ColumnKind, FieldType)> {
             match column {
@@ -225,7 +282,7 @@ impl ViewPlan {
 
         if def.aggregates.is_empty() {
             return Err(problem(
-                "declare at least one aggregate, e.g. aggregates = { n = \"count(*)\" }".into(),
+                "declare aggregates (e.g. aggregates = { n = \"count(*)\" }), or a key for a rows view".into(),
             ));
         }
         let mut aggregates = Vec::new();
@@ -261,28 +318,11 @@ impl ViewPlan {
             aggregates.push(aggregate);
         }
 
-        let refresh = match &def.refresh {
-            RefreshDef::Named(n) if n == "realtime" => Refresh::Realtime,
-            RefreshDef::Named(n) if n == "on_demand" => Refresh::OnDemand,
-            RefreshDef::Every { every } => {
-                let period = humantime::parse_duration(every)
-                    .map_err(|e| problem(format!("refresh every {every:?}: {e}")))?;
-                if period < Duration::from_secs(1) {
-                    return Err(problem(
-                        "a periodic refresh must be at least 1s apart".into(),
-                    ));
-                }
-                Refresh::Every(period)
-            }
-            RefreshDef::Named(other) => {
-                return Err(problem(format!(
-                "refresh {other:?}: expected \"realtime\", \"on_demand\" or {{ every = \"30s\" }}"
-            )))
-            }
-        };
         Ok(ViewPlan {
             name: name.to_string(),
             def: def.clone(),
+            stream: source.name.clone(),
+            rows: None,
             group_by,
             bucket,
             aggregates,
@@ -291,17 +331,38 @@ impl ViewPlan {
         })
     }
 
+    /// The stream the view's rows come from.
     pub fn source(&self) -> &str {
-        &self.def.source
+        &self.stream
     }
 
-    /// The source columns the view reads (its trigger names them).
-    pub fn source_columns(&self) -> impl Iterator<Item = &str> {
+    /// The view this one is declared over, if any.
+    pub fn built_on(&self) -> Option<&str> {
+        (self.def.source != self.stream).then_some(self.def.source.as_str())
+    }
+
+    /// The stream columns the view reads (its trigger names them).
+    pub fn source_columns(&self) -> Box<dyn Iterator<Item = &str> + Send + '_> {
+        if let Some(rows) = &self.rows {
+            return Box::new(rows.reads());
+        }
         let grouped = self.group_by.iter().map(|(c, _)| c.as_str());
         let bucketed = self.bucket.iter().map(|(c, _)| c.as_str());
-        grouped
-            .chain(bucketed)
-            .chain(self.measured.iter().map(|m| m.column.as_str()))
+        Box::new(
+            grouped
+                .chain(bucketed)
+                .chain(self.measured.iter().map(|m| m.column.as_str())),
+        )
+    }
+
+    /// The columns the view holds under their own names, for views built
+    /// on it: an aggregate view's groups and bucketed column, and a rows
+    /// view's columns.
+    pub fn holds(&self, column: &str) -> bool {
+        match &self.rows {
+            Some(rows) => rows.column_kind(column).is_some(),
+            None => self.group_by.iter().any(|(c, _)| c == column),
+        }
     }
 
     /// The materialized table.
@@ -315,7 +376,7 @@ impl ViewPlan {
         format!("fgv_{}_tail", self.name)
     }
 
-    fn trigger(&self) -> String {
+    pub(super) fn trigger(&self) -> String {
         format!("fgv_{}_maintain", self.name)
     }
 
@@ -475,6 +536,9 @@ impl ViewPlan {
     /// [`Self::backfill_sql`] takes in the rows already there. Run in one
     /// transaction, nothing committed in between is missed or counted twice.
     pub fn create_sql(&self, backend: Backend) -> Vec<String> {
+        if let Some(rows) = &self.rows {
+            return rows.create_sql(self, backend);
+        }
         let columns: Vec<String> = self
             .columns()
             .into_iter()
@@ -538,6 +602,9 @@ impl ViewPlan {
     /// Takes in the source rows present when the view is created; `from`
     /// reads all of them (both tiers of a tiered stream).
     pub fn backfill_sql(&self, backend: Backend, from: &str) -> String {
+        if let Some(rows) = &self.rows {
+            return rows.insert_sql(&self.table(), from);
+        }
         self.merge_into_table(
             &format!(
                 "SELECT {} FROM {from} WHERE true GROUP BY {}",
@@ -562,6 +629,12 @@ impl ViewPlan {
     /// Folds the tail into the table; runs with the tail locked, followed by
     /// emptying it.
     pub fn fold_sql(&self, backend: Backend) -> [String; 2] {
+        if self.rows.is_some() {
+            return [
+                format!("INSERT INTO {} SELECT * FROM {}", self.table(), self.tail()),
+                format!("DELETE FROM {}", self.tail()),
+            ];
+        }
         [
             self.merge_into_table(
                 &format!(
@@ -602,6 +675,89 @@ impl ViewPlan {
             Refresh::Realtime | Refresh::OnDemand => self.table(),
         }
     }
+}
+
+fn parse_refresh(refresh: &RefreshDef) -> Result<Refresh, String> {
+    Ok(match refresh {
+        RefreshDef::Named(n) if n == "realtime" => Refresh::Realtime,
+        RefreshDef::Named(n) if n == "on_demand" => Refresh::OnDemand,
+        RefreshDef::Every { every } => {
+            let period = humantime::parse_duration(every)
+                .map_err(|e| format!("refresh every {every:?}: {e}"))?;
+            if period < Duration::from_secs(1) {
+                return Err("a periodic refresh must be at least 1s apart".into());
+            }
+            Refresh::Every(period)
+        }
+        RefreshDef::Named(other) => {
+            return Err(format!(
+                "refresh {other:?}: expected \"realtime\", \"on_demand\" or {{ every = \"30s\" }}"
+            ))
+        }
+    })
+}
+
+/// An aggregate view over another view may only use what that view holds:
+/// over an aggregate view, a subset of its groups, a multiple of its
+/// bucket, and aggregates of the columns it keeps partials of; over a rows
+/// view, its stored columns.
+fn check_rollup(def: &ViewDef, over: &ViewPlan) -> Result<(), String> {
+    let source = &over.name;
+    let aggregated_columns = def
+        .aggregates
+        .iter()
+        .map(|(alias, text)| parse_aggregate(alias, text).map(|a| a.column))
+        .collect::<Result<Vec<_>, _>>()?;
+    if over.rows.is_some() {
+        let columns = def
+            .group_by
+            .iter()
+            .chain(def.bucket.iter().map(|b| &b.column))
+            .chain(aggregated_columns.iter().flatten());
+        for column in columns {
+            if !over.holds(column) || over.rows.as_ref().is_some_and(|r| r.is_derived(column)) {
+                return Err(format!(
+                    "{column:?} is not a stored column of view {source} (a derived column cannot be aggregated)"
+                ));
+            }
+        }
+        return Ok(());
+    }
+    for column in &def.group_by {
+        if !over.group_by.iter().any(|(c, _)| c == column) {
+            return Err(format!(
+                "view {source} is not grouped by {column:?}, so a view over it cannot be"
+            ));
+        }
+    }
+    match (&def.bucket, &over.bucket) {
+        (None, _) => {}
+        (Some(b), Some((column, width))) if b.column == *column => {
+            let wanted = humantime::parse_duration(&b.width)
+                .map_err(|e| format!("bucket width {:?}: {e}", b.width))?
+                .as_millis() as i64;
+            if wanted % width != 0 {
+                return Err(format!(
+                    "bucket {} is not a multiple of view {source}'s {}ms buckets",
+                    b.width, width
+                ));
+            }
+        }
+        (Some(b), _) => {
+            return Err(format!(
+                "view {source} is not bucketed by {:?}, so a view over it cannot be",
+                b.column
+            ))
+        }
+    }
+    for column in aggregated_columns.iter().flatten() {
+        if !over.measured.iter().any(|m| m.column == *column) {
+            return Err(format!(
+                "view {source} keeps no partials of {column:?}; aggregate what it does"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `count(*)`, `count(col)`, `sum(col)`, `avg(col)`, `min(col)`, `max(col)`.

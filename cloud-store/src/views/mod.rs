@@ -1,8 +1,10 @@
 //! Views: aggregates the store maintains over a stream, and the routing
 //! that answers queries from them.
 //!
-//! - [`def`]: a declared view checked against its source stream, and its SQL.
+//! - [`def`]: a declared view checked against its source, and its SQL.
 //! - [`rewrite`]: a query over a stream as the same query over a view.
+//! - [`rows`]: rows views (a subset of fields and derived columns under a
+//!   key of their own, or an index), and the queries they answer.
 //! - [`shape`]: the view a query would need, with its literal values taken out.
 //! - [`auto`]: automatic views, created for recurring costly shapes within a
 //!   budget and dropped when unused.
@@ -15,6 +17,7 @@
 pub mod auto;
 pub mod def;
 pub mod rewrite;
+pub mod rows;
 pub mod shape;
 
 use std::collections::{BTreeMap, HashMap};
@@ -34,7 +37,13 @@ pub use def::{Refresh, ViewDef, ViewPlan, ViewsFile};
 #[derive(Debug, Clone, Serialize)]
 pub struct ViewInfo {
     pub name: String,
+    /// The stream its rows come from.
     pub source: String,
+    /// The view it is declared over, if any.
+    pub built_on: Option<String>,
+    /// `aggregate`, or `rows` (a subset of fields under a key of its own,
+    /// or an index).
+    pub kind: &'static str,
     pub origin: Origin,
     pub refresh: String,
     pub definition: ViewDef,
@@ -136,39 +145,70 @@ impl Views {
                 .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect())
         })
         .map_err(|e| format!("cannot read the view catalog: {e}"))?;
-        let mut entries = BTreeMap::new();
-        for (name, definition, origin, created_at) in rows {
-            let planned = serde_json::from_str::<ViewDef>(&definition)
-                .map_err(|e| e.to_string())
-                .and_then(|def| {
-                    let source = self
-                        .catalog
-                        .get(&def.source)
-                        .ok_or_else(|| format!("source stream {} is gone", def.source))?;
-                    ViewPlan::new(&name, &def, &source)
-                });
-            match planned {
-                Ok(plan) => {
-                    let origin = if origin == "auto" {
-                        Origin::Auto
-                    } else {
-                        Origin::Declared
-                    };
-                    let plan = Arc::new(plan);
-                    entries.insert(
-                        name,
-                        Entry {
-                            plan,
-                            origin,
-                            created_at,
-                        },
-                    );
+        let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
+        // A view over a view is planned after the view it is built on.
+        let mut pending: Vec<(String, String, String, i64)> = rows;
+        while !pending.is_empty() {
+            let before = pending.len();
+            let mut waiting = Vec::new();
+            for (name, definition, origin, created_at) in pending {
+                let def = match serde_json::from_str::<ViewDef>(&definition) {
+                    Ok(def) => def,
+                    Err(e) => {
+                        tracing::error!(view = %name, error = %e, "view cannot be used");
+                        continue;
+                    }
+                };
+                let over = entries.get(&def.source).map(|e| e.plan.clone());
+                if over.is_none() && self.catalog.get(&def.source).is_none() {
+                    waiting.push((name, definition, origin, created_at));
+                    continue;
                 }
-                Err(e) => tracing::error!(view = %name, error = %e, "view cannot be used"),
+                match self.plan_def(&name, &def, over.as_deref()) {
+                    Ok(plan) => {
+                        let origin = if origin == "auto" {
+                            Origin::Auto
+                        } else {
+                            Origin::Declared
+                        };
+                        let plan = Arc::new(plan);
+                        entries.insert(
+                            name,
+                            Entry {
+                                plan,
+                                origin,
+                                created_at,
+                            },
+                        );
+                    }
+                    Err(e) => tracing::error!(view = %name, error = %e, "view cannot be used"),
+                }
             }
+            if waiting.len() == before {
+                for (name, definition, ..) in &waiting {
+                    tracing::error!(view = %name, definition, "view cannot be used: its source is gone");
+                }
+                break;
+            }
+            pending = waiting;
         }
         *self.entries.write().expect("views lock") = entries;
         Ok(())
+    }
+
+    /// Plans `def`, over the view `over` when its source is one.
+    fn plan_def(
+        &self,
+        name: &str,
+        def: &ViewDef,
+        over: Option<&ViewPlan>,
+    ) -> Result<ViewPlan, String> {
+        let stream_name = over.map_or(def.source.as_str(), |v| v.source());
+        let stream = self
+            .catalog
+            .get(stream_name)
+            .ok_or_else(|| format!("view {name}: unknown source stream {stream_name:?}"))?;
+        ViewPlan::new(name, def, &stream, over)
     }
 
     fn entries(&self) -> Vec<Entry> {
@@ -227,6 +267,12 @@ impl Views {
             out.push(ViewInfo {
                 name: plan.name.clone(),
                 source: plan.source().to_string(),
+                built_on: plan.built_on().map(str::to_string),
+                kind: if plan.rows.is_some() {
+                    "rows"
+                } else {
+                    "aggregate"
+                },
                 origin,
                 bytes,
                 created_at,
@@ -248,30 +294,47 @@ impl Views {
     /// trigger, rows already in the source) in a transaction of its own.
     pub async fn create(&self, file: &ViewsFile) -> Result<Vec<String>, String> {
         self.reload().await?;
-        let mut planned = Vec::new();
-        for (name, def) in &file.views {
-            if self.plan(name).is_some() {
-                return Err(format!("view {name} exists; drop it first to change it"));
+        let mut planned: Vec<ViewPlan> = Vec::new();
+        // In dependency order: a view over another of the file comes after it.
+        let mut pending: Vec<(&String, &ViewDef)> = file.views.iter().collect();
+        while !pending.is_empty() {
+            let before = pending.len();
+            let mut waiting = Vec::new();
+            for (name, def) in pending {
+                if self.plan(name).is_some() {
+                    return Err(format!("view {name} exists; drop it first to change it"));
+                }
+                if def.source == *name {
+                    return Err(format!("view {name}: a view cannot be its own source"));
+                }
+                let over = match planned.iter().find(|p| p.name == def.source) {
+                    Some(plan) => Some(Arc::new(plan.clone())),
+                    None if file.views.contains_key(&def.source) => {
+                        waiting.push((name, def));
+                        continue;
+                    }
+                    None => self.plan(&def.source),
+                };
+                if over.is_none() && self.catalog.get(&def.source).is_none() {
+                    return Err(format!(
+                        "view {name}: unknown source {:?} (neither a stream nor a view)",
+                        def.source
+                    ));
+                }
+                planned.push(self.plan_def(name, def, over.as_deref())?);
             }
-            let source = match self.catalog.get(&def.source) {
-                Some(source) => source,
-                None if self.plan(&def.source).is_some()
-                    || file.views.contains_key(&def.source) =>
-                {
-                    return Err(format!(
-                        "view {name}: its source {} is a view; views over views are not supported \
-                         (declare it over the stream instead)",
-                        def.source
-                    ))
-                }
-                None => {
-                    return Err(format!(
-                        "view {name}: unknown source stream {:?}",
-                        def.source
-                    ))
-                }
-            };
-            planned.push(ViewPlan::new(name, def, &source)?);
+            if waiting.len() == before {
+                let mut cycle: Vec<String> = waiting
+                    .iter()
+                    .map(|(n, d)| format!("{n} -> {}", d.source))
+                    .collect();
+                cycle.sort();
+                return Err(format!(
+                    "views form a cycle ({}): each must reach a stream",
+                    cycle.join(", ")
+                ));
+            }
+            pending = waiting;
         }
         let mut created = Vec::new();
         for plan in planned {
@@ -331,6 +394,11 @@ impl Views {
         let Some(plan) = self.plan(name) else {
             return Ok(false);
         };
+        if let Some(dependent) = self.dependent(name) {
+            return Err(format!(
+                "view {dependent} is built on {name}; drop it first"
+            ));
+        }
         let statements = plan.drop_sql(self.db.backend());
         with_pool!(self.db, pool => async {
             let mut tx = pool.begin().await?;
@@ -351,6 +419,15 @@ impl Views {
         self.entries.write().expect("views lock").remove(name);
         tracing::info!(view = %name, "view dropped");
         Ok(true)
+    }
+
+    /// A view declared over `name`, if any (`name` cannot be dropped
+    /// before it).
+    pub fn dependent(&self, name: &str) -> Option<String> {
+        self.plans()
+            .iter()
+            .find(|p| p.built_on() == Some(name))
+            .map(|p| p.name.clone())
     }
 
     /// Folds a view's tail into its table.
@@ -423,7 +500,12 @@ impl Views {
         let mut candidates = Vec::new();
         let mut usable = Vec::new();
         for plan in self.plans() {
-            match rewrite::rewrite(query, &plan, names, backend) {
+            let leads = self
+                .catalog
+                .get(plan.source())
+                .map(|stream| rows::table_leads(&stream))
+                .unwrap_or_default();
+            match rewrite::rewrite(query, &plan, names, backend, &leads) {
                 Ok(rewritten) => {
                     candidates.push(Candidate {
                         view: plan.name.clone(),

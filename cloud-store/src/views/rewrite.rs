@@ -31,7 +31,11 @@ pub fn rewrite(
     plan: &ViewPlan,
     names: &[String],
     backend: Backend,
+    primary_leads_with: &[String],
 ) -> Result<String, String> {
+    if let Some(rows) = &plan.rows {
+        return rows.rewrite(query, plan, names, backend, primary_leads_with);
+    }
     if query.with.is_some() {
         return Err("the query has a WITH clause".into());
     }
@@ -510,5 +514,11 @@ pub fn rank(plan: &ViewPlan) -> (usize, i64, bool) {
     let width = plan.bucket.as_ref().map_or(i64::MAX, |(_, w)| *w);
     // A periodic view also reads its tail.
     let tail = matches!(plan.refresh, Refresh::Every(_));
-    (plan.group_by.len(), -width, tail)
+    // A rows view holds a row per source row: any aggregate view that
+    // answers is smaller.
+    let size = match &plan.rows {
+        Some(rows) => 1_000 + rows.width(),
+        None => plan.group_by.len(),
+    };
+    (size, -width, tail)
 }

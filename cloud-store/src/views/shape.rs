@@ -304,6 +304,9 @@ impl Collector {
                     width: format!("{width}ms"),
                 }),
                 aggregates,
+                key: Vec::new(),
+                fields: Vec::new(),
+                derived: Default::default(),
                 refresh: RefreshDef::default(),
             },
         })
