@@ -3,11 +3,12 @@
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use fleetgate_admin::unix_now_ms;
 use fleetgate_etl::report::{combine, ReportDef, ReportsFile};
 use fleetgate_protocol::Role;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::etl_api::Window;
@@ -52,7 +53,7 @@ pub async fn series(
     caller: Caller,
     Path(name): Path<String>,
     Query(query): Query<SeriesQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     caller.require(Role::Extract, &state)?;
     let def = state
         .reports
@@ -94,26 +95,103 @@ pub async fn series(
             }
         }
     };
-    let sql = def.side_sql(&def.realtime.stream, &def.realtime.time, from, to, width);
-    let (realtime, view) = answer(&state, &caller, &sql).await?;
-    let points = combine(
-        def.group_by.is_some(),
-        windows,
-        width,
-        &batch,
-        realtime.rows,
-    );
-    Ok(Json(json!({
-        "report": name,
-        "from": from,
-        "to": to,
-        "bucket_ms": width,
-        // Where real-time data takes over: the end of the last batch.
-        "boundary": windows.last().map(|w| w.1),
-        "batch_windows": windows,
-        "realtime_view": view,
-        "points": points,
-    })))
+    // The real-time side only where no batch answers: usually just after
+    // the boundary, instead of the whole period.
+    let mut realtime = Vec::new();
+    let mut view = None;
+    for (gap_from, gap_to) in realtime_gaps(windows, from, to, width) {
+        let sql = def.side_sql(
+            &def.realtime.stream,
+            &def.realtime.time,
+            gap_from,
+            gap_to,
+            width,
+        );
+        let (result, served_by) = answer(&state, &caller, &sql).await?;
+        realtime.extend(result.rows);
+        view = view.or(served_by);
+    }
+    let points = combine(def.group_by.is_some(), windows, width, &batch, realtime);
+    // Serialized straight from the points: a year of hourly points per
+    // region is tens of thousands of them.
+    Ok(Json(SeriesBody {
+        report: &name,
+        from,
+        to,
+        bucket_ms: width,
+        boundary: windows.last().map(|w| w.1),
+        batch_windows: windows,
+        realtime_view: view,
+        points,
+    })
+    .into_response())
+}
+
+#[derive(Serialize)]
+struct SeriesBody<'a> {
+    report: &'a str,
+    from: i64,
+    to: i64,
+    bucket_ms: i64,
+    /// Where real-time data takes over: the end of the last batch.
+    boundary: Option<i64>,
+    batch_windows: &'a [(i64, i64)],
+    realtime_view: Option<String>,
+    points: Vec<fleetgate_etl::report::Point>,
+}
+
+/// The parts of `[from, to)` whose buckets no batch window wholly covers,
+/// on bucket boundaries; the whole period when there are many.
+fn realtime_gaps(windows: &[(i64, i64)], from: i64, to: i64, width: i64) -> Vec<(i64, i64)> {
+    const MAX_GAPS: usize = 8;
+    let mut gaps = Vec::new();
+    let mut start = from;
+    for &(w_from, w_to) in windows {
+        // Buckets wholly inside the window come from the batch.
+        let first = w_from.div_euclid(width) * width
+            + if w_from.rem_euclid(width) > 0 {
+                width
+            } else {
+                0
+            };
+        let end = w_to.div_euclid(width) * width;
+        if first >= end {
+            continue;
+        }
+        if first > start {
+            gaps.push((start, first.min(to)));
+        }
+        start = start.max(end);
+    }
+    if start < to {
+        gaps.push((start, to));
+    }
+    gaps.retain(|(a, b)| a < b);
+    if gaps.len() > MAX_GAPS {
+        return vec![(from, to)];
+    }
+    gaps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::realtime_gaps;
+
+    #[test]
+    fn real_time_is_read_only_where_no_batch_covers_whole_buckets() {
+        let hour = 3_600_000;
+        assert_eq!(realtime_gaps(&[], 0, 10 * hour, hour), [(0, 10 * hour)]);
+        assert_eq!(
+            realtime_gaps(&[(0, 4 * hour)], 0, 10 * hour, hour),
+            [(4 * hour, 10 * hour)]
+        );
+        // A window ending mid-bucket leaves that bucket to real time.
+        assert_eq!(
+            realtime_gaps(&[(2 * hour, 5 * hour + 1)], 0, 10 * hour, hour),
+            [(0, 2 * hour), (5 * hour, 10 * hour)]
+        );
+        assert_eq!(realtime_gaps(&[(0, 20 * hour)], 0, 10 * hour, hour), []);
+    }
 }
 
 pub async fn reconcile(

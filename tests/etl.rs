@@ -348,3 +348,123 @@ key = ["id"]
         .collect();
     assert_eq!(rows, expected, "upserted twice, each note once and intact");
 }
+
+/// `rows` readings at one a minute from `start_minute`, with a malformed
+/// line after every 10,000th.
+fn readings_csv(rows: usize, start_minute: i64, value: f64) -> String {
+    let mut csv = String::from("sensor,reading,at\n");
+    for n in 0..rows {
+        let at = 1_795_132_800_000 + (start_minute + n as i64) * 60_000;
+        csv.push_str(&format!("s{},{value},{at}\n", n % 7));
+        if n % 10_000 == 9_999 {
+            csv.push_str("s1,1.5\n");
+        }
+    }
+    csv
+}
+
+fn readings_job(name: &str, dir: &Path, mode: &str) -> String {
+    format!(
+        r#"
+[jobs.{name}.sources.readings]
+csv = "{}/parts/*.csv"
+columns = {{ sensor = "text", reading = "float", at = "timestamp" }}
+[[jobs.{name}.rules]]
+discard = "reading < 0"
+[jobs.{name}.load]
+table = "{name}_batch"
+mode = "{mode}"
+time = "at"
+covers = "1d"
+"#,
+        dir.display()
+    )
+}
+
+async fn run_to_end(server: &Server, job: &str) -> Value {
+    let (ok, out, err) = fleetgate_async(server, &["etl", "run", job]).await;
+    let runs = get(server, &format!("/v1/etl/runs?job={job}")).await;
+    let run = runs["runs"][0].clone();
+    assert_eq!(ok, run["status"] == "succeeded", "{out}{err}{run}");
+    run
+}
+
+// Runs without sort, aggregate or a key load batch by batch while they
+// read: tens of thousands of rows arrive in several batches, and a run
+// that fails after some were written leaves the table as it was.
+on_both_backends!(a_large_run_loads_while_it_reads_and_fails_whole);
+async fn a_large_run_loads_while_it_reads_and_fails_whole(backend: Backend) {
+    let server = Server::start(backend).await;
+    let dir = server.dir.path().to_path_buf();
+    let parts = dir.join("parts");
+    std::fs::create_dir_all(&parts).unwrap();
+    std::fs::write(parts.join("1.csv"), readings_csv(30_000, 0, 1.5)).unwrap();
+    std::fs::write(parts.join("2.csv"), readings_csv(15_000, 30_000, 1.5)).unwrap();
+    let jobs = readings_job("append", &dir, "append") + &readings_job("replace", &dir, "overwrite");
+    let (status, body) = server.post_text("/v1/etl/jobs", &server.admin, &jobs).await;
+    assert_eq!(status, 200, "{body}");
+
+    let run = run_to_end(&server, "append").await;
+    assert_eq!(
+        (&run["rows_loaded"], &run["rows_rejected"]),
+        (&json!(45_000), &json!(4)),
+        "{run}"
+    );
+    assert_eq!(run["rows_read"], 45_000, "{run}");
+    // 45,000 minutes from the day's start: the days they fall in.
+    assert_eq!(run["window_from"], 1_795_132_800_000i64, "{run}");
+    assert_eq!(
+        run["window_to"],
+        1_795_132_800_000i64 + 32 * 86_400_000,
+        "{run}"
+    );
+    let id = run["id"].as_i64().unwrap();
+    let rejects = get(&server, &format!("/v1/etl/runs/{id}/rejects")).await;
+    let lines: Vec<(String, i64)> = rejects["rejects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["file"].as_str().unwrap().to_string(),
+                r["line"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    // Each malformed line follows the 10,000th row before it (+1 header line).
+    let expected = [
+        ("1.csv", 10_002),
+        ("1.csv", 20_003),
+        ("1.csv", 30_004),
+        ("2.csv", 10_002),
+    ]
+    .map(|(f, l)| (f.to_string(), l));
+    assert_eq!(lines, expected);
+    let count = "SELECT count(*), sum(reading) FROM append_batch";
+    assert_eq!(server.rows(count).await, [[json!(45_000), json!(67_500.0)]]);
+
+    // Overwrite twice: the second run's rows replace the first's.
+    run_to_end(&server, "replace").await;
+    std::fs::write(parts.join("1.csv"), readings_csv(30_000, 0, 2.0)).unwrap();
+    std::fs::write(parts.join("2.csv"), readings_csv(15_000, 30_000, 2.0)).unwrap();
+    run_to_end(&server, "replace").await;
+    let replaced = "SELECT count(*), sum(reading) FROM replace_batch";
+    assert_eq!(
+        server.rows(replaced).await,
+        [[json!(45_000), json!(90_000.0)]]
+    );
+
+    // A third file that cannot be read fails the run after the first two
+    // were loaded: nothing of it stays.
+    std::fs::write(parts.join("3.csv"), "sensor,value\ns1,1\n").unwrap();
+    let run = run_to_end(&server, "append").await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert!(
+        run["error"]
+            .as_str()
+            .unwrap()
+            .contains("no column \"reading\""),
+        "{run}"
+    );
+    assert_eq!(server.rows(count).await, [[json!(45_000), json!(67_500.0)]]);
+}

@@ -125,6 +125,7 @@ pub(crate) async fn run(read_half: ClientRead, mut write_half: ClientWrite, shar
         live_readers: 0,
         relay: None,
         platform: None,
+        upstream_holds_will: false,
     };
     session.serve(reader, write_half, upstream, will).await;
     expiry.abort();
@@ -177,6 +178,9 @@ fn admit(shared: &Shared, connect: &Connect) -> Result<Principal, Refusal> {
 struct UpstreamLink {
     reader: FrameReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
+    /// Whether the embedded broker holds the device's will (a DISCONNECT
+    /// there is then what keeps it from being published).
+    holds_will: bool,
 }
 
 /// Opens the device's session on the embedded broker and relays its CONNACK.
@@ -254,7 +258,11 @@ async fn connect_upstream(
     };
     client.write_all(&connack).await.ok()?;
     // Byte 1 after the fixed header is the return/reason code; 0 is success.
-    (connack.get(header.len + 1) == Some(&0)).then_some(UpstreamLink { reader, writer })
+    (connack.get(header.len + 1) == Some(&0)).then_some(UpstreamLink {
+        reader,
+        writer,
+        holds_will: keep_will,
+    })
 }
 
 struct Session {
@@ -280,6 +288,8 @@ struct Session {
     relay: Option<mpsc::Sender<Bytes>>,
     /// Started at the first subscription to a platform topic.
     platform: Option<PlatformSubscriber>,
+    /// See [`Session::end_upstream`].
+    upstream_holds_will: bool,
 }
 
 type PendingSubacks = Arc<Mutex<HashMap<u16, Vec<FilterFate>>>>;
@@ -302,6 +312,7 @@ impl Session {
         upstream: UpstreamLink,
         will: Option<codec::Will>,
     ) {
+        self.upstream_holds_will = upstream.holds_will;
         let (acks, ack_queue) = mpsc::channel::<AckFuture>(MAX_PENDING_ACKS);
         let (relay, relay_queue) = mpsc::channel::<Bytes>(1024);
         let writer = tokio::spawn(write_loop(client, ack_queue, relay_queue));
@@ -347,7 +358,8 @@ impl Session {
                 // The platform ended it (revoked, banned, re-roled, shutting
                 // down): a normal DISCONNECT, so the embedded broker does not
                 // publish the device's will.
-                let _ = forward(&mut up, &[codec::DISCONNECT << 4, 0]).await;
+                self.end_upstream(&mut up, &[codec::DISCONNECT << 4, 0])
+                    .await;
             }
         }
         let _ = up.shutdown().await;
@@ -360,6 +372,19 @@ impl Session {
         // platform itself ended the session (revoked, banned, shutting down).
         if let (End::Abnormal | End::Ended(EndReason::TakenOver), Some(will)) = (end, will) {
             self.fire_ingest_will(will);
+        }
+    }
+
+    /// Sends the embedded broker a DISCONNECT before the connection closes,
+    /// but only when it holds a will that must not be published: rumqttd
+    /// handles a DISCONNECT followed by the close as two disconnections,
+    /// and when the connection's slot has meanwhile gone to a new
+    /// connection, the second one ends that one (a device reconnecting at
+    /// once lost its new session). Without a will, a close alone means the
+    /// same to it.
+    async fn end_upstream(&self, up: &mut OwnedWriteHalf, disconnect: &[u8]) {
+        if self.upstream_holds_will {
+            let _ = forward(up, disconnect).await;
         }
     }
 
@@ -546,7 +571,7 @@ impl Session {
                 Ok(None)
             }
             codec::DISCONNECT => {
-                let _ = forward(up, &bytes).await;
+                self.end_upstream(up, &bytes).await;
                 Ok(Some(End::Graceful))
             }
             codec::CONNECT => Err(CodecError::Malformed(

@@ -137,6 +137,38 @@ pub fn read(
     rejects: &mut Vec<ExtractReject>,
 ) -> Result<Vec<Row>, String> {
     let mut rows = Vec::new();
+    read_each(
+        source_index,
+        source,
+        files,
+        progress,
+        rejects,
+        usize::MAX,
+        &mut |batch| {
+            rows.extend(batch);
+            Ok(())
+        },
+    )?;
+    Ok(rows)
+}
+
+/// Like [`read`], but hands rows on `batch` at a time as they are read,
+/// for a run that loads while it reads.
+pub fn read_each(
+    source_index: u16,
+    source: &SourceDef,
+    files: &[PathBuf],
+    progress: &Progress,
+    rejects: &mut Vec<ExtractReject>,
+    batch: usize,
+    on_batch: &mut dyn FnMut(Vec<Row>) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut out = RowSink {
+        rows: Vec::new(),
+        batch,
+        on_batch,
+        progress,
+    };
     for (file_index, path) in files.iter().enumerate() {
         let origin = |line: u64| Origin {
             source: source_index,
@@ -144,25 +176,47 @@ pub fn read(
             line,
         };
         let file = File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let before = rows.len();
         match source.kind()? {
-            SourceKind::Csv(_) => read_csv(source, file, &origin, &mut rows, rejects)
+            SourceKind::Csv(_) => read_csv(source, file, &origin, &mut out, rejects)
                 .map_err(|e| format!("{}: {e}", path.display()))?,
-            _ => read_jsonl(source, file, &origin, &mut rows, rejects)
+            _ => read_jsonl(source, file, &origin, &mut out, rejects)
                 .map_err(|e| format!("{}: {e}", path.display()))?,
         }
-        progress
-            .read
-            .fetch_add((rows.len() - before) as u64, Ordering::Relaxed);
     }
-    Ok(rows)
+    out.flush()
+}
+
+/// Where read rows go: handed on in batches.
+struct RowSink<'a> {
+    rows: Vec<Row>,
+    batch: usize,
+    on_batch: &'a mut dyn FnMut(Vec<Row>) -> Result<(), String>,
+    progress: &'a Progress,
+}
+
+impl RowSink<'_> {
+    fn push(&mut self, row: Row) -> Result<(), String> {
+        self.rows.push(row);
+        self.progress.read.fetch_add(1, Ordering::Relaxed);
+        if self.rows.len() >= self.batch {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        (self.on_batch)(std::mem::take(&mut self.rows))
+    }
 }
 
 fn read_csv(
     source: &SourceDef,
     file: File,
     origin: &dyn Fn(u64) -> Origin,
-    rows: &mut Vec<Row>,
+    rows: &mut RowSink,
     rejects: &mut Vec<ExtractReject>,
 ) -> Result<(), String> {
     let delimiter = source.delimiter.unwrap_or(',');
@@ -226,7 +280,7 @@ fn read_csv(
             None => rows.push(Row {
                 values,
                 origin: origin(line),
-            }),
+            })?,
             Some(reason) => rejects.push(ExtractReject {
                 origin: origin(line),
                 reason,
@@ -248,7 +302,7 @@ fn read_jsonl(
     source: &SourceDef,
     file: File,
     origin: &dyn Fn(u64) -> Origin,
-    rows: &mut Vec<Row>,
+    rows: &mut RowSink,
     rejects: &mut Vec<ExtractReject>,
 ) -> Result<(), String> {
     let reader = BufReader::with_capacity(1 << 20, file);
@@ -289,7 +343,7 @@ fn read_jsonl(
             Ok(values) => rows.push(Row {
                 values,
                 origin: origin(n as u64 + 1),
-            }),
+            })?,
             Err(reason) => rejects.push(ExtractReject {
                 origin: origin(n as u64 + 1),
                 reason,

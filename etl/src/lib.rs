@@ -41,7 +41,7 @@ use fleetgate_store::{with_pool, Db};
 use sqlx::Row as _;
 
 use crate::declared::{Declared, Stored};
-use crate::job::{JobDef, JobsFile};
+use crate::job::{JobDef, JobsFile, LoadMode};
 use crate::run::{Progress, RejectRecord, RunRecord};
 use crate::transform::{Context, Row};
 
@@ -347,6 +347,16 @@ impl Etl {
         for (name, source) in &def.sources {
             dumps.push(extract::dump(name, source, &interim.join(name)).await?);
         }
+        let pipeline = def.pipeline()?;
+        // Rows load while the rest is still read and transformed, unless a
+        // rule (sort, aggregate) or the load (last row per key) needs them
+        // all first.
+        if pipeline.row_by_row() && def.load.key.is_none() && def.load.mode != LoadMode::Upsert {
+            let output = pipeline.output().clone();
+            return self
+                .load_while_reading(id, def, &dumps, window, progress, output)
+                .await;
+        }
         let Transformed {
             rows,
             rejected,
@@ -358,29 +368,7 @@ impl Etl {
                 .await
                 .map_err(|e| format!("the transformation stopped: {e}"))??
         };
-        let rejects: Vec<RejectRecord> = rejected
-            .into_iter()
-            .map(|(origin, reason, data)| {
-                let (source, _) = def
-                    .sources
-                    .get_index(origin.source as usize)
-                    .expect("source index");
-                RejectRecord {
-                    source: source.clone(),
-                    file: dumps[origin.source as usize]
-                        .get(origin.file as usize)
-                        .and_then(|f| f.file_name())
-                        .map(|f| {
-                            f.to_string_lossy()
-                                .split_once('-')
-                                .map_or(String::new(), |(_, n)| n.to_string())
-                        }),
-                    line: Some(origin.line as i64),
-                    reason,
-                    data,
-                }
-            })
-            .collect();
+        let rejects = reject_records(def, &dumps, rejected);
         run::save_rejects(&self.db, id, &rejects).await?;
         let target = load::Load {
             def: &def.load,
@@ -389,6 +377,41 @@ impl Etl {
             window,
         };
         load::load(&self.db, &target, rows, progress, unix_now_ms).await?;
+        Ok(())
+    }
+
+    /// Reads and transforms the main source in batches on a blocking
+    /// thread while the load writes each batch, in its transaction.
+    async fn load_while_reading(
+        &self,
+        id: i64,
+        def: &JobDef,
+        dumps: &[Vec<PathBuf>],
+        window: Option<(i64, i64)>,
+        progress: &Arc<Progress>,
+        output: schema::Schema,
+    ) -> Result<(), String> {
+        let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_QUEUE);
+        let producer = {
+            let (def, progress, dumps) = (def.clone(), progress.clone(), dumps.to_vec());
+            tokio::task::spawn_blocking(move || stream_all(&def, &dumps, &progress, window, sender))
+        };
+        let end = async {
+            let (rejected, window) = producer
+                .await
+                .map_err(|e| format!("the transformation stopped: {e}"))??;
+            Ok(load::StreamEnd {
+                window,
+                rejects: reject_records(def, dumps, rejected),
+            })
+        };
+        let target = load::Load {
+            def: &def.load,
+            schema: &output,
+            run: id,
+            window: None,
+        };
+        load::load_streamed(&self.db, target, receiver, progress, end, unix_now_ms).await?;
         Ok(())
     }
 
@@ -512,33 +535,10 @@ fn transform_all(
     let mut window = window;
     if let Some(time) = &def.load.time {
         let at = output.require(time)?;
-        let covers = def.load.covers()?.map(|d| d.as_millis() as i64);
-        let mut kept = Vec::with_capacity(rows.len());
-        let mut span: Option<(i64, i64)> = None;
-        for row in rows {
-            let reason = match (&row.values[at], window) {
-                (fleetgate_store::pipeline::SqlValue::Int(t), Some((from, to)))
-                    if *t < from || *t >= to =>
-                {
-                    Some(format!("{time} is outside the run's window"))
-                }
-                (fleetgate_store::pipeline::SqlValue::Int(t), _) => {
-                    span = Some(span.map_or((*t, *t), |(a, b)| (a.min(*t), b.max(*t))));
-                    None
-                }
-                _ => Some(format!("{time} is empty")),
-            };
-            match reason {
-                None => kept.push(row),
-                Some(reason) => rejected.push((row.origin, reason, String::new())),
-            }
-        }
-        rows = kept;
+        let mut span = None;
+        rows = keep_in_window(rows, time, at, window, &mut span, &mut rejected);
         if window.is_none() {
-            window = span.map(|(first, last)| match covers {
-                Some(p) => (first.div_euclid(p) * p, (last.div_euclid(p) + 1) * p),
-                None => (first, last + 1),
-            });
+            window = window_of(def, span)?;
         }
     }
     if let Some(key) = &def.load.key {
@@ -560,6 +560,152 @@ fn transform_all(
         window,
         output: output.clone(),
     })
+}
+
+/// Rows per batch when a run loads while it reads.
+const STREAM_BATCH: usize = 20_000;
+/// Batches transformed ahead of the load at most.
+const STREAM_QUEUE: usize = 4;
+
+/// Reads the joined sources whole, then the main source in batches, each
+/// transformed and sent to the load; returns the rejects and the window.
+fn stream_all(
+    def: &JobDef,
+    dumps: &[Vec<PathBuf>],
+    progress: &Progress,
+    window: Option<(i64, i64)>,
+    sender: tokio::sync::mpsc::Sender<Vec<Row>>,
+) -> Result<(Rejected, Option<(i64, i64)>), String> {
+    let pipeline = def.pipeline()?;
+    let mut rejected: Rejected = Vec::new();
+    let mut by_source = HashMap::new();
+    let mut extract_rejects = Vec::new();
+    for (i, ((name, source), files)) in def.sources.iter().zip(dumps).enumerate().skip(1) {
+        let rows = extract::read(i as u16, source, files, progress, &mut extract_rejects)
+            .map_err(|e| format!("source {name}: {e}"))?;
+        by_source.insert(name.clone(), rows);
+    }
+    let time = match &def.load.time {
+        Some(time) => Some((time.as_str(), pipeline.output().require(time)?)),
+        None => None,
+    };
+    let mut span = None;
+    let (main, source) = def.sources.get_index(0).ok_or("the job has no source")?;
+    extract::read_each(
+        0,
+        source,
+        &dumps[0],
+        progress,
+        &mut extract_rejects,
+        STREAM_BATCH,
+        &mut |batch| {
+            let mut context = Context {
+                sources: &by_source,
+                rejects: Vec::new(),
+            };
+            let mut rows = pipeline.apply(batch, &mut context);
+            rejected.extend(
+                context
+                    .rejects
+                    .into_iter()
+                    .map(|r| (r.origin, r.reason, r.row)),
+            );
+            if let Some((time, at)) = time {
+                rows = keep_in_window(rows, time, at, window, &mut span, &mut rejected);
+            }
+            progress
+                .transformed
+                .fetch_add(rows.len() as u64, Ordering::Relaxed);
+            progress
+                .rejected
+                .store(rejected.len() as u64, Ordering::Relaxed);
+            sender
+                .blocking_send(rows)
+                .map_err(|_| "the load stopped".to_string())
+        },
+    )
+    .map_err(|e| format!("source {main}: {e}"))?;
+    rejected.extend(
+        extract_rejects
+            .into_iter()
+            .map(|r| (r.origin, r.reason, r.raw)),
+    );
+    progress
+        .rejected
+        .store(rejected.len() as u64, Ordering::Relaxed);
+    let window = match window {
+        Some(window) => Some(window),
+        None => window_of(def, span)?,
+    };
+    Ok((rejected, window))
+}
+
+/// Keeps the rows whose load time lies in `window` (when one was given),
+/// rejecting the others and those without a time; widens `span` by the
+/// times kept.
+fn keep_in_window(
+    rows: Vec<Row>,
+    time: &str,
+    at: usize,
+    window: Option<(i64, i64)>,
+    span: &mut Option<(i64, i64)>,
+    rejected: &mut Rejected,
+) -> Vec<Row> {
+    use fleetgate_store::pipeline::SqlValue;
+    let mut kept = Vec::with_capacity(rows.len());
+    for row in rows {
+        let reason = match (&row.values[at], window) {
+            (SqlValue::Int(t), Some((from, to))) if *t < from || *t >= to => {
+                Some(format!("{time} is outside the run's window"))
+            }
+            (SqlValue::Int(t), _) => {
+                *span = Some(span.map_or((*t, *t), |(a, b)| (a.min(*t), b.max(*t))));
+                None
+            }
+            _ => Some(format!("{time} is empty")),
+        };
+        match reason {
+            None => kept.push(row),
+            Some(reason) => rejected.push((row.origin, reason, String::new())),
+        }
+    }
+    kept
+}
+
+/// The window the loaded times span, widened to whole `covers` periods.
+fn window_of(def: &JobDef, span: Option<(i64, i64)>) -> Result<Option<(i64, i64)>, String> {
+    let covers = def.load.covers()?.map(|d| d.as_millis() as i64);
+    Ok(span.map(|(first, last)| match covers {
+        Some(p) => (first.div_euclid(p) * p, (last.div_euclid(p) + 1) * p),
+        None => (first, last + 1),
+    }))
+}
+
+/// Rejects as the run records them: which source, file and line.
+fn reject_records(def: &JobDef, dumps: &[Vec<PathBuf>], rejected: Rejected) -> Vec<RejectRecord> {
+    rejected
+        .into_iter()
+        .map(|(origin, reason, data)| {
+            let (source, _) = def
+                .sources
+                .get_index(origin.source as usize)
+                .expect("source index");
+            RejectRecord {
+                source: source.clone(),
+                file: dumps[origin.source as usize]
+                    .get(origin.file as usize)
+                    .and_then(|f| f.file_name())
+                    .map(|f| {
+                        f.to_string_lossy()
+                            .split_once('-')
+                            .map_or(String::new(), |(_, n)| n.to_string())
+                    }),
+                line: Some(origin.line as i64),
+                reason,
+                data,
+            }
+        })
+        .collect()
 }
 
 /// Removes all but the newest interim directories of the run's job.

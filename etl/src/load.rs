@@ -13,7 +13,7 @@ use fleetgate_store::{with_pool, Db};
 use sqlx::Row as _;
 
 use crate::job::{LoadDef, LoadMode};
-use crate::run::{Progress, SUCCEEDED};
+use crate::run::{insert_rejects, Progress, RejectRecord, SUCCEEDED};
 use crate::schema::Schema;
 use crate::transform::Row;
 
@@ -180,24 +180,12 @@ pub async fn load(
     progress: &Progress,
     finished_at: impl Fn() -> i64,
 ) -> Result<u64, String> {
-    db.execute_ddl(&load.create_table())
-        .await
-        .map_err(|e| format!("cannot create table {}: {e}", load.def.table))?;
-    let alter = missing_columns(db, load)
-        .await
-        .map_err(|e| format!("cannot read the columns of {}: {e}", load.def.table))?;
-    db.execute_ddl(&alter)
-        .await
-        .map_err(|e| format!("cannot add columns to {}: {e}", load.def.table))?;
+    prepare_table(db, load).await?;
     for row in &mut rows {
         row.values.push(SqlValue::Int(load.run));
     }
     let clear = load.clear();
-    let existing: i64 = with_pool!(db, pool => {
-        sqlx::query(&format!("SELECT count(*) FROM {}", load.def.table))
-            .fetch_one(pool).await.and_then(|r| r.try_get(0))
-    })
-    .map_err(|e| format!("cannot count the rows of {}: {e}", load.def.table))?;
+    let existing = row_count(db, load).await?;
     // Loading more rows than the table holds, building the index once
     // afterwards (a sort) beats updating it row by row at random places.
     // Inside the transaction, so a failed load keeps the index too.
@@ -229,6 +217,97 @@ pub async fn load(
     result
         .map(|()| rows.len() as u64)
         .map_err(|e| format!("cannot load into {}: {e}", load.def.table))
+}
+
+/// A table holding fewer rows than this has its time index rebuilt after
+/// a streamed load (which does not know in advance how many it loads).
+const REBUILD_INDEX_BELOW: i64 = 100_000;
+
+/// What a streamed run knows once every row has been sent: its window and
+/// its rejects.
+pub struct StreamEnd {
+    pub window: Option<(i64, i64)>,
+    pub rejects: Vec<RejectRecord>,
+}
+
+/// Loads rows as they arrive on `rows`, while they are still being read
+/// and transformed, then (once `end` gives the window and the rejects)
+/// clears what an overwrite replaces, records the rejects and closes the
+/// run as succeeded, all in one transaction: a run that fails anywhere,
+/// or is killed, leaves the table as it was. For append and overwrite
+/// without a key (an upsert needs every row first); `load.window` is
+/// what `end` gives.
+pub async fn load_streamed(
+    db: &Db,
+    mut load: Load<'_>,
+    mut rows: tokio::sync::mpsc::Receiver<Vec<Row>>,
+    progress: &Progress,
+    end: impl std::future::Future<Output = Result<StreamEnd, String>>,
+    finished_at: impl Fn() -> i64,
+) -> Result<u64, String> {
+    let (def, run) = (load.def, load.run);
+    prepare_table(db, &load).await?;
+    let existing = row_count(db, &load).await?;
+    let rebuild_index = (existing < REBUILD_INDEX_BELOW)
+        .then(|| load.drop_index().zip(load.create_index()))
+        .flatten();
+    let table = &def.table;
+    let result: Result<u64, String> = with_pool!(db, pool => async {
+        let failed = |e: sqlx::Error| format!("cannot load into {table}: {e}");
+        let mut tx = pool.begin().await.map_err(failed)?;
+        if let Some((drop, _)) = &rebuild_index {
+            sqlx::query(drop).execute(&mut *tx).await.map_err(failed)?;
+        }
+        let mut loaded = 0;
+        while let Some(mut batch) = rows.recv().await {
+            for row in &mut batch {
+                row.values.push(SqlValue::Int(run));
+            }
+            WriteRows::write_rows(&mut *tx, &load, &batch, progress).await.map_err(failed)?;
+            loaded += batch.len() as u64;
+        }
+        let StreamEnd { window, rejects } = end.await?;
+        load.window = window;
+        // The rows of earlier runs the new ones replace.
+        if let Some(clear) = load.clear() {
+            let earlier = if clear.contains(" WHERE ") { " AND" } else { " WHERE" };
+            let clear = format!("{clear}{earlier} {RUN_COLUMN} <> {run}");
+            sqlx::query(&clear).execute(&mut *tx).await.map_err(failed)?;
+        }
+        if let Some((_, create)) = &rebuild_index {
+            sqlx::query(create).execute(&mut *tx).await.map_err(failed)?;
+        }
+        insert_rejects!(tx, run, &rejects).map_err(|e| format!("cannot record rejects: {e}"))?;
+        let [read, transformed, _, rejected] = progress.counts();
+        let (from, to) = window.unzip();
+        sqlx::query(SUCCEEDED)
+            .bind(run).bind(finished_at()).bind(read).bind(transformed)
+            .bind(loaded as i64).bind(rejected).bind(from).bind(to)
+            .execute(&mut *tx).await.map_err(failed)?;
+        tx.commit().await.map_err(failed)?;
+        Ok(loaded)
+    }.await);
+    result
+}
+
+async fn prepare_table(db: &Db, load: &Load<'_>) -> Result<(), String> {
+    db.execute_ddl(&load.create_table())
+        .await
+        .map_err(|e| format!("cannot create table {}: {e}", load.def.table))?;
+    let alter = missing_columns(db, load)
+        .await
+        .map_err(|e| format!("cannot read the columns of {}: {e}", load.def.table))?;
+    db.execute_ddl(&alter)
+        .await
+        .map_err(|e| format!("cannot add columns to {}: {e}", load.def.table))
+}
+
+async fn row_count(db: &Db, load: &Load<'_>) -> Result<i64, String> {
+    with_pool!(db, pool => {
+        sqlx::query(&format!("SELECT count(*) FROM {}", load.def.table))
+            .fetch_one(pool).await.and_then(|r| r.try_get(0))
+    })
+    .map_err(|e| format!("cannot count the rows of {}: {e}", load.def.table))
 }
 
 /// How rows reach the table inside the load's transaction: the fastest

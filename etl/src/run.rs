@@ -202,24 +202,40 @@ pub struct RejectRecord {
 /// Rejects kept per run; beyond this they are counted, not stored.
 pub const KEPT_REJECTS: usize = 10_000;
 
-pub async fn save_rejects(db: &Db, run: i64, rejects: &[RejectRecord]) -> Result<(), String> {
-    let kept = &rejects[..rejects.len().min(KEPT_REJECTS)];
-    let result = with_pool!(db, pool => async {
-        let mut tx = pool.begin().await?;
+/// Inserts a run's rejects (at most [`KEPT_REJECTS`]) on `$conn`, a
+/// connection or transaction of either backend. A macro, so one body
+/// serves both backends' concrete types.
+macro_rules! insert_rejects {
+    ($conn:expr, $run:expr, $rejects:expr) => {{
+        let rejects: &[$crate::run::RejectRecord] = $rejects;
+        let kept = &rejects[..rejects.len().min($crate::run::KEPT_REJECTS)];
+        let mut inserted: Result<(), sqlx::Error> = Ok(());
         for chunk in kept.chunks(500) {
             let mut insert = sqlx::QueryBuilder::new(
                 "INSERT INTO fleetgate_etl_rejects (run_id, source, file, line, reason, data) ",
             );
             insert.push_values(chunk, |mut row, r| {
-                row.push_bind(run)
+                row.push_bind($run)
                     .push_bind(r.source.as_str())
                     .push_bind(r.file.as_deref())
                     .push_bind(r.line)
                     .push_bind(r.reason.as_str())
                     .push_bind(r.data.as_str());
             });
-            insert.build().execute(&mut *tx).await?;
+            if let Err(e) = insert.build().execute(&mut *$conn).await {
+                inserted = Err(e);
+                break;
+            }
         }
+        inserted
+    }};
+}
+pub(crate) use insert_rejects;
+
+pub async fn save_rejects(db: &Db, run: i64, rejects: &[RejectRecord]) -> Result<(), String> {
+    let result = with_pool!(db, pool => async {
+        let mut tx = pool.begin().await?;
+        insert_rejects!(tx, run, rejects)?;
         tx.commit().await
     }.await);
     result.map_err(|e| format!("cannot record rejects: {e}"))

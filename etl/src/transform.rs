@@ -52,6 +52,12 @@ pub struct Context<'a> {
 
 pub trait Step: Send + Sync {
     fn apply(&self, rows: Vec<Row>, context: &mut Context<'_>) -> Vec<Row>;
+
+    /// Whether the step treats each row on its own, so rows can pass
+    /// through it in batches (sorting and aggregating need them all).
+    fn row_by_row(&self) -> bool {
+        true
+    }
 }
 
 /// The compiled rules of a job.
@@ -64,6 +70,11 @@ impl Pipeline {
     /// The columns the rules leave: what is loaded.
     pub fn output(&self) -> &Schema {
         &self.output
+    }
+
+    /// Whether every step treats rows one by one (see [`Step::row_by_row`]).
+    pub fn row_by_row(&self) -> bool {
+        self.steps.iter().all(|s| s.row_by_row())
     }
 
     pub fn apply(&self, mut rows: Vec<Row>, context: &mut Context<'_>) -> Vec<Row> {
@@ -449,6 +460,10 @@ fn rank(value: &SqlValue) -> u8 {
 }
 
 impl Step for Sort {
+    fn row_by_row(&self) -> bool {
+        false
+    }
+
     fn apply(&self, mut rows: Vec<Row>, _: &mut Context<'_>) -> Vec<Row> {
         rows.sort_by(|a, b| {
             for &(i, descending) in &self.keys {
@@ -709,6 +724,10 @@ struct Accumulator {
 }
 
 impl Step for Aggregate {
+    fn row_by_row(&self) -> bool {
+        false
+    }
+
     fn apply(&self, rows: Vec<Row>, _: &mut Context<'_>) -> Vec<Row> {
         let mut groups: IndexMap<Vec<Option<HashKey>>, (Row, Vec<Accumulator>)> = IndexMap::new();
         let fresh = Accumulator {
