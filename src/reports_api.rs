@@ -99,14 +99,9 @@ pub async fn series(
     // the boundary, instead of the whole period.
     let mut realtime = Vec::new();
     let mut view = None;
+    let realtime_from = realtime_source(&state, &def)?;
     for (gap_from, gap_to) in realtime_gaps(windows, from, to, width) {
-        let sql = def.side_sql(
-            &def.realtime.stream,
-            &def.realtime.time,
-            gap_from,
-            gap_to,
-            width,
-        );
+        let sql = def.side_sql(&realtime_from, &def.realtime.time, gap_from, gap_to, width);
         let (result, served_by) = answer(&state, &caller, &sql).await?;
         realtime.extend(result.rows);
         view = view.or(served_by);
@@ -138,6 +133,26 @@ struct SeriesBody<'a> {
     batch_windows: &'a [(i64, i64)],
     realtime_view: Option<String>,
     points: Vec<fleetgate_etl::report::Point>,
+}
+
+/// What the real-time side reads: the stream, and for a bucketed stream
+/// the rows batches superseded too (a report bucket a batch covers only in
+/// part comes from real time, and some of its rows were swapped out). Named
+/// tables only: the query is checked like any other.
+fn realtime_source(state: &AppState, def: &ReportDef) -> Result<String, ApiError> {
+    let name = &def.realtime.stream;
+    let Some(stream) = state.catalog.get(name).filter(|s| s.bucket().is_some()) else {
+        return Ok(name.clone());
+    };
+    let mut columns = vec![def.realtime.time.clone()];
+    columns.extend(def.group_by.iter().cloned());
+    columns.extend(def.value().map_err(bad_request)?.column);
+    columns.dedup();
+    let columns = columns.join(", ");
+    Ok(format!(
+        "(SELECT {columns} FROM {name} UNION ALL SELECT {columns} FROM {}) AS {name}",
+        stream.superseded_table()
+    ))
 }
 
 /// The parts of `[from, to)` whose buckets no batch window wholly covers,

@@ -17,7 +17,7 @@ use fleetgate_protocol::schema::BUCKET_COLUMN;
 use serde::Serialize;
 use sqlx::Row;
 
-use crate::catalog::{Catalog, Stream, SUPERSEDED_BY};
+use crate::catalog::{physical_columns_sql, Catalog, Stream, SUPERSEDED_BY};
 use crate::db::{Backend, Db};
 use crate::views::Views;
 use crate::with_pool;
@@ -129,22 +129,11 @@ impl Buckets {
             return Ok(swap);
         }
         let backend = self.db.backend();
-        let columns = stream.stored_columns().join(", ");
         let fgs = stream.superseded_table();
         let period = format!("{BUCKET_COLUMN} >= {from_bucket} AND {BUCKET_COLUMN} < {to_bucket}");
-        let mut moves = Vec::new();
         let mut sources = vec![stream.name.clone()];
         if stream.tiered() {
             sources.push(stream.cold_table());
-        }
-        for table in &sources {
-            moves.push((
-                format!(
-                    "INSERT INTO {fgs} ({columns}, {SUPERSEDED_BY}) SELECT {columns}, {run} FROM {table} \
-                     WHERE {period} ON CONFLICT DO NOTHING"
-                ),
-                format!("DELETE FROM {table} WHERE {period}"),
-            ));
         }
         let rebuilds: Vec<String> = self
             .views
@@ -153,7 +142,12 @@ impl Buckets {
             .filter(|plan| plan.source() == name)
             .flat_map(|plan| plan.rebuild_sql(backend, &stream.read_from()))
             .collect();
-        let lock = format!("LOCK TABLE {name} IN SHARE ROW EXCLUSIVE MODE");
+        // Ingest waits, and so does a tier move (which could otherwise
+        // copy rows to the cold tier that this swap also moves).
+        let lock = format!(
+            "LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE",
+            sources.join(", ")
+        );
         let now = fleetgate_protocol::unix_now_ms();
         swap.rows = with_pool!(self.db, pool => async {
             let mut tx = pool.begin().await?;
@@ -163,10 +157,19 @@ impl Buckets {
             sqlx::query("INSERT INTO fleetgate_superseded (stream, from_bucket, to_bucket, run, at) VALUES ($1, $2, $3, $4, $5)")
                 .bind(name).bind(from_bucket).bind(to_bucket).bind(run).bind(now)
                 .execute(&mut *tx).await?;
+            // The columns as they are now (the lock keeps compaction out).
+            let columns: Vec<String> = sqlx::query_scalar(physical_columns_sql(backend))
+                .bind(name).fetch_all(&mut *tx).await?;
+            let columns = columns.join(", ");
             let mut moved = 0;
-            for (copy, delete) in &moves {
-                sqlx::query(copy).execute(&mut *tx).await?;
-                moved += sqlx::query(delete).execute(&mut *tx).await?.rows_affected();
+            for table in &sources {
+                let copy = format!(
+                    "INSERT INTO {fgs} ({columns}, {SUPERSEDED_BY}) SELECT {columns}, {run} FROM {table} \
+                     WHERE {period} ON CONFLICT DO NOTHING"
+                );
+                sqlx::query(&copy).execute(&mut *tx).await?;
+                let delete = format!("DELETE FROM {table} WHERE {period}");
+                moved += sqlx::query(&delete).execute(&mut *tx).await?.rows_affected();
             }
             for statement in &rebuilds {
                 sqlx::query(statement).execute(&mut *tx).await?;

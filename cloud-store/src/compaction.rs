@@ -133,8 +133,15 @@ impl Compaction {
             let touched_since = used
                 .get(&(stream.clone(), field.clone()))
                 .is_some_and(|at| *at > compacted_at);
-            if touched_since && self.catalog.promote(&stream, &field).await? {
-                tracing::info!(%stream, %field, "compacted field used again: promoted to a column");
+            if touched_since {
+                // One field's failure does not hold up the others.
+                match self.catalog.promote(&stream, &field).await {
+                    Ok(true) => {
+                        tracing::info!(%stream, %field, "compacted field used again: promoted to a column")
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(%stream, %field, error = %e, "cannot promote field"),
+                }
             }
         }
         if let Some(unused_after) = self.settings.unused_after {
@@ -150,8 +157,14 @@ impl Compaction {
                     {
                         continue;
                     }
-                    if self.catalog.compact(&stream.name, field).await? {
-                        tracing::info!(stream = %stream.name, %field, "unused field compacted into extra");
+                    match self.catalog.compact(&stream.name, field).await {
+                        Ok(true) => {
+                            tracing::info!(stream = %stream.name, %field, "unused field compacted into extra")
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(stream = %stream.name, %field, error = %e, "cannot compact field")
+                        }
                     }
                 }
             }
@@ -208,6 +221,14 @@ impl Compaction {
     /// clock of every field not seen before.
     async fn record_use(&self, now_ms: i64) -> Result<(), String> {
         let touched = std::mem::take(&mut *self.touched.lock().expect("touched lock"));
+        let restore = |touched: HashMap<FieldKey, i64>| {
+            // Not written: kept for the next round (newest use wins).
+            let mut now = self.touched.lock().expect("touched lock");
+            for (key, at) in touched {
+                let entry = now.entry(key).or_insert(at);
+                *entry = (*entry).max(at);
+            }
+        };
         let unseen: Vec<FieldKey> = {
             let known = self.known.lock().expect("known lock");
             self.catalog
@@ -220,7 +241,7 @@ impl Compaction {
         if touched.is_empty() && unseen.is_empty() {
             return Ok(());
         }
-        with_pool!(self.db, pool => async {
+        let written = with_pool!(self.db, pool => async {
             let mut tx = pool.begin().await?;
             for (stream, field) in &unseen {
                 sqlx::query("INSERT INTO fleetgate_field_usage (stream, field, last_used_at) VALUES ($1, $2, $3) ON CONFLICT (stream, field) DO NOTHING")
@@ -237,8 +258,11 @@ impl Compaction {
                 .execute(&mut *tx).await?;
             }
             tx.commit().await
-        }.await)
-        .map_err(|e| format!("cannot record field use: {e}"))?;
+        }.await);
+        if let Err(e) = written {
+            restore(touched);
+            return Err(format!("cannot record field use: {e}"));
+        }
         self.known.lock().expect("known lock").extend(unseen);
         Ok(())
     }

@@ -16,7 +16,7 @@ use fleetgate_protocol::schema::{RECEIVED_AT, ROW_ID};
 use serde::Serialize;
 use sqlx::Row;
 
-use crate::catalog::{Catalog, Stream};
+use crate::catalog::{physical_columns_sql, Catalog, Stream};
 use crate::db::{Backend, Db};
 use crate::views::Views;
 use crate::with_pool;
@@ -101,7 +101,6 @@ impl Tiers {
         };
         let cutoff = now_ms - hot.as_millis() as i64;
         let (name, cold) = (&stream.name, stream.cold_table());
-        let columns = stream.stored_columns().join(", ");
         let spare = self.keep_newest_id(stream);
         let mut moved = 0;
         loop {
@@ -115,16 +114,26 @@ impl Tiers {
             .map_err(|e| e.to_string())?;
             // Rows sharing one timestamp move together.
             let upto = chunk_end.map_or(cutoff, |end| end + 1).min(cutoff);
-            let copy = format!(
-                "INSERT INTO {cold} ({columns}) SELECT {columns} FROM {name} \
-                 WHERE {RECEIVED_AT} < $1{spare} ON CONFLICT DO NOTHING"
-            );
             let delete = format!("DELETE FROM {name} WHERE {RECEIVED_AT} < $1{spare}");
+            let (backend, lock) = (
+                self.db.backend(),
+                format!("LOCK TABLE {name} IN ACCESS SHARE MODE"),
+            );
             // One transaction: a row is in exactly one tier at any commit.
             // Another process moving the same rows at once copies nothing
             // (ON CONFLICT) and deletes nothing.
             let deleted = with_pool!(self.db, pool => async {
                 let mut tx = pool.begin().await?;
+                if backend == Backend::Postgres {
+                    sqlx::query(&lock).execute(&mut *tx).await?;
+                }
+                let columns: Vec<String> = sqlx::query_scalar(physical_columns_sql(backend))
+                    .bind(name).fetch_all(&mut *tx).await?;
+                let columns = columns.join(", ");
+                let copy = format!(
+                    "INSERT INTO {cold} ({columns}) SELECT {columns} FROM {name} \
+                     WHERE {RECEIVED_AT} < $1{spare} ON CONFLICT DO NOTHING"
+                );
                 sqlx::query(&copy).bind(upto).execute(&mut *tx).await?;
                 let deleted = sqlx::query(&delete).bind(upto).execute(&mut *tx).await?.rows_affected();
                 tx.commit().await?;

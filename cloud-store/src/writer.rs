@@ -280,6 +280,7 @@ impl Writer {
                     if let Err(e) = self.catalog.reload().await {
                         tracing::warn!(error = %e, "cannot reload the stream catalog");
                     }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                     attempt += 1;
                 }
                 Err(e) if is_transient(&e) && attempt < 40 => {

@@ -302,21 +302,35 @@ impl Etl {
     /// A run's record, with live counts when this process runs it.
     pub async fn get_run(&self, id: i64) -> Result<Option<RunRecord>, String> {
         let mut record = run::get(&self.db, id, unix_now_ms()).await?;
-        let progress = self.active.lock().expect("active").get(&id).cloned();
-        if let (Some(record), Some(progress)) = (&mut record, progress) {
-            if record.status == "running" {
-                let [read, transformed, loaded, rejected] = progress.counts();
-                record.rows_read = read;
-                record.rows_transformed = transformed;
-                record.rows_loaded = loaded;
-                record.rows_rejected = rejected;
-            }
+        if let Some(record) = &mut record {
+            self.live(record);
         }
         Ok(record)
     }
 
     pub async fn runs(&self, job: Option<&str>, limit: i64) -> Result<Vec<RunRecord>, String> {
-        run::list(&self.db, job, limit, unix_now_ms()).await
+        let mut records = run::list(&self.db, job, limit, unix_now_ms()).await?;
+        for record in &mut records {
+            self.live(record);
+        }
+        Ok(records)
+    }
+
+    /// A run this process is executing, as it stands now: running (its
+    /// heartbeat may be late while a long SQLite load holds the only
+    /// writer), with its live counts.
+    fn live(&self, record: &mut RunRecord) {
+        let progress = self.active.lock().expect("active").get(&record.id).cloned();
+        let Some(progress) = progress else { return };
+        if record.status == "running" || record.finished_at.is_none() {
+            record.status = "running".into();
+            record.error = None;
+            let [read, transformed, loaded, rejected] = progress.counts();
+            record.rows_read = read;
+            record.rows_transformed = transformed;
+            record.rows_loaded = loaded;
+            record.rows_rejected = rejected;
+        }
     }
 
     pub async fn rejects(&self, run: i64, limit: i64) -> Result<Vec<RejectRecord>, String> {

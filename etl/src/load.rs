@@ -248,7 +248,13 @@ pub async fn load_streamed(
     let (def, run) = (load.def, load.run);
     prepare_table(db, &load).await?;
     let existing = row_count(db, &load).await?;
-    let rebuild_index = (existing < REBUILD_INDEX_BELOW)
+    // On PostgreSQL dropping the index locks the table against readers
+    // for the whole run: only worth it while there is nothing to read.
+    let small = match db.backend() {
+        Backend::Sqlite => existing < REBUILD_INDEX_BELOW,
+        Backend::Postgres => existing == 0,
+    };
+    let rebuild_index = small
         .then(|| load.drop_index().zip(load.create_index()))
         .flatten();
     let table = &def.table;

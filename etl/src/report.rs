@@ -16,7 +16,6 @@
 //! router, so the real-time half is served by a view when one fits and
 //! reads every tier of a tiered stream.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use fleetgate_protocol::schema::check_identifier;
@@ -195,7 +194,7 @@ pub fn combine(
     batch: &[Vec<Value>],
     realtime: Vec<Vec<Value>>,
 ) -> Vec<Point> {
-    let mut points: BTreeMap<(i64, String), Point> = BTreeMap::new();
+    let mut points = Vec::with_capacity(batch.len() + realtime.len());
     for (side, rows) in [(Side::Batch, batch), (Side::Realtime, realtime.as_slice())] {
         for row in rows {
             let Some(bucket) = row.first().and_then(Value::as_i64) else {
@@ -205,21 +204,31 @@ pub fn combine(
             if use_batch != (side == Side::Batch) {
                 continue;
             }
-            let series = grouped.then(|| row.get(1).cloned().unwrap_or(Value::Null));
-            let value = row.last().cloned().unwrap_or(Value::Null);
-            let order = series.as_ref().map(Value::to_string).unwrap_or_default();
-            points.insert(
-                (bucket, order),
-                Point {
-                    bucket,
-                    series,
-                    value,
-                    source: side,
-                },
-            );
+            points.push(Point {
+                bucket,
+                series: grouped.then(|| row.get(1).cloned().unwrap_or(Value::Null)),
+                value: row.last().cloned().unwrap_or(Value::Null),
+                source: side,
+            });
         }
     }
-    points.into_values().collect()
+    // Each side has one row per bucket and series, and a bucket comes from
+    // one side only: sorting is all that is left.
+    points.sort_unstable_by(|a, b| {
+        a.bucket
+            .cmp(&b.bucket)
+            .then_with(|| series_order(&a.series).cmp(&series_order(&b.series)))
+    });
+    points
+}
+
+/// A series' place in order: by its text (numbers and others by their JSON).
+fn series_order(series: &Option<Value>) -> std::borrow::Cow<'_, str> {
+    match series {
+        None => "".into(),
+        Some(Value::String(s)) => s.as_str().into(),
+        Some(other) => other.to_string().into(),
+    }
 }
 
 #[cfg(test)]

@@ -208,11 +208,15 @@ impl Reports {
     /// streams keep them (reports read the batch for that period anyway).
     async fn supersede(&self, def: &ReportDef, window: (i64, i64), run: i64) {
         let stream = &def.realtime.stream;
-        if self
+        // Only when the stream is bucketed by the time the report (and so
+        // the batch window) reads: bucketed by another, a swap would move
+        // rows of periods no batch covers.
+        let bucketed_by_report_time = self
             .catalog
             .get(stream)
-            .is_none_or(|s| s.bucket().is_none())
-        {
+            .and_then(|s| s.bucket().map(|(time, _)| time == def.realtime.time))
+            .unwrap_or(false);
+        if !bucketed_by_report_time {
             return;
         }
         if let Err(e) = self.buckets.swap(stream, window.0, window.1, run).await {
@@ -223,27 +227,11 @@ impl Reports {
     /// What `FROM` reads as the report's real-time rows: the stream (both
     /// tiers of a tiered one), and the rows batches superseded of a
     /// bucketed one (a reconciliation compares them all).
-    fn realtime_from(&self, def: &ReportDef, columns: &[String]) -> Result<String, String> {
-        let stream = self
-            .catalog
+    fn realtime_from(&self, def: &ReportDef) -> Result<String, String> {
+        self.catalog
             .get(&def.realtime.stream)
-            .ok_or_else(|| format!("no stream named {:?}", def.realtime.stream))?;
-        if stream.bucket().is_none() {
-            return Ok(stream.read_from());
-        }
-        // Once each, or the outer query's names would be ambiguous.
-        let mut distinct: Vec<&str> = Vec::new();
-        for column in columns {
-            if !distinct.contains(&column.as_str()) {
-                distinct.push(column);
-            }
-        }
-        let columns = distinct.join(", ");
-        Ok(format!(
-            "(SELECT {columns} FROM {} UNION ALL SELECT {columns} FROM {}) AS realtime",
-            stream.read_from(),
-            stream.read_superseded()
-        ))
+            .map(|stream| stream.read_with_superseded())
+            .ok_or_else(|| format!("no stream named {:?}", def.realtime.stream))
     }
 
     /// Compares the report's two sides over `window` and stores the result.
@@ -276,11 +264,10 @@ impl Reports {
             def.batch.table,
             t = def.batch.time
         );
-        let realtime_columns = select(&def.realtime.time);
         let realtime_sql = format!(
             "SELECT {} FROM {} WHERE {t} >= {from} AND {t} < {to}",
-            realtime_columns.join(", "),
-            self.realtime_from(&def, &realtime_columns)?,
+            select(&def.realtime.time).join(", "),
+            self.realtime_from(&def)?,
             t = def.realtime.time
         );
         let batch = self.read(&batch_sql).await?;

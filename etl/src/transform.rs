@@ -489,7 +489,15 @@ struct Join {
     right_columns: Vec<usize>,
     inner: bool,
     columns: Vec<String>,
+    /// The joined source's rows by key (positions in it), built on the
+    /// first batch: a run that loads while it reads joins many batches
+    /// against the same rows.
+    index: std::sync::OnceLock<RightIndex>,
 }
+
+/// One map per kind of value, so text keys are looked up as they are,
+/// without building a key per row.
+type RightIndex = [HashMap<String, Vec<usize>>; 4];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -546,6 +554,7 @@ impl Join {
             right_columns,
             inner: rule.kind == JoinKind::Inner,
             columns,
+            index: std::sync::OnceLock::new(),
         })
     }
 }
@@ -564,14 +573,15 @@ impl Step for Join {
             .get(&self.source)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        // One map per kind of value, so text keys are looked up as they
-        // are, without building a key per row.
-        let mut index: [HashMap<String, Vec<&Row>>; 4] = Default::default();
-        for row in right {
-            if let Some((kind, key)) = key_of(&row.values[self.right_key]) {
-                index[kind as usize].entry(key).or_default().push(row);
+        let index = self.index.get_or_init(|| {
+            let mut index: RightIndex = Default::default();
+            for (position, row) in right.iter().enumerate() {
+                if let Some((kind, key)) = key_of(&row.values[self.right_key]) {
+                    index[kind as usize].entry(key).or_default().push(position);
+                }
             }
-        }
+            index
+        });
         let lookup = |value: &SqlValue| match value {
             SqlValue::Null => None,
             SqlValue::Text(text) => index[rank(value) as usize].get(text.as_str()),
@@ -581,8 +591,9 @@ impl Step for Join {
         for row in rows {
             let matches = lookup(&row.values[self.left_key]);
             match matches {
-                Some(matches) => {
-                    let (last, others) = matches.split_last().expect("indexed keys have rows");
+                Some(positions) => {
+                    let (last, others) = positions.split_last().expect("indexed keys have rows");
+                    let (last, others) = (&right[*last], others.iter().map(|&i| &right[i]));
                     for other in others {
                         let mut values = row.values.clone();
                         values.extend(self.right_columns.iter().map(|&i| other.values[i].clone()));

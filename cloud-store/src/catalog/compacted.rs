@@ -9,6 +9,21 @@
 
 use fleetgate_protocol::schema::EXTRA;
 
+/// The key a compacted field's value is kept under in `extra`: apart from
+/// the keys devices send there (which may name a field declared later),
+/// since ingest refuses records with keys that start with `fg.`.
+pub fn folded_key(field: &str) -> String {
+    format!("{FOLDED_PREFIX}{field}")
+}
+
+/// What keys of folded fields start with.
+pub const FOLDED_PREFIX: &str = "fg.";
+
+/// The JSON path of a folded field's key, for SQLite.
+fn path(field: &str) -> String {
+    format!("'$.\"{}\"'", folded_key(field))
+}
+
 use super::ColumnKind;
 use crate::db::Backend;
 
@@ -24,7 +39,7 @@ pub fn foldable(kind: ColumnKind) -> bool {
 pub fn extract(backend: Backend, row: &str, field: &str, kind: ColumnKind) -> String {
     match backend {
         Backend::Sqlite => {
-            let raw = format!("json_extract({row}{EXTRA}, '$.{field}')");
+            let raw = format!("json_extract({row}{EXTRA}, {})", path(field));
             match kind {
                 ColumnKind::Int => format!("CAST({raw} AS INTEGER)"),
                 ColumnKind::Float => format!("CAST({raw} AS REAL)"),
@@ -32,7 +47,7 @@ pub fn extract(backend: Backend, row: &str, field: &str, kind: ColumnKind) -> St
             }
         }
         Backend::Postgres => {
-            let raw = format!("(CAST({row}{EXTRA} AS JSONB) ->> '{field}')");
+            let raw = format!("(CAST({row}{EXTRA} AS JSONB) ->> '{}')", folded_key(field));
             match kind {
                 ColumnKind::Int => format!("CAST({raw} AS BIGINT)"),
                 ColumnKind::Float => format!("CAST({raw} AS DOUBLE PRECISION)"),
@@ -48,11 +63,14 @@ pub fn extra_without(backend: Backend, row: &str, fields: &[&str]) -> String {
     let extra = format!("{row}{EXTRA}");
     match backend {
         Backend::Sqlite => {
-            let paths: Vec<String> = fields.iter().map(|f| format!("'$.{f}'")).collect();
+            let paths: Vec<String> = fields.iter().map(|f| path(f)).collect();
             format!("NULLIF(json_remove({extra}, {}), '{{}}')", paths.join(", "))
         }
         Backend::Postgres => {
-            let minus: String = fields.iter().map(|f| format!(" - '{f}'")).collect();
+            let minus: String = fields
+                .iter()
+                .map(|f| format!(" - '{}'", folded_key(f)))
+                .collect();
             let json = format!("CAST({extra} AS JSONB)");
             // Text that holds none of them is returned as it is stored.
             format!(
@@ -71,10 +89,11 @@ pub fn fold(backend: Backend, table: &str, field: &str, kind: ColumnKind) -> Vec
                 ColumnKind::Float => format!("json(printf('%!.17g', {field}))"),
                 _ => field.to_string(),
             };
-            format!("json_set(COALESCE({EXTRA}, '{{}}'), '$.{field}', {value})")
+            format!("json_set(COALESCE({EXTRA}, '{{}}'), {}, {value})", path(field))
         }
         Backend::Postgres => format!(
-            "CAST(COALESCE(CAST({EXTRA} AS JSONB), '{{}}'::jsonb) || jsonb_build_object('{field}', {field}) AS TEXT)"
+            "CAST(COALESCE(CAST({EXTRA} AS JSONB), '{{}}'::jsonb) || jsonb_build_object('{}', {field}) AS TEXT)",
+            folded_key(field)
         ),
     };
     vec![
@@ -106,8 +125,8 @@ pub fn unfold(
 /// Whether `extra` holds `field`.
 fn holds(backend: Backend, row: &str, field: &str) -> String {
     match backend {
-        Backend::Sqlite => format!("json_type({row}{EXTRA}, '$.{field}') IS NOT NULL"),
-        Backend::Postgres => format!("CAST({row}{EXTRA} AS JSONB) ? '{field}'"),
+        Backend::Sqlite => format!("json_type({row}{EXTRA}, {}) IS NOT NULL", path(field)),
+        Backend::Postgres => format!("CAST({row}{EXTRA} AS JSONB) ? '{}'", folded_key(field)),
     }
 }
 

@@ -134,7 +134,7 @@ impl Stream {
         };
         for (i, column) in from.columns.iter().enumerate() {
             if self.compacted.contains(column) && values[i] != SqlValue::Null {
-                extra.insert(column.clone(), values[i].to_json());
+                extra.insert(compacted::folded_key(column), values[i].to_json());
             }
         }
         let mut adapted = Vec::with_capacity(self.columns.len());
@@ -143,7 +143,7 @@ impl Stream {
                 _ if column == EXTRA => continue,
                 Some(i) => values[i].clone(),
                 None if from.compacted.contains(column) => extra
-                    .remove(column)
+                    .remove(&compacted::folded_key(column))
                     .map_or(SqlValue::Null, |v| SqlValue::from_json(*kind, &v)),
                 None => SqlValue::Null,
             };
@@ -247,6 +247,21 @@ impl Stream {
         )
     }
 
+    /// What reads every real-time row of the stream as declared: for a
+    /// bucketed stream, its rows and those batches superseded together.
+    pub fn read_with_superseded(&self) -> String {
+        if self.bucket().is_none() {
+            return self.read_from();
+        }
+        let columns = self.logical_columns();
+        format!(
+            "(SELECT {columns} FROM {} UNION ALL SELECT {columns} FROM {}) AS {}",
+            self.read_from(),
+            self.read_superseded(),
+            self.name
+        )
+    }
+
     /// The primary key's columns: the bucket first, if bucketed.
     pub fn primary_key(&self) -> Vec<String> {
         let mut key = Vec::new();
@@ -335,6 +350,21 @@ impl Stream {
     }
 }
 
+/// The query (binding the table's name) for the columns a table has now,
+/// in order. Moves of rows between a stream's tables read it inside their
+/// transaction, after taking a lock compaction's `ALTER TABLE` waits for:
+/// a column list from the catalog's memory may be a layout behind, and
+/// copying by it would drop a column promoted meanwhile.
+pub fn physical_columns_sql(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => "SELECT name FROM pragma_table_info($1) ORDER BY cid",
+        Backend::Postgres => {
+            "SELECT column_name::text FROM information_schema.columns \
+             WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position"
+        }
+    }
+}
+
 pub fn sql_type(kind: ColumnKind) -> &'static str {
     // These spellings mean the same to SQLite (by affinity) and PostgreSQL.
     match kind {
@@ -359,6 +389,10 @@ fn enrich_column_ddl(name: &str, def: &EnrichDef) -> String {
 pub struct Catalog {
     db: Db,
     streams: Arc<RwLock<HashMap<String, Arc<Stream>>>>,
+    /// Held from reading the database to replacing what is in memory (by a
+    /// reload, an apply or a layout change), so a reload that read before
+    /// a change committed cannot install the older layout after it.
+    changes: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What `apply` did, per stream, for the CLI and API to report.
@@ -378,6 +412,7 @@ impl Catalog {
             // Periods of bucketed streams a batch run superseded: the
             // buckets from_bucket <= b < to_bucket.
             "CREATE TABLE IF NOT EXISTS fleetgate_superseded (stream TEXT NOT NULL, from_bucket BIGINT NOT NULL, to_bucket BIGINT NOT NULL, run BIGINT NOT NULL, at BIGINT NOT NULL)".to_string(),
+            "CREATE INDEX IF NOT EXISTS fleetgate_superseded_period ON fleetgate_superseded (stream, from_bucket)".to_string(),
             "CREATE TABLE IF NOT EXISTS fleetgate_compacted_fields (stream TEXT NOT NULL, field TEXT NOT NULL, compacted_at BIGINT NOT NULL, promoted_at BIGINT, PRIMARY KEY (stream, field))".to_string(),
         ])
         .await
@@ -386,11 +421,13 @@ impl Catalog {
         Ok(Catalog {
             db,
             streams: Arc::new(RwLock::new(streams)),
+            changes: Arc::default(),
         })
     }
 
     /// Reads the catalog again, for changes another process applied.
     pub async fn reload(&self) -> Result<(), String> {
+        let _changes = self.changes.lock().await;
         let streams = read_streams(&self.db).await?;
         *self.streams.write().expect("catalog lock") = streams;
         Ok(())
@@ -443,6 +480,7 @@ impl Catalog {
     /// (perhaps by another process). Keys, booleans and undeclared names
     /// are refused.
     pub async fn compact(&self, stream: &str, field: &str) -> Result<bool, String> {
+        let _changes = self.changes.lock().await;
         let current = self.existing(stream)?;
         let kind = current
             .field_kind(field)
@@ -466,6 +504,7 @@ impl Catalog {
             &self.fence_name(&current, field),
         ));
         let after = current.with_field_compacted(field, true);
+        statements.splice(0..0, lock_tables(backend, &current));
         statements.extend(current.late_trigger_ddl().into_iter().take(1));
         for table in current.tables() {
             statements.extend(compacted::fold(backend, &table, field, kind));
@@ -490,6 +529,7 @@ impl Catalog {
     /// old layout still insert right until [`Self::drop_fences`] removes it.
     /// `Ok(false)` when it is a column already.
     pub async fn promote(&self, stream: &str, field: &str) -> Result<bool, String> {
+        let _changes = self.changes.lock().await;
         let current = self.existing(stream)?;
         if !current.compacted.contains(field) {
             return Ok(false);
@@ -498,11 +538,8 @@ impl Catalog {
         let kind = ColumnKind::of_field(def);
         let backend = self.db.backend();
         let after = current.with_field_compacted(field, false);
-        let mut statements = current
-            .late_trigger_ddl()
-            .into_iter()
-            .take(1)
-            .collect::<Vec<_>>();
+        let mut statements = lock_tables(backend, &current);
+        statements.extend(current.late_trigger_ddl().into_iter().take(1));
         for table in current.tables() {
             statements.extend(compacted::unfold(
                 backend,
@@ -633,6 +670,7 @@ impl Catalog {
     /// field's type or the key is refused, since stored rows would no longer
     /// mean what they meant.
     pub async fn apply(&self, file: &StreamsFile) -> Result<Vec<AppliedStream>, String> {
+        let _changes = self.changes.lock().await;
         let mut ddl = Vec::new();
         let mut report = Vec::new();
         for (name, def) in &file.streams {
@@ -670,7 +708,12 @@ impl Catalog {
                         }
                     }
                     if !existing.tiered() && def.hot.is_some() {
-                        ddl.extend(self.cold_tier_ddl(name, def));
+                        // In the layout the hot table has now.
+                        let mut current = def.clone();
+                        current
+                            .fields
+                            .retain(|f, _| !existing.compacted.contains(f));
+                        ddl.extend(self.cold_tier_ddl(name, &current));
                     }
                     if !added.is_empty() {
                         // Superseded rows keep every column too.
@@ -777,6 +820,20 @@ impl Catalog {
             }
         }
         ddl
+    }
+}
+
+/// On PostgreSQL, locks a stream's tables for a layout change: a commit
+/// that wrote the column after the move began would lose its value to
+/// the drop (SQLite's one writer excludes that already).
+fn lock_tables(backend: Backend, stream: &Stream) -> Vec<String> {
+    match backend {
+        Backend::Sqlite => Vec::new(),
+        Backend::Postgres => stream
+            .tables()
+            .iter()
+            .map(|t| format!("LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE"))
+            .collect(),
     }
 }
 
@@ -968,12 +1025,12 @@ mod tests {
                 SqlValue::Text("m1".into()),
                 SqlValue::Int(7),
                 SqlValue::Float(0.1 + 0.2),
-                SqlValue::Text(r#"{"fw":"1.2","site":"north"}"#.into()),
+                SqlValue::Text(r#"{"fw":"1.2","fg.site":"north"}"#.into()),
             ]
         );
         // ...and promoted since, they come back out, typed.
         assert_eq!(wide.adapt(&narrow, &folded), queued);
-        let with_phase = SqlValue::Text(r#"{"phase":3}"#.into());
+        let with_phase = SqlValue::Text(r#"{"fg.phase":3}"#.into());
         let back = wide.adapt(
             &narrow,
             &[

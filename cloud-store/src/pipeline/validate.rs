@@ -4,6 +4,7 @@ use fleetgate_protocol::state::FieldRule;
 use serde_json::{Map, Value};
 
 use super::{Reject, SqlValue, Stage, Work};
+use crate::catalog::compacted::{folded_key, FOLDED_PREFIX};
 
 /// Checks each record against its stream's declaration (types, required,
 /// bounds, enum members), with the bounds and members the cluster state's
@@ -29,11 +30,16 @@ impl Stage for Validate {
                 match convert(name, def, rule, record.raw.get(name.as_str())) {
                     Ok(SqlValue::Null) if stream.compacted.contains(name) => {}
                     Ok(value) if stream.compacted.contains(name) => {
-                        folded.insert(name.clone(), value.to_json());
+                        folded.insert(folded_key(name), value.to_json());
                     }
                     Ok(value) => values.push(value),
                     Err(reason) => reasons.push(reason),
                 }
+            }
+            if let Some(reserved) = record.raw.keys().find(|k| k.starts_with(FOLDED_PREFIX)) {
+                reasons.push(format!(
+                    "{reserved}: field names starting with {FOLDED_PREFIX:?} are reserved"
+                ));
             }
             match record.raw.get(DEVICE_ID) {
                 None => {}

@@ -579,17 +579,21 @@ fn kind_of(expr: &Expr, column: Lookup, reads: &mut Vec<String>) -> Result<Colum
             );
             match op {
                 BinaryOperator::StringConcat => ColumnKind::Text,
-                BinaryOperator::Plus
-                | BinaryOperator::Minus
-                | BinaryOperator::Multiply
-                | BinaryOperator::Divide
-                | BinaryOperator::Modulo => match (l, r) {
-                    (ColumnKind::Int, ColumnKind::Int) => ColumnKind::Int,
-                    (ColumnKind::Int | ColumnKind::Float, ColumnKind::Int | ColumnKind::Float) => {
-                        ColumnKind::Float
+                // A zero divisor fails the statement on PostgreSQL: in a
+                // view's trigger, that would fail ingest.
+                BinaryOperator::Divide | BinaryOperator::Modulo => return Err(format!(
+                    "{op} is not supported in derived columns (a zero divisor would fail ingest)"
+                )),
+                BinaryOperator::Plus | BinaryOperator::Minus | BinaryOperator::Multiply => {
+                    match (l, r) {
+                        (ColumnKind::Int, ColumnKind::Int) => ColumnKind::Int,
+                        (
+                            ColumnKind::Int | ColumnKind::Float,
+                            ColumnKind::Int | ColumnKind::Float,
+                        ) => ColumnKind::Float,
+                        _ => return Err(format!("{op} needs numbers")),
                     }
-                    _ => return Err(format!("{op} needs numbers")),
-                },
+                }
                 other => return Err(format!("operator {other} is not supported")),
             }
         }
@@ -611,9 +615,43 @@ fn kind_of(expr: &Expr, column: Lookup, reads: &mut Vec<String>) -> Result<Colum
                 };
                 kinds.push(kind_of(e, column, reads)?);
             }
+            // The arguments each takes on both databases.
+            let arity = match name.as_str() {
+                "abs" | "ceil" | "floor" | "round" | "length" | "lower" | "upper" | "trim"
+                | "ltrim" | "rtrim" => 1..=1,
+                "nullif" => 2..=2,
+                "substr" => 2..=3,
+                "replace" => 3..=3,
+                _ => 1..=usize::MAX,
+            };
+            if !arity.contains(&kinds.len()) {
+                return Err(format!(
+                    "{name} takes {} argument(s) in a derived column",
+                    if arity.end() == arity.start() {
+                        arity.start().to_string()
+                    } else {
+                        format!("{} to {}", arity.start(), arity.end())
+                    }
+                ));
+            }
+            let numeric = |k: &ColumnKind| matches!(k, ColumnKind::Int | ColumnKind::Float);
             match name.as_str() {
-                "abs" | "coalesce" | "nullif" => *kinds.first().ok_or("needs an argument")?,
-                "ceil" | "floor" | "round" => ColumnKind::Float,
+                "abs" if numeric(&kinds[0]) => kinds[0],
+                "ceil" | "floor" | "round" if numeric(&kinds[0]) => ColumnKind::Float,
+                "abs" | "ceil" | "floor" | "round" => return Err(format!("{name} needs a number")),
+                // One kind for all arguments: as the database would
+                // unify them, or refused.
+                "coalesce" | "nullif" => {
+                    let mut kind = kinds[0];
+                    for other in &kinds[1..] {
+                        kind = match (kind, *other) {
+                            (a, b) if a == b => a,
+                            (a, b) if numeric(&a) && numeric(&b) => ColumnKind::Float,
+                            _ => return Err(format!("{name} mixes types")),
+                        };
+                    }
+                    kind
+                }
                 "length" => ColumnKind::Int,
                 _ => ColumnKind::Text,
             }
