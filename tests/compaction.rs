@@ -176,6 +176,19 @@ async fn unused_fields_fold_into_extra_and_come_back_when_queried(backend: Backe
 
     // Records arriving while compacted keep every field, rows already cold too.
     publish(&server, &token, 41..=60).await;
+    // Keys where folded fields live are the platform's, not a device's.
+    let (status, body) = server
+        .post_text(
+            "/v1/ingest/climate",
+            &token,
+            r#"{"seq": 999, "celsius": 1.0, "fg.note": "mine"}"#,
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["first_reason"].as_str().unwrap().contains("reserved"),
+        "{body}"
+    );
     let view = server
         .query("SELECT device_id, count(*), avg(celsius) FROM climate GROUP BY device_id")
         .await;

@@ -389,6 +389,8 @@ async fn bad_views_are_refused_and_change_nothing(backend: Backend) {
         ("[views.v2]\nsource = \"temperature\"\nkey = [\"status\"]\nderived = { x = \"pg_sleep(celsius)\" }\n", "not supported in derived"),
         ("[views.v2]\nsource = \"temperature\"\nkey = [\"status\"]\nderived = { x = \"celsius + label\" }\n", "needs numbers"),
         ("[views.v2]\nsource = \"v1\"\nkey = [\"device_id\"]\n", "must aggregate too"),
+        ("[views.v2]\nsource = \"temperature\"\nkey = [\"status\"]\nderived = { x = \"celsius / humidity\" }\n", "zero divisor"),
+        ("[views.v2]\nsource = \"temperature\"\nkey = [\"status\"]\nderived = { x = \"round(celsius, 2)\" }\n", "takes 1 argument"),
         ("[views.v2]\nsource = \"v3\"\naggregates = { n = \"count(*)\" }\n[views.v3]\nsource = \"v2\"\naggregates = { n = \"count(*)\" }\n", "cycle"),
         ("[views.v2]\nsource = \"v1\"\naggregates = { m = \"max(celsius)\" }\n", "keeps no partials of \\\"celsius\\\""),
     ];

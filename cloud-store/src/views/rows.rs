@@ -581,9 +581,11 @@ fn kind_of(expr: &Expr, column: Lookup, reads: &mut Vec<String>) -> Result<Colum
                 BinaryOperator::StringConcat => ColumnKind::Text,
                 // A zero divisor fails the statement on PostgreSQL: in a
                 // view's trigger, that would fail ingest.
-                BinaryOperator::Divide | BinaryOperator::Modulo => return Err(format!(
+                BinaryOperator::Divide | BinaryOperator::Modulo => {
+                    return Err(format!(
                     "{op} is not supported in derived columns (a zero divisor would fail ingest)"
-                )),
+                ))
+                }
                 BinaryOperator::Plus | BinaryOperator::Minus | BinaryOperator::Multiply => {
                     match (l, r) {
                         (ColumnKind::Int, ColumnKind::Int) => ColumnKind::Int,
