@@ -216,15 +216,7 @@ async fn a_batch_swaps_out_the_real_time_buckets_it_supersedes(backend: Backend)
     assert_eq!(server.count(&kept).await, 9);
 
     // The report takes that day from the batch.
-    let (status, body) = server
-        .api(
-            "GET",
-            "/v1/reports/sales?from=2026-11-20&to=2026-11-22",
-            Some(&server.admin),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    let body = crate::reports::series(&server).await;
     let points: Vec<(i64, f64, String)> = body["points"]
         .as_array()
         .unwrap()

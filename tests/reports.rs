@@ -45,7 +45,7 @@ fn order_json(id: &str, region: &str, amount: f64, at: i64) -> Value {
     json!({ "order_id": id, "region": region, "amount": amount, "ordered_at": at })
 }
 
-async fn series(server: &Server) -> Value {
+pub async fn series(server: &Server) -> Value {
     let (status, body) = server
         .api(
             "GET",

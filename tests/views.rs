@@ -200,9 +200,20 @@ async fn on_primary(server: &Server, sql: &str) -> Value {
 }
 
 async fn compare_random_queries(server: &Server, random: &mut Random, rounds: usize) -> usize {
+    compare_queries_of(server, random, rounds, random_query).await
+}
+
+/// Runs `rounds` queries `generate` makes, each routed and on the primary
+/// table, and checks they agree; returns how many went through a view.
+async fn compare_queries_of(
+    server: &Server,
+    random: &mut Random,
+    rounds: usize,
+    generate: fn(&mut Random) -> String,
+) -> usize {
     let mut through_views = 0;
     for _ in 0..rounds {
-        let sql = random_query(random);
+        let sql = generate(random);
         let routed = server.query(&sql).await;
         let primary = on_primary(server, &sql).await;
         assert_eq!(routed["columns"], primary["columns"], "{sql}");
@@ -702,20 +713,7 @@ async fn rows_views_and_views_over_views_answer_as_the_primary_table(backend: Ba
     assert_eq!(status, 200, "{body}");
     ingest(&server, &tokens, &mut random, 80, 160).await;
 
-    let mut through_views = 0;
-    for _ in 0..40 {
-        let sql = random_row_query(&mut random);
-        let routed = server.query(&sql).await;
-        let primary = on_primary(&server, &sql).await;
-        assert_eq!(routed["columns"], primary["columns"], "{sql}");
-        assert_eq!(
-            normalized(&routed),
-            normalized(&primary),
-            "{sql} through {} differs from the primary table",
-            routed["view"]
-        );
-        through_views += usize::from(!routed["view"].is_null());
-    }
+    let through_views = compare_queries_of(&server, &mut random, 40, random_row_query).await;
     assert!(
         through_views >= 10,
         "only {through_views} of 40 went through a view"

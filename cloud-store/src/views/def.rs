@@ -574,14 +574,7 @@ impl ViewPlan {
                         self.group_positions()
                     ),
                 };
-                sql.push(format!(
-                    "CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $fgv$ \
-                     BEGIN {body}; RETURN NULL; END $fgv$"
-                ));
-                sql.push(format!(
-                    "CREATE TRIGGER {trigger} AFTER INSERT ON {source} \
-                     REFERENCING NEW TABLE AS fgv_new FOR EACH STATEMENT EXECUTE FUNCTION {trigger}()"
-                ));
+                sql.extend(self.statement_trigger_sql(&body));
             }
             Backend::Sqlite => {
                 let values = format!("VALUES ({})", self.partials_of_new_row());
@@ -597,6 +590,22 @@ impl ViewPlan {
             }
         }
         sql
+    }
+
+    /// PostgreSQL: the trigger that runs `body` once per insert statement
+    /// on the source, over the inserted rows as `fgv_new`.
+    pub(super) fn statement_trigger_sql(&self, body: &str) -> [String; 2] {
+        let (trigger, source) = (self.trigger(), self.source());
+        [
+            format!(
+                "CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $fgv$ \
+                 BEGIN {body}; RETURN NULL; END $fgv$"
+            ),
+            format!(
+                "CREATE TRIGGER {trigger} AFTER INSERT ON {source} \
+                 REFERENCING NEW TABLE AS fgv_new FOR EACH STATEMENT EXECUTE FUNCTION {trigger}()"
+            ),
+        ]
     }
 
     /// Takes in the source rows present when the view is created; `from`

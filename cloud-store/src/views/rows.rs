@@ -281,15 +281,7 @@ impl RowsPlan {
         };
         match backend {
             Backend::Postgres => {
-                let body = self.insert_sql(target, "fgv_new");
-                sql.push(format!(
-                    "CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $fgv$ \
-                     BEGIN {body}; RETURN NULL; END $fgv$"
-                ));
-                sql.push(format!(
-                    "CREATE TRIGGER {trigger} AFTER INSERT ON {source} \
-                     REFERENCING NEW TABLE AS fgv_new FOR EACH STATEMENT EXECUTE FUNCTION {trigger}()"
-                ));
+                sql.extend(plan.statement_trigger_sql(&self.insert_sql(target, "fgv_new")));
             }
             Backend::Sqlite => {
                 let mut reads: Vec<&str> = self.reads().collect();
