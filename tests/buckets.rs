@@ -27,6 +27,11 @@ const VIEWS: &str = r#"
 source = "purchases"
 bucket = { column = "ordered_at", width = "1h" }
 aggregates = { n = "count(*)", total = "sum(amount)" }
+
+[views.by_order]
+source = "purchases"
+key = ["order_id"]
+fields = ["amount"]
 "#;
 
 const REPORTS: &str = r#"
@@ -207,6 +212,15 @@ async fn a_batch_swaps_out_the_real_time_buckets_it_supersedes(backend: Backend)
         .await;
     assert_eq!(through_view["view"], "hourly", "{through_view}");
     assert_eq!(through_view["rows"], json!([[1, 99.0]]));
+    for (order, rows) in [("o9", json!([[99.0]])), ("o3", json!([]))] {
+        let sql = format!("SELECT amount FROM purchases WHERE order_id = '{order}'");
+        let by_order = server.query(&sql).await;
+        assert_eq!(
+            (&by_order["view"], &by_order["rows"]),
+            (&json!("by_order"), &rows),
+            "{sql}"
+        );
+    }
 
     // A late record of a superseded day joins the superseded rows, once.
     for _ in 0..2 {

@@ -29,6 +29,10 @@ source = "meter"
 group_by = ["device_id"]
 aggregates = { n = "count(*)", peak = "max(kwh)" }
 refresh = { every = "1s" }
+
+[views.by_kwh]
+source = "meter"
+key = ["kwh"]
 "#;
 
 const DEVICES: [&str; 2] = ["m1", "m2"];
@@ -79,6 +83,12 @@ async fn assert_views_answer_as_the_tables(server: &Server) {
         "per_second",
     )
     .await;
+    assert_views_match_primary(
+        server,
+        "SELECT device_id, seq FROM meter WHERE kwh >= 10",
+        "by_kwh",
+    )
+    .await;
 }
 
 fn tier_rows(body: &Value) -> (i64, i64) {
@@ -111,7 +121,7 @@ async fn old_rows_move_cold_stay_queryable_and_expire_with_their_views(backend: 
 
     // Every row, whichever tier holds it: by scan, by key, under an alias.
     let all = server
-        .query("SELECT count(*), sum(kwh) FROM meter WHERE kwh >= 0")
+        .query("SELECT count(*), sum(kwh) FROM meter WHERE seq >= 0")
         .await;
     assert_eq!(all["view"], Value::Null);
     assert_eq!(
@@ -128,7 +138,7 @@ async fn old_rows_move_cold_stay_queryable_and_expire_with_their_views(backend: 
             "POST",
             "/v1/query/explain",
             Some(&server.admin),
-            Some(json!({ "sql": "SELECT seq FROM meter WHERE kwh > 70" })),
+            Some(json!({ "sql": "SELECT seq FROM meter WHERE seq > 70" })),
         )
         .await;
     assert_eq!(status, 200, "{explained}");

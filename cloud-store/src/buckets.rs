@@ -19,6 +19,7 @@ use sqlx::Row;
 
 use crate::catalog::{physical_columns_sql, Catalog, Stream, SUPERSEDED_BY};
 use crate::db::{Backend, Db};
+use crate::views::def::BUCKET;
 use crate::views::Views;
 use crate::with_pool;
 
@@ -112,7 +113,10 @@ impl Buckets {
     /// Swaps out the whole buckets inside `[from, to)`: their rows move to
     /// the superseded table, marked with `run`, records arriving later for
     /// them go there too, and the stream's views are rebuilt, all in one
-    /// transaction (ingest into the stream waits meanwhile).
+    /// transaction (ingest into the stream waits meanwhile). Views lose the
+    /// swapped rows: a rows view the same rows, a view bucketed on the
+    /// stream's time by a width that divides its bucket whole buckets, any
+    /// other is rebuilt.
     pub async fn swap(&self, name: &str, from: i64, to: i64, run: i64) -> Result<Swap, String> {
         let (stream, width) = self.bucketed(name)?;
         let from_bucket =
@@ -135,12 +139,35 @@ impl Buckets {
         if stream.tiered() {
             sources.push(stream.cold_table());
         }
+        let time = stream
+            .bucket()
+            .map(|(time, _)| time.to_string())
+            .unwrap_or_default();
         let rebuilds: Vec<String> = self
             .views
             .plans()
             .iter()
             .filter(|plan| plan.source() == name)
-            .flat_map(|plan| plan.rebuild_sql(backend, &stream.read_from()))
+            .flat_map(|plan| {
+                // What leaves the view: the same rows (a rows view keeps
+                // their bucket), or whole view buckets that lie inside the
+                // swapped ones; otherwise a rebuild from what stays.
+                let removed = match &plan.bucket {
+                    _ if plan.rows.is_some() => Some(period.clone()),
+                    Some((column, view_width)) if *column == time && width % view_width == 0 => {
+                        Some(format!(
+                            "{BUCKET} >= {from_bucket} AND {BUCKET} < {to_bucket}"
+                        ))
+                    }
+                    _ => None,
+                };
+                match removed {
+                    Some(condition) => [plan.table(), plan.tail()]
+                        .map(|table| format!("DELETE FROM {table} WHERE {condition}"))
+                        .to_vec(),
+                    None => plan.rebuild_sql(backend, &stream.read_from()),
+                }
+            })
             .collect();
         // Ingest waits, and so does a tier move (which could otherwise
         // copy rows to the cold tier that this swap also moves).

@@ -214,6 +214,14 @@ impl Tiers {
                         ));
                     }
                 }
+                // A rows view holds each row's receive time: the same rows go.
+                _ if plan.rows.is_some() => {
+                    for table in [plan.table(), plan.tail()] {
+                        view_updates.push(format!(
+                            "DELETE FROM {table} WHERE {RECEIVED_AT} < $1{spare}"
+                        ));
+                    }
+                }
                 // Min and max cannot be taken back: rebuilt from the rows
                 // that remain.
                 _ => view_updates.extend(plan.rebuild_sql(backend, &stream.read_from())),
