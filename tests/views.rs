@@ -230,19 +230,25 @@ async fn compare_queries_of(
     through_views
 }
 
-on_both_backends!(views_answer_random_queries_exactly_as_the_primary_table);
-async fn views_answer_random_queries_exactly_as_the_primary_table(backend: Backend) {
+/// A server with the temperature stream and an ingest token per device,
+/// and randomness from a printed seed.
+async fn seeded_server(backend: Backend) -> (Server, Vec<String>, Random) {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
     eprintln!("random seed {seed}");
-    let mut random = Random(seed);
     let server = Server::with_temperature(backend).await;
     let mut tokens = Vec::new();
     for device in DEVICES {
         tokens.push(server.add_device(device, "ingest").await);
     }
+    (server, tokens, Random(seed))
+}
+
+on_both_backends!(views_answer_random_queries_exactly_as_the_primary_table);
+async fn views_answer_random_queries_exactly_as_the_primary_table(backend: Backend) {
+    let (server, tokens, mut random) = seeded_server(backend).await;
     // Rows before the views exist are taken in when they are created;
     // rows after, by each refresh cycle.
     ingest(&server, &tokens, &mut random, 1, 120).await;
@@ -695,17 +701,7 @@ fn random_row_query(random: &mut Random) -> String {
 
 on_both_backends!(rows_views_and_views_over_views_answer_as_the_primary_table);
 async fn rows_views_and_views_over_views_answer_as_the_primary_table(backend: Backend) {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("random seed {seed}");
-    let mut random = Random(seed);
-    let server = Server::with_temperature(backend).await;
-    let mut tokens = Vec::new();
-    for device in DEVICES {
-        tokens.push(server.add_device(device, "ingest").await);
-    }
+    let (server, tokens, mut random) = seeded_server(backend).await;
     ingest(&server, &tokens, &mut random, 1, 80).await;
     let (status, body) = server
         .post_text("/v1/views", &server.admin, ROW_VIEWS)

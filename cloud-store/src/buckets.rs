@@ -112,7 +112,7 @@ impl Buckets {
 
     /// Swaps out the whole buckets inside `[from, to)`: their rows move to
     /// the superseded table, marked with `run`, records arriving later for
-    /// them go there too, and the stream's views are rebuilt, all in one
+    /// them go there too, and the stream's views lose them, all in one
     /// transaction (ingest into the stream waits meanwhile). Views lose the
     /// swapped rows: a rows view the same rows, a view bucketed on the
     /// stream's time by a width that divides its bucket whole buckets, any

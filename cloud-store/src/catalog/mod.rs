@@ -193,6 +193,35 @@ impl Stream {
         self.def.fields.get(field).map(ColumnKind::of_field)
     }
 
+    /// The kind of any column queries see: the platform's, a declared
+    /// field's, or an enrich column's.
+    pub fn column_kind(&self, name: &str) -> Option<ColumnKind> {
+        match name {
+            DEVICE_ID => Some(ColumnKind::Text),
+            RECEIVED_AT => Some(ColumnKind::Int),
+            BUCKET_COLUMN if self.def.bucket.is_some() => Some(ColumnKind::Int),
+            ROW_ID if self.def.key.is_none() => Some(ColumnKind::Int),
+            _ => self
+                .field_kind(name)
+                .or_else(|| self.def.enrich.get(name).map(|e| ColumnKind::from(e.ty))),
+        }
+    }
+
+    /// Why `column` cannot be read from this stream, naming what can.
+    pub fn unknown_column(&self, column: &str) -> String {
+        let columns: Vec<&str> = self
+            .columns
+            .iter()
+            .map(String::as_str)
+            .filter(|c| *c != EXTRA)
+            .collect();
+        format!(
+            "{column:?} is not a column of stream {} (columns: {})",
+            self.name,
+            columns.join(", ")
+        )
+    }
+
     /// Every column as queries see it, in declaration order: stored columns
     /// by name, compacted fields read out of `extra` under theirs.
     fn logical_columns(&self) -> String {

@@ -232,19 +232,7 @@ impl ViewPlan {
                     }),
             }
         };
-        let unknown = |column: &str| {
-            problem(format!(
-                "{column:?} is not a column of stream {} (columns: {})",
-                source.name,
-                source
-                    .columns
-                    .iter()
-                    .filter(|c| *c != "extra")
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        };
+        let unknown = |column: &str| problem(source.unknown_column(column));
 
         let mut group_by = Vec::new();
         for column in &def.group_by {

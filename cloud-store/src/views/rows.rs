@@ -20,7 +20,7 @@
 
 use std::ops::ControlFlow;
 
-use fleetgate_protocol::schema::{BUCKET_COLUMN, DEVICE_ID, RECEIVED_AT, ROW_ID};
+use fleetgate_protocol::schema::{RECEIVED_AT, ROW_ID};
 use sqlparser::ast::{
     BinaryOperator, Expr, Ident, Query, SelectItem, SetExpr, TableFactor, VisitMut, VisitorMut,
 };
@@ -122,19 +122,9 @@ impl RowsPlan {
                         )
                     });
             }
-            let kind = stream_column_kind(stream, name).ok_or_else(|| {
-                format!(
-                    "{name:?} is not a column of stream {} (columns: {})",
-                    stream.name,
-                    stream
-                        .columns
-                        .iter()
-                        .filter(|c| *c != "extra")
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })?;
+            let kind = stream
+                .column_kind(name)
+                .ok_or_else(|| stream.unknown_column(name))?;
             Ok(Column {
                 name: name.to_string(),
                 kind,
@@ -164,7 +154,9 @@ impl RowsPlan {
         }
         row_key.push(RECEIVED_AT.to_string());
         for name in &row_key {
-            let kind = stream_column_kind(stream, name).expect("a stream's key is its column");
+            let kind = stream
+                .column_kind(name)
+                .expect("a stream's key is its column");
             push(
                 Column {
                     name: name.clone(),
@@ -180,7 +172,7 @@ impl RowsPlan {
         }
         for (name, text) in &def.derived {
             fleetgate_protocol::schema::check_identifier("derived column", name)?;
-            if name.starts_with("fg_") || stream_column_kind(stream, name).is_some() {
+            if name.starts_with("fg_") || stream.column_kind(name).is_some() {
                 return Err(format!(
                     "derived column {name:?} is reserved or already a column of {}",
                     stream.name
@@ -514,18 +506,6 @@ pub fn table_leads(stream: &Stream) -> Vec<String> {
             .unwrap_or_else(|| ROW_ID.to_string()),
     );
     leads
-}
-
-fn stream_column_kind(stream: &Stream, name: &str) -> Option<ColumnKind> {
-    match name {
-        DEVICE_ID => Some(ColumnKind::Text),
-        RECEIVED_AT => Some(ColumnKind::Int),
-        BUCKET_COLUMN if stream.bucket().is_some() => Some(ColumnKind::Int),
-        ROW_ID if stream.def.key.is_none() => Some(ColumnKind::Int),
-        _ => stream
-            .field_kind(name)
-            .or_else(|| stream.def.enrich.get(name).map(|e| ColumnKind::from(e.ty))),
-    }
 }
 
 type Lookup<'a> = &'a dyn Fn(&str) -> Option<Column>;
