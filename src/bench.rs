@@ -63,6 +63,11 @@ pub struct BenchArgs {
     /// of the same file; then a year-long hourly report with a real-time tail.
     #[arg(long, default_value_t = 0)]
     etl: usize,
+    /// Measure the compressed cold tier instead: this many readings moved
+    /// from the hot table into chunks; sizes, move rate, and queries
+    /// before and after.
+    #[arg(long, default_value_t = 0)]
+    cold: usize,
     /// Realtime views on the bench stream during the load (per device, in
     /// buckets of 1..N hours of `taken_at`, which records then spread over a
     /// week); afterwards, the hourly average per device is timed through
@@ -743,6 +748,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.etl > 0 {
         return crate::bench_etl::run(args.etl, args.database.as_deref()).await;
+    }
+    if args.cold > 0 {
+        return crate::bench_cold::run(args.cold, args.database.as_deref()).await;
     }
     let total = args.connections * args.messages;
     let records_total = total * args.records_per_message;

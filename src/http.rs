@@ -21,6 +21,7 @@ use fleetgate_protocol::{AuthError, Authenticate, Principal, Role};
 use fleetgate_store::query::{self, QueryError, QueryLimits};
 use fleetgate_store::tiers::Tiers;
 use fleetgate_store::views::{Route, Views, ViewsFile};
+use fleetgate_store::db::Backend;
 use fleetgate_store::{rejects, Catalog, Db};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -777,7 +778,11 @@ pub async fn answer(
         None => (None, query::run(&state.db, &primary_sql, &limits).await),
     };
     match outcome {
-        Ok(result) => {
+        Ok(mut result) => {
+            if view.is_none() && state.db.backend() == Backend::Sqlite {
+                let bools = fleetgate_store::expand::tiered_bool_outputs(&parsed, &state.catalog);
+                query::restore_bools(&mut result, &bools);
+            }
             state
                 .views
                 .observe(sql, &parsed, view.as_deref(), started.elapsed())

@@ -5,6 +5,7 @@
 
 mod analysis_api;
 mod bench;
+mod bench_cold;
 mod bench_etl;
 mod bench_sdk;
 mod client;

@@ -292,6 +292,10 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
     );
     compaction.clone().follow();
     let tiers = Arc::new(Tiers::new(db.clone(), catalog.clone(), views.clone()));
+    tiers
+        .pack_plain_cold_tiers()
+        .await
+        .map_err(|e| anyhow!(e))?;
     let etl = fleetgate_etl::Etl::open(db.clone(), &args.data)
         .await
         .map_err(|e| anyhow!(e))?;

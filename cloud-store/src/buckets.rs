@@ -138,7 +138,18 @@ impl Buckets {
         let mut sources = vec![stream.name.clone()];
         if stream.tiered() {
             sources.push(stream.cold_table());
+            if stream.def.key.is_some() {
+                sources.push(stream.cold_keys_table());
+            }
         }
+        let cold = stream.tiered().then(|| {
+            let bucket = stream.cold_value(BUCKET_COLUMN);
+            let rows = format!("{bucket} >= {from_bucket} AND {bucket} < {to_bucket}");
+            let chunks =
+                format!("first_bucket < {to_bucket} AND last_bucket >= {from_bucket}");
+            let repack = stream.remove_from_cold_sql(&chunks, &rows);
+            (rows, chunks, repack)
+        });
         let time = stream
             .bucket()
             .map(|(time, _)| time.to_string())
@@ -187,16 +198,28 @@ impl Buckets {
             // The columns as they are now (the lock keeps compaction out).
             let columns: Vec<String> = sqlx::query_scalar(physical_columns_sql(backend))
                 .bind(name).fetch_all(&mut *tx).await?;
-            let columns = columns.join(", ");
-            let mut moved = 0;
-            for table in &sources {
+            let copy = format!(
+                "INSERT INTO {fgs} ({}, {SUPERSEDED_BY}) SELECT {}, {run} FROM {} \
+                 WHERE {period} ON CONFLICT DO NOTHING",
+                columns.join(", "), columns.join(", "), stream.name
+            );
+            sqlx::query(&copy).execute(&mut *tx).await?;
+            let delete = format!("DELETE FROM {} WHERE {period}", stream.name);
+            let mut moved = sqlx::query(&delete).execute(&mut *tx).await?.rows_affected();
+            if let Some((rows, chunks, repack)) = &cold {
                 let copy = format!(
-                    "INSERT INTO {fgs} ({columns}, {SUPERSEDED_BY}) SELECT {columns}, {run} FROM {table} \
-                     WHERE {period} ON CONFLICT DO NOTHING"
+                    "INSERT INTO {fgs} ({}, {SUPERSEDED_BY}) SELECT {}, {run} FROM {} \
+                     WHERE {chunks} AND {rows} ON CONFLICT DO NOTHING",
+                    columns.join(", "), stream.cold_as_stored(&columns), stream.cold_rows()
                 );
-                sqlx::query(&copy).execute(&mut *tx).await?;
-                let delete = format!("DELETE FROM {table} WHERE {period}");
-                moved += sqlx::query(&delete).execute(&mut *tx).await?.rows_affected();
+                moved += sqlx::query(&copy).execute(&mut *tx).await?.rows_affected();
+                for statement in repack {
+                    sqlx::query(statement).execute(&mut *tx).await?;
+                }
+                if stream.def.key.is_some() {
+                    let keys = format!("DELETE FROM {} WHERE {period}", stream.cold_keys_table());
+                    sqlx::query(&keys).execute(&mut *tx).await?;
+                }
             }
             for statement in &rebuilds {
                 sqlx::query(statement).execute(&mut *tx).await?;

@@ -146,11 +146,13 @@ impl Db {
             .foreign_keys(true);
         let write = SqlitePoolOptions::new()
             .max_connections(1)
+            .after_connect(|connection, _| Box::pin(crate::sqlite_functions::register(connection)))
             .connect_with(options.clone())
             .await
             .map_err(|e| format!("cannot open SQLite database {}: {e}", path.display()))?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
+            .after_connect(|connection, _| Box::pin(crate::sqlite_functions::register(connection)))
             .connect_with(options.read_only(true).create_if_missing(false))
             .await
             .map_err(|e| {

@@ -6,12 +6,16 @@
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 
-use sqlparser::ast::{Query, SetExpr, Statement, TableFactor, VisitMut, VisitorMut};
+use fleetgate_protocol::schema::RECEIVED_AT;
+use sqlparser::ast::{
+    BinaryOperator, Expr, Query, SelectItem, SetExpr, Statement, TableFactor, VisitMut, VisitorMut,
+};
 use sqlparser::dialect::{Dialect, PostgreSqlDialect, SQLiteDialect};
 use sqlparser::parser::Parser;
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, ColumnKind};
 use crate::db::Backend;
+use crate::views::rewrite::{integer, split_and};
 
 /// `query` with each stream it reads that is not one plain table (tiered,
 /// or with compacted fields) replaced by
@@ -27,9 +31,11 @@ pub fn expand(
 ) -> Result<Option<String>, String> {
     // Each name that reads through a subquery, and the subquery.
     let mut reads: HashMap<String, String> = HashMap::new();
+    let spans = received_spans(query);
     for stream in catalog.list() {
         if !stream.is_plain() {
-            reads.insert(stream.name.clone(), stream.read_from());
+            let span = spans.get(&stream.name).copied().unwrap_or_default();
+            reads.insert(stream.name.clone(), stream.read_from_within(span));
         }
         let superseded = stream.read_superseded();
         if stream.bucket().is_some() && superseded != stream.superseded_table() {
@@ -53,6 +59,187 @@ pub fn expand(
         return Err(problem);
     }
     Ok(expander.changed.then(|| query.to_string()))
+}
+
+/// Bounds on `received_at` (inclusive) that every row a query reads from
+/// a stream lies within: a tiered stream's cold side then unpacks only
+/// the chunks that overlap them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ReceivedSpan {
+    pub from: Option<i64>,
+    pub to: Option<i64>,
+}
+
+/// The spans the outermost SELECT's WHERE puts on `received_at` of the
+/// streams it reads (comparisons with integers, BETWEEN, joined by AND),
+/// for streams the query names only there: a stream named again elsewhere
+/// (a subquery, a self-join) is read whole.
+fn received_spans(query: &Query) -> HashMap<String, ReceivedSpan> {
+    let mut named: HashMap<String, usize> = HashMap::new();
+    let _ = sqlparser::ast::visit_relations(query, |relation| {
+        *named.entry(relation.to_string().to_lowercase()).or_default() += 1;
+        ControlFlow::<()>::Continue(())
+    });
+    let mut spans = HashMap::new();
+    let SetExpr::Select(select) = query.body.as_ref() else {
+        return spans;
+    };
+    let Some(selection) = &select.selection else {
+        return spans;
+    };
+    let factors: Vec<&TableFactor> = select
+        .from
+        .iter()
+        .flat_map(|t| std::iter::once(&t.relation).chain(t.joins.iter().map(|j| &j.relation)))
+        .collect();
+    let alone = factors.len() == 1;
+    for factor in factors {
+        let TableFactor::Table { name, alias, .. } = factor else {
+            continue;
+        };
+        let table = name.to_string().to_lowercase();
+        if named.get(&table) != Some(&1) {
+            continue;
+        }
+        // A quoted alias may differ from another only by case: not worth
+        // the risk of bounding the wrong table.
+        if alias.as_ref().is_some_and(|a| a.name.quote_style.is_some()) {
+            continue;
+        }
+        let under = alias
+            .as_ref()
+            .map_or(table.clone(), |a| a.name.value.to_lowercase());
+        // `received_at` alone names it only when it is the one table.
+        let is_received = |expr: &Expr| match expr {
+            Expr::Identifier(id) => alone && id.value.eq_ignore_ascii_case(RECEIVED_AT),
+            Expr::CompoundIdentifier(parts) => {
+                parts.len() == 2
+                    && parts[0].quote_style.is_none()
+                    && parts[0].value.to_lowercase() == under
+                    && parts[1].value.eq_ignore_ascii_case(RECEIVED_AT)
+            }
+            _ => false,
+        };
+        let mut span = ReceivedSpan::default();
+        let mut narrow = |from: Option<i64>, to: Option<i64>| {
+            span.from = span.from.max(from);
+            span.to = match (span.to, to) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        };
+        for conjunct in split_and(selection) {
+            match conjunct {
+                Expr::BinaryOp { left, op, right } => {
+                    let (bound, op) = match (is_received(left), is_received(right)) {
+                        (true, false) => (integer(right), op.clone()),
+                        (false, true) => (integer(left), flip(op)),
+                        _ => continue,
+                    };
+                    let Some(bound) = bound else { continue };
+                    match op {
+                        BinaryOperator::Gt | BinaryOperator::GtEq => narrow(Some(bound), None),
+                        BinaryOperator::Lt | BinaryOperator::LtEq => narrow(None, Some(bound)),
+                        BinaryOperator::Eq => narrow(Some(bound), Some(bound)),
+                        _ => {}
+                    }
+                }
+                Expr::Between {
+                    expr,
+                    negated: false,
+                    low,
+                    high,
+                } if is_received(expr) => narrow(integer(low), integer(high)),
+                _ => {}
+            }
+        }
+        if span != ReceivedSpan::default() {
+            spans.insert(table, span);
+        }
+    }
+    spans
+}
+
+/// `a op b` as `b op' a`.
+fn flip(op: &BinaryOperator) -> BinaryOperator {
+    match op {
+        BinaryOperator::Gt => BinaryOperator::Lt,
+        BinaryOperator::GtEq => BinaryOperator::LtEq,
+        BinaryOperator::Lt => BinaryOperator::Gt,
+        BinaryOperator::LtEq => BinaryOperator::GtEq,
+        other => other.clone(),
+    }
+}
+
+/// The result columns of `query` that read a tiered stream's boolean
+/// column as it is (`flag`, `m.flag`, or `*` over that one stream). SQLite
+/// tells a boolean from 0/1 only by a table column's declared type, which
+/// a union with the cold tier's unpacked rows does not have: these are the
+/// columns to give back as booleans there ([`crate::query::restore_bools`]).
+pub fn tiered_bool_outputs(query: &Query, catalog: &Catalog) -> Vec<usize> {
+    let SetExpr::Select(select) = query.body.as_ref() else {
+        return Vec::new();
+    };
+    // The tiered streams read, under the name the query reads them by.
+    let mut streams = Vec::new();
+    for table in &select.from {
+        let factors = std::iter::once(&table.relation).chain(table.joins.iter().map(|j| &j.relation));
+        for factor in factors {
+            let TableFactor::Table { name, alias, .. } = factor else {
+                continue;
+            };
+            let table_name = name.to_string().to_lowercase();
+            if let Some(stream) = catalog.get(&table_name).filter(|s| s.tiered()) {
+                let under = alias
+                    .as_ref()
+                    .map_or(table_name, |a| a.name.value.to_lowercase());
+                streams.push((under, stream));
+            }
+        }
+    }
+    if streams.is_empty() {
+        return Vec::new();
+    }
+    let one_table = select.from.len() == 1 && select.from[0].joins.is_empty();
+    let mut bools = Vec::new();
+    let mut position = 0;
+    for item in &select.projection {
+        let expr = match item {
+            SelectItem::UnnamedExpr(expr) | SelectItem::ExprWithAlias { expr, .. } => expr,
+            SelectItem::Wildcard(_) if one_table => {
+                let columns = streams[0].1.query_columns();
+                for (i, column) in columns.iter().enumerate() {
+                    if streams[0].1.column_kind(column) == Some(ColumnKind::Bool) {
+                        bools.push(position + i);
+                    }
+                }
+                position += columns.len();
+                continue;
+            }
+            // Where the columns after it are is not known here.
+            _ => break,
+        };
+        let (qualifier, column) = match expr {
+            Expr::Identifier(id) => (None, id.value.to_lowercase()),
+            Expr::CompoundIdentifier(parts) if parts.len() == 2 => (
+                Some(parts[0].value.to_lowercase()),
+                parts[1].value.to_lowercase(),
+            ),
+            _ => {
+                position += 1;
+                continue;
+            }
+        };
+        let is_bool = streams.iter().any(|(under, stream)| {
+            qualifier.as_ref().is_none_or(|q| q == under)
+                && stream.column_kind(&column) == Some(ColumnKind::Bool)
+        });
+        if is_bool {
+            bools.push(position);
+        }
+        position += 1;
+    }
+    bools
 }
 
 struct Expander {
@@ -130,7 +317,10 @@ mod tests {
             expand(&parsed, &catalog, Backend::Sqlite).unwrap()
         };
         let both = "SELECT id, device_id, received_at, kwh, extra FROM meter UNION ALL \
-                    SELECT id, device_id, received_at, kwh, extra FROM fgc_meter";
+                    SELECT (r.value ->> 'id') AS id, (r.value ->> 'device_id') AS device_id, \
+                    (r.value ->> 'received_at') AS received_at, (r.value ->> 'kwh') AS kwh, \
+                    (r.value ->> 'extra') AS extra \
+                    FROM fgc_meter AS fgc, json_each(fg_decompress(fgc.rows)) AS r";
         assert_eq!(
             expanded("SELECT kwh FROM meter").unwrap(),
             format!("SELECT kwh FROM ({both}) AS meter")
@@ -140,6 +330,26 @@ mod tests {
             format!("SELECT m.kwh FROM ({both}) AS m JOIN plain ON true")
         );
         assert_eq!(expanded("SELECT kwh FROM plain"), None);
+        // Bounds on received_at keep the cold side to the chunks within.
+        let bounded = expanded(
+            "SELECT kwh FROM meter WHERE kwh > 1 AND (received_at >= 100 AND 200 > received_at)",
+        )
+        .unwrap();
+        assert!(
+            bounded.contains("WHERE fgc.last_at >= 100 AND fgc.first_at <= 200) AS meter"),
+            "{bounded}"
+        );
+        let between =
+            expanded("SELECT m.kwh FROM meter AS m WHERE m.received_at BETWEEN 5 AND 9").unwrap();
+        assert!(between.contains("WHERE fgc.last_at >= 5 AND fgc.first_at <= 9) AS m"), "{between}");
+        // Named twice, or bounded only inside: read whole.
+        for whole in [
+            "SELECT a.kwh FROM meter AS a JOIN meter AS b ON a.id = b.id WHERE a.received_at > 5",
+            "SELECT kwh FROM meter WHERE received_at > 5 OR kwh > 1",
+            "SELECT kwh FROM meter JOIN plain ON true WHERE received_at > 5",
+        ] {
+            assert!(!expanded(whole).unwrap().contains("fgc.last_at"), "{whole}");
+        }
         let renamed = crate::query::check("SELECT a FROM meter AS m(a)", &tables, Backend::Sqlite);
         if let Ok(parsed) = renamed {
             assert!(expand(&parsed, &catalog, Backend::Sqlite).is_err());

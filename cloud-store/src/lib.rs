@@ -1,7 +1,8 @@
 //! fleetgate's cloud store: validates and enriches records, keeps them in
 //! primary tables with group commit, and answers read-only queries.
 //!
-//! - [`db`]: the SQLite / PostgreSQL handle.
+//! - [`db`]: the SQLite / PostgreSQL handle; [`sqlite_functions`]: the SQL
+//!   functions it adds to SQLite (chunk compression).
 //! - [`bulk`]: multi-row INSERT chunking and binding.
 //! - [`catalog`]: stream declarations and their tables.
 //! - [`pipeline`]: the synchronous ingest stages.
@@ -13,7 +14,7 @@
 //!   time-fenced activation.
 //! - [`views`]: declared aggregate views, maintained in the database, and
 //!   the query routing that answers from them.
-//! - [`tiers`]: retention (hot and cold tiers, ttl).
+//! - [`tiers`]: retention (hot and compressed cold tiers, ttl).
 //! - [`buckets`]: time-bucketed streams, and swapping out the periods a
 //!   batch supersedes.
 //! - [`compaction`]: folding unused fields into `extra`, and back.
@@ -30,6 +31,7 @@ pub mod nodes;
 pub mod pipeline;
 pub mod query;
 pub mod rejects;
+pub mod sqlite_functions;
 pub mod state;
 pub mod tiers;
 pub mod views;

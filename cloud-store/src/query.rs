@@ -431,6 +431,22 @@ fn db_error(e: sqlx::Error) -> QueryError {
     }
 }
 
+/// Gives back as booleans the 0s and 1s of the result `columns` known to
+/// read a boolean column ([`crate::expand::tiered_bool_outputs`]).
+pub fn restore_bools(result: &mut QueryResult, columns: &[usize]) {
+    for row in &mut result.rows {
+        for &i in columns {
+            if let Some(value) = row.get_mut(i) {
+                match value.as_i64() {
+                    Some(0) => *value = Value::Bool(false),
+                    Some(1) => *value = Value::Bool(true),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
 pub fn sqlite_value(row: &sqlx::sqlite::SqliteRow, i: usize) -> Value {
     let Ok(raw) = row.try_get_raw(i) else {
         return Value::Null;

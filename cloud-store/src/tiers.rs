@@ -1,8 +1,9 @@
 //! Retention and tiering. A stream declared with `hot = "3h"` keeps rows
 //! received within that time in its table (the hot tier, which ingest
 //! writes and the view triggers watch) and moves older ones to its cold
-//! tier, `fgc_<stream>`. With `ttl = "30d"` older rows are deleted from
-//! both. Queries name the stream and read both tiers ([`expand`]).
+//! tier, `fgc_<stream>`: compressed chunks of rows ([`crate::catalog::cold`]).
+//! With `ttl = "30d"` older rows are deleted from both. Queries name the
+//! stream and read both tiers ([`crate::expand`]).
 //!
 //! Views are unaffected by a move (the rows still exist), and follow a
 //! deletion in the same transaction: a view bucketed on `received_at`
@@ -16,14 +17,10 @@ use fleetgate_protocol::schema::{RECEIVED_AT, ROW_ID};
 use serde::Serialize;
 use sqlx::Row;
 
-use crate::catalog::{physical_columns_sql, Catalog, Stream};
+use crate::catalog::{cold, physical_columns_sql, Catalog, Stream};
 use crate::db::{Backend, Db};
 use crate::views::Views;
 use crate::with_pool;
-
-/// Rows moved per transaction, so a first move of a large backlog does not
-/// hold one huge transaction.
-const MOVE_CHUNK: i64 = 50_000;
 
 pub struct Tiers {
     db: Db,
@@ -42,6 +39,9 @@ pub struct TierStats {
     /// Oldest and newest `received_at` (unix ms) in each tier.
     pub hot_span: Option<(i64, i64)>,
     pub cold_span: Option<(i64, i64)>,
+    /// The cold tier's chunks, and the bytes they take stored (compressed).
+    pub cold_chunks: i64,
+    pub cold_bytes: i64,
 }
 
 impl Tiers {
@@ -93,58 +93,131 @@ impl Tiers {
         }
     }
 
-    /// Moves rows older than the stream's `hot` to its cold tier; returns
-    /// how many.
+    /// Moves rows older than the stream's `hot` to its cold tier, a chunk
+    /// per transaction; returns how many.
     pub async fn move_cold(&self, stream: &Stream, now_ms: i64) -> Result<u64, String> {
         let Some(hot) = stream.def.hot_after()? else {
             return Ok(0);
         };
         let cutoff = now_ms - hot.as_millis() as i64;
-        let (name, cold) = (&stream.name, stream.cold_table());
+        let name = &stream.name;
         let spare = self.keep_newest_id(stream);
         let mut moved = 0;
         loop {
             let chunk_sql = format!(
                 "SELECT {RECEIVED_AT} FROM {name} WHERE {RECEIVED_AT} < $1 \
-                 ORDER BY {RECEIVED_AT} LIMIT 1 OFFSET {MOVE_CHUNK}"
+                 ORDER BY {RECEIVED_AT} LIMIT 1 OFFSET {}",
+                cold::CHUNK_ROWS - 1
             );
             let chunk_end: Option<i64> = with_pool!(self.db, pool => {
                 sqlx::query_scalar(&chunk_sql).bind(cutoff).fetch_optional(pool).await
             })
             .map_err(|e| e.to_string())?;
-            // Rows sharing one timestamp move together.
+            // Rows sharing one timestamp move together (a chunk may hold
+            // more than CHUNK_ROWS when many share the last one).
             let upto = chunk_end.map_or(cutoff, |end| end + 1).min(cutoff);
-            let delete = format!("DELETE FROM {name} WHERE {RECEIVED_AT} < $1{spare}");
+            let condition = format!("{RECEIVED_AT} < $1{spare}");
             let (backend, lock) = (
                 self.db.backend(),
                 format!("LOCK TABLE {name} IN ACCESS SHARE MODE"),
             );
             // One transaction: a row is in exactly one tier at any commit.
-            // Another process moving the same rows at once copies nothing
-            // (ON CONFLICT) and deletes nothing.
-            let deleted = with_pool!(self.db, pool => async {
+            let packed = with_pool!(self.db, pool => async {
                 let mut tx = pool.begin().await?;
                 if backend == Backend::Postgres {
                     sqlx::query(&lock).execute(&mut *tx).await?;
                 }
-                let columns: Vec<String> = sqlx::query_scalar(physical_columns_sql(backend))
+                let physical: Vec<String> = sqlx::query_scalar(physical_columns_sql(backend))
                     .bind(name).fetch_all(&mut *tx).await?;
-                let columns = columns.join(", ");
-                let copy = format!(
-                    "INSERT INTO {cold} ({columns}) SELECT {columns} FROM {name} \
-                     WHERE {RECEIVED_AT} < $1{spare} ON CONFLICT DO NOTHING"
-                );
-                sqlx::query(&copy).bind(upto).execute(&mut *tx).await?;
-                let deleted = sqlx::query(&delete).bind(upto).execute(&mut *tx).await?.rows_affected();
+                let chunk = stream
+                    .move_to_cold_sql(&physical, &condition)
+                    .map_err(sqlx::Error::Protocol)?;
+                for statement in &chunk.before {
+                    sqlx::query(statement).bind(upto).execute(&mut *tx).await?;
+                }
+                let packed: Option<i64> = sqlx::query_scalar(&chunk.pack)
+                    .bind(upto).fetch_optional(&mut *tx).await?;
+                for statement in &chunk.after {
+                    sqlx::query(statement).bind(upto).execute(&mut *tx).await?;
+                }
                 tx.commit().await?;
-                Ok::<_, sqlx::Error>(deleted)
+                Ok::<_, sqlx::Error>(packed.unwrap_or(0) as u64)
             }.await)
             .map_err(|e| e.to_string())?;
-            moved += deleted;
-            if chunk_end.is_none() || upto >= cutoff || deleted == 0 {
+            moved += packed;
+            if chunk_end.is_none() || upto >= cutoff || packed == 0 {
                 return Ok(moved);
             }
         }
+    }
+
+    /// Packs into chunks each cold tier an earlier version kept as a plain
+    /// table, in one transaction per stream, so a query sees each row in
+    /// exactly one of the two. Run at start-up; returns the rows packed.
+    pub async fn pack_plain_cold_tiers(&self) -> Result<u64, String> {
+        let backend = self.db.backend();
+        let mut total = 0;
+        for stream in self.catalog.list().into_iter().filter(|s| s.tiered()) {
+            let cold = stream.cold_table();
+            let columns: Vec<String> = with_pool!(self.db, pool => {
+                sqlx::query_scalar(physical_columns_sql(backend)).bind(&cold).fetch_all(pool).await
+            })
+            .map_err(|e| e.to_string())?;
+            if !columns.iter().any(|c| c == RECEIVED_AT) {
+                continue;
+            }
+            let ddl = stream.replace_plain_cold_ddl(self.db.auto_id_column("chunk"));
+            let plain = stream.plain_cold_table();
+            let chunk_end = format!(
+                "SELECT {RECEIVED_AT} FROM {plain} ORDER BY {RECEIVED_AT} LIMIT 1 OFFSET {}",
+                cold::CHUNK_ROWS - 1
+            );
+            let chunk = stream
+                .pack_plain_cold_sql(&columns, &format!("{RECEIVED_AT} < $1"))
+                .map_err(|e| format!("cannot pack the cold tier of {}: {e}", stream.name))?;
+            let drop = format!("DROP TABLE {plain}");
+            // Processes starting together: one packs, the others find it done.
+            let lock = format!("SELECT pg_advisory_xact_lock(hashtext('{cold}'))");
+            let packed = with_pool!(self.db, pool => async {
+                let mut tx = pool.begin().await?;
+                if backend == Backend::Postgres {
+                    sqlx::query(&lock).execute(&mut *tx).await?;
+                }
+                let now: Vec<String> = sqlx::query_scalar(physical_columns_sql(backend))
+                    .bind(&cold).fetch_all(&mut *tx).await?;
+                if now != columns {
+                    return Ok(0);
+                }
+                for statement in &ddl {
+                    sqlx::query(statement).execute(&mut *tx).await?;
+                }
+                let mut packed = 0;
+                loop {
+                    let end: Option<i64> =
+                        sqlx::query_scalar(&chunk_end).fetch_optional(&mut *tx).await?;
+                    let upto = end.map_or(i64::MAX, |end| end + 1);
+                    for statement in &chunk.before {
+                        sqlx::query(statement).bind(upto).execute(&mut *tx).await?;
+                    }
+                    let rows: Option<i64> =
+                        sqlx::query_scalar(&chunk.pack).bind(upto).fetch_optional(&mut *tx).await?;
+                    for statement in &chunk.after {
+                        sqlx::query(statement).bind(upto).execute(&mut *tx).await?;
+                    }
+                    packed += rows.unwrap_or(0) as u64;
+                    if end.is_none() || rows.is_none() {
+                        break;
+                    }
+                }
+                sqlx::query(&drop).execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(packed)
+            }.await)
+            .map_err(|e| format!("cannot pack the cold tier of {}: {e}", stream.name))?;
+            tracing::info!(stream = %stream.name, rows = packed, "plain cold tier packed into compressed chunks");
+            total += packed;
+        }
+        Ok(total)
     }
 
     /// Deletes rows older than the stream's `ttl` from both tiers, and
@@ -175,7 +248,7 @@ impl Tiers {
             "SELECT 1 FROM {name} WHERE {RECEIVED_AT} < $1{spare} {}",
             if stream.tiered() {
                 format!(
-                    "UNION ALL SELECT 1 FROM {} WHERE {RECEIVED_AT} < $1",
+                    "UNION ALL SELECT 1 FROM {} WHERE first_at < $1",
                     stream.cold_table()
                 )
             } else {
@@ -194,14 +267,20 @@ impl Tiers {
         }
 
         let backend = self.db.backend();
-        let mut deletes = vec![format!(
-            "DELETE FROM {name} WHERE {RECEIVED_AT} < $1{spare}"
-        )];
+        let hot_delete = format!("DELETE FROM {name} WHERE {RECEIVED_AT} < $1{spare}");
+        // Cold rows: their keys, whole chunks, then the rows of the chunk
+        // that straddles the cut-off.
+        let (mut cold_count, mut cold_deletes) = (None, Vec::new());
         if stream.tiered() {
-            deletes.push(format!(
-                "DELETE FROM {} WHERE {RECEIVED_AT} < $1",
-                stream.cold_table()
+            let cold = stream.cold_table();
+            let expired = format!("{} < $1", stream.cold_value(RECEIVED_AT));
+            cold_count = Some(format!(
+                "SELECT count(*) FROM {} WHERE first_at < $1 AND {expired}",
+                stream.cold_rows()
             ));
+            cold_deletes.extend(stream.forget_cold_keys_sql("first_at < $1", &expired));
+            cold_deletes.push(format!("DELETE FROM {cold} WHERE last_at < $1"));
+            cold_deletes.extend(stream.remove_from_cold_sql("first_at < $1", &expired));
         }
         let mut view_updates = Vec::new();
         for plan in &plans {
@@ -235,9 +314,15 @@ impl Tiers {
             if backend == Backend::Postgres && !plans.is_empty() {
                 sqlx::query(&lock).execute(&mut *tx).await?;
             }
-            let mut deleted = 0;
-            for statement in &deletes {
-                deleted += sqlx::query(statement).bind(cutoff).execute(&mut *tx).await?.rows_affected();
+            let mut deleted = sqlx::query(&hot_delete).bind(cutoff).execute(&mut *tx).await?.rows_affected();
+            if let Some(count) = &cold_count {
+                let cold: i64 = sqlx::query_scalar(count).bind(cutoff).fetch_one(&mut *tx).await?;
+                deleted += cold as u64;
+            }
+            for statement in &cold_deletes {
+                let query = sqlx::query(statement);
+                let query = if statement.contains("$1") { query.bind(cutoff) } else { query };
+                query.execute(&mut *tx).await?;
             }
             for statement in &view_updates {
                 let query = sqlx::query(statement);
@@ -269,10 +354,20 @@ impl Tiers {
             .map_err(|e| e.to_string())
         };
         let (hot_rows, hot_span) = read(span(&stream.name)).await?;
-        let (cold_rows, cold_span) = if stream.tiered() {
-            read(span(&stream.cold_table())).await?
+        let (cold_rows, cold_span, cold_chunks, cold_bytes) = if stream.tiered() {
+            let sql = stream.cold_stats_sql();
+            with_pool!(self.db, pool => {
+                sqlx::query(&sql).fetch_one(pool).await.map(|r| {
+                    let span = match (r.get::<Option<i64>, _>(1), r.get::<Option<i64>, _>(2)) {
+                        (Some(a), Some(b)) => Some((a, b)),
+                        _ => None,
+                    };
+                    (r.get::<i64, _>(0), span, r.get::<i64, _>(3), r.get::<i64, _>(4))
+                })
+            })
+            .map_err(|e| e.to_string())?
         } else {
-            (0, None)
+            (0, None, 0, 0)
         };
         Ok(TierStats {
             stream: stream.name.clone(),
@@ -282,6 +377,8 @@ impl Tiers {
             cold_rows,
             hot_span,
             cold_span,
+            cold_chunks,
+            cold_bytes,
         })
     }
 }

@@ -291,7 +291,10 @@ impl Analyses {
         let time = &def.time;
         let fresh = format!(
             "SELECT min({time}), max({RECEIVED_AT}) FROM {} WHERE {RECEIVED_AT} > {since}",
-            stream.read_from()
+            stream.read_from_within(fleetgate_store::expand::ReceivedSpan {
+                from: Some(since),
+                to: None,
+            })
         );
         let limits = QueryLimits {
             max_rows: 1_000_000,

@@ -6,6 +6,7 @@
 //! [`Catalog::promote`]); queries and internal readers see every declared
 //! field under its name either way, through [`Stream::read_from`].
 
+pub mod cold;
 pub mod compacted;
 
 /// The column of a superseded table that names the batch run that
@@ -22,6 +23,7 @@ use fleetgate_protocol::schema::{
 use sqlx::Row;
 
 use crate::db::{Backend, Db};
+use crate::expand::ReceivedSpan;
 use crate::pipeline::SqlValue;
 use crate::with_pool;
 
@@ -225,32 +227,62 @@ impl Stream {
     /// Every column as queries see it, in declaration order: stored columns
     /// by name, compacted fields read out of `extra` under theirs.
     fn logical_columns(&self) -> String {
+        let columns: Vec<String> = self
+            .logical_column_list(&self.compacted)
+            .into_iter()
+            .map(|(name, read)| {
+                if name == read {
+                    name
+                } else {
+                    format!("{read} AS {name}")
+                }
+            })
+            .collect();
+        columns.join(", ")
+    }
+
+    /// The names of the columns queries see, in order (what `*` gives).
+    pub fn query_columns(&self) -> Vec<String> {
+        self.logical_column_list(&self.compacted)
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect()
+    }
+
+    /// Each column queries see, and the SQL that reads it from a stored
+    /// row when `compacted` fields are in `extra`.
+    fn logical_column_list(&self, compacted: &BTreeSet<String>) -> Vec<(String, String)> {
+        let plain = |name: &str| (name.to_string(), name.to_string());
         let mut columns = Vec::new();
         if self.def.key.is_none() {
-            columns.push(ROW_ID.to_string());
+            columns.push(plain(ROW_ID));
         }
-        columns.extend([DEVICE_ID.to_string(), RECEIVED_AT.to_string()]);
+        columns.extend([plain(DEVICE_ID), plain(RECEIVED_AT)]);
         for (field, def) in &self.def.fields {
-            columns.push(if self.compacted.contains(field) {
+            columns.push(if compacted.contains(field) {
                 let kind = ColumnKind::of_field(def);
-                let value = compacted::extract(self.backend, "", field, kind);
-                format!("{value} AS {field}")
+                (
+                    field.clone(),
+                    compacted::extract(self.backend, "", field, kind),
+                )
             } else {
-                field.clone()
+                plain(field)
             });
         }
-        columns.push(if self.compacted.is_empty() {
-            EXTRA.to_string()
+        columns.push(if compacted.is_empty() {
+            plain(EXTRA)
         } else {
-            let folded: Vec<&str> = self.compacted.iter().map(String::as_str).collect();
-            let extra = compacted::extra_without(self.backend, "", &folded);
-            format!("{extra} AS {EXTRA}")
+            let folded: Vec<&str> = compacted.iter().map(String::as_str).collect();
+            (
+                EXTRA.to_string(),
+                compacted::extra_without(self.backend, "", &folded),
+            )
         });
-        columns.extend(self.def.enrich.keys().cloned());
+        columns.extend(self.def.enrich.keys().map(|c| plain(c)));
         if self.bucket().is_some() {
-            columns.push(BUCKET_COLUMN.to_string());
+            columns.push(plain(BUCKET_COLUMN));
         }
-        columns.join(", ")
+        columns
     }
 
     /// The bucket's time column and width (ms) of a bucketed stream.
@@ -282,7 +314,8 @@ impl Stream {
         if self.bucket().is_none() {
             return self.read_from();
         }
-        let columns = self.logical_columns();
+        // Both sides read the fields as declared already.
+        let columns = self.query_columns().join(", ");
         format!(
             "(SELECT {columns} FROM {} UNION ALL SELECT {columns} FROM {}) AS {}",
             self.read_from(),
@@ -350,12 +383,18 @@ impl Stream {
     /// subquery under the stream's name. Columns are listed, since the
     /// tiers' column orders may differ.
     pub fn read_from(&self) -> String {
+        self.read_from_within(ReceivedSpan::default())
+    }
+
+    /// [`Self::read_from`] for a query whose rows were all received within
+    /// `span`: the cold side reads only the chunks that overlap it.
+    pub fn read_from_within(&self, span: ReceivedSpan) -> String {
         if self.is_plain() {
             return self.name.clone();
         }
         let columns = self.logical_columns();
         let cold = if self.tiered() {
-            format!(" UNION ALL SELECT {columns} FROM {}", self.cold_table())
+            format!(" UNION ALL {}", self.read_cold(span))
         } else {
             String::new()
         };
@@ -365,13 +404,11 @@ impl Stream {
         )
     }
 
-    /// The stream's tables: the hot one, the cold tier if it has one, and
-    /// the superseded rows of a bucketed one.
+    /// The stream's tables that hold rows in its layout (and so change with
+    /// it): the hot one, and the superseded rows of a bucketed one. (Cold
+    /// chunks hold rows as declared.)
     fn tables(&self) -> Vec<String> {
         let mut tables = vec![self.name.clone()];
-        if self.tiered() {
-            tables.push(self.cold_table());
-        }
         if self.bucket().is_some() {
             tables.push(self.superseded_table());
         }
@@ -707,12 +744,11 @@ impl Catalog {
             match self.get(name) {
                 None => {
                     ddl.extend(self.create_table_ddl(name, def));
+                    let stream = Stream::new(name, def.clone(), BTreeSet::new(), self.db.backend());
                     if def.hot.is_some() {
-                        ddl.extend(self.cold_tier_ddl(name, def));
+                        ddl.extend(stream.cold_tier_ddl(self.db.auto_id_column("chunk")));
                     }
                     if def.bucket.is_some() {
-                        let stream =
-                            Stream::new(name, def.clone(), BTreeSet::new(), self.db.backend());
                         ddl.extend(superseded_ddl(&stream));
                     }
                     report.push(AppliedStream {
@@ -729,20 +765,11 @@ impl Catalog {
                             None => enrich_column_ddl(field, &def.enrich[field]),
                         };
                         ddl.push(format!("ALTER TABLE {name} ADD COLUMN {column}"));
-                        if existing.tiered() {
-                            ddl.push(format!(
-                                "ALTER TABLE {} ADD COLUMN {column}",
-                                existing.cold_table()
-                            ));
-                        }
                     }
                     if !existing.tiered() && def.hot.is_some() {
-                        // In the layout the hot table has now.
-                        let mut current = def.clone();
-                        current
-                            .fields
-                            .retain(|f, _| !existing.compacted.contains(f));
-                        ddl.extend(self.cold_tier_ddl(name, &current));
+                        let tiered =
+                            Stream::new(name, def.clone(), BTreeSet::new(), self.db.backend());
+                        ddl.extend(tiered.cold_tier_ddl(self.db.auto_id_column("chunk")));
                     }
                     if !added.is_empty() {
                         // Superseded rows keep every column too.
@@ -817,39 +844,6 @@ impl Catalog {
         table_ddl(name, def, self.db.auto_id_column(ROW_ID))
     }
 
-    /// The cold tier: the same columns (ids are copied, not assigned), and
-    /// for a keyed stream a trigger that keeps a re-sent record whose key
-    /// already went cold out of the hot table, so it stays stored once.
-    fn cold_tier_ddl(&self, name: &str, def: &StreamDef) -> Vec<String> {
-        let cold = format!("fgc_{name}");
-        let mut ddl = table_ddl(&cold, def, format!("{ROW_ID} BIGINT PRIMARY KEY"));
-        let Some(key) = &def.key else { return ddl };
-        let bucket = def.bucket.as_ref().map(|_| BUCKET_COLUMN.to_string());
-        let matches = bucket
-            .iter()
-            .chain(key)
-            .map(|c| format!("{cold}.{c} = NEW.{c}"))
-            .collect::<Vec<_>>()
-            .join(" AND ");
-        let trigger = format!("{cold}_once");
-        match self.db.backend() {
-            crate::db::Backend::Sqlite => ddl.push(format!(
-                "CREATE TRIGGER {trigger} BEFORE INSERT ON {name} \
-                 WHEN EXISTS (SELECT 1 FROM {cold} WHERE {matches}) BEGIN SELECT RAISE(IGNORE); END"
-            )),
-            crate::db::Backend::Postgres => {
-                ddl.push(format!(
-                    "CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $fgc$ \
-                     BEGIN IF EXISTS (SELECT 1 FROM {cold} WHERE {matches}) THEN RETURN NULL; END IF; \
-                     RETURN NEW; END $fgc$"
-                ));
-                ddl.push(format!(
-                    "CREATE TRIGGER {trigger} BEFORE INSERT ON {name} FOR EACH ROW EXECUTE FUNCTION {trigger}()"
-                ));
-            }
-        }
-        ddl
-    }
 }
 
 /// On PostgreSQL, locks a stream's tables for a layout change: a commit

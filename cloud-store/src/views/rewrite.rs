@@ -167,7 +167,7 @@ pub(super) fn output_names(select: &Select) -> Vec<String> {
         .collect()
 }
 
-pub(super) fn split_and(expr: &Expr) -> Vec<&Expr> {
+pub(crate) fn split_and(expr: &Expr) -> Vec<&Expr> {
     match expr {
         Expr::BinaryOp {
             left,
@@ -498,7 +498,7 @@ fn strip_nested(expr: &Expr) -> &Expr {
     }
 }
 
-pub(super) fn integer(expr: &Expr) -> Option<i64> {
+pub(crate) fn integer(expr: &Expr) -> Option<i64> {
     match strip_nested(expr) {
         Expr::Value(v) => match &v.value {
             Value::Number(n, _) => n.parse().ok(),
