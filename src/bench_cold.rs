@@ -143,11 +143,14 @@ async fn insert(db: &Db, rows: i64, first_ms: i64) -> anyhow::Result<()> {
                     let device = i % DEVICES;
                     let second = i / DEVICES;
                     let celsius = 18.0 + (i % 997) as f64 / 97.0;
-                    let status = ["ok", "ok", "ok", "warn", "ok", "ok", "ok", "ok", "fault", "ok"]
-                        [(i % 10) as usize];
-                    let site = (i % 13 != 0)
-                        .then(|| format!("'site-{}'", device % 40))
-                        .unwrap_or_else(|| "NULL".into());
+                    let status = [
+                        "ok", "ok", "ok", "warn", "ok", "ok", "ok", "ok", "fault", "ok",
+                    ][(i % 10) as usize];
+                    let site = if i % 13 != 0 {
+                        format!("'site-{}'", device % 40)
+                    } else {
+                        "NULL".into()
+                    };
                     format!(
                         "('d{device}', {}, {second}, {celsius:?}, '{status}', {site})",
                         first_ms + second * 1000
@@ -207,7 +210,11 @@ async fn time_query(
         let result = query::run(db, &expanded, &limits)
             .await
             .map_err(|e| anyhow!("{sql}: {e}"))?;
-        anyhow::ensure!(result.rows.len() as i64 == DEVICES, "{sql}: {} rows", result.rows.len());
+        anyhow::ensure!(
+            result.rows.len() as i64 == DEVICES,
+            "{sql}: {} rows",
+            result.rows.len()
+        );
         if run > 0 {
             times.push(started.elapsed());
         }

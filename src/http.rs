@@ -18,10 +18,10 @@ use fleetgate_admin::{unix_now, AuditLog, Bans, Platform, RefusalLedger, Registr
 use fleetgate_protocol::schema::StreamsFile;
 use fleetgate_protocol::sdk::from_hex;
 use fleetgate_protocol::{AuthError, Authenticate, Principal, Role};
+use fleetgate_store::db::Backend;
 use fleetgate_store::query::{self, QueryError, QueryLimits};
 use fleetgate_store::tiers::Tiers;
 use fleetgate_store::views::{Route, Views, ViewsFile};
-use fleetgate_store::db::Backend;
 use fleetgate_store::{rejects, Catalog, Db};
 use serde::Deserialize;
 use serde_json::{json, Value};

@@ -284,7 +284,12 @@ async fn chunked_rows_of(db: &fleetgate_store::Db, sql: &str) -> Vec<Value> {
 
 /// The rows are the expected ones; else the first that differs.
 fn same_rows(actual: Vec<Value>, expected: Vec<Value>, line: u32) {
-    if let Some((i, (a, e))) = actual.iter().zip(&expected).enumerate().find(|(_, (a, e))| a != e) {
+    if let Some((i, (a, e))) = actual
+        .iter()
+        .zip(&expected)
+        .enumerate()
+        .find(|(_, (a, e))| a != e)
+    {
         panic!("line {line}: row {i} is {a}, expected {e}");
     }
     assert_eq!(actual.len(), expected.len(), "line {line}: row count");
@@ -391,7 +396,10 @@ async fn cold_chunks_keep_rows_exactly_through_compaction_swaps_and_expiry(backe
     let moved = tiers.move_cold(&stream(), 21_000).await.unwrap();
     assert_eq!(moved, 19_999);
     let stats = tiers.stats(&stream()).await.unwrap();
-    assert_eq!((stats.hot_rows, stats.cold_rows, stats.cold_chunks), (5_001, 19_999, 2));
+    assert_eq!(
+        (stats.hot_rows, stats.cold_rows, stats.cold_chunks),
+        (5_001, 19_999, 2)
+    );
     assert_eq!(stats.cold_span, Some((1, 19_999)));
     let all = chunked_rows(db, &read()).await;
     same_rows(all.clone(), expected(&mut (1..=CHUNKED_ROWS)), line!());
@@ -412,13 +420,17 @@ async fn cold_chunks_keep_rows_exactly_through_compaction_swaps_and_expiry(backe
              WHERE received_at >= {from} AND received_at <= {to} ORDER BY seq"
         );
         let parsed = fleetgate_store::query::check(&sql, &tables, db.backend()).unwrap();
-        fleetgate_store::expand::expand(&parsed, &catalog, db.backend())
+        fleetgate_store::expand::expand(&parsed, catalog, db.backend())
             .unwrap()
             .unwrap()
     };
     for (from, to) in [(9_990, 10_010), (19_990, 20_010), (1, 3), (24_000, 30_000)] {
         let sql = bounded(from, to);
-        let chunks_read = if from > 20_000 { "fgc.last_at >= 24000" } else { "fgc.first_at <=" };
+        let chunks_read = if from > 20_000 {
+            "fgc.last_at >= 24000"
+        } else {
+            "fgc.first_at <="
+        };
         assert!(sql.contains(chunks_read), "{sql}");
         let rows = chunked_rows_of(db, &sql).await;
         same_rows(rows, expected(&mut (from..=to.min(CHUNKED_ROWS))), line!());
@@ -444,14 +456,26 @@ async fn cold_chunks_keep_rows_exactly_through_compaction_swaps_and_expiry(backe
     );
     assert!(catalog.promote("meter", "kwh").await.unwrap());
     let kept = || (1..5_000).chain(7_000..=CHUNKED_ROWS);
-    same_rows(chunked_rows(db, &read()).await, expected(&mut kept()), line!());
-    same_rows(chunked_rows(db, &stream().read_superseded()).await, superseded, line!());
+    same_rows(
+        chunked_rows(db, &read()).await,
+        expected(&mut kept()),
+        line!(),
+    );
+    same_rows(
+        chunked_rows(db, &stream().read_superseded()).await,
+        superseded,
+        line!(),
+    );
 
     // Re-sent: a cold key is stored once; one of a swapped bucket goes
     // to the superseded rows, once.
     insert(15_000..=15_000).await;
     insert(6_000..=6_000).await;
-    same_rows(chunked_rows(db, &read()).await, expected(&mut kept()), line!());
+    same_rows(
+        chunked_rows(db, &read()).await,
+        expected(&mut kept()),
+        line!(),
+    );
     assert_eq!(
         chunked_rows(db, &stream().read_superseded()).await.len(),
         2_000
@@ -460,9 +484,16 @@ async fn cold_chunks_keep_rows_exactly_through_compaction_swaps_and_expiry(backe
     // The ttl (15s) at 30,000 cuts the second chunk at 15,000.
     let expired = tiers.expire(&stream(), 30_000).await.unwrap();
     assert_eq!(expired, 15_000 - 1 - 2_000);
-    same_rows(chunked_rows(db, &read()).await, expected(&mut (15_000..=CHUNKED_ROWS)), line!());
+    same_rows(
+        chunked_rows(db, &read()).await,
+        expected(&mut (15_000..=CHUNKED_ROWS)),
+        line!(),
+    );
     let stats = tiers.stats(&stream()).await.unwrap();
-    assert_eq!((stats.hot_rows, stats.cold_rows, stats.cold_chunks), (2_001, 8_000, 2));
+    assert_eq!(
+        (stats.hot_rows, stats.cold_rows, stats.cold_chunks),
+        (2_001, 8_000, 2)
+    );
     assert_eq!(stats.cold_span, Some((15_000, 22_999)));
     // An expired key is free again: a record sent now is stored.
     insert(3..=3).await;
@@ -486,7 +517,7 @@ async fn a_plain_cold_tier_from_an_earlier_version_is_packed_at_start(backend: B
     ];
     match backend {
         Backend::Sqlite => earlier.extend([
-            format!("CREATE TABLE fgc_meter AS SELECT * FROM meter WHERE 0"),
+            "CREATE TABLE fgc_meter AS SELECT * FROM meter WHERE 0".to_string(),
             format!("CREATE UNIQUE INDEX fgc_meter_key ON fgc_meter ({key})"),
             format!(
                 "CREATE TRIGGER fgc_meter_once BEFORE INSERT ON meter \
@@ -516,7 +547,10 @@ async fn a_plain_cold_tier_from_an_earlier_version_is_packed_at_start(backend: B
     let packed = store.tiers.pack_plain_cold_tiers().await.unwrap();
     assert_eq!(packed, 10_999);
     let stats = store.tiers.stats(&store.stream()).await.unwrap();
-    assert_eq!((stats.hot_rows, stats.cold_rows, stats.cold_chunks), (1_001, 10_999, 2));
+    assert_eq!(
+        (stats.hot_rows, stats.cold_rows, stats.cold_chunks),
+        (1_001, 10_999, 2)
+    );
     same_rows(
         chunked_rows(&store.db, &store.stream().read_from()).await,
         expected(&mut (1..=12_000)),
@@ -525,7 +559,9 @@ async fn a_plain_cold_tier_from_an_earlier_version_is_packed_at_start(backend: B
     // The keys came along: a re-sent cold record is still stored once.
     store.insert(5..=5).await;
     assert_eq!(
-        chunked_rows(&store.db, &store.stream().read_from()).await.len(),
+        chunked_rows(&store.db, &store.stream().read_from())
+            .await
+            .len(),
         12_000
     );
     // Nothing is left to pack, and the tier keeps moving. A hot row whose
@@ -534,10 +570,20 @@ async fn a_plain_cold_tier_from_an_earlier_version_is_packed_at_start(backend: B
     assert_eq!(store.tiers.pack_plain_cold_tiers().await.unwrap(), 0);
     store
         .db
-        .execute_ddl(&["INSERT INTO fgc_meter_keys (fg_bucket, device_id, seq) VALUES (11000, 'm2', 11111)".to_string()])
+        .execute_ddl(&[
+            "INSERT INTO fgc_meter_keys (fg_bucket, device_id, seq) VALUES (11000, 'm2', 11111)"
+                .to_string(),
+        ])
         .await
         .unwrap();
-    assert_eq!(store.tiers.move_cold(&store.stream(), 12_500).await.unwrap(), 499);
+    assert_eq!(
+        store
+            .tiers
+            .move_cold(&store.stream(), 12_500)
+            .await
+            .unwrap(),
+        499
+    );
     let stats = store.tiers.stats(&store.stream()).await.unwrap();
     assert_eq!((stats.hot_rows, stats.cold_rows), (501, 11_498));
 }

@@ -145,8 +145,7 @@ impl Buckets {
         let cold = stream.tiered().then(|| {
             let bucket = stream.cold_value(BUCKET_COLUMN);
             let rows = format!("{bucket} >= {from_bucket} AND {bucket} < {to_bucket}");
-            let chunks =
-                format!("first_bucket < {to_bucket} AND last_bucket >= {from_bucket}");
+            let chunks = format!("first_bucket < {to_bucket} AND last_bucket >= {from_bucket}");
             let repack = stream.remove_from_cold_sql(&chunks, &rows);
             (rows, chunks, repack)
         });

@@ -77,7 +77,9 @@ pub struct ReceivedSpan {
 fn received_spans(query: &Query) -> HashMap<String, ReceivedSpan> {
     let mut named: HashMap<String, usize> = HashMap::new();
     let _ = sqlparser::ast::visit_relations(query, |relation| {
-        *named.entry(relation.to_string().to_lowercase()).or_default() += 1;
+        *named
+            .entry(relation.to_string().to_lowercase())
+            .or_default() += 1;
         ControlFlow::<()>::Continue(())
     });
     let mut spans = HashMap::new();
@@ -183,7 +185,8 @@ pub fn tiered_bool_outputs(query: &Query, catalog: &Catalog) -> Vec<usize> {
     // The tiered streams read, under the name the query reads them by.
     let mut streams = Vec::new();
     for table in &select.from {
-        let factors = std::iter::once(&table.relation).chain(table.joins.iter().map(|j| &j.relation));
+        let factors =
+            std::iter::once(&table.relation).chain(table.joins.iter().map(|j| &j.relation));
         for factor in factors {
             let TableFactor::Table { name, alias, .. } = factor else {
                 continue;
@@ -341,7 +344,10 @@ mod tests {
         );
         let between =
             expanded("SELECT m.kwh FROM meter AS m WHERE m.received_at BETWEEN 5 AND 9").unwrap();
-        assert!(between.contains("WHERE fgc.last_at >= 5 AND fgc.first_at <= 9) AS m"), "{between}");
+        assert!(
+            between.contains("WHERE fgc.last_at >= 5 AND fgc.first_at <= 9) AS m"),
+            "{between}"
+        );
         // Named twice, or bounded only inside: read whole.
         for whole in [
             "SELECT a.kwh FROM meter AS a JOIN meter AS b ON a.id = b.id WHERE a.received_at > 5",

@@ -18,7 +18,8 @@ use sqlx::SqliteConnection;
 /// rows, far below it.
 const MAX_TEXT: usize = 1 << 30;
 
-type ScalarFunction = unsafe extern "C" fn(*mut ffi::sqlite3_context, c_int, *mut *mut ffi::sqlite3_value);
+type ScalarFunction =
+    unsafe extern "C" fn(*mut ffi::sqlite3_context, c_int, *mut *mut ffi::sqlite3_value);
 
 /// Registers the functions on `connection` (run on each new connection).
 pub async fn register(connection: &mut SqliteConnection) -> Result<(), sqlx::Error> {
@@ -113,11 +114,9 @@ unsafe extern "C" fn decompress(
             ffi::SQLITE_TRANSIENT(),
             ffi::SQLITE_UTF8 as u8,
         ),
-        Err(message) => ffi::sqlite3_result_error(
-            context,
-            message.as_ptr().cast(),
-            message.len() as c_int,
-        ),
+        Err(message) => {
+            ffi::sqlite3_result_error(context, message.as_ptr().cast(), message.len() as c_int)
+        }
     }
 }
 

@@ -148,7 +148,11 @@ impl Stream {
     }
 
     /// Packs the set-aside plain cold table's rows matching `condition`.
-    pub fn pack_plain_cold_sql(&self, physical: &[String], condition: &str) -> Result<ColdMove, String> {
+    pub fn pack_plain_cold_sql(
+        &self,
+        physical: &[String],
+        condition: &str,
+    ) -> Result<ColdMove, String> {
         self.pack_sql(&self.plain_cold_table(), physical, condition)
     }
 
@@ -169,7 +173,11 @@ impl Stream {
     /// layout another process changed is read as it is; a column this
     /// declaration does not know (added by a process this one has not
     /// heard from yet) is refused rather than left out of the chunk.
-    pub fn move_to_cold_sql(&self, physical: &[String], condition: &str) -> Result<ColdMove, String> {
+    pub fn move_to_cold_sql(
+        &self,
+        physical: &[String],
+        condition: &str,
+    ) -> Result<ColdMove, String> {
         self.pack_sql(&self.name, physical, condition)
     }
 
@@ -177,7 +185,12 @@ impl Stream {
     /// version kept as a plain table) that match `condition`, as
     /// [`Self::move_to_cold_sql`] does. A row whose key is cold already
     /// (a re-send that raced a move) is deleted, not packed twice.
-    fn pack_sql(&self, name: &str, physical: &[String], condition: &str) -> Result<ColdMove, String> {
+    fn pack_sql(
+        &self,
+        name: &str,
+        physical: &[String],
+        condition: &str,
+    ) -> Result<ColdMove, String> {
         let known = self.query_columns();
         if let Some(unknown) = physical.iter().find(|c| !known.contains(c)) {
             return Err(format!(
@@ -284,7 +297,11 @@ impl Stream {
 
     /// A FROM list of every cold row, each as `r.value`.
     pub fn cold_rows(&self) -> String {
-        format!("{} AS fgc, {}", self.cold_table(), unpack(self.backend, "fgc.rows"))
+        format!(
+            "{} AS fgc, {}",
+            self.cold_table(),
+            unpack(self.backend, "fgc.rows")
+        )
     }
 
     /// The cold rows as declared, columns in the order of
@@ -403,7 +420,11 @@ impl Stream {
     /// Deletes the keys of the cold rows matching `row_condition` (on
     /// `r.value`) in the chunks matching `chunk_condition`: run before the
     /// rows are taken out.
-    pub fn forget_cold_keys_sql(&self, chunk_condition: &str, row_condition: &str) -> Option<String> {
+    pub fn forget_cold_keys_sql(
+        &self,
+        chunk_condition: &str,
+        row_condition: &str,
+    ) -> Option<String> {
         self.def.key.as_ref()?;
         let key = self.primary_key();
         let values: Vec<String> = key.iter().map(|c| self.cold_value(c)).collect();

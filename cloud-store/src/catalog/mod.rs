@@ -843,7 +843,6 @@ impl Catalog {
     fn create_table_ddl(&self, name: &str, def: &StreamDef) -> Vec<String> {
         table_ddl(name, def, self.db.auto_id_column(ROW_ID))
     }
-
 }
 
 /// On PostgreSQL, locks a stream's tables for a layout change: a commit
