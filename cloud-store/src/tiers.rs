@@ -9,6 +9,8 @@
 //! deletion in the same transaction: a view bucketed on `received_at`
 //! loses its buckets before the cut-off, which is rounded down to whole
 //! buckets of every such view; any other view is rebuilt from what remains.
+//! A view declared with a `ttl` of its own (longer than the stream's)
+//! keeps the buckets of expired rows, and loses them at its own ttl.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,8 +61,14 @@ impl Tiers {
         });
     }
 
-    /// Expires, then moves, the rows of every stream that asks for it.
+    /// Expires, then moves, the rows of every stream that asks for it,
+    /// and expires the buckets of views with a ttl of their own.
     pub async fn round(&self, now_ms: i64) {
+        match self.expire_views(now_ms).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(buckets = n, "expired view buckets deleted"),
+            Err(e) => tracing::warn!(error = %e, "cannot expire view buckets"),
+        }
         for stream in self.catalog.list() {
             match self.expire(&stream, now_ms).await {
                 Ok(0) => {}
@@ -220,6 +228,38 @@ impl Tiers {
         Ok(total)
     }
 
+    /// Deletes the buckets older than its own ttl from each view that has
+    /// one, whole buckets, never sooner than its stream's rows expire (a
+    /// stream's ttl may have been lengthened since); returns how many
+    /// bucket rows.
+    pub async fn expire_views(&self, now_ms: i64) -> Result<u64, String> {
+        let mut deleted = 0;
+        for plan in self.views.plans() {
+            let (Some(ttl), Some((_, width))) = (plan.ttl, &plan.bucket) else {
+                continue;
+            };
+            let Some(stream) = self.catalog.get(plan.source()) else {
+                continue;
+            };
+            let Some(stream_ttl) = stream.def.ttl()? else {
+                continue;
+            };
+            let kept = ttl.max(stream_ttl).as_millis() as i64;
+            let cutoff = (now_ms - kept).div_euclid(*width) * width;
+            for table in [plan.table(), plan.tail()] {
+                let sql = format!(
+                    "DELETE FROM {table} WHERE {} < $1",
+                    crate::views::def::BUCKET
+                );
+                deleted += with_pool!(self.db, pool => {
+                    sqlx::query(&sql).bind(cutoff).execute(pool).await.map(|r| r.rows_affected())
+                })
+                .map_err(|e| format!("view {}: {e}", plan.name))?;
+            }
+        }
+        Ok(deleted)
+    }
+
     /// Deletes rows older than the stream's `ttl` from both tiers, and
     /// takes them out of its views in the same transaction; returns how
     /// many rows.
@@ -227,11 +267,12 @@ impl Tiers {
         let Some(ttl) = stream.def.ttl()? else {
             return Ok(0);
         };
+        // A view with a ttl of its own keeps the buckets of expired rows.
         let plans: Vec<_> = self
             .views
             .plans()
             .into_iter()
-            .filter(|p| p.source() == stream.name)
+            .filter(|p| p.source() == stream.name && p.ttl.is_none())
             .collect();
         // Whole buckets of every view bucketed on received_at: those views
         // then lose whole buckets, exactly the deleted rows.

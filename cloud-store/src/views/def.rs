@@ -8,6 +8,7 @@
 //! bucket = { column = "received_at", width = "1h" }
 //! aggregates = { readings = "count(*)", mean = "avg(celsius)", peak = "max(celsius)" }
 //! refresh = "realtime"        # or { every = "30s" }, or "on_demand"
+//! ttl = "365d"                # optional: keep buckets after the rows expire
 //! ```
 //!
 //! An aggregate view keeps *partials* per group and bucket (row count, and
@@ -75,6 +76,13 @@ pub struct ViewDef {
     pub derived: IndexMap<String, String>,
     #[serde(default)]
     pub refresh: RefreshDef,
+    /// How long the view keeps a bucket: longer than its stream keeps rows,
+    /// so the view still answers for periods whose rows have expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    /// Refused with a reason: views have no cold tier.
+    #[serde(default, skip_serializing)]
+    pub hot: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -161,6 +169,9 @@ pub struct ViewPlan {
     pub aggregates: Vec<Aggregate>,
     pub measured: Vec<Measured>,
     pub refresh: Refresh,
+    /// The view's own retention (see [`ViewDef::ttl`]); `None`: it loses
+    /// rows as its stream does.
+    pub ttl: Option<Duration>,
 }
 
 /// One column of a view table: what it holds of the source.
@@ -194,6 +205,14 @@ impl ViewPlan {
         check_identifier("view", name)?;
         let problem = |what: String| format!("view {name}: {what}");
         let refresh = parse_refresh(&def.refresh).map_err(problem)?;
+        if def.hot.is_some() {
+            return Err(problem(
+                "a view has no cold tier (its aggregates are small and stay where queries read them); \
+                 declare ttl to keep them longer than the stream's rows"
+                    .into(),
+            ));
+        }
+        let ttl = check_view_ttl(def, source).map_err(problem)?;
         if !def.key.is_empty() || !def.fields.is_empty() || !def.derived.is_empty() {
             if !def.aggregates.is_empty() || !def.group_by.is_empty() || def.bucket.is_some() {
                 return Err(problem(
@@ -211,6 +230,7 @@ impl ViewPlan {
                 aggregates: Vec::new(),
                 measured: Vec::new(),
                 refresh,
+                ttl,
             });
         }
         if let Some(over) = over {
@@ -316,6 +336,7 @@ impl ViewPlan {
             aggregates,
             measured,
             refresh,
+            ttl,
         })
     }
 
@@ -671,6 +692,42 @@ impl ViewPlan {
             ),
             Refresh::Realtime | Refresh::OnDemand => self.table(),
         }
+    }
+}
+
+/// A view's own ttl: only an aggregate view bucketed on `received_at` may
+/// keep its buckets after its stream's rows expire, and only for longer
+/// than the stream keeps them. Not over a bucketed stream: a batch swap
+/// rebuilds such a view from the rows the stream still has.
+fn check_view_ttl(def: &ViewDef, source: &Stream) -> Result<Option<Duration>, String> {
+    let Some(text) = &def.ttl else {
+        return Ok(None);
+    };
+    let ttl = humantime::parse_duration(text).map_err(|e| format!("ttl = {text:?}: {e}"))?;
+    let on_received = def.bucket.as_ref().is_some_and(|b| b.column == RECEIVED_AT);
+    if !def.key.is_empty() || def.aggregates.is_empty() || !on_received {
+        return Err(
+            "only an aggregate view bucketed on received_at keeps its own ttl (whole buckets expire)"
+                .into(),
+        );
+    }
+    if source.bucket().is_some() {
+        return Err(format!(
+            "stream {} is bucketed: a batch swap rebuilds its views from its rows, so a view cannot outlive them",
+            source.name
+        ));
+    }
+    match source.def.ttl()? {
+        None => Err(format!(
+            "stream {} keeps its rows for good (no ttl): a view's ttl can only be longer than its stream's",
+            source.name
+        )),
+        Some(stream_ttl) if ttl <= stream_ttl => Err(format!(
+            "ttl = {text:?} must be longer than stream {}'s ttl ({})",
+            source.name,
+            source.def.ttl.as_deref().unwrap_or_default()
+        )),
+        Some(_) => Ok(Some(ttl)),
     }
 }
 

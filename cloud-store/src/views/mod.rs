@@ -494,7 +494,8 @@ impl Views {
     }
 
     /// Picks the cheapest view that answers `query` exactly (`sql` as the
-    /// query guard parsed it), whose result columns are `names`.
+    /// query guard parsed it), whose result columns are `names`; a view
+    /// with a ttl of its own before any other.
     pub fn route(&self, sql: &str, query: &Query, names: &[String]) -> Route {
         let backend = self.db.backend();
         let mut candidates = Vec::new();
@@ -507,10 +508,16 @@ impl Views {
                 .unwrap_or_default();
             match rewrite::rewrite(query, &plan, names, backend, &leads) {
                 Ok(rewritten) => {
+                    let reason = match &plan.def.ttl {
+                        Some(ttl) => format!(
+                            "answers the query, with the buckets it keeps for {ttl} (after the stream's rows expire)"
+                        ),
+                        None => "answers the query exactly".into(),
+                    };
                     candidates.push(Candidate {
                         view: plan.name.clone(),
                         usable: true,
-                        reason: "answers the query exactly".into(),
+                        reason,
                     });
                     usable.push((plan, rewritten));
                 }
@@ -521,9 +528,11 @@ impl Views {
                 }),
             }
         }
+        // A view that keeps history its stream has expired answers first, so
+        // the same query gets the same history whichever other views exist.
         let Some((plan, rewritten)) = usable
             .into_iter()
-            .min_by_key(|(plan, _)| rewrite::rank(plan))
+            .min_by_key(|(plan, _)| (plan.ttl.is_none(), rewrite::rank(plan)))
         else {
             return Route {
                 view: None,
@@ -533,7 +542,11 @@ impl Views {
         };
         for candidate in &mut candidates {
             if candidate.usable && candidate.view != plan.name {
-                candidate.reason = format!("answers the query, but {} is cheaper", plan.name);
+                candidate.reason = if plan.ttl.is_some() {
+                    format!("answers the query, but {} keeps more history", plan.name)
+                } else {
+                    format!("answers the query, but {} is cheaper", plan.name)
+                };
             }
         }
         Route {

@@ -308,6 +308,8 @@ impl Collector {
                 fields: Vec::new(),
                 derived: Default::default(),
                 refresh: RefreshDef::default(),
+                ttl: None,
+                hot: None,
             },
         })
     }
