@@ -301,10 +301,14 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         .map_err(|e| anyhow!(e))?;
     etl.schedule();
     let buckets = Arc::new(Buckets::new(db.clone(), catalog.clone(), views.clone()));
-    let reports =
-        fleetgate_etl::reports::Reports::open(db.clone(), catalog.clone(), buckets.clone())
-            .await
-            .map_err(|e| anyhow!(e))?;
+    let reports = fleetgate_etl::reports::Reports::open(
+        db.clone(),
+        catalog.clone(),
+        buckets.clone(),
+        compaction.usage(),
+    )
+    .await
+    .map_err(|e| anyhow!(e))?;
     reports.follow_runs(&etl);
     tiers.clone().follow();
     let registry = Registry::load(db.clone()).await.map_err(|e| anyhow!(e))?;
@@ -350,10 +354,14 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         .await
         .map_err(|e| anyhow!(e))?;
     // Anomaly alerts go out on live/alerts/... like live copies.
-    let analyses =
-        fleetgate_etl::analysis::Analyses::open(db.clone(), catalog.clone(), upstream.clone())
-            .await
-            .map_err(|e| anyhow!(e))?;
+    let analyses = fleetgate_etl::analysis::Analyses::open(
+        db.clone(),
+        catalog.clone(),
+        upstream.clone(),
+        compaction.usage(),
+    )
+    .await
+    .map_err(|e| anyhow!(e))?;
     analyses.follow();
     let clock = Arc::new(ClusterClock::new(0));
     let rollout_settings = RolloutSettings {

@@ -2,7 +2,8 @@
 //! their columns dropped; queries still read them by name, records that
 //! arrive meanwhile keep them, and a field that queries (or a new view)
 //! use again gets its column back with every value in it. Keys, booleans
-//! and fields views read are never compacted.
+//! and fields views read are never compacted; a field an analysis reads is
+//! used.
 
 use serde_json::{json, Value};
 
@@ -23,6 +24,14 @@ fields.room = { type = "string" }
 fields.mode = { type = "enum", values = ["idle", "heat", "cool"], code = true }
 fields.note = { type = "string" }
 fields.door_open = { type = "bool" }
+fields.pressure = { type = "float" }
+"#;
+
+// No query reads pressure; an analysis does, which counts as use.
+const PRESSURE: &str = r#"
+[analyses.pressure_hourly]
+stream = "climate"
+value = "pressure"
 "#;
 
 const PER_DEVICE: &str = r#"
@@ -129,6 +138,10 @@ async fn unused_fields_fold_into_extra_and_come_back_when_queried(backend: Backe
         .post_text("/v1/views", &server.admin, PER_DEVICE)
         .await;
     assert_eq!(status, 200, "{body}");
+    let (status, body) = server
+        .post_text("/v1/analyses", &server.admin, PRESSURE)
+        .await;
+    assert_eq!(status, 200, "{body}");
     let token = server.add_device("c1", "ingest").await;
     publish(&server, &token, 1..=40).await;
 
@@ -144,6 +157,7 @@ async fn unused_fields_fold_into_extra_and_come_back_when_queried(backend: Backe
             },
         )
         .await;
+    assert_eq!(where_stored(&fields, "pressure"), "column", "{fields}");
     // The key, the boolean and the field a view reads stay columns, saying why.
     for (field, why) in [
         ("seq", "key"),

@@ -8,7 +8,8 @@
 //! Which fields a query touches is judged from its text: every field of
 //! every stream it names whose name appears in it as a column reference,
 //! and every field for `SELECT *`. That may count a field as used when it
-//! was not, never the reverse. Fields that keys, booleans and views read
+//! was not, never the reverse. The fields analyses and reports read count
+//! too ([`FieldUse`]), each time they run. Fields that keys, booleans and views read
 //! are never compacted, nor the time a bucketed stream is bucketed by. Use is counted by every process that answers
 //! queries, in `fleetgate_field_usage`, so a cluster's brokers add up.
 
@@ -62,13 +63,44 @@ pub struct FieldUsage {
 
 type FieldKey = (String, String);
 
+/// Fields read since the last compaction round, with when: by queries
+/// ([`Compaction::observe`]) and by the store's own readers (analyses,
+/// reports), so that a field only they read is used all the same.
+#[derive(Clone, Default)]
+pub struct FieldUse(Arc<Mutex<HashMap<FieldKey, i64>>>);
+
+impl FieldUse {
+    /// Notes that `fields` of `stream` were read now (names that are not
+    /// its declared fields are ignored at the round).
+    pub fn note<'a>(&self, stream: &str, fields: impl IntoIterator<Item = &'a str>) {
+        let now = fleetgate_protocol::unix_now_ms();
+        let mut touched = self.0.lock().expect("field use lock");
+        for field in fields {
+            touched.insert((stream.to_string(), field.to_string()), now);
+        }
+    }
+
+    fn take(&self) -> HashMap<FieldKey, i64> {
+        std::mem::take(&mut *self.0.lock().expect("field use lock"))
+    }
+
+    /// Puts back use that could not be written (newest use wins).
+    fn restore(&self, touched: HashMap<FieldKey, i64>) {
+        let mut now = self.0.lock().expect("field use lock");
+        for (key, at) in touched {
+            let entry = now.entry(key).or_insert(at);
+            *entry = (*entry).max(at);
+        }
+    }
+}
+
 pub struct Compaction {
     db: Db,
     catalog: Catalog,
     views: Arc<Views>,
     settings: CompactionSettings,
-    /// Fields queries touched since the last round, with when.
-    touched: Mutex<HashMap<FieldKey, i64>>,
+    /// Fields read since the last round.
+    touched: FieldUse,
     /// Fields known to have a usage row.
     known: Mutex<HashSet<FieldKey>>,
 }
@@ -88,27 +120,31 @@ impl Compaction {
             catalog,
             views,
             settings,
-            touched: Mutex::default(),
+            touched: FieldUse::default(),
             known: Mutex::default(),
         })
     }
 
     /// Notes the fields a checked query touches.
     pub fn observe(&self, query: &Query) {
-        let now = fleetgate_protocol::unix_now_ms();
         let mut reads = Reads::default();
         let _ = query.visit(&mut reads);
-        let mut touched = self.touched.lock().expect("touched lock");
         for name in &reads.relations {
             let Some(stream) = self.catalog.get(name) else {
                 continue;
             };
-            for field in stream.def.fields.keys() {
-                if reads.everything || reads.names.contains(field) {
-                    touched.insert((stream.name.clone(), field.clone()), now);
-                }
-            }
+            let fields = stream
+                .def
+                .fields
+                .keys()
+                .filter(|field| reads.everything || reads.names.contains(*field));
+            self.touched.note(&stream.name, fields.map(String::as_str));
         }
+    }
+
+    /// Where the store's own readers note the fields they read.
+    pub fn usage(&self) -> FieldUse {
+        self.touched.clone()
     }
 
     /// A round every second.
@@ -220,15 +256,8 @@ impl Compaction {
     /// Writes the use queries made since the last round, and starts the
     /// clock of every field not seen before.
     async fn record_use(&self, now_ms: i64) -> Result<(), String> {
-        let touched = std::mem::take(&mut *self.touched.lock().expect("touched lock"));
-        let restore = |touched: HashMap<FieldKey, i64>| {
-            // Not written: kept for the next round (newest use wins).
-            let mut now = self.touched.lock().expect("touched lock");
-            for (key, at) in touched {
-                let entry = now.entry(key).or_insert(at);
-                *entry = (*entry).max(at);
-            }
-        };
+        let touched = self.touched.take();
+        let restore = |touched: HashMap<FieldKey, i64>| self.touched.restore(touched);
         let unseen: Vec<FieldKey> = {
             let known = self.known.lock().expect("known lock");
             self.catalog

@@ -28,6 +28,7 @@ use fleetgate_protocol::ingest::LiveSink;
 use fleetgate_protocol::schema::{check_identifier, ALERTS_STREAM, DEVICE_ID, RECEIVED_AT};
 use fleetgate_protocol::topic::LIVE_PREFIX;
 use fleetgate_protocol::unix_now_ms;
+use fleetgate_store::compaction::FieldUse;
 use fleetgate_store::query::{self, QueryLimits};
 use fleetgate_store::{with_pool, Catalog, Db};
 
@@ -143,6 +144,8 @@ pub struct Analyses {
     db: Db,
     catalog: Catalog,
     live: Arc<dyn LiveSink>,
+    /// The fields analyses read count as used, for column compaction.
+    usage: FieldUse,
     /// The analyses' tables, for the query guard.
     tables: RwLock<Vec<String>>,
     /// Per analysis, the newest `received_at` already counted.
@@ -167,6 +170,7 @@ impl Analyses {
         db: Db,
         catalog: Catalog,
         live: Arc<dyn LiveSink>,
+        usage: FieldUse,
     ) -> Result<Arc<Analyses>, String> {
         db.execute_ddl(&[
             ANALYSES.ddl(),
@@ -180,6 +184,7 @@ impl Analyses {
             db,
             catalog,
             live,
+            usage,
             tables: RwLock::default(),
             watermarks: Mutex::default(),
         });
@@ -277,6 +282,8 @@ impl Analyses {
             .get(&def.stream)
             .ok_or_else(|| format!("no stream named {:?}", def.stream))?;
         let width = def.bucket_ms()?;
+        self.usage
+            .note(&def.stream, [def.time.as_str(), def.value.as_str()]);
         let t = table(name);
         // The buckets that rows received since the last pass fall in, from
         // the earliest on (a device may send old readings late). The

@@ -89,6 +89,19 @@ pub struct ReconcileDef {
 }
 
 impl ReportDef {
+    /// The stream columns the real-time side reads: its time, the value's
+    /// column, the grouping, and what a reconciliation compares.
+    pub fn realtime_fields(&self) -> Vec<String> {
+        let mut fields = vec![self.realtime.time.clone()];
+        fields.extend(self.value().ok().and_then(|call| call.column));
+        fields.extend(self.group_by.clone());
+        if let Some(reconcile) = &self.reconcile {
+            fields.push(reconcile.key.clone());
+            fields.extend(reconcile.compare.iter().cloned());
+        }
+        fields
+    }
+
     pub fn value(&self) -> Result<AggregateCall, String> {
         let call = AggregateCall::parse(&self.value).map_err(|e| format!("value: {e}"))?;
         if let Some(column) = &call.column {

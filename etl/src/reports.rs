@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use fleetgate_protocol::unix_now_ms;
 use fleetgate_store::buckets::Buckets;
+use fleetgate_store::compaction::FieldUse;
 use fleetgate_store::query::{self, QueryLimits};
 use fleetgate_store::{with_pool, Catalog, Db};
 use serde::Serialize;
@@ -33,6 +34,8 @@ pub struct Reports {
     /// Swaps out the real-time periods a batch run supersedes, for
     /// bucketed streams.
     buckets: Arc<Buckets>,
+    /// The fields reports read count as used, for column compaction.
+    usage: FieldUse,
     /// Batch sides already computed. A batch table changes only when a run
     /// succeeds, so an entry holds until a newer run loads the table.
     batch_cache: Mutex<HashMap<BatchQuery, (i64, SideResult)>>,
@@ -80,6 +83,7 @@ impl Reports {
         db: Db,
         catalog: Catalog,
         buckets: Arc<Buckets>,
+        usage: FieldUse,
     ) -> Result<Arc<Reports>, String> {
         db.execute_ddl(&[
             REPORTS.ddl(),
@@ -95,6 +99,7 @@ impl Reports {
             db,
             catalog,
             buckets,
+            usage,
             batch_cache: Mutex::default(),
         }))
     }
@@ -228,6 +233,9 @@ impl Reports {
     /// tiers of a tiered one), and the rows batches superseded of a
     /// bucketed one (a reconciliation compares them all).
     fn realtime_from(&self, def: &ReportDef) -> Result<String, String> {
+        let read = def.realtime_fields();
+        self.usage
+            .note(&def.realtime.stream, read.iter().map(String::as_str));
         self.catalog
             .get(&def.realtime.stream)
             .map(|stream| stream.read_with_superseded())
