@@ -74,6 +74,10 @@ pub struct BenchArgs {
     /// the view and on the primary table.
     #[arg(long, default_value_t = 0)]
     views: usize,
+    /// With --views: each device's records are taken in time order over
+    /// the week (as devices report), instead of spread out of order.
+    #[arg(long)]
+    in_time_order: bool,
 }
 
 struct Load {
@@ -289,16 +293,32 @@ fields.taken_at = { type = "timestamp" }
 const WEEK_START_MS: usize = 1_795_046_400_000;
 const WEEK_SECONDS: usize = 7 * 24 * 3600;
 
-/// A message of `records` records; with `over_a_week`, each says when in a
-/// week it was taken (spread evenly and out of order).
-pub(crate) fn payload(seq: usize, records: usize, over_a_week: bool) -> String {
+/// When in the week a device's record `s` was taken, if records say.
+#[derive(Clone, Copy)]
+pub(crate) enum Taken {
+    /// Records carry no time of their own.
+    Untimed,
+    /// Spread evenly over the week, out of order.
+    Spread,
+    /// In order over the week, `per_device` records in all.
+    InOrder { per_device: usize },
+}
+
+/// A message of `records` records, each saying when it was taken.
+pub(crate) fn payload(seq: usize, records: usize, taken: Taken) -> String {
     let record = |s: usize| {
         let value = s % 900;
-        if over_a_week {
-            let taken_at = WEEK_START_MS + (s * 7_919 % WEEK_SECONDS) * 1000;
-            format!(r#"{{"seq":{s},"value":{value}.25,"status":"ok","taken_at":{taken_at}}}"#)
-        } else {
-            format!(r#"{{"seq":{s},"value":{value}.25,"status":"ok"}}"#)
+        let second = match taken {
+            Taken::Untimed => None,
+            Taken::Spread => Some(s * 7_919 % WEEK_SECONDS),
+            Taken::InOrder { per_device } => Some(s * WEEK_SECONDS / per_device.max(1)),
+        };
+        match second {
+            Some(second) => {
+                let taken_at = WEEK_START_MS + second * 1000;
+                format!(r#"{{"seq":{s},"value":{value}.25,"status":"ok","taken_at":{taken_at}}}"#)
+            }
+            None => format!(r#"{{"seq":{s},"value":{value}.25,"status":"ok"}}"#),
         }
     };
     if records == 1 {
@@ -350,11 +370,17 @@ async fn run_load(target: &Target, args: &BenchArgs) -> anyhow::Result<Load> {
         let mut socket =
             mqtt_connect(socket, &id, credentials.as_ref().map(|(_, p)| p.as_str())).await?;
         let topic = format!("{}{id}", target.topic_prefix);
-        let (messages, records, inflight, over_a_week) = (
+        let taken = match (args.views > 0, args.in_time_order) {
+            (false, _) => Taken::Untimed,
+            (true, false) => Taken::Spread,
+            (true, true) => Taken::InOrder {
+                per_device: args.messages * args.records_per_message,
+            },
+        };
+        let (messages, records, inflight) = (
             args.messages,
             args.records_per_message,
             args.inflight as usize,
-            args.views > 0,
         );
         tasks.push(tokio::spawn(async move {
             let (mut reader, mut writer) = socket.split();
@@ -369,7 +395,7 @@ async fn run_load(target: &Target, args: &BenchArgs) -> anyhow::Result<Load> {
                     let mut batch = Vec::new();
                     loop {
                         let pkid = (seq % 65_535 + 1) as u16;
-                        let body = payload(seq, records, over_a_week);
+                        let body = payload(seq, records, taken);
                         encode_publish(&mut out, &topic, pkid, body.as_bytes());
                         batch.push(pkid);
                         seq += 1;
@@ -667,7 +693,7 @@ async fn probe_queryable(
                 "ingest/bench/bench-probe",
                 QoS::AtLeastOnce,
                 false,
-                payload(seq, 1, false),
+                payload(seq, 1, Taken::Untimed),
             )
             .await?;
         let sql = json!({ "sql": format!("SELECT count(*) FROM bench WHERE device_id = 'bench-probe' AND seq = {seq}") });
