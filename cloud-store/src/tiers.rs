@@ -140,9 +140,6 @@ impl Tiers {
                 let chunk = stream
                     .move_to_cold_sql(&physical, &condition)
                     .map_err(sqlx::Error::Protocol)?;
-                for statement in &chunk.before {
-                    sqlx::query(statement).bind(upto).execute(&mut *tx).await?;
-                }
                 let packed: Option<i64> = sqlx::query_scalar(&chunk.pack)
                     .bind(upto).fetch_optional(&mut *tx).await?;
                 for statement in &chunk.after {
@@ -204,9 +201,6 @@ impl Tiers {
                     let end: Option<i64> =
                         sqlx::query_scalar(&chunk_end).fetch_optional(&mut *tx).await?;
                     let upto = end.map_or(i64::MAX, |end| end + 1);
-                    for statement in &chunk.before {
-                        sqlx::query(statement).bind(upto).execute(&mut *tx).await?;
-                    }
                     let rows: Option<i64> =
                         sqlx::query_scalar(&chunk.pack).bind(upto).fetch_optional(&mut *tx).await?;
                     for statement in &chunk.after {

@@ -34,11 +34,10 @@ const CHUNK_COLUMNS: &str = "row_count, first_at, last_at, first_bucket, last_bu
 /// arguments, PostgreSQL 100.
 const MAX_PAIRS: usize = 40;
 
-/// How a move hands rows to the cold tier: `before`, then `pack` (which
-/// returns the number of rows packed, or no row when none), then `after`,
-/// in one transaction whose `$1` is the condition's bound.
+/// How a move hands rows to the cold tier: `pack` (which returns the
+/// number of rows packed, or no row when none), then `after`, in one
+/// transaction whose `$1` is the condition's bound.
 pub struct ColdMove {
-    pub before: Vec<String>,
     pub pack: String,
     pub after: Vec<String>,
 }
@@ -245,7 +244,6 @@ impl Stream {
                 };
                 after.push(format!("DELETE FROM {name} WHERE {condition}"));
                 ColdMove {
-                    before: Vec::new(),
                     pack: format!(
                         "INSERT INTO {cold} ({CHUNK_COLUMNS}) \
                          SELECT {spans}, fg_compress(json_group_array({object})) \
@@ -271,7 +269,6 @@ impl Stream {
                     (String::new(), String::new())
                 };
                 ColdMove {
-                    before: Vec::new(),
                     pack: format!(
                         "WITH moved AS (DELETE FROM {name} WHERE {condition} RETURNING {logical}){keys_cte} \
                          INSERT INTO {cold} ({CHUNK_COLUMNS}) \
