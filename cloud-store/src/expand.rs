@@ -8,7 +8,8 @@ use std::ops::ControlFlow;
 
 use fleetgate_protocol::schema::RECEIVED_AT;
 use sqlparser::ast::{
-    BinaryOperator, Expr, Query, SelectItem, SetExpr, Statement, TableFactor, VisitMut, VisitorMut,
+    BinaryOperator, Expr, Query, Select, SelectItem, SetExpr, Statement, TableFactor, VisitMut,
+    VisitorMut,
 };
 use sqlparser::dialect::{Dialect, PostgreSqlDialect, SQLiteDialect};
 use sqlparser::parser::Parser;
@@ -89,28 +90,18 @@ fn received_spans(query: &Query) -> HashMap<String, ReceivedSpan> {
     let Some(selection) = &select.selection else {
         return spans;
     };
-    let factors: Vec<&TableFactor> = select
-        .from
-        .iter()
-        .flat_map(|t| std::iter::once(&t.relation).chain(t.joins.iter().map(|j| &j.relation)))
-        .collect();
-    let alone = factors.len() == 1;
-    for factor in factors {
-        let TableFactor::Table { name, alias, .. } = factor else {
-            continue;
-        };
-        let table = name.to_string().to_lowercase();
-        if named.get(&table) != Some(&1) {
-            continue;
-        }
+    let (tables, alone) = from_tables(select);
+    for FromTable {
+        table,
+        under,
+        quoted,
+    } in tables
+    {
         // A quoted alias may differ from another only by case: not worth
         // the risk of bounding the wrong table.
-        if alias.as_ref().is_some_and(|a| a.name.quote_style.is_some()) {
+        if named.get(&table) != Some(&1) || quoted {
             continue;
         }
-        let under = alias
-            .as_ref()
-            .map_or(table.clone(), |a| a.name.value.to_lowercase());
         // `received_at` alone names it only when it is the one table.
         let is_received = |expr: &Expr| match expr {
             Expr::Identifier(id) => alone && id.value.eq_ignore_ascii_case(RECEIVED_AT),
@@ -162,6 +153,42 @@ fn received_spans(query: &Query) -> HashMap<String, ReceivedSpan> {
     spans
 }
 
+/// A table a SELECT's FROM names (joins included).
+struct FromTable {
+    table: String,
+    /// The name the query reads it under: its alias, or its own.
+    under: String,
+    /// Whether the alias is quoted.
+    quoted: bool,
+}
+
+/// The tables `select` reads from, and whether FROM holds just one item.
+fn from_tables(select: &Select) -> (Vec<FromTable>, bool) {
+    let factors: Vec<&TableFactor> = select
+        .from
+        .iter()
+        .flat_map(|t| std::iter::once(&t.relation).chain(t.joins.iter().map(|j| &j.relation)))
+        .collect();
+    let alone = factors.len() == 1;
+    let tables = factors
+        .into_iter()
+        .filter_map(|factor| {
+            let TableFactor::Table { name, alias, .. } = factor else {
+                return None;
+            };
+            let table = name.to_string().to_lowercase();
+            Some(FromTable {
+                under: alias
+                    .as_ref()
+                    .map_or(table.clone(), |a| a.name.value.to_lowercase()),
+                quoted: alias.as_ref().is_some_and(|a| a.name.quote_style.is_some()),
+                table,
+            })
+        })
+        .collect();
+    (tables, alone)
+}
+
 /// `a op b` as `b op' a`.
 fn flip(op: &BinaryOperator) -> BinaryOperator {
     match op {
@@ -183,27 +210,17 @@ pub fn tiered_bool_outputs(query: &Query, catalog: &Catalog) -> Vec<usize> {
         return Vec::new();
     };
     // The tiered streams read, under the name the query reads them by.
-    let mut streams = Vec::new();
-    for table in &select.from {
-        let factors =
-            std::iter::once(&table.relation).chain(table.joins.iter().map(|j| &j.relation));
-        for factor in factors {
-            let TableFactor::Table { name, alias, .. } = factor else {
-                continue;
-            };
-            let table_name = name.to_string().to_lowercase();
-            if let Some(stream) = catalog.get(&table_name).filter(|s| s.tiered()) {
-                let under = alias
-                    .as_ref()
-                    .map_or(table_name, |a| a.name.value.to_lowercase());
-                streams.push((under, stream));
-            }
-        }
-    }
+    let (tables, one_table) = from_tables(select);
+    let streams: Vec<_> = tables
+        .into_iter()
+        .filter_map(|t| {
+            let stream = catalog.get(&t.table).filter(|s| s.tiered())?;
+            Some((t.under, stream))
+        })
+        .collect();
     if streams.is_empty() {
         return Vec::new();
     }
-    let one_table = select.from.len() == 1 && select.from[0].joins.is_empty();
     let mut bools = Vec::new();
     let mut position = 0;
     for item in &select.projection {

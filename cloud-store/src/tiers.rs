@@ -28,6 +28,10 @@ pub struct Tiers {
     db: Db,
     catalog: Catalog,
     views: Arc<Views>,
+    /// Per view with a ttl of its own, the cut-off it last expired to: a
+    /// cut-off moves a whole bucket at a time, so until it moves there is
+    /// nothing new to delete.
+    view_cutoffs: std::sync::Mutex<std::collections::HashMap<String, i64>>,
 }
 
 /// Rows and time span of each tier, for `GET /v1/streams/{name}/tiers`.
@@ -48,7 +52,12 @@ pub struct TierStats {
 
 impl Tiers {
     pub fn new(db: Db, catalog: Catalog, views: Arc<Views>) -> Tiers {
-        Tiers { db, catalog, views }
+        Tiers {
+            db,
+            catalog,
+            views,
+            view_cutoffs: Default::default(),
+        }
     }
 
     /// Moves and expires rows every second.
@@ -240,6 +249,15 @@ impl Tiers {
             };
             let kept = ttl.max(stream_ttl).as_millis() as i64;
             let cutoff = (now_ms - kept).div_euclid(*width) * width;
+            let last = self
+                .view_cutoffs
+                .lock()
+                .expect("cut-offs")
+                .get(&plan.name)
+                .copied();
+            if last == Some(cutoff) {
+                continue;
+            }
             for table in [plan.table(), plan.tail()] {
                 let sql = format!(
                     "DELETE FROM {table} WHERE {} < $1",
@@ -250,6 +268,10 @@ impl Tiers {
                 })
                 .map_err(|e| format!("view {}: {e}", plan.name))?;
             }
+            self.view_cutoffs
+                .lock()
+                .expect("cut-offs")
+                .insert(plan.name.clone(), cutoff);
         }
         Ok(deleted)
     }

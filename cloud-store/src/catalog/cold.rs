@@ -190,15 +190,17 @@ impl Stream {
         physical: &[String],
         condition: &str,
     ) -> Result<ColdMove, String> {
-        let known = self.query_columns();
-        if let Some(unknown) = physical.iter().find(|c| !known.contains(c)) {
+        let columns = self.logical_column_list(&self.compacted_in(physical));
+        if let Some(unknown) = physical
+            .iter()
+            .find(|c| !columns.iter().any(|(column, _)| column == *c))
+        {
             return Err(format!(
                 "{name} has a column {unknown} that stream {} does not declare here yet",
                 self.name
             ));
         }
         let cold = self.cold_table();
-        let columns = self.logical_column_list(&self.compacted_in(physical));
         let logical: Vec<String> = columns
             .iter()
             .map(|(column, read)| format!("{read} AS {column}"))
@@ -332,56 +334,59 @@ impl Stream {
     /// columns (a superseded table): the fields it compacts go into
     /// `extra` as folding puts them there.
     pub fn cold_as_stored(&self, physical: &[String]) -> String {
-        let compacted = self.compacted_in(physical);
+        let extra = self.folded_extra(&self.compacted_in(physical));
         let columns: Vec<String> = physical
             .iter()
             .map(|column| {
-                if column != EXTRA {
-                    return self.cold_value(column);
-                }
-                let extra = format!("(r.value ->> '{EXTRA}')");
-                if compacted.is_empty() {
-                    return extra;
-                }
-                // Folding stores no NULLs: a patch leaves them out, as
-                // does jsonb_strip_nulls. Objects of at most MAX_PAIRS
-                // pairs, since calls take a bounded number of arguments.
-                let pairs: Vec<String> = compacted
-                    .iter()
-                    .map(|f| match self.backend {
-                        Backend::Sqlite => {
-                            format!("'{}', json(r.value -> '{f}')", compacted::folded_key(f))
-                        }
-                        Backend::Postgres => {
-                            format!("'{}', r.value -> '{f}'", compacted::folded_key(f))
-                        }
-                    })
-                    .collect();
-                match self.backend {
-                    Backend::Sqlite => {
-                        let patched = pairs.chunks(MAX_PAIRS).fold(
-                            format!("COALESCE({extra}, '{{}}')"),
-                            |merged, pairs| {
-                                format!("json_patch({merged}, json_object({}))", pairs.join(", "))
-                            },
-                        );
-                        format!("NULLIF({patched}, '{{}}')")
-                    }
-                    Backend::Postgres => {
-                        let objects: Vec<String> = pairs
-                            .chunks(MAX_PAIRS)
-                            .map(|pairs| format!("jsonb_build_object({})", pairs.join(", ")))
-                            .collect();
-                        format!(
-                            "NULLIF(CAST(COALESCE(CAST({extra} AS JSONB), '{{}}'::jsonb) \
-                             || jsonb_strip_nulls({}) AS TEXT), '{{}}')",
-                            objects.join(" || ")
-                        )
-                    }
+                if column == EXTRA {
+                    extra.clone()
+                } else {
+                    self.cold_value(column)
                 }
             })
             .collect();
         columns.join(", ")
+    }
+
+    /// The chunk row's `extra` with the `compacted` fields folded in as
+    /// folding puts them: no NULLs (a patch leaves them out, as does
+    /// jsonb_strip_nulls), in objects of at most MAX_PAIRS pairs, since
+    /// calls take a bounded number of arguments.
+    fn folded_extra(&self, compacted: &BTreeSet<String>) -> String {
+        let extra = format!("(r.value ->> '{EXTRA}')");
+        if compacted.is_empty() {
+            return extra;
+        }
+        let pairs: Vec<String> = compacted
+            .iter()
+            .map(|f| {
+                let key = compacted::folded_key(f);
+                match self.backend {
+                    Backend::Sqlite => format!("'{key}', json(r.value -> '{f}')"),
+                    Backend::Postgres => format!("'{key}', r.value -> '{f}'"),
+                }
+            })
+            .collect();
+        let objects = pairs.chunks(MAX_PAIRS).map(|pairs| pairs.join(", "));
+        match self.backend {
+            Backend::Sqlite => {
+                let patched = objects
+                    .fold(format!("COALESCE({extra}, '{{}}')"), |merged, pairs| {
+                        format!("json_patch({merged}, json_object({pairs}))")
+                    });
+                format!("NULLIF({patched}, '{{}}')")
+            }
+            Backend::Postgres => {
+                let objects: Vec<String> = objects
+                    .map(|pairs| format!("jsonb_build_object({pairs})"))
+                    .collect();
+                format!(
+                    "NULLIF(CAST(COALESCE(CAST({extra} AS JSONB), '{{}}'::jsonb) \
+                     || jsonb_strip_nulls({}) AS TEXT), '{{}}')",
+                    objects.join(" || ")
+                )
+            }
+        }
     }
 
     /// Takes the cold rows matching `row_condition` (on `r.value`) out of
