@@ -78,6 +78,24 @@ pub struct BenchArgs {
     /// the week (as devices report), instead of spread out of order.
     #[arg(long)]
     in_time_order: bool,
+    /// Measure connection scale instead: this many idle devices connect to
+    /// a fresh fleetgate and to the reference broker (connect rate, memory
+    /// per idle device, reconnect storm), then a QoS 1 fan-out.
+    #[arg(long, default_value_t = 0)]
+    hold: usize,
+    /// With --hold: connect attempts in flight at once (over all client
+    /// processes).
+    #[arg(long, default_value_t = 200)]
+    hold_concurrency: usize,
+    /// With --hold: QoS 1 subscribers of the fan-out topic.
+    #[arg(long, default_value_t = 1000)]
+    fanout_subscribers: usize,
+    /// With --hold: QoS 1 messages the fan-out publisher sends.
+    #[arg(long, default_value_t = 200)]
+    fanout_messages: usize,
+    /// A --hold client process, driven by `bench --hold` over stdin/stdout.
+    #[arg(long, hide = true)]
+    hold_client: bool,
 }
 
 struct Load {
@@ -157,7 +175,7 @@ pub(crate) struct Spawned {
     nodes: Vec<Child>,
     pub(crate) dir: tempfile::TempDir,
     pub(crate) http: String,
-    mqtt: std::net::SocketAddr,
+    pub(crate) mqtt: std::net::SocketAddr,
     admin: String,
 }
 
@@ -166,6 +184,13 @@ fn interrupt(child: &mut Child) {
         .args(["-INT", &child.id().to_string()])
         .status();
     let _ = child.wait();
+}
+
+impl Spawned {
+    /// The server process, for its memory.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Spawned {
@@ -777,6 +802,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.cold > 0 {
         return crate::bench_cold::run(args.cold, args.database.as_deref()).await;
+    }
+    if args.hold_client {
+        return crate::bench_hold::client().await;
+    }
+    if args.hold > 0 {
+        return crate::bench_hold::run(crate::bench_hold::HoldArgs {
+            devices: args.hold,
+            concurrency: args.hold_concurrency,
+            subscribers: args.fanout_subscribers,
+            messages: args.fanout_messages,
+            reference: args.reference,
+        })
+        .await;
     }
     let total = args.connections * args.messages;
     let records_total = total * args.records_per_message;

@@ -7,6 +7,7 @@ mod analysis_api;
 mod bench;
 mod bench_cold;
 mod bench_etl;
+mod bench_hold;
 mod bench_sdk;
 mod client;
 mod etl_api;

@@ -14,7 +14,10 @@ use fleetgate_admin::{
     unix_now, AuditLog, Bans, Platform, RefusalLedger, Registry, RegistryEvent, TokenAuthenticator,
 };
 use fleetgate_broker::balancer::Balancer;
-use fleetgate_broker::{EndReason, Gatekeeper, GatekeeperConfig, PlatformTopics, Upstream};
+use fleetgate_broker::persist::{sql::SqlStore, MemoryStore, SessionStore};
+use fleetgate_broker::router::nats::NatsFabric;
+use fleetgate_broker::session::QueueLimits;
+use fleetgate_broker::{EndReason, Gatekeeper, GatekeeperConfig, PlatformTopics, Router};
 use fleetgate_protocol::schema::StreamsFile;
 use fleetgate_protocol::state::ClusterClock;
 use fleetgate_protocol::IngestService;
@@ -28,7 +31,6 @@ use fleetgate_store::state::{StateFollower, StateStore};
 use fleetgate_store::tiers::Tiers;
 use fleetgate_store::views::{self, AutoSettings, Views};
 use fleetgate_store::{nodes, open_catalog, Db, Store, WriterConfig};
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio::net::TcpListener;
 
@@ -78,6 +80,17 @@ pub struct UpArgs {
     /// Largest accepted ingest payload, in bytes.
     #[arg(long, default_value_t = 256 * 1024)]
     max_payload: usize,
+    /// Messages one MQTT session may hold queued or in flight; beyond,
+    /// deliveries to it are refused (and counted).
+    #[arg(long, default_value_t = 1000)]
+    session_queue_messages: usize,
+    /// Bytes one MQTT session may hold queued or in flight.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    session_queue_bytes: usize,
+    /// Longest an MQTT session outlives its connection (also what a 3.1.1
+    /// session without clean session gets).
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    max_session_expiry: Duration,
     /// Refusals within --alert-window that raise an alert for a device.
     #[arg(long, default_value_t = 5)]
     alert_threshold: usize,
@@ -190,6 +203,11 @@ pub struct BrokerArgs {
     /// nodes join, fail or restart) before its connection is closed.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     hold: Duration,
+    /// NATS servers (nats://HOST:PORT, comma-separated) through which the
+    /// cluster's brokers route messages and session takeovers to each
+    /// other. Without it this broker routes only among its own connections.
+    #[arg(long, value_delimiter = ',', value_name = "URLS")]
+    nats: Vec<String>,
 }
 
 /// Where ingest goes: the store in this process, or the cluster's nodes.
@@ -199,7 +217,7 @@ enum Ingest {
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    serve(args, None).await
+    serve(args, None, &[]).await
 }
 
 pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
@@ -213,10 +231,12 @@ pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
             "fleetgate broker needs --database postgres://... (shared with the store nodes)"
         ));
     }
-    serve(args.up, Some(args.hold)).await
+    serve(args.up, Some(args.hold), &args.nats).await
 }
 
-async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<()> {
+/// `nats`: the cluster fabric's servers (`fleetgate broker --nats`); none
+/// for `up`, and for a broker that routes only among its own connections.
+async fn serve(args: UpArgs, cluster_hold: Option<Duration>, nats: &[String]) -> anyhow::Result<()> {
     init_tracing();
 
     // Ports first: a taken port is the most common start-up failure, and
@@ -344,20 +364,36 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         bans.clone(),
         args.ban_duration.as_secs() as i64,
     ));
-    let live_dropped = Counter::default();
-    metrics.register(
-        "fleetgate_live_dropped",
-        "Live copies dropped because the router queue was full",
-        live_dropped.clone(),
-    );
-    let upstream = Upstream::start(args.max_payload, live_dropped)
+    // `up` keeps MQTT sessions in its own database. Brokers of a cluster
+    // keep them in memory: each would otherwise load every broker's
+    // sessions from the shared database.
+    let session_store: Arc<dyn SessionStore> = match cluster_hold {
+        None => SqlStore::open(db.clone()).await.map_err(|e| anyhow!(e))?,
+        Some(_) => Arc::new(MemoryStore),
+    };
+    let queue_limits = QueueLimits {
+        max_messages: args.session_queue_messages,
+        max_bytes: args.session_queue_bytes,
+    };
+    let router = Router::start(session_store, queue_limits, &mut metrics)
         .await
         .map_err(|e| anyhow!(e))?;
+    // Joined before anything can publish, so nothing routed here misses the
+    // other brokers; what they send is taken in once the gatekeeper exists.
+    let fabric = if nats.is_empty() {
+        None
+    } else {
+        let fabric = NatsFabric::connect(nats, &mut metrics)
+            .await
+            .map_err(|e| anyhow!("{e} (--nats)"))?;
+        router.join(fabric.clone());
+        Some(fabric)
+    };
     // Anomaly alerts go out on live/alerts/... like live copies.
     let analyses = fleetgate_etl::analysis::Analyses::open(
         db.clone(),
         catalog.clone(),
-        upstream.clone(),
+        router.clone(),
         compaction.usage(),
     )
     .await
@@ -392,7 +428,7 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
                 Pipeline::standard(catalog.clone(), args.max_payload),
                 WriterConfig::default(),
                 vec![Arc::new(PublishLive {
-                    sink: upstream.clone(),
+                    sink: router.clone(),
                 })],
                 StoreMetrics::register(&mut metrics),
                 states.clone(),
@@ -449,15 +485,30 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>) -> anyhow::Result<(
         mqtt_listener,
         GatekeeperConfig {
             max_payload: args.max_payload,
+            max_session_expiry: args.max_session_expiry.as_secs().min(u32::MAX as u64) as u32,
             ..Default::default()
         },
         auth.clone(),
         ingest_service.clone(),
-        upstream,
+        router.clone(),
         platform_topics,
         &mut metrics,
     )?);
     spawn_revocation_follower(&registry, gatekeeper.clone());
+    if let Some(fabric) = &fabric {
+        // A device that connects to another broker ends its connections
+        // here, as a second connection to this broker would.
+        let gatekeeper = gatekeeper.clone();
+        fabric
+            .serve(router, move |device| {
+                let ended = gatekeeper.disconnect_device(device, EndReason::TakenOver);
+                if ended > 0 {
+                    tracing::info!(device, sessions = ended, "device connected to another broker; sessions here closed");
+                }
+            })
+            .await
+            .map_err(|e| anyhow!(e))?;
+    }
 
     let http_addr = http_listener.local_addr()?;
     let sdk = crate::sdk_api::SdkSettings {
@@ -636,14 +687,7 @@ pub(crate) async fn shutdown_signal() {
 
 pub(crate) fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,rumqttd=warn,sqlx=warn".into())
-        // Only the gatekeeper connects to the embedded broker; its per-link
-        // errors (e.g. the start-up readiness probe) are noise, not news.
-        .add_directive(
-            "rumqttd::server::broker=off"
-                .parse()
-                .expect("static directive"),
-        );
+        .unwrap_or_else(|_| "info,sqlx=warn".into());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -118,6 +118,11 @@ pub(crate) async fn connected(
 impl Cluster {
     /// A second broker of the same cluster: same database, same platform key.
     fn second_broker(&self) -> Process {
+        self.second_broker_with(&[])
+    }
+
+    /// `second_broker` with more command-line arguments.
+    pub(crate) fn second_broker_with(&self, extra: &[&str]) -> Process {
         let data = self.dir.path().join("second");
         std::fs::create_dir_all(&data).unwrap();
         std::fs::copy(
@@ -125,7 +130,7 @@ impl Cluster {
             data.join("platform.key"),
         )
         .unwrap();
-        start_broker(&data, &self.url)
+        start_broker_with(&data, &self.url, extra)
     }
 
     pub(crate) async fn api(&self, method: &str, path: &str, body: Option<Value>) -> Value {
@@ -158,7 +163,8 @@ impl Cluster {
         assert!(response.status().is_success());
     }
 
-    fn node(&self, id: &str, token: &str) -> Process {
+    /// A store node whose live copies go to `self.broker`.
+    pub(crate) fn node(&self, id: &str, token: &str) -> Process {
         Process::start(&[
             "store",
             "--node",
@@ -221,10 +227,6 @@ impl Cluster {
     }
 }
 
-pub(crate) fn start_broker(data: &Path, url: &str) -> Process {
-    start_broker_with(data, url, &[])
-}
-
 pub(crate) fn start_broker_with(data: &Path, url: &str, extra: &[&str]) -> Process {
     let data = data.to_str().unwrap();
     let mut args = vec!["broker", "--mqtt", "127.0.0.1:0", "--http", "127.0.0.1:0"];
@@ -234,12 +236,17 @@ pub(crate) fn start_broker_with(data: &Path, url: &str, extra: &[&str]) -> Proce
 }
 
 pub(crate) async fn cluster() -> Option<Cluster> {
+    cluster_with(&[]).await
+}
+
+/// `cluster` with more command-line arguments for its broker.
+pub(crate) async fn cluster_with(extra: &[&str]) -> Option<Cluster> {
     postgres_url()?;
     let database = TestDatabase::create().await;
     let url = database.url();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("broker");
-    let broker = start_broker(&data, &url);
+    let broker = start_broker_with(&data, &url, extra);
     let admin = std::fs::read_to_string(data.join("admin.token"))
         .unwrap()
         .trim()

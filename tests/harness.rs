@@ -216,7 +216,7 @@ impl Server {
             .args(self.up_args())
             .env(
                 "RUST_LOG",
-                "info,rumqttd=warn,rumqttd::server::broker=off,sqlx=warn",
+                "info,sqlx=warn",
             )
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
@@ -510,9 +510,13 @@ pub fn now() -> i64 {
 pub struct V5 {
     pub client: v5::AsyncClient,
     pub events: mpsc::UnboundedReceiver<Result<v5::mqttbytes::v5::Packet, String>>,
+    /// The task polling the event loop. Dropping a `V5` does not close its
+    /// connection (the event loop keeps a sender of its own); `drop_connection` does.
+    task: tokio::task::JoinHandle<()>,
 }
 
-fn v5_options(server: &Server, id: &str, token: &str) -> v5::MqttOptions {
+/// The options `connect_v5` uses, for a test to adjust before `connect_v5_with`.
+pub fn v5_options(server: &Server, id: &str, token: &str) -> v5::MqttOptions {
     let mut options = v5::MqttOptions::new(id, server.mqtt.ip().to_string(), server.mqtt.port());
     options.set_credentials(id, token);
     options.set_keep_alive(Duration::from_secs(30));
@@ -526,20 +530,29 @@ pub async fn connect_v5(
     id: &str,
     token: &str,
 ) -> Result<V5, v5::mqttbytes::v5::ConnectReturnCode> {
-    let (client, mut eventloop) = v5::AsyncClient::new(v5_options(server, id, token), 1000);
-    loop {
+    let (client, _) = connect_v5_with(v5_options(server, id, token)).await?;
+    Ok(client)
+}
+
+/// Connects with MQTT 5 with the given options; returns the client and the
+/// CONNACK (session present, properties). `Err` carries the refusal code.
+pub async fn connect_v5_with(
+    options: v5::MqttOptions,
+) -> Result<(V5, v5::mqttbytes::v5::ConnAck), v5::mqttbytes::v5::ConnectReturnCode> {
+    let (client, mut eventloop) = v5::AsyncClient::new(options, 1000);
+    let connack = loop {
         match tokio::time::timeout(WAIT, eventloop.poll())
             .await
             .expect("CONNACK in time")
         {
-            Ok(v5::Event::Incoming(v5::Incoming::ConnAck(_))) => break,
+            Ok(v5::Event::Incoming(v5::Incoming::ConnAck(connack))) => break connack,
             Ok(_) => continue,
             Err(v5::ConnectionError::ConnectionRefused(code)) => return Err(code),
             Err(e) => panic!("MQTT 5 connect failed: {e:?}"),
         }
-    }
+    };
     let (tx, events) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             match eventloop.poll().await {
                 Ok(v5::Event::Incoming(packet)) => {
@@ -568,10 +581,24 @@ pub async fn connect_v5(
             }
         }
     });
-    Ok(V5 { client, events })
+    Ok((
+        V5 {
+            client,
+            events,
+            task,
+        },
+        connack,
+    ))
 }
 
 impl V5 {
+    /// Closes the socket without DISCONNECT, as a device that loses its
+    /// network does; returns once it is closed.
+    pub async fn drop_connection(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+
     /// Subscribes to one filter and returns the SUBACK's code for it.
     pub async fn subscribe(&mut self, filter: &str) -> v5::mqttbytes::v5::SubscribeReasonCode {
         self.client
@@ -617,25 +644,40 @@ impl V5 {
     }
 }
 
+/// The options `connect_v4` uses, for a test to adjust before `connect_v4_with`.
+pub fn v4_options(server: &Server, id: &str, token: &str) -> rumqttc::MqttOptions {
+    let mut options =
+        rumqttc::MqttOptions::new(id, server.mqtt.ip().to_string(), server.mqtt.port());
+    options.set_credentials(id, token);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_max_packet_size(2 * 1024 * 1024, 2 * 1024 * 1024);
+    options
+}
+
 /// An MQTT 3.1.1 client; `Err` carries the CONNACK refusal code.
 pub async fn connect_v4(
     server: &Server,
     id: &str,
     token: &str,
 ) -> Result<(rumqttc::AsyncClient, rumqttc::EventLoop), rumqttc::ConnectReturnCode> {
-    let mut options =
-        rumqttc::MqttOptions::new(id, server.mqtt.ip().to_string(), server.mqtt.port());
-    options.set_credentials(id, token);
-    options.set_keep_alive(Duration::from_secs(30));
-    options.set_max_packet_size(2 * 1024 * 1024, 2 * 1024 * 1024);
+    let (client, eventloop, _) = connect_v4_with(v4_options(server, id, token)).await?;
+    Ok((client, eventloop))
+}
+
+/// Connects with MQTT 3.1.1 with the given options; returns the client, its
+/// event loop and the CONNACK (session present). `Err` carries the refusal code.
+pub async fn connect_v4_with(
+    options: rumqttc::MqttOptions,
+) -> Result<(rumqttc::AsyncClient, rumqttc::EventLoop, rumqttc::ConnAck), rumqttc::ConnectReturnCode>
+{
     let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1000);
     loop {
         match tokio::time::timeout(WAIT, eventloop.poll())
             .await
             .expect("CONNACK in time")
         {
-            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
-                return Ok((client, eventloop))
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(connack))) => {
+                return Ok((client, eventloop, connack))
             }
             Ok(_) => continue,
             Err(rumqttc::ConnectionError::ConnectionRefused(code)) => return Err(code),

@@ -384,7 +384,7 @@ async fn an_out_of_range_topic_alias_ends_the_connection() {
     let mut connack = vec![0u8; header[1] as usize];
     raw.read_exact(&mut connack).await.unwrap();
     assert_eq!(connack[1], 0, "CONNACK reason");
-    // PUBLISH QoS 1, topic alias 5000 (the server announced 4096).
+    // PUBLISH QoS 1, topic alias 5000 (the server announced 32).
     let topic = b"ingest/temperature/sensor-1";
     let payload = br#"{"seq":9,"celsius":1}"#;
     let mut variable = Vec::new();
@@ -403,8 +403,8 @@ async fn an_out_of_range_topic_alias_ends_the_connection() {
         .unwrap();
     assert_eq!(
         reply,
-        [0xe0, 0x02, 0x82, 0x00],
-        "DISCONNECT with 0x82 protocol error"
+        [0xe0, 0x02, 0x94, 0x00],
+        "DISCONNECT with 0x94 topic alias invalid (MQTT 3.3.2.3.4)"
     );
     assert_eq!(server.count("SELECT count(*) FROM temperature").await, 0);
 }

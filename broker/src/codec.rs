@@ -1,13 +1,17 @@
-//! MQTT framing and the few packets the gatekeeper reads or writes itself.
+//! MQTT framing, and every packet the broker reads or writes.
 //!
-//! Packets are parsed with rumqttc's `mqttbytes` (3.1.1 and 5). Framing is
-//! our own so that an oversized PUBLISH can be answered without buffering
-//! it: its header is read, the rest of it is skipped as it arrives.
+//! Client packets are parsed with rumqttc's `mqttbytes` (3.1.1 and 5).
+//! Framing is our own, so that an oversized PUBLISH can be answered without
+//! buffering it (its header is read, the rest skipped as it arrives), and so
+//! is the encoding of what the broker sends most (PUBLISH, acknowledgements),
+//! which writes straight into the connection's output buffer.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::session::{Properties, SubOptions};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Version {
@@ -31,10 +35,14 @@ pub enum CodecError {
 
 pub const CONNECT: u8 = 1;
 pub const PUBLISH: u8 = 3;
+pub const PUBACK: u8 = 4;
+pub const PUBREC: u8 = 5;
 pub const PUBREL: u8 = 6;
+pub const PUBCOMP: u8 = 7;
 pub const SUBSCRIBE: u8 = 8;
 pub const SUBACK: u8 = 9;
 pub const UNSUBSCRIBE: u8 = 10;
+pub const UNSUBACK: u8 = 11;
 pub const PINGREQ: u8 = 12;
 pub const PINGRESP: u8 = 13;
 pub const DISCONNECT: u8 = 14;
@@ -112,19 +120,24 @@ pub struct FrameReader<R> {
 
 /// How much of an oversized PUBLISH is kept: enough for any topic name.
 const OVERSIZED_HEAD: usize = 70 * 1024;
+/// Bytes read at a time. Small, because an idle device's connection keeps
+/// its buffer: a fleet of them must cost little.
+const READ_CHUNK: usize = 1024;
+/// A buffer grown past this by a large packet is given back once empty.
+const KEEP_CAPACITY: usize = 8 * 1024;
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(reader: R) -> Self {
         FrameReader {
             reader,
-            buf: BytesMut::with_capacity(16 * 1024),
+            buf: BytesMut::new(),
             skip: 0,
         }
     }
 
     async fn fill(&mut self) -> Result<(), CodecError> {
-        if self.buf.capacity() - self.buf.len() < 4096 {
-            self.buf.reserve(16 * 1024);
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
+            self.buf.reserve(READ_CHUNK);
         }
         match self.reader.read_buf(&mut self.buf).await? {
             0 => Err(CodecError::Closed),
@@ -168,10 +181,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             self.buf.reserve(header.frame_len() - self.buf.len());
             self.fill().await?;
         }
-        Ok(Frame::Whole(
-            header,
-            self.buf.split_to(header.frame_len()).freeze(),
-        ))
+        let frame = self.buf.split_to(header.frame_len()).freeze();
+        if self.buf.is_empty() && self.buf.capacity() > KEEP_CAPACITY {
+            self.buf = BytesMut::new();
+        }
+        Ok(Frame::Whole(header, frame))
     }
 
     async fn skip_oversized(
@@ -271,10 +285,22 @@ pub enum Connect {
     V5(v5::Connect, Option<v5::LastWill>, Option<v5::Login>),
 }
 
+/// A CONNECT's will, in either version.
 pub struct Will {
     pub topic: String,
     pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    /// MQTT 5 will delay interval, in seconds.
+    pub delay_secs: u32,
+    pub expiry_secs: Option<u32>,
+    pub properties: Option<Properties>,
 }
+
+/// How many QoS 1/2 messages a 3.1.1 client may have unacknowledged at
+/// once: 3.1.1 has no Receive Maximum, so the server picks, as Mosquitto's
+/// `max_inflight_messages` does.
+pub const V4_WINDOW: u16 = 100;
 
 impl Connect {
     pub fn parse(version: Version, header: &Header, frame: Bytes) -> Result<Connect, CodecError> {
@@ -315,61 +341,102 @@ impl Connect {
         }
     }
 
+    /// Clean session (3.1.1) or clean start (5).
+    pub fn clean_start(&self) -> bool {
+        match self {
+            Connect::V4(c) => c.clean_session,
+            Connect::V5(c, ..) => c.clean_start,
+        }
+    }
+
+    fn properties(&self) -> Option<&v5::ConnectProperties> {
+        match self {
+            Connect::V4(_) => None,
+            Connect::V5(c, ..) => c.properties.as_ref(),
+        }
+    }
+
+    /// Seconds the session should outlive the connection, as asked: MQTT 5's
+    /// property (absent: 0); in 3.1.1 a session without clean session
+    /// lasts until the server's maximum.
+    pub fn session_expiry(&self, v4_persistent: u32) -> u32 {
+        match self {
+            Connect::V4(c) if c.clean_session => 0,
+            Connect::V4(_) => v4_persistent,
+            Connect::V5(..) => self
+                .properties()
+                .and_then(|p| p.session_expiry_interval)
+                .unwrap_or(0),
+        }
+    }
+
+    /// The client's Receive Maximum: QoS 1/2 messages it takes unacknowledged.
+    pub fn receive_maximum(&self) -> u16 {
+        match self {
+            Connect::V4(_) => V4_WINDOW,
+            Connect::V5(..) => self
+                .properties()
+                .and_then(|p| p.receive_maximum)
+                .unwrap_or(u16::MAX),
+        }
+    }
+
+    /// The largest packet the client takes, if it said.
+    pub fn maximum_packet_size(&self) -> Option<u32> {
+        self.properties().and_then(|p| p.max_packet_size)
+    }
+
+    /// Topic aliases the client accepts from the server.
+    pub fn topic_alias_maximum(&self) -> u16 {
+        self.properties()
+            .and_then(|p| p.topic_alias_max)
+            .unwrap_or(0)
+    }
+
+    /// Protocol errors MQTT 5 names for CONNECT properties.
+    pub fn check(&self) -> Result<(), CodecError> {
+        if let Some(p) = self.properties() {
+            if p.receive_maximum == Some(0) {
+                return Err(CodecError::Malformed("receive maximum of 0".into()));
+            }
+            if p.max_packet_size == Some(0) {
+                return Err(CodecError::Malformed("maximum packet size of 0".into()));
+            }
+        }
+        Ok(())
+    }
+
     pub fn will(&self) -> Option<Will> {
         match self {
             Connect::V4(c) => c.last_will.as_ref().map(|w| Will {
                 topic: w.topic.clone(),
                 payload: w.message.clone(),
+                qos: w.qos as u8,
+                retain: w.retain,
+                delay_secs: 0,
+                expiry_secs: None,
+                properties: None,
             }),
-            Connect::V5(_, w, _) => w.as_ref().map(|w| Will {
-                topic: String::from_utf8_lossy(&w.topic).into_owned(),
-                payload: w.message.clone(),
-            }),
-        }
-    }
-
-    /// The CONNECT the gatekeeper sends to the embedded broker: the device's
-    /// own, under `client_id` (unique per connection), with a clean session,
-    /// the internal password, a long keep-alive (the gatekeeper keeps the
-    /// device to its own keep-alive), and without a will the gatekeeper
-    /// handles itself.
-    pub fn upstream(
-        &self,
-        client_id: &str,
-        secret: &str,
-        keep_will: bool,
-    ) -> Result<Bytes, CodecError> {
-        const UPSTREAM_KEEP_ALIVE: u16 = u16::MAX;
-        let mut out = BytesMut::new();
-        match self {
-            Connect::V4(c) => {
-                let mut c = c.clone();
-                c.client_id = client_id.to_string();
-                c.clean_session = true;
-                c.keep_alive = UPSTREAM_KEEP_ALIVE;
-                c.login = Some(v4::Login {
-                    username: c.client_id.clone(),
-                    password: secret.to_string(),
+            Connect::V5(_, w, _) => w.as_ref().map(|w| {
+                let p = w.properties.as_ref();
+                let properties = p.map(|p| Properties {
+                    payload_format: p.payload_format_indicator,
+                    content_type: p.content_type.clone(),
+                    response_topic: p.response_topic.clone(),
+                    correlation_data: p.correlation_data.as_ref().map(|d| d.to_vec()),
+                    user_properties: p.user_properties.clone(),
                 });
-                if !keep_will {
-                    c.last_will = None;
+                Will {
+                    topic: String::from_utf8_lossy(&w.topic).into_owned(),
+                    payload: w.message.clone(),
+                    qos: w.qos as u8,
+                    retain: w.retain,
+                    delay_secs: p.and_then(|p| p.delay_interval).unwrap_or(0),
+                    expiry_secs: p.and_then(|p| p.message_expiry_interval),
+                    properties: properties.filter(|p| !p.is_empty()),
                 }
-                c.write(&mut out).map_err(malformed)?;
-            }
-            Connect::V5(c, will, _) => {
-                let mut c = c.clone();
-                c.client_id = client_id.to_string();
-                c.clean_start = true;
-                c.keep_alive = UPSTREAM_KEEP_ALIVE;
-                let login = Some(v5::Login {
-                    username: c.client_id.clone(),
-                    password: secret.to_string(),
-                });
-                let will = if keep_will { will.clone() } else { None };
-                c.write(&will, &login, &mut out).map_err(malformed)?;
-            }
+            }),
         }
-        Ok(out.freeze())
     }
 }
 
@@ -382,6 +449,8 @@ pub enum Refusal {
     Banned,
     Unavailable,
     UnsupportedProtocol,
+    /// MQTT 5 only (3.1.1 says "unavailable"): a malformed or disallowed CONNECT.
+    ProtocolError,
 }
 
 pub fn connack_refusal(version: Version, refusal: Refusal) -> Bytes {
@@ -392,7 +461,9 @@ pub fn connack_refusal(version: Version, refusal: Refusal) -> Bytes {
                 Refusal::BadCredentials => v4::ConnectReturnCode::BadUserNamePassword,
                 Refusal::NotAuthorized | Refusal::Banned => v4::ConnectReturnCode::NotAuthorized,
                 Refusal::BadClientId => v4::ConnectReturnCode::BadClientId,
-                Refusal::Unavailable => v4::ConnectReturnCode::ServiceUnavailable,
+                Refusal::Unavailable | Refusal::ProtocolError => {
+                    v4::ConnectReturnCode::ServiceUnavailable
+                }
                 Refusal::UnsupportedProtocol => v4::ConnectReturnCode::RefusedProtocolVersion,
             };
             v4::ConnAck::new(code, false)
@@ -407,6 +478,7 @@ pub fn connack_refusal(version: Version, refusal: Refusal) -> Bytes {
                 Refusal::Banned => v5::ConnectReturnCode::Banned,
                 Refusal::Unavailable => v5::ConnectReturnCode::ServerUnavailable,
                 Refusal::UnsupportedProtocol => v5::ConnectReturnCode::UnsupportedProtocolVersion,
+                Refusal::ProtocolError => v5::ConnectReturnCode::ProtocolError,
             };
             v5::ConnAck {
                 session_present: false,
@@ -420,14 +492,66 @@ pub fn connack_refusal(version: Version, refusal: Refusal) -> Bytes {
     out.freeze()
 }
 
-/// A PUBLISH as the gatekeeper needs to see it.
+/// What the server tells an MQTT 5 client in a successful CONNACK.
+#[derive(Debug, Clone, Default)]
+pub struct ServerLimits {
+    pub receive_maximum: u16,
+    pub maximum_packet_size: u32,
+    pub topic_alias_maximum: u16,
+    /// Set when the server shortens the client's session expiry.
+    pub session_expiry: Option<u32>,
+    /// Set when the server overrides the client's keep alive.
+    pub keep_alive: Option<u16>,
+}
+
+pub fn connack_success(version: Version, session_present: bool, limits: &ServerLimits) -> Bytes {
+    match version {
+        Version::V4 => Bytes::from(vec![0x20, 2, session_present as u8, 0]),
+        Version::V5 => {
+            let mut out = BytesMut::new();
+            v5::ConnAck {
+                session_present,
+                code: v5::ConnectReturnCode::Success,
+                properties: Some(v5::ConnAckProperties {
+                    session_expiry_interval: limits.session_expiry,
+                    receive_max: Some(limits.receive_maximum),
+                    max_qos: None,
+                    retain_available: Some(1),
+                    max_packet_size: Some(limits.maximum_packet_size),
+                    assigned_client_identifier: None,
+                    topic_alias_max: Some(limits.topic_alias_maximum),
+                    reason_string: None,
+                    user_properties: vec![],
+                    wildcard_subscription_available: Some(1),
+                    subscription_identifiers_available: Some(1),
+                    shared_subscription_available: Some(1),
+                    server_keep_alive: limits.keep_alive,
+                    response_information: None,
+                    server_reference: None,
+                    authentication_method: None,
+                    authentication_data: None,
+                }),
+            }
+            .write(&mut out)
+            .expect("connack encodes");
+            out.freeze()
+        }
+    }
+}
+
+/// A client's PUBLISH.
 pub struct Publish {
     pub topic: String,
     pub qos: u8,
     pub pkid: u16,
+    pub retain: bool,
     pub payload: Bytes,
     /// MQTT 5 topic alias, when the publish set or used one.
     pub alias: Option<u16>,
+    pub expiry_secs: Option<u32>,
+    pub properties: Option<Properties>,
+    /// A client must not send subscription identifiers (MQTT 3.3.4).
+    pub has_subscription_ids: bool,
 }
 
 impl Publish {
@@ -439,24 +563,140 @@ impl Publish {
                     topic: p.topic,
                     qos: p.qos as u8,
                     pkid: p.pkid,
+                    retain: p.retain,
                     payload: p.payload,
                     alias: None,
+                    expiry_secs: None,
+                    properties: None,
+                    has_subscription_ids: false,
                 })
             }
             Version::V5 => {
                 let p = v5::Publish::read(header.v5(), frame).map_err(malformed)?;
                 let topic = String::from_utf8(p.topic.to_vec())
                     .map_err(|_| CodecError::Malformed("topic is not UTF-8".into()))?;
-                let alias = p.properties.as_ref().and_then(|props| props.topic_alias);
+                let props = p.properties.as_ref();
+                let properties = props
+                    .map(|p| Properties {
+                        payload_format: p.payload_format_indicator,
+                        content_type: p.content_type.clone(),
+                        response_topic: p.response_topic.clone(),
+                        correlation_data: p.correlation_data.as_ref().map(|d| d.to_vec()),
+                        user_properties: p.user_properties.clone(),
+                    })
+                    .filter(|p| !p.is_empty());
                 Ok(Publish {
                     topic,
                     qos: p.qos as u8,
                     pkid: p.pkid,
+                    retain: p.retain,
+                    alias: props.and_then(|p| p.topic_alias),
+                    expiry_secs: props.and_then(|p| p.message_expiry_interval),
+                    has_subscription_ids: props.is_some_and(|p| !p.subscription_identifiers.is_empty()),
+                    properties,
                     payload: p.payload,
-                    alias,
                 })
             }
         }
+    }
+}
+
+/// A PUBLISH the broker sends.
+pub struct Outgoing<'a> {
+    /// Empty when `alias` names a topic the client already knows.
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+    pub qos: u8,
+    pub pkid: u16,
+    pub retain: bool,
+    pub dup: bool,
+    pub alias: Option<u16>,
+    pub expiry_secs: Option<u32>,
+    pub properties: Option<&'a Properties>,
+    pub subscription_ids: &'a [u32],
+}
+
+impl Outgoing<'_> {
+    /// Appends the encoded PUBLISH to `out`; returns its size.
+    pub fn encode(&self, version: Version, out: &mut BytesMut) -> usize {
+        let mut props = BytesMut::new();
+        if version == Version::V5 {
+            if let Some(p) = self.properties {
+                if let Some(format) = p.payload_format {
+                    props.put_u8(0x01);
+                    props.put_u8(format);
+                }
+                if let Some(t) = &p.content_type {
+                    props.put_u8(0x03);
+                    put_str(&mut props, t.as_bytes());
+                }
+                if let Some(t) = &p.response_topic {
+                    props.put_u8(0x08);
+                    put_str(&mut props, t.as_bytes());
+                }
+                if let Some(d) = &p.correlation_data {
+                    props.put_u8(0x09);
+                    put_str(&mut props, d);
+                }
+                for (k, v) in &p.user_properties {
+                    props.put_u8(0x26);
+                    put_str(&mut props, k.as_bytes());
+                    put_str(&mut props, v.as_bytes());
+                }
+            }
+            if let Some(expiry) = self.expiry_secs {
+                props.put_u8(0x02);
+                props.put_u32(expiry);
+            }
+            if let Some(alias) = self.alias {
+                props.put_u8(0x23);
+                props.put_u16(alias);
+            }
+            for id in self.subscription_ids {
+                props.put_u8(0x0B);
+                put_remaining_length(&mut props, *id as usize);
+            }
+        }
+        let mut remaining = 2 + self.topic.len() + self.payload.len();
+        if self.qos > 0 {
+            remaining += 2;
+        }
+        if version == Version::V5 {
+            remaining += varint_len(props.len()) + props.len();
+        }
+        let start = out.len();
+        out.reserve(5 + remaining);
+        out.put_u8(
+            (PUBLISH << 4)
+                | ((self.dup as u8) << 3)
+                | (self.qos << 1)
+                | self.retain as u8,
+        );
+        put_remaining_length(out, remaining);
+        put_str(out, self.topic.as_bytes());
+        if self.qos > 0 {
+            out.put_u16(self.pkid);
+        }
+        if version == Version::V5 {
+            put_remaining_length(out, props.len());
+            out.extend_from_slice(&props);
+        }
+        out.extend_from_slice(self.payload);
+        out.len() - start
+    }
+}
+
+fn put_str(out: &mut impl BufMut, bytes: &[u8]) {
+    out.put_u16(bytes.len() as u16);
+    out.put_slice(bytes);
+}
+
+fn varint_len(value: usize) -> usize {
+    match value {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
     }
 }
 
@@ -468,103 +708,95 @@ pub enum AckReason {
     NotAuthorized(String),
     PayloadInvalid(String),
     TooLarge(String),
+    QuotaExceeded(String),
+    TopicInvalid(String),
+}
+
+impl AckReason {
+    fn code(&self) -> u8 {
+        match self {
+            AckReason::Success => 0x00,
+            AckReason::NotAuthorized(_) => 0x87,
+            AckReason::PayloadInvalid(_) => 0x99,
+            AckReason::TooLarge(_) | AckReason::QuotaExceeded(_) => 0x97,
+            AckReason::TopicInvalid(_) => 0x90,
+        }
+    }
+
+    pub fn text(&self) -> &str {
+        match self {
+            AckReason::Success => "",
+            AckReason::NotAuthorized(t)
+            | AckReason::PayloadInvalid(t)
+            | AckReason::TooLarge(t)
+            | AckReason::QuotaExceeded(t)
+            | AckReason::TopicInvalid(t) => t,
+        }
+    }
 }
 
 /// PUBACK (QoS 1) or PUBREC (QoS 2) for `pkid`.
 pub fn publish_ack(version: Version, qos: u8, pkid: u16, reason: &AckReason) -> Bytes {
-    let mut out = BytesMut::with_capacity(8);
-    match version {
-        Version::V4 if qos == 2 => v4::PubRec::new(pkid)
-            .write(&mut out)
-            .map(drop)
-            .map_err(malformed),
-        Version::V4 => v4::PubAck::new(pkid)
-            .write(&mut out)
-            .map(drop)
-            .map_err(malformed),
-        Version::V5 => {
-            let (code, text) = match reason {
-                AckReason::Success => (0x00, None),
-                AckReason::NotAuthorized(t) => (0x87, Some(t)),
-                AckReason::PayloadInvalid(t) => (0x99, Some(t)),
-                AckReason::TooLarge(t) => (0x97, Some(t)),
-            };
-            let reason_string = text.map(|t| t.chars().take(200).collect::<String>());
-            if qos == 2 {
-                let mut ack = v5::PubRec::new(
-                    pkid,
-                    reason_string.map(|r| v5::PubRecProperties {
-                        reason_string: Some(r),
-                        user_properties: vec![],
-                    }),
-                );
-                ack.reason = match code {
-                    0x87 => v5::PubRecReason::NotAuthorized,
-                    0x99 => v5::PubRecReason::PayloadFormatInvalid,
-                    0x97 => v5::PubRecReason::QuotaExceeded,
-                    _ => v5::PubRecReason::Success,
-                };
-                ack.write(&mut out).map(drop).map_err(malformed)
-            } else {
-                let mut ack = v5::PubAck::new(
-                    pkid,
-                    reason_string.map(|r| v5::PubAckProperties {
-                        reason_string: Some(r),
-                        user_properties: vec![],
-                    }),
-                );
-                ack.reason = match code {
-                    0x87 => v5::PubAckReason::NotAuthorized,
-                    0x99 => v5::PubAckReason::PayloadFormatInvalid,
-                    0x97 => v5::PubAckReason::QuotaExceeded,
-                    _ => v5::PubAckReason::Success,
-                };
-                ack.write(&mut out).map(drop).map_err(malformed)
-            }
+    let kind = if qos == 2 { PUBREC } else { PUBACK };
+    match (version, reason) {
+        (Version::V4, _) | (Version::V5, AckReason::Success) => ack(kind, pkid, None),
+        (Version::V5, reason) => {
+            let text: String = reason.text().chars().take(200).collect();
+            let mut out = BytesMut::with_capacity(8 + text.len());
+            let props = 3 + text.len();
+            out.put_u8(kind << 4);
+            put_remaining_length(&mut out, 3 + varint_len(props) + props);
+            out.put_u16(pkid);
+            out.put_u8(reason.code());
+            put_remaining_length(&mut out, props);
+            out.put_u8(0x1F);
+            put_str(&mut out, text.as_bytes());
+            out.freeze()
         }
     }
-    .expect("ack encodes");
-    out.freeze()
+}
+
+/// A PUBACK/PUBREC/PUBREL/PUBCOMP: the packet id, and a reason code when
+/// it is not success (MQTT 5).
+fn ack(kind: u8, pkid: u16, reason: Option<u8>) -> Bytes {
+    // PUBREL's fixed header flags are 0010 (MQTT 3.6.1).
+    let byte1 = (kind << 4) | if kind == PUBREL { 0b0010 } else { 0 };
+    let [hi, lo] = pkid.to_be_bytes();
+    match reason {
+        None => Bytes::from(vec![byte1, 2, hi, lo]),
+        Some(code) => Bytes::from(vec![byte1, 3, hi, lo, code]),
+    }
 }
 
 /// PUBCOMP for `pkid`; MQTT 5 says "packet identifier not found" when the
 /// exchange is unknown.
 pub fn pubcomp(version: Version, pkid: u16, found: bool) -> Bytes {
-    let mut out = BytesMut::with_capacity(8);
-    match version {
-        Version::V4 => v4::PubComp::new(pkid)
-            .write(&mut out)
-            .map(drop)
-            .map_err(malformed),
-        Version::V5 => {
-            let mut comp = v5::PubComp::new(pkid, None);
-            if !found {
-                comp.reason = v5::PubCompReason::PacketIdentifierNotFound;
-            }
-            comp.write(&mut out).map(drop).map_err(malformed)
-        }
-    }
-    .expect("pubcomp encodes");
-    out.freeze()
+    let reason = (version == Version::V5 && !found).then_some(0x92);
+    ack(PUBCOMP, pkid, reason)
 }
 
-pub fn pubrel_pkid(version: Version, header: &Header, frame: Bytes) -> Result<u16, CodecError> {
-    match version {
-        Version::V4 => v4::PubRel::read(header.v4(), frame)
-            .map(|p| p.pkid)
-            .map_err(malformed),
-        Version::V5 => v5::PubRel::read(header.v5(), frame)
-            .map(|p| p.pkid)
-            .map_err(malformed),
+/// PUBREL for an outbound QoS 2 message.
+pub fn pubrel(pkid: u16) -> Bytes {
+    ack(PUBREL, pkid, None)
+}
+
+/// The packet id and reason code (0 when absent) of a PUBACK, PUBREC,
+/// PUBREL or PUBCOMP.
+pub fn ack_fields(header: &Header, frame: &Bytes) -> Result<(u16, u8), CodecError> {
+    let expected_flags = if header.packet_type() == PUBREL { 0b0010 } else { 0 };
+    if header.byte1 & 0x0f != expected_flags {
+        return Err(CodecError::Malformed("reserved flags are not as MQTT says".into()));
     }
+    let mut rest = frame.slice(header.len..);
+    let pkid = read_u16(&mut rest)?;
+    if pkid == 0 {
+        return Err(CodecError::Malformed("packet identifier 0".into()));
+    }
+    Ok((pkid, rest.first().copied().unwrap_or(0)))
 }
 
 pub fn pingresp() -> Bytes {
     Bytes::from_static(&[PINGRESP << 4, 0])
-}
-
-pub fn pingreq() -> Bytes {
-    Bytes::from_static(&[PINGREQ << 4, 0])
 }
 
 /// MQTT 5 DISCONNECT from the server with a reason code; nothing for 3.1.1,
@@ -578,97 +810,106 @@ pub fn server_disconnect(version: Version, reason: v5::DisconnectReasonCode) -> 
 
 pub use v5::DisconnectReasonCode;
 
+/// A client's DISCONNECT: its reason code and new session expiry (MQTT 5).
+pub fn client_disconnect(
+    version: Version,
+    header: &Header,
+    frame: Bytes,
+) -> Result<(u8, Option<u32>), CodecError> {
+    if version == Version::V4 || header.remaining == 0 {
+        return Ok((0, None));
+    }
+    let d = v5::Disconnect::read(header.v5(), frame).map_err(malformed)?;
+    Ok((
+        d.reason_code as u8,
+        d.properties.and_then(|p| p.session_expiry_interval),
+    ))
+}
+
+/// One filter of a SUBSCRIBE with what it asked for.
+pub struct Requested {
+    pub filter: String,
+    pub options: SubOptions,
+}
+
 /// A SUBSCRIBE in either version.
-pub enum Subscribe {
-    V4(v4::Subscribe),
-    V5(v5::Subscribe),
+pub struct Subscribe {
+    pub pkid: u16,
+    pub filters: Vec<Requested>,
 }
 
 impl Subscribe {
     pub fn parse(version: Version, header: &Header, frame: Bytes) -> Result<Subscribe, CodecError> {
         match version {
-            Version::V4 => v4::Subscribe::read(header.v4(), frame)
-                .map(Subscribe::V4)
-                .map_err(malformed),
-            Version::V5 => v5::Subscribe::read(header.v5(), frame)
-                .map(Subscribe::V5)
-                .map_err(malformed),
-        }
-    }
-
-    pub fn pkid(&self) -> u16 {
-        match self {
-            Subscribe::V4(s) => s.pkid,
-            Subscribe::V5(s) => s.pkid,
-        }
-    }
-
-    pub fn filters(&self) -> Vec<&str> {
-        match self {
-            Subscribe::V4(s) => s.filters.iter().map(|f| f.path.as_str()).collect(),
-            Subscribe::V5(s) => s.filters.iter().map(|f| f.path.as_str()).collect(),
-        }
-    }
-
-    /// The same SUBSCRIBE with only the filters where `keep` is true.
-    pub fn retain_filters(self, keep: &[bool]) -> Bytes {
-        let mut out = BytesMut::new();
-        let mut k = keep.iter();
-        match self {
-            Subscribe::V4(mut s) => {
-                s.filters.retain(|_| *k.next().unwrap_or(&false));
-                s.write(&mut out).map(drop).map_err(malformed)
+            Version::V4 => {
+                let s = v4::Subscribe::read(header.v4(), frame).map_err(malformed)?;
+                Ok(Subscribe {
+                    pkid: s.pkid,
+                    filters: s
+                        .filters
+                        .into_iter()
+                        .map(|f| Requested {
+                            filter: f.path,
+                            options: SubOptions {
+                                qos: f.qos as u8,
+                                ..Default::default()
+                            },
+                        })
+                        .collect(),
+                })
             }
-            Subscribe::V5(mut s) => {
-                s.filters.retain(|_| *k.next().unwrap_or(&false));
-                s.write(&mut out).map(drop).map_err(malformed)
+            Version::V5 => {
+                let s = v5::Subscribe::read(header.v5(), frame).map_err(malformed)?;
+                let id = s.properties.as_ref().and_then(|p| p.id);
+                if id == Some(0) {
+                    return Err(CodecError::Malformed("subscription identifier 0".into()));
+                }
+                let id = id.map(|id| id as u32);
+                Ok(Subscribe {
+                    pkid: s.pkid,
+                    filters: s
+                        .filters
+                        .into_iter()
+                        .map(|f| Requested {
+                            options: SubOptions {
+                                qos: f.qos as u8,
+                                no_local: f.nolocal,
+                                retain_as_published: f.preserve_retain,
+                                retain_handling: f.retain_forward_rule as u8,
+                                id,
+                            },
+                            filter: f.path,
+                        })
+                        .collect(),
+                })
             }
         }
-        .expect("subscribe encodes");
-        out.freeze()
     }
 }
 
-/// What became of one filter of a SUBSCRIBE.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FilterFate {
-    /// Passed to the embedded broker, which grants it.
-    Forwarded,
-    /// Refused by role.
-    Refused,
-    /// A platform topic the gatekeeper serves itself, granted at QoS 0.
-    ServedHere,
+/// SUBACK with one return code per filter.
+pub fn suback(version: Version, pkid: u16, codes: &[u8]) -> Bytes {
+    acks_with_codes(SUBACK, version, pkid, codes)
 }
 
-/// A SUBACK for filters none of which went to the embedded broker.
-pub fn suback_local(version: Version, pkid: u16, fates: &[FilterFate]) -> Bytes {
-    merge_suback(version, pkid, fates, &[])
+/// UNSUBACK; 3.1.1's carries no codes.
+pub fn unsuback(version: Version, pkid: u16, codes: &[u8]) -> Bytes {
+    match version {
+        Version::V4 => ack(UNSUBACK, pkid, None),
+        Version::V5 => acks_with_codes(UNSUBACK, version, pkid, codes),
+    }
 }
 
-/// Builds the SUBACK the device expects from the one the embedded broker
-/// sent for the forwarded filters only; forwarded filters take their codes
-/// from `upstream`, in order.
-pub fn merge_suback(version: Version, pkid: u16, fates: &[FilterFate], upstream: &[u8]) -> Bytes {
-    let mut codes = upstream.iter();
+fn acks_with_codes(kind: u8, version: Version, pkid: u16, codes: &[u8]) -> Bytes {
     let mut out = BytesMut::new();
-    // Failure codes: 0x80 in 3.1.1, 0x87 (not authorized) in 5.
-    let refused = if version == Version::V4 { 0x80 } else { 0x87 };
-    let merged: Vec<u8> = fates
-        .iter()
-        .map(|fate| match fate {
-            FilterFate::Forwarded => *codes.next().unwrap_or(&0x80),
-            FilterFate::Refused => refused,
-            FilterFate::ServedHere => 0,
-        })
-        .collect();
-    let properties = if version == Version::V5 { 1 } else { 0 };
-    out.put_u8(SUBACK << 4);
-    put_remaining_length(&mut out, 2 + properties + merged.len());
+    let properties = usize::from(version == Version::V5);
+    out.put_u8(kind << 4);
+    put_remaining_length(&mut out, 2 + properties + codes.len());
     out.put_u16(pkid);
     if version == Version::V5 {
         out.put_u8(0);
     }
-    out.extend_from_slice(&merged);
+    out.extend_from_slice(codes);
     out.freeze()
 }
 
@@ -688,70 +929,23 @@ pub fn unsubscribe_filters(
     }
 }
 
-/// An UNSUBACK reporting success for `count` filters.
-pub fn unsuback(version: Version, pkid: u16, count: usize) -> Bytes {
-    let mut out = BytesMut::new();
-    match version {
-        Version::V4 => v4::UnsubAck::new(pkid)
-            .write(&mut out)
-            .map(drop)
-            .map_err(malformed),
-        Version::V5 => v5::UnsubAck {
-            pkid,
-            reasons: vec![v5::UnsubAckReason::Success; count],
-            properties: None,
-        }
-        .write(&mut out)
-        .map(drop)
-        .map_err(malformed),
-    }
-    .expect("unsuback encodes");
-    out.freeze()
-}
-
 /// A QoS 0 PUBLISH the gatekeeper itself sends (platform topics).
 pub fn publish_qos0(version: Version, topic: &str, payload: Bytes, retain: bool) -> Bytes {
     let mut out = BytesMut::new();
-    match version {
-        Version::V4 => {
-            let mut publish =
-                v4::Publish::new(topic, rumqttc::mqttbytes::QoS::AtMostOnce, payload.to_vec());
-            publish.retain = retain;
-            publish.write(&mut out).map(drop).map_err(malformed)
-        }
-        Version::V5 => {
-            let mut publish = v5::Publish::new(
-                topic,
-                rumqttc::v5::mqttbytes::QoS::AtMostOnce,
-                payload,
-                None,
-            );
-            publish.retain = retain;
-            publish.write(&mut out).map(drop).map_err(malformed)
-        }
+    Outgoing {
+        topic,
+        payload: &payload,
+        qos: 0,
+        pkid: 0,
+        retain,
+        dup: false,
+        alias: None,
+        expiry_secs: None,
+        properties: None,
+        subscription_ids: &[],
     }
-    .expect("publish encodes");
+    .encode(version, &mut out);
     out.freeze()
-}
-
-/// The packet id and raw return codes of a SUBACK from the embedded broker.
-pub fn suback_codes(
-    version: Version,
-    header: &Header,
-    frame: &Bytes,
-) -> Result<(u16, Vec<u8>), CodecError> {
-    let mut rest = frame.slice(header.len..);
-    let pkid = read_u16(&mut rest)?;
-    if version == Version::V5 {
-        let properties = read_varint(&mut rest)?;
-        if rest.len() < properties {
-            return Err(CodecError::Malformed(
-                "suback properties exceed the packet".into(),
-            ));
-        }
-        rest.advance(properties);
-    }
-    Ok((pkid, rest.to_vec()))
 }
 
 /// Appends an MQTT variable-length integer (the remaining length).
@@ -773,38 +967,85 @@ pub fn put_remaining_length(out: &mut impl BufMut, mut value: usize) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn merged_suback_keeps_filter_order() {
-        use FilterFate::*;
-        let bytes = merge_suback(
-            Version::V4,
-            7,
-            &[Forwarded, Refused, ServedHere, Forwarded],
-            &[0x01, 0x00],
-        );
-        assert_eq!(&bytes[..], &[0x90, 6, 0, 7, 0x01, 0x80, 0x00, 0x00]);
-        let bytes = suback_local(Version::V5, 7, &[Refused]);
-        assert_eq!(&bytes[..], &[0x90, 4, 0, 7, 0, 0x87]);
+    fn reparse_v5(bytes: Bytes) -> v5::Publish {
+        let header = parse_header(&bytes).unwrap().unwrap();
+        assert_eq!(header.frame_len(), bytes.len(), "length as declared");
+        v5::Publish::read(header.v5(), bytes).unwrap()
     }
 
     #[test]
-    fn platform_publishes_and_unsubacks_read_back() {
-        let bytes = publish_qos0(
-            Version::V5,
-            "$fleet/state/x",
-            Bytes::from_static(b"{}"),
-            true,
-        );
+    fn outgoing_publishes_read_back_with_every_property() {
+        let properties = Properties {
+            payload_format: Some(1),
+            content_type: Some("application/json".into()),
+            response_topic: Some("r/t".into()),
+            correlation_data: Some(vec![1, 2, 3]),
+            user_properties: vec![("k".into(), "v".into())],
+        };
+        let mut out = BytesMut::new();
+        let size = Outgoing {
+            topic: "a/b",
+            payload: b"hello",
+            qos: 2,
+            pkid: 7,
+            retain: true,
+            dup: true,
+            alias: Some(3),
+            expiry_secs: Some(60),
+            properties: Some(&properties),
+            subscription_ids: &[5, 300],
+        }
+        .encode(Version::V5, &mut out);
+        assert_eq!(size, out.len());
+        let p = reparse_v5(out.freeze());
+        assert_eq!((p.qos as u8, p.pkid, p.retain, p.dup), (2, 7, true, true));
+        assert_eq!(&p.topic[..], b"a/b");
+        assert_eq!(&p.payload[..], b"hello");
+        let props = p.properties.unwrap();
+        assert_eq!(props.subscription_identifiers, vec![5, 300]);
+        assert_eq!(props.topic_alias, Some(3));
+        assert_eq!(props.message_expiry_interval, Some(60));
+        assert_eq!(props.user_properties, vec![("k".to_string(), "v".to_string())]);
+        assert_eq!(props.correlation_data.as_deref(), Some(&[1u8, 2, 3][..]));
+        assert_eq!(props.content_type.as_deref(), Some("application/json"));
+
+        let bytes = publish_qos0(Version::V4, "$fleet/state/x", Bytes::from_static(b"{}"), true);
         assert_eq!(bytes[0], 0x31, "PUBLISH, QoS 0, retain");
-        let bytes = publish_qos0(
-            Version::V4,
-            "$fleet/state/x",
-            Bytes::from_static(b"{}"),
-            false,
+        let header = parse_header(&bytes).unwrap().unwrap();
+        let p = v4::Publish::read(header.v4(), bytes).unwrap();
+        assert_eq!(p.topic, "$fleet/state/x");
+    }
+
+    #[test]
+    fn acknowledgements_are_well_formed() {
+        assert_eq!(&suback(Version::V4, 7, &[1, 0x80])[..], &[0x90, 4, 0, 7, 1, 0x80]);
+        assert_eq!(&suback(Version::V5, 7, &[0x87])[..], &[0x90, 4, 0, 7, 0, 0x87]);
+        assert_eq!(&unsuback(Version::V4, 9, &[0, 0])[..], &[0xB0, 2, 0, 9]);
+        assert_eq!(&unsuback(Version::V5, 9, &[0, 0x11])[..], &[0xB0, 5, 0, 9, 0, 0, 0x11]);
+        assert_eq!(&pubrel(5)[..], &[0x62, 2, 0, 5]);
+        assert_eq!(&pubcomp(Version::V5, 5, false)[..], &[0x70, 3, 0, 5, 0x92]);
+        let nack = publish_ack(Version::V5, 1, 4, &AckReason::QuotaExceeded("full".into()));
+        let header = parse_header(&nack).unwrap().unwrap();
+        let parsed = v5::PubAck::read(header.v5(), nack).unwrap();
+        assert_eq!(parsed.reason, v5::PubAckReason::QuotaExceeded);
+        assert_eq!(parsed.properties.unwrap().reason_string.as_deref(), Some("full"));
+        let connack = connack_success(
+            Version::V5,
+            true,
+            &ServerLimits {
+                receive_maximum: 10,
+                maximum_packet_size: 1000,
+                topic_alias_maximum: 5,
+                session_expiry: None,
+                keep_alive: Some(60),
+            },
         );
-        assert_eq!(bytes[0], 0x30);
-        assert_eq!(&unsuback(Version::V4, 9, 2)[..], &[0xB0, 2, 0, 9]);
-        assert_eq!(&unsuback(Version::V5, 9, 2)[..], &[0xB0, 5, 0, 9, 0, 0, 0]);
+        let header = parse_header(&connack).unwrap().unwrap();
+        let parsed = v5::ConnAck::read(header.v5(), connack).unwrap();
+        assert!(parsed.session_present);
+        let props = parsed.properties.unwrap();
+        assert_eq!(props.receive_max, Some(10));
+        assert_eq!(props.server_keep_alive, Some(60));
     }
 
     #[test]

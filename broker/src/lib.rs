@@ -1,26 +1,34 @@
-//! fleetgate's gatekeeper: the MQTT front end every device connects to.
+//! fleetgate's gatekeeper: the MQTT 3.1.1 and 5 broker every device
+//! connects to.
 //!
-//! It terminates each MQTT 3.1.1 / 5 connection itself, so that it can
-//! refuse a CONNECT with a proper CONNACK code, check every PUBLISH,
-//! SUBSCRIBE and will against the device's role, and acknowledge ingest only
-//! after the store committed it. What passes and is not ingest is relayed to
-//! an embedded rumqttd, which does routing and fan-out.
+//! It authenticates each CONNECT by its token, checks every PUBLISH,
+//! SUBSCRIBE and will against the device's role, acknowledges ingest only
+//! after the store committed it, and routes everything else itself. The
+//! layers, each a module:
 //!
-//! - [`codec`]: framing and the packets the gatekeeper reads or writes.
-//! - [`session`]: one connection.
-//! - [`sessions`]: live sessions by device (revocation, shutdown).
-//! - [`upstream`]: the embedded rumqttd and the live feed into it.
+//! - [`codec`]: framing and every packet read or written.
+//! - `connection`: one client connection (authorization, QoS flows,
+//!   the writer).
+//! - [`session`]: what outlives a connection (subscriptions, queue,
+//!   in-flight window).
+//! - [`router`]: sessions by client id, the subscription index, retained
+//!   messages, and delivery.
+//! - [`persist`]: the session store (persistent sessions and retained
+//!   messages across restarts).
+//! - [`sessions`]: live connections by device (revocation, takeover, shutdown).
 //! - [`tls`]: MQTT over TLS (and the HTTP API's), handshakes off the accept loop.
 //! - [`balancer`]: cluster mode, ingest spread over store nodes.
 //! - [`platform_topics`]: the retained `$fleet/...` topics served here.
 
 pub mod balancer;
 pub mod codec;
+mod connection;
+pub mod persist;
 pub mod platform_topics;
-mod session;
+pub mod router;
+pub mod session;
 pub mod sessions;
 pub mod tls;
-pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,18 +42,24 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 pub use platform_topics::PlatformTopics;
+pub use router::Router;
 pub use sessions::EndReason;
 use sessions::Sessions;
-pub use upstream::Upstream;
 
 #[derive(Debug, Clone)]
 pub struct GatekeeperConfig {
     /// Largest ingest payload; larger ones are rejected with a reason.
     pub max_payload: usize,
-    /// Publishes awaiting commit per connection before it is no longer read.
+    /// Publishes awaiting commit per connection before it is no longer
+    /// read; also the Receive Maximum announced to MQTT 5 clients.
     pub max_inflight: usize,
     /// Time a new connection has to send its CONNECT.
     pub connect_timeout: Duration,
+    /// Longest a session outlives its connection, in seconds; also what a
+    /// 3.1.1 session without clean session gets.
+    pub max_session_expiry: u32,
+    /// Keep alive an MQTT 5 client gets when it asks for none or more.
+    pub max_keep_alive: u16,
 }
 
 impl Default for GatekeeperConfig {
@@ -54,7 +68,19 @@ impl Default for GatekeeperConfig {
             max_payload: 256 * 1024,
             max_inflight: 1024,
             connect_timeout: Duration::from_secs(10),
+            max_session_expiry: 7 * 24 * 3600,
+            max_keep_alive: 1200,
         }
+    }
+}
+
+impl GatekeeperConfig {
+    /// The Maximum Packet Size announced: any packet but a PUBLISH larger
+    /// than this ends the connection. A larger PUBLISH is answered with a
+    /// reason code instead (its records go to the rejects), more leniently
+    /// than MQTT requires.
+    pub fn maximum_packet_size(&self) -> usize {
+        (self.max_payload + 64 * 1024).max(1024 * 1024)
     }
 }
 
@@ -70,7 +96,7 @@ pub(crate) struct Shared {
     pub config: GatekeeperConfig,
     pub auth: Arc<dyn Authenticate>,
     pub ingest: Arc<dyn IngestService>,
-    pub upstream: Arc<Upstream>,
+    pub router: Arc<Router>,
     pub sessions: Sessions,
     pub metrics: GatekeeperMetrics,
     pub platform: PlatformTopics,
@@ -91,7 +117,7 @@ impl Gatekeeper {
         config: GatekeeperConfig,
         auth: Arc<dyn Authenticate>,
         ingest: Arc<dyn IngestService>,
-        upstream: Arc<Upstream>,
+        router: Arc<Router>,
         platform: PlatformTopics,
         registry: &mut Registry,
     ) -> std::io::Result<Gatekeeper> {
@@ -126,7 +152,7 @@ impl Gatekeeper {
             config,
             auth,
             ingest,
-            upstream,
+            router,
             sessions: Sessions::default(),
             metrics,
             platform,
@@ -150,7 +176,7 @@ impl Gatekeeper {
         let task = tokio::spawn(async move {
             while let Some((stream, _peer)) = incoming.accept().await {
                 let (read, write) = tokio::io::split(stream);
-                tokio::spawn(session::run(
+                tokio::spawn(connection::run(
                     Box::new(read),
                     Box::new(write),
                     shared.clone(),
@@ -177,6 +203,10 @@ impl Gatekeeper {
         while self.shared.sessions.count() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // What the sessions' ends wrote is on disk before the process goes.
+        if let Err(e) = self.shared.router.flush().await {
+            tracing::error!(error = %e, "MQTT session store did not flush");
+        }
     }
 }
 
@@ -188,7 +218,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             Ok((stream, _peer)) => {
                 let _ = stream.set_nodelay(true);
                 let (read, write) = stream.into_split();
-                tokio::spawn(session::run(
+                tokio::spawn(connection::run(
                     Box::new(read),
                     Box::new(write),
                     shared.clone(),

@@ -1,971 +1,539 @@
-//! One device connection: authenticate at CONNECT, check every packet,
-//! hand ingest to the store and relay the rest through the embedded broker.
+//! An MQTT session: the state that outlives a connection.
 //!
-//! Three tasks per connection:
-//! - this reader: client packets in, decisions, writes to the embedded broker;
-//! - the writer: acknowledgements (in the order the publishes arrived, each
-//!   sent only once its commit is done) and relayed upstream packets out;
-//! - the upstream reader: the embedded broker's packets for the device.
+//! A session holds its subscriptions, the messages queued for it and the
+//! QoS 1/2 messages sent but not yet acknowledged (its outbound in-flight
+//! window). The router pushes messages in; the connection that has the
+//! session attached pulls them out as its client's Receive Maximum allows,
+//! and settles them as acknowledgements arrive. A session whose connection
+//! is gone keeps queueing until it expires.
+//!
+//! Invariant: a queue never grows past its [`QueueLimits`]. What does not
+//! fit is refused here, and the router reports that to the publisher.
 
-use std::collections::{HashMap, HashSet};
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::{Bytes, BytesMut};
-use fleetgate_protocol::topic::{is_platform_filter, may_publish, may_subscribe, IngestTopic};
-use fleetgate_protocol::{unix_now_ms, AuthError, IngestMessage, IngestOutcome, Principal};
-use futures::stream::{FuturesOrdered, StreamExt};
-use futures::FutureExt;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use bytes::Bytes;
+use fleetgate_protocol::unix_now_ms;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 
-use crate::codec::{
-    self, connack_refusal, connect_version, publish_ack, AckReason, CodecError, Connect,
-    DisconnectReasonCode, FilterFate, Frame, FrameReader, Header, Refusal, Subscribe, Version,
-};
-use crate::platform_topics::PlatformSubscriber;
-use crate::sessions::{EndReason, SessionHandle};
-use crate::Shared;
-
-type AckFuture = Pin<Box<dyn Future<Output = Outgoing> + Send>>;
-/// Bounded: a device that sends faster than it reads its acknowledgements
-/// is no longer read (each entry is small, but a flood of PINGREQs or
-/// refused publishes must not grow without limit).
-type AckSender = mpsc::Sender<AckFuture>;
-/// Acknowledgements waiting in the writer, at most.
-const MAX_PENDING_ACKS: usize = 4096;
-/// The topic alias maximum the embedded broker announces in its CONNACK.
-const MAX_TOPIC_ALIAS: u16 = 4096;
-/// Longest a write to a device may take before the device is given up on.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// What the writer sends for one entry of the ordered acknowledgement queue.
-enum Outgoing {
-    Bytes(Bytes),
-    Nothing,
-    /// The store could not commit: close without acknowledging, so the
-    /// device re-sends after it reconnects.
-    Abort,
+/// What a SUBSCRIBE asked for one filter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubOptions {
+    /// Granted QoS, the most a delivery on this subscription gets.
+    pub qos: u8,
+    /// MQTT 5: never deliver this session's own publishes to it.
+    #[serde(default)]
+    pub no_local: bool,
+    /// MQTT 5: keep the publisher's RETAIN flag on deliveries.
+    #[serde(default)]
+    pub retain_as_published: bool,
+    /// MQTT 5: 0 send retained messages at subscribe, 1 only for a new
+    /// subscription, 2 never.
+    #[serde(default)]
+    pub retain_handling: u8,
+    /// MQTT 5 subscription identifier.
+    #[serde(default)]
+    pub id: Option<u32>,
 }
 
-fn ready(bytes: Bytes) -> AckFuture {
-    Box::pin(std::future::ready(Outgoing::Bytes(bytes)))
+/// MQTT 5 publish properties that travel with a message unchanged.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Properties {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_format: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_topic: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_data: Option<Vec<u8>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user_properties: Vec<(String, String)>,
 }
 
-/// Reads the CONNECT, authenticates, and then runs the connection.
-/// The device's side of a connection, plain TCP or TLS.
-pub(crate) type ClientRead = Box<dyn AsyncRead + Send + Unpin>;
-pub(crate) type ClientWrite = Box<dyn AsyncWrite + Send + Unpin>;
-
-pub(crate) async fn run(read_half: ClientRead, mut write_half: ClientWrite, shared: Arc<Shared>) {
-    let mut reader = FrameReader::new(read_half);
-    let max_connect = shared.config.max_payload + 64 * 1024;
-    let first = tokio::time::timeout(
-        shared.config.connect_timeout,
-        reader.next(Version::V4, 0, max_connect),
-    )
-    .await;
-    let Ok(Ok(Frame::Whole(header, frame))) = first else {
-        return;
-    };
-    let version = match connect_version(&header, &frame) {
-        Ok(version) => version,
-        Err(CodecError::UnsupportedProtocol(_)) => {
-            let _ = write_half
-                .write_all(&connack_refusal(Version::V4, Refusal::UnsupportedProtocol))
-                .await;
-            return;
-        }
-        Err(_) => return,
-    };
-    let Ok(connect) = Connect::parse(version, &header, frame) else {
-        return;
-    };
-    let principal = match admit(&shared, &connect) {
-        Ok(principal) => principal,
-        Err(refusal) => {
-            shared.metrics.connects_refused.inc();
-            let _ = write_half
-                .write_all(&connack_refusal(version, refusal))
-                .await;
-            let _ = write_half.shutdown().await;
-            return;
-        }
-    };
-    let handle = shared.sessions.register(&principal.device_id);
-    let expiry = tokio::spawn(end_at_token_expiry(handle.clone(), principal.expires_at));
-    let upstream_id = handle.upstream_client_id();
-    let Some(upstream) =
-        connect_upstream(&shared, version, &connect, &upstream_id, &mut write_half).await
-    else {
-        shared.sessions.unregister(&handle);
-        expiry.abort();
-        return;
-    };
-    shared.metrics.connections.inc();
-    let will = connect
-        .will()
-        .filter(|w| IngestTopic::parse(&w.topic).is_some());
-    let session = Session {
-        shared: shared.clone(),
-        version,
-        principal,
-        keep_alive: connect.keep_alive(),
-        handle,
-        aliases: HashMap::new(),
-        local_qos2: HashSet::new(),
-        forwarded_qos2: HashSet::new(),
-        pending_subacks: Arc::new(Mutex::new(HashMap::new())),
-        inflight: Arc::new(Semaphore::new(shared.config.max_inflight)),
-        live_readers: 0,
-        relay: None,
-        platform: None,
-        upstream_holds_will: false,
-    };
-    session.serve(reader, write_half, upstream, will).await;
-    expiry.abort();
-    shared.metrics.connections.dec();
-}
-
-/// Authenticates the CONNECT and checks its will; the error is the CONNACK code.
-fn admit(shared: &Shared, connect: &Connect) -> Result<Principal, Refusal> {
-    let client_id = connect.client_id();
-    let refuse = |what: &str, refusal: Refusal| {
-        shared.auth.record_refusal(
-            if client_id.is_empty() {
-                "(empty client id)"
-            } else {
-                client_id
-            },
-            what,
-        );
-        Err(refusal)
-    };
-    if client_id.is_empty() {
-        return refuse("auth: empty client id", Refusal::BadClientId);
+impl Properties {
+    pub fn is_empty(&self) -> bool {
+        *self == Properties::default()
     }
-    let Some((username, password)) = connect.login() else {
-        return refuse("auth: no username and token", Refusal::BadCredentials);
-    };
-    if username != client_id {
-        return refuse(
-            "auth: username differs from client id",
-            Refusal::BadCredentials,
-        );
+}
+
+/// An application message as the router carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: Arc<str>,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    pub properties: Option<Arc<Properties>>,
+    /// From the MQTT 5 message expiry interval, as an absolute time.
+    pub expires_at_ms: Option<i64>,
+    /// The publishing session, for noLocal.
+    pub publisher: Option<Arc<str>>,
+    /// Whether queueing it for a persistent session must be durable before
+    /// the publisher is acknowledged. Live copies are not: the store's
+    /// tables are their record.
+    pub durable: bool,
+}
+
+impl Message {
+    pub fn expired(&self, now_ms: i64) -> bool {
+        self.expires_at_ms.is_some_and(|at| at <= now_ms)
     }
-    let principal = shared
-        .auth
-        .authenticate(Some(client_id), password)
-        .map_err(|e| match e {
-            AuthError::BadCredentials(_) => Refusal::BadCredentials,
-            AuthError::ClientIdMismatch { .. } => Refusal::BadClientId,
-            AuthError::NotAuthorized(..) => Refusal::NotAuthorized,
-            AuthError::Banned { .. } => Refusal::Banned,
-        })?;
-    if let Some(will) = connect.will() {
-        if let Err(denied) = may_publish(principal.role, &principal.device_id, &will.topic) {
-            return refuse(&format!("will: {}", denied.0), Refusal::NotAuthorized);
+
+    /// Bytes a queue counts for this message.
+    fn cost(&self) -> usize {
+        self.topic.len() + self.payload.len() + 64
+    }
+}
+
+/// One message queued for one session, as it will be delivered.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    /// Position in the session's queue; the durable store's key.
+    pub seq: u64,
+    pub message: Arc<Message>,
+    /// min(published, granted).
+    pub qos: u8,
+    pub retain: bool,
+    pub subscription_ids: Vec<u32>,
+    /// Written to the session store (so settled there too).
+    pub durable: bool,
+}
+
+/// Per-session bounds on what waits for a device.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    pub max_messages: usize,
+    pub max_bytes: usize,
+}
+
+impl Default for QueueLimits {
+    fn default() -> Self {
+        QueueLimits {
+            max_messages: 1000,
+            max_bytes: 1024 * 1024,
         }
     }
-    Ok(principal)
 }
 
-struct UpstreamLink {
-    reader: FrameReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
-    /// Whether the embedded broker holds the device's will (a DISCONNECT
-    /// there is then what keeps it from being published).
-    holds_will: bool,
+/// Where an outbound QoS 1/2 message is in its exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Sent,
+    /// PUBREL sent, waiting for PUBCOMP.
+    Released,
 }
 
-/// Opens the device's session on the embedded broker and relays its CONNACK.
-async fn connect_upstream(
-    shared: &Shared,
-    version: Version,
-    connect: &Connect,
-    upstream_id: &str,
-    client: &mut ClientWrite,
-) -> Option<UpstreamLink> {
-    let addr = match version {
-        Version::V4 => shared.upstream.v4,
-        Version::V5 => shared.upstream.v5,
-    };
-    let keep_will = connect
-        .will()
-        .is_some_and(|w| IngestTopic::parse(&w.topic).is_none());
-    let attempt = || async {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let _ = stream.set_nodelay(true);
-        let (read_half, mut writer) = stream.into_split();
-        let connect_bytes = connect
-            .upstream(upstream_id, &shared.upstream.secret, keep_will)
-            .map_err(|e| e.to_string())?;
-        writer
-            .write_all(&connect_bytes)
-            .await
-            .map_err(|e| format!("send CONNECT: {e}"))?;
-        let mut reader = FrameReader::new(read_half);
-        match reader
-            .next(version, usize::MAX, 64 * 1024)
-            .await
-            .map_err(|e| format!("read CONNACK: {e}"))?
-        {
-            Frame::Whole(header, connack) if header.packet_type() == 2 => {
-                Ok((reader, writer, header, connack))
-            }
-            Frame::Whole(header, _) => Err(format!(
-                "expected CONNACK, got packet type {}",
-                header.packet_type()
-            )),
-            Frame::OversizedPublish(_) => Err("expected CONNACK, got a PUBLISH".to_string()),
-        }
-    };
-    // A refused or dropped attempt (the embedded broker momentarily busy) is
-    // worth a second try before telling the device to go away.
-    let mut accepted = None;
-    for delay_ms in [0, 50, 250, 1000] {
-        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-        match tokio::time::timeout(Duration::from_secs(5), attempt()).await {
-            Ok(Ok(link)) => {
-                accepted = Some(link);
-                break;
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(device = connect.client_id(), error = %e, "embedded broker session attempt failed")
-            }
-            Err(_) => tracing::warn!(
-                device = connect.client_id(),
-                "embedded broker session attempt timed out"
-            ),
-        }
-    }
-    let Some((reader, writer, header, connack)) = accepted else {
-        tracing::error!(
-            device = connect.client_id(),
-            "embedded broker did not accept the session"
-        );
-        let _ = client
-            .write_all(&connack_refusal(version, Refusal::Unavailable))
-            .await;
-        return None;
-    };
-    client.write_all(&connack).await.ok()?;
-    // Byte 1 after the fixed header is the return/reason code; 0 is success.
-    (connack.get(header.len + 1) == Some(&0)).then_some(UpstreamLink {
-        reader,
-        writer,
-        holds_will: keep_will,
-    })
+#[derive(Debug)]
+struct Inflight {
+    queued: Queued,
+    stage: Stage,
 }
 
-struct Session {
-    shared: Arc<Shared>,
-    version: Version,
-    principal: Principal,
-    keep_alive: u16,
-    handle: SessionHandle,
-    /// MQTT 5 topic aliases the device has set.
-    aliases: HashMap<u16, String>,
-    /// QoS 2 ingest publishes answered here, whose PUBREL is ours to complete.
-    local_qos2: HashSet<u16>,
-    /// QoS 2 publishes relayed to the embedded broker, whose PUBREL is its.
-    forwarded_qos2: HashSet<u16>,
-    /// SUBSCRIBEs forwarded with some filters removed: pkid → what became
-    /// of each filter.
-    pending_subacks: PendingSubacks,
-    /// Bounds publishes awaiting commit on this connection.
-    inflight: Arc<Semaphore>,
-    /// Live-capable subscriptions this session added to the shared count.
-    live_readers: usize,
-    /// The writer's queue for packets that are not acknowledgements.
-    relay: Option<mpsc::Sender<Bytes>>,
-    /// Started at the first subscription to a platform topic.
-    platform: Option<PlatformSubscriber>,
-    /// See [`Session::end_upstream`].
-    upstream_holds_will: bool,
+/// What the connection writes for one delivery.
+#[derive(Debug)]
+pub enum Delivery {
+    Publish {
+        queued: Queued,
+        pkid: u16,
+        dup: bool,
+    },
+    Release {
+        pkid: u16,
+    },
 }
 
-type PendingSubacks = Arc<Mutex<HashMap<u16, Vec<FilterFate>>>>;
+/// What [`Session::enqueue`] did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    Queued,
+    /// QoS 0 for a session with no connection: not kept.
+    Skipped,
+    /// The queue is at its limit.
+    Full,
+}
 
-/// How the reader loop ended.
-enum End {
-    /// The device sent DISCONNECT: no will.
-    Graceful,
-    /// Network error, keep-alive timeout, protocol violation: the will fires.
-    Abnormal,
-    /// Revoked, taken over or shutting down.
-    Ended(EndReason),
+/// An acknowledgement for a packet id this session never used (or no
+/// longer waits on): a protocol error.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UnknownPacketId(pub u16);
+
+pub struct Session {
+    pub client_id: Arc<str>,
+    state: Mutex<State>,
+    /// Wakes the attached connection when there is something to send.
+    pub wake: Notify,
+}
+
+pub(crate) struct State {
+    /// Seconds the session outlives its connection (0: it ends with it;
+    /// u32::MAX: never expires).
+    pub expiry_secs: u32,
+    pub subscriptions: BTreeMap<String, SubOptions>,
+    queue: VecDeque<Queued>,
+    inflight: HashMap<u16, Inflight>,
+    queued_bytes: usize,
+    next_seq: u64,
+    next_pkid: u16,
+    /// The attached connection's number (0: none).
+    pub attached: u64,
+    /// When the last connection ended, while none is attached.
+    pub detached_at_ms: Option<i64>,
 }
 
 impl Session {
-    async fn serve(
-        mut self,
-        mut reader: FrameReader<ClientRead>,
-        client: ClientWrite,
-        upstream: UpstreamLink,
-        will: Option<codec::Will>,
-    ) {
-        self.upstream_holds_will = upstream.holds_will;
-        let (acks, ack_queue) = mpsc::channel::<AckFuture>(MAX_PENDING_ACKS);
-        let (relay, relay_queue) = mpsc::channel::<Bytes>(1024);
-        let writer = tokio::spawn(write_loop(client, ack_queue, relay_queue));
-        self.relay = Some(relay.clone());
-        let upstream_task = tokio::spawn(relay_upstream(
-            upstream.reader,
-            self.version,
-            relay,
-            self.pending_subacks.clone(),
-            self.handle.clone(),
-        ));
-        let mut up = upstream.writer;
-        let end = self.read_loop(&mut reader, &mut up, &acks).await;
-
-        if let End::Ended(reason) = &end {
-            let code = match reason {
-                EndReason::Revoked => DisconnectReasonCode::NotAuthorized,
-                EndReason::RoleChanged | EndReason::Banned => {
-                    DisconnectReasonCode::AdministrativeAction
-                }
-                EndReason::ShuttingDown => DisconnectReasonCode::ServerShuttingDown,
-                EndReason::TakenOver => DisconnectReasonCode::SessionTakenOver,
-                EndReason::TokenExpired => DisconnectReasonCode::MaximumConnectTime,
-            };
-            if let Some(bytes) = codec::server_disconnect(self.version, code) {
-                let _ = acks.try_send(ready(bytes));
-            }
-        }
-        // Acknowledgements still waiting for commits are written before close.
-        drop(acks);
-        let mut writer = writer;
-        if tokio::time::timeout(Duration::from_secs(30), &mut writer)
-            .await
-            .is_err()
-        {
-            // A device that stopped reading: give up on it.
-            writer.abort();
-        }
-        upstream_task.abort();
-        self.platform = None;
-        if let End::Ended(reason) = &end {
-            if *reason != EndReason::TakenOver {
-                // The platform ended it (revoked, banned, re-roled, shutting
-                // down): a normal DISCONNECT, so the embedded broker does not
-                // publish the device's will.
-                self.end_upstream(&mut up, &[codec::DISCONNECT << 4, 0])
-                    .await;
-            }
-        }
-        let _ = up.shutdown().await;
-        self.shared
-            .upstream
-            .live_readers
-            .fetch_sub(self.live_readers, Ordering::Relaxed);
-        self.shared.sessions.unregister(&self.handle);
-        // A will is for an unplanned end: not for DISCONNECT, and not when the
-        // platform itself ended the session (revoked, banned, shutting down).
-        if let (End::Abnormal | End::Ended(EndReason::TakenOver), Some(will)) = (end, will) {
-            self.fire_ingest_will(will);
-        }
+    pub fn new(client_id: Arc<str>, expiry_secs: u32) -> Arc<Session> {
+        Arc::new(Session {
+            client_id,
+            state: Mutex::new(State {
+                expiry_secs,
+                subscriptions: BTreeMap::new(),
+                queue: VecDeque::new(),
+                inflight: HashMap::new(),
+                queued_bytes: 0,
+                next_seq: 1,
+                next_pkid: 1,
+                attached: 0,
+                detached_at_ms: Some(unix_now_ms()),
+            }),
+            wake: Notify::new(),
+        })
     }
 
-    /// Sends the embedded broker a DISCONNECT before the connection closes,
-    /// but only when it holds a will that must not be published: rumqttd
-    /// handles a DISCONNECT followed by the close as two disconnections,
-    /// and when the connection's slot has meanwhile gone to a new
-    /// connection, the second one ends that one (a device reconnecting at
-    /// once lost its new session). Without a will, a close alone means the
-    /// same to it.
-    async fn end_upstream(&self, up: &mut OwnedWriteHalf, disconnect: &[u8]) {
-        if self.upstream_holds_will {
-            let _ = forward(up, disconnect).await;
-        }
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("session lock")
     }
 
-    async fn read_loop(
-        &mut self,
-        reader: &mut FrameReader<ClientRead>,
-        up: &mut OwnedWriteHalf,
-        acks: &AckSender,
-    ) -> End {
-        // The device's keep-alive, enforced here (1.5x, as MQTT says); the
-        // embedded broker's session is kept alive by our own pings.
-        let idle_limit = match self.keep_alive {
-            0 => Duration::from_secs(u32::MAX as u64),
-            k => Duration::from_millis(k as u64 * 1500),
-        };
-        let mut upstream_ping = tokio::time::interval(Duration::from_secs(1800));
-        upstream_ping.tick().await;
-        let max_publish = self.shared.config.max_payload;
-        let max_other = 1024 * 1024;
-        loop {
-            let next = tokio::select! {
-                biased;
-                reason = self.handle.ended() => return End::Ended(reason),
-                // The writer gave up on this device (it stopped reading).
-                _ = acks.closed() => return End::Abnormal,
-                _ = upstream_ping.tick() => {
-                    if up.write_all(&codec::pingreq()).await.is_err() {
-                        return End::Abnormal;
-                    }
-                    continue;
-                }
-                next = tokio::time::timeout(idle_limit, reader.next(self.version, max_publish, max_other)) => next,
-            };
-            let frame = match next {
-                Ok(Ok(frame)) => frame,
-                Ok(Err(CodecError::Closed)) => return End::Abnormal,
-                Ok(Err(e)) => {
-                    tracing::info!(device = %self.principal.device_id, error = %e, "closing connection");
-                    let code = match e {
-                        CodecError::TooLarge(_) => Some(DisconnectReasonCode::PacketTooLarge),
-                        CodecError::Malformed(_) => Some(DisconnectReasonCode::MalformedPacket),
-                        _ => None,
-                    };
-                    if let Some(bytes) =
-                        code.and_then(|c| codec::server_disconnect(self.version, c))
-                    {
-                        let _ = acks.send(ready(bytes)).await;
-                    }
-                    return End::Abnormal;
-                }
-                Err(_) => {
-                    tracing::info!(device = %self.principal.device_id, "keep-alive expired");
-                    if let Some(bytes) = codec::server_disconnect(
-                        self.version,
-                        DisconnectReasonCode::KeepAliveTimeout,
-                    ) {
-                        let _ = acks.send(ready(bytes)).await;
-                    }
-                    return End::Abnormal;
-                }
-            };
-            let step = match frame {
-                Frame::OversizedPublish(p) => {
-                    let message = Incoming {
-                        topic: p.topic,
-                        qos: p.qos,
-                        pkid: p.pkid,
-                        payload: p.head,
-                        truncated_from: Some(p.size),
-                        raw: None,
-                    };
-                    self.on_publish(message, up, acks).await
-                }
-                Frame::Whole(header, bytes) => self.on_packet(header, bytes, up, acks).await,
-            };
-            match step {
-                Ok(None) => {}
-                Ok(Some(end)) => return end,
-                Err(e) => {
-                    tracing::info!(device = %self.principal.device_id, error = %e, "closing connection");
-                    if let Some(bytes) =
-                        codec::server_disconnect(self.version, DisconnectReasonCode::ProtocolError)
-                    {
-                        let _ = acks.send(ready(bytes)).await;
-                    }
-                    return End::Abnormal;
-                }
-            }
-        }
+    pub fn persistent(&self) -> bool {
+        self.lock().expiry_secs > 0
     }
 
-    async fn on_packet(
-        &mut self,
-        header: Header,
-        bytes: Bytes,
-        up: &mut OwnedWriteHalf,
-        acks: &AckSender,
-    ) -> Result<Option<End>, CodecError> {
-        match header.packet_type() {
-            codec::PUBLISH => {
-                let publish = codec::Publish::parse(self.version, &header, bytes.clone())?;
-                let topic = match (publish.topic.is_empty(), publish.alias) {
-                    (false, Some(alias)) => {
-                        if alias == 0 || alias > MAX_TOPIC_ALIAS {
-                            return Err(CodecError::Malformed(format!(
-                                "topic alias {alias} out of range"
-                            )));
-                        }
-                        // Only topics this device may publish to are worth
-                        // remembering: a refused one must not cost memory.
-                        let Principal {
-                            role, device_id, ..
-                        } = &self.principal;
-                        if may_publish(*role, device_id, &publish.topic).is_ok() {
-                            self.aliases.insert(alias, publish.topic.clone());
-                        } else {
-                            // The device re-set this alias; its old meaning is gone.
-                            self.aliases.remove(&alias);
-                        }
-                        publish.topic
-                    }
-                    (false, None) => publish.topic,
-                    (true, Some(alias)) => self.aliases.get(&alias).cloned().ok_or_else(|| {
-                        CodecError::Malformed(format!("unknown topic alias {alias}"))
-                    })?,
-                    (true, None) => {
-                        return Err(CodecError::Malformed("publish without a topic".into()))
-                    }
-                };
-                let message = Incoming {
-                    topic,
-                    qos: publish.qos,
-                    pkid: publish.pkid,
-                    payload: publish.payload,
-                    truncated_from: None,
-                    raw: Some(bytes),
-                };
-                self.on_publish(message, up, acks).await
-            }
-            codec::SUBSCRIBE => {
-                let subscribe = Subscribe::parse(self.version, &header, bytes.clone())?;
-                self.on_subscribe(subscribe, bytes, up, acks).await?;
-                Ok(None)
-            }
-            codec::UNSUBSCRIBE => {
-                let (pkid, filters) =
-                    codec::unsubscribe_filters(self.version, &header, bytes.clone())?;
-                let platform: Vec<String> = filters
-                    .iter()
-                    .filter(|f| is_platform_filter(f))
-                    .cloned()
-                    .collect();
-                let all_platform = platform.len() == filters.len();
-                if let Some(subscriber) = &self.platform {
-                    subscriber.unsubscribe(platform);
-                }
-                if all_platform {
-                    let _ = acks
-                        .send(ready(codec::unsuback(self.version, pkid, filters.len())))
-                        .await;
-                } else {
-                    // The embedded broker skips filters it never had.
-                    forward(up, &bytes).await?;
-                }
-                Ok(None)
-            }
-            codec::PUBREL => {
-                let pkid = codec::pubrel_pkid(self.version, &header, bytes.clone())?;
-                if self.forwarded_qos2.remove(&pkid) {
-                    forward(up, &bytes).await?;
-                } else {
-                    // Ours, or unknown (e.g. re-sent after a reconnect, when
-                    // the embedded broker's session is new): answered here, as
-                    // forwarding an unknown PUBREL makes rumqttd drop the link.
-                    let found = self.local_qos2.remove(&pkid);
-                    let _ = acks
-                        .send(ready(codec::pubcomp(self.version, pkid, found)))
-                        .await;
-                }
-                Ok(None)
-            }
-            codec::PINGREQ => {
-                let _ = acks.send(ready(codec::pingresp())).await;
-                Ok(None)
-            }
-            codec::DISCONNECT => {
-                self.end_upstream(up, &bytes).await;
-                Ok(Some(End::Graceful))
-            }
-            codec::CONNECT => Err(CodecError::Malformed(
-                "second CONNECT on one connection".into(),
-            )),
-            // PUBACK, PUBREC, PUBCOMP for deliveries, AUTH.
-            4 | 5 | 7 | 15 => {
-                forward(up, &bytes).await?;
-                Ok(None)
-            }
-            // CONNACK, SUBACK, UNSUBACK, PINGRESP and type 0 are never sent by clients.
-            other => Err(CodecError::Malformed(format!(
-                "packet type {other} is not sent by clients"
-            ))),
-        }
+    /// Messages queued or in flight.
+    pub fn pending(&self) -> usize {
+        let state = self.lock();
+        state.queue.len() + state.inflight.len()
     }
 
-    async fn on_publish(
-        &mut self,
-        message: Incoming,
-        up: &mut OwnedWriteHalf,
-        acks: &AckSender,
-    ) -> Result<Option<End>, CodecError> {
-        let Principal {
-            role, device_id, ..
-        } = &self.principal;
-        if let Err(denied) = may_publish(*role, device_id, &message.topic) {
-            return Ok(self
-                .deny_publish(&message, AckReason::NotAuthorized(denied.0), acks)
-                .await);
-        }
-        let ingest = match IngestTopic::parse(&message.topic) {
-            Some(Ok(topic)) => Some((topic.stream.to_string(), topic.device.to_string())),
-            _ => None,
-        };
-        let Some((stream, device)) = ingest else {
-            // Any other topic goes to the embedded broker, whole.
-            if let Some(size) = message.truncated_from {
-                let reason = format!(
-                    "publish of {size} bytes exceeds the {}-byte limit",
-                    self.shared.config.max_payload
-                );
-                return Ok(self
-                    .deny_publish(&message, AckReason::TooLarge(reason), acks)
-                    .await);
-            }
-            if message.qos == 2 {
-                // This packet id's PUBREL now belongs to the embedded broker.
-                self.local_qos2.remove(&message.pkid);
-                self.forwarded_qos2.insert(message.pkid);
-            }
-            forward(up, message.raw.as_deref().unwrap_or_default()).await?;
-            return Ok(None);
-        };
-        // Waiting here for a permit, then for room in the store's queue, is
-        // the back-pressure: this connection is not read until the store
-        // catches up.
-        let permit = self
-            .inflight
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closes");
-        let ingest_message = IngestMessage {
-            principal: self.principal.clone(),
-            stream,
-            device_id: device,
-            payload: message.payload,
-            truncated_from: message.truncated_from,
-            received_at_ms: unix_now_ms(),
-            state_version: None,
-        };
-        let Ok(pending) = self.shared.ingest.submit(ingest_message).await else {
-            return Ok(Some(End::Ended(EndReason::ShuttingDown)));
-        };
-        if message.qos == 2 {
-            self.forwarded_qos2.remove(&message.pkid);
-            self.local_qos2.insert(message.pkid);
-        }
-        let (version, qos, pkid) = (self.version, message.qos, message.pkid);
-        let _ = acks
-            .send(Box::pin(async move {
-                let outcome = pending.await;
-                drop::<OwnedSemaphorePermit>(permit);
-                match outcome {
-                    Ok(Ok(outcome)) if qos > 0 => {
-                        Outgoing::Bytes(publish_ack(version, qos, pkid, &ack_reason(&outcome)))
-                    }
-                    Ok(Ok(_)) => Outgoing::Nothing,
-                    _ => Outgoing::Abort,
-                }
-            }))
-            .await;
-        Ok(None)
-    }
-
-    /// A refused publish is never stored or delivered. MQTT 5 answers with a
-    /// reason code; MQTT 3.1.1 has none, so the connection is closed.
-    async fn deny_publish(
+    /// Queues `message` for delivery at `qos`. `durable` is called with a
+    /// message that must be written to the session store, under this
+    /// session's lock, so the write is submitted before anything can
+    /// settle it.
+    pub fn enqueue(
         &self,
-        message: &Incoming,
-        reason: AckReason,
-        acks: &AckSender,
-    ) -> Option<End> {
-        let text = match &reason {
-            AckReason::NotAuthorized(t) | AckReason::TooLarge(t) | AckReason::PayloadInvalid(t) => {
-                t.clone()
-            }
-            AckReason::Success => String::new(),
-        };
-        self.shared.metrics.publishes_denied.inc();
-        self.shared
-            .auth
-            .record_refusal(&self.principal.device_id, &format!("publish: {text}"));
-        match self.version {
-            Version::V5 if message.qos > 0 => {
-                let _ = acks
-                    .send(ready(publish_ack(
-                        self.version,
-                        message.qos,
-                        message.pkid,
-                        &reason,
-                    )))
-                    .await;
-                None
-            }
-            Version::V5 => None,
-            Version::V4 => {
-                let _ = acks
-                    .send(Box::pin(std::future::ready(Outgoing::Abort)))
-                    .await;
-                Some(End::Abnormal)
-            }
+        message: Arc<Message>,
+        qos: u8,
+        retain: bool,
+        subscription_ids: Vec<u32>,
+        limits: QueueLimits,
+        durable: impl FnOnce(&Queued),
+    ) -> Enqueued {
+        let mut state = self.lock();
+        // QoS 0 is at most once: an absent client does not keep it.
+        if qos == 0 && state.attached == 0 {
+            return Enqueued::Skipped;
         }
+        let cost = message.cost();
+        let held = state.queue.len() + state.inflight.len();
+        if held >= limits.max_messages || state.queued_bytes + cost > limits.max_bytes {
+            return Enqueued::Full;
+        }
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        let queued = Queued {
+            seq,
+            durable: message.durable && qos > 0 && state.expiry_secs > 0,
+            message,
+            qos,
+            retain,
+            subscription_ids,
+        };
+        if queued.durable {
+            durable(&queued);
+        }
+        state.queued_bytes += cost;
+        state.queue.push_back(queued);
+        drop(state);
+        self.wake.notify_one();
+        Enqueued::Queued
     }
 
-    async fn on_subscribe(
-        &mut self,
-        subscribe: Subscribe,
-        raw: Bytes,
-        up: &mut OwnedWriteHalf,
-        acks: &AckSender,
-    ) -> Result<(), CodecError> {
-        let Principal {
-            role, device_id, ..
-        } = &self.principal;
-        let mut fates = Vec::new();
-        let mut served_here = Vec::new();
-        for filter in subscribe.filters() {
-            match may_subscribe(*role, device_id, filter) {
-                Ok(()) if is_platform_filter(filter) => {
-                    fates.push(FilterFate::ServedHere);
-                    served_here.push(filter.to_string());
-                }
-                Ok(()) => {
-                    fates.push(FilterFate::Forwarded);
-                    if can_receive_live(filter) {
-                        self.live_readers += 1;
-                        self.shared
-                            .upstream
-                            .live_readers
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Err(denied) => {
-                    fates.push(FilterFate::Refused);
-                    self.shared.metrics.subscribes_denied.inc();
-                    self.shared
-                        .auth
-                        .record_refusal(device_id, &format!("subscribe: {}", denied.0));
-                }
-            }
-        }
-        if !served_here.is_empty() {
-            let relay = self.relay.clone().expect("relay queue set before reading");
-            let (topics, version) = (self.shared.platform.clone(), self.version);
-            self.platform
-                .get_or_insert_with(|| PlatformSubscriber::start(topics, version, relay))
-                .subscribe(served_here);
-        }
-        let pkid = subscribe.pkid();
-        let forwarded: Vec<bool> = fates.iter().map(|f| *f == FilterFate::Forwarded).collect();
-        if forwarded.iter().all(|f| *f) {
-            forward(up, &raw).await
-        } else if !forwarded.contains(&true) {
-            // MQTT lets retained messages arrive before the SUBACK.
-            let _ = acks
-                .send(ready(codec::suback_local(self.version, pkid, &fates)))
-                .await;
-            Ok(())
-        } else {
-            self.pending_subacks
-                .lock()
-                .expect("suback lock")
-                .insert(pkid, fates);
-            forward(up, &subscribe.retain_filters(&forwarded)).await
-        }
+    /// Puts back a message read from the session store at start-up.
+    pub(crate) fn restore(&self, queued: Queued) {
+        let mut state = self.lock();
+        state.next_seq = state.next_seq.max(queued.seq + 1);
+        state.queued_bytes += queued.message.cost();
+        state.queue.push_back(queued);
     }
 
-    /// A will on an ingest topic is a record like any other: it goes through
-    /// the pipeline, not through the embedded broker.
-    fn fire_ingest_will(&self, will: codec::Will) {
-        let Some(Ok(topic)) = IngestTopic::parse(&will.topic) else {
-            return;
-        };
-        let message = IngestMessage {
-            principal: self.principal.clone(),
-            stream: topic.stream.to_string(),
-            device_id: topic.device.to_string(),
-            payload: will.payload,
-            truncated_from: None,
-            received_at_ms: unix_now_ms(),
-            state_version: None,
-        };
-        let ingest = self.shared.ingest.clone();
-        tokio::spawn(async move {
-            if let Ok(pending) = ingest.submit(message).await {
-                let _ = pending.await;
+    /// Attaches connection `connection`: what was in flight goes out again
+    /// first (PUBLISH with DUP, or PUBREL), in the order it was first sent.
+    pub fn attach(&self, connection: u64) -> Vec<Delivery> {
+        let mut state = self.lock();
+        state.attached = connection;
+        state.detached_at_ms = None;
+        let mut resend: Vec<(&u16, &Inflight)> = state.inflight.iter().collect();
+        resend.sort_by_key(|(_, f)| f.queued.seq);
+        resend
+            .into_iter()
+            .map(|(pkid, f)| match f.stage {
+                Stage::Sent => Delivery::Publish {
+                    queued: f.queued.clone(),
+                    pkid: *pkid,
+                    dup: true,
+                },
+                Stage::Released => Delivery::Release { pkid: *pkid },
+            })
+            .collect()
+    }
+
+    /// Detaches `connection` if it is still the attached one; false if a
+    /// newer connection took the session meanwhile.
+    pub fn detach(&self, connection: u64) -> bool {
+        let mut state = self.lock();
+        if state.attached != connection {
+            return false;
+        }
+        state.attached = 0;
+        state.detached_at_ms = Some(unix_now_ms());
+        // QoS 0 messages are not kept for an absent client.
+        let mut freed = 0;
+        state.queue.retain(|q| {
+            let keep = q.qos > 0;
+            if !keep {
+                freed += q.message.cost();
             }
+            keep
         });
+        state.queued_bytes -= freed;
+        true
     }
-}
 
-struct Incoming {
-    topic: String,
-    qos: u8,
-    pkid: u16,
-    payload: Bytes,
-    truncated_from: Option<usize>,
-    /// The packet as received, for forwarding unchanged.
-    raw: Option<Bytes>,
-}
-
-fn ack_reason(outcome: &IngestOutcome) -> AckReason {
-    match (&outcome.first_reason, outcome.stored) {
-        (Some(reason), 0) => AckReason::PayloadInvalid(reason.clone()),
-        _ => AckReason::Success,
-    }
-}
-
-/// Filters that may match `live/...` topics (for skipping live re-publishing
-/// while nobody listens).
-fn can_receive_live(filter: &str) -> bool {
-    let inner = filter
-        .strip_prefix("$share/")
-        .and_then(|r| r.split_once('/'))
-        .map_or(filter, |(_, f)| f);
-    let first = inner.split('/').next().unwrap_or("");
-    matches!(first, "live" | "+" | "#")
-}
-
-/// Writes to the embedded broker; a broker that stops reading ends the
-/// session rather than hanging it.
-async fn forward(up: &mut OwnedWriteHalf, bytes: &[u8]) -> Result<(), CodecError> {
-    match tokio::time::timeout(WRITE_TIMEOUT, up.write_all(bytes)).await {
-        Ok(result) => result.map_err(CodecError::Io),
-        Err(_) => Err(CodecError::Io(std::io::ErrorKind::TimedOut.into())),
-    }
-}
-
-/// Writes acknowledgements in arrival order (each once its commit is done)
-/// and relayed packets as they come, coalescing whatever is ready into one
-/// write.
-async fn write_loop(
-    client: ClientWrite,
-    mut ack_queue: mpsc::Receiver<AckFuture>,
-    mut relay_queue: mpsc::Receiver<Bytes>,
-) {
-    let mut client = BufWriter::with_capacity(64 * 1024, client);
-    let mut pending: FuturesOrdered<AckFuture> = FuturesOrdered::new();
-    let mut acks_open = true;
-    let mut relay_open = true;
-    let mut out = BytesMut::new();
-    loop {
-        if !acks_open && pending.is_empty() {
-            break;
+    /// Takes what `connection` may send now: QoS 0 freely, QoS 1/2 while
+    /// fewer than `window` are unacknowledged. Nothing if another
+    /// connection has the session (a taken-over one may still be writing).
+    /// Expired messages are dropped and returned in `expired` (to be
+    /// settled in the store).
+    pub fn take(
+        &self,
+        connection: u64,
+        window: usize,
+        now_ms: i64,
+        expired: &mut Vec<Queued>,
+    ) -> Vec<Delivery> {
+        let mut state = self.lock();
+        let mut out = Vec::new();
+        if state.attached != connection {
+            return out;
         }
-        tokio::select! {
-            Some(outgoing) = pending.next(), if !pending.is_empty() => {
-                if !take(&mut out, outgoing) {
-                    break;
-                }
+        while let Some(front) = state.queue.front() {
+            if front.message.expired(now_ms) {
+                let gone = state.queue.pop_front().expect("front exists");
+                state.queued_bytes -= gone.message.cost();
+                expired.push(gone);
+                continue;
             }
-            ack = ack_queue.recv(), if acks_open && pending.len() < MAX_PENDING_ACKS => match ack {
-                Some(ack) => pending.push_back(ack),
-                None => acks_open = false,
-            },
-            relayed = relay_queue.recv(), if relay_open => match relayed {
-                Some(bytes) => out.extend_from_slice(&bytes),
-                None => relay_open = false,
-            },
-        }
-        // Take everything else that is ready without waiting.
-        while pending.len() < MAX_PENDING_ACKS {
-            match ack_queue.try_recv() {
-                Ok(ack) => pending.push_back(ack),
-                Err(_) => break,
-            }
-        }
-        let mut aborted = false;
-        while let Some(Some(outgoing)) = pending.next().now_or_never() {
-            if !take(&mut out, outgoing) {
-                aborted = true;
+            if front.qos > 0 && state.inflight.len() >= window {
                 break;
             }
-        }
-        while let Ok(bytes) = relay_queue.try_recv() {
-            out.extend_from_slice(&bytes);
-        }
-        if !out.is_empty() {
-            let write = async { client.write_all(&out).await.and(client.flush().await) };
-            // A peer that stops reading (a zero TCP window) must not hold
-            // this task and its buffers forever.
-            if !matches!(tokio::time::timeout(WRITE_TIMEOUT, write).await, Ok(Ok(()))) {
-                break;
+            let queued = state.queue.pop_front().expect("front exists");
+            if queued.qos == 0 {
+                state.queued_bytes -= queued.message.cost();
+                out.push(Delivery::Publish {
+                    queued,
+                    pkid: 0,
+                    dup: false,
+                });
+                continue;
             }
-            out.clear();
+            let pkid = state.free_pkid();
+            state.inflight.insert(
+                pkid,
+                Inflight {
+                    queued: queued.clone(),
+                    stage: Stage::Sent,
+                },
+            );
+            out.push(Delivery::Publish {
+                queued,
+                pkid,
+                dup: false,
+            });
         }
-        if aborted {
-            break;
-        }
+        out
     }
-    // Let the reader see at once that nobody writes to this device any more
-    // (its sends fail, its permits return), then make a last, bounded attempt.
-    drop((ack_queue, relay_queue, pending));
-    let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
-        client.write_all(&out).await?;
-        client.flush().await?;
-        client.into_inner().shutdown().await
-    })
-    .await;
-}
 
-/// Adds an ack's bytes to `out`; false when the connection must close.
-fn take(out: &mut BytesMut, outgoing: Outgoing) -> bool {
-    match outgoing {
-        Outgoing::Bytes(bytes) => {
-            out.extend_from_slice(&bytes);
-            true
-        }
-        Outgoing::Nothing => true,
-        Outgoing::Abort => false,
+    /// PUBACK from the client: the QoS 1 exchange is done.
+    pub fn puback(&self, pkid: u16) -> Result<Queued, UnknownPacketId> {
+        self.finish(pkid, |f| f.stage == Stage::Sent && f.queued.qos == 1)
     }
-}
 
-/// The embedded broker's packets for the device: relayed unchanged, except
-/// SUBACKs for filtered SUBSCRIBEs (merged with the refused filters) and our
-/// own keep-alive PINGRESPs.
-async fn relay_upstream(
-    mut reader: FrameReader<OwnedReadHalf>,
-    version: Version,
-    relay: mpsc::Sender<Bytes>,
-    pending_subacks: PendingSubacks,
-    handle: SessionHandle,
-) {
-    loop {
-        let Ok(Frame::Whole(header, bytes)) = reader.next(version, usize::MAX, usize::MAX).await
-        else {
-            break;
-        };
-        let bytes = match header.packet_type() {
-            codec::PINGRESP => continue,
-            codec::SUBACK => match codec::suback_codes(version, &header, &bytes) {
-                Ok((pkid, codes)) => {
-                    match pending_subacks.lock().expect("suback lock").remove(&pkid) {
-                        Some(fates) => codec::merge_suback(version, pkid, &fates, &codes),
-                        None => bytes,
-                    }
+    /// PUBREC from the client. A success code moves the exchange on to
+    /// PUBREL (and returns the message, which needs no re-sending any
+    /// more); a failure code ends it.
+    pub fn pubrec(&self, pkid: u16, failed: bool) -> Result<Queued, UnknownPacketId> {
+        let mut state = self.lock();
+        match state.inflight.get_mut(&pkid) {
+            Some(f) if f.stage == Stage::Sent && f.queued.qos == 2 => {
+                if failed {
+                    drop(state);
+                    return self.finish(pkid, |_| true);
                 }
-                Err(_) => bytes,
-            },
-            _ => bytes,
-        };
-        let last = header.packet_type() == codec::DISCONNECT;
-        if relay.send(bytes).await.is_err() || last {
-            break;
+                f.stage = Stage::Released;
+                Ok(f.queued.clone())
+            }
+            _ => Err(UnknownPacketId(pkid)),
         }
     }
-    // The embedded broker ended the session (e.g. the same client id
-    // connected again): end this connection too.
-    handle.end(EndReason::TakenOver);
+
+    /// PUBCOMP from the client: the QoS 2 exchange is done.
+    pub fn pubcomp(&self, pkid: u16) -> Result<Queued, UnknownPacketId> {
+        self.finish(pkid, |f| f.stage == Stage::Released)
+    }
+
+    fn finish(
+        &self,
+        pkid: u16,
+        expected: impl Fn(&Inflight) -> bool,
+    ) -> Result<Queued, UnknownPacketId> {
+        let mut state = self.lock();
+        if !state.inflight.get(&pkid).is_some_and(expected) {
+            return Err(UnknownPacketId(pkid));
+        }
+        let done = state.inflight.remove(&pkid).expect("checked");
+        state.queued_bytes -= done.queued.message.cost();
+        drop(state);
+        // A slot in the window opened.
+        self.wake.notify_one();
+        Ok(done.queued)
+    }
+
+    /// A message the client cannot take (larger than its Maximum Packet
+    /// Size) is settled as if delivered, as MQTT 5 says.
+    pub fn discard(&self, pkid: u16) {
+        let _ = self.finish(pkid, |_| true);
+    }
+
+    /// Everything queued or in flight, leaving the session empty.
+    pub(crate) fn drain(&self) -> Vec<Queued> {
+        let mut state = self.lock();
+        state.queued_bytes = 0;
+        let mut all: Vec<Queued> = state.inflight.drain().map(|(_, f)| f.queued).collect();
+        all.extend(state.queue.drain(..));
+        all
+    }
 }
 
-/// Ends the session when the token that opened it expires. Short-lived
-/// tokens (those SDK handshakes hand out) thereby bound a connection's life;
-/// the device reconnects with its renewed token.
-async fn end_at_token_expiry(handle: SessionHandle, expires_at: i64) {
-    loop {
-        let left_ms = expires_at.saturating_mul(1000) - unix_now_ms();
-        if left_ms <= 0 {
-            handle.end(EndReason::TokenExpired);
-            return;
+impl State {
+    fn free_pkid(&mut self) -> u16 {
+        loop {
+            let pkid = self.next_pkid;
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            if !self.inflight.contains_key(&pkid) {
+                return pkid;
+            }
         }
-        // Sleeps are capped at a day: tokio's timer does not take years.
-        tokio::time::sleep(Duration::from_millis(left_ms.min(86_400_000) as u64)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(qos: u8) -> Arc<Message> {
+        Arc::new(Message {
+            topic: "t".into(),
+            payload: Bytes::from_static(b"x"),
+            qos,
+            retain: false,
+            properties: None,
+            expires_at_ms: None,
+            publisher: None,
+            durable: true,
+        })
+    }
+
+    fn pkids(deliveries: &[Delivery]) -> Vec<u16> {
+        deliveries
+            .iter()
+            .map(|d| match d {
+                Delivery::Publish { pkid, .. } | Delivery::Release { pkid } => *pkid,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_window_holds_back_qos1_until_acknowledged() {
+        let session = Session::new("c".into(), 60);
+        session.attach(1);
+        for _ in 0..5 {
+            session.enqueue(message(1), 1, false, vec![], QueueLimits::default(), |_| {});
+        }
+        let first = session.take(1, 2, 0, &mut vec![]);
+        assert_eq!(pkids(&first), vec![1, 2]);
+        assert!(session.take(1, 2, 0, &mut vec![]).is_empty());
+        session.puback(1).unwrap();
+        assert_eq!(pkids(&session.take(1, 2, 0, &mut vec![])), vec![3]);
+        assert_eq!(session.puback(1).unwrap_err(), UnknownPacketId(1), "acked twice");
+        assert_eq!(session.puback(77).unwrap_err(), UnknownPacketId(77), "never sent");
+    }
+
+    #[test]
+    fn qos2_goes_through_release_and_a_reattach_resends_in_order() {
+        let session = Session::new("c".into(), 60);
+        session.attach(1);
+        for _ in 0..2 {
+            session.enqueue(message(2), 2, false, vec![], QueueLimits::default(), |_| {});
+        }
+        assert_eq!(pkids(&session.take(1, 10, 0, &mut vec![])), vec![1, 2]);
+        assert!(session.pubcomp(1).is_err(), "PUBCOMP before PUBREC");
+        session.pubrec(1, false).unwrap();
+        assert!(session.puback(1).is_err(), "PUBACK for a QoS 2 message");
+        assert!(session.detach(1));
+        let resent = session.attach(2);
+        assert!(matches!(resent[0], Delivery::Release { pkid: 1 }));
+        assert!(matches!(resent[1], Delivery::Publish { pkid: 2, dup: true, .. }));
+        assert_eq!(resent.len(), 2);
+        session.pubcomp(1).unwrap();
+        session.pubrec(2, true).unwrap();
+        assert_eq!(session.pending(), 0);
+    }
+
+    #[test]
+    fn queues_are_bounded_and_offline_sessions_skip_qos0() {
+        let session = Session::new("c".into(), 60);
+        let limits = QueueLimits {
+            max_messages: 2,
+            max_bytes: 1 << 20,
+        };
+        let put = |qos, limits| session.enqueue(message(qos), qos, false, vec![], limits, |_| {});
+        assert_eq!(put(0, limits), Enqueued::Skipped);
+        assert_eq!(put(1, limits), Enqueued::Queued);
+        assert_eq!(put(1, limits), Enqueued::Queued);
+        assert_eq!(put(1, limits), Enqueued::Full);
+        let tiny = QueueLimits {
+            max_messages: 10,
+            max_bytes: 10,
+        };
+        let other = Session::new("d".into(), 60);
+        assert_eq!(
+            other.enqueue(message(1), 1, false, vec![], tiny, |_| {}),
+            Enqueued::Full
+        );
+    }
+
+    #[test]
+    fn expired_messages_are_dropped_not_sent() {
+        let session = Session::new("c".into(), 60);
+        session.attach(1);
+        let mut old = (*message(1)).clone();
+        old.expires_at_ms = Some(1000);
+        session.enqueue(Arc::new(old), 1, false, vec![], QueueLimits::default(), |_| {});
+        let mut expired = vec![];
+        assert!(session.take(1, 10, 2000, &mut expired).is_empty());
+        assert_eq!(expired.len(), 1);
+        assert_eq!(session.pending(), 0);
     }
 }

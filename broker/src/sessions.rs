@@ -1,5 +1,6 @@
-//! Live sessions by device, so that a device can be disconnected now
-//! (revocation) and all of them at shutdown.
+//! Live connections by device, so that a device can be disconnected now
+//! (revocation), all of them at shutdown, and an older connection when the
+//! device connects again (takeover).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +25,8 @@ pub struct SessionHandle {
     device: String,
     end: CancellationToken,
     reason: Arc<OnceLock<EndReason>>,
+    /// Cancelled once the connection is gone.
+    done: CancellationToken,
 }
 
 impl SessionHandle {
@@ -33,11 +36,9 @@ impl SessionHandle {
         self.end.cancel();
     }
 
-    /// The embedded broker's client id for this connection: unique, so the
-    /// embedded broker never sees one client id twice (its own takeover path
-    /// races and can poison its listener; see ARCHITECTURE.md).
-    pub fn upstream_client_id(&self) -> String {
-        format!("{}~{}", self.device, self.id)
+    /// Resolves once the connection has ended and let go of its session.
+    pub async fn finished(&self) {
+        self.done.cancelled().await
     }
 
     pub async fn ended(&self) -> EndReason {
@@ -53,25 +54,29 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    /// Registers a new session of `device`, ending the ones it already has:
-    /// MQTT's session takeover, done here rather than in the embedded broker.
-    pub fn register(&self, device: &str) -> SessionHandle {
+    /// Registers a new connection of `device`, ending the ones it already
+    /// has (MQTT's session takeover); returns them too, so the new one can
+    /// wait until they let go of the session.
+    pub fn register(&self, device: &str) -> (SessionHandle, Vec<SessionHandle>) {
         let handle = SessionHandle {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             device: device.to_string(),
             end: CancellationToken::new(),
             reason: Arc::new(OnceLock::new()),
+            done: CancellationToken::new(),
         };
         let mut by_device = self.by_device.lock().expect("sessions lock");
         let sessions = by_device.entry(device.to_string()).or_default();
-        for previous in sessions.iter() {
-            previous.end(EndReason::TakenOver);
+        let previous = sessions.clone();
+        for old in &previous {
+            old.end(EndReason::TakenOver);
         }
         sessions.push(handle.clone());
-        handle
+        (handle, previous)
     }
 
     pub fn unregister(&self, handle: &SessionHandle) {
+        handle.done.cancel();
         let mut by_device = self.by_device.lock().expect("sessions lock");
         if let Some(list) = by_device.get_mut(&handle.device) {
             list.retain(|h| h.id != handle.id);

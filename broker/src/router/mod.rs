@@ -1,0 +1,723 @@
+//! The router: sessions by client id, the subscription index, retained
+//! messages, and the delivery of each published message to the sessions
+//! whose subscriptions match it.
+//!
+//! It is in-process and synchronous: publishing takes a few locks and
+//! queues the message on each matching session; what has to be durable
+//! (messages for persistent sessions, retained messages) is submitted to
+//! the [`SessionStore`] under the same locks, so the store sees operations
+//! in the order they happened, and the caller awaits the returned
+//! [`Commit`] before acknowledging the publisher.
+
+pub mod index;
+pub mod nats;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleetgate_protocol::ingest::LiveSink;
+use fleetgate_protocol::unix_now_ms;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::persist::{Commit, SessionRecord, SessionStore, StoreOp, StoredMessage};
+use crate::session::{Delivery, Enqueued, Message, QueueLimits, Queued, Session, SubOptions};
+use index::{split_shared, Subscriber, TopicIndex};
+
+/// The other brokers of a cluster, as the router sees them. `fleetgate up`
+/// has none; brokers of a cluster join one (NATS).
+pub trait Fabric: Send + Sync {
+    /// Hands a message published through this broker to the others, which
+    /// route it to their own sessions ([`Router::publish_remote`]).
+    fn forward(&self, message: &Message);
+    /// A client connected here: the other brokers end its connections.
+    fn claim(&self, client_id: &str);
+}
+
+/// Session expiry that means "never": MQTT 5's 0xFFFFFFFF.
+pub const NEVER_EXPIRES: u32 = u32::MAX;
+
+#[derive(Clone, Default)]
+struct RouterMetrics {
+    sessions: Gauge,
+    queued: Gauge,
+    queue_full: Counter,
+    retained: Gauge,
+}
+
+pub struct Router {
+    index: RwLock<TopicIndex>,
+    sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
+    retained: RwLock<BTreeMap<String, Arc<Message>>>,
+    store: Arc<dyn SessionStore>,
+    pub limits: QueueLimits,
+    next_connection: AtomicU64,
+    /// Picks the member of a shared subscription that gets a message.
+    shared_turn: AtomicUsize,
+    /// Subscriptions that can match `live/...`; while there are none, the
+    /// store skips re-publishing.
+    live_readers: AtomicUsize,
+    metrics: RouterMetrics,
+    fabric: OnceLock<Arc<dyn Fabric>>,
+}
+
+/// A session as a connection gets it.
+pub struct Opened {
+    pub session: Arc<Session>,
+    /// CONNACK's session present flag.
+    pub present: bool,
+    /// This connection's number in the session.
+    pub connection: u64,
+    /// What was in flight when the previous connection ended.
+    pub resend: Vec<Delivery>,
+}
+
+/// What became of one published message.
+pub struct Published {
+    /// Sessions it was queued for.
+    pub queued: usize,
+    /// Sessions whose queue was full, so they did not get it.
+    pub refused: usize,
+    /// Resolves when what must be durable is.
+    pub commit: Commit,
+}
+
+impl Router {
+    /// Loads what `store` kept and starts the expiry sweep.
+    pub async fn start(
+        store: Arc<dyn SessionStore>,
+        limits: QueueLimits,
+        registry: &mut Registry,
+    ) -> Result<Arc<Router>, String> {
+        let metrics = RouterMetrics::default();
+        registry.register(
+            "fleetgate_mqtt_sessions",
+            "MQTT sessions held, connected or not",
+            metrics.sessions.clone(),
+        );
+        registry.register(
+            "fleetgate_mqtt_messages_queued",
+            "Messages queued or in flight to MQTT sessions",
+            metrics.queued.clone(),
+        );
+        registry.register(
+            "fleetgate_mqtt_queue_full",
+            "Deliveries refused because the session's queue was full",
+            metrics.queue_full.clone(),
+        );
+        registry.register(
+            "fleetgate_mqtt_retained_messages",
+            "Retained messages held",
+            metrics.retained.clone(),
+        );
+        let router = Arc::new(Router {
+            index: RwLock::default(),
+            sessions: Mutex::default(),
+            retained: RwLock::default(),
+            store,
+            limits,
+            next_connection: AtomicU64::new(1),
+            shared_turn: AtomicUsize::new(0),
+            live_readers: AtomicUsize::new(0),
+            metrics,
+            fabric: OnceLock::new(),
+        });
+        router.restore().await?;
+        tokio::spawn(sweep(Arc::downgrade(&router)));
+        Ok(router)
+    }
+
+    async fn restore(&self) -> Result<(), String> {
+        let snapshot = self.store.load().await?;
+        let now = unix_now_ms();
+        {
+            let mut retained = self.retained.write().expect("retained lock");
+            for message in snapshot.retained {
+                if !message.expired(now) {
+                    retained.insert(message.topic.to_string(), message);
+                }
+            }
+        }
+        let mut sessions = HashMap::new();
+        for record in snapshot.sessions {
+            let session = Session::new(record.client_id.as_str().into(), record.expiry_secs);
+            session.lock().detached_at_ms = Some(record.detached_at_ms.unwrap_or(now));
+            for (filter, options) in record.subscriptions {
+                self.add_subscription(&session, &filter, options);
+            }
+            sessions.insert(session.client_id.clone(), session);
+        }
+        for stored in snapshot.queued {
+            match sessions.get(&stored.client_id) {
+                Some(session) => session.restore(Queued {
+                    seq: stored.seq,
+                    message: stored.message,
+                    qos: stored.qos,
+                    retain: stored.retain,
+                    subscription_ids: stored.subscription_ids,
+                    durable: true,
+                }),
+                None => {
+                    let _ = self
+                        .store
+                        .submit(StoreOp::Settled(stored.client_id, stored.seq));
+                }
+            }
+        }
+        *self.sessions.lock().expect("sessions lock") = sessions;
+        self.expire(now);
+        Ok(())
+    }
+
+    /// Opens `client_id`'s session for a new connection: the one it has,
+    /// unless `clean_start` asks for a new one. Subscriptions the client
+    /// may no longer hold (`allowed` says no: its role changed) are
+    /// dropped. The commit covers the session's record.
+    pub fn open(
+        &self,
+        client_id: &str,
+        clean_start: bool,
+        expiry_secs: u32,
+        allowed: impl Fn(&str) -> bool,
+    ) -> (Opened, Commit) {
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        let existing = sessions.get(client_id).cloned();
+        let (session, present) = match existing {
+            Some(session) if !clean_start => (session, true),
+            existing => {
+                if let Some(old) = existing {
+                    self.destroy(&mut sessions, &old);
+                }
+                let session = Session::new(client_id.into(), expiry_secs);
+                sessions.insert(session.client_id.clone(), session.clone());
+                (session, false)
+            }
+        };
+        drop(sessions);
+        let refused: Vec<String> = {
+            let mut state = session.lock();
+            state.expiry_secs = expiry_secs;
+            state
+                .subscriptions
+                .keys()
+                .filter(|f| !allowed(f))
+                .cloned()
+                .collect()
+        };
+        for filter in refused {
+            self.remove_subscription(&session, &filter);
+        }
+        let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        let resend = session.attach(connection);
+        let commit = if expiry_secs > 0 {
+            self.store.submit(StoreOp::PutSession(record(&session)))
+        } else {
+            crate::persist::committed()
+        };
+        (
+            Opened {
+                session,
+                present,
+                connection,
+                resend,
+            },
+            commit,
+        )
+    }
+
+    /// The connection ended. A session that ends with its connection goes;
+    /// one with an expiry is kept (and its detach time recorded).
+    pub fn close(&self, session: &Arc<Session>, connection: u64) {
+        if !session.detach(connection) {
+            // A newer connection has it.
+            return;
+        }
+        if session.lock().expiry_secs == 0 {
+            let mut sessions = self.sessions.lock().expect("sessions lock");
+            if sessions
+                .get(&session.client_id)
+                .is_some_and(|s| Arc::ptr_eq(s, session))
+            {
+                self.destroy(&mut sessions, session);
+            }
+        } else {
+            let _ = self.store.submit(StoreOp::PutSession(record(session)));
+        }
+    }
+
+    /// Sets how long `session` outlives its connection (MQTT 5 DISCONNECT).
+    pub fn set_expiry(&self, session: &Arc<Session>, expiry_secs: u32) {
+        session.lock().expiry_secs = expiry_secs;
+    }
+
+    fn destroy(&self, sessions: &mut HashMap<Arc<str>, Arc<Session>>, session: &Arc<Session>) {
+        sessions.remove(&session.client_id);
+        let filters: Vec<String> = session.lock().subscriptions.keys().cloned().collect();
+        for filter in filters {
+            self.remove_subscription(session, &filter);
+        }
+        let persistent = session.drain().iter().any(|q| q.durable);
+        if persistent || session.lock().expiry_secs > 0 {
+            let _ = self
+                .store
+                .submit(StoreOp::DropSession(session.client_id.to_string()));
+        }
+    }
+
+    /// Ends sessions whose expiry passed while no connection had them.
+    fn expire(&self, now_ms: i64) {
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        let expired: Vec<Arc<Session>> = sessions
+            .values()
+            .filter(|s| {
+                let state = s.lock();
+                state.attached == 0
+                    && state.expiry_secs != NEVER_EXPIRES
+                    && state
+                        .detached_at_ms
+                        .is_some_and(|at| at + state.expiry_secs as i64 * 1000 <= now_ms)
+            })
+            .cloned()
+            .collect();
+        for session in expired {
+            self.destroy(&mut sessions, &session);
+        }
+        self.metrics.sessions.set(sessions.len() as i64);
+        let queued: usize = sessions.values().map(|s| s.pending()).sum();
+        self.metrics.queued.set(queued as i64);
+        drop(sessions);
+        // Expired retained messages leave memory here; the store keeps them
+        // until their topic is next written, and restore skips them.
+        let mut retained = self.retained.write().expect("retained lock");
+        retained.retain(|_, m| !m.expired(now_ms));
+        self.metrics.retained.set(retained.len() as i64);
+    }
+
+    /// Adds or replaces a subscription; true if the session already had
+    /// one on this filter (MQTT 5 retain handling 1 needs to know).
+    pub fn subscribe(
+        &self,
+        session: &Arc<Session>,
+        filter: &str,
+        options: SubOptions,
+    ) -> (bool, Commit) {
+        let existed = self.add_subscription(session, filter, options);
+        (existed, self.save(session))
+    }
+
+    /// Removes a subscription; true if it existed.
+    pub fn unsubscribe(&self, session: &Arc<Session>, filter: &str) -> (bool, Commit) {
+        let existed = self.remove_subscription(session, filter);
+        (existed, self.save(session))
+    }
+
+    fn save(&self, session: &Arc<Session>) -> Commit {
+        if session.persistent() {
+            self.store.submit(StoreOp::PutSession(record(session)))
+        } else {
+            crate::persist::committed()
+        }
+    }
+
+    fn add_subscription(&self, session: &Arc<Session>, filter: &str, options: SubOptions) -> bool {
+        let existed = session
+            .lock()
+            .subscriptions
+            .insert(filter.to_string(), options)
+            .is_some();
+        if !existed && can_receive_live(filter) {
+            self.live_readers.fetch_add(1, Ordering::Relaxed);
+        }
+        let shared = split_shared(filter).0.map(|_| Arc::from(filter));
+        self.index.write().expect("index lock").insert(
+            filter,
+            Subscriber {
+                session: session.clone(),
+                options,
+                shared,
+            },
+        );
+        existed
+    }
+
+    fn remove_subscription(&self, session: &Arc<Session>, filter: &str) -> bool {
+        let existed = session.lock().subscriptions.remove(filter).is_some();
+        if existed {
+            self.index
+                .write()
+                .expect("index lock")
+                .remove(filter, &session.client_id);
+            if can_receive_live(filter) {
+                self.live_readers.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        existed
+    }
+
+    /// The retained messages a new subscription to `filter` gets.
+    pub fn retained_for(&self, filter: &str) -> Vec<Arc<Message>> {
+        let now = unix_now_ms();
+        let (shared, inner) = split_shared(filter);
+        if shared.is_some() {
+            // MQTT 4.8.2: retained messages are not sent to shared subscriptions.
+            return Vec::new();
+        }
+        self.retained
+            .read()
+            .expect("retained lock")
+            .values()
+            .filter(|m| !m.expired(now) && fleetgate_protocol::topic::filter_matches(inner, &m.topic))
+            .cloned()
+            .collect()
+    }
+
+    /// Queues a retained message for a session that just subscribed.
+    pub fn deliver_retained(
+        &self,
+        session: &Arc<Session>,
+        message: Arc<Message>,
+        options: SubOptions,
+    ) {
+        let qos = message.qos.min(options.qos);
+        let ids = options.id.into_iter().collect();
+        // Sent because of a subscription: RETAIN is set (MQTT 3.3.1.3).
+        let _ = self.enqueue(session, message, qos, true, ids);
+    }
+
+    fn enqueue(
+        &self,
+        session: &Arc<Session>,
+        message: Arc<Message>,
+        qos: u8,
+        retain: bool,
+        ids: Vec<u32>,
+    ) -> (Enqueued, Option<Commit>) {
+        let mut commit = None;
+        let outcome = session.enqueue(message, qos, retain, ids, self.limits, |queued| {
+            // Submitted under the session's lock: its settlement cannot
+            // reach the store first.
+            commit = Some(self.store.submit(StoreOp::Enqueue(vec![StoredMessage {
+                client_id: session.client_id.clone(),
+                seq: queued.seq,
+                qos: queued.qos,
+                retain: queued.retain,
+                subscription_ids: queued.subscription_ids.clone(),
+                message: queued.message.clone(),
+            }])));
+        });
+        if outcome == Enqueued::Full {
+            self.metrics.queue_full.inc();
+        }
+        (outcome, commit)
+    }
+
+    /// Joins a cluster: from now on publishes go to `fabric` too. Once.
+    pub fn join(&self, fabric: Arc<dyn Fabric>) {
+        let _ = self.fabric.set(fabric);
+    }
+
+    /// Tells the cluster's other brokers that `client_id` connected here.
+    pub fn claim(&self, client_id: &str) {
+        if let Some(fabric) = self.fabric.get() {
+            fabric.claim(client_id);
+        }
+    }
+
+    /// Routes a message published through this broker: to this broker's
+    /// sessions, and through the fabric to the others'.
+    pub fn publish(&self, message: Message) -> Published {
+        if let Some(fabric) = self.fabric.get() {
+            fabric.forward(&message);
+        }
+        self.publish_remote(message)
+    }
+
+    /// Routes a message to this broker's sessions only: one another broker
+    /// of the cluster forwarded.
+    pub fn publish_remote(&self, message: Message) -> Published {
+        let message = Arc::new(message);
+        let mut commits: Vec<Commit> = Vec::new();
+        if message.retain {
+            let mut retained = self.retained.write().expect("retained lock");
+            let topic = message.topic.to_string();
+            let stored = if message.payload.is_empty() {
+                retained.remove(&topic);
+                None
+            } else {
+                retained.insert(topic.clone(), message.clone());
+                Some(message.clone())
+            };
+            if message.durable {
+                commits.push(self.store.submit(StoreOp::Retain(topic, stored)));
+            }
+        }
+        let mut matches = Vec::new();
+        self.index
+            .read()
+            .expect("index lock")
+            .matches(&message.topic, &mut matches);
+        let publisher = message.publisher.as_deref();
+        // One delivery per session for its plain subscriptions (the
+        // highest QoS, every subscription id), one per shared subscription.
+        let mut plain: HashMap<*const Session, (Arc<Session>, u8, bool, Vec<u32>)> =
+            HashMap::new();
+        let mut shared: HashMap<Arc<str>, Vec<Subscriber>> = HashMap::new();
+        for subscriber in matches {
+            let options = subscriber.options;
+            if options.no_local && publisher == Some(&*subscriber.session.client_id) {
+                continue;
+            }
+            if let Some(key) = subscriber.shared.clone() {
+                shared.entry(key).or_default().push(subscriber);
+                continue;
+            }
+            let entry = plain
+                .entry(Arc::as_ptr(&subscriber.session))
+                .or_insert_with(|| (subscriber.session.clone(), 0, false, Vec::new()));
+            entry.1 = entry.1.max(options.qos);
+            entry.2 |= options.retain_as_published && message.retain;
+            entry.3.extend(options.id);
+        }
+        let mut targets: Vec<(Arc<Session>, u8, bool, Vec<u32>)> = plain.into_values().collect();
+        for (_, members) in shared {
+            // Connected members first; among them, take turns.
+            let connected: Vec<&Subscriber> =
+                members.iter().filter(|s| s.session.lock().attached != 0).collect();
+            let pool: Vec<&Subscriber> = if connected.is_empty() {
+                members.iter().collect()
+            } else {
+                connected
+            };
+            let turn = self.shared_turn.fetch_add(1, Ordering::Relaxed);
+            let chosen = pool[turn % pool.len()];
+            let options = chosen.options;
+            targets.push((
+                chosen.session.clone(),
+                options.qos,
+                options.retain_as_published && message.retain,
+                options.id.into_iter().collect(),
+            ));
+        }
+        let (mut queued, mut refused) = (0, 0);
+        for (session, granted, retain, ids) in targets {
+            let qos = message.qos.min(granted);
+            let (outcome, commit) = self.enqueue(&session, message.clone(), qos, retain, ids);
+            match outcome {
+                Enqueued::Queued => queued += 1,
+                Enqueued::Full => refused += 1,
+                Enqueued::Skipped => {}
+            }
+            commits.extend(commit);
+        }
+        let commit: Commit = Box::pin(async move {
+            for commit in commits {
+                commit.await?;
+            }
+            Ok(())
+        });
+        Published {
+            queued,
+            refused,
+            commit,
+        }
+    }
+
+    /// A message left `session`'s queue for good (delivered, expired, or
+    /// too large for the client): forget it in the store too.
+    pub fn settle(&self, session: &Session, queued: &Queued) {
+        if queued.durable {
+            let _ = self
+                .store
+                .submit(StoreOp::Settled(session.client_id.clone(), queued.seq));
+        }
+    }
+
+    /// Resolves once everything submitted to the store so far is durable.
+    pub async fn flush(&self) -> Result<(), String> {
+        self.store.submit(StoreOp::Enqueue(Vec::new())).await
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().expect("sessions lock").len()
+    }
+}
+
+fn record(session: &Session) -> SessionRecord {
+    let state = session.lock();
+    SessionRecord {
+        client_id: session.client_id.to_string(),
+        expiry_secs: state.expiry_secs,
+        subscriptions: state
+            .subscriptions
+            .iter()
+            .map(|(f, o)| (f.clone(), *o))
+            .collect(),
+        detached_at_ms: state.detached_at_ms,
+    }
+}
+
+/// Filters that may match `live/...` topics.
+fn can_receive_live(filter: &str) -> bool {
+    let (_, inner) = split_shared(filter);
+    let first = inner.split('/').next().unwrap_or("");
+    matches!(first, "live" | "+" | "#")
+}
+
+async fn sweep(router: std::sync::Weak<Router>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Some(router) = router.upgrade() else {
+            return;
+        };
+        router.expire(unix_now_ms());
+    }
+}
+
+impl LiveSink for Router {
+    fn wanted(&self) -> bool {
+        self.live_readers.load(Ordering::Relaxed) > 0
+    }
+
+    fn publish(&self, topic: String, payload: Bytes) {
+        // Live copies are QoS 1 (a QoS 1 subscriber acknowledges each) but
+        // kept only in memory: the tables are their durable record.
+        let _ = self.publish(
+            Message {
+                topic: topic.into(),
+                payload,
+                qos: 1,
+                retain: false,
+                properties: None,
+                expires_at_ms: None,
+                publisher: None,
+                durable: false,
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::persist::MemoryStore;
+
+    async fn router() -> Arc<Router> {
+        Router::start(
+            Arc::new(MemoryStore),
+            QueueLimits::default(),
+            &mut Registry::default(),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn message(topic: &str, qos: u8, publisher: &str) -> Message {
+        Message {
+            topic: topic.into(),
+            payload: Bytes::from_static(b"m"),
+            qos,
+            retain: false,
+            properties: None,
+            expires_at_ms: None,
+            publisher: Some(publisher.into()),
+            durable: true,
+        }
+    }
+
+    fn delivered(session: &Session) -> Vec<(u8, Vec<u32>)> {
+        let connection = session.lock().attached;
+        session
+            .take(connection, 100, 0, &mut vec![])
+            .into_iter()
+            .filter_map(|d| match d {
+                Delivery::Publish { queued, .. } => Some((queued.qos, queued.subscription_ids)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn delivery_qos_is_the_lower_of_published_and_granted() {
+        let router = router().await;
+        let (opened, _) = router.open("s", true, 0, |_| true);
+        let sub = |qos, id| SubOptions {
+            qos,
+            id: Some(id),
+            ..Default::default()
+        };
+        let _ = router.subscribe(&opened.session, "a/+", sub(2, 1));
+        let _ = router.subscribe(&opened.session, "a/b", sub(1, 2));
+        router.publish(message("a/b", 0, "p"));
+        router.publish(message("a/b", 2, "p"));
+        let got = delivered(&opened.session);
+        // One delivery per message for overlapping subscriptions, at the
+        // highest granted QoS, naming both subscriptions.
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].0, 0);
+        assert_eq!(got[1].0, 2);
+        let mut ids = got[1].1.clone();
+        ids.sort();
+        assert_eq!(ids, vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn no_local_skips_the_publishers_own_session() {
+        let router = router().await;
+        let (opened, _) = router.open("me", true, 0, |_| true);
+        let options = SubOptions {
+            qos: 1,
+            no_local: true,
+            ..Default::default()
+        };
+        let _ = router.subscribe(&opened.session, "t", options);
+        assert_eq!(router.publish(message("t", 1, "me")).queued, 0);
+        assert_eq!(router.publish(message("t", 1, "other")).queued, 1);
+    }
+
+    #[tokio::test]
+    async fn a_shared_group_gets_each_message_once() {
+        let router = router().await;
+        let a = router.open("a", true, 0, |_| true).0.session;
+        let b = router.open("b", true, 0, |_| true).0.session;
+        for s in [&a, &b] {
+            let _ = router.subscribe(s, "$share/g/t", SubOptions { qos: 1, ..Default::default() });
+        }
+        for _ in 0..10 {
+            assert_eq!(router.publish(message("t", 1, "p")).queued, 1);
+        }
+        assert_eq!(delivered(&a).len() + delivered(&b).len(), 10);
+    }
+
+    #[tokio::test]
+    async fn a_session_kept_open_gets_what_came_while_it_was_away() {
+        let router = router().await;
+        let (opened, _) = router.open("d", false, 3600, |_| true);
+        let _ = router.subscribe(&opened.session, "devices/d/cmd", SubOptions { qos: 1, ..Default::default() });
+        router.close(&opened.session, opened.connection);
+        assert_eq!(router.publish(message("devices/d/cmd", 1, "admin")).queued, 1);
+        let (again, _) = router.open("d", false, 3600, |_| true);
+        assert!(again.present);
+        assert_eq!(delivered(&again.session).len(), 1);
+        // A clean start throws the session away.
+        router.close(&again.session, again.connection);
+        let (fresh, _) = router.open("d", true, 0, |_| true);
+        assert!(!fresh.present);
+        assert_eq!(router.publish(message("devices/d/cmd", 1, "admin")).queued, 0);
+    }
+
+    #[tokio::test]
+    async fn subscriptions_the_role_no_longer_allows_are_dropped_on_resume() {
+        let router = router().await;
+        let (opened, _) = router.open("d", false, 3600, |_| true);
+        let _ = router.subscribe(&opened.session, "#", SubOptions::default());
+        router.close(&opened.session, opened.connection);
+        let (again, _) = router.open("d", false, 3600, |f| f != "#");
+        assert!(again.session.lock().subscriptions.is_empty());
+        assert_eq!(router.publish(message("x", 1, "p")).queued, 0);
+    }
+}

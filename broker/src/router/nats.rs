@@ -1,0 +1,622 @@
+//! The cluster's [`Fabric`] over core NATS: brokers of one cluster hand
+//! each other what is published through them, and say which devices
+//! connected, so that subscribers, commands and takeovers work across
+//! brokers.
+//!
+//! Subjects, under [`PREFIX`]:
+//!
+//! - `fleetgate.mqtt.<topic>`: one message, its topic mapped to subject
+//!   tokens the way NATS's own MQTT gateway maps topics
+//!   ([`topic_to_subject`]), so the traffic reads naturally in `nats sub`.
+//! - `fleetgate.long`: a message whose mapped topic would not fit a NATS
+//!   control line; its topic travels in the envelope instead.
+//! - `fleetgate.claim`: a device id (the payload) that just connected to the
+//!   sending broker; the others end its connections there.
+//!
+//! Every message carries the sending broker's id in the `Fg-Broker` header
+//! (a broker ignores its own), and routed messages carry the rest of what
+//! the router needs (QoS, retain, expiry as an absolute time, publisher,
+//! MQTT 5 properties) as compact JSON in `Fg-Envelope`. The payload is the
+//! MQTT payload, unchanged.
+//!
+//! Core NATS delivers at most once. A message published while the fabric is
+//! down reaches only the publishing broker's own sessions; persistent
+//! sessions and retained messages stay with the broker that holds them
+//! (JetStream is where they would go).
+
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{Event, HeaderMap};
+use bytes::Bytes;
+use fleetgate_protocol::unix_now_ms;
+use futures::StreamExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::{Fabric, Router};
+use crate::session::{Message, Properties};
+
+/// Every subject the fabric uses starts with this.
+pub const PREFIX: &str = "fleetgate";
+const MESSAGE_PREFIX: &str = "fleetgate.mqtt.";
+const LONG_SUBJECT: &str = "fleetgate.long";
+const CLAIM_SUBJECT: &str = "fleetgate.claim";
+const BROKER_HEADER: &str = "Fg-Broker";
+const ENVELOPE_HEADER: &str = "Fg-Envelope";
+
+/// Longest subject a message is sent on. A NATS server closes a connection
+/// whose protocol line exceeds its `max_control_line` (4 KiB by default),
+/// which would cost every message in flight; longer topics go on
+/// [`LONG_SUBJECT`] instead.
+const MAX_SUBJECT: usize = 1024;
+
+/// Forwards waiting for the NATS connection, by count and by bytes: beyond
+/// either, [`Fabric::forward`] drops (and counts) rather than block the
+/// publisher or hold memory without bound. async-nats queues up to 2048
+/// more itself.
+const QUEUE_MESSAGES: usize = 8192;
+const QUEUE_BYTES: usize = 64 * 1024 * 1024;
+
+/// A dead server (no TCP reset, e.g. a partition) is noticed after two
+/// unanswered pings; the default minute is too long to forward into a void.
+const PING_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Drops are logged at most this often; the counter has every one.
+const DROP_LOG_EVERY_MS: i64 = 10_000;
+
+/// Maps an MQTT topic to NATS subject tokens, as NATS's MQTT gateway does
+/// and reversibly ([`subject_to_topic`]): levels become tokens (`/` → `.`),
+/// an empty level becomes the token `/`, and a `.` inside a level becomes
+/// `//`. What a subject cannot hold but the gateway refuses (space and
+/// other ASCII control characters, the wildcards `*` and `>`) is
+/// percent-escaped, and so is `%` itself. Everything else, including
+/// non-ASCII text, is kept as it is.
+pub fn topic_to_subject(topic: &str) -> String {
+    let mut subject = String::with_capacity(topic.len() + 8);
+    for (i, level) in topic.split('/').enumerate() {
+        if i > 0 {
+            subject.push('.');
+        }
+        if level.is_empty() {
+            subject.push('/');
+            continue;
+        }
+        for c in level.chars() {
+            if c == '.' {
+                subject.push_str("//");
+            } else if escaped(c) {
+                subject.push_str(&format!("%{:02X}", c as u32));
+            } else {
+                subject.push(c);
+            }
+        }
+    }
+    subject
+}
+
+/// The topic [`topic_to_subject`] mapped to `subject`; `None` for anything
+/// it would not have produced, so the mapping is one-to-one both ways.
+pub fn subject_to_topic(subject: &str) -> Option<String> {
+    let mut topic = String::with_capacity(subject.len());
+    for (i, token) in subject.split('.').enumerate() {
+        if i > 0 {
+            topic.push('/');
+        }
+        if token == "/" {
+            continue;
+        }
+        if token.is_empty() {
+            return None;
+        }
+        let mut chars = token.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '/' if chars.next() == Some('/') => topic.push('.'),
+                '%' => {
+                    let hex: String = chars.by_ref().take(2).collect();
+                    // Uppercase hex only, and only what must be escaped.
+                    let code = u8::from_str_radix(&hex, 16).ok()?;
+                    let c = char::from(code);
+                    if hex.len() != 2 || hex != format!("{code:02X}") || !escaped(c) {
+                        return None;
+                    }
+                    topic.push(c);
+                }
+                c if c == '/' || escaped(c) => return None,
+                c => topic.push(c),
+            }
+        }
+    }
+    Some(topic)
+}
+
+fn escaped(c: char) -> bool {
+    matches!(c, ' ' | '*' | '>' | '%') || c.is_ascii_control()
+}
+
+/// What travels beside the payload. Fields at their default are left out.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Envelope<'a> {
+    qos: u8,
+    #[serde(default, skip_serializing_if = "is_false")]
+    retain: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    durable: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_at_ms: Option<i64>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    publisher: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    properties: Option<Cow<'a, Properties>>,
+    /// Only on [`LONG_SUBJECT`].
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    topic: Option<Cow<'a, str>>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The subject and headers `message` is sent with (its payload as it is).
+fn encode(broker: &str, message: &Message) -> (String, HeaderMap) {
+    let mapped = topic_to_subject(&message.topic);
+    let long = MESSAGE_PREFIX.len() + mapped.len() > MAX_SUBJECT;
+    let envelope = Envelope {
+        qos: message.qos,
+        retain: message.retain,
+        durable: message.durable,
+        expires_at_ms: message.expires_at_ms,
+        publisher: message.publisher.as_deref().map(Cow::Borrowed),
+        properties: message.properties.as_deref().map(Cow::Borrowed),
+        topic: long.then(|| Cow::Borrowed(&*message.topic)),
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(BROKER_HEADER, broker);
+    // Compact JSON escapes every control character, so it is one header line.
+    headers.insert(
+        ENVELOPE_HEADER,
+        serde_json::to_string(&envelope).expect("an envelope serializes"),
+    );
+    let subject = if long {
+        LONG_SUBJECT.to_string()
+    } else {
+        format!("{MESSAGE_PREFIX}{mapped}")
+    };
+    (subject, headers)
+}
+
+/// What another broker sent.
+#[derive(Debug, PartialEq)]
+enum Incoming {
+    Message(Message),
+    /// A device connected to the sending broker.
+    Claim(String),
+}
+
+fn decode(subject: &str, headers: Option<&HeaderMap>, payload: Bytes) -> Result<Incoming, String> {
+    if subject == CLAIM_SUBJECT {
+        return String::from_utf8(payload.to_vec())
+            .map(Incoming::Claim)
+            .map_err(|_| "a claim's client id is not UTF-8".to_string());
+    }
+    let envelope = headers
+        .and_then(|h| h.get(ENVELOPE_HEADER))
+        .ok_or("no envelope")?;
+    let envelope: Envelope =
+        serde_json::from_str(envelope.as_str()).map_err(|e| format!("bad envelope: {e}"))?;
+    if envelope.qos > 2 {
+        return Err(format!("QoS {}", envelope.qos));
+    }
+    let topic = match (subject.strip_prefix(MESSAGE_PREFIX), envelope.topic) {
+        (Some(mapped), None) => subject_to_topic(mapped).ok_or("not a mapped topic")?,
+        (None, Some(topic)) if subject == LONG_SUBJECT => topic.into_owned(),
+        _ => return Err("not a fleetgate message subject".into()),
+    };
+    Ok(Incoming::Message(Message {
+        topic: topic.into(),
+        payload,
+        qos: envelope.qos,
+        retain: envelope.retain,
+        properties: envelope.properties.map(|p| Arc::new(p.into_owned())),
+        expires_at_ms: envelope.expires_at_ms,
+        publisher: envelope.publisher.map(|p| p.as_ref().into()),
+        durable: envelope.durable,
+    }))
+}
+
+enum Outgoing {
+    Message(Message),
+    Claim(String),
+}
+
+impl Outgoing {
+    /// Bytes it holds while queued (the payload is shared with local
+    /// deliveries, but kept alive by the queue all the same).
+    fn cost(&self) -> usize {
+        match self {
+            Outgoing::Message(m) => m.topic.len() + m.payload.len() + 64,
+            Outgoing::Claim(id) => id.len() + 64,
+        }
+    }
+}
+
+/// Forwards not made, counted, and logged now and then.
+struct Drops {
+    counter: Counter,
+    last_logged_ms: AtomicI64,
+}
+
+impl Drops {
+    fn one(&self, why: &str) {
+        self.counter.inc();
+        let now = unix_now_ms();
+        let last = self.last_logged_ms.load(Ordering::Relaxed);
+        if now - last >= DROP_LOG_EVERY_MS
+            && self
+                .last_logged_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                dropped_total = self.counter.get(),
+                "not forwarded to the cluster's other brokers: {why}"
+            );
+        }
+    }
+}
+
+/// This broker's link to the others of its cluster. See the module docs.
+pub struct NatsFabric {
+    /// Random per process: a restarted broker is a new sender.
+    id: String,
+    client: async_nats::Client,
+    queue: mpsc::Sender<Outgoing>,
+    queued_bytes: Arc<AtomicUsize>,
+    drops: Arc<Drops>,
+}
+
+impl NatsFabric {
+    /// Connects to NATS at any of `urls` (nats://HOST:PORT; async-nats
+    /// reconnects to any of them, and to servers the cluster announces, by
+    /// itself) and starts the task that sends forwards. Fails if no server
+    /// answers: a broker that cannot reach its cluster should not take
+    /// devices as if it were alone.
+    pub async fn connect(urls: &[String], registry: &mut Registry) -> Result<Arc<NatsFabric>, String> {
+        let id = broker_id();
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("fleetgate-broker {id}"))
+            // The server does not send this connection its own messages back.
+            .no_echo()
+            .ping_interval(PING_INTERVAL)
+            .event_callback(|event| async move { log_event(event) })
+            .connect(urls)
+            .await
+            .map_err(|e| format!("cannot reach NATS at {}: {e}", urls.join(",")))?;
+        let drops = Arc::new(Drops {
+            counter: Counter::default(),
+            last_logged_ms: AtomicI64::new(0),
+        });
+        registry.register(
+            "fleetgate_cluster_forward_dropped",
+            "Messages and takeover claims not sent to the cluster's other brokers (NATS behind, down or refusing)",
+            drops.counter.clone(),
+        );
+        let (queue, outgoing) = mpsc::channel(QUEUE_MESSAGES);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(send(
+            client.clone(),
+            id.clone(),
+            outgoing,
+            queued_bytes.clone(),
+            drops.clone(),
+        ));
+        tracing::info!(broker = %id, "joined the cluster fabric (NATS)");
+        Ok(Arc::new(NatsFabric {
+            id,
+            client,
+            queue,
+            queued_bytes,
+            drops,
+        }))
+    }
+
+    /// Takes in what the other brokers send: their messages go to
+    /// `router`'s own sessions ([`Router::publish_remote`], so they are not
+    /// forwarded again), and their claims to `on_claim` with the device id.
+    /// Returns once the subscription is in place at the server.
+    pub async fn serve<F>(&self, router: Arc<Router>, on_claim: F) -> Result<(), String>
+    where
+        F: Fn(&str) + Send + Sync + 'static,
+    {
+        let mut subscriber = self
+            .client
+            .subscribe(format!("{PREFIX}.>"))
+            .await
+            .map_err(|e| format!("cannot subscribe on NATS: {e}"))?;
+        // The server has the subscription once it answered a ping sent after it.
+        self.client
+            .flush()
+            .await
+            .map_err(|e| format!("NATS did not confirm the subscription: {e}"))?;
+        let id = self.id.clone();
+        tokio::spawn(async move {
+            while let Some(message) = subscriber.next().await {
+                let from = message.headers.as_ref().and_then(|h| h.get(BROKER_HEADER));
+                match from.map(|f| f.as_str()) {
+                    // no_echo already keeps them away; this holds if a
+                    // server or a future option did not.
+                    Some(from) if from == id => continue,
+                    Some(_) => {}
+                    None => {
+                        tracing::warn!(subject = %message.subject, "ignored a message on the cluster fabric without a sending broker");
+                        continue;
+                    }
+                }
+                match decode(&message.subject, message.headers.as_ref(), message.payload) {
+                    Ok(Incoming::Claim(device)) => on_claim(&device),
+                    Ok(Incoming::Message(routed)) => {
+                        if !routed.expired(unix_now_ms()) {
+                            // Sessions here keep remote messages in memory
+                            // (cluster mode), so nothing waits on the commit.
+                            let _ = router.publish_remote(routed);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(subject = %message.subject, error = %e, "ignored a malformed message on the cluster fabric")
+                    }
+                }
+            }
+            tracing::error!("the cluster fabric's subscription ended: other brokers' messages no longer arrive");
+        });
+        Ok(())
+    }
+
+    fn enqueue(&self, outgoing: Outgoing) {
+        let cost = outgoing.cost();
+        if self.queued_bytes.fetch_add(cost, Ordering::Relaxed) + cost > QUEUE_BYTES {
+            self.queued_bytes.fetch_sub(cost, Ordering::Relaxed);
+            self.drops.one("the queue to NATS is full");
+            return;
+        }
+        if self.queue.try_send(outgoing).is_err() {
+            self.queued_bytes.fetch_sub(cost, Ordering::Relaxed);
+            self.drops.one("the queue to NATS is full");
+        }
+    }
+}
+
+impl Fabric for NatsFabric {
+    fn forward(&self, message: &Message) {
+        // Cheap: the topic, payload and properties are shared, not copied.
+        self.enqueue(Outgoing::Message(message.clone()));
+    }
+
+    fn claim(&self, client_id: &str) {
+        self.enqueue(Outgoing::Claim(client_id.to_string()));
+    }
+}
+
+/// Sends the queue in order. Waits while async-nats's own queue is full
+/// (during a reconnect), which is what fills the fabric's queue and makes
+/// `forward` drop instead of blocking.
+async fn send(
+    client: async_nats::Client,
+    broker: String,
+    mut outgoing: mpsc::Receiver<Outgoing>,
+    queued_bytes: Arc<AtomicUsize>,
+    drops: Arc<Drops>,
+) {
+    while let Some(next) = outgoing.recv().await {
+        let cost = next.cost();
+        let sent = match next {
+            Outgoing::Message(message) => {
+                let (subject, headers) = encode(&broker, &message);
+                client
+                    .publish_with_headers(subject, headers, message.payload)
+                    .await
+            }
+            Outgoing::Claim(device) => {
+                let mut headers = HeaderMap::new();
+                headers.insert(BROKER_HEADER, broker.as_str());
+                client
+                    .publish_with_headers(CLAIM_SUBJECT, headers, device.into())
+                    .await
+            }
+        };
+        queued_bytes.fetch_sub(cost, Ordering::Relaxed);
+        if let Err(e) = sent {
+            // A payload over the server's max_payload, or the client gone.
+            drops.one(&e.to_string());
+        }
+    }
+}
+
+fn log_event(event: Event) {
+    match event {
+        Event::Connected => tracing::info!("cluster fabric (NATS) connected"),
+        Event::Disconnected => tracing::warn!(
+            "cluster fabric (NATS) down: other brokers' messages and takeovers are missed until it reconnects"
+        ),
+        Event::SlowConsumer(_) => tracing::warn!(
+            "NATS dropped messages from other brokers: this broker did not take them in fast enough"
+        ),
+        Event::Closed => tracing::error!("cluster fabric (NATS) closed for good"),
+        other => tracing::warn!(event = %other, "cluster fabric (NATS)"),
+    }
+}
+
+fn broker_id() -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the system's random source");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(topic: &str) -> String {
+        let subject = topic_to_subject(topic);
+        assert_eq!(
+            subject_to_topic(&subject).as_deref(),
+            Some(topic),
+            "{topic:?} → {subject:?}"
+        );
+        subject
+    }
+
+    #[test]
+    fn plain_topics_map_like_the_nats_mqtt_gateway() {
+        assert_eq!(roundtrip("devices/d-1/cmd"), "devices.d-1.cmd");
+        assert_eq!(roundtrip("live/temperature/sensor_1"), "live.temperature.sensor_1");
+        assert_eq!(roundtrip("a"), "a");
+        assert_eq!(roundtrip("$fleet/state/x"), "$fleet.state.x");
+    }
+
+    #[test]
+    fn empty_levels_become_slash_tokens() {
+        assert_eq!(roundtrip("a//b"), "a./.b");
+        assert_eq!(roundtrip("/a"), "/.a");
+        assert_eq!(roundtrip("a/"), "a./");
+        assert_eq!(roundtrip("/"), "/./");
+        assert_eq!(roundtrip("//"), "/././");
+        assert_eq!(roundtrip(""), "/");
+    }
+
+    #[test]
+    fn dots_become_double_slashes() {
+        assert_eq!(roundtrip("v1.2/x"), "v1//2.x");
+        assert_eq!(roundtrip("."), "//");
+        assert_eq!(roundtrip(".."), "////");
+        assert_eq!(roundtrip("a/./b"), "a.//.b");
+        assert_eq!(roundtrip("/./"), "/.//./");
+    }
+
+    #[test]
+    fn what_subjects_cannot_hold_is_escaped() {
+        assert_eq!(roundtrip("a b"), "a%20b");
+        assert_eq!(roundtrip("tab\there"), "tab%09here");
+        assert_eq!(roundtrip("cr\r\nlf"), "cr%0D%0Alf");
+        assert_eq!(roundtrip("*"), "%2A");
+        assert_eq!(roundtrip(">"), "%3E");
+        assert_eq!(roundtrip("a*b>c"), "a%2Ab%3Ec");
+        assert_eq!(roundtrip("100%"), "100%25");
+        assert_eq!(roundtrip("%2A"), "%252A");
+        assert_eq!(roundtrip("del\u{7f}"), "del%7F");
+        for subject in [roundtrip("a b/*/>/ ."), roundtrip("x\u{1}y")] {
+            assert!(!subject.contains([' ', '\t', '\r', '\n']), "{subject:?}");
+            assert!(subject.split('.').all(|t| !t.is_empty() && t != "*" && t != ">"));
+        }
+    }
+
+    #[test]
+    fn unicode_is_kept() {
+        assert_eq!(roundtrip("capteurs/température/é"), "capteurs.température.é");
+        assert_eq!(roundtrip("温度/センサー"), "温度.センサー");
+        assert_eq!(roundtrip("emoji/🌡️"), "emoji.🌡️");
+        // Non-ASCII spaces are not NATS delimiters.
+        assert_eq!(roundtrip("a\u{3000}b"), "a\u{3000}b");
+    }
+
+    #[test]
+    fn only_mapped_subjects_map_back() {
+        for subject in [
+            "a..b", ".a", "a.", "a/b", "a///b", "a%2a", "a%41", "a%2", "a%zz", "a b", "*", ">", "a.*",
+            "%",
+        ] {
+            assert_eq!(subject_to_topic(subject), None, "{subject:?}");
+        }
+    }
+
+    fn message(topic: &str) -> Message {
+        Message {
+            topic: topic.into(),
+            payload: Bytes::from_static(b"\x00payload\xff"),
+            qos: 1,
+            retain: false,
+            properties: None,
+            expires_at_ms: None,
+            publisher: None,
+            durable: false,
+        }
+    }
+
+    fn through(message: &Message) -> (String, Incoming) {
+        let (subject, headers) = encode("b1", message);
+        assert_eq!(headers.get(BROKER_HEADER).unwrap().as_str(), "b1");
+        let incoming = decode(&subject, Some(&headers), message.payload.clone()).unwrap();
+        (subject, incoming)
+    }
+
+    #[test]
+    fn a_message_crosses_with_everything_the_router_needs() {
+        let mut full = message("devices/d 1/cmd");
+        full.qos = 2;
+        full.retain = true;
+        full.durable = true;
+        full.expires_at_ms = Some(1_900_000_000_123);
+        full.publisher = Some("admin\nwith odd \"id\"".into());
+        full.properties = Some(Arc::new(Properties {
+            payload_format: Some(1),
+            content_type: Some("application/json".into()),
+            response_topic: Some("devices/d 1/reply".into()),
+            correlation_data: Some(vec![0, 1, 255, b'\r', b'\n']),
+            user_properties: vec![("k".into(), "v\r\nw".into()), ("k".into(), "".into())],
+        }));
+        let (subject, incoming) = through(&full);
+        assert_eq!(subject, "fleetgate.mqtt.devices.d%201.cmd");
+        assert_eq!(incoming, Incoming::Message(full));
+
+        let plain = message("live/t/s");
+        let (subject, headers) = encode("b1", &plain);
+        assert_eq!(subject, "fleetgate.mqtt.live.t.s");
+        // Defaults are left out of the envelope.
+        assert_eq!(headers.get(ENVELOPE_HEADER).unwrap().as_str(), r#"{"qos":1}"#);
+        assert_eq!(through(&plain).1, Incoming::Message(plain));
+    }
+
+    #[test]
+    fn a_topic_too_long_for_a_subject_travels_in_the_envelope() {
+        let long = message(&format!("t/{}", "x.".repeat(600)));
+        let (subject, incoming) = through(&long);
+        assert_eq!(subject, LONG_SUBJECT);
+        assert_eq!(incoming, Incoming::Message(long));
+        let (subject, _) = through(&message(&"y".repeat(MAX_SUBJECT - MESSAGE_PREFIX.len())));
+        assert_ne!(subject, LONG_SUBJECT);
+    }
+
+    #[test]
+    fn malformed_messages_are_refused() {
+        let (_, headers) = encode("b1", &message("a"));
+        let payload = Bytes::new();
+        assert!(decode("fleetgate.mqtt.a", None, payload.clone()).is_err());
+        assert!(decode("fleetgate.mqtt.a..b", Some(&headers), payload.clone()).is_err());
+        assert!(decode(LONG_SUBJECT, Some(&headers), payload.clone()).is_err());
+        assert!(decode("fleetgate.other", Some(&headers), payload.clone()).is_err());
+        let mut bad = HeaderMap::new();
+        bad.insert(ENVELOPE_HEADER, r#"{"qos":3}"#);
+        assert!(decode("fleetgate.mqtt.a", Some(&bad), payload.clone()).is_err());
+        bad.insert(ENVELOPE_HEADER, "not json");
+        assert!(decode("fleetgate.mqtt.a", Some(&bad), payload).is_err());
+        assert_eq!(
+            decode(CLAIM_SUBJECT, None, Bytes::from_static(b"d-1")),
+            Ok(Incoming::Claim("d-1".into()))
+        );
+        assert!(decode(CLAIM_SUBJECT, None, Bytes::from_static(b"\xff")).is_err());
+    }
+
+    #[test]
+    fn broker_ids_differ() {
+        let (a, b) = (broker_id(), broker_id());
+        assert_eq!(a.len(), 16);
+        assert_ne!(a, b);
+    }
+}
