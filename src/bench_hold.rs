@@ -139,10 +139,12 @@ struct CheckReport {
 struct Round {
     closed: usize,
     connected: usize,
-    failed: usize,
     errors: BTreeMap<String, usize>,
     elapsed: Duration,
     latencies: Vec<Duration>,
+    /// Handshakes the kernel dropped during the round because a listen
+    /// queue was full (each costs its client a 1 s retransmission).
+    listen_overflows: Option<u64>,
 }
 
 struct Fanout {
@@ -371,6 +373,20 @@ fn rss(pid: Option<u32>) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// The kernel's count of connections dropped because a listen queue was
+/// full (TcpExt ListenOverflows). It covers every listener in this network
+/// namespace, so other activity on the machine may add to it.
+fn listen_overflows() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut tcp_ext = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (tcp_ext.next()?, tcp_ext.next()?);
+    let (_, value) = names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "ListenOverflows")?;
+    value.parse().ok()
+}
+
 /// The loopback source address of connection round `round` of helper
 /// `helper` on broker `broker`: 127.<run>.<broker*4+round>.<helper+2>, or
 /// none (the kernel's choice) for a broker that is not on IPv4 loopback.
@@ -452,6 +468,7 @@ async fn connect_round(
     helpers: &mut [Helper],
     sources: &[Option<IpAddr>],
 ) -> anyhow::Result<Round> {
+    let overflows_before = listen_overflows();
     for (helper, source) in helpers.iter_mut().zip(sources) {
         helper.send(&Request::Connect { source: *source }).await?;
     }
@@ -460,15 +477,16 @@ async fn connect_round(
     let mut round = Round {
         closed: 0,
         connected: 0,
-        failed: 0,
         errors: BTreeMap::new(),
         elapsed: Duration::ZERO,
         latencies: Vec::new(),
+        listen_overflows: overflows_before
+            .zip(listen_overflows())
+            .map(|(before, after)| after.saturating_sub(before)),
     };
     for report in reports {
         round.closed += report.closed;
         round.connected += report.connected;
-        round.failed += report.failed;
         for (error, count) in report.errors {
             *round.errors.entry(error).or_default() += count;
         }
@@ -1035,7 +1053,7 @@ fn p50_p99(sorted: &[Duration]) -> String {
 }
 
 /// Row labels of the table, in the order [`cells`] fills them.
-const ROWS: [&str; 15] = [
+const ROWS: [&str; 16] = [
     "connected (CONNACK accepted)",
     "connects/s",
     "connect -> CONNACK p50 / p99",
@@ -1045,6 +1063,7 @@ const ROWS: [&str; 15] = [
     "RSS per idle device",
     "storm: all closed, all back in",
     "storm connect -> CONNACK p50 / p99",
+    "listen queue overflows: connect / storm",
     "still connected 2 s after the storm",
     "RSS after the storm",
     "fan-out subscribers (SUBACK QoS 1)",
@@ -1054,7 +1073,7 @@ const ROWS: [&str; 15] = [
 ];
 
 /// One broker's column; "—" where a phase did not run.
-fn cells(o: &Outcome, devices: usize) -> [String; 15] {
+fn cells(o: &Outcome, devices: usize) -> [String; 16] {
     let connect = o.connect.as_ref();
     let storm = o.storm.as_ref();
     let fanout = o.fanout.as_ref();
@@ -1084,6 +1103,13 @@ fn cells(o: &Outcome, devices: usize) -> [String; 15] {
             )
         }),
         storm.map_or_else(dash, |r| p50_p99(&r.latencies)),
+        {
+            let overflows = |r: Option<&Round>| {
+                r.and_then(|r| r.listen_overflows)
+                    .map_or_else(dash, |n| n.to_string())
+            };
+            format!("{} / {}", overflows(connect), overflows(storm))
+        },
         o.held_after_storm
             .as_ref()
             .map_or_else(dash, |c| c.open.to_string()),
@@ -1119,7 +1145,7 @@ fn print_table(args: &HoldArgs, outcomes: &[Outcome]) {
             );
         }
     }
-    let columns: Vec<[String; 15]> = outcomes.iter().map(|o| cells(o, args.devices)).collect();
+    let columns: Vec<[String; 16]> = outcomes.iter().map(|o| cells(o, args.devices)).collect();
     let width = outcomes
         .iter()
         .map(|o| o.name.chars().count())

@@ -236,7 +236,11 @@ pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
 
 /// `nats`: the cluster fabric's servers (`fleetgate broker --nats`); none
 /// for `up`, and for a broker that routes only among its own connections.
-async fn serve(args: UpArgs, cluster_hold: Option<Duration>, nats: &[String]) -> anyhow::Result<()> {
+async fn serve(
+    args: UpArgs,
+    cluster_hold: Option<Duration>,
+    nats: &[String],
+) -> anyhow::Result<()> {
     init_tracing();
 
     // Ports first: a taken port is the most common start-up failure, and
@@ -503,7 +507,11 @@ async fn serve(args: UpArgs, cluster_hold: Option<Duration>, nats: &[String]) ->
             .serve(router, move |device| {
                 let ended = gatekeeper.disconnect_device(device, EndReason::TakenOver);
                 if ended > 0 {
-                    tracing::info!(device, sessions = ended, "device connected to another broker; sessions here closed");
+                    tracing::info!(
+                        device,
+                        sessions = ended,
+                        "device connected to another broker; sessions here closed"
+                    );
                 }
             })
             .await

@@ -214,10 +214,7 @@ impl Server {
             .unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
             .args(self.up_args())
-            .env(
-                "RUST_LOG",
-                "info,sqlx=warn",
-            )
+            .env("RUST_LOG", "info,sqlx=warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()

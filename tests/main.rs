@@ -15,6 +15,8 @@ mod dashboard;
 mod durability;
 mod etl;
 mod ingest;
+mod mqtt;
+mod nats_cluster;
 mod query;
 mod reports;
 mod roles;

@@ -592,7 +592,8 @@ impl Publish {
                     retain: p.retain,
                     alias: props.and_then(|p| p.topic_alias),
                     expiry_secs: props.and_then(|p| p.message_expiry_interval),
-                    has_subscription_ids: props.is_some_and(|p| !p.subscription_identifiers.is_empty()),
+                    has_subscription_ids: props
+                        .is_some_and(|p| !p.subscription_identifiers.is_empty()),
                     properties,
                     payload: p.payload,
                 })
@@ -666,12 +667,7 @@ impl Outgoing<'_> {
         }
         let start = out.len();
         out.reserve(5 + remaining);
-        out.put_u8(
-            (PUBLISH << 4)
-                | ((self.dup as u8) << 3)
-                | (self.qos << 1)
-                | self.retain as u8,
-        );
+        out.put_u8((PUBLISH << 4) | ((self.dup as u8) << 3) | (self.qos << 1) | self.retain as u8);
         put_remaining_length(out, remaining);
         put_str(out, self.topic.as_bytes());
         if self.qos > 0 {
@@ -783,9 +779,15 @@ pub fn pubrel(pkid: u16) -> Bytes {
 /// The packet id and reason code (0 when absent) of a PUBACK, PUBREC,
 /// PUBREL or PUBCOMP.
 pub fn ack_fields(header: &Header, frame: &Bytes) -> Result<(u16, u8), CodecError> {
-    let expected_flags = if header.packet_type() == PUBREL { 0b0010 } else { 0 };
+    let expected_flags = if header.packet_type() == PUBREL {
+        0b0010
+    } else {
+        0
+    };
     if header.byte1 & 0x0f != expected_flags {
-        return Err(CodecError::Malformed("reserved flags are not as MQTT says".into()));
+        return Err(CodecError::Malformed(
+            "reserved flags are not as MQTT says".into(),
+        ));
     }
     let mut rest = frame.slice(header.len..);
     let pkid = read_u16(&mut rest)?;
@@ -1005,11 +1007,19 @@ mod tests {
         assert_eq!(props.subscription_identifiers, vec![5, 300]);
         assert_eq!(props.topic_alias, Some(3));
         assert_eq!(props.message_expiry_interval, Some(60));
-        assert_eq!(props.user_properties, vec![("k".to_string(), "v".to_string())]);
+        assert_eq!(
+            props.user_properties,
+            vec![("k".to_string(), "v".to_string())]
+        );
         assert_eq!(props.correlation_data.as_deref(), Some(&[1u8, 2, 3][..]));
         assert_eq!(props.content_type.as_deref(), Some("application/json"));
 
-        let bytes = publish_qos0(Version::V4, "$fleet/state/x", Bytes::from_static(b"{}"), true);
+        let bytes = publish_qos0(
+            Version::V4,
+            "$fleet/state/x",
+            Bytes::from_static(b"{}"),
+            true,
+        );
         assert_eq!(bytes[0], 0x31, "PUBLISH, QoS 0, retain");
         let header = parse_header(&bytes).unwrap().unwrap();
         let p = v4::Publish::read(header.v4(), bytes).unwrap();
@@ -1018,17 +1028,29 @@ mod tests {
 
     #[test]
     fn acknowledgements_are_well_formed() {
-        assert_eq!(&suback(Version::V4, 7, &[1, 0x80])[..], &[0x90, 4, 0, 7, 1, 0x80]);
-        assert_eq!(&suback(Version::V5, 7, &[0x87])[..], &[0x90, 4, 0, 7, 0, 0x87]);
+        assert_eq!(
+            &suback(Version::V4, 7, &[1, 0x80])[..],
+            &[0x90, 4, 0, 7, 1, 0x80]
+        );
+        assert_eq!(
+            &suback(Version::V5, 7, &[0x87])[..],
+            &[0x90, 4, 0, 7, 0, 0x87]
+        );
         assert_eq!(&unsuback(Version::V4, 9, &[0, 0])[..], &[0xB0, 2, 0, 9]);
-        assert_eq!(&unsuback(Version::V5, 9, &[0, 0x11])[..], &[0xB0, 5, 0, 9, 0, 0, 0x11]);
+        assert_eq!(
+            &unsuback(Version::V5, 9, &[0, 0x11])[..],
+            &[0xB0, 5, 0, 9, 0, 0, 0x11]
+        );
         assert_eq!(&pubrel(5)[..], &[0x62, 2, 0, 5]);
         assert_eq!(&pubcomp(Version::V5, 5, false)[..], &[0x70, 3, 0, 5, 0x92]);
         let nack = publish_ack(Version::V5, 1, 4, &AckReason::QuotaExceeded("full".into()));
         let header = parse_header(&nack).unwrap().unwrap();
         let parsed = v5::PubAck::read(header.v5(), nack).unwrap();
         assert_eq!(parsed.reason, v5::PubAckReason::QuotaExceeded);
-        assert_eq!(parsed.properties.unwrap().reason_string.as_deref(), Some("full"));
+        assert_eq!(
+            parsed.properties.unwrap().reason_string.as_deref(),
+            Some("full")
+        );
         let connack = connack_success(
             Version::V5,
             true,

@@ -182,6 +182,8 @@ pub(crate) struct State {
     pub attached: u64,
     /// When the last connection ended, while none is attached.
     pub detached_at_ms: Option<i64>,
+    /// Whether the session store holds a record of this session.
+    pub stored: bool,
 }
 
 impl Session {
@@ -198,6 +200,7 @@ impl Session {
                 next_pkid: 1,
                 attached: 0,
                 detached_at_ms: Some(unix_now_ms()),
+                stored: false,
             }),
             wake: Notify::new(),
         })
@@ -476,8 +479,16 @@ mod tests {
         assert!(session.take(1, 2, 0, &mut vec![]).is_empty());
         session.puback(1).unwrap();
         assert_eq!(pkids(&session.take(1, 2, 0, &mut vec![])), vec![3]);
-        assert_eq!(session.puback(1).unwrap_err(), UnknownPacketId(1), "acked twice");
-        assert_eq!(session.puback(77).unwrap_err(), UnknownPacketId(77), "never sent");
+        assert_eq!(
+            session.puback(1).unwrap_err(),
+            UnknownPacketId(1),
+            "acked twice"
+        );
+        assert_eq!(
+            session.puback(77).unwrap_err(),
+            UnknownPacketId(77),
+            "never sent"
+        );
     }
 
     #[test]
@@ -494,7 +505,14 @@ mod tests {
         assert!(session.detach(1));
         let resent = session.attach(2);
         assert!(matches!(resent[0], Delivery::Release { pkid: 1 }));
-        assert!(matches!(resent[1], Delivery::Publish { pkid: 2, dup: true, .. }));
+        assert!(matches!(
+            resent[1],
+            Delivery::Publish {
+                pkid: 2,
+                dup: true,
+                ..
+            }
+        ));
         assert_eq!(resent.len(), 2);
         session.pubcomp(1).unwrap();
         session.pubrec(2, true).unwrap();
@@ -530,7 +548,14 @@ mod tests {
         session.attach(1);
         let mut old = (*message(1)).clone();
         old.expires_at_ms = Some(1000);
-        session.enqueue(Arc::new(old), 1, false, vec![], QueueLimits::default(), |_| {});
+        session.enqueue(
+            Arc::new(old),
+            1,
+            false,
+            vec![],
+            QueueLimits::default(),
+            |_| {},
+        );
         let mut expired = vec![];
         assert!(session.take(1, 10, 2000, &mut expired).is_empty());
         assert_eq!(expired.len(), 1);

@@ -43,6 +43,10 @@ type AckSender = mpsc::Sender<AckFuture>;
 pub(crate) const MAX_PENDING_ACKS: usize = 4096;
 /// Topic aliases a client may set (each holds a topic name in memory).
 pub(crate) const MAX_TOPIC_ALIAS: u16 = 32;
+/// Subscriptions one session may hold: each costs memory in the index,
+/// and a device may otherwise subscribe to endless variants of its own
+/// command topics.
+const MAX_SUBSCRIPTIONS: usize = 256;
 /// Longest a write to a device may take before the device is given up on.
 pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a new connection waits for the one it takes over to let go
@@ -89,8 +93,7 @@ pub(crate) async fn run(read_half: ClientRead, mut write_half: ClientWrite, shar
         }
         Err(_) => return,
     };
-    let connect = match Connect::parse(version, &header, frame).and_then(|c| c.check().map(|_| c))
-    {
+    let connect = match Connect::parse(version, &header, frame).and_then(|c| c.check().map(|_| c)) {
         Ok(connect) => connect,
         Err(e) => {
             tracing::debug!(error = %e, "malformed CONNECT");
@@ -128,7 +131,9 @@ pub(crate) async fn run(read_half: ClientRead, mut write_half: ClientWrite, shar
             connect.client_id(),
             connect.clean_start(),
             expiry_secs,
-            move |filter| is_platform_filter(filter) || may_subscribe(role, &device, filter).is_ok(),
+            move |filter| {
+                is_platform_filter(filter) || may_subscribe(role, &device, filter).is_ok()
+            },
         )
     };
     if let Err(e) = commit.await {
@@ -731,8 +736,16 @@ impl Connection {
         let Principal {
             role, device_id, ..
         } = &self.principal;
-        let refused = if self.version == Version::V4 { 0x80 } else { 0x87 };
-        let invalid = if self.version == Version::V4 { 0x80 } else { 0x8F };
+        let refused = if self.version == Version::V4 {
+            0x80
+        } else {
+            0x87
+        };
+        let invalid = if self.version == Version::V4 {
+            0x80
+        } else {
+            0x8F
+        };
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut commits = Vec::new();
         let mut retained = Vec::new();
@@ -761,6 +774,20 @@ impl Connection {
                 // Served by the platform topics, at QoS 0.
                 platform.push(filter);
                 codes.push(0);
+                continue;
+            }
+            let full = {
+                let state = self.session.lock();
+                state.subscriptions.len() >= MAX_SUBSCRIPTIONS
+                    && !state.subscriptions.contains_key(&filter)
+            };
+            if full {
+                // 0x97 quota exceeded (MQTT 5); 3.1.1 has only "failure".
+                codes.push(if self.version == Version::V4 {
+                    0x80
+                } else {
+                    0x97
+                });
                 continue;
             }
             let (existed, commit) = self
@@ -902,4 +929,3 @@ fn ack_reason(outcome: &IngestOutcome) -> AckReason {
         _ => AckReason::Success,
     }
 }
-

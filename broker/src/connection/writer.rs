@@ -50,7 +50,13 @@ impl DeliveryState {
 impl DeliveryState {
     /// Encodes one delivery into `out`. A PUBLISH larger than the client
     /// takes is not sent, and settled as if it had been (MQTT 3.1.2.11.4).
-    fn encode(&mut self, delivery: Delivery, out: &mut BytesMut, session: &Session, router: &Router) {
+    fn encode(
+        &mut self,
+        delivery: Delivery,
+        out: &mut BytesMut,
+        session: &Session,
+        router: &Router,
+    ) {
         let (queued, pkid, dup) = match delivery {
             Delivery::Release { pkid } => {
                 out.extend_from_slice(&codec::pubrel(pkid));

@@ -20,7 +20,7 @@ const MAX_BATCH: usize = 512;
 
 pub struct SqlStore {
     db: Db,
-    ops: mpsc::UnboundedSender<(StoreOp, Option<oneshot::Sender<Result<(), String>>>)>,
+    ops: mpsc::UnboundedSender<(StoreOp, Option<Waiter>)>,
 }
 
 impl SqlStore {

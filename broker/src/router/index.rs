@@ -153,8 +153,7 @@ impl TopicIndex {
 }
 
 fn remove_at(node: &mut Node, levels: &[&str], shared: Option<&str>, client_id: &str) -> bool {
-    let same =
-        |s: &Subscriber| &*s.session.client_id == client_id && s.shared.as_deref() == shared;
+    let same = |s: &Subscriber| &*s.session.client_id == client_id && s.shared.as_deref() == shared;
     match levels {
         ["#"] => {
             let before = node.rest.len();
@@ -215,7 +214,10 @@ mod tests {
     fn matching(index: &TopicIndex, topic: &str) -> Vec<String> {
         let mut out = Vec::new();
         index.matches(topic, &mut out);
-        let mut ids: Vec<String> = out.iter().map(|s| s.session.client_id.to_string()).collect();
+        let mut ids: Vec<String> = out
+            .iter()
+            .map(|s| s.session.client_id.to_string())
+            .collect();
         ids.sort();
         ids
     }
@@ -269,7 +271,16 @@ mod tests {
         for good in ["#", "a/#", "+/+", "$share/g/a/#", "/", "a//+"] {
             assert!(check_filter(good).is_ok(), "{good}");
         }
-        for bad in ["", "a#", "a/#/b", "a+/b", "$share/g", "$share//a", "$share/g+/a", "$share/g/"] {
+        for bad in [
+            "",
+            "a#",
+            "a/#/b",
+            "a+/b",
+            "$share/g",
+            "$share//a",
+            "$share/g+/a",
+            "$share/g/",
+        ] {
             assert!(check_filter(bad).is_err(), "{bad}");
         }
     }

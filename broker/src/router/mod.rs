@@ -145,7 +145,11 @@ impl Router {
         let mut sessions = HashMap::new();
         for record in snapshot.sessions {
             let session = Session::new(record.client_id.as_str().into(), record.expiry_secs);
-            session.lock().detached_at_ms = Some(record.detached_at_ms.unwrap_or(now));
+            {
+                let mut state = session.lock();
+                state.detached_at_ms = Some(record.detached_at_ms.unwrap_or(now));
+                state.stored = true;
+            }
             for (filter, options) in record.subscriptions {
                 self.add_subscription(&session, &filter, options);
             }
@@ -162,9 +166,7 @@ impl Router {
                     durable: true,
                 }),
                 None => {
-                    let _ = self
-                        .store
-                        .submit(StoreOp::Settled(stored.client_id, stored.seq));
+                    self.tell(StoreOp::Settled(stored.client_id, stored.seq));
                 }
             }
         }
@@ -214,6 +216,7 @@ impl Router {
         let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
         let resend = session.attach(connection);
         let commit = if expiry_secs > 0 {
+            session.lock().stored = true;
             self.store.submit(StoreOp::PutSession(record(&session)))
         } else {
             crate::persist::committed()
@@ -245,7 +248,8 @@ impl Router {
                 self.destroy(&mut sessions, session);
             }
         } else {
-            let _ = self.store.submit(StoreOp::PutSession(record(session)));
+            session.lock().stored = true;
+            self.tell(StoreOp::PutSession(record(session)));
         }
     }
 
@@ -260,11 +264,9 @@ impl Router {
         for filter in filters {
             self.remove_subscription(session, &filter);
         }
-        let persistent = session.drain().iter().any(|q| q.durable);
-        if persistent || session.lock().expiry_secs > 0 {
-            let _ = self
-                .store
-                .submit(StoreOp::DropSession(session.client_id.to_string()));
+        session.drain();
+        if session.lock().stored {
+            self.tell(StoreOp::DropSession(session.client_id.to_string()));
         }
     }
 
@@ -317,6 +319,7 @@ impl Router {
 
     fn save(&self, session: &Arc<Session>) -> Commit {
         if session.persistent() {
+            session.lock().stored = true;
             self.store.submit(StoreOp::PutSession(record(session)))
         } else {
             crate::persist::committed()
@@ -370,7 +373,9 @@ impl Router {
             .read()
             .expect("retained lock")
             .values()
-            .filter(|m| !m.expired(now) && fleetgate_protocol::topic::filter_matches(inner, &m.topic))
+            .filter(|m| {
+                !m.expired(now) && fleetgate_protocol::topic::filter_matches(inner, &m.topic)
+            })
             .cloned()
             .collect()
     }
@@ -463,8 +468,7 @@ impl Router {
         let publisher = message.publisher.as_deref();
         // One delivery per session for its plain subscriptions (the
         // highest QoS, every subscription id), one per shared subscription.
-        let mut plain: HashMap<*const Session, (Arc<Session>, u8, bool, Vec<u32>)> =
-            HashMap::new();
+        let mut plain: HashMap<*const Session, Target> = HashMap::new();
         let mut shared: HashMap<Arc<str>, Vec<Subscriber>> = HashMap::new();
         for subscriber in matches {
             let options = subscriber.options;
@@ -475,18 +479,25 @@ impl Router {
                 shared.entry(key).or_default().push(subscriber);
                 continue;
             }
-            let entry = plain
+            let target = plain
                 .entry(Arc::as_ptr(&subscriber.session))
-                .or_insert_with(|| (subscriber.session.clone(), 0, false, Vec::new()));
-            entry.1 = entry.1.max(options.qos);
-            entry.2 |= options.retain_as_published && message.retain;
-            entry.3.extend(options.id);
+                .or_insert_with(|| Target {
+                    session: subscriber.session.clone(),
+                    granted: 0,
+                    retain: false,
+                    ids: Vec::new(),
+                });
+            target.granted = target.granted.max(options.qos);
+            target.retain |= options.retain_as_published && message.retain;
+            target.ids.extend(options.id);
         }
-        let mut targets: Vec<(Arc<Session>, u8, bool, Vec<u32>)> = plain.into_values().collect();
+        let mut targets: Vec<Target> = plain.into_values().collect();
         for (_, members) in shared {
             // Connected members first; among them, take turns.
-            let connected: Vec<&Subscriber> =
-                members.iter().filter(|s| s.session.lock().attached != 0).collect();
+            let connected: Vec<&Subscriber> = members
+                .iter()
+                .filter(|s| s.session.lock().attached != 0)
+                .collect();
             let pool: Vec<&Subscriber> = if connected.is_empty() {
                 members.iter().collect()
             } else {
@@ -495,17 +506,23 @@ impl Router {
             let turn = self.shared_turn.fetch_add(1, Ordering::Relaxed);
             let chosen = pool[turn % pool.len()];
             let options = chosen.options;
-            targets.push((
-                chosen.session.clone(),
-                options.qos,
-                options.retain_as_published && message.retain,
-                options.id.into_iter().collect(),
-            ));
+            targets.push(Target {
+                session: chosen.session.clone(),
+                granted: options.qos,
+                retain: options.retain_as_published && message.retain,
+                ids: options.id.into_iter().collect(),
+            });
         }
         let (mut queued, mut refused) = (0, 0);
-        for (session, granted, retain, ids) in targets {
-            let qos = message.qos.min(granted);
-            let (outcome, commit) = self.enqueue(&session, message.clone(), qos, retain, ids);
+        for target in targets {
+            let qos = message.qos.min(target.granted);
+            let (outcome, commit) = self.enqueue(
+                &target.session,
+                message.clone(),
+                qos,
+                target.retain,
+                target.ids,
+            );
             match outcome {
                 Enqueued::Queued => queued += 1,
                 Enqueued::Full => refused += 1,
@@ -530,10 +547,14 @@ impl Router {
     /// too large for the client): forget it in the store too.
     pub fn settle(&self, session: &Session, queued: &Queued) {
         if queued.durable {
-            let _ = self
-                .store
-                .submit(StoreOp::Settled(session.client_id.clone(), queued.seq));
+            self.tell(StoreOp::Settled(session.client_id.clone(), queued.seq));
         }
+    }
+
+    /// Submits `op` without waiting for it: it is applied in order all the
+    /// same, and nothing acknowledged depends on it.
+    fn tell(&self, op: StoreOp) {
+        drop(self.store.submit(op));
     }
 
     /// Resolves once everything submitted to the store so far is durable.
@@ -544,6 +565,15 @@ impl Router {
     pub fn session_count(&self) -> usize {
         self.sessions.lock().expect("sessions lock").len()
     }
+}
+
+/// One session a message goes to, and how.
+struct Target {
+    session: Arc<Session>,
+    /// The highest QoS its matching subscriptions granted.
+    granted: u8,
+    retain: bool,
+    ids: Vec<u32>,
 }
 
 fn record(session: &Session) -> SessionRecord {
@@ -586,18 +616,16 @@ impl LiveSink for Router {
     fn publish(&self, topic: String, payload: Bytes) {
         // Live copies are QoS 1 (a QoS 1 subscriber acknowledges each) but
         // kept only in memory: the tables are their durable record.
-        let _ = self.publish(
-            Message {
-                topic: topic.into(),
-                payload,
-                qos: 1,
-                retain: false,
-                properties: None,
-                expires_at_ms: None,
-                publisher: None,
-                durable: false,
-            },
-        );
+        let _ = self.publish(Message {
+            topic: topic.into(),
+            payload,
+            qos: 1,
+            retain: false,
+            properties: None,
+            expires_at_ms: None,
+            publisher: None,
+            durable: false,
+        });
     }
 }
 
@@ -685,7 +713,14 @@ mod tests {
         let a = router.open("a", true, 0, |_| true).0.session;
         let b = router.open("b", true, 0, |_| true).0.session;
         for s in [&a, &b] {
-            let _ = router.subscribe(s, "$share/g/t", SubOptions { qos: 1, ..Default::default() });
+            let _ = router.subscribe(
+                s,
+                "$share/g/t",
+                SubOptions {
+                    qos: 1,
+                    ..Default::default()
+                },
+            );
         }
         for _ in 0..10 {
             assert_eq!(router.publish(message("t", 1, "p")).queued, 1);
@@ -697,9 +732,19 @@ mod tests {
     async fn a_session_kept_open_gets_what_came_while_it_was_away() {
         let router = router().await;
         let (opened, _) = router.open("d", false, 3600, |_| true);
-        let _ = router.subscribe(&opened.session, "devices/d/cmd", SubOptions { qos: 1, ..Default::default() });
+        let _ = router.subscribe(
+            &opened.session,
+            "devices/d/cmd",
+            SubOptions {
+                qos: 1,
+                ..Default::default()
+            },
+        );
         router.close(&opened.session, opened.connection);
-        assert_eq!(router.publish(message("devices/d/cmd", 1, "admin")).queued, 1);
+        assert_eq!(
+            router.publish(message("devices/d/cmd", 1, "admin")).queued,
+            1
+        );
         let (again, _) = router.open("d", false, 3600, |_| true);
         assert!(again.present);
         assert_eq!(delivered(&again.session).len(), 1);
@@ -707,7 +752,10 @@ mod tests {
         router.close(&again.session, again.connection);
         let (fresh, _) = router.open("d", true, 0, |_| true);
         assert!(!fresh.present);
-        assert_eq!(router.publish(message("devices/d/cmd", 1, "admin")).queued, 0);
+        assert_eq!(
+            router.publish(message("devices/d/cmd", 1, "admin")).queued,
+            0
+        );
     }
 
     #[tokio::test]

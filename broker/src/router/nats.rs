@@ -286,7 +286,10 @@ impl NatsFabric {
     /// itself) and starts the task that sends forwards. Fails if no server
     /// answers: a broker that cannot reach its cluster should not take
     /// devices as if it were alone.
-    pub async fn connect(urls: &[String], registry: &mut Registry) -> Result<Arc<NatsFabric>, String> {
+    pub async fn connect(
+        urls: &[String],
+        registry: &mut Registry,
+    ) -> Result<Arc<NatsFabric>, String> {
         let id = broker_id();
         let client = async_nats::ConnectOptions::new()
             .name(format!("fleetgate-broker {id}"))
@@ -371,7 +374,9 @@ impl NatsFabric {
                     }
                 }
             }
-            tracing::error!("the cluster fabric's subscription ended: other brokers' messages no longer arrive");
+            tracing::error!(
+                "the cluster fabric's subscription ended: other brokers' messages no longer arrive"
+            );
         });
         Ok(())
     }
@@ -476,7 +481,10 @@ mod tests {
     #[test]
     fn plain_topics_map_like_the_nats_mqtt_gateway() {
         assert_eq!(roundtrip("devices/d-1/cmd"), "devices.d-1.cmd");
-        assert_eq!(roundtrip("live/temperature/sensor_1"), "live.temperature.sensor_1");
+        assert_eq!(
+            roundtrip("live/temperature/sensor_1"),
+            "live.temperature.sensor_1"
+        );
         assert_eq!(roundtrip("a"), "a");
         assert_eq!(roundtrip("$fleet/state/x"), "$fleet.state.x");
     }
@@ -513,13 +521,18 @@ mod tests {
         assert_eq!(roundtrip("del\u{7f}"), "del%7F");
         for subject in [roundtrip("a b/*/>/ ."), roundtrip("x\u{1}y")] {
             assert!(!subject.contains([' ', '\t', '\r', '\n']), "{subject:?}");
-            assert!(subject.split('.').all(|t| !t.is_empty() && t != "*" && t != ">"));
+            assert!(subject
+                .split('.')
+                .all(|t| !t.is_empty() && t != "*" && t != ">"));
         }
     }
 
     #[test]
     fn unicode_is_kept() {
-        assert_eq!(roundtrip("capteurs/température/é"), "capteurs.température.é");
+        assert_eq!(
+            roundtrip("capteurs/température/é"),
+            "capteurs.température.é"
+        );
         assert_eq!(roundtrip("温度/センサー"), "温度.センサー");
         assert_eq!(roundtrip("emoji/🌡️"), "emoji.🌡️");
         // Non-ASCII spaces are not NATS delimiters.
@@ -529,8 +542,8 @@ mod tests {
     #[test]
     fn only_mapped_subjects_map_back() {
         for subject in [
-            "a..b", ".a", "a.", "a/b", "a///b", "a%2a", "a%41", "a%2", "a%zz", "a b", "*", ">", "a.*",
-            "%",
+            "a..b", ".a", "a.", "a/b", "a///b", "a%2a", "a%41", "a%2", "a%zz", "a b", "*", ">",
+            "a.*", "%",
         ] {
             assert_eq!(subject_to_topic(subject), None, "{subject:?}");
         }
@@ -579,7 +592,10 @@ mod tests {
         let (subject, headers) = encode("b1", &plain);
         assert_eq!(subject, "fleetgate.mqtt.live.t.s");
         // Defaults are left out of the envelope.
-        assert_eq!(headers.get(ENVELOPE_HEADER).unwrap().as_str(), r#"{"qos":1}"#);
+        assert_eq!(
+            headers.get(ENVELOPE_HEADER).unwrap().as_str(),
+            r#"{"qos":1}"#
+        );
         assert_eq!(through(&plain).1, Incoming::Message(plain));
     }
 

@@ -1,0 +1,532 @@
+//! Brokers of one cluster routing to each other through NATS: a 3-node NATS
+//! cluster started here, two `fleetgate broker --nats ...` on one PostgreSQL
+//! database, a store node, and real MQTT 5 clients on both brokers. Live
+//! copies, commands and takeovers cross brokers, and keep crossing after
+//! the NATS server a broker is connected to is killed.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{
+    DisconnectReasonCode, Packet, PubAckReason, Publish, PublishProperties, SubscribeReasonCode,
+};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::MqttOptions;
+use serde_json::{json, Value};
+use tokio::io::AsyncReadExt;
+
+use crate::cluster::{cluster_with, Cluster, Process};
+use crate::harness::{connect_v5_with, postgres_url, V5, WAIT};
+
+const NATS_SERVER: &str = "/usr/sbin/nats-server";
+
+/// A NATS cluster of three servers on ephemeral ports, killed when dropped.
+struct Nats {
+    nodes: Vec<NatsNode>,
+    _dir: tempfile::TempDir,
+}
+
+struct NatsNode {
+    /// `None` once killed.
+    child: Option<Child>,
+    client_port: u16,
+    monitor_port: u16,
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill9(i);
+        }
+    }
+}
+
+impl Nats {
+    /// The nats-server to run: Debian's, or one on the PATH.
+    fn server() -> Option<PathBuf> {
+        if std::path::Path::new(NATS_SERVER).exists() {
+            return Some(NATS_SERVER.into());
+        }
+        let found = Command::new("nats-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        found.then(|| "nats-server".into())
+    }
+
+    /// Starts three servers routed to each other (the recipe in
+    /// shared/notes/nats.md), and returns once each takes clients and has
+    /// its routes to the other two.
+    async fn start(server: PathBuf) -> Nats {
+        // Client, route and monitoring port for each, all bound at once so
+        // no two are the same; released just before the servers take them.
+        let listeners: Vec<std::net::TcpListener> = (0..9)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let ports: Vec<u16> = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().port())
+            .collect();
+        drop(listeners);
+        let routes = (0..3)
+            .map(|i| format!("nats://127.0.0.1:{}", ports[3 + i]))
+            .collect::<Vec<_>>()
+            .join(",");
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = (0..3)
+            .map(|i| {
+                let store = dir.path().join(format!("n{i}"));
+                let child = Command::new(&server)
+                    .args(["-a", "127.0.0.1", "-p", &ports[i].to_string()])
+                    .args(["-n", &format!("fg-n{i}"), "--cluster_name", "fg"])
+                    .args(["-cluster", &format!("nats://127.0.0.1:{}", ports[3 + i])])
+                    .args(["-routes", &routes])
+                    .args(["-m", &ports[6 + i].to_string()])
+                    .args(["-js", "-sd", store.to_str().unwrap()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("start nats-server");
+                NatsNode {
+                    child: Some(child),
+                    client_port: ports[i],
+                    monitor_port: ports[6 + i],
+                }
+            })
+            .collect();
+        let nats = Nats { nodes, _dir: dir };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        for node in &nats.nodes {
+            loop {
+                if greets(node.client_port).await {
+                    let routez = monitor(node.monitor_port, "routez").await;
+                    if routez["num_routes"].as_u64().unwrap_or(0) >= 2 {
+                        break;
+                    }
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "NATS server on {} not clustered in time",
+                    node.client_port
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        nats
+    }
+
+    /// All three servers, as `--nats` takes them.
+    fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.client_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// How many fleetgate brokers each server has as clients (0 once killed).
+    async fn brokers_per_node(&self) -> Vec<usize> {
+        let mut counts = Vec::new();
+        for node in &self.nodes {
+            if node.child.is_none() {
+                counts.push(0);
+                continue;
+            }
+            let connz = monitor(node.monitor_port, "connz").await;
+            let brokers = connz["connections"]
+                .as_array()
+                .map(|c| {
+                    c.iter()
+                        .filter(|c| {
+                            c["name"]
+                                .as_str()
+                                .is_some_and(|n| n.starts_with("fleetgate-broker"))
+                        })
+                        .count()
+                })
+                .unwrap_or(0);
+            counts.push(brokers);
+        }
+        counts
+    }
+
+    fn kill9(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Whether a NATS server accepts a client on `port` (it greets with INFO).
+async fn greets(port: u16) -> bool {
+    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    let mut greeting = [0u8; 5];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), stream.read_exact(&mut greeting)).await,
+        Ok(Ok(_))
+    ) && &greeting == b"INFO "
+}
+
+/// A NATS monitoring endpoint's JSON (`Null` while it does not answer).
+async fn monitor(port: u16, endpoint: &str) -> Value {
+    let url = format!("http://127.0.0.1:{port}/{endpoint}");
+    match reqwest::get(url).await {
+        Ok(response) => response.json().await.unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    }
+}
+
+/// What a test needs before it starts: PostgreSQL and nats-server.
+fn prerequisites() -> Option<PathBuf> {
+    if postgres_url().is_none() {
+        eprintln!("skipped: DATABASE_URL is not set, so this PostgreSQL cluster test did not run");
+        return None;
+    }
+    let server = Nats::server();
+    if server.is_none() {
+        eprintln!("skipped: nats-server is not installed (apt-get install nats-server)");
+    }
+    server
+}
+
+/// A NATS cluster, and two brokers of one fleetgate cluster on it.
+async fn two_brokers(server: PathBuf) -> (Nats, Cluster, Process) {
+    let nats = Nats::start(server).await;
+    let urls = nats.urls();
+    let cluster = cluster_with(&["--nats", &urls])
+        .await
+        .expect("DATABASE_URL was checked");
+    let second = cluster.second_broker_with(&["--nats", &urls]);
+    (nats, cluster, second)
+}
+
+async fn add_device(cluster: &Cluster, id: &str, role: &str) -> String {
+    let added = cluster
+        .api(
+            "POST",
+            "/v1/devices",
+            Some(json!({ "id": id, "role": role })),
+        )
+        .await;
+    added["token"].as_str().unwrap().to_string()
+}
+
+/// An MQTT 5 session of `id` on `broker`. A broker that has not yet heard
+/// of the device (it learns through the database) refuses it; try again.
+async fn connect(broker: &Process, id: &str, token: &str) -> V5 {
+    let (host, port) = broker.mqtt();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut options = MqttOptions::new(id, host.clone(), port);
+        options.set_credentials(id, token);
+        options.set_keep_alive(Duration::from_secs(30));
+        match connect_v5_with(options).await {
+            Ok((client, _)) => return client,
+            Err(code) => {
+                assert!(tokio::time::Instant::now() < deadline, "{id}: {code:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn subscribed(broker: &Process, id: &str, token: &str, filter: &str) -> V5 {
+    let mut client = connect(broker, id, token).await;
+    assert_eq!(
+        client.subscribe(filter).await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    client
+}
+
+/// The next PUBLISH `pick` accepts within `within`, skipping other packets.
+async fn next_publish(
+    client: &mut V5,
+    mut pick: impl FnMut(&Publish) -> bool,
+    within: Duration,
+) -> Option<Publish> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, client.events.recv()).await {
+            Err(_) => return None,
+            Ok(Some(Ok(Packet::Publish(publish)))) if pick(&publish) => return Some(publish),
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(e))) => panic!("connection ended while waiting: {e}"),
+            Ok(None) => panic!("connection ended while waiting"),
+        }
+    }
+}
+
+fn on(topic: &str) -> impl FnMut(&Publish) -> bool + '_ {
+    move |p| p.topic == topic.as_bytes()
+}
+
+/// Publishes on `topic` from `from` until `to` (subscribed to it on another
+/// broker) receives one: until the fabric carries that way. NATS spreads
+/// a subscription to the other servers of its cluster shortly after it is
+/// made, and core NATS drops what is published before. Returns how long
+/// it took.
+async fn carried(from: &V5, to: &mut V5, topic: &str) -> Duration {
+    let start = Instant::now();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        from.client
+            .publish(topic, QoS::AtMostOnce, false, "ping")
+            .await
+            .unwrap();
+        if next_publish(to, on(topic), Duration::from_millis(200))
+            .await
+            .is_some()
+        {
+            return start.elapsed();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing published on {topic} crossed the fabric within {WAIT:?}"
+        );
+    }
+}
+
+/// Publishes a reading through `sensor` and waits for its PUBACK (sent
+/// after the store node committed it).
+async fn ingest(sensor: &mut V5, id: &str, seq: u64) {
+    let record = json!({ "seq": seq, "celsius": 21.5 });
+    sensor
+        .client
+        .publish(
+            format!("ingest/temperature/{id}"),
+            QoS::AtLeastOnce,
+            false,
+            record.to_string(),
+        )
+        .await
+        .unwrap();
+    let reason = sensor
+        .expect(|p| match p {
+            Packet::PubAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .await;
+    assert_eq!(reason, PubAckReason::Success);
+}
+
+/// Waits for the live copy of reading `seq` of `id`.
+async fn live_copy(analyst: &mut V5, id: &str, seq: u64) {
+    let topic = format!("live/temperature/{id}");
+    let copy = next_publish(
+        analyst,
+        |p| {
+            p.topic == topic.as_bytes()
+                && serde_json::from_slice::<Value>(&p.payload)
+                    .is_ok_and(|records| records[0]["seq"] == seq)
+        },
+        WAIT,
+    )
+    .await;
+    assert!(
+        copy.is_some(),
+        "no live copy of reading {seq} on the other broker"
+    );
+}
+
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_copies_and_commands_cross_brokers_and_survive_a_nats_node_dying() {
+    let Some(server) = prerequisites() else {
+        return;
+    };
+    let (mut nats, cluster, second) = two_brokers(server).await;
+    let first = &cluster.broker;
+    cluster
+        .apply(include_str!("../firmware-examples/streams.toml"))
+        .await;
+    // The node sends live copies to the first broker only.
+    let feed = add_device(&cluster, "feed-n1", "admin").await;
+    let probe_a = add_device(&cluster, "probe-a", "admin").await;
+    let probe_b = add_device(&cluster, "probe-b", "admin").await;
+    let analyst = add_device(&cluster, "analyst", "extract").await;
+    let sensor = add_device(&cluster, "sensor-a", "ingest").await;
+    let valve = add_device(&cluster, "valve-b", "ingest").await;
+    let _node = cluster.node("n1", &feed);
+    cluster.wait_nodes_up(&["n1"]).await;
+
+    let mut probe_a = connect(first, "probe-a", &probe_a).await;
+    let mut probe_b = subscribed(&second, "probe-b", &probe_b, "probe/#").await;
+    let mut analyst = subscribed(&second, "analyst", &analyst, "live/#").await;
+    let mut valve = subscribed(&second, "valve-b", &valve, "devices/valve-b/cmd").await;
+    let mut sensor = connect(first, "sensor-a", &sensor).await;
+    let took = carried(&probe_a, &mut probe_b, "probe/ready").await;
+    println!("fabric carried first broker → second after {took:?}");
+
+    // (a) A reading ingested through the first broker: its live copy (from
+    // the node, through the first broker) reaches a subscriber on the second.
+    ingest(&mut sensor, "sensor-a", 1).await;
+    live_copy(&mut analyst, "sensor-a", 1).await;
+
+    // (b) An admin's QoS 1 command on the first broker reaches the device on
+    // the second, with its MQTT 5 properties.
+    let properties = PublishProperties {
+        content_type: Some("text/plain".into()),
+        response_topic: Some("devices/valve-b/reply".into()),
+        correlation_data: Some(Bytes::from_static(b"\x00req\xff")),
+        user_properties: vec![("by".into(), "ops team".into())],
+        message_expiry_interval: Some(60),
+        ..Default::default()
+    };
+    probe_a
+        .client
+        .publish_with_properties(
+            "devices/valve-b/cmd",
+            QoS::AtLeastOnce,
+            false,
+            "open",
+            properties.clone(),
+        )
+        .await
+        .unwrap();
+    let reason = probe_a
+        .expect(|p| match p {
+            Packet::PubAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .await;
+    assert!(
+        matches!(
+            reason,
+            PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+        ),
+        "{reason:?}"
+    );
+    let command = next_publish(&mut valve, on("devices/valve-b/cmd"), WAIT)
+        .await
+        .expect("the command on the other broker");
+    assert_eq!(&command.payload[..], b"open");
+    assert_eq!(command.qos, QoS::AtLeastOnce);
+    let got = command.properties.expect("MQTT 5 properties");
+    assert_eq!(got.content_type, properties.content_type);
+    assert_eq!(got.response_topic, properties.response_topic);
+    assert_eq!(got.correlation_data, properties.correlation_data);
+    assert_eq!(got.user_properties, properties.user_properties);
+    let left = got.message_expiry_interval.expect("expiry");
+    assert!(left > 0 && left <= 60, "{left}");
+
+    // Latency across brokers: publish on the first, received on the second,
+    // one message at a time.
+    let mut latencies = Vec::new();
+    for i in 0..200 {
+        let payload = i.to_string();
+        let sent = Instant::now();
+        probe_a
+            .client
+            .publish("probe/latency", QoS::AtLeastOnce, false, payload.clone())
+            .await
+            .unwrap();
+        let arrived = next_publish(
+            &mut probe_b,
+            |p| p.topic == "probe/latency".as_bytes() && p.payload == payload.as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(arrived.is_some(), "message {i} did not cross");
+        latencies.push(sent.elapsed());
+    }
+    latencies.sort();
+    println!(
+        "cross-broker delivery over NATS ({} messages, QoS 1): p50 {:?}, p99 {:?}, max {:?}",
+        latencies.len(),
+        percentile(&latencies, 50),
+        percentile(&latencies, 99),
+        latencies.last().unwrap()
+    );
+
+    // (d) Kill -9 a NATS server that has a broker as client: its brokers
+    // reconnect to the others (async-nats does that by itself), and
+    // delivery resumes.
+    let counts = nats.brokers_per_node().await;
+    assert_eq!(counts.iter().sum::<usize>(), 2, "{counts:?}");
+    let victim = (0..counts.len()).max_by_key(|&i| counts[i]).unwrap();
+    nats.kill9(victim);
+    println!(
+        "killed NATS server {victim}, which had {} broker(s)",
+        counts[victim]
+    );
+    let took = carried(&probe_a, &mut probe_b, "probe/resumed").await;
+    println!("fabric carried again {took:?} after the kill");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let counts = nats.brokers_per_node().await;
+        if counts.iter().sum::<usize>() == 2 {
+            assert_eq!(counts[victim], 0);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "brokers connected to surviving servers: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ingest(&mut sensor, "sensor-a", 2).await;
+    live_copy(&mut analyst, "sensor-a", 2).await;
+    probe_a
+        .client
+        .publish("devices/valve-b/cmd", QoS::AtLeastOnce, false, "close")
+        .await
+        .unwrap();
+    let command = next_publish(
+        &mut valve,
+        |p| p.topic == "devices/valve-b/cmd".as_bytes() && &p.payload[..] == b"close",
+        WAIT,
+    )
+    .await;
+    assert!(command.is_some(), "no command after the NATS server died");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_connecting_to_another_broker_is_taken_over_from_the_first() {
+    let Some(server) = prerequisites() else {
+        return;
+    };
+    let (_nats, cluster, second) = two_brokers(server).await;
+    let first = &cluster.broker;
+    // Registered first, so a broker that knows the probes knows it too.
+    let twin = add_device(&cluster, "twin", "ingest").await;
+    let probe_a = add_device(&cluster, "probe-a", "admin").await;
+    let probe_b = add_device(&cluster, "probe-b", "admin").await;
+    let mut probe_a = subscribed(first, "probe-a", &probe_a, "probe/#").await;
+    let probe_b = connect(&second, "probe-b", &probe_b).await;
+    // Claims go from the broker a device connects to, to the others.
+    carried(&probe_b, &mut probe_a, "probe/ready").await;
+
+    let mut on_first = connect(first, "twin", &twin).await;
+    let mut on_second = connect(&second, "twin", &twin).await;
+    let reason = on_first
+        .expect(|p| match p {
+            Packet::Disconnect(d) => Some(d.reason_code),
+            _ => None,
+        })
+        .await;
+    assert_eq!(reason, DisconnectReasonCode::SessionTakenOver);
+
+    // The connection on the second broker is the device's now: it was not
+    // ended by its own claim, and commands from the first broker reach it.
+    assert_eq!(
+        on_second.subscribe("devices/twin/cmd").await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    probe_a
+        .client
+        .publish("devices/twin/cmd", QoS::AtLeastOnce, false, "hello")
+        .await
+        .unwrap();
+    let command = next_publish(&mut on_second, on("devices/twin/cmd"), WAIT).await;
+    assert_eq!(&command.expect("the command").payload[..], b"hello");
+}
