@@ -94,7 +94,7 @@ async fn get(
 /// COPY, or (SQLite) multi-row INSERTs in one transaction.
 async fn bulk_load(dir: &std::path::Path, database: Option<&str>) -> anyhow::Result<Duration> {
     use sqlx::Connection;
-    let file = dir.join("orders.csv");
+    let file = dir.join("etl-sources").join("orders.csv");
     let create = "CREATE TABLE plain_orders (order_id TEXT, customer TEXT, gender TEXT, amount DOUBLE PRECISION, ordered_at TEXT)";
     let started = Instant::now();
     match database {
@@ -149,12 +149,15 @@ pub async fn run(rows: usize, database: Option<&str>) -> anyhow::Result<()> {
     println!(
         "ETL of {rows} orders (join with {CUSTOMERS} customers, gender translated) on {backend}"
     );
-    write_files(&dir, rows)?;
+    // Under the server's --etl-dir (its default, <data>/etl-sources):
+    // sources are read nowhere else.
+    let sources = dir.join("etl-sources");
+    write_files(&sources, rows)?;
     let http = reqwest::Client::new();
     let token = std::fs::read_to_string(dir.join("admin.token"))?
         .trim()
         .to_string();
-    api(&http, &server, "/v1/etl/jobs", job(&dir).into(), false).await?;
+    api(&http, &server, "/v1/etl/jobs", job(&sources).into(), false).await?;
 
     let started = Instant::now();
     let reply = api(

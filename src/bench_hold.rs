@@ -103,9 +103,11 @@ struct Ready {
 #[serde(tag = "cmd", rename_all = "snake_case")]
 enum Request {
     /// Close every held connection, then connect every device from
-    /// `source` (the first round closes nothing).
+    /// `source` (the first round closes nothing), starting no attempt
+    /// after `budget_ms`.
     Connect {
         source: Option<IpAddr>,
+        budget_ms: u64,
     },
     /// Count the held connections the broker has not closed.
     Check,
@@ -114,14 +116,12 @@ enum Request {
 
 #[derive(Serialize, Deserialize, Default)]
 struct ConnectReport {
-    /// Connections closed before connecting again.
-    closed: usize,
     connected: usize,
     failed: usize,
     /// Failure reasons (without device ids) and how often each happened.
     errors: BTreeMap<String, usize>,
-    /// From the command (closes included) to the last attempt's end.
-    elapsed_us: u64,
+    /// From the command (closes included) to the last successful CONNACK.
+    last_connack_us: u64,
     /// Each successful attempt, from socket creation to CONNACK.
     latencies_us: Vec<u32>,
 }
@@ -137,10 +137,11 @@ struct CheckReport {
 
 /// One connect round over every helper.
 struct Round {
-    closed: usize,
     connected: usize,
     errors: BTreeMap<String, usize>,
-    elapsed: Duration,
+    /// From the round's start (closes included) to its last successful
+    /// CONNACK: attempts that failed afterwards do not stretch it.
+    until_last_connack: Duration,
     latencies: Vec<Duration>,
     /// Handshakes the kernel dropped during the round because a listen
     /// queue was full (each costs its client a 1 s retransmission).
@@ -153,6 +154,8 @@ struct Fanout {
     messages: usize,
     delivered: usize,
     duplicates: usize,
+    /// Subscribers that stopped reading early, by reason.
+    receive_failures: BTreeMap<String, usize>,
     /// First publish written to last delivery read.
     elapsed: Duration,
     latencies: Vec<Duration>,
@@ -167,6 +170,9 @@ struct Outcome {
     connect: Option<Round>,
     held: Option<CheckReport>,
     rss_held: Option<u64>,
+    /// Mosquitto's own heap count before the connects and with all idle.
+    heap_before: Option<u64>,
+    heap_held: Option<u64>,
     storm: Option<Round>,
     held_after_storm: Option<CheckReport>,
     rss_after_storm: Option<u64>,
@@ -184,6 +190,8 @@ struct Broker {
     publisher: Credentials,
     /// Selects this broker's loopback source addresses.
     index: u8,
+    /// Also read Mosquitto's `$SYS` heap count.
+    mosquitto_heap: bool,
 }
 
 pub async fn run(args: HoldArgs) -> anyhow::Result<()> {
@@ -223,7 +231,7 @@ pub async fn run(args: HoldArgs) -> anyhow::Result<()> {
     };
     let measured = tokio::time::timeout_at(
         until.into(),
-        measure_fleetgate(&args, run_octet, &mut fleetgate),
+        measure_fleetgate(&args, run_octet, until, &mut fleetgate),
     )
     .await;
     note_end(&mut fleetgate, measured);
@@ -236,7 +244,7 @@ pub async fn run(args: HoldArgs) -> anyhow::Result<()> {
         };
         let measured = tokio::time::timeout_at(
             deadline.into(),
-            measure_reference(&args, run_octet, &mut reference),
+            measure_reference(&args, run_octet, deadline, &mut reference),
         )
         .await;
         note_end(&mut reference, measured);
@@ -264,6 +272,7 @@ fn note_end(
 async fn measure_fleetgate(
     args: &HoldArgs,
     run_octet: u8,
+    until: Instant,
     out: &mut Outcome,
 ) -> anyhow::Result<()> {
     let server = spawn_server(None, &[])?;
@@ -310,13 +319,15 @@ async fn measure_fleetgate(
         subscribers,
         publisher,
         index: 0,
+        mosquitto_heap: false,
     };
-    measure(&broker, args, run_octet, out).await
+    measure(&broker, args, run_octet, until, out).await
 }
 
 async fn measure_reference(
     args: &HoldArgs,
     run_octet: u8,
+    until: Instant,
     out: &mut Outcome,
 ) -> anyhow::Result<()> {
     let target = tokio::net::lookup_host(&args.reference)
@@ -326,7 +337,14 @@ async fn measure_reference(
         .ok_or_else(|| anyhow!("--reference {} resolves to nothing", args.reference))?;
     let pid = mosquitto_pid();
     match pid {
-        Some(pid) => out.name = format!("Mosquitto {} (pid {pid})", args.reference),
+        Some(pid) => {
+            out.name = format!("Mosquitto {} (pid {pid})", args.reference);
+            out.notes.push(
+                "RSS: a long-running Mosquitto reuses the pages earlier clients freed, so its RSS \
+                 barely grows after an earlier run as large; compare its $SYS heap count"
+                    .into(),
+            );
+        }
         None => out.notes.push(
             "memory not measured: no Mosquitto pid (/run/mosquitto/mosquitto.pid, pidof)".into(),
         ),
@@ -343,8 +361,9 @@ async fn measure_reference(
             .collect(),
         publisher: ("fan-pub".into(), None),
         index: 1,
+        mosquitto_heap: pid.is_some(),
     };
-    measure(&broker, args, run_octet, out).await
+    measure(&broker, args, run_octet, until, out).await
 }
 
 /// The reference broker's process, for its memory.
@@ -408,14 +427,19 @@ fn source(
     })
 }
 
+/// Measures `broker`; `until` is when its share of the run ends.
 async fn measure(
     broker: &Broker,
     args: &HoldArgs,
     run_octet: u8,
+    until: Instant,
     out: &mut Outcome,
 ) -> anyhow::Result<()> {
     let mut helpers = Helper::spawn_all(broker.target, &broker.hold, args.concurrency).await?;
     out.rss_before = rss(broker.pid);
+    if broker.mosquitto_heap {
+        out.heap_before = heap_or_note(broker.target, out).await;
+    }
 
     let count = helpers.len();
     let sources = |round| {
@@ -424,16 +448,19 @@ async fn measure(
             .collect::<Vec<_>>()
     };
     let first = sources(0);
-    out.connect = Some(connect_round(&mut helpers, &first).await?);
+    out.connect = Some(connect_round(&mut helpers, &first, until).await?);
     tokio::time::sleep(SETTLE).await;
-    out.rss_held = rss(broker.pid);
     out.held = Some(check(&mut helpers).await?);
+    out.rss_held = rss(broker.pid);
+    if broker.mosquitto_heap {
+        out.heap_held = heap_or_note(broker.target, out).await;
+    }
 
     let storm = sources(1);
-    out.storm = Some(connect_round(&mut helpers, &storm).await?);
+    out.storm = Some(connect_round(&mut helpers, &storm, until).await?);
     tokio::time::sleep(SETTLE).await;
-    out.rss_after_storm = rss(broker.pid);
     out.held_after_storm = Some(check(&mut helpers).await?);
+    out.rss_after_storm = rss(broker.pid);
 
     for helper in &mut helpers {
         helper.send(&Request::Exit).await?;
@@ -463,35 +490,54 @@ async fn measure(
     Ok(())
 }
 
-/// One connect round on every helper at once.
+async fn heap_or_note(target: SocketAddr, out: &mut Outcome) -> Option<u64> {
+    match mosquitto_heap(target).await {
+        Ok(bytes) => Some(bytes),
+        Err(e) => {
+            out.notes.push(format!("Mosquitto heap not read: {e:#}"));
+            None
+        }
+    }
+}
+
+/// One connect round on every helper at once, reporting before `until`.
 async fn connect_round(
     helpers: &mut [Helper],
     sources: &[Option<IpAddr>],
+    until: Instant,
 ) -> anyhow::Result<Round> {
+    // Attempts end by the deadline, so the round reports before it.
+    let budget = until
+        .saturating_duration_since(Instant::now())
+        .saturating_sub(ATTEMPT_TIMEOUT + Duration::from_secs(5));
     let overflows_before = listen_overflows();
     for (helper, source) in helpers.iter_mut().zip(sources) {
-        helper.send(&Request::Connect { source: *source }).await?;
+        let request = Request::Connect {
+            source: *source,
+            budget_ms: budget.as_millis() as u64,
+        };
+        helper.send(&request).await?;
     }
     let reports: Vec<ConnectReport> =
         futures::future::try_join_all(helpers.iter_mut().map(|h| h.recv())).await?;
     let mut round = Round {
-        closed: 0,
         connected: 0,
         errors: BTreeMap::new(),
-        elapsed: Duration::ZERO,
+        until_last_connack: Duration::ZERO,
         latencies: Vec::new(),
         listen_overflows: overflows_before
             .zip(listen_overflows())
             .map(|(before, after)| after.saturating_sub(before)),
     };
     for report in reports {
-        round.closed += report.closed;
         round.connected += report.connected;
         for (error, count) in report.errors {
             *round.errors.entry(error).or_default() += count;
         }
         // The helpers start together; the round lasts as long as the slowest.
-        round.elapsed = round.elapsed.max(Duration::from_micros(report.elapsed_us));
+        round.until_last_connack = round
+            .until_last_connack
+            .max(Duration::from_micros(report.last_connack_us));
         round.latencies.extend(
             report
                 .latencies_us
@@ -595,17 +641,23 @@ pub async fn client() -> anyhow::Result<()> {
     let mut held: Vec<TcpStream> = Vec::new();
     while let Some(line) = lines.next_line().await? {
         match serde_json::from_str(&line)? {
-            Request::Connect { source } => {
+            Request::Connect { source, budget_ms } => {
                 let started = Instant::now();
-                let closed = held.len();
                 // Dropping closes: every connection goes at once, without
                 // DISCONNECT, as when a network drops a fleet.
                 held.clear();
-                let (sockets, mut report) =
-                    connect_all(devices.clone(), setup.target, source, setup.concurrency).await;
+                let (sockets, report) = connect_all(
+                    devices.clone(),
+                    Attempts {
+                        target: setup.target,
+                        source,
+                        concurrency: setup.concurrency,
+                        started,
+                        budget: Duration::from_millis(budget_ms),
+                    },
+                )
+                .await;
                 held = sockets;
-                report.closed = closed;
-                report.elapsed_us = started.elapsed().as_micros() as u64;
                 reply(&report)?;
             }
             Request::Check => {
@@ -639,41 +691,71 @@ fn reply<T: Serialize>(message: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Connects every device, `concurrency` attempts at a time (workers taking
-/// the next device from a shared counter, so no task waits per device).
-async fn connect_all(
-    devices: Arc<Vec<Credentials>>,
+/// How a helper's connect round runs.
+struct Attempts {
     target: SocketAddr,
     source: Option<IpAddr>,
     concurrency: usize,
+    /// When the round began (before closing what was held).
+    started: Instant,
+    /// No attempt starts after this much time from `started`.
+    budget: Duration,
+}
+
+/// Connects every device, `concurrency` attempts at a time (workers taking
+/// the next device from a shared counter, so no task waits per device).
+///
+/// It stops starting attempts once the round's budget is spent, or once
+/// `2 x concurrency` attempts in a row failed: a broker that stopped
+/// accepting (out of files, say) would otherwise cost every remaining
+/// device an [`ATTEMPT_TIMEOUT`]. Devices not attempted are counted.
+async fn connect_all(
+    devices: Arc<Vec<Credentials>>,
+    attempts: Attempts,
 ) -> (Vec<TcpStream>, ConnectReport) {
+    let Attempts {
+        target,
+        source,
+        concurrency,
+        started,
+        budget,
+    } = attempts;
+    let workers_count = concurrency.clamp(1, devices.len().max(1));
+    let streak_limit = 2 * workers_count;
     let next = Arc::new(AtomicUsize::new(0));
+    let failed_in_a_row = Arc::new(AtomicUsize::new(0));
     let mut workers = JoinSet::new();
-    for _ in 0..concurrency.clamp(1, devices.len().max(1)) {
-        let (devices, next) = (devices.clone(), next.clone());
+    for _ in 0..workers_count {
+        let (devices, next, failed_in_a_row) =
+            (devices.clone(), next.clone(), failed_in_a_row.clone());
         workers.spawn(async move {
             let mut sockets = Vec::new();
             let mut report = ConnectReport::default();
-            while let Some((id, password)) = devices.get(next.fetch_add(1, Ordering::Relaxed)) {
+            loop {
+                if started.elapsed() >= budget
+                    || failed_in_a_row.load(Ordering::Relaxed) >= streak_limit
+                {
+                    break;
+                }
+                let Some((id, password)) = devices.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                    break;
+                };
                 let began = Instant::now();
                 let attempt = mqtt_connect(source, target, id, password.as_deref());
-                match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {
+                let error = match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {
                     Ok(Ok(socket)) => {
                         report.latencies_us.push(began.elapsed().as_micros() as u32);
+                        report.last_connack_us = started.elapsed().as_micros() as u64;
                         sockets.push(socket);
+                        failed_in_a_row.store(0, Ordering::Relaxed);
+                        continue;
                     }
-                    Ok(Err(e)) => {
-                        report.failed += 1;
-                        *report.errors.entry(format!("{e:#}")).or_default() += 1;
-                    }
-                    Err(_) => {
-                        report.failed += 1;
-                        *report
-                            .errors
-                            .entry(format!("no CONNACK within {} s", ATTEMPT_TIMEOUT.as_secs()))
-                            .or_default() += 1;
-                    }
-                }
+                    Ok(Err(e)) => format!("{e:#}"),
+                    Err(_) => format!("no CONNACK within {} s", ATTEMPT_TIMEOUT.as_secs()),
+                };
+                report.failed += 1;
+                *report.errors.entry(error).or_default() += 1;
+                failed_in_a_row.fetch_add(1, Ordering::Relaxed);
             }
             (sockets, report)
         });
@@ -689,6 +771,7 @@ async fn connect_all(
             }
         };
         all.extend(sockets);
+        total.last_connack_us = total.last_connack_us.max(report.last_connack_us);
         total.failed += report.failed;
         total.latencies_us.extend(report.latencies_us);
         for (error, count) in report.errors {
@@ -696,6 +779,18 @@ async fn connect_all(
         }
     }
     total.connected = all.len();
+    let skipped = devices.len().saturating_sub(total.connected + total.failed);
+    if skipped > 0 {
+        let why = if failed_in_a_row.load(Ordering::Relaxed) >= streak_limit {
+            format!("not attempted: the last {streak_limit} attempts in a row failed")
+        } else {
+            format!(
+                "not attempted: the round's {} s were spent",
+                budget.as_secs()
+            )
+        };
+        total.errors.insert(why, skipped);
+    }
     (all, total)
 }
 
@@ -774,7 +869,7 @@ async fn fanout(
         .map(|(id, password)| async move {
             let attempt = async {
                 let stream = mqtt_connect(source, target, id, password.as_deref()).await?;
-                subscribe(stream).await
+                subscribe(stream, FANOUT_TOPIC, 1).await
             };
             tokio::time::timeout(ATTEMPT_TIMEOUT, attempt)
                 .await
@@ -840,22 +935,18 @@ async fn fanout(
     };
 
     let mut latencies = Vec::with_capacity(expected);
-    let (mut duplicates, mut first_error) = (0, None);
+    let (mut duplicates, mut receive_failures) = (0, BTreeMap::new());
     let mut last = Duration::ZERO;
-    while let Some(done) = subscribers.join_next().await {
-        match done? {
-            Ok(received) => {
-                duplicates += received.duplicates;
-                for (seq, at) in received.got {
-                    last = last.max(at);
-                    latencies.push(at.saturating_sub(sent[seq as usize]));
-                }
-            }
-            Err(e) => first_error = first_error.or(Some(e)),
+    while let Some(received) = subscribers.join_next().await {
+        let received = received?;
+        duplicates += received.duplicates;
+        for (seq, at) in received.got {
+            last = last.max(at);
+            latencies.push(at.saturating_sub(sent[seq as usize]));
         }
-    }
-    if let Some(e) = first_error {
-        return Err(e.context("fan-out subscriber"));
+        if let Some(error) = received.error {
+            *receive_failures.entry(error).or_default() += 1;
+        }
     }
     latencies.sort();
     Ok(Fanout {
@@ -864,19 +955,21 @@ async fn fanout(
         messages: args.messages,
         delivered: latencies.len(),
         duplicates,
+        receive_failures,
         elapsed: last.saturating_sub(sent.first().copied().unwrap_or_default()),
         latencies,
     })
 }
 
-/// SUBSCRIBE to [`FANOUT_TOPIC`] at QoS 1 and its SUBACK.
-async fn subscribe(mut stream: TcpStream) -> anyhow::Result<TcpStream> {
+/// SUBSCRIBE to `topic` at `qos` and its SUBACK (which brokers send
+/// before any retained message).
+async fn subscribe(mut stream: TcpStream, topic: &str, qos: u8) -> anyhow::Result<TcpStream> {
     let mut packet = vec![0x82];
-    put_remaining_length(&mut packet, 2 + 2 + FANOUT_TOPIC.len() + 1);
+    put_remaining_length(&mut packet, 2 + 2 + topic.len() + 1);
     packet.extend([0x00, 0x01]);
-    packet.extend((FANOUT_TOPIC.len() as u16).to_be_bytes());
-    packet.extend(FANOUT_TOPIC.as_bytes());
-    packet.push(0x01);
+    packet.extend((topic.len() as u16).to_be_bytes());
+    packet.extend(topic.as_bytes());
+    packet.push(qos);
     stream.write_all(&packet).await?;
     let mut suback = [0u8; 5];
     stream
@@ -884,33 +977,96 @@ async fn subscribe(mut stream: TcpStream) -> anyhow::Result<TcpStream> {
         .await
         .map_err(|e| anyhow!("reading SUBACK: {e}"))?;
     match suback {
-        [0x90, 0x03, 0x00, 0x01, 0x01] => Ok(stream),
-        [0x90, 0x03, 0x00, 0x01, code] => bail!("SUBACK granted {code:#04x}, not QoS 1"),
+        [0x90, 0x03, 0x00, 0x01, granted] if granted == qos => Ok(stream),
+        [0x90, 0x03, 0x00, 0x01, code] => bail!("SUBACK granted {code:#04x}, not QoS {qos}"),
         other => bail!("not a SUBACK: {other:?}"),
     }
 }
 
+/// Mosquitto's own count of the heap it uses (`$SYS/broker/heap/current`).
+///
+/// Unlike its RSS, it falls again when clients leave: a long-running
+/// Mosquitto keeps the pages earlier clients used, so after an earlier run
+/// its RSS hardly grows with new clients. Mosquitto publishes the value
+/// every `sys_interval` (10 s by default) when it changed, and the retained
+/// one may be that old: this waits for a fresh one, and takes the retained
+/// one if none comes (the value did not change).
+async fn mosquitto_heap(target: SocketAddr) -> anyhow::Result<u64> {
+    let stream = mqtt_connect(None, target, "fleetgate-bench-heap", None).await?;
+    let mut stream = subscribe(stream, "$SYS/broker/heap/current", 0).await?;
+    let (mut pending, mut chunk) = (Vec::new(), [0u8; 512]);
+    let mut retained = None;
+    let fresh = tokio::time::timeout(Duration::from_secs(12), async {
+        loop {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                bail!("Mosquitto closed the $SYS subscription");
+            }
+            pending.extend_from_slice(&chunk[..n]);
+            let mut used = 0;
+            while let Some((first, body)) = frame(&pending[used..]) {
+                let packet = &pending[used + body.start..used + body.end];
+                used += body.end;
+                if first >> 4 != 3 || packet.len() < 2 {
+                    continue;
+                }
+                let topic_len = usize::from(u16::from_be_bytes([packet[0], packet[1]]));
+                let payload = packet.get(2 + topic_len..).unwrap_or_default();
+                let value: u64 = std::str::from_utf8(payload)?
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("heap/current {payload:?}"))?;
+                if first & 0x01 == 0 {
+                    return Ok(value);
+                }
+                retained = Some(value);
+            }
+            pending.drain(..used);
+        }
+    })
+    .await;
+    match fresh {
+        Ok(value) => value,
+        Err(_) => retained.ok_or_else(|| anyhow!("no $SYS/broker/heap/current within 12 s")),
+    }
+}
+
 /// What one subscriber read: (message sequence number, when, since the
-/// fan-out's base instant), first delivery of each only.
+/// fan-out's base instant), first delivery of each only; and why it stopped
+/// reading early, if it did.
+#[derive(Default)]
 struct Received {
     got: Vec<(u32, Duration)>,
     duplicates: usize,
+    error: Option<String>,
 }
 
 /// Reads deliveries until every message came or `stop`, acknowledging each
-/// QoS 1 PUBLISH (one write per read).
+/// QoS 1 PUBLISH (one write per read). What came before an error counts.
 async fn receive(
-    mut stream: TcpStream,
+    stream: TcpStream,
     messages: usize,
     base: Instant,
     delivered: Arc<AtomicUsize>,
     stop: CancellationToken,
-) -> anyhow::Result<Received> {
+) -> Received {
+    let mut received = Received::default();
+    let reading = read_deliveries(stream, messages, base, &delivered, &stop, &mut received);
+    if let Err(e) = reading.await {
+        received.error = Some(format!("{e:#}"));
+    }
+    received
+}
+
+async fn read_deliveries(
+    mut stream: TcpStream,
+    messages: usize,
+    base: Instant,
+    delivered: &AtomicUsize,
+    stop: &CancellationToken,
+    received: &mut Received,
+) -> anyhow::Result<()> {
     let mut seen = vec![false; messages];
-    let mut received = Received {
-        got: Vec::with_capacity(messages),
-        duplicates: 0,
-    };
     let (mut pending, mut chunk, mut acks) = (Vec::new(), vec![0u8; 4096], Vec::new());
     while received.got.len() < messages {
         let n = tokio::select! {
@@ -918,31 +1074,24 @@ async fn receive(
             n = stream.read(&mut chunk) => n?,
         };
         if n == 0 {
-            bail!("connection closed after {} deliveries", received.got.len());
+            bail!("the broker closed the connection");
         }
         let at = base.elapsed();
         pending.extend_from_slice(&chunk[..n]);
         let mut used = 0;
         while let Some((first, body)) = frame(&pending[used..]) {
-            let body_slice = &pending[used + body.start..used + body.end];
+            let packet = &pending[used + body.start..used + body.end];
             used += body.end;
             if first >> 4 != 3 {
                 continue;
             }
             let qos = (first >> 1) & 3;
-            let topic_len = usize::from(u16::from_be_bytes([body_slice[0], body_slice[1]]));
-            let mut at_payload = 2 + topic_len;
-            if qos > 0 {
-                acks.extend([
-                    0x40,
-                    0x02,
-                    body_slice[at_payload],
-                    body_slice[at_payload + 1],
-                ]);
-                at_payload += 2;
+            let (pkid, seq) = publish_fields(packet, qos)
+                .ok_or_else(|| anyhow!("malformed PUBLISH: {packet:?}"))?;
+            if let Some(pkid) = pkid {
+                acks.extend([0x40, 0x02]);
+                acks.extend(pkid);
             }
-            let payload = &body_slice[at_payload..];
-            let seq = u32::from_be_bytes(payload[..4].try_into()?);
             match seen.get_mut(seq as usize) {
                 Some(seen) if !*seen => {
                     *seen = true;
@@ -959,7 +1108,22 @@ async fn receive(
             acks.clear();
         }
     }
-    Ok(received)
+    Ok(())
+}
+
+/// A fan-out PUBLISH body's packet id (QoS 1 and 2) and the sequence
+/// number at the start of its payload.
+fn publish_fields(packet: &[u8], qos: u8) -> Option<(Option<[u8; 2]>, u32)> {
+    let topic_len = usize::from(u16::from_be_bytes(packet.get(..2)?.try_into().ok()?));
+    let mut at = 2 + topic_len;
+    let pkid = if qos > 0 {
+        at += 2;
+        Some(packet.get(at - 2..at)?.try_into().ok()?)
+    } else {
+        None
+    };
+    let seq = u32::from_be_bytes(packet.get(at..at + 4)?.try_into().ok()?);
+    Some((pkid, seq))
 }
 
 /// The first complete MQTT packet in `buf`: its first byte and where its
@@ -1053,7 +1217,7 @@ fn p50_p99(sorted: &[Duration]) -> String {
 }
 
 /// Row labels of the table, in the order [`cells`] fills them.
-const ROWS: [&str; 16] = [
+const ROWS: [&str; 17] = [
     "connected (CONNACK accepted)",
     "connects/s",
     "connect -> CONNACK p50 / p99",
@@ -1061,6 +1225,7 @@ const ROWS: [&str; 16] = [
     "RSS before the connects",
     "RSS with all connected, idle",
     "RSS per idle device",
+    "heap per idle device (Mosquitto $SYS)",
     "storm: all closed, all back in",
     "storm connect -> CONNACK p50 / p99",
     "listen queue overflows: connect / storm",
@@ -1073,7 +1238,7 @@ const ROWS: [&str; 16] = [
 ];
 
 /// One broker's column; "—" where a phase did not run.
-fn cells(o: &Outcome, devices: usize) -> [String; 16] {
+fn cells(o: &Outcome, devices: usize) -> [String; 17] {
     let connect = o.connect.as_ref();
     let storm = o.storm.as_ref();
     let fanout = o.fanout.as_ref();
@@ -1082,7 +1247,7 @@ fn cells(o: &Outcome, devices: usize) -> [String; 16] {
     };
     [
         connect.map_or_else(dash, |r| format!("{} of {devices}", r.connected)),
-        connect.map_or_else(dash, |r| rate(r.connected, r.elapsed)),
+        connect.map_or_else(dash, |r| rate(r.connected, r.until_last_connack)),
         connect.map_or_else(dash, |r| p50_p99(&r.latencies)),
         o.held.as_ref().map_or_else(dash, |c| c.open.to_string()),
         mib(o.rss_before),
@@ -1094,12 +1259,18 @@ fn cells(o: &Outcome, devices: usize) -> [String; 16] {
             ),
             _ => dash(),
         },
+        match (o.heap_before, o.heap_held, &o.held) {
+            (Some(before), Some(held), Some(c)) if c.open > 0 => format!(
+                "{:.2} KiB",
+                (held as f64 - before as f64) / c.open as f64 / 1024.0
+            ),
+            _ => dash(),
+        },
         storm.map_or_else(dash, |r| {
             format!(
-                "{:.2} s ({} of {})",
-                r.elapsed.as_secs_f64(),
+                "{:.2} s ({} of {devices})",
+                r.until_last_connack.as_secs_f64(),
                 r.connected,
-                r.closed
             )
         }),
         storm.map_or_else(dash, |r| p50_p99(&r.latencies)),
@@ -1145,7 +1316,7 @@ fn print_table(args: &HoldArgs, outcomes: &[Outcome]) {
             );
         }
     }
-    let columns: Vec<[String; 16]> = outcomes.iter().map(|o| cells(o, args.devices)).collect();
+    let columns: Vec<[String; 17]> = outcomes.iter().map(|o| cells(o, args.devices)).collect();
     let width = outcomes
         .iter()
         .map(|o| o.name.chars().count())
@@ -1176,6 +1347,11 @@ fn print_table(args: &HoldArgs, outcomes: &[Outcome]) {
         if let Some(fanout) = &outcome.fanout {
             for (error, count) in &fanout.subscribe_failures {
                 lines.push(format!("fan-out subscribe: {count} x {error}"));
+            }
+            for (error, count) in &fanout.receive_failures {
+                lines.push(format!(
+                    "fan-out subscribers stopped early: {count} x {error}"
+                ));
             }
             if fanout.duplicates > 0 {
                 lines.push(format!(

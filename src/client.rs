@@ -621,7 +621,7 @@ pub enum SdkCommand {
         out: std::path::PathBuf,
     },
     /// Verify a bundle with the platform key and print its manifest, and for
-    /// WebAssembly its imports and exports.
+    /// WebAssembly its imports, exports and the streams it can encode.
     Inspect {
         file: std::path::PathBuf,
         #[arg(long)]
@@ -702,6 +702,12 @@ pub async fn sdk(command: SdkCommand, server: &ServerArgs) -> anyhow::Result<()>
                     fleetgate_sdk_builder::interface(&artifact).map_err(|e| anyhow!(e))?;
                 report["imports"] = json!(imports);
                 report["exports"] = json!(exports);
+                // The streams it has encoders for: those the device's type
+                // may write.
+                let schema =
+                    fleetgate_sdk_builder::module_schema_of(&artifact).map_err(|e| anyhow!(e))?;
+                report["streams"] =
+                    json!(schema.streams.iter().map(|s| &s.name).collect::<Vec<_>>());
             }
             println!("{}", serde_json::to_string_pretty(&report)?);
         }

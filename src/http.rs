@@ -7,12 +7,14 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use fleetgate_admin::audit::Outcome;
 use fleetgate_admin::registry::RegistryError;
 use fleetgate_admin::{unix_now, AuditLog, Bans, Platform, RefusalLedger, Registry};
 use fleetgate_protocol::schema::StreamsFile;
@@ -20,6 +22,7 @@ use fleetgate_protocol::sdk::from_hex;
 use fleetgate_protocol::{AuthError, Authenticate, Principal, Role};
 use fleetgate_store::db::Backend;
 use fleetgate_store::query::{self, QueryError, QueryLimits};
+use fleetgate_store::sqlite_limits;
 use fleetgate_store::tiers::Tiers;
 use fleetgate_store::views::{Route, Views, ViewsFile};
 use fleetgate_store::{rejects, Catalog, Db};
@@ -37,6 +40,9 @@ pub struct AppState {
     pub bans: Bans,
     pub audit: AuditLog,
     pub query_timeout: Duration,
+    /// `--query-max-bytes`: most bytes a query's result may hold, and the
+    /// longest value it may build.
+    pub query_max_bytes: usize,
     pub metrics: Arc<prometheus_client::registry::Registry>,
     pub sdk: crate::sdk_api::SdkSettings,
     /// Set in cluster mode (`fleetgate broker`).
@@ -55,13 +61,26 @@ pub struct AppState {
     pub analyses: Arc<fleetgate_etl::analysis::Analyses>,
     /// Where HTTP ingest goes: the local store, or the balancer.
     pub ingest: Arc<dyn fleetgate_protocol::ingest::IngestService>,
+    /// The per-address limit on routes that take no token (`None`: off).
+    pub unauth_limit: Option<Arc<crate::rate_limit::RateLimit>>,
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    // The routes anyone may call, without a token: rate limited per address.
+    let mut public = Router::new()
         .route("/", get(dashboard))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
+        .route("/v1/handshake/nonce", get(crate::sdk_api::nonce))
+        .route("/v1/handshake", post(crate::sdk_api::handshake));
+    if let Some(limit) = &state.unauth_limit {
+        public = public.route_layer(middleware::from_fn_with_state(
+            limit.clone(),
+            crate::rate_limit::limit,
+        ));
+    }
+    Router::new()
+        .merge(public)
         .route("/v1/devices", get(list_devices).post(add_device))
         .route("/v1/devices/{id}/token", post(mint_token))
         .route("/v1/devices/{id}/revoke", post(revoke_device))
@@ -113,9 +132,11 @@ pub fn router(state: AppState) -> Router {
             get(crate::analysis_api::list).post(crate::analysis_api::apply),
         )
         .route("/v1/alerts", get(crate::analysis_api::alerts))
-        .route("/v1/handshake/nonce", get(crate::sdk_api::nonce))
-        .route("/v1/handshake", post(crate::sdk_api::handshake))
         .route("/v1/sdk/build", post(crate::sdk_api::offline_build))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            audit_outcomes,
+        ))
         .with_state(state)
 }
 
@@ -137,9 +158,16 @@ async fn dashboard() -> impl IntoResponse {
 /// An error as the API reports it: a status and `{"error": "..."}`.
 pub struct ApiError(pub StatusCode, pub String);
 
+/// The message of an [`ApiError`], kept on its response for the audit
+/// log's outcome (the body is already serialized by then).
+#[derive(Clone)]
+struct ErrorMessage(String);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        let mut response = (self.0, Json(json!({ "error": self.1 }))).into_response();
+        response.extensions_mut().insert(ErrorMessage(self.1));
+        response
     }
 }
 
@@ -214,10 +242,11 @@ impl Caller {
 }
 
 impl AppState {
-    /// Writes an admin action to the audit log before it takes effect: an
-    /// action whose entry cannot be written is not performed, so none goes
-    /// unrecorded. (One that then fails in the database is recorded as
-    /// requested; its caller gets the error.)
+    /// Writes an admin action to the audit log, as pending, before it takes
+    /// effect: an action whose entry cannot be written is not performed, so
+    /// none goes unrecorded. [`audit_outcomes`] finishes the entry with the
+    /// request's outcome once the handler has answered, so handlers need
+    /// not (and cannot forget to).
     pub async fn audit(
         &self,
         admin: &Principal,
@@ -225,10 +254,95 @@ impl AppState {
         target: &str,
         detail: Value,
     ) -> Result<(), ApiError> {
-        self.audit
-            .record(&admin.device_id, action, target, detail)
+        let id = self
+            .audit
+            .begin(&admin.device_id, action, target, detail)
             .await
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+        let tracked = AUDITED.try_with(|entries| entries.lock().expect("audit lock").push(id));
+        if tracked.is_err() {
+            // Only a request through `router` has the scope; an entry made
+            // elsewhere stays pending, which the log reads as "unknown".
+            tracing::error!(
+                id,
+                action,
+                "audit entry written outside a request; its outcome will not be recorded"
+            );
+        }
+        Ok(())
+    }
+}
+
+tokio::task_local! {
+    /// The audit entries the current request has written.
+    static AUDITED: Arc<std::sync::Mutex<Vec<i64>>>;
+}
+
+/// Finishes the audit entries a request wrote with its outcome: a 2xx or
+/// 3xx is `done`, a 4xx `refused` and a 5xx `failed`, with the error's
+/// message as the reason. Every audited handler answers only once its
+/// action has run, so the status is the action's outcome (for `etl.run`,
+/// a 202: the run was started).
+async fn audit_outcomes(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let entries = Arc::new(std::sync::Mutex::new(Vec::new()));
+    // If the request is dropped mid-action (its client went away), the
+    // guard marks its entries interrupted rather than leaving them pending.
+    let mut guard = InterruptedGuard {
+        audit: state.audit.clone(),
+        entries: Some(entries.clone()),
+    };
+    let response = AUDITED.scope(entries.clone(), next.run(request)).await;
+    guard.entries = None;
+    let ids = std::mem::take(&mut *entries.lock().expect("audit lock"));
+    if ids.is_empty() {
+        return response;
+    }
+    let status = response.status();
+    // Owned before any await: a response body is not `Sync`, so a borrow
+    // of it would make this future not `Send`.
+    let reason = response
+        .extensions()
+        .get::<ErrorMessage>()
+        .map(|m| m.0.clone())
+        .unwrap_or_else(|| status.to_string());
+    let outcome = if status.is_client_error() {
+        Outcome::Refused(reason)
+    } else if status.is_server_error() {
+        Outcome::Failed(reason)
+    } else {
+        Outcome::Done
+    };
+    for id in ids {
+        if let Err(e) = state.audit.finish(id, &outcome).await {
+            // The action already happened; its entry stays pending.
+            tracing::error!(error = %e, "cannot record an admin action's outcome");
+        }
+    }
+    response
+}
+
+struct InterruptedGuard {
+    audit: AuditLog,
+    entries: Option<Arc<std::sync::Mutex<Vec<i64>>>>,
+}
+
+impl Drop for InterruptedGuard {
+    fn drop(&mut self) {
+        let Some(entries) = self.entries.take() else {
+            return;
+        };
+        let ids = std::mem::take(&mut *entries.lock().expect("audit lock"));
+        if ids.is_empty() {
+            return;
+        }
+        let audit = self.audit.clone();
+        tokio::spawn(async move {
+            for id in ids {
+                if let Err(e) = audit.finish(id, &Outcome::Interrupted).await {
+                    tracing::error!(error = %e, "cannot record an admin action's outcome");
+                }
+            }
+        });
     }
 }
 
@@ -673,7 +787,7 @@ async fn route_query(state: &AppState, caller: &Caller, sql: &str) -> Result<Rou
         .chain(state.analyses.tables())
         .collect();
     let backend = state.db.backend();
-    let parsed = query::check(sql, &tables, backend).map_err(|e| bad_request(e.to_string()))?;
+    let parsed = query::check(sql, &tables, backend).map_err(|e| query_error(state, e))?;
     state.compaction.observe(&parsed);
     let primary_sql = fleetgate_store::expand::expand(&parsed, &state.catalog, backend)
         .map_err(bad_request)?
@@ -738,15 +852,61 @@ async fn explain_query(
     Ok(Json(json!(route)))
 }
 
+/// `/v1/query`'s answer: the result with the view that served it.
+/// Serialized straight from the rows, not through a second `Value` tree,
+/// so a result up to `--query-max-bytes` is held once, plus its text.
+#[derive(serde::Serialize)]
+struct QueryAnswer {
+    #[serde(flatten)]
+    result: query::QueryResult,
+    view: Option<String>,
+}
+
 async fn run_query(
     State(state): State<AppState>,
     caller: Caller,
     Json(request): Json<QueryRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<QueryAnswer>, ApiError> {
     let (result, view) = answer(&state, &caller, &request.sql).await?;
-    let mut body = serde_json::to_value(result).expect("result serializes");
-    body["view"] = json!(view);
-    Ok(Json(body))
+    Ok(Json(QueryAnswer { result, view }))
+}
+
+/// A query's failure as the API answers it.
+fn query_error(state: &AppState, error: QueryError) -> ApiError {
+    let bound = query::human_bytes(state.query_max_bytes);
+    match error {
+        QueryError::Timeout(d) => ApiError(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("query did not finish within {d:?} (--query-timeout)"),
+        ),
+        QueryError::ResultTooLarge(_) => ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "the result is larger than {bound}, the limit on a query's result \
+                 (--query-max-bytes {bound}): select fewer rows or columns, or aggregate"
+            ),
+        ),
+        QueryError::ValueTooLarge(_) => ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "a value the query builds is larger than {bound}, the limit on a query's \
+                 values (--query-max-bytes {bound})"
+            ),
+        ),
+        QueryError::OutOfMemory => ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "the query needs more memory than a query may take: {} ({} × \
+                 --query-max-bytes {bound}); make it build smaller or fewer values",
+                query::human_bytes(
+                    sqlite_limits::budget_for(state.query_max_bytes).unwrap_or(usize::MAX)
+                ),
+                sqlite_limits::BUDGET_FACTOR,
+            ),
+        ),
+        QueryError::Unavailable(message) => ApiError(StatusCode::SERVICE_UNAVAILABLE, message),
+        QueryError::NotAllowed(message) | QueryError::Database(message) => bad_request(message),
+    }
 }
 
 /// Runs a read-only query as `/v1/query` does: checked, routed to a view
@@ -764,6 +924,7 @@ pub async fn answer(
     } = route_query(state, caller, sql).await?;
     let limits = QueryLimits {
         timeout: state.query_timeout,
+        max_bytes: state.query_max_bytes,
         ..Default::default()
     };
     let started = Instant::now();
@@ -789,11 +950,7 @@ pub async fn answer(
                 .await;
             Ok((result, view))
         }
-        Err(QueryError::Timeout(d)) => Err(ApiError(
-            StatusCode::REQUEST_TIMEOUT,
-            format!("query did not finish within {d:?}"),
-        )),
-        Err(e) => Err(bad_request(e.to_string())),
+        Err(e) => Err(query_error(state, e)),
     }
 }
 

@@ -1,8 +1,9 @@
 //! `POST /v1/ingest/{stream}`: records over HTTP, for web pages and
 //! servers. The body (one JSON object or an array) goes to the same
 //! `IngestService` as an MQTT publish on `ingest/<stream>/<device>`, so it
-//! gets the same decoding, validation, keys, rejects and live copies, and
-//! the reply comes only after the commit: a 200 means stored.
+//! gets the same decoding, validation, keys, writers, rejects and live
+//! copies, and the reply comes only after the commit: a 200 means stored
+//! (`stored` new records, `duplicates` whose key already was).
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -40,6 +41,7 @@ pub async fn ingest(
             .record_refusal(&principal.device_id, &format!("http ingest: {}", denied.0));
         return Err(ApiError(StatusCode::FORBIDDEN, denied.0));
     }
+    let device_id = principal.device_id.clone();
     let message = IngestMessage {
         principal,
         stream,
@@ -65,7 +67,16 @@ pub async fn ingest(
         Ok(Err(e)) => return Err(unavailable(e.to_string())),
         Err(_) => return Err(unavailable("the store stopped".into())),
     };
+    // The store refused the sender (its device type may not write this
+    // stream): a 403, counted like the topic check above; nothing stored.
+    if let Some(reason) = outcome.refused {
+        state
+            .auth
+            .record_refusal(&device_id, &format!("http ingest: {reason}"));
+        return Err(ApiError(StatusCode::FORBIDDEN, reason));
+    }
     // Stored records stay stored; a 422 says some were rejected and why.
+    // Duplicates (keys already stored) are not an error: they are stored.
     let status = if outcome.rejected == 0 {
         StatusCode::OK
     } else {
@@ -75,6 +86,7 @@ pub async fn ingest(
         status,
         Json(json!({
             "stored": outcome.stored,
+            "duplicates": outcome.duplicates,
             "rejected": outcome.rejected,
             "first_reason": outcome.first_reason,
         })),

@@ -15,6 +15,7 @@ mod etl_cli;
 mod http;
 mod ingest_api;
 mod node;
+mod rate_limit;
 mod reports_api;
 mod sdk_api;
 mod state;
@@ -121,9 +122,20 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before SQLite is first used, which is the only time it may be done:
+    // SQLite's allocations on a query's thread count against the query's
+    // memory budget.
+    if let Err(e) = fleetgate_store::sqlite_limits::install_budgets() {
+        eprintln!("fleetgate: queries on SQLite run without memory budgets: {e}");
+    }
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Queries' trees are walked recursively on the workers (view
+        // routing, expansion): the query guard bounds their depth for
+        // this stack, not tokio's default 2 MiB. Address space only: a
+        // thread touches what it uses.
+        .thread_stack_size(fleetgate_store::query::WORKER_STACK_BYTES)
         .build()
         .expect("tokio runtime");
     let result = runtime.block_on(async {

@@ -37,7 +37,7 @@ impl From<HandshakeError> for ApiError {
         let status = match e {
             HandshakeError::Malformed(_) => StatusCode::BAD_REQUEST,
             HandshakeError::Refused(_) => StatusCode::UNAUTHORIZED,
-            HandshakeError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            HandshakeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(status, e.to_string())
     }
@@ -48,18 +48,25 @@ pub async fn nonce(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
     Ok(Json(json!({ "nonce": nonce, "expires_at_ms": expires })))
 }
 
-fn schema_for(state: &AppState, role: Role) -> ModuleSchema {
+/// The streams a device of `role` and `device_type` may write: its SDK
+/// carries encoders for those only.
+fn schema_for(state: &AppState, role: Role, device_type: Option<&str>) -> ModuleSchema {
     let streams = state.catalog.list();
-    Builder::module_schema(role, streams.iter().map(|s| (s.name.as_str(), &s.def)))
+    Builder::module_schema(
+        role,
+        device_type,
+        streams.iter().map(|s| (s.name.as_str(), &s.def)),
+    )
 }
 
 /// Builds on a blocking thread: compiling native code takes milliseconds of CPU.
 async fn build(
     state: &AppState,
     role: Role,
+    device_type: Option<&str>,
     target: Target,
 ) -> Result<(Arc<Artifact>, bool), ApiError> {
-    let schema = schema_for(state, role);
+    let schema = schema_for(state, role, device_type);
     let builder = state.sdk.builder.clone();
     tokio::task::spawn_blocking(move || builder.build(&schema, target))
         .await
@@ -73,11 +80,12 @@ pub async fn handshake(
 ) -> Result<Json<Value>, ApiError> {
     let signed: SignedHandshake = serde_json::from_slice(&body)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("malformed handshake: {e}")))?;
-    let (claims, device) = state.sdk.handshakes.verify(&signed, unix_now_ms())?;
+    let (claims, device) = state.sdk.handshakes.verify(&signed, unix_now_ms()).await?;
     let target = claims
         .target
         .unwrap_or_else(|| Target::native_for_arch(&claims.arch));
-    let (artifact, cached) = build(&state, device.role, target).await?;
+    let (artifact, cached) =
+        build(&state, device.role, device.device_type.as_deref(), target).await?;
     let now = unix_now();
     let token_ttl = state.sdk.token_ttl.as_secs().max(1) as i64;
     let token = state.platform.mint(&device.id, device.role, token_ttl, now);
@@ -153,7 +161,13 @@ pub async fn offline_build(
             json!({ "target": request.target, "ttl_secs": ttl }),
         )
         .await?;
-    let (artifact, cached) = build(&state, device.role, request.target).await?;
+    let (artifact, cached) = build(
+        &state,
+        device.role,
+        device.device_type.as_deref(),
+        request.target,
+    )
+    .await?;
     let bundle = Builder::seal(
         &artifact,
         &Recipient {

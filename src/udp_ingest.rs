@@ -3,8 +3,9 @@
 //! `{"token": "<device token>", "stream": "<stream>", "record": {...}}`:
 //! the platform-signed token authenticates it, and the record goes to the
 //! same `IngestService` as an MQTT publish. After the commit the sender gets
-//! `{"stored": n, "rejected": n, "first_reason": ...}` back; a refused
-//! datagram gets `{"error": ...}`.
+//! `{"stored": n, "duplicates": n, "rejected": n, "first_reason": ...}`
+//! back; a refused datagram (bad token, a stream its device type may not
+//! write) gets `{"error": ...}`.
 //!
 //! UDP is best-effort: a datagram or its answer may be lost, and nothing
 //! tells the sender which. A device that must not lose records uses MQTT
@@ -87,7 +88,7 @@ impl UdpIngest {
         let message = IngestMessage {
             principal,
             stream: envelope.stream,
-            device_id: device,
+            device_id: device.clone(),
             payload: Bytes::from(envelope.record.to_string()),
             truncated_from: None,
             received_at_ms: unix_now_ms(),
@@ -99,8 +100,14 @@ impl UdpIngest {
             .await
             .map_err(|e| format!("not stored: {e}"))?;
         match pending.await {
+            Ok(Ok(outcome)) if outcome.refused.is_some() => {
+                let reason = outcome.refused.unwrap_or_default();
+                self.auth.record_refusal(&device, &format!("udp: {reason}"));
+                Err(reason)
+            }
             Ok(Ok(outcome)) => Ok(json!({
                 "stored": outcome.stored,
+                "duplicates": outcome.duplicates,
                 "rejected": outcome.rejected,
                 "first_reason": outcome.first_reason,
             })),

@@ -74,6 +74,16 @@ pub struct UpArgs {
     /// PostgreSQL URL (postgres://...); SQLite at <data>/store.db when absent.
     #[arg(long, env = "FLEETGATE_DATABASE")]
     database: Option<String>,
+    /// The directory ETL file sources (csv, jsonl) are read under; a job
+    /// naming a file outside it (after resolving `..` and symlinks) is
+    /// refused. Default: <data>/etl-sources (created if missing).
+    #[arg(long)]
+    etl_dir: Option<PathBuf>,
+    /// A database ETL sql sources may read, by the name jobs give it
+    /// (`database = "shop"`): NAME=postgres://... or NAME=sqlite:PATH.
+    /// Repeat for several. Never the store's own database.
+    #[arg(long = "etl-database", value_name = "NAME=URL", value_parser = parse_etl_database)]
+    etl_databases: Vec<(String, String)>,
     /// Streams file to apply at start.
     #[arg(long)]
     streams: Option<PathBuf>,
@@ -100,6 +110,11 @@ pub struct UpArgs {
     /// Longest a query may run before it is stopped.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     query_timeout: Duration,
+    /// Most bytes a query's result may hold (e.g. 64MiB), and the longest
+    /// value a query may build; beyond, the query is refused with 422. On
+    /// SQLite a query may also take at most twice this in memory.
+    #[arg(long, default_value = "64MiB", value_parser = parse_query_max_bytes)]
+    query_max_bytes: usize,
     /// Lifetime of the token a device gets with its SDK; devices renew it
     /// by handshaking again before it runs out.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
@@ -110,6 +125,19 @@ pub struct UpArgs {
     /// Built SDK artifacts kept for identical requests (0: no cache).
     #[arg(long, default_value_t = 256)]
     sdk_cache: usize,
+    /// How long a handshake nonce stays good (at most 10m). Brokers of a
+    /// cluster honour the lifetime of the broker that issued a nonce.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    nonce_ttl: Duration,
+    /// Requests per second each client address may make, on average, to the
+    /// routes that take no token (handshake nonce and handshake, /metrics,
+    /// /healthz, the dashboard page); beyond, 429 with Retry-After. 0 turns
+    /// the limit off.
+    #[arg(long, default_value_t = 20.0, value_parser = parse_rate)]
+    unauth_rate: f64,
+    /// Requests a client address may make at once to those routes.
+    #[arg(long, default_value_t = 40)]
+    unauth_burst: u32,
     /// How long repeated authentication failures ban the device (0s: no bans).
     #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
     ban_duration: Duration,
@@ -171,6 +199,15 @@ impl AutoViewArgs {
     }
 }
 
+/// A size for `--query-max-bytes`: at least 64 KiB, so that any query can
+/// answer something.
+fn parse_query_max_bytes(text: &str) -> Result<usize, String> {
+    match views::auto::parse_bytes(text)? {
+        bytes if bytes < 64 << 10 => Err(format!("{text} is below the least, 64KiB")),
+        bytes => Ok(usize::try_from(bytes).unwrap_or(usize::MAX)),
+    }
+}
+
 /// A duration, or "off".
 #[derive(Debug, Clone, Copy)]
 pub struct OptionalDuration(Option<Duration>);
@@ -214,6 +251,14 @@ pub struct BrokerArgs {
 enum Ingest {
     Local(Arc<Store>),
     Cluster(Balancer),
+}
+
+/// `NAME=URL` of `--etl-database`.
+fn parse_etl_database(text: &str) -> Result<(String, String), String> {
+    let (name, url) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected NAME=URL"))?;
+    Ok((name.to_string(), url.to_string()))
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -278,6 +323,22 @@ async fn serve(
 
     let (platform, _) = Platform::open(&args.data).map_err(|e| anyhow!(e))?;
     platform.save_public_key().map_err(|e| anyhow!(e))?;
+    // ETL sources read only where the operator said: a job is declared
+    // over the API, but runs with this process's file and network access.
+    // Checked before the store is opened, so a refused configuration
+    // (the store named as a source) changes nothing.
+    let etl_access = fleetgate_etl::confine::SourceAccess::new(
+        &args
+            .etl_dir
+            .clone()
+            .unwrap_or_else(|| args.data.join("etl-sources")),
+        &args.etl_databases,
+        fleetgate_etl::confine::Store {
+            data_dir: &args.data,
+            database_url: args.database.as_deref(),
+        },
+    )
+    .map_err(|e| anyhow!(e))?;
     let identity = tls::identity_from_flags(
         args.cert.as_deref(),
         args.key.as_deref(),
@@ -320,7 +381,7 @@ async fn serve(
         .pack_plain_cold_tiers()
         .await
         .map_err(|e| anyhow!(e))?;
-    let etl = fleetgate_etl::Etl::open(db.clone(), &args.data)
+    let etl = fleetgate_etl::Etl::open(db.clone(), &args.data, etl_access)
         .await
         .map_err(|e| anyhow!(e))?;
     etl.schedule();
@@ -520,11 +581,18 @@ async fn serve(
 
     let http_addr = http_listener.local_addr()?;
     let sdk = crate::sdk_api::SdkSettings {
-        handshakes: Arc::new(Handshakes::new(
-            registry.clone(),
-            bans.clone(),
-            auth.clone(),
-        )),
+        handshakes: Arc::new(
+            Handshakes::open(
+                registry.clone(),
+                bans.clone(),
+                auth.clone(),
+                platform.nonce_key(),
+                args.nonce_ttl.as_millis().min(i64::MAX as u128) as i64,
+                db.clone(),
+            )
+            .await
+            .map_err(|e| anyhow!(e))?,
+        ),
         builder: Arc::new(Builder::new(args.sdk_cache)),
         token_ttl: args.sdk_token_ttl,
         manifest_ttl: args.sdk_manifest_ttl,
@@ -544,6 +612,7 @@ async fn serve(
         bans,
         audit,
         query_timeout: args.query_timeout,
+        query_max_bytes: args.query_max_bytes,
         metrics: Arc::new(metrics),
         sdk,
         balancer: match &ingest {
@@ -560,6 +629,7 @@ async fn serve(
         reports,
         analyses,
         ingest: ingest_service.clone(),
+        unauth_limit: crate::rate_limit::RateLimit::new(args.unauth_rate, args.unauth_burst),
     };
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -596,6 +666,8 @@ async fn serve(
             stopped(http_stopped.clone()),
         );
         servers.push(tokio::spawn(async move {
+            // The client's address, for the per-address rate limit.
+            let router = router.into_make_service_with_connect_info::<ClientAddr>();
             axum::serve(tls::HttpsListener(https), router)
                 .with_graceful_shutdown(stop)
                 .await
@@ -609,6 +681,7 @@ async fn serve(
     }
     let (router, stop) = (crate::http::router(state), stopped(http_stopped.clone()));
     servers.push(tokio::spawn(async move {
+        let router = router.into_make_service_with_connect_info::<ClientAddr>();
         axum::serve(http_listener, router)
             .with_graceful_shutdown(stop)
             .await
@@ -631,8 +704,19 @@ async fn serve(
     Ok(())
 }
 
+use crate::rate_limit::ClientAddr;
 use crate::{http, tls};
 use fleetgate_broker::tls::TlsIncoming;
+
+/// A rate in requests per second: finite and not negative (0: no limit).
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate >= 0.0 => Ok(rate),
+        _ => Err(format!(
+            "{text:?} is not a rate: give requests per second, 0 or more"
+        )),
+    }
+}
 
 /// The built-in admin device and, on first start, its token (printed once).
 async fn bootstrap_admin(platform: &Platform, registry: &Registry) -> anyhow::Result<()> {

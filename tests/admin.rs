@@ -355,11 +355,75 @@ async fn admin_actions_are_audited(backend: Backend) {
     );
 }
 
+/// Issue 17 I: refused actions were logged like successful ones. Each entry
+/// now carries its outcome: done, or refused (or failed) with the reason.
+async fn audit_entries_carry_their_outcome(backend: Backend) {
+    let server = Server::start(backend).await;
+    let (status, _) = server.apply_streams(crate::harness::TEMPERATURE).await;
+    assert_eq!(status, 200);
+    server.add_device("sensor-1", "ingest").await;
+    // Refused by the store once its entry was written: a field's type
+    // cannot change.
+    let changed = crate::harness::TEMPERATURE.replace(
+        r#"fields.label    = { type = "string" }"#,
+        r#"fields.label    = { type = "int" }"#,
+    );
+    let (status, body) = server.apply_streams(&changed).await;
+    assert_eq!(status, 400, "{body}");
+    let refusal = body["error"].as_str().unwrap().to_string();
+    // A view on a stream that does not exist.
+    let (status, body) = server
+        .post_text(
+            "/v1/views",
+            &server.admin,
+            "[views.v]\nsource = \"nowhere\"\nkey = [\"x\"]\n",
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+
+    let (status, body) = server
+        .api("GET", "/v1/audit", Some(&server.admin), None)
+        .await;
+    assert_eq!(status, 200);
+    let entries: Vec<(String, String, Option<String>)> = body["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_string(),
+                e["outcome"].as_str().expect("an outcome").to_string(),
+                e["reason"].as_str().map(str::to_string),
+            )
+        })
+        .collect();
+    let outcomes: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|(action, outcome, _)| (action.as_str(), outcome.as_str()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("view.create", "refused"),
+            ("stream.apply", "refused"),
+            ("device.add", "done"),
+            ("stream.apply", "done"),
+        ]
+    );
+    assert_eq!(entries[1].2.as_deref(), Some(refusal.as_str()));
+    assert!(
+        entries[0].2.as_deref().unwrap().contains("nowhere"),
+        "{body}"
+    );
+    assert_eq!(entries[2].2, None);
+}
+
 crate::on_both_backends!(
     revocation_is_immediate,
     role_changes_apply_to_live_sessions,
     repeated_refusals_ban_the_device,
-    admin_actions_are_audited
+    admin_actions_are_audited,
+    audit_entries_carry_their_outcome
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

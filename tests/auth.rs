@@ -6,7 +6,8 @@ use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as V5Code;
 use rumqttc::ConnectReturnCode as V4Code;
 
 use crate::harness::{
-    connect_v4, connect_v5, foreign_token, mosquitto_available, now, Backend, Server,
+    connect_v4, connect_v4_with, connect_v5, connect_v5_with, foreign_token, mosquitto_available,
+    now, v4_options, v5_options, Backend, Server,
 };
 
 async fn refusals(backend: Backend) {
@@ -159,4 +160,58 @@ async fn rapid_reconnects_with_the_same_client_id_are_accepted() {
         let v5 = connect_v5(&server, "sensor-1", &token).await;
         assert!(v5.is_ok(), "round {round}, MQTT 5: {:?}", v5.err());
     }
+}
+
+/// Issue 17 J: a client id that is not the token's device, with the token's
+/// device as username (`mosquitto_pub -i other -u sensor-1 -P "$SENSOR"`),
+/// got *bad username or password* (4 / 0x86). It is *identifier rejected*
+/// (2 / 0x85), as documented; a wrong username with the right client id
+/// and token is still a bad username.
+#[tokio::test]
+async fn a_client_id_that_is_not_the_tokens_device_is_identifier_rejected() {
+    let server = Server::start_with(Backend::Sqlite, &["--ban-duration", "0s"]).await;
+    let token = server.add_device("sensor-1", "ingest").await;
+    server.add_device("sensor-2", "ingest").await;
+    for client_id in ["sensor-2", "nobody"] {
+        let mut v4 = v4_options(&server, client_id, &token);
+        v4.set_credentials("sensor-1", &token);
+        let refused = connect_v4_with(v4).await.err();
+        assert_eq!(refused, Some(V4Code::BadClientId), "3.1.1, {client_id}");
+        let mut v5 = v5_options(&server, client_id, &token);
+        v5.set_credentials("sensor-1", &token);
+        let refused = connect_v5_with(v5).await.err();
+        assert_eq!(
+            refused,
+            Some(V5Code::ClientIdentifierNotValid),
+            "MQTT 5, {client_id}"
+        );
+    }
+    let mut v4 = v4_options(&server, "sensor-1", &token);
+    v4.set_credentials("sensor-2", &token);
+    assert_eq!(
+        connect_v4_with(v4).await.err(),
+        Some(V4Code::BadUserNamePassword)
+    );
+    let mut v5 = v5_options(&server, "sensor-1", &token);
+    v5.set_credentials("sensor-2", &token);
+    assert_eq!(
+        connect_v5_with(v5).await.err(),
+        Some(V5Code::BadUserNamePassword)
+    );
+    if !mosquitto_available() {
+        eprintln!("skipped the mosquitto_pub part: mosquitto_pub is not installed");
+        return;
+    }
+    let output = std::process::Command::new("mosquitto_pub")
+        .args(["-p", &server.mqtt.port().to_string()])
+        .args(["-i", "sensor-2", "-u", "sensor-1", "-P", &token])
+        .args(["-t", "ingest/t/sensor-1", "-m", "{}"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("identifier rejected"),
+        "mosquitto_pub said: {stderr}"
+    );
 }

@@ -145,7 +145,7 @@ async fn a_batch_swaps_out_the_real_time_buckets_it_supersedes(backend: Backend)
     assert_eq!(in_order, [[json!("e1c")], [json!("e1")]]);
 
     // The nightly export: o3 once, and o6, which real time never saw.
-    let export = server.dir.path().join("orders.csv");
+    let export = server.etl_dir().join("orders.csv");
     let mut csv = String::from("order_id,amount,ordered_at\n");
     for (order, amount, hour, minute) in [
         ("o0", 10.0, 0, 0),

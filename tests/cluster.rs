@@ -143,11 +143,11 @@ impl Cluster {
             request = request.json(&body);
         }
         let response = request.send().await.unwrap();
-        assert!(
-            response.status().is_success(),
-            "{method} {path}: {}",
-            response.status()
-        );
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            panic!("{method} {path}: {status}: {text}");
+        }
         response.json().await.unwrap()
     }
 

@@ -88,7 +88,7 @@ async fn get(server: &Server, path: &str) -> Value {
 on_both_backends!(a_job_extracts_transforms_and_loads_with_rejects_per_row);
 async fn a_job_extracts_transforms_and_loads_with_rejects_per_row(backend: Backend) {
     let server = Server::start(backend).await;
-    let dir = server.dir.path().to_path_buf();
+    let dir = server.etl_dir();
     write_export(&dir);
     let file = dir.join("jobs.toml");
     std::fs::write(&file, orders_job(&dir)).unwrap();
@@ -189,7 +189,7 @@ async fn a_job_extracts_transforms_and_loads_with_rejects_per_row(backend: Backe
 on_both_backends!(bad_jobs_are_refused_with_the_reason);
 async fn bad_jobs_are_refused_with_the_reason(backend: Backend) {
     let server = Server::start(backend).await;
-    let dir = server.dir.path().to_path_buf();
+    let dir = server.etl_dir();
     let good = orders_job(&dir);
     let cases = [
         (
@@ -232,9 +232,11 @@ async fn bad_jobs_are_refused_with_the_reason(backend: Backend) {
 on_both_backends!(a_scheduled_rollup_from_a_database_overwrites_its_window);
 async fn a_scheduled_rollup_from_a_database_overwrites_its_window(backend: Backend) {
     use sqlx::Connection;
-    let server = Server::start(backend).await;
-    let dir = server.dir.path().to_path_buf();
-    let shop = dir.join("shop.db");
+    // The shop's database, which the operator lets jobs read by name.
+    let shop_dir = tempfile::tempdir().unwrap();
+    let shop = shop_dir.path().join("shop.db");
+    let configured = format!("shop=sqlite:{}", shop.display());
+    let server = Server::start_with(backend, &["--etl-database", &configured]).await;
     let url = format!("sqlite://{}?mode=rwc", shop.display());
     let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
     sqlx::query("CREATE TABLE sales (region TEXT, amount REAL, sold_at TEXT)")
@@ -255,20 +257,19 @@ async fn a_scheduled_rollup_from_a_database_overwrites_its_window(backend: Backe
             .await
             .unwrap();
     }
-    let job = format!(
-        r#"
+    let job = r#"
 [jobs.daily_sales]
 every = "1s"
 [jobs.daily_sales.sources.sales]
 sql = "SELECT region, amount, sold_at FROM sales"
-database = "sqlite:{}"
-columns = {{ region = "text", amount = "float", sold_at = "timestamp" }}
+database = "shop"
+columns = { region = "text", amount = "float", sold_at = "timestamp" }
 [[jobs.daily_sales.rules]]
 derive = "day"
 expr = "date(sold_at)"
 [[jobs.daily_sales.rules]]
 aggregate = ["day", "region"]
-values = {{ total = "sum(amount)", sales = "count(*)" }}
+values = { total = "sum(amount)", sales = "count(*)" }
 [[jobs.daily_sales.rules]]
 sort = ["day", "region"]
 [jobs.daily_sales.load]
@@ -276,10 +277,8 @@ table = "daily_sales"
 mode = "overwrite"
 time = "day"
 covers = "1d"
-"#,
-        shop.display()
-    );
-    let (status, body) = server.post_text("/v1/etl/jobs", &server.admin, &job).await;
+"#;
+    let (status, body) = server.post_text("/v1/etl/jobs", &server.admin, job).await;
     assert_eq!(status, 200, "{body}");
     // The schedule runs it twice on its own; each run replaces its days.
     server
@@ -309,7 +308,7 @@ covers = "1d"
 on_both_backends!(awkward_text_arrives_unchanged);
 async fn awkward_text_arrives_unchanged(backend: Backend) {
     let server = Server::start(backend).await;
-    let dir = server.dir.path().to_path_buf();
+    let dir = server.etl_dir();
     let notes = [
         "tab\there",
         "line\nbreak",
@@ -395,7 +394,7 @@ async fn run_to_end(server: &Server, job: &str) -> Value {
 on_both_backends!(a_large_run_loads_while_it_reads_and_fails_whole);
 async fn a_large_run_loads_while_it_reads_and_fails_whole(backend: Backend) {
     let server = Server::start(backend).await;
-    let dir = server.dir.path().to_path_buf();
+    let dir = server.etl_dir();
     let parts = dir.join("parts");
     std::fs::create_dir_all(&parts).unwrap();
     std::fs::write(parts.join("1.csv"), readings_csv(30_000, 0, 1.5)).unwrap();

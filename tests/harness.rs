@@ -176,6 +176,11 @@ impl Server {
         self.dir.path().to_path_buf()
     }
 
+    /// Where ETL file sources must be: the server's default `--etl-dir`.
+    pub fn etl_dir(&self) -> PathBuf {
+        self.dir.path().join("etl-sources")
+    }
+
     pub fn database_url(&self) -> Option<String> {
         self.database.as_ref().map(TestDatabase::url)
     }

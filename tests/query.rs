@@ -137,3 +137,135 @@ async fn runaway_queries_are_stopped(backend: Backend) {
 }
 
 crate::on_both_backends!(runaway_queries_are_stopped);
+
+/// Issue 17 A: a long flat chain (`1=1 AND 1=1 AND …`, `1 + 1 + …`) once
+/// overflowed a worker's stack and aborted the whole process (MQTT too).
+/// Any query text now answers or gets a 4xx, and the server keeps serving.
+async fn hostile_query_text_is_refused(backend: Backend) {
+    let server = Server::with_temperature(backend).await;
+    let analyst = server.add_device("analyst-1", "extract").await;
+    let and_chain = format!("SELECT 1 WHERE {}", vec!["1=1"; 40_000].join(" AND "));
+    let bare_and_chain = format!("SELECT 1 WHERE 1{}", " AND 1".repeat(40_000));
+    let plus_chain = format!("SELECT 1{}", " + 1".repeat(40_000));
+    let union_chain = format!("SELECT 1{}", " UNION ALL SELECT 1".repeat(2_000));
+    let nested = format!("SELECT {}1{}", "(".repeat(200), ")".repeat(200));
+    let not_chain = format!("SELECT {}1 = 1", "NOT ".repeat(2_000));
+    // Under the term budget, yet deeper than a tree the server walks.
+    let deep_chain = format!("SELECT 1{}", " + 1".repeat(1_000));
+    for (sql, expected) in [
+        (&and_chain, "bytes long"),
+        (&bare_and_chain, "terms"),
+        (&plus_chain, "terms"),
+        (&union_chain, "nests"),
+        (&nested, "nests"),
+        (&not_chain, "nest"),
+        (&deep_chain, "nests"),
+    ] {
+        for path in ["/v1/query", "/v1/query/explain"] {
+            let (status, body) = server
+                .api("POST", path, Some(&analyst), Some(json!({ "sql": sql })))
+                .await;
+            let head = &sql[..40];
+            assert_eq!(status, 400, "{path} {head}…: {body}");
+            let message = body["error"].as_str().unwrap();
+            assert!(
+                message.contains(expected) && message.contains("at most"),
+                "{path} {head}…: {message}"
+            );
+            // Still serving.
+            assert_eq!(server.count("SELECT count(*) FROM temperature").await, 0);
+        }
+    }
+    // Deep but within the limits, through every walk a query takes on a
+    // worker's stack: view routing (rewrite and shape), expansion, clones.
+    let views = "[views.per_device]\nsource = \"temperature\"\ngroup_by = [\"device_id\"]\n\
+                 aggregates = { readings = \"count(*)\", mean = \"avg(celsius)\" }\n";
+    let (status, body) = server.post_text("/v1/views", &server.admin, views).await;
+    assert_eq!(status, 200, "{body}");
+    let devices: Vec<String> = (0..120).map(|i| format!("device_id = 'd{i}'")).collect();
+    for sql in [
+        format!(
+            "SELECT device_id, count(*) FROM temperature WHERE {} GROUP BY device_id",
+            devices.join(" OR ")
+        ),
+        format!(
+            "SELECT device_id, avg(celsius{}) FROM temperature GROUP BY device_id",
+            " + 0".repeat(240)
+        ),
+    ] {
+        assert_eq!(
+            server.rows(&sql).await,
+            Vec::<Vec<serde_json::Value>>::new()
+        );
+    }
+    // A chain within the limits answers, on both routes.
+    let fine = format!("SELECT 1{} AS n", " + 1".repeat(200));
+    assert_eq!(server.rows(&fine).await, vec![vec![json!(201)]]);
+    let (status, body) = server
+        .api(
+            "POST",
+            "/v1/query/explain",
+            Some(&analyst),
+            Some(json!({ "sql": fine })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+crate::on_both_backends!(hostile_query_text_is_refused);
+
+/// Issue 17 D: results are bounded in bytes, not only in rows
+/// (`--query-max-bytes`), and so is any value a query builds, so a query
+/// that doubles a value, or returns many fat rows, is refused with the
+/// limit named instead of taking the server's memory.
+async fn results_are_bounded_in_bytes(backend: Backend) {
+    let server = Server::start_with(backend, &["--query-max-bytes", "1MiB"]).await;
+    let (status, _) = server.apply_streams(crate::harness::TEMPERATURE).await;
+    assert_eq!(status, 200);
+    let fat = "x".repeat(400);
+    let many_rows = |n: u32| {
+        format!(
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < {n}) \
+             SELECT x, '{fat}' AS fat FROM c"
+        )
+    };
+    for sql in [
+        // 5,000 rows of 400 bytes: 2 MB.
+        many_rows(5_000),
+        // A value that doubles up to 16 MiB.
+        "WITH RECURSIVE d(n, s) AS (SELECT 0, CAST('x' AS TEXT) UNION ALL \
+         SELECT n + 1, s || s FROM d WHERE n < 24) SELECT n, s FROM d"
+            .to_string(),
+        // One row over the bound, built in one go.
+        "WITH RECURSIVE d(n, s) AS (SELECT 0, CAST('x' AS TEXT) UNION ALL \
+         SELECT n + 1, s || s FROM d WHERE n < 22) SELECT max(s) FROM d"
+            .to_string(),
+    ] {
+        let (status, body) = server
+            .api(
+                "POST",
+                "/v1/query",
+                Some(&server.admin),
+                Some(json!({ "sql": sql })),
+            )
+            .await;
+        assert_eq!(status, 422, "{sql}: {body}");
+        let message = body["error"].as_str().unwrap();
+        assert!(
+            message.contains("--query-max-bytes") && message.contains("1 MiB"),
+            "{sql}: {message}"
+        );
+    }
+    // Within the bound: answered, whole and in order, even with duplicate
+    // column names and a trailing semicolon and comment.
+    let body = server.query(&many_rows(1_000)).await;
+    assert_eq!(body["rows"].as_array().unwrap().len(), 1_000);
+    let body = server
+        .query("SELECT x, x FROM (SELECT 1 AS x UNION ALL SELECT 2 UNION ALL SELECT 3) t ORDER BY 1 DESC; -- newest first")
+        .await;
+    assert_eq!(body["columns"], json!(["x", "x"]));
+    assert_eq!(body["rows"], json!([[3, 3], [2, 2], [1, 1]]));
+    assert_eq!(server.count("SELECT count(*) FROM temperature").await, 0);
+}
+
+crate::on_both_backends!(results_are_bounded_in_bytes);

@@ -128,7 +128,7 @@ pub async fn feed_the_day(server: &Server) {
 /// follows the run.
 pub async fn load_the_nightly_export(server: &Server) -> Value {
     // The nightly export of the same orders, loaded by a job.
-    let export = server.dir.path().join("orders-2026-11-20.csv");
+    let export = server.etl_dir().join("orders-2026-11-20.csv");
     let mut csv = String::from("order_id,region,amount,ordered_at\n");
     for (id, region, amount, hour) in true_orders() {
         csv.push_str(&format!("{id},{region},{amount},{}\n", DAY + hour * HOUR));

@@ -294,3 +294,73 @@ async fn wills_are_checked_at_connect() {
         1
     );
 }
+
+/// Issue 17 J: an admin's SUBSCRIBE to `$SYS/#` dropped the connection
+/// (rumqttd refused every `$` filter but `$share`). The broker answers it
+/// with a SUBACK, in both versions, and the connection stays up.
+#[tokio::test]
+async fn an_admin_subscribing_to_sys_gets_a_suback_and_stays_connected() {
+    let server = Server::start(Backend::Sqlite).await;
+    let token = server.add_device("ops-1", "admin").await;
+
+    let mut v5 = connect_v5(&server, "ops-1", &token).await.unwrap();
+    // Granted or a failure code: either way an answer, not a disconnect.
+    v5.subscribe("$SYS/#").await;
+    assert!(granted(v5.subscribe("devices/ops-1/#").await));
+    assert_eq!(
+        publish_reason(&mut v5, "devices/ops-1/ping", "1").await,
+        PubAckReason::Success
+    );
+    v5.expect(|p| match p {
+        Packet::Publish(publish) if publish.topic == "devices/ops-1/ping" => Some(()),
+        _ => None,
+    })
+    .await;
+    v5.drop_connection().await;
+
+    let (client, mut events) = connect_v4(&server, "ops-1", &token).await.unwrap();
+    client
+        .subscribe("$SYS/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    client
+        .subscribe("devices/ops-1/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let mut codes = Vec::new();
+    while codes.len() < 2 {
+        match tokio::time::timeout(crate::harness::WAIT, events.poll())
+            .await
+            .expect("SUBACKs in time")
+        {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(ack))) => {
+                codes.extend(ack.return_codes)
+            }
+            Ok(_) => {}
+            Err(e) => panic!("the connection ended after SUBSCRIBE $SYS/#: {e:?}"),
+        }
+    }
+    assert!(
+        matches!(codes[1], rumqttc::SubscribeReasonCode::Success(_)),
+        "{codes:?}"
+    );
+    // Still connected: its own command comes back to it.
+    client
+        .publish("devices/ops-1/ping", rumqttc::QoS::AtLeastOnce, false, "1")
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(crate::harness::WAIT, events.poll())
+            .await
+            .expect("the publish back in time")
+        {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))
+                if p.topic == "devices/ops-1/ping" =>
+            {
+                break
+            }
+            Ok(_) => {}
+            Err(e) => panic!("the connection ended after SUBSCRIBE $SYS/#: {e:?}"),
+        }
+    }
+}

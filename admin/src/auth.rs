@@ -104,6 +104,9 @@ impl TokenAuthenticator {
         }
         Ok(Principal {
             role: device.role,
+            // From the registry, like the role: a stream's `writers` are
+            // judged by what the platform recorded, never by the device.
+            device_type: device.device_type,
             device_id: claims.sub,
             expires_at: claims.exp,
         })

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use fleetgate_protocol::{Claims, Role, TokenSigner};
 use ring::rand::SystemRandom;
 use ring::signature::Ed25519KeyPair;
+use ring::{hkdf, hmac};
 
 /// The built-in administrator's device id.
 pub const ADMIN_DEVICE: &str = "admin";
@@ -16,6 +17,8 @@ pub const ADMIN_TOKEN_TTL_SECS: i64 = 10 * 365 * 24 * 3600;
 pub struct Platform {
     pub signer: TokenSigner,
     pub data_dir: PathBuf,
+    /// Seals handshake nonces; see [`Platform::nonce_key`].
+    nonce_key: hmac::Key,
 }
 
 impl Platform {
@@ -40,9 +43,18 @@ impl Platform {
             Platform {
                 signer,
                 data_dir: data_dir.to_path_buf(),
+                nonce_key: derive_nonce_key(&pkcs8),
             },
             created,
         ))
+    }
+
+    /// The HMAC key that seals handshake nonces. It is derived from the
+    /// platform key, not generated at start, so that every broker holding
+    /// `platform.key` (a cluster, or this one after a restart) recognises
+    /// the nonces any of them issued. It cannot sign tokens or manifests.
+    pub fn nonce_key(&self) -> hmac::Key {
+        self.nonce_key.clone()
     }
 
     pub fn mint(&self, device_id: &str, role: Role, ttl_secs: i64, now: i64) -> String {
@@ -71,6 +83,16 @@ impl Platform {
     pub fn save_admin_token(&self, token: &str) -> Result<(), String> {
         write_private(&self.admin_token_path(), format!("{token}\n").as_bytes())
     }
+}
+
+/// HKDF-SHA256 over the platform key's PKCS#8 bytes, with a label of its
+/// own, so the nonce key reveals nothing about the signing key.
+fn derive_nonce_key(pkcs8: &[u8]) -> hmac::Key {
+    hkdf::Salt::new(hkdf::HKDF_SHA256, b"fleetgate handshake nonces v1")
+        .extract(pkcs8)
+        .expand(&[b"hmac-sha256"], hmac::HMAC_SHA256)
+        .expect("HMAC-SHA256 key length is valid for HKDF-SHA256")
+        .into()
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
@@ -106,5 +128,10 @@ mod tests {
         let (second, created) = Platform::open(dir.path()).unwrap();
         assert!(!created);
         assert_eq!(first.signer.public_key(), second.signer.public_key());
+        // The same key file gives the same nonce key; another does not.
+        let tag = |p: &Platform| hmac::sign(&p.nonce_key(), b"n").as_ref().to_vec();
+        assert_eq!(tag(&first), tag(&second));
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(tag(&first), tag(&Platform::open(other.path()).unwrap().0));
     }
 }

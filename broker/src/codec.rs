@@ -116,6 +116,8 @@ pub struct FrameReader<R> {
     /// Bytes of an oversized PUBLISH still to be dropped. Kept here, not in
     /// a local, so that a `next` cancelled mid-skip resumes in step.
     skip: usize,
+    /// The last read filled all the room there was.
+    busy: bool,
 }
 
 /// How much of an oversized PUBLISH is kept: enough for any topic name.
@@ -123,6 +125,8 @@ const OVERSIZED_HEAD: usize = 70 * 1024;
 /// Bytes read at a time. Small, because an idle device's connection keeps
 /// its buffer: a fleet of them must cost little.
 const READ_CHUNK: usize = 1024;
+/// Bytes read at a time by a connection that keeps its buffer full.
+const BUSY_READ_CHUNK: usize = 16 * 1024;
 /// A buffer grown past this by a large packet is given back once empty.
 const KEEP_CAPACITY: usize = 8 * 1024;
 
@@ -132,16 +136,29 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             reader,
             buf: BytesMut::new(),
             skip: 0,
+            busy: false,
         }
     }
 
     async fn fill(&mut self) -> Result<(), CodecError> {
-        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
-            self.buf.reserve(READ_CHUNK);
+        // A connection whose last read filled the buffer is busy: it reads
+        // in large chunks (one syscall for many publishes). An idle one
+        // keeps a small buffer, given back below once drained.
+        let chunk = if self.busy {
+            BUSY_READ_CHUNK
+        } else {
+            READ_CHUNK
+        };
+        if self.buf.capacity() - self.buf.len() < chunk / 2 {
+            self.buf.reserve(chunk);
         }
+        let spare = self.buf.capacity() - self.buf.len();
         match self.reader.read_buf(&mut self.buf).await? {
             0 => Err(CodecError::Closed),
-            _ => Ok(()),
+            n => {
+                self.busy = n == spare;
+                Ok(())
+            }
         }
     }
 
@@ -182,7 +199,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             self.fill().await?;
         }
         let frame = self.buf.split_to(header.frame_len()).freeze();
-        if self.buf.is_empty() && self.buf.capacity() > KEEP_CAPACITY {
+        if self.buf.is_empty() && !self.busy && self.buf.capacity() > KEEP_CAPACITY {
             self.buf = BytesMut::new();
         }
         Ok(Frame::Whole(header, frame))
@@ -545,6 +562,8 @@ pub struct Publish {
     pub qos: u8,
     pub pkid: u16,
     pub retain: bool,
+    /// Set on a re-sent QoS 1/2 publish.
+    pub dup: bool,
     pub payload: Bytes,
     /// MQTT 5 topic alias, when the publish set or used one.
     pub alias: Option<u16>,
@@ -564,6 +583,7 @@ impl Publish {
                     qos: p.qos as u8,
                     pkid: p.pkid,
                     retain: p.retain,
+                    dup: p.dup,
                     payload: p.payload,
                     alias: None,
                     expiry_secs: None,
@@ -590,6 +610,7 @@ impl Publish {
                     qos: p.qos as u8,
                     pkid: p.pkid,
                     retain: p.retain,
+                    dup: p.dup,
                     alias: props.and_then(|p| p.topic_alias),
                     expiry_secs: props.and_then(|p| p.message_expiry_interval),
                     has_subscription_ids: props

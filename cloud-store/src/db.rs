@@ -178,7 +178,11 @@ impl Db {
         let write = connect(4)
             .await
             .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
-        let read = connect(6)
+        let read = PgPoolOptions::new()
+            .max_connections(6)
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(|connection, _| Box::pin(limit_query_session(connection)))
+            .connect_with(options.clone())
             .await
             .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
         let listen = PgPoolOptions::new()
@@ -240,8 +244,41 @@ impl Db {
     }
 }
 
-/// True for errors worth retrying as they are (lock contention, lost
-/// connections); false for errors in the statement or data themselves.
+/// `work_mem` of query sessions: what each sort or hash of a query may
+/// hold in the database's memory before it spills to disk.
+pub const QUERY_WORK_MEM: &str = "8MB";
+/// `temp_file_limit` of query sessions: what one may spill to disk.
+pub const QUERY_TEMP_FILE_LIMIT: &str = "1GB";
+
+/// Settings of every session of the PostgreSQL read pool, which runs only
+/// queries (`statement_timeout` is set per query, from `--query-timeout`).
+/// `temp_file_limit` takes a superuser, or a role granted SET on it: when
+/// the store's role may not set it, that is said once and queries run
+/// without it (the DBA can set it on the role instead).
+async fn limit_query_session(connection: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    use sqlx::Executor;
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    connection
+        .execute(format!("SET work_mem = '{QUERY_WORK_MEM}'").as_str())
+        .await?;
+    let temp = format!("SET temp_file_limit = '{QUERY_TEMP_FILE_LIMIT}'");
+    if let Err(e) = connection.execute(temp.as_str()).await {
+        let denied =
+            matches!(&e, sqlx::Error::Database(db) if db.code().as_deref() == Some("42501"));
+        if !denied {
+            return Err(e);
+        }
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                error = %e,
+                "queries run without temp_file_limit: this database role may not set it \
+                 (ALTER ROLE ... SET temp_file_limit = '{QUERY_TEMP_FILE_LIMIT}' as a superuser)"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Whether a statement failed for naming a column the table no longer has
 /// (or not yet): a stream's layout changed under the statement.
 pub fn is_layout_change(error: &sqlx::Error) -> bool {
@@ -257,6 +294,9 @@ pub fn is_layout_change(error: &sqlx::Error) -> bool {
     }
 }
 
+/// True for errors worth retrying as they are (lock contention, lost
+/// connections, SQLite's heap limit); false for errors in the statement or
+/// data themselves.
 pub fn is_transient(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
@@ -273,10 +313,12 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
                     || code.starts_with("53")
             }
             // SQLite: the primary result code is the low byte of the
-            // extended one. BUSY, LOCKED, IOERR, FULL.
+            // extended one. BUSY, LOCKED, NOMEM, IOERR, FULL. NOMEM is the
+            // heap limit (`sqlite_limits`) met while queries hold memory:
+            // it passes when they finish or fail.
             None => {
                 let code = db.code().and_then(|c| c.parse::<i32>().ok()).unwrap_or(0);
-                matches!(code & 0xff, 5 | 6 | 10 | 13)
+                matches!(code & 0xff, 5 | 6 | 7 | 10 | 13)
             }
         },
         _ => false,

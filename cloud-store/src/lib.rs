@@ -32,6 +32,8 @@ pub mod pipeline;
 pub mod query;
 pub mod rejects;
 pub mod sqlite_functions;
+pub mod sqlite_limits;
+pub mod sqlite_query;
 pub mod state;
 pub mod tiers;
 pub mod views;

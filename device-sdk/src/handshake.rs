@@ -133,24 +133,57 @@ pub fn claims(config: &DeviceConfig, nonce: String) -> HandshakeClaims {
     }
 }
 
-/// Asks for a nonce, signs the claims, and verifies and loads the answer.
-pub async fn handshake(config: &DeviceConfig, http: &reqwest::Client) -> Result<Session, SdkError> {
-    let network = |e: reqwest::Error| SdkError::Network(e.to_string());
-    let nonce: NonceResponse = json_or_refusal(
-        http.get(format!("{}/v1/handshake/nonce", config.server))
+/// Times a 429 from the handshake routes is waited out before it is
+/// reported, and the longest wait honoured for one.
+const RATE_LIMIT_RETRIES: u32 = 3;
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// Sends a request to a handshake route. Those routes are rate limited per
+/// client address, and devices behind one NAT share an address: a 429 is
+/// waited out as its `Retry-After` says (at most `MAX_RETRY_AFTER`) a few
+/// times before it becomes the caller's error.
+async fn send_limited(
+    request: impl Fn() -> reqwest::RequestBuilder,
+) -> Result<reqwest::Response, SdkError> {
+    let mut attempt = 0;
+    loop {
+        let response = request()
             .send()
             .await
-            .map_err(network)?,
+            .map_err(|e| SdkError::Network(e.to_string()))?;
+        if response.status() != reqwest::StatusCode::TOO_MANY_REQUESTS
+            || attempt >= RATE_LIMIT_RETRIES
+        {
+            return Ok(response);
+        }
+        attempt += 1;
+        let wait = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map_or(Duration::from_secs(1), Duration::from_secs)
+            .clamp(Duration::from_secs(1), MAX_RETRY_AFTER);
+        tracing::debug!(?wait, attempt, "handshake rate limited; waiting");
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Asks for a nonce, signs the claims, and verifies and loads the answer.
+/// The nonce is opaque here: the server alone reads it.
+pub async fn handshake(config: &DeviceConfig, http: &reqwest::Client) -> Result<Session, SdkError> {
+    let nonce: NonceResponse = json_or_refusal(
+        send_limited(|| http.get(format!("{}/v1/handshake/nonce", config.server))).await?,
     )
     .await?;
     let claims = claims(config, nonce.nonce);
     let signed = config.key.sign_handshake(&claims);
     let answer: HandshakeResponse = json_or_refusal(
-        http.post(format!("{}/v1/handshake", config.server))
-            .json(&json!(signed))
-            .send()
-            .await
-            .map_err(network)?,
+        send_limited(|| {
+            http.post(format!("{}/v1/handshake", config.server))
+                .json(&json!(signed))
+        })
+        .await?,
     )
     .await?;
     let now = unix_now_ms() / 1000;

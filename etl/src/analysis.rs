@@ -306,6 +306,8 @@ impl Analyses {
         let limits = QueryLimits {
             max_rows: 1_000_000,
             timeout: Duration::from_secs(60),
+            // The store's own SQL, bounded by its rows: no bound on bytes.
+            max_bytes: usize::MAX,
         };
         let span = query::run(&self.db, &fresh, &limits)
             .await

@@ -1,7 +1,10 @@
 //! Extraction: each source's data is first copied, unchanged, into the
 //! run's interim area; the rows are then read from that copy. A run thus
 //! works on a snapshot (a file rewritten mid-run cannot mix two versions),
-//! and what a run saw stays on disk for inspection.
+//! and what a run saw stays on disk for inspection. What a source may
+//! reach (files under `--etl-dir`, configured databases that are not a
+//! fleetgate store) is checked here again, as the run reads it: see
+//! [`crate::confine`].
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -12,6 +15,7 @@ use std::sync::atomic::Ordering;
 use futures::TryStreamExt;
 use sqlx::{Column, Row as _};
 
+use crate::confine::{self, SourceAccess, SourceDatabase};
 use crate::job::{SourceDef, SourceKind};
 use crate::run::Progress;
 use crate::transform::{Origin, Row};
@@ -26,13 +30,22 @@ pub struct ExtractReject {
 }
 
 /// Copies `source` into `dir`; returns the copied files in read order.
-pub async fn dump(name: &str, source: &SourceDef, dir: &Path) -> Result<Vec<PathBuf>, String> {
+pub async fn dump(
+    name: &str,
+    source: &SourceDef,
+    dir: &Path,
+    access: &SourceAccess,
+) -> Result<Vec<PathBuf>, String> {
     tokio::fs::create_dir_all(dir)
         .await
         .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     match source.kind()? {
         SourceKind::Csv(pattern) | SourceKind::Jsonl(pattern) => {
-            let files = matching(pattern)?;
+            // By their real paths, each checked to lie under --etl-dir
+            // now (a symlink may have changed since the job was applied).
+            let files = access
+                .files(pattern)
+                .map_err(|e| format!("source {name}: {e}"))?;
             if files.is_empty() {
                 return Err(format!("source {name}: no file matches {pattern:?}"));
             }
@@ -49,6 +62,11 @@ pub async fn dump(name: &str, source: &SourceDef, dir: &Path) -> Result<Vec<Path
         }
         SourceKind::Sql { query, database } => {
             let copy = dir.join("rows.jsonl");
+            let database = access
+                .database(database)
+                .map_err(|e| format!("source {name}: {e}"))?;
+            confine::check_source_query(query, database)
+                .map_err(|e| format!("source {name}: {e}"))?;
             dump_query(database, query, &copy)
                 .await
                 .map_err(|e| format!("source {name}: {e}"))?;
@@ -57,18 +75,10 @@ pub async fn dump(name: &str, source: &SourceDef, dir: &Path) -> Result<Vec<Path
     }
 }
 
-fn matching(pattern: &str) -> Result<Vec<PathBuf>, String> {
-    let mut files = glob::glob(pattern)
-        .map_err(|e| format!("bad path pattern {pattern:?}: {e}"))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("cannot list {pattern:?}: {e}"))?;
-    files.retain(|f| f.is_file());
-    files.sort();
-    Ok(files)
-}
-
-/// Writes a query's rows as JSON lines, one object per row.
-async fn dump_query(database: &str, query: &str, to: &Path) -> Result<(), String> {
+/// Writes a query's rows as JSON lines, one object per row. The query
+/// runs read-only, and only once the database is known not to be a
+/// fleetgate store.
+async fn dump_query(database: &SourceDatabase, query: &str, to: &Path) -> Result<(), String> {
     let mut out = BufWriter::new(File::create(to).map_err(|e| e.to_string())?);
     let mut write = |row: serde_json::Map<String, serde_json::Value>| {
         serde_json::to_writer(&mut out, &row)
@@ -76,53 +86,76 @@ async fn dump_query(database: &str, query: &str, to: &Path) -> Result<(), String
             .and_then(|_| out.write_all(b"\n").map_err(|e| e.to_string()))
     };
     let failed = |e: sqlx::Error| format!("the query failed: {e}");
-    if database.starts_with("postgres://") || database.starts_with("postgresql://") {
-        let options = sqlx::postgres::PgConnectOptions::from_str(database)
-            .map_err(|e| format!("bad database URL: {e}"))?;
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .connect_with(options)
-            .await
-            .map_err(|e| format!("cannot connect: {e}"))?;
-        let mut rows = sqlx::query(query).fetch(&pool);
-        while let Some(row) = rows.try_next().await.map_err(failed)? {
-            write(
-                (0..row.len())
-                    .map(|i| {
-                        (
-                            row.column(i).name().to_string(),
-                            fleetgate_store::query::postgres_value(&row, i),
-                        )
-                    })
-                    .collect(),
-            )?;
+    let store_check = confine::fleetgate_tables_sql(database);
+    match database {
+        SourceDatabase::Postgres(url) => {
+            let options = sqlx::postgres::PgConnectOptions::from_str(url)
+                .map_err(|e| format!("bad database URL: {e}"))?;
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(options)
+                .await
+                .map_err(|e| format!("cannot connect: {e}"))?;
+            let mut tx = pool
+                .begin()
+                .await
+                .map_err(|e| format!("cannot begin: {e}"))?;
+            // Whatever the query is, it cannot change the source.
+            sqlx::query("SET TRANSACTION READ ONLY")
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| format!("cannot begin a read-only transaction: {e}"))?;
+            let (is_store,): (bool,) = sqlx::query_as(store_check)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| format!("cannot inspect the database: {e}"))?;
+            if is_store {
+                return Err(confine::FLEETGATE_DATABASE.into());
+            }
+            let mut rows = sqlx::query(query).fetch(&mut *tx);
+            while let Some(row) = rows.try_next().await.map_err(failed)? {
+                write(
+                    (0..row.len())
+                        .map(|i| {
+                            (
+                                row.column(i).name().to_string(),
+                                fleetgate_store::query::postgres_value(&row, i),
+                            )
+                        })
+                        .collect(),
+                )?;
+            }
         }
-    } else if let Some(path) = database.strip_prefix("sqlite:") {
-        let options = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(path.trim_start_matches("//"))
-            .read_only(true);
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options)
-            .await
-            .map_err(|e| format!("cannot open {path}: {e}"))?;
-        let mut rows = sqlx::query(query).fetch(&pool);
-        while let Some(row) = rows.try_next().await.map_err(failed)? {
-            write(
-                (0..row.len())
-                    .map(|i| {
-                        (
-                            row.column(i).name().to_string(),
-                            fleetgate_store::query::sqlite_value(&row, i),
-                        )
-                    })
-                    .collect(),
-            )?;
+        SourceDatabase::Sqlite(path) => {
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(path)
+                .read_only(true);
+            let pool = sqlx::sqlite::SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(options)
+                .await
+                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            let (is_store,): (bool,) = sqlx::query_as(store_check)
+                .fetch_one(&pool)
+                .await
+                .map_err(|e| format!("cannot inspect the database: {e}"))?;
+            if is_store {
+                return Err(confine::FLEETGATE_DATABASE.into());
+            }
+            let mut rows = sqlx::query(query).fetch(&pool);
+            while let Some(row) = rows.try_next().await.map_err(failed)? {
+                write(
+                    (0..row.len())
+                        .map(|i| {
+                            (
+                                row.column(i).name().to_string(),
+                                fleetgate_store::query::sqlite_value(&row, i),
+                            )
+                        })
+                        .collect(),
+                )?;
+            }
         }
-    } else {
-        return Err(format!(
-            "unsupported database {database:?}: use postgres://... or sqlite:PATH"
-        ));
     }
     out.flush().map_err(|e| e.to_string())
 }

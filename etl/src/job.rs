@@ -69,16 +69,20 @@ pub struct JobDef {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceDef {
-    /// A CSV file or glob (with a header line).
+    /// A CSV file or glob (with a header line), under the operator's ETL
+    /// directory (`--etl-dir`): relative to it, or absolute inside it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub csv: Option<String>,
-    /// A JSON-lines file or glob: one object per line.
+    /// A JSON-lines file or glob: one object per line (under `--etl-dir`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jsonl: Option<String>,
-    /// A query on `database`.
+    /// A query on `database`: one SELECT.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sql: Option<String>,
-    /// `postgres://...` or `sqlite:PATH`, for `sql`.
+    /// The name of a database the operator configured (`fleetgate up
+    /// --etl-database NAME=URL`), for `sql`. Jobs never give a URL: they
+    /// are declared over the API, and must not reach a database the
+    /// operator did not choose (such as the store's own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database: Option<String>,
     /// The CSV field separator; `,` when absent.
@@ -101,9 +105,10 @@ impl SourceDef {
             (Some(path), None, None, None) => Ok(SourceKind::Csv(path)),
             (None, Some(path), None, None) => Ok(SourceKind::Jsonl(path)),
             (None, None, Some(query), Some(database)) => Ok(SourceKind::Sql { query, database }),
-            (None, None, Some(_), None) => {
-                Err("sql needs database = \"postgres://...\" or \"sqlite:PATH\"".into())
-            }
+            (None, None, Some(_), None) => Err(
+                "sql needs database = NAME, a database configured with fleetgate up --etl-database NAME=URL"
+                    .into(),
+            ),
             _ => Err(
                 "give exactly one of csv = PATH, jsonl = PATH or sql = QUERY (with database)"
                     .into(),

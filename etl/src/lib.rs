@@ -3,6 +3,8 @@
 //! on a schedule.
 //!
 //! - [`job`]: declarations and their checks.
+//! - [`confine`]: what sources may reach (files under `--etl-dir`,
+//!   configured databases that are not a fleetgate store).
 //! - [`extract`]: sources, copied into the run's interim area, then read.
 //! - [`transform`]: the rules, each a [`transform::Step`].
 //! - [`expr`]: the SQL-syntax expressions rules use.
@@ -18,6 +20,7 @@
 //! the run `failed` with the reason.
 
 pub mod analysis;
+pub mod confine;
 pub mod declared;
 pub mod expr;
 pub mod extract;
@@ -60,6 +63,8 @@ pub type RunObserver = Arc<dyn Fn(&RunRecord) + Send + Sync>;
 pub struct Etl {
     db: Db,
     data_dir: PathBuf,
+    /// Where sources may read from.
+    access: confine::SourceAccess,
     /// Runs of this process, with their live counts.
     active: Mutex<HashMap<i64, Arc<Progress>>>,
     /// Jobs with a run in this process: one at a time each.
@@ -81,7 +86,11 @@ pub struct JobInfo {
 
 impl Etl {
     /// Creates the ETL tables (idempotent).
-    pub async fn open(db: Db, data_dir: &Path) -> Result<Arc<Etl>, String> {
+    pub async fn open(
+        db: Db,
+        data_dir: &Path,
+        access: confine::SourceAccess,
+    ) -> Result<Arc<Etl>, String> {
         let mut ddl = run::ddl(&db);
         ddl.push(JOBS.ddl());
         db.execute_ddl(&ddl)
@@ -90,6 +99,7 @@ impl Etl {
         let etl = Arc::new(Etl {
             db,
             data_dir: data_dir.to_path_buf(),
+            access,
             active: Mutex::default(),
             running: Mutex::default(),
             tables: RwLock::default(),
@@ -134,6 +144,11 @@ impl Etl {
     ) -> Result<Vec<String>, String> {
         let jobs = self.jobs().await?;
         for (name, def) in &file.jobs {
+            // Refused with the reason now, not at the first run: a file
+            // outside --etl-dir, an unconfigured database, a store.
+            self.access
+                .check_job(def)
+                .map_err(|e| format!("job {name}: {e}"))?;
             let table = &def.load.table;
             if taken(table) {
                 return Err(format!("job {name}: {table} is already a stream or view"));
@@ -359,7 +374,7 @@ impl Etl {
         let _stop_heartbeat = AbortOnDrop(heartbeat);
         let mut dumps = Vec::new();
         for (name, source) in &def.sources {
-            dumps.push(extract::dump(name, source, &interim.join(name)).await?);
+            dumps.push(extract::dump(name, source, &interim.join(name), &self.access).await?);
         }
         let pipeline = def.pipeline()?;
         // Rows load while the rest is still read and transformed, unless a

@@ -312,6 +312,8 @@ impl Reports {
         let limits = QueryLimits {
             max_rows: MAX_RECONCILED_ROWS,
             timeout: Duration::from_secs(300),
+            // The store's own SQL, bounded by its rows: no bound on bytes.
+            max_bytes: usize::MAX,
         };
         let result = query::run(&self.db, sql, &limits)
             .await

@@ -6,6 +6,10 @@ use crate::Role;
 pub struct Principal {
     pub device_id: String,
     pub role: Role,
+    /// The device's type in the registry (`device add --type`), if it has
+    /// one. A stream that names its `writers` takes ingest only from those
+    /// types, so the store needs it along with the role.
+    pub device_type: Option<String>,
     /// When the presented token expires (Unix seconds): a session it opened
     /// ends then, so a connection never outlives its credentials.
     pub expires_at: i64,

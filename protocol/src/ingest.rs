@@ -32,14 +32,24 @@ pub struct IngestMessage {
 /// What became of a message once it is committed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IngestOutcome {
-    /// Valid records committed; re-sends of an already stored key count
-    /// here too (they are counted apart only in aggregate, by the
-    /// `fleetgate_records_duplicate` metric).
+    /// Valid records newly stored by this message.
     pub stored: u32,
+    /// Valid records that were not stored because a record with the same
+    /// key already was (a re-send, or the same key twice in one message).
+    /// They are neither stored again nor re-published on `live/`.
+    #[serde(default)]
+    pub duplicates: u32,
     /// Records (or whole payloads) written to the rejects table.
     pub rejected: u32,
     /// The first reject reason, for MQTT 5 reason strings and HTTP replies.
     pub first_reason: Option<String>,
+    /// Set when the sender may not write this stream at all (its role, or
+    /// its device type is not among the stream's `writers`). Nothing of the
+    /// message was stored, not even as rejects: a refusal is not data, and
+    /// transports answer it as a denied publish (MQTT 5 PUBACK 0x87, 3.1.1
+    /// disconnect, HTTP 403) and count it against the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]

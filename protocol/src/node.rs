@@ -28,6 +28,9 @@ pub struct NodeRequest {
     pub seq: u64,
     pub principal: String,
     pub role: Role,
+    /// The sender's device type, for streams that name their writers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal_type: Option<String>,
     pub principal_expires_at: i64,
     pub stream: String,
     pub device_id: String,
@@ -122,6 +125,7 @@ pub fn encode_request(seq: u64, message: &IngestMessage) -> Vec<u8> {
         seq,
         principal: message.principal.device_id.clone(),
         role: message.principal.role,
+        principal_type: message.principal.device_type.clone(),
         principal_expires_at: message.principal.expires_at,
         stream: message.stream.clone(),
         device_id: message.device_id.clone(),
@@ -160,6 +164,7 @@ pub fn decode_request(body: Vec<u8>) -> Result<Request, String> {
             principal: Principal {
                 device_id: request.principal,
                 role: request.role,
+                device_type: request.principal_type,
                 expires_at: request.principal_expires_at,
             },
             stream: request.stream,
@@ -182,6 +187,7 @@ mod tests {
             principal: Principal {
                 device_id: "t1".into(),
                 role: Role::Ingest,
+                device_type: Some("thermostat".into()),
                 expires_at: 9,
             },
             stream: "temperature".into(),

@@ -12,6 +12,8 @@ use std::time::Duration;
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
+use crate::Role;
+
 /// Columns every stream table has besides its declared fields.
 pub const DEVICE_ID: &str = "device_id";
 pub const RECEIVED_AT: &str = "received_at";
@@ -51,6 +53,12 @@ pub struct StreamDef {
     /// Keeps rows under (time bucket, key): see [`StreamBucket`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bucket: Option<StreamBucket>,
+    /// The device types (the registry's `type`) that may ingest into the
+    /// stream. `None`: any device that may ingest at all; `Some([])`: only
+    /// admins. A stolen device then writes only what its type may, whatever
+    /// its role; see [`StreamDef::may_write`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writers: Option<Vec<String>>,
 }
 
 /// `bucket = { time = "ordered_at", width = "1h" }`: each row is stored
@@ -166,8 +174,43 @@ pub fn check_identifier(kind: &str, name: &str) -> Result<(), String> {
 }
 
 impl StreamDef {
+    /// Whether a device of `role` and `device_type` may ingest into this
+    /// stream (named `name`, for the reason). Admins may write any stream,
+    /// as they may publish anywhere; everyone else needs a type the stream
+    /// lists when it lists any. Role rules on the topic (`may_publish`) are
+    /// checked separately and first.
+    pub fn may_write(
+        &self,
+        name: &str,
+        role: Role,
+        device_type: Option<&str>,
+    ) -> Result<(), String> {
+        let Some(writers) = &self.writers else {
+            return Ok(());
+        };
+        if role == Role::Admin || device_type.is_some_and(|t| writers.iter().any(|w| w == t)) {
+            return Ok(());
+        }
+        let who = match device_type {
+            Some(t) => format!("device type {t:?}"),
+            None => "a device without a type".to_string(),
+        };
+        Err(format!(
+            "{who} may not write stream {name:?} (writers: {})",
+            writers.join(", ")
+        ))
+    }
+
     pub fn check(&self, name: &str) -> Result<(), String> {
         check_identifier("stream", name)?;
+        for writer in self.writers.iter().flatten() {
+            // The registry's rule for a type: anything else could never match.
+            if writer.is_empty() || writer.len() > 64 {
+                return Err(format!(
+                    "stream {name}: writers entry {writer:?} is not a device type (1-64 characters)"
+                ));
+            }
+        }
         // fgv_ tables hold views, fgc_ cold tiers, fga_ analyses, fgs_
         // superseded real-time rows, fgf_ fences.
         if [
@@ -382,6 +425,37 @@ mod tests {
         let names: Vec<_> = stream.fields.keys().map(String::as_str).collect();
         assert_eq!(names, ["seq", "celsius", "humidity", "status", "taken_at"]);
         assert_eq!(stream.fields["celsius"].max, Some(125.0));
+    }
+
+    #[test]
+    fn writers_name_the_device_types_that_may_ingest() {
+        let file = StreamsFile::parse(
+            "[streams.orders]\nwriters = [\"pos\"]\nfields.amount = { type = \"float\" }\n\
+             [streams.open]\nfields.a = { type = \"int\" }\n\
+             [streams.admins_only]\nwriters = []\nfields.a = { type = \"int\" }",
+        )
+        .unwrap();
+        let orders = &file.streams["orders"];
+        assert!(orders
+            .may_write("orders", Role::Ingest, Some("pos"))
+            .is_ok());
+        let err = orders
+            .may_write("orders", Role::Ingest, Some("thermostat"))
+            .unwrap_err();
+        assert!(err.contains("\"thermostat\" may not write"), "{err}");
+        assert!(orders.may_write("orders", Role::Extract, None).is_err());
+        assert!(orders.may_write("orders", Role::Admin, None).is_ok());
+        let open = &file.streams["open"];
+        assert!(open.may_write("open", Role::Ingest, None).is_ok());
+        let admins = &file.streams["admins_only"];
+        assert!(admins
+            .may_write("admins_only", Role::Ingest, Some("pos"))
+            .is_err());
+        assert!(admins.may_write("admins_only", Role::Admin, None).is_ok());
+        let err =
+            StreamsFile::parse("[streams.t]\nwriters = [\"\"]\nfields.a = { type = \"int\" }")
+                .unwrap_err();
+        assert!(err.contains("not a device type"), "{err}");
     }
 
     #[test]

@@ -63,15 +63,20 @@ impl Builder {
     }
 
     /// The module's view of the streams: those an SDK can encode (at most
-    /// [`abi::MAX_FIELDS`] fields), by name, so that equal catalogs give
-    /// equal modules (and cache keys) whatever order they were listed in.
+    /// [`abi::MAX_FIELDS`] fields) and a device of `role` and
+    /// `device_type` may write (a stream's `writers`), by name, so that
+    /// equal catalogs give equal modules (and cache keys) whatever order
+    /// they were listed in. A stolen device's SDK thus holds no encoder,
+    /// field list or bounds for a stream its type may not write.
     pub fn module_schema<'a>(
         role: Role,
+        device_type: Option<&str>,
         streams: impl IntoIterator<Item = (&'a str, &'a StreamDef)>,
     ) -> ModuleSchema {
         let mut streams: Vec<ModuleStream> = streams
             .into_iter()
             .filter(|(_, def)| def.fields.len() <= abi::MAX_FIELDS as usize)
+            .filter(|(name, def)| def.may_write(name, role, device_type).is_ok())
             .map(|(name, def)| ModuleStream {
                 name: name.to_string(),
                 fields: def.fields.clone(),
@@ -166,6 +171,25 @@ impl Builder {
     }
 }
 
+/// The schema a generated WebAssembly module carries (the streams it can
+/// encode): the JSON its data segment starts with.
+pub fn module_schema_of(wasm: &[u8]) -> Result<ModuleSchema, String> {
+    for payload in wasmparser::Parser::new(0).parse_all(wasm) {
+        if let wasmparser::Payload::DataSection(section) = payload.map_err(|e| e.to_string())? {
+            for data in section {
+                let data = data.map_err(|e| e.to_string())?;
+                // The schema is the first JSON value; names follow it.
+                let mut values =
+                    serde_json::Deserializer::from_slice(data.data).into_iter::<ModuleSchema>();
+                if let Some(Ok(schema)) = values.next() {
+                    return Ok(schema);
+                }
+            }
+        }
+    }
+    Err("the module carries no schema".into())
+}
+
 /// Imports and exports of a WebAssembly module, as `module.name` and
 /// `name`: what a module can ask of its host and what it offers.
 pub fn interface(wasm: &[u8]) -> Result<(Vec<String>, Vec<String>), String> {
@@ -215,7 +239,11 @@ fields.at      = { type = "timestamp" }
 
     fn schema(role: Role) -> ModuleSchema {
         let file = StreamsFile::parse(STREAMS).unwrap();
-        Builder::module_schema(role, file.streams.iter().map(|(n, d)| (n.as_str(), d)))
+        Builder::module_schema(
+            role,
+            None,
+            file.streams.iter().map(|(n, d)| (n.as_str(), d)),
+        )
     }
 
     fn load(builder: &Builder, role: Role, target: Target) -> SdkModule {
@@ -404,6 +432,40 @@ fields.at      = { type = "timestamp" }
             .build(&schema(Role::Ingest), Target::Pulley32)
             .unwrap();
         assert_eq!(&pulley32.bytes[..4], b"\x7fELF");
+    }
+
+    #[test]
+    fn a_device_type_gets_encoders_only_for_the_streams_it_may_write() {
+        let file = StreamsFile::parse(
+            r#"
+[streams.orders]
+writers = ["pos"]
+fields.amount = { type = "float", required = true }
+[streams.temperature]
+fields.celsius = { type = "float" }
+"#,
+        )
+        .unwrap();
+        let names = |role, device_type| {
+            let schema = Builder::module_schema(
+                role,
+                device_type,
+                file.streams.iter().map(|(n, d)| (n.as_str(), d)),
+            );
+            // Read back from the generated module itself.
+            let wasm = module::generate(role, &schema);
+            let carried = module_schema_of(&wasm).unwrap();
+            assert_eq!(carried, schema);
+            carried
+                .streams
+                .into_iter()
+                .map(|s| s.name)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(Role::Ingest, Some("thermostat")), ["temperature"]);
+        assert_eq!(names(Role::Ingest, None), ["temperature"]);
+        assert_eq!(names(Role::Ingest, Some("pos")), ["orders", "temperature"]);
+        assert_eq!(names(Role::Admin, None), ["orders", "temperature"]);
     }
 
     #[test]

@@ -210,12 +210,11 @@ fn admit(shared: &Shared, connect: &Connect) -> Result<Principal, Refusal> {
     let Some((username, password)) = connect.login() else {
         return refuse("auth: no username and token", Refusal::BadCredentials);
     };
-    if username != client_id {
-        return refuse(
-            "auth: username differs from client id",
-            Refusal::BadCredentials,
-        );
-    }
+    // The token is checked against the client id before the username is:
+    // a client id that is not the token's device is *identifier rejected*
+    // (3.1.1 code 2, MQTT 5 0x85) whatever the username says. Checking the
+    // username first answered that case *bad username or password* whenever
+    // the username named the token's device.
     let principal = shared
         .auth
         .authenticate(Some(client_id), password)
@@ -225,6 +224,14 @@ fn admit(shared: &Shared, connect: &Connect) -> Result<Principal, Refusal> {
             AuthError::NotAuthorized(..) => Refusal::NotAuthorized,
             AuthError::Banned { .. } => Refusal::Banned,
         })?;
+    // The token is this client id's; a username naming anyone else is a
+    // bad username.
+    if username != client_id {
+        return refuse(
+            "auth: username differs from client id",
+            Refusal::BadCredentials,
+        );
+    }
     if let Some(will) = connect.will() {
         if let Err(denied) = may_publish(principal.role, &principal.device_id, &will.topic) {
             return refuse(&format!("will: {}", denied.0), Refusal::NotAuthorized);
@@ -375,6 +382,7 @@ impl Connection {
                         qos: p.qos,
                         pkid: p.pkid,
                         retain: false,
+                        dup: false,
                         payload: p.head,
                         truncated_from: Some(p.size),
                         expiry_secs: None,
@@ -422,6 +430,7 @@ impl Connection {
                     qos: publish.qos,
                     pkid: publish.pkid,
                     retain: publish.retain,
+                    dup: publish.dup,
                     payload: publish.payload,
                     truncated_from: None,
                     expiry_secs: publish.expiry_secs,
@@ -569,14 +578,8 @@ impl Connection {
                     .await);
             }
         }
-        if message.qos == 2 && !self.inbound_qos2.contains(&message.pkid) {
-            if self.inbound_qos2.len() >= self.shared.config.max_inflight {
-                return Err(Violation(
-                    DisconnectReasonCode::ReceiveMaximumExceeded,
-                    "too many QoS 2 exchanges open".into(),
-                ));
-            }
-        } else if message.qos == 2 {
+        let open = message.qos == 2 && self.inbound_qos2.contains(&message.pkid);
+        if open && message.dup {
             // A re-sent QoS 2 publish (its PUBREL has not come): it was
             // taken once, so it is answered, not taken again.
             let (version, pkid) = (self.version, message.pkid);
@@ -584,6 +587,14 @@ impl Connection {
                 .send(ready(publish_ack(version, 2, pkid, &AckReason::Success)))
                 .await;
             return Ok(None);
+        }
+        // Without DUP, an open packet id is a new message: its exchange
+        // ended with a failure PUBREC, which frees the id (MQTT 4.3.3).
+        if message.qos == 2 && !open && self.inbound_qos2.len() >= self.shared.config.max_inflight {
+            return Err(Violation(
+                DisconnectReasonCode::ReceiveMaximumExceeded,
+                "too many QoS 2 exchanges open".into(),
+            ));
         }
         match IngestTopic::parse(&message.topic) {
             Some(Ok(topic)) => {
@@ -629,11 +640,35 @@ impl Connection {
             self.inbound_qos2.insert(message.pkid);
         }
         let (version, qos, pkid) = (self.version, message.qos, message.pkid);
+        let (shared, device) = (self.shared.clone(), self.principal.device_id.clone());
         let _ = acks
             .send(Box::pin(async move {
                 let outcome = pending.await;
                 drop::<OwnedSemaphorePermit>(permit);
                 match outcome {
+                    // The store refused the sender (its device type may not
+                    // write the stream): a denied publish like any other,
+                    // counted against the device; 3.1.1 has no code for it,
+                    // so the connection closes, whatever the QoS.
+                    Ok(Ok(IngestOutcome {
+                        refused: Some(reason),
+                        ..
+                    })) => {
+                        shared.metrics.publishes_denied.inc();
+                        shared
+                            .auth
+                            .record_refusal(&device, &format!("publish: {reason}"));
+                        match version {
+                            Version::V5 if qos > 0 => Outgoing::Bytes(publish_ack(
+                                version,
+                                qos,
+                                pkid,
+                                &AckReason::NotAuthorized(reason),
+                            )),
+                            Version::V5 => Outgoing::Nothing,
+                            Version::V4 => Outgoing::Abort,
+                        }
+                    }
                     Ok(Ok(outcome)) if qos > 0 => {
                         Outgoing::Bytes(publish_ack(version, qos, pkid, &ack_reason(&outcome)))
                     }
@@ -917,6 +952,7 @@ struct Incoming {
     qos: u8,
     pkid: u16,
     retain: bool,
+    dup: bool,
     payload: Bytes,
     truncated_from: Option<usize>,
     expiry_secs: Option<u32>,
@@ -924,7 +960,12 @@ struct Incoming {
 }
 
 fn ack_reason(outcome: &IngestOutcome) -> AckReason {
-    match (&outcome.first_reason, outcome.stored) {
+    if let Some(reason) = &outcome.refused {
+        return AckReason::NotAuthorized(reason.clone());
+    }
+    // Duplicates are a success: the record is stored (once), which is
+    // what the device needs to know to stop re-sending it.
+    match (&outcome.first_reason, outcome.stored + outcome.duplicates) {
         (Some(reason), 0) => AckReason::PayloadInvalid(reason.clone()),
         _ => AckReason::Success,
     }

@@ -1,4 +1,4 @@
-//! The ingest pipeline: decode → authorize → validate → enrich → bucket → store → publish live.
+//! The ingest pipeline: authorize → decode → validate → enrich → bucket → store → publish live.
 //!
 //! Each stage is a type with one job. The synchronous stages implement
 //! [`Stage`] and run in the receiving task, in the order [`Pipeline::standard`]
@@ -87,8 +87,17 @@ pub struct Work {
     pub state: Arc<StateSet>,
     /// Set by Authorize once the stream is known to exist.
     pub stream: Option<Arc<Stream>>,
+    /// Valid records. After the commit, only those it stored: the writer
+    /// drops re-sent keys (`duplicates`) before the observers see them, so
+    /// `live/` carries exactly what was stored.
     pub records: Vec<Record>,
     pub rejects: Vec<Reject>,
+    /// Valid records the commit did not store because their key was
+    /// already stored (set by the writer).
+    pub duplicates: u32,
+    /// Set when the sender may not write this stream at all: the message
+    /// holds nothing, and is answered without being committed.
+    pub refused: Option<String>,
 }
 
 impl Work {
@@ -99,7 +108,16 @@ impl Work {
             stream: None,
             records: Vec::new(),
             rejects: Vec::new(),
+            duplicates: 0,
+            refused: None,
         }
+    }
+
+    /// Refuses the whole message: not stored, not even as rejects.
+    pub fn refuse(&mut self, reason: String) {
+        self.records.clear();
+        self.rejects.clear();
+        self.refused = Some(reason);
     }
 
     /// Replaces whatever the message held by one reject of the whole payload.
@@ -138,9 +156,11 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn standard(catalog: Catalog, max_payload: usize) -> Pipeline {
         Pipeline {
+            // Authorize first: a sender that may not write the stream
+            // costs no decoding, and its payload is never looked at.
             stages: vec![
-                Box::new(Decode { max_payload }),
                 Box::new(Authorize { catalog }),
+                Box::new(Decode { max_payload }),
                 Box::new(Validate),
                 Box::new(Enrich),
                 Box::new(Bucket),
@@ -148,13 +168,17 @@ impl Pipeline {
         }
     }
 
-    /// Runs every stage; a stage that refuses the message ends the run, and
-    /// the message carries a single reject with the reason.
+    /// Runs every stage; a stage that rejects the message ends the run, and
+    /// the message carries a single reject with the reason. A stage that
+    /// refuses it ([`Work::refuse`]) ends the run with nothing to store.
     pub fn run(&self, message: IngestMessage, state: Arc<StateSet>) -> Work {
         let mut work = Work::new(message, state);
         for stage in &self.stages {
             if let Err(reason) = stage.process(&mut work) {
                 work.reject_whole(reason);
+                break;
+            }
+            if work.refused.is_some() {
                 break;
             }
         }
