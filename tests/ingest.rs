@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::{connect_v5, publish_acked, raw_mqtt311, Backend, Server, V5};
 
-async fn publish(
+pub(crate) async fn publish(
     client: &mut V5,
     topic: &str,
     payload: impl Into<Vec<u8>>,

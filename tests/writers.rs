@@ -8,10 +8,10 @@
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
-use rumqttc::v5::mqttbytes::QoS;
 use serde_json::{json, Value};
 
 use crate::harness::{connect_v4, connect_v5, fleetgate, Backend, Server, V5};
+use crate::ingest::publish;
 use crate::on_both_backends;
 
 const STREAMS: &str = r#"
@@ -37,25 +37,6 @@ async fn add_typed(server: &Server, id: &str, role: &str, device_type: Option<&s
         .await;
     assert_eq!(status, 201, "add device {id}: {body}");
     body["token"].as_str().unwrap().to_string()
-}
-
-async fn publish(client: &mut V5, topic: &str, payload: &str) -> (PubAckReason, Option<String>) {
-    client
-        .client
-        .publish(topic, QoS::AtLeastOnce, false, payload.to_string())
-        .await
-        .unwrap();
-    client
-        .expect(|p| match p {
-            Packet::PubAck(ack) => Some((
-                ack.reason,
-                ack.properties
-                    .as_ref()
-                    .and_then(|p| p.reason_string.clone()),
-            )),
-            _ => None,
-        })
-        .await
 }
 
 /// Every live copy that arrives within `quiet`, as (topic, records).
