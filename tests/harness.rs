@@ -635,6 +635,15 @@ impl V5 {
         }
     }
 
+    /// The reason code of the next PUBACK.
+    pub async fn puback_reason(&mut self) -> v5::mqttbytes::v5::PubAckReason {
+        self.expect(|p| match p {
+            v5::mqttbytes::v5::Packet::PubAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .await
+    }
+
     /// Nothing but pings for `quiet`: asserts no packet of interest arrived.
     pub async fn assert_silent(&mut self, quiet: Duration, what: &str) {
         let deadline = tokio::time::Instant::now() + quiet;

@@ -338,7 +338,7 @@ async fn qos2_and_topic_aliases_work_and_stay_in_bounds() {
         )
         .await
         .unwrap();
-    assert_eq!(publish_ack_reason(&mut client).await, PubAckReason::Success);
+    assert_eq!(client.puback_reason().await, PubAckReason::Success);
     client
         .client
         .publish_with_properties(
@@ -350,7 +350,7 @@ async fn qos2_and_topic_aliases_work_and_stay_in_bounds() {
         )
         .await
         .unwrap();
-    assert_eq!(publish_ack_reason(&mut client).await, PubAckReason::Success);
+    assert_eq!(client.puback_reason().await, PubAckReason::Success);
     assert_eq!(server.count("SELECT count(*) FROM temperature").await, 3);
 
     assert_eq!(server.count("SELECT count(*) FROM temperature").await, 3);
@@ -407,15 +407,6 @@ async fn an_out_of_range_topic_alias_ends_the_connection() {
         "DISCONNECT with 0x94 topic alias invalid (MQTT 3.3.2.3.4)"
     );
     assert_eq!(server.count("SELECT count(*) FROM temperature").await, 0);
-}
-
-async fn publish_ack_reason(client: &mut V5) -> PubAckReason {
-    client
-        .expect(|p| match p {
-            Packet::PubAck(ack) => Some(ack.reason),
-            _ => None,
-        })
-        .await
 }
 
 #[tokio::test]

@@ -153,12 +153,7 @@ async fn publish_v5(
     match qos {
         QoS::AtMostOnce => true,
         QoS::AtLeastOnce => {
-            let reason = client
-                .expect(|p| match p {
-                    Packet::PubAck(ack) => Some(ack.reason),
-                    _ => None,
-                })
-                .await;
+            let reason = client.puback_reason().await;
             assert!(
                 matches!(
                     reason,

@@ -307,12 +307,7 @@ async fn ingest(sensor: &mut V5, id: &str, seq: u64) {
         )
         .await
         .unwrap();
-    let reason = sensor
-        .expect(|p| match p {
-            Packet::PubAck(ack) => Some(ack.reason),
-            _ => None,
-        })
-        .await;
+    let reason = sensor.puback_reason().await;
     assert_eq!(reason, PubAckReason::Success);
 }
 
@@ -393,12 +388,7 @@ async fn live_copies_and_commands_cross_brokers_and_survive_a_nats_node_dying() 
         )
         .await
         .unwrap();
-    let reason = probe_a
-        .expect(|p| match p {
-            Packet::PubAck(ack) => Some(ack.reason),
-            _ => None,
-        })
-        .await;
+    let reason = probe_a.puback_reason().await;
     assert!(
         matches!(
             reason,

@@ -14,12 +14,7 @@ async fn publish_reason(client: &mut V5, topic: &str, payload: &str) -> PubAckRe
         .publish(topic, QoS::AtLeastOnce, false, payload.to_string())
         .await
         .unwrap();
-    client
-        .expect(|p| match p {
-            Packet::PubAck(ack) => Some(ack.reason),
-            _ => None,
-        })
-        .await
+    client.puback_reason().await
 }
 
 fn granted(code: SubscribeReasonCode) -> bool {

@@ -435,12 +435,7 @@ async fn state_versions_are_announced_on_retained_platform_topics(backend: Backe
         )
         .await
         .unwrap();
-    let refused = admin
-        .expect(|p| match p {
-            Packet::PubAck(ack) => Some(ack.reason),
-            _ => None,
-        })
-        .await;
+    let refused = admin.puback_reason().await;
     assert_eq!(
         format!("{refused:?}"),
         "NotAuthorized",
