@@ -1,6 +1,7 @@
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
-use fleetgate_protocol::token::claimed_subject;
+use fleetgate_protocol::token::{claimed_subject, Claims};
 use fleetgate_protocol::{AuthError, Authenticate, Principal, Role, TokenVerifier};
 
 use crate::bans::{Ban, Bans};
@@ -18,7 +19,15 @@ pub struct TokenAuthenticator {
     bans: Bans,
     /// How long a repeated-refusal alert bans the device; 0 disables bans.
     ban_secs: i64,
+    /// Tokens whose signature verified, with their claims: a device that
+    /// reconnects presents the same token, and an Ed25519 verification is
+    /// most of what a CONNECT costs. Only the signature is remembered; the
+    /// validity window, bans and the registry are checked every time.
+    verified: Mutex<HashMap<Box<str>, Claims>>,
 }
+
+/// Verified tokens remembered, at most (cleared when full: it is a cache).
+const VERIFIED_TOKENS: usize = 100_000;
 
 impl TokenAuthenticator {
     pub fn new(
@@ -34,7 +43,33 @@ impl TokenAuthenticator {
             ledger,
             bans,
             ban_secs,
+            verified: Mutex::default(),
         }
+    }
+
+    /// The verifier's answer, without verifying a signature that already
+    /// verified: the same token string verifies the same way every time.
+    fn verify(&self, token: &str, now: i64) -> Result<Claims, AuthError> {
+        let known = self
+            .verified
+            .lock()
+            .expect("verified tokens lock")
+            .get(token)
+            .cloned();
+        // Outside its window the verifier gives the exact reason.
+        if let Some(claims) = known.filter(|c| c.exp > now && c.iat <= now + 60) {
+            return Ok(claims);
+        }
+        let claims = self
+            .verifier
+            .verify(token, now)
+            .map_err(|e| AuthError::BadCredentials(e.to_string()))?;
+        let mut verified = self.verified.lock().expect("verified tokens lock");
+        if verified.len() >= VERIFIED_TOKENS {
+            verified.clear();
+        }
+        verified.insert(token.into(), claims.clone());
+        Ok(claims)
     }
 
     /// On refusal, also names the device a genuinely signed token was issued
@@ -69,10 +104,7 @@ impl TokenAuthenticator {
                 until: ban.until,
             });
         }
-        let claims = self
-            .verifier
-            .verify(token, now)
-            .map_err(|e| AuthError::BadCredentials(e.to_string()))?;
+        let claims = self.verify(token, now)?;
         if let Some(client_id) = client_id {
             if client_id != claims.sub {
                 return Err(AuthError::ClientIdMismatch {
