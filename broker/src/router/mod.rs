@@ -561,10 +561,6 @@ impl Router {
     pub async fn flush(&self) -> Result<(), String> {
         self.store.submit(StoreOp::Enqueue(Vec::new())).await
     }
-
-    pub fn session_count(&self) -> usize {
-        self.sessions.lock().expect("sessions lock").len()
-    }
 }
 
 /// One session a message goes to, and how.
