@@ -10,51 +10,140 @@ use crate::ServerArgs;
 use fleetgate_device_sdk::identity::{self, DeviceKey};
 use fleetgate_protocol::sdk::{hex, SdkBundle, Target};
 
+/// A device's role. Roles are hierarchical: admin ⊃ extract ⊃ ingest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RoleArg {
+    /// Publish its own records (ingest/<stream>/<own id>), subscribe to devices/<own id>/#.
+    Ingest,
+    /// Ingest's rights, plus queries, streams, rejects and following live/#.
+    Extract,
+    /// Everything: devices, streams, views, ETL, state, SDK builds.
+    Admin,
+}
+
+impl RoleArg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoleArg::Ingest => "ingest",
+            RoleArg::Extract => "extract",
+            RoleArg::Admin => "admin",
+        }
+    }
+}
+
+/// `device add`'s id: checked here, as the server checks it.
+fn device_id(id: &str) -> Result<String, String> {
+    fleetgate_protocol::validate_device_id(id).map(|()| id.to_string())
+}
+
 #[derive(Subcommand)]
 pub enum DeviceCommand {
     /// Register a device and print its token.
     Add {
+        /// Device id: 1-64 characters from A-Z a-z 0-9 - _ . (it is the MQTT
+        /// client id and username, and the last level of its ingest topic).
+        #[arg(value_parser = device_id)]
         id: String,
-        #[arg(long)]
-        role: String,
-        #[arg(long = "type")]
+        /// What the device may do.
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// Device type, 1-64 characters (e.g. thermostat): a stream's
+        /// `writers` name the types that may write it. Default: none.
+        #[arg(long = "type", value_name = "TYPE")]
         device_type: Option<String>,
         /// The device's public key file (`device.pub` from `device keygen`),
-        /// needed for SDK handshakes.
-        #[arg(long)]
+        /// needed for SDK handshakes. Default: none.
+        #[arg(long, value_name = "FILE")]
         public_key: Option<std::path::PathBuf>,
-        /// Token lifetime, e.g. 24h or 365d.
+        /// Token lifetime, e.g. 24h or 365d; at most 10 years. Default: 365d.
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
     },
+    /// Register many devices from a CSV file, in one transaction, and write
+    /// their tokens to a file.
+    #[command(long_about = IMPORT_ABOUT)]
+    Import(crate::import_cli::ImportArgs),
     /// Mint a new token for a registered device.
     Token {
+        /// Id of a registered, unrevoked device.
         id: String,
+        /// Token lifetime, e.g. 1h or 30d; at most 10 years.
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
-    /// List registered devices.
-    List,
+    /// List registered devices, as a table or as CSV.
+    List {
+        /// Only devices of this type (as given to `device add --type`).
+        #[arg(long = "type", value_name = "TYPE")]
+        device_type: Option<String>,
+        /// Only devices with this role.
+        #[arg(long, value_enum)]
+        role: Option<RoleArg>,
+        /// Print CSV with a header row
+        /// (id,role,type,public_key,revoked_at,created_at; times in Unix
+        /// seconds, empty when none) instead of a table.
+        #[arg(long)]
+        csv: bool,
+    },
     /// Revoke a device: its tokens stop working and its connections close.
-    Revoke { id: String },
+    Revoke {
+        /// Id of a registered device.
+        id: String,
+    },
     /// Change a device's role; its connections close and reconnect under the new role.
-    Role { id: String, role: String },
+    Role {
+        /// Id of a registered, unrevoked device.
+        id: String,
+        /// The new role.
+        #[arg(value_enum)]
+        role: RoleArg,
+    },
     /// List devices banned after repeated authentication failures.
     Bans,
     /// Lift a device's ban.
-    Unban { id: String },
+    Unban {
+        /// Id of a banned device.
+        id: String,
+    },
     /// Register or replace a device's public key (for SDK handshakes).
     Key {
+        /// Id of a registered device.
         id: String,
-        #[arg(long)]
+        /// The device's public key file (`device.pub` from `device keygen`).
+        #[arg(long, value_name = "FILE")]
         public_key: std::path::PathBuf,
     },
     /// Make a device key pair (device.key, device.pub) in a directory; no server needed.
     Keygen {
+        /// Directory to write device.key (mode 0600) and device.pub to; made if missing.
         #[arg(long)]
         out: std::path::PathBuf,
     },
 }
+
+const IMPORT_ABOUT: &str = "\
+Register many devices from a CSV file, in one transaction, and write their
+tokens to a file.
+
+FILE starts with a header row naming its columns, in any order:
+  id          required: 1-64 characters from A-Z a-z 0-9 - _ .
+  role        required: ingest, extract or admin
+  type        optional: 1-64 characters; empty for none
+  public_key  optional: the device's public key file (device.pub from
+              `device keygen`), relative to FILE's directory; empty for none
+A row may leave out trailing empty cells. Blank lines and lines starting
+with # are skipped.
+
+Every row is checked first: here (CSV, key files, ids listed twice), and
+then by the server (ids, roles, types, keys, ids already registered). If
+any row is invalid, each one is reported by its line, id, what is wrong and
+what is allowed, nothing is imported and the exit status is 1. With
+--skip-invalid the valid rows are imported and the invalid ones reported.
+
+The tokens go to --tokens as CSV (id,token,expires_at; Unix seconds),
+written with mode 0600 once the import succeeds; an existing file is
+refused before anything is imported, unless --force. A lost tokens file is
+not fatal: `fleetgate device token ID` mints a new token.";
 
 #[derive(Subcommand)]
 pub enum StreamCommand {
@@ -95,6 +184,19 @@ impl Api {
     }
 
     pub(crate) async fn call(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        let (status, body) = self.send(request).await?;
+        if !status.is_success() {
+            bail!("{status}: {}", error_message(&body));
+        }
+        Ok(body)
+    }
+
+    /// Sends a request and returns its status and body (JSON, or the text
+    /// as a string), whatever the status.
+    pub(crate) async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<(reqwest::StatusCode, Value)> {
         let response = request
             .bearer_auth(&self.token)
             .send()
@@ -106,19 +208,26 @@ impl Api {
                 )
             })?;
         let status = response.status();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            let message = body
-                .get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("no error message");
-            bail!("{status}: {message}");
-        }
-        Ok(body)
+        let text = response.text().await.unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok((status, body))
     }
 
     pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+}
+
+/// What an error answer says: its `error`, or its text if it is not the
+/// API's JSON (a proxy's page, say).
+pub(crate) fn error_message(body: &Value) -> String {
+    if let Some(message) = body.get("error").and_then(Value::as_str) {
+        return message.to_string();
+    }
+    match body {
+        Value::String(text) if !text.trim().is_empty() => text.trim().chars().take(500).collect(),
+        Value::Null | Value::String(_) => "the server gave no reason".to_string(),
+        other => other.to_string(),
     }
 }
 
@@ -154,7 +263,7 @@ pub async fn device(command: DeviceCommand, server: &ServerArgs) -> anyhow::Resu
                 .map(|path| identity::read_public_key(&path).map(|k| hex(&k)))
                 .transpose()
                 .map_err(|e| anyhow!(e))?;
-            let body = json!({ "id": id, "role": role, "type": device_type, "public_key": public_key, "ttl_secs": ttl.map(|t| t.as_secs()) });
+            let body = json!({ "id": id, "role": role.as_str(), "type": device_type, "public_key": public_key, "ttl_secs": ttl.map(|t| t.as_secs()) });
             let reply = api
                 .call(api.http.post(api.url("/v1/devices")).json(&body))
                 .await?;
@@ -181,12 +290,28 @@ pub async fn device(command: DeviceCommand, server: &ServerArgs) -> anyhow::Resu
                     .ok_or_else(|| anyhow!("reply has no token"))?
             );
         }
-        DeviceCommand::List => {
-            let reply = api.call(api.http.get(api.url("/v1/devices"))).await?;
-            let rows: Vec<Vec<Value>> = reply["devices"]
-                .as_array()
-                .into_iter()
-                .flatten()
+        DeviceCommand::Import(args) => crate::import_cli::import(args, &api).await?,
+        DeviceCommand::List {
+            device_type,
+            role,
+            csv,
+        } => {
+            let mut query = Vec::new();
+            if let Some(t) = &device_type {
+                query.push(("type", t.as_str()));
+            }
+            if let Some(role) = role {
+                query.push(("role", role.as_str()));
+            }
+            let request = api.http.get(api.url("/v1/devices")).query(&query);
+            let reply = api.call(request).await?;
+            let devices = reply["devices"].as_array().cloned().unwrap_or_default();
+            if csv {
+                crate::import_cli::print_devices_csv(&devices)?;
+                return Ok(());
+            }
+            let rows: Vec<Vec<Value>> = devices
+                .iter()
                 .map(|d| {
                     vec![
                         d["id"].clone(),
@@ -206,7 +331,7 @@ pub async fn device(command: DeviceCommand, server: &ServerArgs) -> anyhow::Resu
         DeviceCommand::Role { id, role } => {
             let url = api.url(&format!("/v1/devices/{id}/role"));
             let reply = api
-                .call(api.http.post(url).json(&json!({ "role": role })))
+                .call(api.http.post(url).json(&json!({ "role": role.as_str() })))
                 .await?;
             println!(
                 "{id} is now {}",

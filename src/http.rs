@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -82,6 +82,11 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(public)
         .route("/v1/devices", get(list_devices).post(add_device))
+        .route(
+            "/v1/devices/import",
+            post(crate::import_api::import)
+                .layer(DefaultBodyLimit::max(crate::import_api::MAX_BODY_BYTES)),
+        )
         .route("/v1/devices/{id}/token", post(mint_token))
         .route("/v1/devices/{id}/revoke", post(revoke_device))
         .route("/v1/devices/{id}/role", post(change_role))
@@ -137,7 +142,50 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             audit_outcomes,
         ))
+        .layer(middleware::from_fn(json_errors))
         .with_state(state)
+}
+
+/// Gives the refusals axum makes itself (a body that is not the JSON a
+/// route takes, a bad path or query parameter, a body over the limit) the
+/// API's error body, `{"error": "..."}`, with axum's message, which says
+/// what was wrong: e.g. `role: unknown role "root": expected ingest,
+/// extract or admin`. Their status stays axum's (400, 413, 415, 422).
+async fn json_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let plain_text = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/plain"));
+    if !(status.is_client_error() || status.is_server_error())
+        || !plain_text
+        || response.extensions().get::<ErrorMessage>().is_some()
+    {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, 64 * 1024).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_string(),
+        Err(_) => String::new(),
+    };
+    let message = if text.is_empty() {
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or("refused")
+            .to_string()
+    } else {
+        text
+    };
+    let mut json = ApiError(parts.status, message).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            json.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    json
 }
 
 /// The dashboard: one self-contained page (no CDN, no external fetch;
@@ -165,7 +213,18 @@ struct ErrorMessage(String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.0, Json(json!({ "error": self.1 }))).into_response();
+        self.with_details(json!({}))
+    }
+}
+
+impl ApiError {
+    /// The error's response with more fields (an object) beside `error`.
+    pub fn with_details(self, details: Value) -> Response {
+        let mut body = json!({ "error": self.1 });
+        if let Value::Object(fields) = details {
+            body.as_object_mut().expect("an object").extend(fields);
+        }
+        let mut response = (self.0, Json(body)).into_response();
         response.extensions_mut().insert(ErrorMessage(self.1));
         response
     }
@@ -184,7 +243,7 @@ impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         let status = match e {
             RegistryError::Invalid(_) => StatusCode::BAD_REQUEST,
-            RegistryError::Exists(_) => StatusCode::CONFLICT,
+            RegistryError::Exists(_) | RegistryError::Conflict(_) => StatusCode::CONFLICT,
             RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
             RegistryError::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -375,7 +434,7 @@ struct NewDevice {
 const DEFAULT_TOKEN_TTL_SECS: i64 = 365 * 24 * 3600;
 const MAX_TOKEN_TTL_SECS: i64 = 10 * 365 * 24 * 3600;
 
-fn checked_ttl(ttl_secs: Option<i64>) -> Result<i64, ApiError> {
+pub(crate) fn checked_ttl(ttl_secs: Option<i64>) -> Result<i64, ApiError> {
     match ttl_secs.unwrap_or(DEFAULT_TOKEN_TTL_SECS) {
         ttl if (1..=MAX_TOKEN_TTL_SECS).contains(&ttl) => Ok(ttl),
         ttl => Err(bad_request(format!(
@@ -396,12 +455,17 @@ async fn add_device(
     if state.registry.get(&new.id).is_some() {
         return Err(RegistryError::Exists(new.id).into());
     }
-    fleetgate_protocol::validate_device_id(&new.id).map_err(bad_request)?;
     let public_key = new
         .public_key
         .as_deref()
         .map(parse_public_key)
         .transpose()?;
+    fleetgate_admin::registry::check_registration(
+        &new.id,
+        new.device_type.as_deref(),
+        public_key.as_deref(),
+    )
+    .map_err(bad_request)?;
     state
         .audit(
             admin,
@@ -428,12 +492,40 @@ async fn add_device(
         .into_response())
 }
 
+#[derive(Deserialize)]
+struct DeviceFilter {
+    #[serde(rename = "type")]
+    device_type: Option<String>,
+    role: Option<String>,
+}
+
+/// Registered devices, by id; `?type=` and `?role=` keep those of that
+/// type and role.
 async fn list_devices(
     State(state): State<AppState>,
     caller: Caller,
+    Query(filter): Query<DeviceFilter>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Role::Admin, &state)?;
-    Ok(Json(json!({ "devices": state.registry.list() })))
+    let role: Option<Role> = filter
+        .role
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(bad_request)?;
+    let devices: Vec<_> = state
+        .registry
+        .list()
+        .into_iter()
+        .filter(|d| role.is_none_or(|r| d.role == r))
+        .filter(|d| {
+            filter
+                .device_type
+                .as_deref()
+                .is_none_or(|t| d.device_type.as_deref() == Some(t))
+        })
+        .collect();
+    Ok(Json(json!({ "devices": devices })))
 }
 
 #[derive(Deserialize, Default)]
@@ -485,7 +577,7 @@ async fn revoke_device(
     Ok(Json(json!({ "device": device })))
 }
 
-fn parse_public_key(hex: &str) -> Result<Vec<u8>, ApiError> {
+pub(crate) fn parse_public_key(hex: &str) -> Result<Vec<u8>, ApiError> {
     from_hex(hex)
         .ok()
         .filter(|k| k.len() == 32)

@@ -13,6 +13,8 @@ mod client;
 mod etl_api;
 mod etl_cli;
 mod http;
+mod import_api;
+mod import_cli;
 mod ingest_api;
 mod node;
 mod rate_limit;

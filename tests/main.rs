@@ -13,6 +13,7 @@ mod cluster;
 mod compaction;
 mod confinement;
 mod dashboard;
+mod devices;
 mod durability;
 mod etl;
 mod ingest;

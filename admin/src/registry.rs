@@ -2,13 +2,14 @@
 //! are revoked. Kept in the database and mirrored in memory, so checking a
 //! device on every CONNECT and HTTP request costs a hash lookup.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use fleetgate_protocol::{validate_device_id, Role};
+use fleetgate_store::bulk::chunk_sizes;
 use fleetgate_store::{with_pool, Db};
 use serde::Serialize;
-use sqlx::Row;
+use sqlx::{QueryBuilder, Row};
 use tokio::sync::broadcast;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -42,6 +43,10 @@ pub enum RegistryError {
     Exists(String),
     #[error("no device {0:?}")]
     NotFound(String),
+    /// The database refused a change: it conflicts with one made meanwhile
+    /// (by another broker, say).
+    #[error("{0}")]
+    Conflict(String),
     #[error("registry database error: {0}")]
     Database(String),
 }
@@ -53,6 +58,38 @@ pub struct Registry {
     events: broadcast::Sender<RegistryEvent>,
     /// Tells this process's own notifications from other brokers'.
     origin: Arc<str>,
+}
+
+/// A device for [`Registry::import`] to register.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub id: String,
+    pub role: Role,
+    pub device_type: Option<String>,
+    /// The raw 32-byte Ed25519 key it signs SDK handshakes with.
+    pub public_key: Option<Vec<u8>>,
+}
+
+/// What a new device must be: an id of 1-64 characters from
+/// `A-Z a-z 0-9 - _ .`, a type of 1-64 characters if any, a 32-byte key if
+/// any. The message says what was wrong and what is allowed.
+pub fn check_registration(
+    id: &str,
+    device_type: Option<&str>,
+    public_key: Option<&[u8]>,
+) -> Result<(), String> {
+    validate_device_id(id)?;
+    if let Some(t) = device_type {
+        if t.is_empty() || t.len() > 64 {
+            return Err(format!(
+                "invalid device type {t:?}: use 1-64 characters, or none"
+            ));
+        }
+    }
+    if public_key.is_some_and(|k| k.len() != 32) {
+        return Err("public key must be a 32-byte Ed25519 key".into());
+    }
+    Ok(())
 }
 
 /// One change to a device, written column by column.
@@ -151,6 +188,10 @@ impl Registry {
         if origin == &*self.origin {
             return;
         }
+        if change == "imported" {
+            // Too many devices for one notification each: read them all.
+            return self.resync().await;
+        }
         let device = match read_devices(&self.db, Some(id)).await {
             Ok(mut rows) => rows.pop(),
             Err(e) => {
@@ -207,19 +248,7 @@ impl Registry {
         public_key: Option<&[u8]>,
         now: i64,
     ) -> Result<Device, RegistryError> {
-        validate_device_id(id).map_err(RegistryError::Invalid)?;
-        if let Some(t) = device_type {
-            if t.is_empty() || t.len() > 64 {
-                return Err(RegistryError::Invalid(
-                    "device type must be 1-64 characters".into(),
-                ));
-            }
-        }
-        if public_key.is_some_and(|k| k.len() != 32) {
-            return Err(RegistryError::Invalid(
-                "public key must be a 32-byte Ed25519 key".into(),
-            ));
-        }
+        check_registration(id, device_type, public_key).map_err(RegistryError::Invalid)?;
         if self.get(id).is_some() {
             return Err(RegistryError::Exists(id.to_string()));
         }
@@ -258,6 +287,84 @@ impl Registry {
             .insert(device.id.clone(), device.clone());
         self.announce("added", id).await;
         Ok(device)
+    }
+
+    /// Registers many devices in one transaction: all of them or, if any
+    /// is invalid, listed twice or already registered (here, or by another
+    /// broker meanwhile), none. Other brokers re-read the registry once.
+    pub async fn import(
+        &self,
+        new: &[Registration],
+        now: i64,
+    ) -> Result<Vec<Device>, RegistryError> {
+        let mut seen = HashSet::with_capacity(new.len());
+        for r in new {
+            check_registration(&r.id, r.device_type.as_deref(), r.public_key.as_deref())
+                .map_err(RegistryError::Invalid)?;
+            if !seen.insert(r.id.as_str()) {
+                return Err(RegistryError::Invalid(format!(
+                    "device {:?} is listed more than once",
+                    r.id
+                )));
+            }
+            if self.get(&r.id).is_some() {
+                return Err(RegistryError::Exists(r.id.clone()));
+            }
+        }
+        let devices: Vec<Device> = new
+            .iter()
+            .map(|r| Device {
+                id: r.id.clone(),
+                role: r.role,
+                device_type: r.device_type.clone(),
+                public_key: r.public_key.as_deref().map(fleetgate_protocol::sdk::hex),
+                revoked_at: None,
+                tokens_not_before: now,
+                created_at: now,
+            })
+            .collect();
+        let head = format!("INSERT INTO fleetgate_devices ({COLUMNS}) ");
+        let result = with_pool!(self.db, pool => {
+            async {
+                let mut tx = pool.begin().await?;
+                let mut rest = devices.as_slice();
+                for size in chunk_sizes(devices.len(), 7) {
+                    let (chunk, tail) = rest.split_at(size);
+                    rest = tail;
+                    let mut insert = QueryBuilder::new(&head);
+                    insert.push_values(chunk, |mut row, d| {
+                        row.push_bind(d.id.as_str())
+                            .push_bind(d.role.as_str())
+                            .push_bind(d.device_type.as_deref())
+                            .push_bind(d.revoked_at)
+                            .push_bind(d.tokens_not_before)
+                            .push_bind(d.created_at)
+                            .push_bind(d.public_key.as_deref());
+                    });
+                    insert.build().execute(&mut *tx).await?;
+                }
+                tx.commit().await
+            }
+            .await
+        });
+        match result {
+            Ok(()) => {}
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Err(RegistryError::Conflict(format!(
+                    "a device of the import was registered meanwhile ({}); nothing was imported",
+                    e.message()
+                )))
+            }
+            Err(e) => return Err(db_error(e)),
+        }
+        {
+            let mut known = self.devices.write().expect("registry lock");
+            for device in &devices {
+                known.insert(device.id.clone(), device.clone());
+            }
+        }
+        self.announce("imported", "*").await;
+        Ok(devices)
     }
 
     /// Revokes a device: its tokens stop working and live sessions are told

@@ -5,8 +5,9 @@ use serde::{Deserialize, Serialize};
 
 /// Roles are hierarchical: every role may do all that the roles below it may.
 /// The derived `Ord` encodes that hierarchy (Ingest < Extract < Admin).
+/// Read through `FromStr`, so a wrong one says which roles there are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", try_from = "String")]
 pub enum Role {
     /// Publishes its own records; reads nothing but its own command topics.
     Ingest,
@@ -51,6 +52,13 @@ impl FromStr for Role {
     }
 }
 
+impl TryFrom<String> for Role {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,5 +77,21 @@ mod tests {
             assert_eq!(role.to_string().parse::<Role>(), Ok(role));
         }
         assert!("root".parse::<Role>().is_err());
+    }
+
+    #[test]
+    fn json_names_the_roles_there_are() {
+        assert_eq!(
+            serde_json::from_str::<Role>(r#""extract""#).unwrap(),
+            Role::Extract
+        );
+        assert_eq!(serde_json::to_string(&Role::Admin).unwrap(), r#""admin""#);
+        let error = serde_json::from_str::<Role>(r#""root""#).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with(r#"unknown role "root": expected ingest, extract or admin"#),
+            "{error}"
+        );
     }
 }
