@@ -14,6 +14,7 @@ use fleetgate_admin::{
     unix_now, AuditLog, Bans, Platform, RefusalLedger, Registry, RegistryEvent, TokenAuthenticator,
 };
 use fleetgate_broker::balancer::Balancer;
+use fleetgate_broker::persist::jetstream::{JetStreamSettings, JetStreamStore};
 use fleetgate_broker::persist::{sql::SqlStore, MemoryStore, SessionStore};
 use fleetgate_broker::router::nats::NatsFabric;
 use fleetgate_broker::session::QueueLimits;
@@ -245,6 +246,11 @@ pub struct BrokerArgs {
     /// other. Without it this broker routes only among its own connections.
     #[arg(long, value_delimiter = ',', value_name = "URLS")]
     nats: Vec<String>,
+    /// Copies JetStream keeps of persistent sessions, their queues and
+    /// retained messages (1-5; at most the number of NATS servers with
+    /// JetStream). Default: the number of --nats URLs, at most 3.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=5))]
+    nats_replicas: Option<u8>,
 }
 
 /// Where ingest goes: the store in this process, or the cluster's nodes.
@@ -262,7 +268,14 @@ fn parse_etl_database(text: &str) -> Result<(String, String), String> {
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    serve(args, None, &[]).await
+    serve(args, None, &Fabric::default()).await
+}
+
+/// The cluster fabric a broker joins (`fleetgate broker --nats`).
+#[derive(Default)]
+struct Fabric {
+    nats: Vec<String>,
+    replicas: usize,
 }
 
 pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
@@ -276,15 +289,22 @@ pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
             "fleetgate broker needs --database postgres://... (shared with the store nodes)"
         ));
     }
-    serve(args.up, Some(args.hold), &args.nats).await
+    let fabric = Fabric {
+        replicas: args
+            .nats_replicas
+            .map(usize::from)
+            .unwrap_or(args.nats.len().clamp(1, 3)),
+        nats: args.nats,
+    };
+    serve(args.up, Some(args.hold), &fabric).await
 }
 
-/// `nats`: the cluster fabric's servers (`fleetgate broker --nats`); none
-/// for `up`, and for a broker that routes only among its own connections.
+/// `cluster`: the cluster fabric (`fleetgate broker --nats`); none for
+/// `up`, and for a broker that routes only among its own connections.
 async fn serve(
     args: UpArgs,
     cluster_hold: Option<Duration>,
-    nats: &[String],
+    cluster: &Fabric,
 ) -> anyhow::Result<()> {
     init_tracing();
 
@@ -429,31 +449,54 @@ async fn serve(
         bans.clone(),
         args.ban_duration.as_secs() as i64,
     ));
-    // `up` keeps MQTT sessions in its own database. Brokers of a cluster
-    // keep them in memory: each would otherwise load every broker's
-    // sessions from the shared database.
-    let session_store: Arc<dyn SessionStore> = match cluster_hold {
-        None => SqlStore::open(db.clone()).await.map_err(|e| anyhow!(e))?,
-        Some(_) => Arc::new(MemoryStore),
-    };
     let queue_limits = QueueLimits {
         max_messages: args.session_queue_messages,
         max_bytes: args.session_queue_bytes,
     };
+    let fabric = if cluster.nats.is_empty() {
+        None
+    } else {
+        Some(
+            NatsFabric::connect(&cluster.nats, &mut metrics)
+                .await
+                .map_err(|e| anyhow!("{e} (--nats)"))?,
+        )
+    };
+    // `up` keeps MQTT sessions in its own database. Brokers of a cluster
+    // keep them in JetStream, where any broker finds them; without NATS, in
+    // memory (each would otherwise load every broker's sessions from the
+    // shared database).
+    let jetstream = match &fabric {
+        Some(fabric) => Some(Arc::new(
+            JetStreamStore::open(
+                fabric.client(),
+                JetStreamSettings {
+                    replicas: cluster.replicas,
+                    limits: queue_limits,
+                    max_session_expiry: args.max_session_expiry,
+                },
+            )
+            .await
+            .map_err(|e| anyhow!("{e} (--nats)"))?,
+        )),
+        None => None,
+    };
+    let session_store: Arc<dyn SessionStore> = match (&jetstream, cluster_hold) {
+        (Some(jetstream), _) => jetstream.clone(),
+        (None, None) => SqlStore::open(db.clone()).await.map_err(|e| anyhow!(e))?,
+        (None, Some(_)) => Arc::new(MemoryStore),
+    };
     let router = Router::start(session_store, queue_limits, &mut metrics)
         .await
         .map_err(|e| anyhow!(e))?;
+    if let Some(jetstream) = &jetstream {
+        jetstream.follow(router.clone());
+    }
     // Joined before anything can publish, so nothing routed here misses the
     // other brokers; what they send is taken in once the gatekeeper exists.
-    let fabric = if nats.is_empty() {
-        None
-    } else {
-        let fabric = NatsFabric::connect(nats, &mut metrics)
-            .await
-            .map_err(|e| anyhow!("{e} (--nats)"))?;
+    if let Some(fabric) = &fabric {
         router.join(fabric.clone());
-        Some(fabric)
-    };
+    }
     // Anomaly alerts go out on live/alerts/... like live copies.
     let analyses = fleetgate_etl::analysis::Analyses::open(
         db.clone(),

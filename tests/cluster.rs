@@ -27,7 +27,11 @@ impl Process {
     pub(crate) fn start(args: &[&str]) -> Process {
         let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
             .args(args)
-            .env("RUST_LOG", "warn")
+            // FG_CHILD_LOG=fleetgate_broker=debug,... to see more of a failing run.
+            .env(
+                "RUST_LOG",
+                std::env::var("FG_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -520,3 +520,138 @@ async fn a_device_connecting_to_another_broker_is_taken_over_from_the_first() {
     let command = next_publish(&mut on_second, on("devices/twin/cmd"), WAIT).await;
     assert_eq!(&command.expect("the command").payload[..], b"hello");
 }
+
+/// An MQTT 5 connection of `id` to `broker` that keeps its session for an
+/// hour (clean start off); returns it with CONNACK's session present flag.
+async fn connect_persistent(broker: &Process, id: &str, token: &str) -> (V5, bool) {
+    let (host, port) = broker.mqtt();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut options = MqttOptions::new(id, host.clone(), port);
+        options.set_credentials(id, token);
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_clean_start(false);
+        options.set_session_expiry_interval(Some(3600));
+        match connect_v5_with(options).await {
+            Ok((client, connack)) => return (client, connack.session_present),
+            Err(code) => {
+                assert!(tokio::time::Instant::now() < deadline, "{id}: {code:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Publishes a QoS 1 `payload` on `topic` until the broker acknowledges it
+/// as queued for a subscriber (a broker learns another broker's persistent
+/// subscriptions through JetStream, a moment after the SUBACK).
+async fn publish_queued(admin: &mut V5, topic: &str, payload: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        admin
+            .client
+            .publish(topic, QoS::AtLeastOnce, false, payload.to_string())
+            .await
+            .unwrap();
+        match admin.puback_reason().await {
+            PubAckReason::Success => return,
+            PubAckReason::NoMatchingSubscribers => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{topic}: no broker ever knew the subscription"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("{topic}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_follows_its_device_across_brokers_and_a_kill_9() {
+    let Some(server) = prerequisites() else {
+        return;
+    };
+    let (_nats, cluster, mut second) = two_brokers(server).await;
+    let urls = _nats.urls();
+    let first = &cluster.broker;
+    let valve = add_device(&cluster, "valve-p", "ingest").await;
+    let admin = add_device(&cluster, "ops", "admin").await;
+    let cmd = "devices/valve-p/cmd";
+    let config = "devices/valve-p/config";
+
+    // The device subscribes on the first broker with a session that
+    // outlives its connection, and goes away cleanly.
+    let (mut device, present) = connect_persistent(first, "valve-p", &valve).await;
+    assert!(!present);
+    assert_eq!(
+        device.subscribe(cmd).await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    device.client.disconnect().await.unwrap();
+
+    // Commands published through the second broker while it is away are
+    // acknowledged as queued, and a retained configuration too.
+    let mut ops = connect(&second, "ops", &admin).await;
+    publish_queued(&mut ops, cmd, "cmd-1").await;
+    ops.client
+        .publish(config, QoS::AtLeastOnce, true, "mode=eco")
+        .await
+        .unwrap();
+    assert_eq!(ops.puback_reason().await, PubAckReason::Success);
+
+    // It comes back through the second broker: same session, the command
+    // without subscribing again, and the retained message of the cluster.
+    let (mut device, present) = connect_persistent(&second, "valve-p", &valve).await;
+    assert!(present, "the session was not found on the other broker");
+    let got = next_publish(&mut device, on(cmd), WAIT)
+        .await
+        .expect("the command queued while away");
+    assert_eq!(&got.payload[..], b"cmd-1");
+    assert_eq!(got.qos, QoS::AtLeastOnce);
+    assert_eq!(
+        device.subscribe(config).await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    let got = next_publish(&mut device, on(config), WAIT)
+        .await
+        .expect("the retained message");
+    assert_eq!(&got.payload[..], b"mode=eco");
+    assert!(got.retain);
+
+    // The broker it is on is killed with -9. Commands published through
+    // the first broker meanwhile are acknowledged, and none is lost: the
+    // device resumes its session there and gets each once.
+    drop(ops);
+    second.kill9();
+    let mut ops = connect(first, "ops", &admin).await;
+    for i in 2..=4 {
+        publish_queued(&mut ops, cmd, &format!("cmd-{i}")).await;
+    }
+    let (mut device, present) = connect_persistent(first, "valve-p", &valve).await;
+    assert!(present, "the session did not survive its broker");
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let publish = next_publish(&mut device, on(cmd), WAIT)
+            .await
+            .unwrap_or_else(|| panic!("after the kill, only {got:?}"));
+        got.push(String::from_utf8_lossy(&publish.payload).to_string());
+    }
+    assert_eq!(got, ["cmd-2", "cmd-3", "cmd-4"]);
+    device
+        .assert_silent(Duration::from_millis(500), "nothing delivered twice")
+        .await;
+
+    // A broker started after all this knows the retained message.
+    let third = cluster.second_broker_with(&["--nats", &urls]);
+    let reader = add_device(&cluster, "reader-p", "admin").await;
+    let mut reader = connect(&third, "reader-p", &reader).await;
+    assert_eq!(
+        reader.subscribe(config).await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    let got = next_publish(&mut reader, on(config), WAIT)
+        .await
+        .expect("the retained message on a broker started later");
+    assert_eq!(&got.payload[..], b"mode=eco");
+}

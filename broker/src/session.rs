@@ -271,6 +271,27 @@ impl Session {
         state.queue.push_back(queued);
     }
 
+    /// Takes a message the session store holds for this session (a
+    /// cluster's shared queue), while `connection` has the session. One the
+    /// session already holds (offered again by the store) is not queued
+    /// twice. False if `connection` no longer has the session.
+    pub fn feed(&self, connection: u64, queued: Queued) -> bool {
+        let mut state = self.lock();
+        if state.attached != connection {
+            return false;
+        }
+        let held = |q: &Queued| q.durable && q.seq == queued.seq;
+        if state.queue.iter().any(held) || state.inflight.values().any(|f| held(&f.queued)) {
+            return true;
+        }
+        state.next_seq = state.next_seq.max(queued.seq + 1);
+        state.queued_bytes += queued.message.cost();
+        state.queue.push_back(queued);
+        drop(state);
+        self.wake.notify_one();
+        true
+    }
+
     /// Attaches connection `connection`: what was in flight goes out again
     /// first (PUBLISH with DUP, or PUBREL), in the order it was first sent.
     pub fn attach(&self, connection: u64) -> Vec<Delivery> {

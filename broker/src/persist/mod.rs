@@ -7,6 +7,7 @@
 //! commit once the operation is durable. Nothing is acknowledged to a
 //! publisher before the commit of what its message queued.
 
+pub mod jetstream;
 pub mod sql;
 
 use std::future::Future;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::session::{Message, Properties, SubOptions};
+use crate::session::{Message, Properties, Session, SubOptions};
 
 /// Resolves when the operation is durable (or failed to be).
 pub type Commit = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
@@ -67,6 +68,22 @@ pub struct Snapshot {
 pub trait SessionStore: Send + Sync {
     fn load(&self) -> Pin<Box<dyn Future<Output = Result<Snapshot, String>> + Send + '_>>;
     fn submit(&self, op: StoreOp) -> Commit;
+
+    /// Whether persistent sessions' queues live in the store, shared by
+    /// the brokers of a cluster, rather than in the router. Then the
+    /// router hands such messages to the store ([`StoreOp::Enqueue`]) and
+    /// queues none itself, and the store feeds a session ([`Session::feed`])
+    /// while a connection of this broker has it.
+    fn feeds_sessions(&self) -> bool {
+        false
+    }
+
+    /// `connection` attached the persistent `session` here: feed it.
+    fn attached(&self, _session: &Arc<Session>, _connection: u64) {}
+
+    /// `connection` let go of `session`: stop feeding it, and give what it
+    /// had not delivered back to the store for the next connection.
+    fn detached(&self, _session: &Arc<Session>, _connection: u64) {}
 }
 
 /// Keeps nothing: sessions live as long as the process.

@@ -63,6 +63,18 @@ pub struct Router {
     live_readers: AtomicUsize,
     metrics: RouterMetrics,
     fabric: OnceLock<Arc<dyn Fabric>>,
+    /// The store holds persistent sessions' queues (a cluster's JetStream):
+    /// see [`SessionStore::feeds_sessions`].
+    store_feeds: bool,
+}
+
+/// Where a message being routed was published.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// Through this broker: what must be durable is written here.
+    Here,
+    /// Through another broker of the cluster, which wrote it.
+    Elsewhere,
 }
 
 /// A session as a connection gets it.
@@ -114,7 +126,9 @@ impl Router {
             "Retained messages held",
             metrics.retained.clone(),
         );
+        let store_feeds = store.feeds_sessions();
         let router = Arc::new(Router {
+            store_feeds,
             index: RwLock::default(),
             sessions: Mutex::default(),
             retained: RwLock::default(),
@@ -147,7 +161,13 @@ impl Router {
             let session = Session::new(record.client_id.as_str().into(), record.expiry_secs);
             {
                 let mut state = session.lock();
-                state.detached_at_ms = Some(record.detached_at_ms.unwrap_or(now));
+                // A cluster's record without a detach time is held by a
+                // broker that is up (or died holding it): it does not
+                // expire until a broker records the device gone.
+                state.detached_at_ms = match record.detached_at_ms {
+                    None if self.store_feeds => None,
+                    at => Some(at.unwrap_or(now)),
+                };
                 state.stored = true;
             }
             for (filter, options) in record.subscriptions {
@@ -217,7 +237,11 @@ impl Router {
         let resend = session.attach(connection);
         let commit = if expiry_secs > 0 {
             session.lock().stored = true;
-            self.store.submit(StoreOp::PutSession(record(&session)))
+            let commit = self.store.submit(StoreOp::PutSession(record(&session)));
+            if self.store_feeds {
+                self.store.attached(&session, connection);
+            }
+            commit
         } else {
             crate::persist::committed()
         };
@@ -239,6 +263,9 @@ impl Router {
             // A newer connection has it.
             return;
         }
+        if self.store_feeds {
+            self.store.detached(session, connection);
+        }
         if session.lock().expiry_secs == 0 {
             let mut sessions = self.sessions.lock().expect("sessions lock");
             if sessions
@@ -259,15 +286,89 @@ impl Router {
     }
 
     fn destroy(&self, sessions: &mut HashMap<Arc<str>, Arc<Session>>, session: &Arc<Session>) {
+        self.forget(sessions, session);
+        if session.lock().stored {
+            self.tell(StoreOp::DropSession(session.client_id.to_string()));
+        }
+    }
+
+    /// Removes `session` from this broker only.
+    fn forget(&self, sessions: &mut HashMap<Arc<str>, Arc<Session>>, session: &Arc<Session>) {
         sessions.remove(&session.client_id);
         let filters: Vec<String> = session.lock().subscriptions.keys().cloned().collect();
         for filter in filters {
             self.remove_subscription(session, &filter);
         }
         session.drain();
-        if session.lock().stored {
-            self.tell(StoreOp::DropSession(session.client_id.to_string()));
+    }
+
+    /// Another broker of the cluster wrote `record`: the device is there
+    /// now, or was last. This broker learns the session's subscriptions (so
+    /// that what is published here is queued for it), and lets go of
+    /// anything it still held for it: its queue is the store's.
+    pub fn apply_remote_session(&self, record: SessionRecord) {
+        let session = {
+            let mut sessions = self.sessions.lock().expect("sessions lock");
+            sessions
+                .entry(record.client_id.as_str().into())
+                .or_insert_with(|| Session::new(record.client_id.as_str().into(), 0))
+                .clone()
+        };
+        if session.lock().attached != 0 {
+            // Connected here after the other broker had it. If that broker
+            // has since recorded the device gone, this broker's record
+            // must be the last word.
+            if record.detached_at_ms.is_some() {
+                self.tell(StoreOp::PutSession(self::record(&session)));
+            }
+            return;
         }
+        session.drain();
+        {
+            let mut state = session.lock();
+            state.expiry_secs = record.expiry_secs;
+            state.detached_at_ms = record.detached_at_ms;
+            state.stored = true;
+        }
+        let wanted: HashMap<&str, SubOptions> = record
+            .subscriptions
+            .iter()
+            .map(|(f, o)| (f.as_str(), *o))
+            .collect();
+        let gone: Vec<String> = session
+            .lock()
+            .subscriptions
+            .keys()
+            .filter(|f| !wanted.contains_key(f.as_str()))
+            .cloned()
+            .collect();
+        for filter in gone {
+            self.remove_subscription(&session, &filter);
+        }
+        for (filter, options) in wanted {
+            self.add_subscription(&session, filter, options);
+        }
+    }
+
+    /// Another broker of the cluster ended the session `client_id`.
+    pub fn drop_remote_session(&self, client_id: &str) {
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        if let Some(session) = sessions.get(client_id).cloned() {
+            // A connection here has a newer session of the client.
+            if session.lock().attached == 0 {
+                self.forget(&mut sessions, &session);
+            }
+        }
+    }
+
+    /// Another broker of the cluster retained `message` on `topic` (or
+    /// cleared it).
+    pub fn apply_remote_retained(&self, topic: String, message: Option<Arc<Message>>) {
+        let mut retained = self.retained.write().expect("retained lock");
+        match message {
+            Some(message) => retained.insert(topic, message),
+            None => retained.remove(&topic),
+        };
     }
 
     /// Ends sessions whose expiry passed while no connection had them.
@@ -438,15 +539,21 @@ impl Router {
         if let Some(fabric) = self.fabric.get() {
             fabric.forward(&message);
         }
-        self.publish_remote(message)
+        self.route(message, Origin::Here)
     }
 
     /// Routes a message to this broker's sessions only: one another broker
     /// of the cluster forwarded.
     pub fn publish_remote(&self, message: Message) -> Published {
+        self.route(message, Origin::Elsewhere)
+    }
+
+    fn route(&self, message: Message, origin: Origin) -> Published {
         let message = Arc::new(message);
         let mut commits: Vec<Commit> = Vec::new();
-        if message.retain {
+        // With a shared store, other brokers' retained messages arrive
+        // through it, in the order it holds them.
+        if message.retain && (origin == Origin::Here || !self.store_feeds) {
             let mut retained = self.retained.write().expect("retained lock");
             let topic = message.topic.to_string();
             let stored = if message.payload.is_empty() {
@@ -456,7 +563,7 @@ impl Router {
                 retained.insert(topic.clone(), message.clone());
                 Some(message.clone())
             };
-            if message.durable {
+            if message.durable && origin == Origin::Here {
                 commits.push(self.store.submit(StoreOp::Retain(topic, stored)));
             }
         }
@@ -516,6 +623,29 @@ impl Router {
         let (mut queued, mut refused) = (0, 0);
         for target in targets {
             let qos = message.qos.min(target.granted);
+            if self.store_feeds {
+                if qos > 0 && message.durable && target.session.persistent() {
+                    // The store queues it, once, through the broker it was
+                    // published on; the device's broker feeds it from there.
+                    if origin == Origin::Here {
+                        commits.push(self.store.submit(StoreOp::Enqueue(vec![StoredMessage {
+                            client_id: target.session.client_id.clone(),
+                            seq: 0,
+                            qos,
+                            retain: target.retain,
+                            subscription_ids: target.ids,
+                            message: message.clone(),
+                        }])));
+                        queued += 1;
+                    }
+                    continue;
+                }
+                if target.session.lock().attached == 0 {
+                    // Known here only as another broker's (or an absent
+                    // device's) persistent session.
+                    continue;
+                }
+            }
             let (outcome, commit) = self.enqueue(
                 &target.session,
                 message.clone(),

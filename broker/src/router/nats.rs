@@ -328,6 +328,12 @@ impl NatsFabric {
         }))
     }
 
+    /// The NATS connection, for what else the broker keeps in NATS
+    /// (JetStream).
+    pub fn client(&self) -> async_nats::Client {
+        self.client.clone()
+    }
+
     /// Takes in what the other brokers send: their messages go to
     /// `router`'s own sessions ([`Router::publish_remote`], so they are not
     /// forwarded again), and their claims to `on_claim` with the device id.

@@ -1,0 +1,873 @@
+//! The session store of a cluster, on NATS JetStream: what lets a device
+//! resume its session on whichever broker it reaches, and a broker started
+//! later know every retained message.
+//!
+//! - KV bucket `fleetgate-sessions`: one record per persistent session
+//!   (subscriptions, expiry, when it was detached, and the broker that
+//!   wrote it). Every broker watches it, so each knows the cluster's
+//!   persistent subscriptions ([`Router::apply_remote_session`]).
+//! - KV bucket `fleetgate-retained`: one entry per retained topic, watched
+//!   by every broker ([`Router::apply_remote_retained`]).
+//! - Stream `FLEETGATE_QUEUES` (work queue), subject
+//!   `fleetgate-queue.<session>`: a persistent session's undelivered QoS
+//!   1/2 messages. The broker a message is published through writes it
+//!   there for every persistent session it matches, and acknowledges the
+//!   publisher once JetStream has it. The broker the device is connected to
+//!   reads the subject with the session's durable consumer and acknowledges
+//!   each message to JetStream when the device has acknowledged it.
+//!
+//! So persistent sessions are fed only from JetStream in a cluster: the
+//! router hands their messages here instead of queueing them
+//! ([`SessionStore::feeds_sessions`]). A session's queue is bounded by
+//! JetStream itself (messages per subject, discarding new ones), and a
+//! publish to a full queue is not acknowledged.
+//!
+//! Delivery is at least once across brokers: a message in flight when its
+//! broker dies is sent again, with a new packet id, by the broker the
+//! device reaches next, once JetStream's ack wait has passed.
+//!
+//! [`Router::apply_remote_session`]: crate::router::Router::apply_remote_session
+//! [`Router::apply_remote_retained`]: crate::router::Router::apply_remote_retained
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{push, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::context::PublishAckFuture;
+use async_nats::jetstream::kv::{self, Operation};
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::{HeaderMap, Subject};
+use base64::Engine;
+use bytes::Bytes;
+use fleetgate_protocol::unix_now_ms;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::{Commit, SessionRecord, SessionStore, Snapshot, StoreOp, StoredMessage, StoredMeta};
+use crate::router::Router;
+use crate::session::{Message, QueueLimits, Queued, Session, SubOptions};
+
+const SESSIONS_BUCKET: &str = "fleetgate-sessions";
+const RETAINED_BUCKET: &str = "fleetgate-retained";
+const QUEUES_STREAM: &str = "FLEETGATE_QUEUES";
+/// Outside `fleetgate.>`, which the brokers' core fabric subscribes to.
+const QUEUE_PREFIX: &str = "fleetgate-queue.";
+const QUEUED_HEADER: &str = "Fg-Queued";
+/// Where a session's consumer pushes, and the queue group that receives.
+const DELIVER_PREFIX: &str = "fleetgate-deliver.";
+const DELIVER_GROUP: &str = "fleetgate";
+
+/// How long a message sent to a device may stay unacknowledged before
+/// JetStream offers it again (to the same broker, which ignores it while
+/// the device still has it, or to the broker the device moved to).
+const ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// Longest a broker waits, at start-up, for JetStream to answer.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest a broker waits, at start-up, to read the buckets.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the store needs to be told at start-up.
+pub struct JetStreamSettings {
+    /// Copies JetStream keeps of each bucket and queue (1 to 5, and at most
+    /// the NATS cluster's size).
+    pub replicas: usize,
+    /// Messages per session queue (JetStream refuses more).
+    pub limits: QueueLimits,
+    /// Longest a session may be kept: queued messages older than this go.
+    pub max_session_expiry: Duration,
+}
+
+pub struct JetStreamStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// This broker, as its session records name it.
+    broker: String,
+    client: async_nats::Client,
+    queues: stream::Stream,
+    sessions: kv::Store,
+    retained: kv::Store,
+    ops: mpsc::UnboundedSender<(StoreOp, oneshot::Sender<Sent>)>,
+    limits: QueueLimits,
+    /// Per session attached here: the task feeding it, and the ack subjects
+    /// of the messages it holds, by stream sequence.
+    feeds: Mutex<HashMap<Arc<str>, Feed>>,
+    /// KV keys seen, back to what they name (a deleted key carries no value).
+    session_keys: Mutex<HashMap<String, Arc<str>>>,
+    retained_keys: Mutex<HashMap<String, String>>,
+    loaded: Mutex<Option<Loaded>>,
+}
+
+#[derive(Default)]
+struct Feed {
+    /// The connection the session is attached to, and its feeding task.
+    attached: Option<(u64, CancellationToken)>,
+    replies: HashMap<u64, Subject>,
+}
+
+/// The watches that read the buckets at start-up, continued by `follow`.
+struct Loaded {
+    sessions: kv::Watch,
+    retained: kv::Watch,
+}
+
+/// What the writer did with one operation: the acknowledgements to wait for.
+type Sent = Result<Vec<PublishAckFuture>, String>;
+
+/// A session record as the bucket holds it.
+#[derive(Serialize, Deserialize)]
+struct StoredSession {
+    broker: String,
+    client_id: String,
+    expiry_secs: u32,
+    subscriptions: Vec<(String, SubOptions)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    detached_at_ms: Option<i64>,
+}
+
+/// What travels beside a queued or retained message's payload.
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    topic: String,
+    meta: StoredMeta,
+}
+
+impl JetStreamStore {
+    /// Creates (or finds) the buckets and the queue stream, and reads the
+    /// buckets. `client` is the broker's NATS connection.
+    pub async fn open(
+        client: async_nats::Client,
+        settings: JetStreamSettings,
+    ) -> Result<JetStreamStore, String> {
+        let js = async_nats::jetstream::new(client.clone());
+        // A NATS cluster that has just started elects its JetStream leader
+        // within seconds; until then requests time out.
+        let deadline = tokio::time::Instant::now() + SETUP_TIMEOUT;
+        let (sessions, retained, queues) = loop {
+            match set_up(&js, &settings).await {
+                Ok(parts) => break parts,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "JetStream not ready; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let (ops, queue) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            broker: broker_id(),
+            client,
+            queues,
+            sessions,
+            retained,
+            ops,
+            limits: settings.limits,
+            feeds: Mutex::default(),
+            session_keys: Mutex::default(),
+            retained_keys: Mutex::default(),
+            loaded: Mutex::default(),
+        });
+        tokio::spawn(write_loop(Arc::downgrade(&inner), js, queue));
+        Ok(JetStreamStore { inner })
+    }
+
+    /// Takes in what other brokers write to the buckets from now on: their
+    /// session records and retained messages go to `router`.
+    pub fn follow(&self, router: Arc<Router>) {
+        let Some(loaded) = self.inner.loaded.lock().expect("loaded lock").take() else {
+            tracing::error!("the session store was followed before it was loaded");
+            return;
+        };
+        let inner = self.inner.clone();
+        let to = router.clone();
+        tokio::spawn(async move {
+            let mut watch = loaded.sessions;
+            while let Some(entry) = watch.next().await {
+                match entry {
+                    Ok(entry) => inner.session_changed(&to, entry),
+                    Err(e) => tracing::warn!(error = %e, "watching the cluster's sessions"),
+                }
+            }
+            tracing::error!("the cluster's session records are no longer followed");
+        });
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let mut watch = loaded.retained;
+            while let Some(entry) = watch.next().await {
+                match entry {
+                    Ok(entry) => inner.retained_changed(&router, entry),
+                    Err(e) => tracing::warn!(error = %e, "watching retained messages"),
+                }
+            }
+            tracing::error!("the cluster's retained messages are no longer followed");
+        });
+    }
+}
+
+impl Inner {
+    fn session_changed(&self, router: &Router, entry: kv::Entry) {
+        match entry.operation {
+            Operation::Put => match self.decode_session(&entry) {
+                // This broker's own writes: its sessions are as it left them.
+                Some(stored) if stored.broker == self.broker => {}
+                Some(stored) => router.apply_remote_session(record_of(stored)),
+                None => tracing::warn!(key = %entry.key, "ignored a malformed session record"),
+            },
+            Operation::Delete | Operation::Purge => {
+                let client = self
+                    .session_keys
+                    .lock()
+                    .expect("keys lock")
+                    .remove(&entry.key);
+                if let Some(client) = client {
+                    router.drop_remote_session(&client);
+                }
+            }
+        }
+    }
+
+    fn decode_session(&self, entry: &kv::Entry) -> Option<StoredSession> {
+        let stored: StoredSession = serde_json::from_slice(&entry.value).ok()?;
+        self.session_keys
+            .lock()
+            .expect("keys lock")
+            .insert(entry.key.clone(), stored.client_id.as_str().into());
+        Some(stored)
+    }
+
+    fn retained_changed(&self, router: &Router, entry: kv::Entry) {
+        match entry.operation {
+            Operation::Put => match self.decode_retained(&entry) {
+                Some(message) => {
+                    router.apply_remote_retained(message.topic.to_string(), Some(Arc::new(message)))
+                }
+                None => tracing::warn!(key = %entry.key, "ignored a malformed retained message"),
+            },
+            Operation::Delete | Operation::Purge => {
+                let topic = self
+                    .retained_keys
+                    .lock()
+                    .expect("keys lock")
+                    .remove(&entry.key);
+                if let Some(topic) = topic {
+                    router.apply_remote_retained(topic, None);
+                }
+            }
+        }
+    }
+
+    fn decode_retained(&self, entry: &kv::Entry) -> Option<Message> {
+        let (envelope, payload) = split_value(&entry.value)?;
+        self.retained_keys
+            .lock()
+            .expect("keys lock")
+            .insert(entry.key.clone(), envelope.topic.clone());
+        Some(envelope.meta.message(&envelope.topic, payload.to_vec()))
+    }
+
+    /// Reads both buckets to their current end.
+    async fn load(&self) -> Result<Snapshot, String> {
+        let mut snapshot = Snapshot::default();
+        let (watch, entries) = read_bucket(&self.sessions).await?;
+        for entry in entries {
+            if let Some(stored) = self.decode_session(&entry) {
+                snapshot.sessions.push(record_of(stored));
+            }
+        }
+        let sessions = watch;
+        let (watch, entries) = read_bucket(&self.retained).await?;
+        for entry in entries {
+            if let Some(message) = self.decode_retained(&entry) {
+                snapshot.retained.push(Arc::new(message));
+            }
+        }
+        *self.loaded.lock().expect("loaded lock") = Some(Loaded {
+            sessions,
+            retained: watch,
+        });
+        Ok(snapshot)
+    }
+
+    /// Feeds `session` from its queue while `connection` has it.
+    ///
+    /// The session's durable consumer pushes to a subject of its own, in a
+    /// queue group: whichever broker has the device subscribes to it. A
+    /// push consumer delivers only while someone is subscribed, so nothing
+    /// is sent to a broker that let go (a pull request, by contrast, would
+    /// outlive its broker's interest and swallow messages until the ack
+    /// wait passed).
+    async fn feed(
+        self: Arc<Self>,
+        session: Arc<Session>,
+        connection: u64,
+        stop: CancellationToken,
+    ) {
+        let token = session_token(&session.client_id);
+        let deliver = format!("{DELIVER_PREFIX}{token}");
+        let config = push::Config {
+            durable_name: Some(format!("s{token}")),
+            deliver_subject: deliver.clone(),
+            deliver_group: Some(DELIVER_GROUP.to_string()),
+            filter_subject: format!("{QUEUE_PREFIX}{token}"),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: ACK_WAIT,
+            deliver_policy: DeliverPolicy::All,
+            max_ack_pending: self.limits.max_messages as i64,
+            ..Default::default()
+        };
+        loop {
+            let subscribed = async {
+                let subscriber = self
+                    .client
+                    .queue_subscribe(deliver.clone(), DELIVER_GROUP.to_string())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.queues
+                    .get_or_create_consumer(&format!("s{token}"), config.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>(subscriber)
+            };
+            let mut subscriber = tokio::select! {
+                _ = stop.cancelled() => return,
+                subscribed = subscribed => match subscribed {
+                    Ok(subscriber) => subscriber,
+                    Err(e) => {
+                        tracing::warn!(client = %session.client_id, error = %e, "cannot read the session's queue; trying again");
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        }
+                    }
+                },
+            };
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => {
+                        // What arrived but was not taken goes back at once.
+                        let _ = subscriber.unsubscribe().await;
+                        while let Ok(Some(message)) =
+                            tokio::time::timeout(Duration::from_millis(100), subscriber.next()).await
+                        {
+                            if let Some(reply) = message.reply {
+                                self.reply(reply, b"-NAK");
+                            }
+                        }
+                        return;
+                    }
+                    next = subscriber.next() => match next {
+                        Some(message) => self.take(&session, connection, message),
+                        None => break,
+                    },
+                }
+            }
+        }
+    }
+
+    /// One message from a session's queue, into the session.
+    fn take(&self, session: &Session, connection: u64, message: async_nats::Message) {
+        let Some(reply) = message.reply.clone() else {
+            return;
+        };
+        let Some(seq) = stream_sequence(&reply) else {
+            return;
+        };
+        let decoded = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(QUEUED_HEADER))
+            .and_then(|h| serde_json::from_str::<Envelope>(h.as_str()).ok());
+        let Some(envelope) = decoded else {
+            tracing::warn!(client = %session.client_id, seq, "dropped a malformed queued message");
+            self.reply(reply, b"+ACK");
+            return;
+        };
+        let routed = envelope
+            .meta
+            .message(&envelope.topic, message.payload.to_vec());
+        if routed.expired(unix_now_ms()) {
+            self.reply(reply, b"+ACK");
+            return;
+        }
+        let (qos, retain, subscription_ids) =
+            envelope
+                .meta
+                .delivery
+                .clone()
+                .unwrap_or((routed.qos, false, Vec::new()));
+        self.feeds
+            .lock()
+            .expect("feeds lock")
+            .entry(session.client_id.clone())
+            .or_default()
+            .replies
+            .insert(seq, reply.clone());
+        let fed = session.feed(
+            connection,
+            Queued {
+                seq,
+                message: Arc::new(routed),
+                qos,
+                retain,
+                subscription_ids,
+                durable: true,
+            },
+        );
+        if !fed {
+            // The connection is gone: the next one (here or elsewhere) gets it.
+            self.reply(reply, b"-NAK");
+        }
+    }
+
+    fn reply(&self, subject: Subject, answer: &'static [u8]) {
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let _ = client.publish(subject, Bytes::from_static(answer)).await;
+        });
+    }
+
+    fn settled(&self, client_id: &str, seq: u64) {
+        let reply = self
+            .feeds
+            .lock()
+            .expect("feeds lock")
+            .get_mut(client_id)
+            .and_then(|f| f.replies.remove(&seq));
+        if let Some(reply) = reply {
+            self.reply(reply, b"+ACK");
+        }
+    }
+}
+
+impl SessionStore for JetStreamStore {
+    fn load(&self) -> Pin<Box<dyn Future<Output = Result<Snapshot, String>> + Send + '_>> {
+        Box::pin(self.inner.load())
+    }
+
+    fn submit(&self, op: StoreOp) -> Commit {
+        if let StoreOp::Settled(client_id, seq) = &op {
+            // Only an acknowledgement to JetStream, which may be lost
+            // harmlessly (the message comes again and is sent again).
+            self.inner.settled(client_id, *seq);
+            return super::committed();
+        }
+        let (done, sent) = oneshot::channel();
+        if self.inner.ops.send((op, done)).is_err() {
+            return Box::pin(std::future::ready(Err("session store stopped".to_string())));
+        }
+        Box::pin(async move {
+            let acks = sent
+                .await
+                .unwrap_or_else(|_| Err("session store stopped".to_string()))?;
+            for ack in acks {
+                ack.await
+                    .map_err(|e| format!("JetStream did not store it: {e}"))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn feeds_sessions(&self) -> bool {
+        true
+    }
+
+    fn attached(&self, session: &Arc<Session>, connection: u64) {
+        let stop = CancellationToken::new();
+        let previous = self
+            .inner
+            .feeds
+            .lock()
+            .expect("feeds lock")
+            .entry(session.client_id.clone())
+            .or_default()
+            .attached
+            .replace((connection, stop.clone()));
+        if let Some((_, old)) = previous {
+            old.cancel();
+        }
+        tokio::spawn(self.inner.clone().feed(session.clone(), connection, stop));
+    }
+
+    fn detached(&self, session: &Arc<Session>, connection: u64) {
+        let mut feeds = self.inner.feeds.lock().expect("feeds lock");
+        let Some(feed) = feeds.get_mut(&session.client_id) else {
+            return;
+        };
+        if feed
+            .attached
+            .as_ref()
+            .is_some_and(|(c, _)| *c == connection)
+        {
+            if let Some((_, stop)) = feed.attached.take() {
+                stop.cancel();
+            }
+            // Offered again at once, to whichever broker the device reaches
+            // next; the subjects stay known, so an acknowledgement of a
+            // message this broker sends again still settles it.
+            for reply in feed.replies.values() {
+                self.inner.reply(reply.clone(), b"-NAK");
+            }
+        }
+    }
+}
+
+/// Applies operations in submission order: JetStream publishes (including
+/// the buckets' puts and deletes, which are publishes too) are sent in
+/// order and their acknowledgements awaited by whoever waits on the commit.
+async fn write_loop(
+    inner: std::sync::Weak<Inner>,
+    js: async_nats::jetstream::Context,
+    mut ops: mpsc::UnboundedReceiver<(StoreOp, oneshot::Sender<Sent>)>,
+) {
+    while let Some((op, done)) = ops.recv().await {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let sent = write(&inner, &js, op).await;
+        let _ = done.send(sent);
+    }
+}
+
+async fn write(inner: &Inner, js: &async_nats::jetstream::Context, op: StoreOp) -> Sent {
+    let publish = |subject: String, headers: HeaderMap, payload: Bytes| async move {
+        js.publish_with_headers(subject, headers, payload)
+            .await
+            .map_err(|e| format!("cannot write to JetStream: {e}"))
+    };
+    match op {
+        StoreOp::PutSession(record) => {
+            let stored = StoredSession {
+                broker: inner.broker.clone(),
+                client_id: record.client_id.clone(),
+                expiry_secs: record.expiry_secs,
+                subscriptions: record.subscriptions,
+                detached_at_ms: record.detached_at_ms,
+            };
+            let value = serde_json::to_vec(&stored).expect("a session record serializes");
+            let subject = format!("$KV.{SESSIONS_BUCKET}.{}", kv_key(&record.client_id));
+            Ok(vec![
+                publish(subject, HeaderMap::new(), value.into()).await?,
+            ])
+        }
+        StoreOp::DropSession(client_id) => {
+            let subject = format!("$KV.{SESSIONS_BUCKET}.{}", kv_key(&client_id));
+            let ack = publish(subject, purge_headers(), Bytes::new()).await?;
+            // Its queue and consumer go before anything is written for a
+            // new session of the same client.
+            let token = session_token(&client_id);
+            let _ = inner.queues.delete_consumer(&format!("s{token}")).await;
+            let _ = inner
+                .queues
+                .purge()
+                .filter(format!("{QUEUE_PREFIX}{token}"))
+                .await;
+            let mut feeds = inner.feeds.lock().expect("feeds lock");
+            if let Some(feed) = feeds.get_mut(client_id.as_str()) {
+                feed.replies.clear();
+                // A new session of the client may already be attached.
+                if feed.attached.is_none() {
+                    feeds.remove(client_id.as_str());
+                }
+            }
+            Ok(vec![ack])
+        }
+        StoreOp::Enqueue(messages) => {
+            let mut acks = Vec::with_capacity(messages.len());
+            for stored in messages {
+                let (subject, headers, payload) = queued(&stored);
+                acks.push(publish(subject, headers, payload).await?);
+            }
+            Ok(acks)
+        }
+        StoreOp::Settled(..) => Ok(Vec::new()),
+        StoreOp::Retain(topic, message) => {
+            let subject = format!("$KV.{RETAINED_BUCKET}.{}", kv_key(&topic));
+            let ack = match message {
+                Some(message) => {
+                    let envelope = Envelope {
+                        topic,
+                        meta: StoredMeta::of(&message, None),
+                    };
+                    publish(
+                        subject,
+                        HeaderMap::new(),
+                        join_value(&envelope, &message.payload),
+                    )
+                    .await?
+                }
+                None => publish(subject, purge_headers(), Bytes::new()).await?,
+            };
+            Ok(vec![ack])
+        }
+    }
+}
+
+/// The subject, headers and payload of one message queued for one session.
+fn queued(stored: &StoredMessage) -> (String, HeaderMap, Bytes) {
+    let envelope = Envelope {
+        topic: stored.message.topic.to_string(),
+        meta: StoredMeta::of(
+            &stored.message,
+            Some((stored.qos, stored.retain, stored.subscription_ids.clone())),
+        ),
+    };
+    let mut headers = HeaderMap::new();
+    // Compact JSON escapes every control character: one header line.
+    headers.insert(
+        QUEUED_HEADER,
+        serde_json::to_string(&envelope).expect("an envelope serializes"),
+    );
+    (
+        format!("{QUEUE_PREFIX}{}", session_token(&stored.client_id)),
+        headers,
+        stored.message.payload.clone(),
+    )
+}
+
+/// The stream sequence in a JetStream ack subject:
+/// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>`,
+/// or with a domain and account hash before the stream (12 tokens or more).
+fn stream_sequence(reply: &str) -> Option<u64> {
+    let tokens: Vec<&str> = reply.split('.').collect();
+    let at = match tokens.len() {
+        9 => 5,
+        n if n >= 12 => 7,
+        _ => return None,
+    };
+    (tokens[0] == "$JS" && tokens[1] == "ACK")
+        .then(|| tokens[at].parse().ok())
+        .flatten()
+}
+
+/// A KV purge: the key's earlier values go too.
+fn purge_headers() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("KV-Operation", "PURGE");
+    headers.insert("Nats-Rollup", "sub");
+    headers
+}
+
+/// A retained value: the envelope's length (4 bytes, big-endian), the
+/// envelope as JSON, then the payload.
+fn join_value(envelope: &Envelope, payload: &[u8]) -> Bytes {
+    let json = serde_json::to_vec(envelope).expect("an envelope serializes");
+    let mut value = Vec::with_capacity(4 + json.len() + payload.len());
+    value.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    value.extend_from_slice(&json);
+    value.extend_from_slice(payload);
+    value.into()
+}
+
+fn split_value(value: &[u8]) -> Option<(Envelope, &[u8])> {
+    let len = u32::from_be_bytes(value.get(..4)?.try_into().ok()?) as usize;
+    let json = value.get(4..4 + len)?;
+    Some((serde_json::from_slice(json).ok()?, &value[4 + len..]))
+}
+
+/// A KV key for any text: as it is where KV allows it, base64url when
+/// short, a hash otherwise (the value holds the text itself). The prefixes
+/// keep the three forms apart.
+fn kv_key(text: &str) -> String {
+    let plain = !text.is_empty()
+        && text.len() <= 200
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if plain {
+        format!("p_{text}")
+    } else if text.len() <= 600 {
+        format!(
+            "b_{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
+        )
+    } else {
+        format!("h_{}", session_token(text))
+    }
+}
+
+/// One subject token per session (and its consumer's name): a hash, since
+/// client ids may hold anything.
+fn session_token(client_id: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, client_id.as_bytes());
+    digest.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn record_of(stored: StoredSession) -> SessionRecord {
+    SessionRecord {
+        client_id: stored.client_id,
+        expiry_secs: stored.expiry_secs,
+        subscriptions: stored.subscriptions,
+        detached_at_ms: stored.detached_at_ms,
+    }
+}
+
+/// The buckets and the queue stream, found or created.
+async fn set_up(
+    js: &async_nats::jetstream::Context,
+    settings: &JetStreamSettings,
+) -> Result<(kv::Store, kv::Store, stream::Stream), String> {
+    let sessions = bucket(js, SESSIONS_BUCKET, settings.replicas)
+        .await
+        .map_err(|e| jetstream_error("the session bucket", e))?;
+    let retained = bucket(js, RETAINED_BUCKET, settings.replicas)
+        .await
+        .map_err(|e| jetstream_error("the retained-message bucket", e))?;
+    let queues = js
+        .get_or_create_stream(stream::Config {
+            name: QUEUES_STREAM.to_string(),
+            subjects: vec![format!("{QUEUE_PREFIX}*")],
+            retention: RetentionPolicy::WorkQueue,
+            max_messages_per_subject: settings.limits.max_messages as i64,
+            discard: DiscardPolicy::New,
+            discard_new_per_subject: true,
+            max_age: settings.max_session_expiry,
+            num_replicas: settings.replicas,
+            storage: StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| jetstream_error("the session queue stream", e))?;
+    Ok((sessions, retained, queues))
+}
+
+/// Finds or creates a KV bucket that keeps each key's latest value. Made
+/// as a stream (what a bucket is) because async-nats's own bucket creation
+/// first reads account fields that NATS 2.9 does not send.
+async fn bucket(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    replicas: usize,
+) -> Result<kv::Store, String> {
+    js.get_or_create_stream(stream::Config {
+        name: format!("KV_{name}"),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: DiscardPolicy::New,
+        num_replicas: replicas,
+        storage: StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    js.get_key_value(name).await.map_err(|e| e.to_string())
+}
+
+/// Every key's latest entry, and the watch that goes on from there.
+async fn read_bucket(store: &kv::Store) -> Result<(kv::Watch, Vec<kv::Entry>), String> {
+    let holds = store
+        .status()
+        .await
+        .map_err(|e| format!("cannot read a JetStream bucket: {e}"))?
+        .values();
+    let mut watch = store
+        .watch_with_history(">")
+        .await
+        .map_err(|e| format!("cannot watch a JetStream bucket: {e}"))?;
+    let mut entries = Vec::new();
+    if holds == 0 {
+        return Ok((watch, entries));
+    }
+    let deadline = tokio::time::Instant::now() + LOAD_TIMEOUT;
+    loop {
+        let entry = tokio::time::timeout_at(deadline, watch.next())
+            .await
+            .map_err(|_| "timed out reading a JetStream bucket".to_string())?
+            .ok_or("a JetStream bucket's watch ended")?
+            .map_err(|e| format!("cannot read a JetStream bucket: {e}"))?;
+        let current = entry.delta == 0;
+        if entry.operation == Operation::Put {
+            entries.push(entry);
+        }
+        if current {
+            return Ok((watch, entries));
+        }
+    }
+}
+
+fn jetstream_error(what: &str, e: impl std::fmt::Display) -> String {
+    format!("cannot set up {what} in JetStream (is JetStream enabled on the NATS servers, with enough of them for the replicas?): {e}")
+}
+
+fn broker_id() -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the system's random source");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_valid_kv_keys_and_distinct() {
+        let texts = [
+            "dev-1",
+            "a/b/c",
+            "with space",
+            "ünï",
+            "p_x",
+            &"x".repeat(700),
+        ];
+        let keys: Vec<String> = texts.iter().map(|t| kv_key(t)).collect();
+        for key in &keys {
+            assert!(key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_=/".contains(&b)));
+        }
+        let mut unique = keys.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), keys.len());
+    }
+
+    #[test]
+    fn the_stream_sequence_is_read_from_ack_subjects() {
+        assert_eq!(
+            stream_sequence("$JS.ACK.FLEETGATE_QUEUES.s1.1.42.7.1700000000.0"),
+            Some(42)
+        );
+        assert_eq!(
+            stream_sequence("$JS.ACK.dom.hash.FLEETGATE_QUEUES.s1.1.43.7.1700000000.0.tok"),
+            Some(43)
+        );
+        assert_eq!(stream_sequence("_INBOX.abc"), None);
+    }
+
+    #[test]
+    fn a_retained_value_comes_back_as_written() {
+        let envelope = Envelope {
+            topic: "a/b".into(),
+            meta: StoredMeta {
+                qos: 1,
+                retain: true,
+                expires_at_ms: Some(5),
+                publisher: Some("p".into()),
+                properties: None,
+                delivery: None,
+            },
+        };
+        let value = join_value(&envelope, b"\x00payload\n");
+        let (back, payload) = split_value(&value).unwrap();
+        assert_eq!(back.topic, "a/b");
+        assert_eq!(back.meta.expires_at_ms, Some(5));
+        assert_eq!(payload, b"\x00payload\n");
+        assert!(split_value(&value[..3]).is_none());
+    }
+}
