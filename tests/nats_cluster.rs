@@ -103,7 +103,11 @@ impl Nats {
             loop {
                 if greets(node.client_port).await {
                     let routez = monitor(node.monitor_port, "routez").await;
-                    if routez["num_routes"].as_u64().unwrap_or(0) >= 2 {
+                    // JetStream answers once its servers elected a leader.
+                    let jsz = monitor(node.monitor_port, "jsz").await;
+                    if routez["num_routes"].as_u64().unwrap_or(0) >= 2
+                        && jsz["meta_cluster"]["leader"].as_str().is_some()
+                    {
                         break;
                     }
                 }
@@ -197,12 +201,17 @@ fn prerequisites() -> Option<PathBuf> {
 
 /// A NATS cluster, and two brokers of one fleetgate cluster on it.
 async fn two_brokers(server: PathBuf) -> (Nats, Cluster, Process) {
+    two_brokers_with(server, &[]).await
+}
+
+/// `two_brokers`, each broker with more command-line arguments.
+async fn two_brokers_with(server: PathBuf, extra: &[&str]) -> (Nats, Cluster, Process) {
     let nats = Nats::start(server).await;
     let urls = nats.urls();
-    let cluster = cluster_with(&["--nats", &urls])
-        .await
-        .expect("DATABASE_URL was checked");
-    let second = cluster.second_broker_with(&["--nats", &urls]);
+    let mut args = vec!["--nats", &urls];
+    args.extend_from_slice(extra);
+    let cluster = cluster_with(&args).await.expect("DATABASE_URL was checked");
+    let second = cluster.second_broker_with(&args);
     (nats, cluster, second)
 }
 
@@ -572,7 +581,9 @@ async fn a_persistent_session_follows_its_device_across_brokers_and_a_kill_9() {
     let Some(server) = prerequisites() else {
         return;
     };
-    let (_nats, cluster, mut second) = two_brokers(server).await;
+    // Queues of three messages, to see a full one refused.
+    let (_nats, cluster, mut second) =
+        two_brokers_with(server, &["--session-queue-messages", "3"]).await;
     let urls = _nats.urls();
     let first = &cluster.broker;
     let valve = add_device(&cluster, "valve-p", "ingest").await;
@@ -628,6 +639,12 @@ async fn a_persistent_session_follows_its_device_across_brokers_and_a_kill_9() {
     for i in 2..=4 {
         publish_queued(&mut ops, cmd, &format!("cmd-{i}")).await;
     }
+    // The queue is full: the fourth is refused, not acknowledged.
+    ops.client
+        .publish(cmd, QoS::AtLeastOnce, false, "cmd-5")
+        .await
+        .unwrap();
+    assert_eq!(ops.puback_reason().await, PubAckReason::QuotaExceeded);
     let (mut device, present) = connect_persistent(first, "valve-p", &valve).await;
     assert!(present, "the session did not survive its broker");
     let mut got = Vec::new();

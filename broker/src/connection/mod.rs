@@ -25,6 +25,7 @@ use crate::codec::{
     DisconnectReasonCode, Frame, FrameReader, Header, Refusal, ServerLimits, Subscribe, Version,
     Will,
 };
+use crate::persist::QUEUE_FULL;
 use crate::platform_topics::PlatformSubscriber;
 use crate::router::index::{check_filter, split_shared};
 use crate::session::{Delivery, Message, Session};
@@ -712,8 +713,16 @@ impl Connection {
         let commit = published.commit;
         let _ = acks
             .send(Box::pin(async move {
-                if commit.await.is_err() {
-                    return Outgoing::Abort;
+                match commit.await {
+                    Ok(()) => {}
+                    // A cluster's shared queue (JetStream) refused it for a
+                    // full session queue: like a full queue here. QoS 2 closes
+                    // instead, so no failed exchange keeps its packet id.
+                    Err(e) if e == QUEUE_FULL && version == Version::V5 && qos == 1 => {
+                        let reason = AckReason::QuotaExceeded(e);
+                        return Outgoing::Bytes(publish_ack(version, qos, pkid, &reason));
+                    }
+                    Err(_) => return Outgoing::Abort,
                 }
                 match reason {
                     None => Outgoing::Bytes(publish_ack(version, qos, pkid, &AckReason::Success)),

@@ -468,8 +468,14 @@ impl SessionStore for JetStreamStore {
                 .await
                 .unwrap_or_else(|_| Err("session store stopped".to_string()))?;
             for ack in acks {
-                ack.await
-                    .map_err(|e| format!("JetStream did not store it: {e}"))?;
+                ack.await.map_err(|e| {
+                    // What NATS answers when `discard_new_per_subject` refuses.
+                    if e.to_string().contains("maximum messages per subject") {
+                        super::QUEUE_FULL.to_string()
+                    } else {
+                        format!("JetStream did not store it: {e}")
+                    }
+                })?;
             }
             Ok(())
         })

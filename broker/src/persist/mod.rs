@@ -21,6 +21,10 @@ use crate::session::{Message, Properties, Session, SubOptions};
 /// Resolves when the operation is durable (or failed to be).
 pub type Commit = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
+/// A commit's error when the store refused a message because the session's
+/// queue there is full (a cluster's shared queue): it was not queued.
+pub const QUEUE_FULL: &str = "a subscribed session's queue is full";
+
 pub fn committed() -> Commit {
     Box::pin(std::future::ready(Ok(())))
 }
