@@ -488,6 +488,15 @@ pub async fn state(command: StateCommand, server: &ServerArgs) -> anyhow::Result
                     body["at_ms"] = json!(at_ms as i64);
                 }
             }
+            if !no_wait {
+                // The answer comes once every store switched: say why it waits.
+                eprintln!(
+                    "pushing {key}{}; waiting until every store has switched to it (--no-wait returns at once)",
+                    at.as_deref()
+                        .map(|at| format!(", to activate at {at}"))
+                        .unwrap_or_default()
+                );
+            }
             let reply = api
                 .call(
                     api.http
@@ -523,13 +532,13 @@ pub async fn state(command: StateCommand, server: &ServerArgs) -> anyhow::Result
                         v["version"].clone(),
                         v["key"].clone(),
                         v["status"].clone(),
-                        v["activate_at_ms"].clone(),
+                        utc_time(&v["activate_at_ms"]),
                         v["staged_by"].clone(),
                     ]
                 })
                 .collect();
             print_table(
-                &["version", "key", "status", "activate_at_ms", "staged_on"],
+                &["version", "key", "status", "activates (UTC)", "staged_on"],
                 &versions,
             );
         }
@@ -666,6 +675,19 @@ pub(crate) fn time(ms: &Value) -> Value {
         .map_or(Value::Null, |t| {
             Value::from(t.format("%Y-%m-%d %H:%M:%S").to_string())
         })
+}
+
+/// An epoch-milliseconds value as RFC 3339 UTC (as it is when not a number).
+fn utc_time(ms: &Value) -> Value {
+    match ms.as_u64() {
+        Some(ms) => Value::String(
+            humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+            )
+            .to_string(),
+        ),
+        None => ms.clone(),
+    }
 }
 
 pub(crate) fn print_table(headers: &[&str], rows: &[Vec<Value>]) {

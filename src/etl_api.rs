@@ -155,6 +155,16 @@ pub async fn rejects(
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Role::Extract, &state)?;
     let limit = limit.limit.unwrap_or(100).clamp(1, 10_000);
+    // A run that does not exist is not one without rejects.
+    if state
+        .etl
+        .get_run(id)
+        .await
+        .map_err(internal_error)?
+        .is_none()
+    {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no run {id}")));
+    }
     let rejects = state.etl.rejects(id, limit).await.map_err(internal_error)?;
     Ok(Json(json!({ "run": id, "rejects": rejects })))
 }

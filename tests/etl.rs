@@ -148,6 +148,13 @@ async fn a_job_extracts_transforms_and_loads_with_rejects_per_row(backend: Backe
     assert_eq!(copy, ORDERS_CSV);
 
     let id = run["id"].as_i64().unwrap();
+    // A run that does not exist is an error, not an empty list.
+    let (ok, _, err) =
+        fleetgate_async(&server, &["etl", "rejects", &(id + 1000).to_string()]).await;
+    assert!(
+        !ok && err.contains(&format!("no run {}", id + 1000)),
+        "{err}"
+    );
     let rejects = get(&server, &format!("/v1/etl/runs/{id}/rejects")).await;
     let found: Vec<(String, i64, String)> = rejects["rejects"]
         .as_array()

@@ -77,6 +77,11 @@ async fn a_rules_push_changes_what_is_rejected_from_its_activation_instant(backe
     let publish = publish_until(client, &mut events, "ingest/temperature/t1", stopped);
     let (sent, (ok, out, err)) = tokio::join!(publish, push);
     assert!(ok, "state push failed: {err}");
+    // A push that waits says what it waits for.
+    assert!(
+        err.contains("to activate at +2s; waiting until every store has switched"),
+        "{err}"
+    );
     let report: Value = serde_json::from_str(&out).unwrap();
     let activate_at = report["activate_at_ms"].as_i64().unwrap();
     assert_eq!(report["confirmed"][0]["node"], "local", "{report}");
@@ -114,6 +119,12 @@ async fn a_rules_push_changes_what_is_rejected_from_its_activation_instant(backe
     assert!(ok);
     assert!(out.contains("current version: 1"), "{out}");
     assert!(out.contains("local") && out.contains("published"), "{out}");
+    // Activation times read as times, not epoch milliseconds.
+    let activates = humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + Duration::from_millis(activate_at as u64),
+    )
+    .to_string();
+    assert!(out.contains(&activates), "{activates} in {out}");
     publish_acked(
         &server,
         "t1",

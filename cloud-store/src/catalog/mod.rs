@@ -920,9 +920,14 @@ fn evolve(old: &StreamDef, new: &StreamDef, name: &str) -> Result<Vec<String>, S
         ));
     }
     if old.key != new.key {
+        let shown = |key: &Option<Vec<String>>| match key {
+            Some(fields) => format!("[{}]", fields.join(", ")),
+            None => "none".to_string(),
+        };
         return Err(format!(
-            "stream {name}: the key cannot change ({:?} -> {:?}); declare a new stream instead",
-            old.key, new.key
+            "stream {name}: the key cannot change ({} -> {}); declare a new stream instead",
+            shown(&old.key),
+            shown(&new.key)
         ));
     }
     let mut added = Vec::new();
@@ -1023,6 +1028,31 @@ mod tests {
             compacted,
             Backend::Sqlite,
         )
+    }
+
+    #[test]
+    fn a_changed_key_is_refused_with_both_keys_as_declared() {
+        let sales = |key: &str| {
+            StreamsFile::parse(&format!(
+                "[streams.sales]\n{key}fields.order_id = {{ type = \"string\", required = true }}\n\
+                 fields.order_no = {{ type = \"int\", required = true }}\n"
+            ))
+            .unwrap()
+            .streams["sales"]
+                .clone()
+        };
+        let old = sales("key = [\"order_id\"]\n");
+        let new = sales("key = [\"device_id\", \"order_no\"]\n");
+        let refused = evolve(&old, &new, "sales").unwrap_err();
+        assert!(
+            refused.contains("the key cannot change ([order_id] -> [device_id, order_no])"),
+            "{refused}"
+        );
+        let refused = evolve(&sales(""), &new, "sales").unwrap_err();
+        assert!(
+            refused.contains("(none -> [device_id, order_no])"),
+            "{refused}"
+        );
     }
 
     #[test]
