@@ -55,6 +55,26 @@ impl AutoSettings {
     fn on(&self) -> bool {
         self.budget_bytes > 0
     }
+
+    /// A shape's decision until it has one: what would earn it a view.
+    fn watching(&self) -> String {
+        if !self.on() {
+            return "watching: automatic views are off (--auto-views-budget 0)".into();
+        }
+        let cost = if self.min_cost.is_zero() {
+            String::new()
+        } else {
+            format!(
+                ", each taking at least {}",
+                humantime::format_duration(self.min_cost)
+            )
+        };
+        format!(
+            "watching: a view is considered once this shape runs on the primary table {} times within {}{cost}",
+            self.recurrences,
+            humantime::format_duration(self.window),
+        )
+    }
 }
 
 /// Queries whose stream's newest row is younger than this want fresh data:
@@ -179,7 +199,7 @@ impl Views {
             last_seen: Instant::now(),
             last_seen_ms: now_ms,
             decided: None,
-            decision: "watching".into(),
+            decision: self.auto.watching(),
             decision_unflushed: true,
             unflushed: Counts::default(),
         });
@@ -633,7 +653,7 @@ impl Views {
                     .bind(counts.view_runs)
                     .bind(lag_ms)
                     .bind(last_seen_ms)
-                    .bind(decision.as_deref().unwrap_or("watching"))
+                    .bind(decision.clone().unwrap_or_else(|| self.auto.watching()))
                     .bind(&decision)
                     .execute(pool)
                     .await
