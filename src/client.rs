@@ -579,9 +579,15 @@ pub async fn view(command: ViewCommand, server: &ServerArgs) -> anyhow::Result<(
                 .into_iter()
                 .flatten()
                 .map(|v| {
+                    // A view over a view reads from that view, not its stream.
+                    let source = match v["built_on"].as_str() {
+                        Some(view) => json!(format!("view {view}")),
+                        None => v["source"].clone(),
+                    };
                     vec![
                         v["name"].clone(),
-                        v["source"].clone(),
+                        v["kind"].clone(),
+                        source,
                         v["refresh"].clone(),
                         v["origin"].clone(),
                         v["rows"].clone(),
@@ -590,7 +596,9 @@ pub async fn view(command: ViewCommand, server: &ServerArgs) -> anyhow::Result<(
                 })
                 .collect();
             print_table(
-                &["view", "source", "refresh", "origin", "rows", "bytes"],
+                &[
+                    "view", "kind", "source", "refresh", "origin", "rows", "bytes",
+                ],
                 &rows,
             );
         }

@@ -784,4 +784,12 @@ async fn rows_views_and_views_over_views_answer_as_the_primary_table(backend: Ba
         (&json!("rows"), &json!("by_status"))
     );
     assert_eq!(by_tag["source"], "temperature");
+    // The command line names the view it is built on.
+    let (ok, out, err) = fleetgate(&server, &["view", "list"]);
+    assert!(ok, "{err}");
+    let line = out.lines().find(|l| l.starts_with("by_tag ")).unwrap();
+    assert!(
+        line.contains("| rows ") && line.contains("| view by_status "),
+        "{out}"
+    );
 }
