@@ -157,6 +157,36 @@ impl Nats {
         counts
     }
 
+    /// Waits until the session queues hold `n` messages (as the first
+    /// live server reports the stream `FLEETGATE_QUEUES`).
+    async fn wait_queued(&self, n: u64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let mut held = None;
+            for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+                let jsz = monitor(node.monitor_port, "jsz?streams=true").await;
+                held = jsz["account_details"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+                    .find(|s| s["name"] == "FLEETGATE_QUEUES")
+                    .and_then(|s| s["state"]["messages"].as_u64());
+                if held.is_some() {
+                    break;
+                }
+            }
+            if held == Some(n) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "session queues hold {held:?} messages, not {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn kill9(&mut self, i: usize) {
         if let Some(mut child) = self.nodes[i].child.take() {
             let _ = child.kill();
@@ -582,9 +612,9 @@ async fn a_persistent_session_follows_its_device_across_brokers_and_a_kill_9() {
         return;
     };
     // Queues of three messages, to see a full one refused.
-    let (_nats, cluster, mut second) =
+    let (nats, cluster, mut second) =
         two_brokers_with(server, &["--session-queue-messages", "3"]).await;
-    let urls = _nats.urls();
+    let urls = nats.urls();
     let first = &cluster.broker;
     let valve = add_device(&cluster, "valve-p", "ingest").await;
     let admin = add_device(&cluster, "ops", "admin").await;
@@ -630,6 +660,9 @@ async fn a_persistent_session_follows_its_device_across_brokers_and_a_kill_9() {
     assert_eq!(&got.payload[..], b"mode=eco");
     assert!(got.retain);
 
+    // Once the device has acknowledged it, the command leaves JetStream.
+    nats.wait_queued(0).await;
+
     // The broker it is on is killed with -9. Commands published through
     // the first broker meanwhile are acknowledged, and none is lost: the
     // device resumes its session there and gets each once.
@@ -671,4 +704,13 @@ async fn a_persistent_session_follows_its_device_across_brokers_and_a_kill_9() {
         .await
         .expect("the retained message on a broker started later");
     assert_eq!(&got.payload[..], b"mode=eco");
+
+    // And a command published there reaches the device, connected to the
+    // first broker, through its JetStream queue (empty again: acknowledged).
+    nats.wait_queued(0).await;
+    publish_queued(&mut reader, cmd, "cmd-6").await;
+    let got = next_publish(&mut device, on(cmd), WAIT)
+        .await
+        .expect("a command from the third broker");
+    assert_eq!(&got.payload[..], b"cmd-6");
 }

@@ -378,8 +378,10 @@ impl Inner {
             return;
         };
         let Some(seq) = stream_sequence(&reply) else {
+            tracing::debug!(%reply, "not an ack subject");
             return;
         };
+        tracing::debug!(client = %session.client_id, seq, "fed");
         let decoded = message
             .headers
             .as_ref()
@@ -435,6 +437,7 @@ impl Inner {
     }
 
     fn settled(&self, client_id: &str, seq: u64) {
+        tracing::debug!(client = client_id, seq, "settled");
         let reply = self
             .feeds
             .lock()
