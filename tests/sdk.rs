@@ -133,6 +133,22 @@ async fn thermostat_publishes_through_its_sdk(server: &Server, target: Target) {
         err,
         SdkError::Invalid("celsius is above the maximum".into())
     );
+    // A field the stream does not declare has no place in a binary record:
+    // refused with what is declared (JSON records keep such fields in `extra`).
+    let err = device
+        .publish(
+            "temperature",
+            &[("seq", 2.into()), ("celsius", 20.0.into()), ("floor", 3.into())],
+        )
+        .unwrap_err();
+    let SdkError::Invalid(text) = err else {
+        panic!("{err:?}");
+    };
+    assert!(
+        text.starts_with("stream temperature declares no field \"floor\" (declared: seq, celsius,")
+            && text.contains("SDK records carry declared fields only"),
+        "{text}"
+    );
     // An ingest SDK has no way to query, follow or administer.
     assert!(matches!(
         device.query("SELECT 1").await,

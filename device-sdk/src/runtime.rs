@@ -321,7 +321,14 @@ impl SdkModule {
         let mut text_used = 0usize;
         for (name, value) in fields {
             let (slot_index, _, field) = def.fields.get_full(*name).ok_or_else(|| {
-                SdkError::Invalid(format!("stream {stream} declares no field {name:?}"))
+                // The binary record has a slot per declared field and no
+                // room for others; the server keeps undeclared fields (in
+                // `extra`) only from JSON records.
+                let declared: Vec<&str> = def.fields.keys().map(String::as_str).collect();
+                SdkError::Invalid(format!(
+                    "stream {stream} declares no field {name:?} (declared: {}); SDK records carry declared fields only: declare it and fetch a new SDK",
+                    declared.join(", ")
+                ))
             })?;
             let slot = slots + slot_index * abi::SLOT_SIZE as usize;
             let value_bytes: [u8; 8] = match (field.ty, value) {
