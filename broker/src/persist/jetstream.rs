@@ -163,7 +163,7 @@ impl JetStreamStore {
         };
         let (ops, queue) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
-            broker: broker_id(),
+            broker: crate::router::nats::broker_id(),
             client,
             queues,
             sessions,
@@ -809,15 +809,6 @@ async fn read_bucket(store: &kv::Store) -> Result<(kv::Watch, Vec<kv::Entry>), S
 
 fn jetstream_error(what: &str, e: impl std::fmt::Display) -> String {
     format!("cannot set up {what} in JetStream (is JetStream enabled on the NATS servers, with enough of them for the replicas?): {e}")
-}
-
-fn broker_id() -> String {
-    use ring::rand::SecureRandom;
-    let mut bytes = [0u8; 8];
-    ring::rand::SystemRandom::new()
-        .fill(&mut bytes)
-        .expect("the system's random source");
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -461,7 +461,8 @@ fn log_event(event: Event) {
     }
 }
 
-fn broker_id() -> String {
+/// A random id for this process, as other brokers know it.
+pub(crate) fn broker_id() -> String {
     use ring::rand::SecureRandom;
     let mut bytes = [0u8; 8];
     ring::rand::SystemRandom::new()
