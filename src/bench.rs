@@ -89,6 +89,14 @@ pub struct BenchArgs {
     /// connect rate then times that retry; the table counts such drops.
     #[arg(long, default_value_t = 100)]
     hold_concurrency: usize,
+    /// With --hold: hold the devices on a cluster of this many `fleetgate
+    /// broker --nats` processes instead of one `fleetgate up`, round-robin,
+    /// with a 3-server NATS cluster (JetStream on) and a scratch database
+    /// on --database's PostgreSQL, all started and removed by the bench.
+    /// Measures the connect rate, each broker's memory per device and a
+    /// reconnect storm; no fan-out and no reference broker.
+    #[arg(long, default_value_t = 0)]
+    hold_brokers: usize,
     /// With --hold: QoS 1 subscribers of the fan-out topic.
     #[arg(long, default_value_t = 1000)]
     fanout_subscribers: usize,
@@ -235,7 +243,17 @@ pub(crate) fn spawn_server(database: Option<&str>, extra: &[&str]) -> anyhow::Re
 }
 
 fn spawn(mode: &str, database: Option<&str>, extra: &[&str]) -> anyhow::Result<Spawned> {
-    let dir = tempfile::tempdir()?;
+    spawn_in(tempfile::tempdir()?, mode, database, extra)
+}
+
+/// `fleetgate <mode>` with `dir` as its data directory, which may already
+/// hold what the process should start with (a cluster's platform key).
+pub(crate) fn spawn_in(
+    dir: tempfile::TempDir,
+    mode: &str,
+    database: Option<&str>,
+    extra: &[&str],
+) -> anyhow::Result<Spawned> {
     let mut command = Command::new(std::env::current_exe()?);
     command
         .args([
@@ -243,6 +261,8 @@ fn spawn(mode: &str, database: Option<&str>, extra: &[&str]) -> anyhow::Result<S
             "--mqtt",
             "127.0.0.1:0",
             "--http",
+            "127.0.0.1:0",
+            "--pg",
             "127.0.0.1:0",
             "--data",
         ])
@@ -254,13 +274,15 @@ fn spawn(mode: &str, database: Option<&str>, extra: &[&str]) -> anyhow::Result<S
         command.args(["--database", url]);
     }
     command.args(extra);
-    let mut child = command.spawn().context("cannot start fleetgate up")?;
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("cannot start fleetgate {mode}"))?;
     let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
     let ready = loop {
         match lines.next() {
             Some(Ok(line)) if line.starts_with("fleetgate ready:") => break line,
             Some(Ok(_)) => continue,
-            _ => bail!("fleetgate up exited before it was ready"),
+            _ => bail!("fleetgate {mode} exited before it was ready"),
         }
     };
     let field = |name: &str| {
@@ -807,6 +829,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.hold_client {
         return crate::bench_hold::client().await;
+    }
+    if args.hold > 0 && args.hold_brokers > 0 {
+        let Some(database) = args.database else {
+            bail!(
+                "--hold-brokers needs --database postgres://... (a scratch database is made there)"
+            );
+        };
+        return crate::bench_hold_cluster::run(crate::bench_hold_cluster::ClusterArgs {
+            devices: args.hold,
+            brokers: args.hold_brokers,
+            concurrency: args.hold_concurrency,
+            database,
+        })
+        .await;
     }
     if args.hold > 0 {
         return crate::bench_hold::run(crate::bench_hold::HoldArgs {

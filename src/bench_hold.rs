@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use fleetgate_broker::codec::put_remaining_length;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -40,13 +40,13 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::bench::{api, ms, percentile, spawn_server};
+use crate::bench::{api, ms, percentile, spawn_server, Spawned};
 
 /// Connections per helper process: below the 20,000-file limit with room
 /// for the runtime's own descriptors.
 const PER_HELPER: usize = 15_000;
 /// The whole run, both brokers, ends by then, measured or not.
-const DEADLINE: Duration = Duration::from_secs(600);
+pub(crate) const DEADLINE: Duration = Duration::from_secs(600);
 /// Kept for the reference broker when fleetgate is slow to finish.
 const REFERENCE_RESERVE: Duration = Duration::from_secs(120);
 /// Longer than the whole run, so an idle client never has to send PINGREQ:
@@ -56,11 +56,11 @@ const KEEP_ALIVE_SECS: u16 = 900;
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause after the connects before reading memory, so the broker has
 /// finished whatever it does after sending CONNACK.
-const SETTLE: Duration = Duration::from_secs(2);
-/// Device registrations in flight at once.
-const REGISTER_CONCURRENCY: usize = 32;
+pub(crate) const SETTLE: Duration = Duration::from_secs(2);
 /// The file limit every process has here, the broker's included.
-const FILE_LIMIT: usize = 20_000;
+pub(crate) const FILE_LIMIT: usize = 20_000;
+/// Brokers that have loopback source addresses of their own ([`source`]).
+pub(crate) const MAX_BROKERS: usize = 64;
 const FANOUT_TOPIC: &str = "devices/fanout/cmd";
 /// QoS 1 publishes the fan-out publisher has unacknowledged at once.
 const FANOUT_WINDOW: usize = 10;
@@ -81,7 +81,7 @@ pub struct HoldArgs {
 }
 
 /// A client id and, for fleetgate, the password (the device's token).
-type Credentials = (String, Option<String>);
+pub(crate) type Credentials = (String, Option<String>);
 
 // ---------------------------------------------------------------------------
 // Coordinator ⇄ helper protocol: one JSON object per line.
@@ -114,8 +114,8 @@ enum Request {
     Exit,
 }
 
-#[derive(Serialize, Deserialize, Default)]
-struct ConnectReport {
+#[derive(Serialize, Deserialize, Default, Clone)]
+pub(crate) struct ConnectReport {
     connected: usize,
     failed: usize,
     /// Failure reasons (without device ids) and how often each happened.
@@ -124,28 +124,34 @@ struct ConnectReport {
     last_connack_us: u64,
     /// Each successful attempt, from socket creation to CONNACK.
     latencies_us: Vec<u32>,
+    /// Each successful attempt, from the command to its CONNACK: how many
+    /// devices were back by when (a storm's first 50,000, say).
+    connacks_us: Vec<u32>,
 }
 
 #[derive(Serialize, Deserialize)]
-struct CheckReport {
-    open: usize,
-    closed: usize,
+pub(crate) struct CheckReport {
+    pub(crate) open: usize,
+    pub(crate) closed: usize,
 }
 
 // ---------------------------------------------------------------------------
 // Results.
 
-/// One connect round over every helper.
-struct Round {
-    connected: usize,
-    errors: BTreeMap<String, usize>,
+/// One connect round over every helper (or some of them).
+pub(crate) struct Round {
+    pub(crate) connected: usize,
+    pub(crate) errors: BTreeMap<String, usize>,
     /// From the round's start (closes included) to its last successful
     /// CONNACK: attempts that failed afterwards do not stretch it.
-    until_last_connack: Duration,
-    latencies: Vec<Duration>,
+    pub(crate) until_last_connack: Duration,
+    /// Sorted.
+    pub(crate) latencies: Vec<Duration>,
+    /// From the round's start to each successful CONNACK, sorted.
+    pub(crate) connacks: Vec<Duration>,
     /// Handshakes the kernel dropped during the round because a listen
     /// queue was full (each costs its client a 1 s retransmission).
-    listen_overflows: Option<u64>,
+    pub(crate) listen_overflows: Option<u64>,
 }
 
 struct Fanout {
@@ -260,13 +266,55 @@ fn note_end(
     outcome: &mut Outcome,
     measured: Result<anyhow::Result<()>, tokio::time::error::Elapsed>,
 ) {
+    outcome.notes.extend(stopped_early(measured));
+}
+
+/// Why a measurement bounded by [`DEADLINE`] stopped early, if it did.
+pub(crate) fn stopped_early(
+    measured: Result<anyhow::Result<()>, tokio::time::error::Elapsed>,
+) -> Option<String> {
     match measured {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => outcome.notes.push(format!("stopped: {e:#}")),
-        Err(_) => outcome
-            .notes
-            .push(format!("stopped at the {} s deadline", DEADLINE.as_secs())),
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("stopped: {e:#}")),
+        Err(_) => Some(format!("stopped at the {} s deadline", DEADLINE.as_secs())),
     }
+}
+
+/// Registers `wanted` (id, role) through `POST /v1/devices/import`, in as
+/// few requests as it allows, and gives each device's credentials in the
+/// same order. One request per 100,000 devices rather than one per device:
+/// at a fleet's size, registering one by one took longer than the
+/// measurement itself.
+pub(crate) async fn register(
+    http: &reqwest::Client,
+    server: &Spawned,
+    wanted: &[(String, &str)],
+) -> anyhow::Result<Vec<Credentials>> {
+    let mut registered = Vec::with_capacity(wanted.len());
+    for part in wanted.chunks(crate::import_api::MAX_DEVICES) {
+        let devices: Vec<_> = part
+            .iter()
+            .map(|(id, role)| json!({ "id": id, "role": role }))
+            .collect();
+        let body = json!({ "devices": devices }).to_string();
+        let reply = api(http, server, "/v1/devices/import", body.into(), true).await?;
+        let answered = reply["devices"].as_array().map_or(&[][..], Vec::as_slice);
+        if answered.len() != part.len() {
+            bail!(
+                "importing {} devices registered {}: {}",
+                part.len(),
+                answered.len(),
+                reply["invalid"]
+            );
+        }
+        for device in answered {
+            match (device["id"].as_str(), device["token"].as_str()) {
+                (Some(id), Some(token)) => registered.push((id.to_string(), Some(token.into()))),
+                _ => bail!("an import answered {device} for a device"),
+            }
+        }
+    }
+    Ok(registered)
 }
 
 async fn measure_fleetgate(
@@ -286,27 +334,7 @@ async fn measure_fleetgate(
     wanted.extend((0..args.subscribers).map(|i| (format!("fan-{i}"), "admin")));
     wanted.push(("fan-pub".into(), "admin"));
     let started = Instant::now();
-    let server_ref = &server;
-    let http_ref = &http;
-    let registered: Vec<Credentials> = futures::stream::iter(wanted)
-        .map(|(id, role)| async move {
-            let reply = api(
-                http_ref,
-                server_ref,
-                "/v1/devices",
-                json!({ "id": id, "role": role }).to_string().into(),
-                true,
-            )
-            .await?;
-            let token = reply["token"]
-                .as_str()
-                .ok_or_else(|| anyhow!("registering {id} answered {reply}"))?
-                .to_string();
-            anyhow::Ok((id, Some(token)))
-        })
-        .buffered(REGISTER_CONCURRENCY)
-        .try_collect()
-        .await?;
+    let registered = register(&http, &server, &wanted).await?;
     out.registration = Some((registered.len(), started.elapsed()));
     let mut registered = registered.into_iter();
     let hold = registered.by_ref().take(args.devices).collect();
@@ -385,7 +413,7 @@ fn mosquitto_pid() -> Option<u32> {
 }
 
 /// A process's resident set (VmRSS), in bytes.
-fn rss(pid: Option<u32>) -> Option<u64> {
+pub(crate) fn rss(pid: Option<u32>) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -395,7 +423,7 @@ fn rss(pid: Option<u32>) -> Option<u64> {
 /// The kernel's count of connections dropped because a listen queue was
 /// full (TcpExt ListenOverflows). It covers every listener in this network
 /// namespace, so other activity on the machine may add to it.
-fn listen_overflows() -> Option<u64> {
+pub(crate) fn listen_overflows() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
     let mut tcp_ext = text.lines().filter(|l| l.starts_with("TcpExt:"));
     let (names, values) = (tcp_ext.next()?, tcp_ext.next()?);
@@ -409,7 +437,8 @@ fn listen_overflows() -> Option<u64> {
 /// The loopback source address of connection round `round` of helper
 /// `helper` on broker `broker`: 127.<run>.<broker*4+round>.<helper+2>, or
 /// none (the kernel's choice) for a broker that is not on IPv4 loopback.
-fn source(
+/// `broker` is at most [`MAX_BROKERS`] - 1 and `round` at most 3.
+pub(crate) fn source(
     target: SocketAddr,
     run_octet: u8,
     broker: u8,
@@ -462,17 +491,7 @@ async fn measure(
     out.held_after_storm = Some(check(&mut helpers).await?);
     out.rss_after_storm = rss(broker.pid);
 
-    for helper in &mut helpers {
-        helper.send(&Request::Exit).await?;
-    }
-    for helper in &mut helpers {
-        if tokio::time::timeout(Duration::from_secs(10), helper.child.wait())
-            .await
-            .is_err()
-        {
-            helper.child.kill().await?;
-        }
-    }
+    stop_helpers(helpers).await?;
     // The broker sees the held connections close; give it time to drop
     // them before the fan-out's connections arrive (its file limit).
     tokio::time::sleep(SETTLE).await;
@@ -506,6 +525,18 @@ async fn connect_round(
     sources: &[Option<IpAddr>],
     until: Instant,
 ) -> anyhow::Result<Round> {
+    let (reports, overflows) = connect_reports(helpers, sources, until).await?;
+    Ok(Round::merge(&reports, overflows))
+}
+
+/// One connect round on every helper at once (helper `i` binding to
+/// `sources[i]`): each helper's report, in order, and the listen queue
+/// overflows during the round. Reports before `until`.
+pub(crate) async fn connect_reports(
+    helpers: &mut [Helper],
+    sources: &[Option<IpAddr>],
+    until: Instant,
+) -> anyhow::Result<(Vec<ConnectReport>, Option<u64>)> {
     // Attempts end by the deadline, so the round reports before it.
     let budget = until
         .saturating_duration_since(Instant::now())
@@ -518,38 +549,47 @@ async fn connect_round(
         };
         helper.send(&request).await?;
     }
-    let reports: Vec<ConnectReport> =
-        futures::future::try_join_all(helpers.iter_mut().map(|h| h.recv())).await?;
-    let mut round = Round {
-        connected: 0,
-        errors: BTreeMap::new(),
-        until_last_connack: Duration::ZERO,
-        latencies: Vec::new(),
-        listen_overflows: overflows_before
-            .zip(listen_overflows())
-            .map(|(before, after)| after.saturating_sub(before)),
-    };
-    for report in reports {
-        round.connected += report.connected;
-        for (error, count) in report.errors {
-            *round.errors.entry(error).or_default() += count;
-        }
-        // The helpers start together; the round lasts as long as the slowest.
-        round.until_last_connack = round
-            .until_last_connack
-            .max(Duration::from_micros(report.last_connack_us));
-        round.latencies.extend(
-            report
-                .latencies_us
-                .into_iter()
-                .map(|us| Duration::from_micros(us.into())),
-        );
-    }
-    round.latencies.sort();
-    Ok(round)
+    let reports = futures::future::try_join_all(helpers.iter_mut().map(|h| h.recv())).await?;
+    let overflows = overflows_before
+        .zip(listen_overflows())
+        .map(|(before, after)| after.saturating_sub(before));
+    Ok((reports, overflows))
 }
 
-async fn check(helpers: &mut [Helper]) -> anyhow::Result<CheckReport> {
+impl Round {
+    /// The round as the helpers behind `reports` saw it together.
+    pub(crate) fn merge(reports: &[ConnectReport], listen_overflows: Option<u64>) -> Round {
+        let mut round = Round {
+            connected: 0,
+            errors: BTreeMap::new(),
+            until_last_connack: Duration::ZERO,
+            latencies: Vec::new(),
+            connacks: Vec::new(),
+            listen_overflows,
+        };
+        let micros = |us: &u32| Duration::from_micros(u64::from(*us));
+        for report in reports {
+            round.connected += report.connected;
+            for (error, count) in &report.errors {
+                *round.errors.entry(error.clone()).or_default() += count;
+            }
+            // The helpers start together; the round lasts as long as the slowest.
+            round.until_last_connack = round
+                .until_last_connack
+                .max(Duration::from_micros(report.last_connack_us));
+            round
+                .latencies
+                .extend(report.latencies_us.iter().map(micros));
+            round.connacks.extend(report.connacks_us.iter().map(micros));
+        }
+        round.latencies.sort();
+        round.connacks.sort();
+        round
+    }
+}
+
+/// How many of the helpers' connections are still open.
+pub(crate) async fn check(helpers: &mut [Helper]) -> anyhow::Result<CheckReport> {
     for helper in helpers.iter_mut() {
         helper.send(&Request::Check).await?;
     }
@@ -561,16 +601,34 @@ async fn check(helpers: &mut [Helper]) -> anyhow::Result<CheckReport> {
     })
 }
 
+/// Ends the helpers (their connections close with them), killing any that
+/// does not exit within 10 s.
+pub(crate) async fn stop_helpers(mut helpers: Vec<Helper>) -> anyhow::Result<()> {
+    for helper in &mut helpers {
+        helper.send(&Request::Exit).await?;
+    }
+    for helper in &mut helpers {
+        if tokio::time::timeout(Duration::from_secs(10), helper.child.wait())
+            .await
+            .is_err()
+        {
+            helper.child.kill().await?;
+        }
+    }
+    Ok(())
+}
+
 /// A `fleetgate bench --hold-client` process (killed if dropped).
-struct Helper {
+pub(crate) struct Helper {
     child: Child,
     stdin: ChildStdin,
     lines: Lines<BufReader<ChildStdout>>,
 }
 
 impl Helper {
-    /// One helper per [`PER_HELPER`] devices, each set up and ready.
-    async fn spawn_all(
+    /// One helper per [`PER_HELPER`] devices, each set up and ready,
+    /// sharing `concurrency` attempts in flight.
+    pub(crate) async fn spawn_all(
         target: SocketAddr,
         devices: &[Credentials],
         concurrency: usize,
@@ -746,6 +804,7 @@ async fn connect_all(
                     Ok(Ok(socket)) => {
                         report.latencies_us.push(began.elapsed().as_micros() as u32);
                         report.last_connack_us = started.elapsed().as_micros() as u64;
+                        report.connacks_us.push(report.last_connack_us as u32);
                         sockets.push(socket);
                         failed_in_a_row.store(0, Ordering::Relaxed);
                         continue;
@@ -774,6 +833,7 @@ async fn connect_all(
         total.last_connack_us = total.last_connack_us.max(report.last_connack_us);
         total.failed += report.failed;
         total.latencies_us.extend(report.latencies_us);
+        total.connacks_us.extend(report.connacks_us);
         for (error, count) in report.errors {
             *total.errors.entry(error).or_default() += count;
         }
@@ -1197,15 +1257,15 @@ async fn publish(
 // ---------------------------------------------------------------------------
 // The table.
 
-fn dash() -> String {
+pub(crate) fn dash() -> String {
     "—".to_string()
 }
 
-fn mib(bytes: Option<u64>) -> String {
+pub(crate) fn mib(bytes: Option<u64>) -> String {
     bytes.map_or_else(dash, |b| format!("{:.1} MiB", b as f64 / 1_048_576.0))
 }
 
-fn p50_p99(sorted: &[Duration]) -> String {
+pub(crate) fn p50_p99(sorted: &[Duration]) -> String {
     if sorted.is_empty() {
         return dash();
     }
@@ -1310,7 +1370,7 @@ fn print_table(args: &HoldArgs, outcomes: &[Outcome]) {
     for outcome in outcomes {
         if let Some((count, took)) = outcome.registration {
             println!(
-                "{}: registered {count} devices in {:.1} s ({REGISTER_CONCURRENCY} requests at once; not part of any rate below)",
+                "{}: registered {count} devices in {:.1} s (POST /v1/devices/import; not part of any rate below)",
                 outcome.name,
                 took.as_secs_f64()
             );

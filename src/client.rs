@@ -183,6 +183,11 @@ impl Api {
         })
     }
 
+    /// The server's base URL.
+    pub(crate) fn base(&self) -> &str {
+        &self.base
+    }
+
     pub(crate) async fn call(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
         let (status, body) = self.send(request).await?;
         if !status.is_success() {
@@ -686,7 +691,7 @@ pub(crate) fn time(ms: &Value) -> Value {
 }
 
 /// An epoch-milliseconds value as RFC 3339 UTC (as it is when not a number).
-fn utc_time(ms: &Value) -> Value {
+pub(crate) fn utc_time(ms: &Value) -> Value {
     match ms.as_u64() {
         Some(ms) => Value::String(
             humantime::format_rfc3339_millis(

@@ -3,9 +3,7 @@
 //! Every `/v1` route takes a bearer token (the same tokens as MQTT), checked
 //! by the same authenticator the gatekeeper uses.
 
-use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
@@ -17,14 +15,13 @@ use axum::{Json, Router};
 use fleetgate_admin::audit::Outcome;
 use fleetgate_admin::registry::RegistryError;
 use fleetgate_admin::{unix_now, AuditLog, Bans, Platform, RefusalLedger, Registry};
+use fleetgate_api::{QueryFailure, QueryService};
 use fleetgate_protocol::schema::StreamsFile;
 use fleetgate_protocol::sdk::from_hex;
 use fleetgate_protocol::{AuthError, Authenticate, Principal, Role};
-use fleetgate_store::db::Backend;
-use fleetgate_store::query::{self, QueryError, QueryLimits};
-use fleetgate_store::sqlite_limits;
+use fleetgate_store::query;
 use fleetgate_store::tiers::Tiers;
-use fleetgate_store::views::{Route, Views, ViewsFile};
+use fleetgate_store::views::{Views, ViewsFile};
 use fleetgate_store::{rejects, Catalog, Db};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -39,10 +36,6 @@ pub struct AppState {
     pub ledger: Arc<RefusalLedger>,
     pub bans: Bans,
     pub audit: AuditLog,
-    pub query_timeout: Duration,
-    /// `--query-max-bytes`: most bytes a query's result may hold, and the
-    /// longest value it may build.
-    pub query_max_bytes: usize,
     pub metrics: Arc<prometheus_client::registry::Registry>,
     pub sdk: crate::sdk_api::SdkSettings,
     /// Set in cluster mode (`fleetgate broker`).
@@ -63,6 +56,8 @@ pub struct AppState {
     pub ingest: Arc<dyn fleetgate_protocol::ingest::IngestService>,
     /// The per-address limit on routes that take no token (`None`: off).
     pub unauth_limit: Option<Arc<crate::rate_limit::RateLimit>>,
+    /// The query path `/v1/query` shares with the PostgreSQL wire endpoint.
+    pub queries: QueryService,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -285,18 +280,7 @@ impl FromRequestParts<AppState> for Caller {
 
 impl Caller {
     pub fn require(&self, role: Role, state: &AppState) -> Result<&Principal, ApiError> {
-        if self.0.role.allows(role) {
-            Ok(&self.0)
-        } else {
-            let reason = format!(
-                "this needs the {role} role; {} has {}",
-                self.0.device_id, self.0.role
-            );
-            state
-                .auth
-                .record_refusal(&self.0.device_id, &format!("http: {reason}"));
-            Err(ApiError(StatusCode::FORBIDDEN, reason))
-        }
+        fleetgate_api::require(&*state.auth, &self.0, role, "http").map_err(query_failure)
     }
 }
 
@@ -849,98 +833,16 @@ struct QueryRequest {
     sql: String,
 }
 
-/// A checked query and where it runs.
-struct Routed {
-    route: Route,
-    parsed: Box<query::ParsedQuery>,
-    /// What runs on the primary tables: the query, reading both tiers of
-    /// tiered streams.
-    primary_sql: String,
-}
-
-/// Checks a query and picks where it runs: the cheapest view that answers
-/// it exactly, or the primary table.
-async fn route_query(state: &AppState, caller: &Caller, sql: &str) -> Result<Routed, ApiError> {
-    caller.require(Role::Extract, state)?;
-    // Streams, the batch tables ETL jobs load and the analyses' tables
-    // (read-only like the rest).
-    let superseded = state
-        .catalog
-        .list()
-        .into_iter()
-        .filter(|s| s.bucket().is_some())
-        .map(|s| s.superseded_table());
-    let tables: HashSet<String> = state
-        .catalog
-        .names()
-        .into_iter()
-        .chain(superseded)
-        .chain(state.etl.tables())
-        .chain(state.analyses.tables())
-        .collect();
-    let backend = state.db.backend();
-    let parsed = query::check(sql, &tables, backend).map_err(|e| query_error(state, e))?;
-    state.compaction.observe(&parsed);
-    let primary_sql = fleetgate_store::expand::expand(&parsed, &state.catalog, backend)
-        .map_err(bad_request)?
-        .unwrap_or_else(|| sql.to_string());
-    let mut route = if state.views.is_empty() {
-        Route {
-            view: None,
-            sql: sql.to_string(),
-            candidates: Vec::new(),
-        }
-    } else {
-        let names = query::columns(&state.db, &primary_sql)
-            .await
-            .map_err(|e| bad_request(e.to_string()))?;
-        state.views.route(sql, &parsed, &names)
-    };
-    if route.view.is_none() {
-        route.sql = primary_sql.clone();
-    }
-    Ok(Routed {
-        route,
-        parsed,
-        primary_sql,
-    })
-}
-
-/// Runs a routed query on its view; `None` when the view could not answer
-/// after all, for the primary table to: a view that fails must not fail
-/// the query.
-async fn run_through_view(
-    state: &AppState,
-    view: &str,
-    sql: &str,
-    limits: &QueryLimits,
-) -> Option<Result<query::QueryResult, QueryError>> {
-    if let Err(e) = state.views.prepare(view).await {
-        tracing::error!(view, error = %e, "cannot bring view up to date");
-        return None;
-    }
-    match query::run(&state.db, sql, limits).await {
-        Err(QueryError::Database(e)) => {
-            tracing::error!(view, error = %e, sql, "query through view failed");
-            None
-        }
-        other => Some(other),
-    }
-}
-
 async fn explain_query(
     State(state): State<AppState>,
     caller: Caller,
     Json(request): Json<QueryRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let Routed {
-        route, primary_sql, ..
-    } = route_query(&state, &caller, &request.sql).await?;
-    // Without views the route skipped preparing it: a query the database
-    // refuses is still a 400 here, not a plan.
-    query::columns(&state.db, &primary_sql)
+    let route = state
+        .queries
+        .explain(&caller.0, "http", &request.sql)
         .await
-        .map_err(|e| bad_request(e.to_string()))?;
+        .map_err(query_failure)?;
     Ok(Json(json!(route)))
 }
 
@@ -964,86 +866,31 @@ async fn run_query(
 }
 
 /// A query's failure as the API answers it.
-fn query_error(state: &AppState, error: QueryError) -> ApiError {
-    let bound = query::human_bytes(state.query_max_bytes);
-    match error {
-        QueryError::Timeout(d) => ApiError(
-            StatusCode::REQUEST_TIMEOUT,
-            format!("query did not finish within {d:?} (--query-timeout)"),
-        ),
-        QueryError::ResultTooLarge(_) => ApiError(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!(
-                "the result is larger than {bound}, the limit on a query's result \
-                 (--query-max-bytes {bound}): select fewer rows or columns, or aggregate"
-            ),
-        ),
-        QueryError::ValueTooLarge(_) => ApiError(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!(
-                "a value the query builds is larger than {bound}, the limit on a query's \
-                 values (--query-max-bytes {bound})"
-            ),
-        ),
-        QueryError::OutOfMemory => ApiError(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!(
-                "the query needs more memory than a query may take: {} ({} × \
-                 --query-max-bytes {bound}); make it build smaller or fewer values",
-                query::human_bytes(
-                    sqlite_limits::budget_for(state.query_max_bytes).unwrap_or(usize::MAX)
-                ),
-                sqlite_limits::BUDGET_FACTOR,
-            ),
-        ),
-        QueryError::Unavailable(message) => ApiError(StatusCode::SERVICE_UNAVAILABLE, message),
-        QueryError::NotAllowed(message) | QueryError::Database(message) => bad_request(message),
-    }
+fn query_failure(failure: QueryFailure) -> ApiError {
+    let status = match failure {
+        QueryFailure::Forbidden(_) => StatusCode::FORBIDDEN,
+        QueryFailure::Invalid(_) => StatusCode::BAD_REQUEST,
+        QueryFailure::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+        QueryFailure::TooLarge(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        QueryFailure::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    ApiError(status, failure.to_string())
 }
 
-/// Runs a read-only query as `/v1/query` does: checked, routed to a view
-/// where one answers exactly, else on the primary tables. Returns the
-/// result and the view that served it.
+/// Runs a read-only query as `/v1/query` does (and the PostgreSQL wire
+/// endpoint): [`QueryService::answer`]. Returns the result and the view
+/// that served it.
 pub async fn answer(
     state: &AppState,
     caller: &Caller,
     sql: &str,
 ) -> Result<(query::QueryResult, Option<String>), ApiError> {
-    let Routed {
-        route,
-        parsed,
-        primary_sql,
-    } = route_query(state, caller, sql).await?;
-    let limits = QueryLimits {
-        timeout: state.query_timeout,
-        max_bytes: state.query_max_bytes,
-        ..Default::default()
-    };
-    let started = Instant::now();
-    let through_view = match &route.view {
-        Some(view) => run_through_view(state, view, &route.sql, &limits)
-            .await
-            .map(|outcome| (Some(view.clone()), outcome)),
-        None => None,
-    };
-    let (view, outcome) = match through_view {
-        Some(done) => done,
-        None => (None, query::run(&state.db, &primary_sql, &limits).await),
-    };
-    match outcome {
-        Ok(mut result) => {
-            if view.is_none() && state.db.backend() == Backend::Sqlite {
-                let bools = fleetgate_store::expand::tiered_bool_outputs(&parsed, &state.catalog);
-                query::restore_bools(&mut result, &bools);
-            }
-            state
-                .views
-                .observe(sql, &parsed, view.as_deref(), started.elapsed())
-                .await;
-            Ok((result, view))
-        }
-        Err(e) => Err(query_error(state, e)),
-    }
+    let answer = state
+        .queries
+        .answer(&caller.0, "http", sql)
+        .await
+        .map_err(query_failure)?;
+    Ok((answer.result, answer.view))
 }
 
 async fn create_views(

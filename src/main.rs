@@ -8,6 +8,7 @@ mod bench;
 mod bench_cold;
 mod bench_etl;
 mod bench_hold;
+mod bench_hold_cluster;
 mod bench_sdk;
 mod client;
 mod etl_api;
@@ -21,6 +22,7 @@ mod rate_limit;
 mod reports_api;
 mod sdk_api;
 mod state;
+mod status;
 mod tls;
 mod udp_ingest;
 mod up;
@@ -111,6 +113,15 @@ enum Command {
     },
     /// Measure durable ingest over MQTT against a fresh server, and a reference broker.
     Bench(bench::BenchArgs),
+    /// One screen for an operator: devices connected, ingest and rejects
+    /// per second, views, store nodes, the newest alerts and ETL runs.
+    Status {
+        /// How long to watch the counters for the per-second rates.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Run a read-only SQL query and print the result as a table.
     Query {
         sql: String,
@@ -152,6 +163,7 @@ fn main() -> ExitCode {
             Command::State { command, server } => client::state(command, &server).await,
             Command::View { command, server } => client::view(command, &server).await,
             Command::Etl { command, server } => etl_cli::etl(command, &server).await,
+            Command::Status { interval, server } => status::run(&server, interval).await,
             Command::Query {
                 sql,
                 explain,

@@ -46,6 +46,12 @@ pub struct UpArgs {
     /// HTTP API listen address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
+    /// PostgreSQL wire protocol listen address (psql, psycopg): the same
+    /// queries as /v1/query, the user a device id and the password its
+    /// token. Default 127.0.0.1:5433 for `up`; `broker` serves it only
+    /// when given.
+    #[arg(long, value_name = "ADDR")]
+    pg: Option<SocketAddr>,
     /// MQTT over TLS listen address (default 127.0.0.1:8883 when TLS is on).
     #[arg(long)]
     mqtts: Option<SocketAddr>,
@@ -312,6 +318,15 @@ async fn serve(
     // nothing should be created before it is known.
     let mqtt_listener = bind(args.mqtt, "--mqtt", "MQTT").await?;
     let http_listener = bind(args.http, "--http", "HTTP").await?;
+    let pg_addr = match (args.pg, cluster_hold) {
+        (Some(addr), _) => Some(addr),
+        (None, None) => Some("127.0.0.1:5433".parse().expect("literal")),
+        (None, Some(_)) => None,
+    };
+    let pg_listener = match pg_addr {
+        Some(addr) => Some(bind(addr, "--pg", "PostgreSQL wire").await?),
+        None => None,
+    };
     let udp_socket = match args.udp {
         Some(addr) => Some(
             tokio::net::UdpSocket::bind(addr)
@@ -645,6 +660,23 @@ async fn serve(
             None => None,
         },
     };
+    let queries = fleetgate_api::QueryService {
+        db: db.clone(),
+        catalog: catalog.clone(),
+        views: views.clone(),
+        compaction: compaction.clone(),
+        etl: etl.clone(),
+        analyses: analyses.clone(),
+        auth: auth.clone(),
+        timeout: args.query_timeout,
+        max_bytes: args.query_max_bytes,
+    };
+    let pg_server = Arc::new(fleetgate_api::pg::PgServer {
+        queries: queries.clone(),
+        auth: auth.clone(),
+        registry: registry.clone(),
+        tls: acceptor.as_ref().map(fleetgate_api::pg::acceptor),
+    });
     let state = http::AppState {
         db: db.clone(),
         catalog,
@@ -654,8 +686,6 @@ async fn serve(
         ledger,
         bans,
         audit,
-        query_timeout: args.query_timeout,
-        query_max_bytes: args.query_max_bytes,
         metrics: Arc::new(metrics),
         sdk,
         balancer: match &ingest {
@@ -673,6 +703,7 @@ async fn serve(
         analyses,
         ingest: ingest_service.clone(),
         unauth_limit: crate::rate_limit::RateLimit::new(args.unauth_rate, args.unauth_burst),
+        queries,
     };
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -683,6 +714,10 @@ async fn serve(
         gatekeeper.local_addr(),
         http_addr
     );
+    if let Some(listener) = pg_listener {
+        ready.push_str(&format!(" pg={}", listener.local_addr()?));
+        pg_server.serve(listener);
+    }
     if let Some(socket) = udp_socket {
         let socket = Arc::new(socket);
         ready.push_str(&format!(" udp={}", socket.local_addr()?));

@@ -134,12 +134,20 @@ async fn admin_commands_and_the_mosquitto_walkthrough() {
 async fn a_taken_port_is_named_with_its_flag() {
     let server = Server::start(Backend::Sqlite).await;
     let other_data = server.data_dir().join("other").display().to_string();
-    for (flag, taken) in [("--mqtt", server.mqtt), ("--http", server.http)] {
-        let (mqtt, http) = if flag == "--mqtt" {
-            (taken.to_string(), "127.0.0.1:0".to_string())
-        } else {
-            ("127.0.0.1:0".to_string(), taken.to_string())
+    let pg = server.extra_addr("pg").expect("pg address");
+    for (flag, taken) in [
+        ("--mqtt", server.mqtt),
+        ("--http", server.http),
+        ("--pg", pg),
+    ] {
+        let address = |f: &str| {
+            if f == flag {
+                taken.to_string()
+            } else {
+                "127.0.0.1:0".to_string()
+            }
         };
+        let (mqtt, http, pg) = (address("--mqtt"), address("--http"), address("--pg"));
         let output = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
             .args([
                 "up",
@@ -149,6 +157,8 @@ async fn a_taken_port_is_named_with_its_flag() {
                 &mqtt,
                 "--http",
                 &http,
+                "--pg",
+                &pg,
             ])
             .output()
             .unwrap();
@@ -189,4 +199,67 @@ async fn the_admin_token_is_printed_on_first_start_only() {
         !printed.iter().any(|l| l.contains("admin token")),
         "{printed:?}"
     );
+}
+
+/// The README's walk-through declares `temperature`; the firmware examples'
+/// streams apply on top of it (adding fields, changing none), and the
+/// README's other examples declare streams of other names.
+#[tokio::test]
+async fn the_firmware_streams_apply_on_top_of_the_walkthrough() {
+    let readme = include_str!("../README.md");
+    let walkthrough = readme
+        .split("cat > streams.toml <<'EOF'\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\nEOF\n").next())
+        .expect("the walk-through's streams.toml in README.md");
+    let server = Server::start(Backend::Sqlite).await;
+    let (status, body) = server.apply_streams(walkthrough).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = server
+        .apply_streams(include_str!("../firmware-examples/streams.toml"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let applied = body.to_string();
+    assert!(applied.contains("room"), "{applied}");
+    // The cluster-state section's stream is not the firmware's `sales`.
+    assert!(readme.contains("[streams.checkout]"));
+    assert_eq!(readme.matches("[streams.sales]").count(), 0);
+    // The firmware walk-through registers devices the README has not.
+    let firmware = include_str!("../firmware-examples/README.md");
+    for id in ["thermo-1", "till-1", "dash-1"] {
+        assert!(firmware.contains(&format!("device add {id} ")), "{id}");
+        assert!(!readme.contains(&format!("device add {id} ")), "{id}");
+    }
+}
+
+/// `fleetgate status` shows an operator the server at a glance.
+#[tokio::test]
+async fn status_shows_connections_ingest_views_and_runs() {
+    let server = Server::with_temperature(Backend::Sqlite).await;
+    let token = server.add_device("t1", "ingest").await;
+    let readings: Vec<String> = (0..20)
+        .map(|seq| serde_json::json!({ "seq": seq, "celsius": 20.5 }).to_string())
+        .collect();
+    crate::harness::publish_acked(&server, "t1", &token, "ingest/temperature/t1", &readings).await;
+    // One device stays connected while the status is taken.
+    let _connected = crate::harness::connect_v5(&server, "t1", &token)
+        .await
+        .expect("connect");
+    let (ok, out, err) = fleetgate(&server, &["status", "--interval", "200ms"]);
+    assert!(ok, "{err}");
+    let line = |label: &str| {
+        out.lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("no {label} in {out}"))
+            .split('|')
+            .map(|c| c.trim().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(line("devices connected")[1], "1", "{out}");
+    assert_eq!(line("records stored")[2], "20", "{out}");
+    assert_eq!(line("records rejected")[2], "0", "{out}");
+    assert!(out.contains("store: in this process"), "{out}");
+    assert!(out.contains("views: none"), "{out}");
+    assert!(out.contains("newest alerts: none"), "{out}");
+    assert!(out.contains("newest ETL runs: none"), "{out}");
 }

@@ -215,6 +215,8 @@ async fn the_store_is_never_a_configured_etl_source() {
                 "127.0.0.1:0",
                 "--http",
                 "127.0.0.1:0",
+                "--pg",
+                "127.0.0.1:0",
                 "--data",
             ])
             .arg(&data)

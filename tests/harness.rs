@@ -114,7 +114,7 @@ pub struct Server {
     pub dir: tempfile::TempDir,
     pub admin: String,
     pub backend: Backend,
-    /// Every `name=address` of the ready line (mqtt, http, mqtts, https).
+    /// Every `name=address` of the ready line (mqtt, http, pg, mqtts, https).
     ready: Vec<(String, SocketAddr)>,
     database: Option<TestDatabase>,
     extra_args: Vec<String>,
@@ -192,6 +192,8 @@ impl Server {
             "--mqtt",
             "127.0.0.1:0",
             "--http",
+            "127.0.0.1:0",
+            "--pg",
             "127.0.0.1:0",
             "--data",
         ]

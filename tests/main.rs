@@ -19,6 +19,7 @@ mod etl;
 mod ingest;
 mod mqtt;
 mod nats_cluster;
+mod pgwire;
 mod query;
 mod reports;
 mod roles;

@@ -138,7 +138,11 @@ async fn thermostat_publishes_through_its_sdk(server: &Server, target: Target) {
     let err = device
         .publish(
             "temperature",
-            &[("seq", 2.into()), ("celsius", 20.0.into()), ("floor", 3.into())],
+            &[
+                ("seq", 2.into()),
+                ("celsius", 20.0.into()),
+                ("floor", 3.into()),
+            ],
         )
         .unwrap_err();
     let SdkError::Invalid(text) = err else {

@@ -190,6 +190,8 @@ async fn tls_flags_are_checked() {
                 "127.0.0.1:0",
                 "--http",
                 "127.0.0.1:0",
+                "--pg",
+                "127.0.0.1:0",
             ])
             .args(extra)
             .output()

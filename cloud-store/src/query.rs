@@ -238,6 +238,15 @@ pub fn check(
             sql.len()
         )));
     }
+    // SQLite reads a text only up to its first NUL, so it would not run the
+    // query checked here, and sqlx, preparing what follows the NUL, never
+    // gets past it: `SELECT 1 /* \0 */ WHERE 1` held a read connection and a core
+    // for ever (found by fuzzing). PostgreSQL refuses NUL in text anyway.
+    if sql.contains('\0') {
+        return Err(QueryError::NotAllowed(
+            "the query contains a NUL character".into(),
+        ));
+    }
     std::thread::scope(|scope| {
         let checking = std::thread::Builder::new()
             .name("fleetgate-sql-check".into())
@@ -1429,6 +1438,23 @@ mod tests {
             for backend in [Backend::Sqlite, Backend::Postgres] {
                 let err = check(sql, &tables(), backend).expect_err(sql).to_string();
                 assert!(err.contains(expected), "{backend:?} {sql}: {err}");
+            }
+        }
+    }
+
+    /// Found by fuzzing (`fuzz/corpus/sql_guard/found-nul-in-comment`): the
+    /// parser took a NUL inside a comment, SQLite stops reading there, and
+    /// sqlx preparing the rest looped for ever.
+    #[test]
+    fn refuses_a_nul_character() {
+        for sql in [
+            "SELECT 1 /* \0 */ WHERE 1",
+            "SELECT device_id FROM temperature -- \0",
+            "SELECT '\0'",
+        ] {
+            for backend in [Backend::Sqlite, Backend::Postgres] {
+                let err = check(sql, &tables(), backend).expect_err(sql).to_string();
+                assert!(err.contains("NUL character"), "{backend:?} {sql:?}: {err}");
             }
         }
     }

@@ -301,6 +301,12 @@ pub fn check_source_query(query: &str, database: &SourceDatabase) -> Result<(), 
             query.len()
         ));
     }
+    // As for queries on the store (`fleetgate_store::query::check`): SQLite
+    // stops reading at a NUL, and sqlx never gets past one, so a run would
+    // hang; PostgreSQL refuses NUL anyway.
+    if query.contains('\0') {
+        return Err("the query contains a NUL character".into());
+    }
     let postgres = matches!(database, SourceDatabase::Postgres(_));
     let query = query.to_string();
     // A long chain of operators nests deeply; parse (and drop the tree) on
@@ -459,6 +465,9 @@ mod tests {
             "SELECT 1; SELECT * FROM s.fleetgate_devices",
             "PRAGMA table_info(x)",
             "DELETE FROM orders",
+            // Parses as one SELECT; SQLite reads up to the NUL, and sqlx
+            // preparing the rest never returned.
+            "SELECT 1 /* \0 */ WHERE 1",
         ] {
             assert!(check_source_query(bad, &db).is_err(), "{bad}");
         }

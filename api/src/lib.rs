@@ -1,0 +1,290 @@
+//! fleetgate's query doors: the one query path, [`QueryService`], that the
+//! HTTP API (`/v1/query`, in the binary) and the PostgreSQL wire endpoint
+//! ([`pg`]) both call, so that nothing is reachable through one door that
+//! is not through the other.
+
+pub mod pg;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleetgate_etl::analysis::Analyses;
+use fleetgate_etl::Etl;
+use fleetgate_protocol::{Authenticate, Principal, Role};
+use fleetgate_store::compaction::Compaction;
+use fleetgate_store::db::Backend;
+use fleetgate_store::query::{self, QueryError, QueryLimits, QueryResult};
+use fleetgate_store::sqlite_limits;
+use fleetgate_store::views::{Route, Views};
+use fleetgate_store::{Catalog, Db};
+
+/// Why a query was not answered. Each door turns the kind into its own
+/// answer (an HTTP status, a SQLSTATE); the message is the same.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueryFailure {
+    /// The caller's role may not query (recorded as a refusal).
+    Forbidden(String),
+    /// The guard refused the text, or the database refused the query.
+    Invalid(String),
+    /// `--query-timeout`.
+    Timeout(String),
+    /// `--query-max-bytes` (the result, a value, or SQLite's memory budget).
+    TooLarge(String),
+    /// The server cannot take the query on now.
+    Unavailable(String),
+}
+
+impl QueryFailure {
+    pub fn message(&self) -> &str {
+        match self {
+            QueryFailure::Forbidden(m)
+            | QueryFailure::Invalid(m)
+            | QueryFailure::Timeout(m)
+            | QueryFailure::TooLarge(m)
+            | QueryFailure::Unavailable(m) => m,
+        }
+    }
+}
+
+impl std::fmt::Display for QueryFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+/// A checked query and where it runs.
+pub struct Routed {
+    pub route: Route,
+    pub parsed: Box<query::ParsedQuery>,
+    /// What runs on the primary tables: the query, reading both tiers of
+    /// tiered streams.
+    pub primary_sql: String,
+}
+
+/// A query's answer: the result, and the view that served it.
+pub struct Answer {
+    pub result: QueryResult,
+    pub view: Option<String>,
+}
+
+/// The read-only query path: role check, the SQL guard, expansion of
+/// tiered and compacted streams, view routing, the limits, and the
+/// observation of fields and shapes (compaction, automatic views).
+#[derive(Clone)]
+pub struct QueryService {
+    pub db: Db,
+    pub catalog: Catalog,
+    pub views: Arc<Views>,
+    pub compaction: Arc<Compaction>,
+    pub etl: Arc<Etl>,
+    pub analyses: Arc<Analyses>,
+    /// Where refusals are recorded (the one authenticator).
+    pub auth: Arc<dyn Authenticate>,
+    /// `--query-timeout`.
+    pub timeout: Duration,
+    /// `--query-max-bytes`.
+    pub max_bytes: usize,
+}
+
+impl QueryService {
+    /// The role a query needs; a caller without it is refused and the
+    /// refusal recorded against it, naming the door (`http`, `pg`).
+    pub fn authorize<'p>(
+        &self,
+        principal: &'p Principal,
+        door: &str,
+    ) -> Result<&'p Principal, QueryFailure> {
+        require(&*self.auth, principal, Role::Extract, door)
+    }
+
+    /// What a query may name: streams, the superseded tables of bucketed
+    /// streams, the batch tables ETL jobs load and the analyses' tables.
+    pub fn tables(&self) -> HashSet<String> {
+        let superseded = self
+            .catalog
+            .list()
+            .into_iter()
+            .filter(|s| s.bucket().is_some())
+            .map(|s| s.superseded_table());
+        self.catalog
+            .names()
+            .into_iter()
+            .chain(superseded)
+            .chain(self.etl.tables())
+            .chain(self.analyses.tables())
+            .collect()
+    }
+
+    /// Checks a query and picks where it runs: the cheapest view that
+    /// answers it exactly, or the primary table.
+    pub async fn route(
+        &self,
+        principal: &Principal,
+        door: &str,
+        sql: &str,
+    ) -> Result<Routed, QueryFailure> {
+        self.authorize(principal, door)?;
+        let tables = self.tables();
+        let backend = self.db.backend();
+        let parsed = query::check(sql, &tables, backend).map_err(|e| self.failure(e))?;
+        self.compaction.observe(&parsed);
+        let primary_sql = fleetgate_store::expand::expand(&parsed, &self.catalog, backend)
+            .map_err(QueryFailure::Invalid)?
+            .unwrap_or_else(|| sql.to_string());
+        let mut route = if self.views.is_empty() {
+            Route {
+                view: None,
+                sql: sql.to_string(),
+                candidates: Vec::new(),
+            }
+        } else {
+            let names = query::columns(&self.db, &primary_sql)
+                .await
+                .map_err(|e| QueryFailure::Invalid(e.to_string()))?;
+            self.views.route(sql, &parsed, &names)
+        };
+        if route.view.is_none() {
+            route.sql = primary_sql.clone();
+        }
+        Ok(Routed {
+            route,
+            parsed,
+            primary_sql,
+        })
+    }
+
+    /// Where a query would run, and why other views do not fit.
+    pub async fn explain(
+        &self,
+        principal: &Principal,
+        door: &str,
+        sql: &str,
+    ) -> Result<Route, QueryFailure> {
+        let Routed {
+            route, primary_sql, ..
+        } = self.route(principal, door, sql).await?;
+        // Without views the route skipped preparing it: a query the
+        // database refuses is still refused here, not a plan.
+        query::columns(&self.db, &primary_sql)
+            .await
+            .map_err(|e| QueryFailure::Invalid(e.to_string()))?;
+        Ok(route)
+    }
+
+    /// Runs a read-only query: checked, routed to a view where one answers
+    /// exactly, else on the primary tables, within the limits.
+    pub async fn answer(
+        &self,
+        principal: &Principal,
+        door: &str,
+        sql: &str,
+    ) -> Result<Answer, QueryFailure> {
+        let Routed {
+            route,
+            parsed,
+            primary_sql,
+        } = self.route(principal, door, sql).await?;
+        let limits = QueryLimits {
+            timeout: self.timeout,
+            max_bytes: self.max_bytes,
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let through_view = match &route.view {
+            Some(view) => self
+                .run_through_view(view, &route.sql, &limits)
+                .await
+                .map(|outcome| (Some(view.clone()), outcome)),
+            None => None,
+        };
+        let (view, outcome) = match through_view {
+            Some(done) => done,
+            None => (None, query::run(&self.db, &primary_sql, &limits).await),
+        };
+        match outcome {
+            Ok(mut result) => {
+                if view.is_none() && self.db.backend() == Backend::Sqlite {
+                    let bools =
+                        fleetgate_store::expand::tiered_bool_outputs(&parsed, &self.catalog);
+                    query::restore_bools(&mut result, &bools);
+                }
+                self.views
+                    .observe(sql, &parsed, view.as_deref(), started.elapsed())
+                    .await;
+                Ok(Answer { result, view })
+            }
+            Err(e) => Err(self.failure(e)),
+        }
+    }
+
+    /// Runs a routed query on its view; `None` when the view could not
+    /// answer after all, for the primary table to: a view that fails must
+    /// not fail the query.
+    async fn run_through_view(
+        &self,
+        view: &str,
+        sql: &str,
+        limits: &QueryLimits,
+    ) -> Option<Result<QueryResult, QueryError>> {
+        if let Err(e) = self.views.prepare(view).await {
+            tracing::error!(view, error = %e, "cannot bring view up to date");
+            return None;
+        }
+        match query::run(&self.db, sql, limits).await {
+            Err(QueryError::Database(e)) => {
+                tracing::error!(view, error = %e, sql, "query through view failed");
+                None
+            }
+            other => Some(other),
+        }
+    }
+
+    /// A query's failure, with the message both doors give.
+    pub fn failure(&self, error: QueryError) -> QueryFailure {
+        let bound = query::human_bytes(self.max_bytes);
+        match error {
+            QueryError::Timeout(d) => QueryFailure::Timeout(format!(
+                "query did not finish within {d:?} (--query-timeout)"
+            )),
+            QueryError::ResultTooLarge(_) => QueryFailure::TooLarge(format!(
+                "the result is larger than {bound}, the limit on a query's result \
+                 (--query-max-bytes {bound}): select fewer rows or columns, or aggregate"
+            )),
+            QueryError::ValueTooLarge(_) => QueryFailure::TooLarge(format!(
+                "a value the query builds is larger than {bound}, the limit on a query's \
+                 values (--query-max-bytes {bound})"
+            )),
+            QueryError::OutOfMemory => QueryFailure::TooLarge(format!(
+                "the query needs more memory than a query may take: {} ({} × \
+                 --query-max-bytes {bound}); make it build smaller or fewer values",
+                query::human_bytes(sqlite_limits::budget_for(self.max_bytes).unwrap_or(usize::MAX)),
+                sqlite_limits::BUDGET_FACTOR,
+            )),
+            QueryError::Unavailable(message) => QueryFailure::Unavailable(message),
+            QueryError::NotAllowed(message) | QueryError::Database(message) => {
+                QueryFailure::Invalid(message)
+            }
+        }
+    }
+}
+
+/// `principal` if its role allows `role`; otherwise the refusal, recorded
+/// against the device with the door it came through.
+pub fn require<'p>(
+    auth: &dyn Authenticate,
+    principal: &'p Principal,
+    role: Role,
+    door: &str,
+) -> Result<&'p Principal, QueryFailure> {
+    if principal.role.allows(role) {
+        Ok(principal)
+    } else {
+        let reason = format!(
+            "this needs the {role} role; {} has {}",
+            principal.device_id, principal.role
+        );
+        auth.record_refusal(&principal.device_id, &format!("{door}: {reason}"));
+        Err(QueryFailure::Forbidden(reason))
+    }
+}

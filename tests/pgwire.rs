@@ -1,0 +1,383 @@
+//! The PostgreSQL wire endpoint, driven by real clients: psql (simple
+//! protocol, `\dt`, `\d`) and psycopg (extended protocol, parameters).
+//! Each test says it was skipped, and why, when a client is missing.
+
+use std::process::{Command, Output};
+
+use serde_json::json;
+
+use crate::harness::{publish_acked, Backend, Server};
+
+fn psql_available() -> bool {
+    let found = Command::new("psql")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!("skipped: psql is not installed (apt-get install postgresql-client)");
+    }
+    found
+}
+
+fn psycopg_available() -> bool {
+    let found = Command::new("python3")
+        .args(["-c", "import psycopg"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!(
+            "skipped: python3 with psycopg is not installed (apt-get install python3-psycopg, or pip install psycopg[binary])"
+        );
+    }
+    found
+}
+
+fn pg_port(server: &Server) -> String {
+    server
+        .extra_addr("pg")
+        .expect("pg address on the ready line")
+        .port()
+        .to_string()
+}
+
+/// `psql -c` for each command, as `user` with `password`; unaligned,
+/// tuples only unless `-P` says otherwise.
+fn psql(server: &Server, user: &str, password: &str, commands: &[&str]) -> Output {
+    let port = pg_port(server);
+    let mut command = Command::new("psql");
+    command
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            user,
+            "-d",
+            "fleetgate",
+        ])
+        .args(["-X", "-A", "-F", "|", "-v", "ON_ERROR_STOP=1"])
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "10");
+    for c in commands {
+        command.args(["-c", c]);
+    }
+    command.output().expect("run psql")
+}
+
+fn text(output: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Runs a Python script with `PG_DSN` set for `user`/`password`.
+fn python(server: &Server, user: &str, password: &str, script: &str) -> Output {
+    let dsn = format!(
+        "host=127.0.0.1 port={} user={user} password={password} dbname=fleetgate connect_timeout=10",
+        pg_port(server)
+    );
+    Command::new("python3")
+        .args(["-c", script])
+        .env("PG_DSN", dsn)
+        .output()
+        .expect("run python3")
+}
+
+async fn with_readings(backend: Backend) -> (Server, String, String) {
+    let server = Server::with_temperature(backend).await;
+    let sensor = server.add_device("sensor-1", "ingest").await;
+    let analyst = server.add_device("analyst-1", "extract").await;
+    let payloads: Vec<String> = (1..=5)
+        .map(|i| {
+            format!(
+                r#"{{"seq":{i},"celsius":{}.5,"status":"ok","door_open":{},"taken_at":"2026-03-01T10:00:0{i}Z","label":"it's {i}"}}"#,
+                20 + i,
+                i % 2 == 0
+            )
+        })
+        .collect();
+    publish_acked(
+        &server,
+        "sensor-1",
+        &sensor,
+        "ingest/temperature/sensor-1",
+        &payloads,
+    )
+    .await;
+    (server, sensor, analyst)
+}
+
+crate::on_both_backends!(psycopg_queries_with_parameters_and_types);
+async fn psycopg_queries_with_parameters_and_types(backend: Backend) {
+    if !psycopg_available() {
+        return;
+    }
+    let (server, _, analyst) = with_readings(backend).await;
+    let script = r#"
+import os, json, datetime, psycopg
+with psycopg.connect(os.environ["PG_DSN"]) as conn:
+    cur = conn.execute(
+        "SELECT seq, celsius, door_open, label, taken_at, device_id FROM temperature "
+        "WHERE seq >= %s AND label <> %s AND taken_at >= %s ORDER BY seq",
+        (2, "nothing", datetime.datetime(2026, 3, 1, 10, 0, 3, tzinfo=datetime.timezone.utc)),
+    )
+    rows = cur.fetchall()
+    types = [type(v).__name__ for v in rows[0]]
+    names = [d.name for d in cur.description]
+    count = conn.execute("SELECT count(*) AS n FROM temperature WHERE label = %s", ("it's 4",)).fetchone()[0]
+    print(json.dumps({
+        "names": names,
+        "types": types,
+        "seqs": [r[0] for r in rows],
+        "first": [rows[0][0], rows[0][1], rows[0][2], rows[0][3], rows[0][4].isoformat(), rows[0][5]],
+        "count": count,
+    }))
+"#;
+    let output = python(&server, "analyst-1", &analyst, script);
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let answer: serde_json::Value = serde_json::from_str(stdout.trim()).expect(&stdout);
+    assert_eq!(
+        answer["names"],
+        json!([
+            "seq",
+            "celsius",
+            "door_open",
+            "label",
+            "taken_at",
+            "device_id"
+        ])
+    );
+    assert_eq!(
+        answer["types"],
+        json!(["int", "float", "bool", "str", "datetime", "str"])
+    );
+    assert_eq!(answer["seqs"], json!([3, 4, 5]));
+    assert_eq!(
+        answer["first"],
+        json!([
+            3,
+            23.5,
+            false,
+            "it's 3",
+            "2026-03-01T10:00:03+00:00",
+            "sensor-1"
+        ])
+    );
+    assert_eq!(answer["count"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_lists_and_describes_streams_and_refuses_writes() {
+    if !psql_available() {
+        return;
+    }
+    let (server, _, analyst) = with_readings(Backend::Sqlite).await;
+
+    let output = psql(&server, "analyst-1", &analyst, &["\\dt"]);
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("public|temperature|table|fleetgate"),
+        "{stdout}"
+    );
+
+    let output = psql(&server, "analyst-1", &analyst, &["\\d temperature"]);
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    for column in [
+        "device_id|text",
+        "received_at|timestamp with time zone",
+        "seq|bigint",
+        "celsius|double precision",
+        "door_open|boolean",
+        "taken_at|timestamp with time zone",
+        "label|text",
+    ] {
+        assert!(stdout.contains(column), "{column}: {stdout}");
+    }
+    // Nothing but what the caller may query: no internal tables.
+    let output = psql(&server, "analyst-1", &analyst, &["\\dt fleetgate*"]);
+    let (stdout, _) = text(&output);
+    assert!(!stdout.contains("fleetgate_"), "{stdout}");
+
+    let output = psql(
+        &server,
+        "analyst-1",
+        &analyst,
+        &[
+            "SELECT version()",
+            "SHOW server_version",
+            "SET application_name = 'x'",
+            "SELECT seq, celsius, door_open FROM temperature WHERE seq = 2",
+        ],
+    );
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("fleetgate"), "{stdout}");
+    assert!(stdout.contains("2|22.5|t"), "{stdout}");
+
+    // The same guard as /v1/query: a write is refused, with its reason.
+    let insert = "INSERT INTO temperature (device_id, seq, celsius) VALUES ('x', 9, 1.0)";
+    let output = psql(&server, "analyst-1", &analyst, &[insert]);
+    let (stdout, stderr) = text(&output);
+    assert!(!output.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("only SELECT queries are allowed"),
+        "{stderr}"
+    );
+    let (status, body) = server
+        .api(
+            "POST",
+            "/v1/query",
+            Some(&analyst),
+            Some(json!({ "sql": insert })),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(stderr.contains(body["error"].as_str().unwrap()), "{body}");
+    // Internal tables are no more reachable than over HTTP.
+    let output = psql(
+        &server,
+        "analyst-1",
+        &analyst,
+        &["SELECT * FROM fleetgate_devices"],
+    );
+    assert!(!output.status.success());
+    assert_eq!(server.count("SELECT count(*) FROM temperature").await, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_valid_query_tokens_get_in() {
+    if !psql_available() {
+        return;
+    }
+    let (server, sensor, analyst) = with_readings(Backend::Sqlite).await;
+    // An ingest device may not query.
+    let output = psql(&server, "sensor-1", &sensor, &["SELECT 1"]);
+    let (stdout, stderr) = text(&output);
+    assert!(!output.status.success(), "{stdout}");
+    assert!(
+        stderr.contains("FATAL") && stderr.contains("needs the extract role"),
+        "{stderr}"
+    );
+    // A bad password, and another device's token.
+    let output = psql(&server, "analyst-1", "fg1.garbage.garbage", &["SELECT 1"]);
+    let (_, stderr) = text(&output);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("password authentication failed for user \"analyst-1\""),
+        "{stderr}"
+    );
+    let output = psql(&server, "sensor-1", &analyst, &["SELECT 1"]);
+    let (_, stderr) = text(&output);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("password authentication failed"),
+        "{stderr}"
+    );
+    // A revoked device.
+    let (status, body) = server
+        .api(
+            "POST",
+            "/v1/devices/analyst-1/revoke",
+            Some(&server.admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let output = psql(&server, "analyst-1", &analyst, &["SELECT 1"]);
+    let (_, stderr) = text(&output);
+    assert!(!output.status.success());
+    assert!(stderr.contains("FATAL"), "{stderr}");
+    assert!(stderr.contains("not authorized"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_closes_an_open_session() {
+    if !psycopg_available() {
+        return;
+    }
+    let (server, _, analyst) = with_readings(Backend::Sqlite).await;
+    let script = r#"
+import os, sys, time, psycopg
+conn = psycopg.connect(os.environ["PG_DSN"], autocommit=True)
+print(conn.execute("SELECT count(*) FROM temperature").fetchone()[0], flush=True)
+sys.stdin.readline()
+try:
+    conn.execute("SELECT count(*) FROM temperature").fetchone()
+    print("still open", flush=True)
+except psycopg.OperationalError as e:
+    print("closed:", str(e).replace("\n", " "), flush=True)
+"#;
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=analyst-1 password={analyst} dbname=fleetgate",
+        pg_port(&server)
+    );
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .env("PG_DSN", dsn)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::{BufRead, Write};
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert_eq!(first, "5");
+    let (status, body) = server
+        .api(
+            "POST",
+            "/v1/devices/analyst-1/revoke",
+            Some(&server.admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    drop(stdin);
+    let after = lines.next().unwrap().unwrap();
+    let _ = child.wait();
+    assert!(after.starts_with("closed:"), "{after}");
+    // Closed by the revocation itself, not only refused at the next query.
+    assert!(
+        server.log().contains("pg: registry change; session closed"),
+        "{}",
+        server.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tls_a_password_needs_tls() {
+    if !psql_available() {
+        return;
+    }
+    let server = Server::start_with(Backend::Sqlite, &crate::harness::DEV_TLS).await;
+    let analyst = server.add_device("analyst-1", "extract").await;
+    let ca = server.data_dir().join("dev-tls").join("ca.pem");
+    let connect = |sslmode: &str| {
+        Command::new("psql")
+            .arg(format!(
+                "host=127.0.0.1 port={} user=analyst-1 dbname=fleetgate sslmode={sslmode} sslrootcert={}",
+                pg_port(&server),
+                ca.display()
+            ))
+            .args(["-X", "-A", "-t", "-c", "SELECT version()"])
+            .env("PGPASSWORD", &analyst)
+            .output()
+            .unwrap()
+    };
+    let output = connect("verify-full");
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("fleetgate"), "{stdout}");
+    let output = connect("disable");
+    let (_, stderr) = text(&output);
+    assert!(!output.status.success());
+    assert!(stderr.contains("only over TLS"), "{stderr}");
+}
