@@ -262,7 +262,9 @@ impl Handshakes {
                 claims.sdk_version
             )));
         }
-        if (claims.timestamp_ms - now_ms).abs() > MAX_CLOCK_SKEW_MS {
+        // `abs_diff`: a timestamp near i64::MIN overflowed `(t - now).abs()`
+        // (a panic; in a release build, at exactly now + i64::MIN, a pass).
+        if claims.timestamp_ms.abs_diff(now_ms) > MAX_CLOCK_SKEW_MS.unsigned_abs() {
             return Err(refuse(format!(
                 "timestamp {} is more than {} s from the server's clock ({now_ms})",
                 claims.timestamp_ms,
@@ -379,6 +381,26 @@ mod tests {
 
     fn nonce_key(seed: &[u8]) -> hmac::Key {
         hmac::Key::new(hmac::HMAC_SHA256, seed)
+    }
+
+    /// Found while writing the handshake_manifest fuzz target
+    /// (`fuzz/corpus/handshake_manifest/found-timestamp-min`): the skew
+    /// check overflowed for a timestamp near i64::MIN.
+    #[tokio::test]
+    async fn a_timestamp_at_the_ends_of_time_is_refused() {
+        let Fixture {
+            handshakes, key, ..
+        } = fixture(&nonce_key(b"k"), None).await;
+        let now = 1_800_000_000_000;
+        for timestamp in [now + i64::MIN, i64::MIN, i64::MAX] {
+            let (nonce, _) = handshakes.issue_nonce(now).unwrap();
+            let signed = SignedHandshake::sign(&claims(&nonce, timestamp), &key);
+            let err = handshakes.verify(&signed, now).await.unwrap_err();
+            assert!(
+                matches!(&err, HandshakeError::Refused(r) if r.contains("from the server's clock")),
+                "{timestamp}: {err}"
+            );
+        }
     }
 
     #[tokio::test]
