@@ -719,6 +719,9 @@ async fn a_persistent_session_follows_its_device_across_brokers_and_a_kill_9() {
     let mut latencies = Vec::new();
     for i in 0..100 {
         let payload = format!("lat-{i}");
+        // The queue holds three: the device's acknowledgements of the
+        // previous commands reach JetStream first.
+        nats.wait_queued(0).await;
         let sent = Instant::now();
         publish_queued(&mut reader, cmd, &payload).await;
         let arrived = next_publish(
