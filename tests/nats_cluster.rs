@@ -162,26 +162,26 @@ impl Nats {
     async fn wait_queued(&self, n: u64) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let mut held = None;
+            // Every live server's replica: a follower may lag the leader.
+            let mut held = Vec::new();
             for node in self.nodes.iter().filter(|n| n.child.is_some()) {
                 let jsz = monitor(node.monitor_port, "jsz?streams=true").await;
-                held = jsz["account_details"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
-                    .find(|s| s["name"] == "FLEETGATE_QUEUES")
-                    .and_then(|s| s["state"]["messages"].as_u64());
-                if held.is_some() {
-                    break;
-                }
+                held.push(
+                    jsz["account_details"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+                        .find(|s| s["name"] == "FLEETGATE_QUEUES")
+                        .and_then(|s| s["state"]["messages"].as_u64()),
+                );
             }
-            if held == Some(n) {
+            if held.iter().all(|h| *h == Some(n)) {
                 return;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "session queues hold {held:?} messages, not {n}"
+                "session queues hold {held:?} messages (per server), not {n}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -600,6 +600,16 @@ async fn publish_queued(admin: &mut V5, topic: &str, payload: &str) {
                     "{topic}: no broker ever knew the subscription"
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // The device's acknowledgements of earlier commands have not
+            // reached JetStream yet (a loaded machine): as a publisher
+            // would, send it again a moment later.
+            PubAckReason::QuotaExceeded => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{topic}: the session's queue stayed full"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             other => panic!("{topic}: {other:?}"),
         }
