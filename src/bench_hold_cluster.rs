@@ -172,9 +172,15 @@ async fn measure(
 
     let started = Instant::now();
     let urls = nats.urls();
+    // Each holds connections to PostgreSQL (9 when idle, up to 18), which
+    // is what limits how many brokers one server takes: say which failed.
     let brokers = dirs
         .into_iter()
-        .map(|dir| spawn_in(dir, "broker", Some(database), &["--nats", &urls]))
+        .enumerate()
+        .map(|(i, dir)| {
+            spawn_in(dir, "broker", Some(database), &["--nats", &urls])
+                .with_context(|| format!("broker {i} of {}", args.brokers))
+        })
         .collect::<anyhow::Result<Vec<Spawned>>>()?;
     out.brokers_started = Some(started.elapsed());
 
@@ -662,11 +668,13 @@ fn print_report(args: &ClusterArgs, out: &Outcome) {
             .and_then(|r| r.listen_overflows)
             .map_or_else(dash, |n| n.to_string())
     };
-    println!(
-        "listen queue overflows (the machine's): connect {} / storm {}",
-        overflows(&out.connect),
-        overflows(&out.storm)
-    );
+    if out.connect.is_some() {
+        println!(
+            "listen queue overflows (the machine's): connect {} / storm {}",
+            overflows(&out.connect),
+            overflows(&out.storm)
+        );
+    }
     if !out.nats_rss.is_empty() {
         let servers: Vec<String> = out
             .nats_rss

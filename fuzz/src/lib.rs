@@ -16,6 +16,7 @@ use fleetgate_admin::registry::Registry;
 use fleetgate_protocol::schema::StreamsFile;
 use fleetgate_protocol::{AuthError, Authenticate, Principal, Role, TokenSigner};
 use fleetgate_store::compaction::{Compaction, CompactionSettings};
+use fleetgate_store::db::Pools;
 use fleetgate_store::views::{AutoSettings, Views, ViewsFile};
 use fleetgate_store::{Catalog, Db};
 use ring::rand::SystemRandom;
@@ -188,6 +189,16 @@ pub fn store() -> &'static StoreFixture {
             )
             .await
             .expect("compaction");
+            // Opens every read connection now. The pool opens one when none
+            // is idle (the last one goes back to it on a task of its own),
+            // and the worker thread that starts then, mid-input, is what
+            // libFuzzer's per-input leak check reports.
+            if let Pools::Sqlite { read, .. } = &db.pools {
+                let mut held = Vec::new();
+                for _ in 0..read.options().get_max_connections() {
+                    held.push(read.acquire().await.expect("read connection"));
+                }
+            }
             let tables = catalog
                 .list()
                 .into_iter()
