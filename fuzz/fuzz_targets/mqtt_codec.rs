@@ -202,15 +202,13 @@ fuzz_target!(|data: &[u8]| {
                     one_frame(&codec::unsuback(version, pkid, &codes), version);
                 }
             }
-            codec::DISCONNECT => {
-                if codec::client_disconnect(version, &header, frame).is_ok() {
-                    // The client comes back: what was in flight is re-sent.
-                    session.detach(connection);
-                    connection += 1;
-                    for delivery in session.attach(connection) {
-                        if let Delivery::Publish { queued, .. } = delivery {
-                            assert!(queued.qos > 0, "only QoS 1/2 is re-sent");
-                        }
+            // The client comes back: what was in flight is re-sent.
+            codec::DISCONNECT if codec::client_disconnect(version, &header, frame).is_ok() => {
+                session.detach(connection);
+                connection += 1;
+                for delivery in session.attach(connection) {
+                    if let Delivery::Publish { queued, .. } = delivery {
+                        assert!(queued.qos > 0, "only QoS 1/2 is re-sent");
                     }
                 }
             }
