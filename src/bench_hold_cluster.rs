@@ -99,6 +99,9 @@ struct Outcome {
     /// The most connections the brokers held to the database at a check,
     /// and the server's max_connections.
     postgres: Option<(i64, i64)>,
+    /// Where the CPU went during each round.
+    cpu_connect: Option<CpuUse>,
+    cpu_storm: Option<CpuUse>,
     /// Why the measurement stopped early, or what could not be measured.
     notes: Vec<String>,
 }
@@ -219,7 +222,16 @@ async fn measure(
         sources
     };
 
+    let processes = Processes([
+        brokers.iter().map(Spawned::pid).collect(),
+        helpers.iter().filter_map(Helper::pid).collect(),
+        nats.servers.iter().map(|s| s.child.id()).collect(),
+        postgres_backends(database).await,
+    ]);
+
+    let before = processes.sample();
     let (reports, overflows) = connect_reports(&mut helpers, &sources(0), until).await?;
+    out.cpu_connect = Some(processes.sample().since(&before));
     out.connect = Some(Round::merge(&reports, overflows));
     for (broker, group) in out.brokers.iter_mut().zip(&groups) {
         broker.connect = Some(Round::merge(&reports[group.clone()], None));
@@ -234,7 +246,9 @@ async fn measure(
     }
     let pool = postgres_connections(database).await;
 
+    let before = processes.sample();
     let (reports, overflows) = connect_reports(&mut helpers, &sources(1), until).await?;
+    out.cpu_storm = Some(processes.sample().since(&before));
     out.storm = Some(Round::merge(&reports, overflows));
     for (broker, group) in out.brokers.iter_mut().zip(&groups) {
         broker.storm = Some(Round::merge(&reports[group.clone()], None));
@@ -313,6 +327,33 @@ fn metric(text: &str, name: &str) -> Option<f64> {
     sum
 }
 
+/// The server processes of the connections to the brokers' database, for
+/// their CPU time; none when the server is not on this machine (its pids
+/// would name other processes here).
+async fn postgres_backends(url: &str) -> Vec<u32> {
+    use sqlx::Connection;
+    use std::str::FromStr;
+    let local = sqlx::postgres::PgConnectOptions::from_str(url).is_ok_and(|o| {
+        let host = o.get_host();
+        host.starts_with('/') || ["127.0.0.1", "localhost", "::1"].contains(&host)
+    });
+    if !local {
+        return Vec::new();
+    }
+    let Ok(mut connection) = sqlx::PgConnection::connect(url).await else {
+        return Vec::new();
+    };
+    let pids: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .unwrap_or_default();
+    pids.into_iter()
+        .filter_map(|pid| u32::try_from(pid).ok())
+        .collect()
+}
+
 /// Connections to the brokers' database (this one not counted), and the
 /// server's max_connections: six brokers share one PostgreSQL, and each
 /// has pools of its own.
@@ -326,6 +367,76 @@ async fn postgres_connections(url: &str) -> Option<(i64, i64)> {
     .fetch_one(&mut connection)
     .await
     .ok()
+}
+
+/// The kinds of process whose CPU time is accounted: on two cores they
+/// compete, and which of them took the CPU says what limits a round.
+const KINDS: [&str; 4] = [
+    "brokers",
+    "helper processes",
+    "NATS",
+    "PostgreSQL (the brokers' backends)",
+];
+
+/// The processes of each of [`KINDS`].
+struct Processes([Vec<u32>; 4]);
+
+/// CPU time each process has used so far (`None` if it could not be read),
+/// and when.
+struct CpuSample {
+    at: Instant,
+    used: [Vec<Option<Duration>>; 4],
+}
+
+/// CPU time each of [`KINDS`] used over `wall` (processes that could not be
+/// read at both ends, such as a database connection closed meanwhile, not
+/// counted).
+struct CpuUse {
+    wall: Duration,
+    used: [Duration; 4],
+}
+
+impl Processes {
+    fn sample(&self) -> CpuSample {
+        CpuSample {
+            at: Instant::now(),
+            used: self
+                .0
+                .each_ref()
+                .map(|pids| pids.iter().map(|&pid| cpu_time(pid)).collect()),
+        }
+    }
+}
+
+impl CpuSample {
+    /// What was used from `earlier` to this sample.
+    fn since(&self, earlier: &CpuSample) -> CpuUse {
+        let mut used = [Duration::ZERO; 4];
+        for (kind, total) in used.iter_mut().enumerate() {
+            for (now, then) in self.used[kind].iter().zip(&earlier.used[kind]) {
+                if let (Some(now), Some(then)) = (now, then) {
+                    *total += now.saturating_sub(*then);
+                }
+            }
+        }
+        CpuUse {
+            wall: self.at - earlier.at,
+            used,
+        }
+    }
+}
+
+/// CPU time (user and system) a process has used: fields 14 and 15 of
+/// /proc/PID/stat, in clock ticks, which /proc gives in 1/100 s on Linux
+/// whatever the kernel's own tick rate.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after it do not.
+    let (_, fields) = stat.rsplit_once(") ")?;
+    let mut fields = fields.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis((user + system) * 10))
 }
 
 // ---------------------------------------------------------------------------
@@ -685,6 +796,24 @@ fn print_report(args: &ClusterArgs, out: &Outcome) {
             "NATS servers' RSS, before the connects -> after the storm: {}; slow consumers: {}",
             servers.join(", "),
             out.nats_slow_consumers.map_or_else(dash, |n| n.to_string())
+        );
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (what, cpu) in [("connects", &out.cpu_connect), ("storm", &out.cpu_storm)] {
+        let Some(cpu) = cpu else { continue };
+        // From the command to the helpers' reports (their last CONNACK, or
+        // a failed attempt's end): the machine had wall x cores of CPU;
+        // what these do not use went to this process, anything else
+        // running, or nothing.
+        let used: Vec<String> = KINDS
+            .iter()
+            .zip(cpu.used)
+            .map(|(kind, used)| format!("{kind} {:.1} s", used.as_secs_f64()))
+            .collect();
+        println!(
+            "CPU during the {what} ({:.1} s x {cores} cores): {}",
+            cpu.wall.as_secs_f64(),
+            used.join(", ")
         );
     }
     if let Some((used, max)) = out.postgres {
