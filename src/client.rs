@@ -56,7 +56,7 @@ pub enum DeviceCommand {
         #[arg(long, value_name = "FILE")]
         public_key: Option<std::path::PathBuf>,
         /// Token lifetime, e.g. 24h or 365d; at most 10 years. Default: 365d.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = fleetgate_protocol::duration::parse)]
         ttl: Option<Duration>,
     },
     /// Register many devices from a CSV file, in one transaction, and write
@@ -68,7 +68,7 @@ pub enum DeviceCommand {
         /// Id of a registered, unrevoked device.
         id: String,
         /// Token lifetime, e.g. 1h or 30d; at most 10 years.
-        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "24h", value_parser = fleetgate_protocol::duration::parse)]
         ttl: Duration,
     },
     /// List registered devices, as a table or as CSV.
@@ -479,9 +479,9 @@ pub async fn state(command: StateCommand, server: &ServerArgs) -> anyhow::Result
             match at.as_deref() {
                 None => {}
                 Some(relative) if relative.starts_with('+') => {
-                    let wait = humantime::parse_duration(&relative[1..])
-                        .with_context(|| format!("--at {relative}: expected e.g. +30s"))?;
-                    body["in_ms"] = json!(wait.as_millis() as u64);
+                    let wait = fleetgate_protocol::duration::parse(&relative[1..])
+                        .map_err(|e| anyhow!("--at {relative}: {e} (expected e.g. +30s)"))?;
+                    body["in_ms"] = json!(fleetgate_protocol::duration::millis(wait));
                 }
                 Some(time) => {
                     let at = humantime::parse_rfc3339_weak(time)
@@ -753,7 +753,7 @@ pub enum SdkCommand {
         #[arg(long)]
         out: std::path::PathBuf,
         /// Manifest lifetime.
-        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "365d", value_parser = fleetgate_protocol::duration::parse)]
         ttl: Duration,
     },
     /// As the device: handshake with its key, verify and load the SDK, and

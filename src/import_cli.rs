@@ -37,7 +37,7 @@ pub struct ImportArgs {
     #[arg(long)]
     dry_run: bool,
     /// Token lifetime, e.g. 24h or 365d; at most 10 years.
-    #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "365d", value_parser = fleetgate_protocol::duration::parse)]
     ttl: Duration,
 }
 

@@ -117,7 +117,7 @@ enum Command {
     /// per second, views, store nodes, the newest alerts and ETL runs.
     Status {
         /// How long to watch the counters for the per-second rates.
-        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "1s", value_parser = fleetgate_protocol::duration::parse)]
         interval: std::time::Duration,
         #[command(flatten)]
         server: ServerArgs,

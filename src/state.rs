@@ -273,7 +273,10 @@ pub async fn push(
             ))
         }
         (at, None) => at,
-        (None, Some(wait)) => Some(state.rollout.cluster_now_ms() + wait as i64),
+        (None, Some(wait)) => {
+            let wait = i64::try_from(wait).unwrap_or(i64::MAX);
+            Some(state.rollout.cluster_now_ms().saturating_add(wait))
+        }
     };
     // Checked before the audit entry, so a refused document leaves no trace
     // but the refusal.

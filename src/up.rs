@@ -72,7 +72,7 @@ pub struct UpArgs {
     #[arg(long, conflicts_with_all = ["cert", "key"])]
     dev_tls: bool,
     /// Time a client has to complete its TLS handshake.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = fleetgate_protocol::duration::parse)]
     tls_handshake_timeout: Duration,
     /// TLS handshakes in progress at once, per listener; connections beyond
     /// are closed at once.
@@ -106,16 +106,16 @@ pub struct UpArgs {
     session_queue_bytes: usize,
     /// Longest an MQTT session outlives its connection (also what a 3.1.1
     /// session without clean session gets).
-    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "7d", value_parser = fleetgate_protocol::duration::parse)]
     max_session_expiry: Duration,
     /// Refusals within --alert-window that raise an alert for a device.
     #[arg(long, default_value_t = 5)]
     alert_threshold: usize,
     /// Window for --alert-threshold, e.g. 60s or 5m.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = fleetgate_protocol::duration::parse)]
     alert_window: Duration,
     /// Longest a query may run before it is stopped.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = fleetgate_protocol::duration::parse)]
     query_timeout: Duration,
     /// Most bytes a query's result may hold (e.g. 64MiB), and the longest
     /// value a query may build; beyond, the query is refused with 422. On
@@ -124,17 +124,17 @@ pub struct UpArgs {
     query_max_bytes: usize,
     /// Lifetime of the token a device gets with its SDK; devices renew it
     /// by handshaking again before it runs out.
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = fleetgate_protocol::duration::parse)]
     sdk_token_ttl: Duration,
     /// Lifetime of the SDK manifest a handshake answers with.
-    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "24h", value_parser = fleetgate_protocol::duration::parse)]
     sdk_manifest_ttl: Duration,
     /// Built SDK artifacts kept for identical requests (0: no cache).
     #[arg(long, default_value_t = 256)]
     sdk_cache: usize,
     /// How long a handshake nonce stays good (at most 10m). Brokers of a
     /// cluster honour the lifetime of the broker that issued a nonce.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = fleetgate_protocol::duration::parse)]
     nonce_ttl: Duration,
     /// Requests per second each client address may make, on average, to the
     /// routes that take no token (handshake nonce and handshake, /metrics,
@@ -146,15 +146,15 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 40)]
     unauth_burst: u32,
     /// How long repeated authentication failures ban the device (0s: no bans).
-    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "15m", value_parser = fleetgate_protocol::duration::parse)]
     ban_duration: Duration,
     /// Least time between publishing a state version and its activation
     /// (more is taken when delivery or clock uncertainty need it).
-    #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "300ms", value_parser = fleetgate_protocol::duration::parse)]
     state_lead: Duration,
     /// How long after a state version's activation a store may take to
     /// confirm it before it is rebooted.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = fleetgate_protocol::duration::parse)]
     state_grace: Duration,
     #[command(flatten)]
     auto_views: AutoViewArgs,
@@ -180,16 +180,16 @@ pub struct AutoViewArgs {
     /// --auto-views-window, that earn it a view.
     #[arg(long, default_value_t = 5)]
     auto_views_after: usize,
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10m", value_parser = fleetgate_protocol::duration::parse)]
     auto_views_window: Duration,
     /// Queries faster than this on the primary table are left alone.
-    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "50ms", value_parser = fleetgate_protocol::duration::parse)]
     auto_views_min_cost: Duration,
     /// How many times fewer rows a view must hold than its stream.
     #[arg(long, default_value_t = 10.0)]
     auto_views_min_gain: f64,
     /// An automatic view that answers no query for this long is dropped.
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = fleetgate_protocol::duration::parse)]
     auto_views_unused: Duration,
 }
 
@@ -223,7 +223,7 @@ fn parse_compact_after(text: &str) -> Result<OptionalDuration, String> {
     if text == "off" {
         return Ok(OptionalDuration(None));
     }
-    humantime::parse_duration(text)
+    fleetgate_protocol::duration::parse(text)
         .map(|d| OptionalDuration(Some(d)))
         .map_err(|e| format!("{e} (a duration such as 30d, or off)"))
 }
@@ -245,7 +245,7 @@ pub struct BrokerArgs {
     up: UpArgs,
     /// How long an ingest message waits for a store node to take it (while
     /// nodes join, fail or restart) before its connection is closed.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = fleetgate_protocol::duration::parse)]
     hold: Duration,
     /// NATS servers (nats://HOST:PORT, comma-separated) through which the
     /// cluster's brokers route messages and session takeovers to each

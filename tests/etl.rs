@@ -212,6 +212,11 @@ async fn bad_jobs_are_refused_with_the_reason(backend: Backend) {
         (good.replace("[jobs.orders_nightly]", "[jobs.orders_nightly]\ncron = \"61 * * * *\""), "cron"),
         (good.replace("table = \"orders_batch\"", "table = \"fleetgate_devices\""), "keeps for itself"),
         (good.replace("join = \"customers\"", "join = \"suppliers\""), "no source named \"suppliers\""),
+        // A period that would truncate to 0 ms divided by zero when scheduled.
+        (
+            good.replace("[jobs.orders_nightly]", "[jobs.orders_nightly]\nevery = \"1000000000y\""),
+            "longer than the longest supported duration",
+        ),
     ];
     for (text, reason) in cases {
         let (status, body) = server.post_text("/v1/etl/jobs", &server.admin, &text).await;

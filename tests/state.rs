@@ -324,6 +324,15 @@ async fn bad_state_and_bad_callers_are_refused_before_anything_changes(backend: 
             ),
             "at least",
         ),
+        (
+            push(
+                "rules/sales",
+                "[fields.temp_f]\nmax = 100.0",
+                "toml",
+                json!({ "in_ms": u64::MAX }),
+            ),
+            "more than 100 years ahead",
+        ),
     ];
     for ((path, body), expected) in refused {
         let (status, reply) = server

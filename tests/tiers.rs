@@ -227,6 +227,16 @@ async fn bad_tier_settings_are_refused(backend: Backend) {
         ("hot = \"soon\"", "hot = \"soon\""),
         ("hot = \"10ms\"", "at least 1s"),
         ("hot = \"2d\"\nttl = \"1d\"", "must be shorter than ttl"),
+        // Would wrap to a negative age in milliseconds, and expiry would
+        // then delete every row.
+        (
+            "ttl = \"1000000000y\"",
+            "longer than the longest supported duration",
+        ),
+        (
+            "hot = \"600000000y\"",
+            "longer than the longest supported duration",
+        ),
     ] {
         let (status, body) = server.apply_streams(&stream(extra)).await;
         assert_eq!(status, 400, "{extra}: {body}");
@@ -266,6 +276,18 @@ async fn bad_tier_settings_are_refused(backend: Backend) {
         (
             "bucket = { column = \"received_at\", width = \"1m\" }\nttl = \"soon\"",
             "ttl = \"soon\"",
+        ),
+        (
+            "bucket = { column = \"received_at\", width = \"1m\" }\nttl = \"1000000000y\"",
+            "longer than the longest supported duration",
+        ),
+        (
+            "bucket = { column = \"received_at\", width = \"1000000000y\" }",
+            "longer than the longest supported duration",
+        ),
+        (
+            "refresh = { every = \"1000000000y\" }",
+            "longer than the longest supported duration",
         ),
         (
             "bucket = { column = \"received_at\", width = \"1m\" }\nhot = \"1h\"",

@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleetgate_protocol::duration;
 use fleetgate_protocol::ingest::BoxFuture;
 use fleetgate_protocol::state::{ClusterClock, StateAnnouncement, StateKey, StateValue};
 use fleetgate_store::state::{self as store_state, sync_clock};
@@ -175,13 +176,17 @@ impl Rollout {
     /// An activation time must leave the stores room to hear of it.
     pub fn check_activation_time(&self, at_ms: Option<i64>) -> Result<(), RolloutError> {
         let now = self.clock.now_ms();
-        let min_lead = self.settings.min_lead.as_millis() as i64;
-        match at_ms.filter(|at| *at < now + min_lead) {
-            Some(at) => Err(RolloutError::Invalid(format!(
+        let min_lead = duration::millis(self.settings.min_lead);
+        let max_lead = duration::millis(duration::LONGEST);
+        match at_ms {
+            Some(at) if at < now.saturating_add(min_lead) => Err(RolloutError::Invalid(format!(
                 "the activation time is {} ms from now; it must be at least {min_lead} ms ahead",
-                at - now
+                at.saturating_sub(now)
             ))),
-            None => Ok(()),
+            Some(at) if at > now.saturating_add(max_lead) => Err(RolloutError::Invalid(
+                "the activation time is more than 100 years ahead".into(),
+            )),
+            _ => Ok(()),
         }
     }
 

@@ -169,7 +169,7 @@ impl Schedule {
     pub fn next_after(&self, after_ms: i64) -> Option<i64> {
         match self {
             Schedule::Every(period) => {
-                let period = period.as_millis() as i64;
+                let period = fleetgate_protocol::duration::millis(*period);
                 Some((after_ms.div_euclid(period) + 1) * period)
             }
             Schedule::Cron(cron) => {
@@ -183,7 +183,7 @@ impl Schedule {
 }
 
 fn period(text: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e}"))?;
+    let d = fleetgate_protocol::duration::parse(text).map_err(|e| format!("{text:?}: {e}"))?;
     if d < Duration::from_secs(1) {
         return Err(format!("{text:?} is shorter than a second"));
     }

@@ -111,11 +111,12 @@ impl ReportDef {
     }
 
     pub fn bucket_ms(bucket: &str) -> Result<i64, String> {
-        let d = humantime::parse_duration(bucket).map_err(|e| format!("bucket {bucket:?}: {e}"))?;
+        let d = fleetgate_protocol::duration::parse(bucket)
+            .map_err(|e| format!("bucket {bucket:?}: {e}"))?;
         if d < Duration::from_secs(1) {
             return Err(format!("bucket {bucket:?} is shorter than a second"));
         }
-        Ok(d.as_millis() as i64)
+        Ok(fleetgate_protocol::duration::millis(d))
     }
 
     fn check(&self, name: &str) -> Result<(), String> {

@@ -71,6 +71,6 @@ pub struct Cadence {
     #[arg(long, default_value_t = 0)]
     pub count: u64,
     /// Time between records.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = fleetgate_protocol::duration::parse)]
     pub every: Duration,
 }

@@ -6,6 +6,7 @@
 //! replaced or run in its own process without the others changing.
 
 pub mod auth;
+pub mod duration;
 pub mod ingest;
 pub mod node;
 pub mod record;

@@ -345,13 +345,13 @@ impl StreamDef {
             return Ok(None);
         };
         let width = parse_age("bucket width", Some(&bucket.width))?.expect("given");
-        Ok(Some((bucket.time.as_str(), width.as_millis() as i64)))
+        Ok(Some((bucket.time.as_str(), crate::duration::millis(width))))
     }
 }
 
 fn parse_age(what: &str, text: Option<&str>) -> Result<Option<Duration>, String> {
     let Some(text) = text else { return Ok(None) };
-    let age = humantime::parse_duration(text)
+    let age = crate::duration::parse(text)
         .map_err(|e| format!("{what} = {text:?}: {e} (e.g. \"3h\", \"30d\")"))?;
     if age < Duration::from_secs(1) {
         return Err(format!("{what} = {text:?}: must be at least 1s"));

@@ -29,6 +29,7 @@
 
 use std::time::Duration;
 
+use fleetgate_protocol::duration;
 use fleetgate_protocol::schema::{check_identifier, FieldType, DEVICE_ID, RECEIVED_AT};
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
@@ -272,9 +273,9 @@ impl ViewPlan {
                         b.column
                     )));
                 }
-                let width = humantime::parse_duration(&b.width)
+                let width = duration::parse(&b.width)
                     .map_err(|e| problem(format!("bucket width {:?}: {e}", b.width)))?;
-                let width_ms = width.as_millis() as i64;
+                let width_ms = duration::millis(width);
                 if width_ms < 1 {
                     return Err(problem("bucket width must be at least 1ms".into()));
                 }
@@ -703,7 +704,7 @@ fn check_view_ttl(def: &ViewDef, source: &Stream) -> Result<Option<Duration>, St
     let Some(text) = &def.ttl else {
         return Ok(None);
     };
-    let ttl = humantime::parse_duration(text).map_err(|e| format!("ttl = {text:?}: {e}"))?;
+    let ttl = duration::parse(text).map_err(|e| format!("ttl = {text:?}: {e}"))?;
     let on_received = def.bucket.as_ref().is_some_and(|b| b.column == RECEIVED_AT);
     if !def.key.is_empty() || def.aggregates.is_empty() || !on_received {
         return Err(
@@ -736,8 +737,8 @@ fn parse_refresh(refresh: &RefreshDef) -> Result<Refresh, String> {
         RefreshDef::Named(n) if n == "realtime" => Refresh::Realtime,
         RefreshDef::Named(n) if n == "on_demand" => Refresh::OnDemand,
         RefreshDef::Every { every } => {
-            let period = humantime::parse_duration(every)
-                .map_err(|e| format!("refresh every {every:?}: {e}"))?;
+            let period =
+                duration::parse(every).map_err(|e| format!("refresh every {every:?}: {e}"))?;
             if period < Duration::from_secs(1) {
                 return Err("a periodic refresh must be at least 1s apart".into());
             }
@@ -787,9 +788,9 @@ fn check_rollup(def: &ViewDef, over: &ViewPlan) -> Result<(), String> {
     match (&def.bucket, &over.bucket) {
         (None, _) => {}
         (Some(b), Some((column, width))) if b.column == *column => {
-            let wanted = humantime::parse_duration(&b.width)
-                .map_err(|e| format!("bucket width {:?}: {e}", b.width))?
-                .as_millis() as i64;
+            let wanted = duration::parse(&b.width)
+                .map_err(|e| format!("bucket width {:?}: {e}", b.width))
+                .map(duration::millis)?;
             if wanted % width != 0 {
                 return Err(format!(
                     "bucket {} is not a multiple of view {source}'s {}ms buckets",
