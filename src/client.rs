@@ -596,13 +596,14 @@ pub async fn view(command: ViewCommand, server: &ServerArgs) -> anyhow::Result<(
                         v["refresh"].clone(),
                         v["origin"].clone(),
                         v["rows"].clone(),
+                        v["unfolded"].clone(),
                         v["bytes"].clone(),
                     ]
                 })
                 .collect();
             print_table(
                 &[
-                    "view", "kind", "source", "refresh", "origin", "rows", "bytes",
+                    "view", "kind", "source", "refresh", "origin", "rows", "unfolded", "bytes",
                 ],
                 &rows,
             );

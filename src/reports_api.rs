@@ -31,7 +31,24 @@ pub async fn apply(
         )
         .await?;
     let applied = state.reports.apply(&file).await.map_err(bad_request)?;
-    Ok(Json(json!({ "applied": applied })))
+    // Declaring a report before the job that loads its batch table is
+    // legitimate, so this is a warning, not a refusal; but a misspelled
+    // table would otherwise go unnoticed, the report serving real-time
+    // data only.
+    let loaded = state.etl.tables();
+    let warnings: Vec<String> = file
+        .reports
+        .iter()
+        .filter(|(_, def)| !loaded.contains(&def.batch.table))
+        .map(|(name, def)| {
+            format!(
+                "report {name}: no ETL job loads a table named {:?} (jobs load: {}); until one does, the report serves real-time data only",
+                def.batch.table,
+                if loaded.is_empty() { "none yet".to_string() } else { loaded.join(", ") }
+            )
+        })
+        .collect();
+    Ok(Json(json!({ "applied": applied, "warnings": warnings })))
 }
 
 pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {

@@ -257,4 +257,22 @@ async fn the_report_switches_to_the_nightly_batch_and_reconciles_it(backend: Bac
         body["error"].as_str().unwrap().contains("no stream named"),
         "{body}"
     );
+    // A batch table no job loads is accepted (the job may come later) but
+    // said, so a misspelling does not silently serve real-time data only.
+    let misspelled = REPORTS.replace("table = \"orders_batch\"", "table = \"orders_btach\"");
+    let (status, body) = server
+        .post_text("/v1/reports", &server.admin, &misspelled)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let warning = body["warnings"][0].as_str().unwrap_or_default();
+    assert!(
+        warning
+            .contains("no ETL job loads a table named \"orders_btach\" (jobs load: orders_batch)"),
+        "{body}"
+    );
+    let (status, body) = server
+        .post_text("/v1/reports", &server.admin, REPORTS)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["warnings"], json!([]), "{body}");
 }

@@ -12,7 +12,10 @@
 //! The database maintains views itself, with a trigger on the source table
 //! that runs inside each ingest commit: the writer does not know views
 //! exist, every store node of a cluster maintains them alike, and a record
-//! that was not inserted (a re-sent key) is not counted.
+//! that was not inserted (a re-sent key) is not counted. The trigger only
+//! appends the insert's partials to the view's tail; a folder merges tails
+//! into the tables in sorted batches off the ingest path, and a realtime
+//! view's queries read its table and its tail, so they are never stale.
 
 pub mod auto;
 pub mod def;
@@ -29,10 +32,19 @@ use sqlparser::ast::Query;
 use sqlx::Row;
 
 use crate::catalog::Catalog;
-use crate::db::{Backend, Db};
+use crate::db::{Backend, Db, Pools};
 use crate::with_pool;
 pub use auto::{AutoSettings, ShapeInfo};
 pub use def::{Refresh, ViewDef, ViewPlan, ViewsFile};
+
+/// How often realtime views' tails are folded into their tables. Queries
+/// read the tail meanwhile, so this bounds how much they aggregate at
+/// query time, not how fresh they are.
+const REALTIME_FOLD_EVERY: Duration = Duration::from_millis(200);
+
+/// Tail rows one fold transaction takes at most (SQLite): about 50 ms of
+/// the write lock, so an ingest commit never waits long behind a fold.
+const FOLD_BATCH: i64 = 20_000;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ViewInfo {
@@ -49,6 +61,9 @@ pub struct ViewInfo {
     pub definition: ViewDef,
     /// Rows in the view's table and its unfolded tail.
     pub rows: i64,
+    /// Of those, tail rows not folded into the table yet: how far the
+    /// folder is behind (queries read them meanwhile).
+    pub unfolded: i64,
     /// Bytes its tables take.
     pub bytes: i64,
     pub created_at: i64,
@@ -133,6 +148,7 @@ impl Views {
             budget_checked: Mutex::default(),
         };
         views.reload().await?;
+        views.retrigger().await;
         Ok(views)
     }
 
@@ -241,18 +257,18 @@ impl Views {
         } in self.entries()
         {
             let sql = format!(
-                "SELECT (SELECT count(*) FROM {}) + (SELECT count(*) FROM {})",
+                "SELECT (SELECT count(*) FROM {}), (SELECT count(*) FROM {})",
                 plan.table(),
                 plan.tail()
             );
-            let counted: Result<i64, String> =
-                with_pool!(self.db, pool => sqlx::query_scalar(&sql).fetch_one(pool).await)
+            let counted: Result<(i64, i64), String> =
+                with_pool!(self.db, pool => sqlx::query_as(&sql).fetch_one(pool).await)
                     .map_err(|e| format!("cannot count view {}: {e}", plan.name));
             let sized = match counted {
                 Ok(rows) => self.bytes(&plan).await.map(|bytes| (rows, bytes)),
                 Err(e) => Err(e),
             };
-            let (rows, bytes) = match sized {
+            let ((folded, unfolded), bytes) = match sized {
                 Ok(sized) => sized,
                 Err(e) => {
                     // Dropped meanwhile (by the automatic-view loop, or
@@ -284,7 +300,8 @@ impl Views {
                     }
                 },
                 definition: plan.def.clone(),
-                rows,
+                rows: folded + unfolded,
+                unfolded,
             });
         }
         Ok(out)
@@ -430,34 +447,103 @@ impl Views {
             .map(|p| p.name.clone())
     }
 
-    /// Folds a view's tail into its table.
-    pub async fn fold(&self, plan: &ViewPlan) -> Result<(), String> {
+    /// Folds a view's tail into its table: on SQLite at most `batch` tail
+    /// rows, and returns how many it folded; on PostgreSQL the whole tail,
+    /// and returns the groups it merged.
+    pub async fn fold(&self, plan: &ViewPlan, batch: Option<i64>) -> Result<u64, String> {
         let backend = self.db.backend();
-        let [merge, empty] = plan.fold_sql(backend);
-        let lock = format!("LOCK TABLE {} IN EXCLUSIVE MODE", plan.tail());
-        with_pool!(self.db, pool => async {
+        let statements = plan.fold_sql(backend, batch);
+        // PostgreSQL: expiry, swaps and view creation lock the source in
+        // SHARE ROW EXCLUSIVE mode while they rewrite a view; this mode
+        // waits for them (and they for it) but not for ingest, whose
+        // appends go on during the fold. SQLite has one writer anyway.
+        let serialize = format!(
+            "LOCK TABLE {} IN SHARE UPDATE EXCLUSIVE MODE",
+            plan.source()
+        );
+        let folded = with_pool!(self.db, pool => async {
             let mut tx = pool.begin().await?;
-            // Commits append to the tail meanwhile; they wait for this, so
-            // nothing lands between the merge and the emptying. (SQLite
-            // has one writer at a time anyway.)
             if backend == Backend::Postgres {
-                sqlx::query(&lock).execute(&mut *tx).await?;
+                sqlx::query(&serialize).execute(&mut *tx).await?;
             }
-            sqlx::query(&merge).execute(&mut *tx).await?;
-            sqlx::query(&empty).execute(&mut *tx).await?;
-            tx.commit().await
+            let mut touched = 0;
+            for statement in &statements {
+                touched = sqlx::query(statement).execute(&mut *tx).await?.rows_affected();
+            }
+            tx.commit().await.map(|()| touched)
         }.await)
         .map_err(|e| format!("cannot refresh view {}: {e}", plan.name))?;
         self.folded
             .lock()
             .expect("folded lock")
             .insert(plan.name.clone(), Instant::now());
-        Ok(())
+        Ok(folded)
+    }
+
+    /// Folds every realtime aggregate view's tail, a bounded batch per
+    /// transaction so ingest commits interleave, until the tails are empty.
+    async fn fold_realtime(&self) {
+        for plan in self.plans() {
+            if plan.refresh != Refresh::Realtime || plan.rows.is_some() {
+                continue;
+            }
+            // Checked outside any transaction: an idle view costs a read,
+            // not the write lock.
+            let probe = format!("SELECT 1 FROM {} LIMIT 1", plan.tail());
+            let pending: Result<Option<i32>, _> = match &self.db.pools {
+                Pools::Sqlite { read, .. } => sqlx::query_scalar(&probe).fetch_optional(read).await,
+                Pools::Postgres { read, .. } => {
+                    sqlx::query_scalar(&probe).fetch_optional(read).await
+                }
+            };
+            if !matches!(pending, Ok(Some(_))) {
+                continue;
+            }
+            loop {
+                let sqlite = self.db.backend() == Backend::Sqlite;
+                match self.fold(&plan, Some(FOLD_BATCH)).await {
+                    Ok(folded) if sqlite && folded >= FOLD_BATCH as u64 => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        // Dropped meanwhile, or the database is busy: the
+                        // tail waits for the next round, and queries read it.
+                        tracing::debug!(error = %e, "realtime view fold deferred");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives realtime views made by an earlier version, whose trigger
+    /// merged into the table inside the ingest commit, today's trigger.
+    async fn retrigger(&self) {
+        let backend = self.db.backend();
+        for plan in self.plans() {
+            if plan.refresh != Refresh::Realtime || plan.rows.is_some() {
+                continue;
+            }
+            if let Err(e) = self.db.execute_ddl(&plan.retrigger_sql(backend)).await {
+                // Another store node of the cluster replacing it at the
+                // same moment; its replacement is the same.
+                tracing::debug!(view = %plan.name, error = %e, "view trigger not replaced");
+            }
+        }
     }
 
     /// Every second: re-reads the catalog, refreshes periodic views when
     /// due, and runs a round of automatic views.
     pub fn follow(self: &Arc<Self>) {
+        let folder = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(REALTIME_FOLD_EVERY).await;
+                let Some(views) = folder.upgrade() else {
+                    return;
+                };
+                views.fold_realtime().await;
+            }
+        });
         let views = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
@@ -479,7 +565,7 @@ impl Views {
                     if last.is_some_and(|at| at.elapsed() < period) {
                         continue;
                     }
-                    if let Err(e) = views.fold(&plan).await {
+                    if let Err(e) = views.fold(&plan, None).await {
                         tracing::warn!(error = %e, "periodic view refresh failed");
                     }
                 }
@@ -559,7 +645,9 @@ impl Views {
     /// Brings an on-demand view up to date before it answers.
     pub async fn prepare(&self, view: &str) -> Result<(), String> {
         match self.plan(view) {
-            Some(plan) if plan.refresh == Refresh::OnDemand => self.fold(&plan).await,
+            Some(plan) if plan.refresh == Refresh::OnDemand => {
+                self.fold(&plan, None).await.map(drop)
+            }
             _ => Ok(()),
         }
     }
