@@ -157,31 +157,42 @@ impl Nats {
         counts
     }
 
-    /// Waits until the session queues hold `n` messages (as the first
-    /// live server reports the stream `FLEETGATE_QUEUES`).
+    /// Waits until the session queues hold `n` messages, as the stream
+    /// `FLEETGATE_QUEUES`'s leader reports them: the leader is the replica
+    /// that takes publishes and enforces the queue limit. (A follower's
+    /// count may lag, and on NATS 2.9 one sometimes keeps an acknowledged
+    /// work-queue message for good.)
     async fn wait_queued(&self, n: u64) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            // Every live server's replica: a follower may lag the leader.
             let mut held = Vec::new();
-            for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let mut leader_holds = None;
+            for (i, node) in self.nodes.iter().enumerate() {
+                if node.child.is_none() {
+                    continue;
+                }
                 let jsz = monitor(node.monitor_port, "jsz?streams=true").await;
-                held.push(
-                    jsz["account_details"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
-                        .find(|s| s["name"] == "FLEETGATE_QUEUES")
-                        .and_then(|s| s["state"]["messages"].as_u64()),
-                );
+                let stream = jsz["account_details"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+                    .find(|s| s["name"] == "FLEETGATE_QUEUES")
+                    .cloned()
+                    .unwrap_or_default();
+                let messages = stream["state"]["messages"].as_u64();
+                // Servers are named `fg-n<i>` by `start`.
+                if stream["cluster"]["leader"] == format!("fg-n{i}").as_str() {
+                    leader_holds = messages;
+                }
+                held.push(messages);
             }
-            if held.iter().all(|h| *h == Some(n)) {
+            if leader_holds == Some(n) {
                 return;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "session queues hold {held:?} messages (per server), not {n}"
+                "session queues hold {held:?} messages (per server; leader {leader_holds:?}), not {n}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -353,14 +353,22 @@ impl Inner {
                 tokio::select! {
                     _ = stop.cancelled() => {
                         // What arrived but was not taken goes back at once.
-                        let _ = subscriber.unsubscribe().await;
-                        while let Ok(Some(message)) =
-                            tokio::time::timeout(Duration::from_millis(100), subscriber.next()).await
-                        {
-                            if let Some(reply) = message.reply {
-                                self.reply(reply, b"-NAK");
+                        // A drain, not an unsubscribe: the subscription
+                        // stays open until the server confirms it is gone,
+                        // so what the server pushed meanwhile is received
+                        // and given back too, instead of being dropped and
+                        // held from the device's next broker for the whole
+                        // ack wait.
+                        let _ = subscriber.drain().await;
+                        let give_back = async {
+                            while let Some(message) = subscriber.next().await {
+                                if let Some(reply) = message.reply {
+                                    self.reply(reply, b"-NAK");
+                                }
                             }
-                        }
+                        };
+                        // Bounded: a lost connection never confirms.
+                        let _ = tokio::time::timeout(ACK_WAIT, give_back).await;
                         return;
                     }
                     next = subscriber.next() => match next {

@@ -566,53 +566,40 @@ impl ViewPlan {
             ),
             format!("CREATE TABLE {tail} ({})", columns.join(", ")),
         ];
-        let body = self.append_to_tail(backend);
-        match backend {
-            Backend::Postgres => sql.extend(self.statement_trigger_sql(&body)),
-            Backend::Sqlite => sql.push(format!(
-                "CREATE TRIGGER {trigger} AFTER INSERT ON {source} BEGIN {body}; END"
-            )),
-        }
-        sql
-    }
-
-    /// The trigger's body: every refresh appends an insert's partials to
-    /// the tail, in any order, with no index to keep. Merging them into
-    /// the keyed table inside the commit cost one random b-tree upsert per
-    /// record and view (ingest kept 35–46% with three views); the folder
-    /// merges them later in sorted batches, and queries of a realtime view
-    /// read the tail meanwhile ([`Self::read_from`]).
-    fn append_to_tail(&self, backend: Backend) -> String {
-        let (tail, columns) = (self.tail(), self.column_list());
-        match backend {
-            Backend::Postgres => format!(
-                "INSERT INTO {tail} ({columns}) SELECT {} FROM fgv_new GROUP BY {}",
-                self.partials_of_rows(),
-                self.group_positions()
-            ),
-            Backend::Sqlite => format!(
-                "INSERT INTO {tail} ({columns}) VALUES ({})",
-                self.partials_of_new_row()
-            ),
-        }
-    }
-
-    /// Replaces the trigger of an aggregate view made by an earlier
-    /// version, which merged into the table inside the commit, with the
-    /// one [`Self::create_sql`] makes now. Idempotent; one transaction.
-    pub fn retrigger_sql(&self, backend: Backend) -> Vec<String> {
-        let body = self.append_to_tail(backend);
-        let (trigger, source) = (self.trigger(), self.source());
         match backend {
             Backend::Postgres => {
-                let [function, _] = self.statement_trigger_sql(&body);
-                vec![function.replacen("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)]
+                let body = match self.refresh {
+                    Refresh::Realtime => self.merge_into_table(
+                        &format!(
+                            "SELECT {} FROM fgv_new WHERE true GROUP BY {}",
+                            self.partials_of_rows(),
+                            self.group_positions()
+                        ),
+                        backend,
+                    ),
+                    Refresh::Every(_) | Refresh::OnDemand => format!(
+                        "INSERT INTO {tail} ({}) SELECT {} FROM fgv_new GROUP BY {}",
+                        self.column_list(),
+                        self.partials_of_rows(),
+                        self.group_positions()
+                    ),
+                };
+                sql.extend(self.statement_trigger_sql(&body));
             }
-            Backend::Sqlite => vec![
-                format!("DROP TRIGGER IF EXISTS {trigger}"),
-                format!("CREATE TRIGGER {trigger} AFTER INSERT ON {source} BEGIN {body}; END"),
-            ],
+            Backend::Sqlite => {
+                let values = format!("VALUES ({})", self.partials_of_new_row());
+                let body = match self.refresh {
+                    Refresh::Realtime => self.merge_into_table(&values, backend),
+                    Refresh::Every(_) | Refresh::OnDemand => {
+                        format!("INSERT INTO {tail} ({}) {values}", self.column_list())
+                    }
+                };
+                sql.push(format!(
+                    "CREATE TRIGGER {trigger} AFTER INSERT ON {source} BEGIN {body}; END"
+                ));
+            }
         }
+        sql
     }
 
     /// PostgreSQL: the trigger that runs `body` once per insert statement
@@ -660,14 +647,12 @@ impl ViewPlan {
 
     /// Folds the tail into the table, in one transaction.
     ///
-    /// SQLite: merge, then delete the same rows (one writer at a time, so
-    /// both see the same tail); `batch` bounds a fold to the oldest that
-    /// many tail rows by rowid, so a fold never holds the write lock long.
-    /// PostgreSQL: one statement merging exactly the rows its `DELETE …
-    /// RETURNING` took, so appends committed meanwhile stay for the next
-    /// fold, nothing is locked against ingest, and store nodes folding at
-    /// once never take a row twice.
-    pub fn fold_sql(&self, backend: Backend, batch: Option<i64>) -> Vec<String> {
+    /// SQLite: merge, then delete the whole tail (one writer at a time, so
+    /// both see the same tail). PostgreSQL: one statement merging exactly
+    /// the rows its `DELETE … RETURNING` took, so appends committed
+    /// meanwhile stay for the next fold, nothing is locked against ingest,
+    /// and store nodes folding at once never take a row twice.
+    pub fn fold_sql(&self, backend: Backend) -> Vec<String> {
         let (table, tail) = (self.table(), self.tail());
         if backend == Backend::Postgres {
             let moved = format!("WITH fg_moved AS (DELETE FROM {tail} RETURNING *) ");
@@ -684,22 +669,18 @@ impl ViewPlan {
             };
             return vec![moved + &merge];
         }
-        let folded = match batch {
-            Some(batch) => format!("rowid < (SELECT min(rowid) FROM {tail}) + {batch}"),
-            None => "true".to_string(),
-        };
         let merge = match &self.rows {
-            Some(_) => format!("INSERT INTO {table} SELECT * FROM {tail} WHERE {folded}"),
+            Some(_) => format!("INSERT INTO {table} SELECT * FROM {tail}"),
             None => self.merge_into_table(
                 &format!(
-                    "SELECT {} FROM {tail} WHERE {folded} GROUP BY {}",
+                    "SELECT {} FROM {tail} WHERE true GROUP BY {}",
                     self.partials_of_partials(),
                     self.group_positions()
                 ),
                 backend,
             ),
         };
-        vec![merge, format!("DELETE FROM {tail} WHERE {folded}")]
+        vec![merge, format!("DELETE FROM {tail}")]
     }
 
     pub fn drop_sql(&self, backend: Backend) -> Vec<String> {
@@ -717,16 +698,15 @@ impl ViewPlan {
     }
 
     /// What a query reads to see everything: the table, plus the tail for
-    /// realtime and periodic views (an on-demand view is brought up to
-    /// date before it answers).
+    /// periodic views.
     pub fn read_from(&self) -> String {
         match self.refresh {
-            Refresh::Realtime | Refresh::Every(_) => format!(
+            Refresh::Every(_) => format!(
                 "(SELECT * FROM {} UNION ALL SELECT * FROM {}) AS fgv",
                 self.table(),
                 self.tail()
             ),
-            Refresh::OnDemand => self.table(),
+            Refresh::Realtime | Refresh::OnDemand => self.table(),
         }
     }
 }

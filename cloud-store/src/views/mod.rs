@@ -12,10 +12,7 @@
 //! The database maintains views itself, with a trigger on the source table
 //! that runs inside each ingest commit: the writer does not know views
 //! exist, every store node of a cluster maintains them alike, and a record
-//! that was not inserted (a re-sent key) is not counted. The trigger only
-//! appends the insert's partials to the view's tail; a folder merges tails
-//! into the tables in sorted batches off the ingest path, and a realtime
-//! view's queries read its table and its tail, so they are never stale.
+//! that was not inserted (a re-sent key) is not counted.
 
 pub mod auto;
 pub mod def;
@@ -32,19 +29,10 @@ use sqlparser::ast::Query;
 use sqlx::Row;
 
 use crate::catalog::Catalog;
-use crate::db::{Backend, Db, Pools};
+use crate::db::{Backend, Db};
 use crate::with_pool;
 pub use auto::{AutoSettings, ShapeInfo};
 pub use def::{Refresh, ViewDef, ViewPlan, ViewsFile};
-
-/// How often realtime views' tails are folded into their tables. Queries
-/// read the tail meanwhile, so this bounds how much they aggregate at
-/// query time, not how fresh they are.
-const REALTIME_FOLD_EVERY: Duration = Duration::from_millis(200);
-
-/// Tail rows one fold transaction takes at most (SQLite): about 50 ms of
-/// the write lock, so an ingest commit never waits long behind a fold.
-const FOLD_BATCH: i64 = 20_000;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ViewInfo {
@@ -148,7 +136,6 @@ impl Views {
             budget_checked: Mutex::default(),
         };
         views.reload().await?;
-        views.retrigger().await;
         Ok(views)
     }
 
@@ -447,12 +434,10 @@ impl Views {
             .map(|p| p.name.clone())
     }
 
-    /// Folds a view's tail into its table: on SQLite at most `batch` tail
-    /// rows, and returns how many it folded; on PostgreSQL the whole tail,
-    /// and returns the groups it merged.
-    pub async fn fold(&self, plan: &ViewPlan, batch: Option<i64>) -> Result<u64, String> {
+    /// Folds a view's tail into its table.
+    pub async fn fold(&self, plan: &ViewPlan) -> Result<(), String> {
         let backend = self.db.backend();
-        let statements = plan.fold_sql(backend, batch);
+        let statements = plan.fold_sql(backend);
         // PostgreSQL: expiry, swaps and view creation lock the source in
         // SHARE ROW EXCLUSIVE mode while they rewrite a view; this mode
         // waits for them (and they for it) but not for ingest, whose
@@ -461,89 +446,27 @@ impl Views {
             "LOCK TABLE {} IN SHARE UPDATE EXCLUSIVE MODE",
             plan.source()
         );
-        let folded = with_pool!(self.db, pool => async {
+        with_pool!(self.db, pool => async {
             let mut tx = pool.begin().await?;
             if backend == Backend::Postgres {
                 sqlx::query(&serialize).execute(&mut *tx).await?;
             }
-            let mut touched = 0;
             for statement in &statements {
-                touched = sqlx::query(statement).execute(&mut *tx).await?.rows_affected();
+                sqlx::query(statement).execute(&mut *tx).await?;
             }
-            tx.commit().await.map(|()| touched)
+            tx.commit().await
         }.await)
         .map_err(|e| format!("cannot refresh view {}: {e}", plan.name))?;
         self.folded
             .lock()
             .expect("folded lock")
             .insert(plan.name.clone(), Instant::now());
-        Ok(folded)
-    }
-
-    /// Folds every realtime aggregate view's tail, a bounded batch per
-    /// transaction so ingest commits interleave, until the tails are empty.
-    async fn fold_realtime(&self) {
-        for plan in self.plans() {
-            if plan.refresh != Refresh::Realtime || plan.rows.is_some() {
-                continue;
-            }
-            // Checked outside any transaction: an idle view costs a read,
-            // not the write lock.
-            let probe = format!("SELECT 1 FROM {} LIMIT 1", plan.tail());
-            let pending: Result<Option<i32>, _> = match &self.db.pools {
-                Pools::Sqlite { read, .. } => sqlx::query_scalar(&probe).fetch_optional(read).await,
-                Pools::Postgres { read, .. } => {
-                    sqlx::query_scalar(&probe).fetch_optional(read).await
-                }
-            };
-            if !matches!(pending, Ok(Some(_))) {
-                continue;
-            }
-            loop {
-                let sqlite = self.db.backend() == Backend::Sqlite;
-                match self.fold(&plan, Some(FOLD_BATCH)).await {
-                    Ok(folded) if sqlite && folded >= FOLD_BATCH as u64 => continue,
-                    Ok(_) => break,
-                    Err(e) => {
-                        // Dropped meanwhile, or the database is busy: the
-                        // tail waits for the next round, and queries read it.
-                        tracing::debug!(error = %e, "realtime view fold deferred");
-                        break;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Gives realtime views made by an earlier version, whose trigger
-    /// merged into the table inside the ingest commit, today's trigger.
-    async fn retrigger(&self) {
-        let backend = self.db.backend();
-        for plan in self.plans() {
-            if plan.refresh != Refresh::Realtime || plan.rows.is_some() {
-                continue;
-            }
-            if let Err(e) = self.db.execute_ddl(&plan.retrigger_sql(backend)).await {
-                // Another store node of the cluster replacing it at the
-                // same moment; its replacement is the same.
-                tracing::debug!(view = %plan.name, error = %e, "view trigger not replaced");
-            }
-        }
+        Ok(())
     }
 
     /// Every second: re-reads the catalog, refreshes periodic views when
     /// due, and runs a round of automatic views.
     pub fn follow(self: &Arc<Self>) {
-        let folder = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(REALTIME_FOLD_EVERY).await;
-                let Some(views) = folder.upgrade() else {
-                    return;
-                };
-                views.fold_realtime().await;
-            }
-        });
         let views = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
@@ -565,7 +488,7 @@ impl Views {
                     if last.is_some_and(|at| at.elapsed() < period) {
                         continue;
                     }
-                    if let Err(e) = views.fold(&plan, None).await {
+                    if let Err(e) = views.fold(&plan).await {
                         tracing::warn!(error = %e, "periodic view refresh failed");
                     }
                 }
@@ -645,9 +568,7 @@ impl Views {
     /// Brings an on-demand view up to date before it answers.
     pub async fn prepare(&self, view: &str) -> Result<(), String> {
         match self.plan(view) {
-            Some(plan) if plan.refresh == Refresh::OnDemand => {
-                self.fold(&plan, None).await.map(drop)
-            }
+            Some(plan) if plan.refresh == Refresh::OnDemand => self.fold(&plan).await,
             _ => Ok(()),
         }
     }

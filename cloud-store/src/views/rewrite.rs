@@ -512,8 +512,8 @@ pub(crate) fn integer(expr: &Expr) -> Option<i64> {
 /// candidates by: fewer grouping columns and wider buckets are cheaper.
 pub fn rank(plan: &ViewPlan) -> (usize, i64, bool) {
     let width = plan.bucket.as_ref().map_or(i64::MAX, |(_, w)| *w);
-    // A realtime or periodic view also reads its tail.
-    let tail = matches!(plan.refresh, Refresh::Realtime | Refresh::Every(_));
+    // A periodic view also reads its tail.
+    let tail = matches!(plan.refresh, Refresh::Every(_));
     // A rows view holds a row per source row: any aggregate view that
     // answers is smaller.
     let size = match &plan.rows {
