@@ -557,6 +557,15 @@ async fn commit(
                     });
                     insert.push(&into.tail);
                     let returned = insert.build().persistent(true).fetch_all(&mut *tx).await?;
+                    // A row comes back once per row inserted: as many as
+                    // were sent means every one was stored (no re-send,
+                    // the usual case), and no key needs matching.
+                    if returned.len() == chunk.len() {
+                        for (_, (w, r)) in chunk {
+                            stored[*w][*r] = true;
+                        }
+                        continue;
+                    }
                     let mut waiting: HashMap<Vec<KeyPart>, VecDeque<(usize, usize)>> = HashMap::new();
                     for (values, at) in chunk.iter() {
                         waiting.entry(key_of(values)).or_default().push_back(*at);
