@@ -533,40 +533,6 @@ fn bench_views(count: usize) -> String {
 /// The hourly average per device over the week, through the view the
 /// router picks and on the primary table (a subquery, which no view
 /// answers).
-/// How long after the load the folder took to empty every view's tail
-/// (realtime views answer meanwhile by reading it), and how many tail rows
-/// there were when the load ended.
-async fn wait_for_folds(
-    http: &reqwest::Client,
-    server: &Spawned,
-) -> anyhow::Result<(Duration, i64)> {
-    let started = Instant::now();
-    let mut at_end = None;
-    loop {
-        let listed: Value = http
-            .get(format!("{}/v1/views", server.http))
-            .bearer_auth(&server.admin)
-            .send()
-            .await?
-            .json()
-            .await?;
-        let unfolded: i64 = listed["views"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v["unfolded"].as_i64())
-            .sum();
-        let at_end = *at_end.get_or_insert(unfolded);
-        if unfolded == 0 {
-            return Ok((started.elapsed(), at_end));
-        }
-        if started.elapsed() > Duration::from_secs(600) {
-            bail!("views still have {unfolded} unfolded tail rows after 10 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn time_view_queries(
     http: &reqwest::Client,
     server: &Spawned,
@@ -982,11 +948,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         push_rollouts(&http, &server, args.rollouts, &stop)
     );
     let (load, probes, activations) = (load?, probes?, activations?);
-    let caught_up = if args.views > 0 {
-        Some(wait_for_folds(&http, &server).await?)
-    } else {
-        None
-    };
     let revocations = measure_revocations(&http, &server, args.revocations).await?;
 
     let count = api(
@@ -1035,13 +996,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !activations.is_empty() {
         report_rollout_pause(&load, &activations);
     }
-    if let Some((after, unfolded)) = caught_up {
-        println!(
-            "  views: {unfolded} tail rows unfolded when the load ended, all folded {} later; \
-             counting that time, {:.0} records/s",
-            ms(after),
-            records_total as f64 / (load.elapsed + after).as_secs_f64()
-        );
+    if args.views > 0 {
         time_view_queries(&http, &server, args.views).await?;
     }
     if !revocations.is_empty() {
