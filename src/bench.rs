@@ -78,6 +78,10 @@ pub struct BenchArgs {
     /// the week (as devices report), instead of spread out of order.
     #[arg(long)]
     in_time_order: bool,
+    /// With --views: also a fleet-level view (all devices, hourly), the
+    /// one a fleet dashboard's hourly average reads.
+    #[arg(long)]
+    fleet_view: bool,
     /// Measure connection scale instead: this many idle devices connect to
     /// a fresh fleetgate and to the reference broker (connect rate, memory
     /// per idle device, reconnect storm), then a QoS 1 fan-out.
@@ -517,9 +521,17 @@ async fn run_load(target: &Target, args: &BenchArgs) -> anyhow::Result<Load> {
 }
 
 /// `count` realtime views over the bench stream: per device, in buckets of
-/// 1 to `count` hours of the time each record was taken.
-fn bench_views(count: usize) -> String {
-    (1..=count)
+/// 1 to `count` hours of the time each record was taken; and, with
+/// `fleet`, one for the whole fleet, hourly.
+fn bench_views(count: usize, fleet: bool) -> String {
+    let fleet = if fleet {
+        "[views.fleet_1h]\nsource = \"bench\"\n\
+         bucket = { column = \"taken_at\", width = \"1h\" }\n\
+         aggregates = { n = \"count(*)\", mean = \"avg(value)\" }\n"
+    } else {
+        ""
+    };
+    let per_device: String = (1..=count)
         .map(|hours| {
             format!(
                 "[views.per_device_{hours}h]\nsource = \"bench\"\ngroup_by = [\"device_id\"]\n\
@@ -527,7 +539,42 @@ fn bench_views(count: usize) -> String {
                  aggregates = {{ n = \"count(*)\", mean = \"avg(value)\", peak = \"max(value)\" }}\n"
             )
         })
-        .collect()
+        .collect();
+    per_device + fleet
+}
+
+/// How long after the load the folder took to fold every view
+/// (queries meanwhile read the unfolded rows too), and how many rows
+/// there were when the load ended.
+async fn wait_for_folds(
+    http: &reqwest::Client,
+    server: &Spawned,
+) -> anyhow::Result<(Duration, i64)> {
+    let started = Instant::now();
+    let mut at_end = None;
+    loop {
+        let listed: Value = http
+            .get(format!("{}/v1/views", server.http))
+            .bearer_auth(&server.admin)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let unfolded: i64 = listed["views"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["unfolded"].as_i64())
+            .sum();
+        let at_end = *at_end.get_or_insert(unfolded);
+        if unfolded == 0 {
+            return Ok((started.elapsed(), at_end));
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("views still have {unfolded} unfolded rows after 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The hourly average per device over the week, through the view the
@@ -899,7 +946,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             &http,
             &server,
             "/v1/views",
-            bench_views(args.views).into(),
+            bench_views(args.views, args.fleet_view).into(),
             false,
         )
         .await?;
@@ -948,6 +995,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         push_rollouts(&http, &server, args.rollouts, &stop)
     );
     let (load, probes, activations) = (load?, probes?, activations?);
+    let caught_up = if args.views > 0 {
+        Some(wait_for_folds(&http, &server).await?)
+    } else {
+        None
+    };
     let revocations = measure_revocations(&http, &server, args.revocations).await?;
 
     let count = api(
@@ -996,7 +1048,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !activations.is_empty() {
         report_rollout_pause(&load, &activations);
     }
-    if args.views > 0 {
+    if let Some((after, unfolded)) = caught_up {
+        println!(
+            "  views: {unfolded} rows unfolded when the load ended, all folded {} later; \
+             counting that time, {:.0} records/s",
+            ms(after),
+            records_total as f64 / (load.elapsed + after).as_secs_f64()
+        );
         time_view_queries(&http, &server, args.views).await?;
     }
     if !revocations.is_empty() {

@@ -533,10 +533,11 @@ async fn serve(
         db: db.clone(),
         topics: platform_topics.clone(),
     };
-    // What was published before this start; later versions come through
-    // the coordinator's announcements (and, in a cluster, the schedule).
-    let initial = feed.clone();
-    tokio::spawn(async move { initial.refresh_or_warn().await });
+    // What was published before this start, read before any client can
+    // subscribe: a subscriber must get it as a retained message, not as a
+    // live one moments later. Later versions come through the coordinator's
+    // announcements (and, in a cluster, the schedule).
+    feed.refresh_or_warn().await;
     let (ingest, transport, local_state): (_, Arc<dyn StateTransport>, _) = match cluster_hold {
         None => {
             let states = Arc::new(StateStore::new(clock.clone()));

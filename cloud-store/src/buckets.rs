@@ -186,10 +186,14 @@ impl Buckets {
             sources.join(", ")
         );
         let now = fleetgate_protocol::unix_now_ms();
+        let (settle, mark) = self.views.around_removal(name);
         swap.rows = with_pool!(self.db, pool => async {
             let mut tx = pool.begin().await?;
             if backend == Backend::Postgres {
                 sqlx::query(&lock).execute(&mut *tx).await?;
+            }
+            for statement in &settle {
+                sqlx::query(statement).execute(&mut *tx).await?;
             }
             sqlx::query("INSERT INTO fleetgate_superseded (stream, from_bucket, to_bucket, run, at) VALUES ($1, $2, $3, $4, $5)")
                 .bind(name).bind(from_bucket).bind(to_bucket).bind(run).bind(now)
@@ -220,7 +224,7 @@ impl Buckets {
                     sqlx::query(&keys).execute(&mut *tx).await?;
                 }
             }
-            for statement in &rebuilds {
+            for statement in rebuilds.iter().chain(&mark) {
                 sqlx::query(statement).execute(&mut *tx).await?;
             }
             tx.commit().await?;

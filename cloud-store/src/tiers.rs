@@ -138,11 +138,15 @@ impl Tiers {
                 self.db.backend(),
                 format!("LOCK TABLE {name} IN ACCESS SHARE MODE"),
             );
+            let (settle, mark) = self.views.around_removal(name);
             // One transaction: a row is in exactly one tier at any commit.
             let packed = with_pool!(self.db, pool => async {
                 let mut tx = pool.begin().await?;
                 if backend == Backend::Postgres {
                     sqlx::query(&lock).execute(&mut *tx).await?;
+                }
+                for statement in &settle {
+                    sqlx::query(statement).execute(&mut *tx).await?;
                 }
                 let physical: Vec<String> = sqlx::query_scalar(physical_columns_sql(backend))
                     .bind(name).fetch_all(&mut *tx).await?;
@@ -153,6 +157,9 @@ impl Tiers {
                     .bind(upto).fetch_optional(&mut *tx).await?;
                 for statement in &chunk.after {
                     sqlx::query(statement).bind(upto).execute(&mut *tx).await?;
+                }
+                for statement in &mark {
+                    sqlx::query(statement).execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
                 Ok::<_, sqlx::Error>(packed.unwrap_or(0) as u64)
@@ -364,12 +371,16 @@ impl Tiers {
             }
         }
         let lock = format!("LOCK TABLE {name} IN SHARE ROW EXCLUSIVE MODE");
+        let (settle, mark) = self.views.around_removal(name);
         with_pool!(self.db, pool => async {
             let mut tx = pool.begin().await?;
             // Ingest waits while views are rebuilt, so none of its rows is
             // counted twice or missed. (SQLite has one writer anyway.)
             if backend == Backend::Postgres && !plans.is_empty() {
                 sqlx::query(&lock).execute(&mut *tx).await?;
+            }
+            for statement in &settle {
+                sqlx::query(statement).execute(&mut *tx).await?;
             }
             let mut deleted = sqlx::query(&hot_delete).bind(cutoff).execute(&mut *tx).await?.rows_affected();
             if let Some(count) = &cold_count {
@@ -386,6 +397,9 @@ impl Tiers {
                 // Rebuilds take no cut-off.
                 let query = if statement.contains("$1") { query.bind(cutoff) } else { query };
                 query.execute(&mut *tx).await?;
+            }
+            for statement in &mark {
+                sqlx::query(statement).execute(&mut *tx).await?;
             }
             tx.commit().await?;
             Ok::<_, sqlx::Error>(deleted)
@@ -454,6 +468,138 @@ fn lcm(a: i64, b: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::views::{auto::AutoSettings, ViewsFile};
+
+    /// A realtime view on SQLite holds rows up to its watermark; rows after
+    /// it are read at query time. Expiry and tier moves that take out rows
+    /// not yet folded, including the rows with the largest rowids (which
+    /// SQLite then hands out again), must leave the view answering exactly
+    /// what the table holds.
+    #[tokio::test]
+    async fn watermark_views_stay_exact_through_expiry_and_tier_moves() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(None, &dir.path().join("store.db")).await.unwrap();
+        let catalog = Catalog::load(db.clone()).await.unwrap();
+        let streams = fleetgate_protocol::schema::StreamsFile::parse(
+            "[streams.meter]\nkey = [\"seq\"]\nttl = \"1h\"\nhot = \"10m\"\n\
+             fields.seq = { type = \"int\", required = true }\nfields.kwh = { type = \"float\" }\n",
+        )
+        .unwrap();
+        catalog.apply(&streams).await.unwrap();
+        let views = Arc::new(
+            Views::open(db.clone(), catalog.clone(), AutoSettings::off())
+                .await
+                .unwrap(),
+        );
+        let file = ViewsFile::parse(
+            "[views.by_device]\nsource = \"meter\"\ngroup_by = [\"device_id\"]\n\
+             aggregates = { n = \"count(*)\", total = \"sum(kwh)\", peak = \"max(kwh)\" }\n\
+             [views.by_minute]\nsource = \"meter\"\n\
+             bucket = { column = \"received_at\", width = \"1m\" }\n\
+             aggregates = { n = \"count(*)\", total = \"sum(kwh)\" }\n",
+        )
+        .unwrap();
+        views.create(&file).await.unwrap();
+        let plans = views.plans();
+        assert!(
+            plans.iter().all(|p| p.watermark),
+            "realtime views on SQLite"
+        );
+        let tiers = Tiers::new(db.clone(), catalog.clone(), views.clone());
+        let now = 10 * 3_600_000;
+        let minute = 60_000;
+        let insert = |seq: i64, device: &str, at: i64| {
+            let sql = format!(
+                "INSERT INTO meter (device_id, received_at, seq, kwh, extra) \
+                 VALUES ('{device}', {at}, {seq}, {}.5, '{{}}')",
+                seq % 7
+            );
+            let db = db.clone();
+            async move { db.execute_ddl(&[sql]).await.unwrap() }
+        };
+        // What the view answers, against the table (both tiers), per
+        // device and per minute.
+        let check = |what: &'static str| {
+            let (db, plans, catalog) = (db.clone(), plans.clone(), catalog.clone());
+            async move {
+                let table = catalog.get("meter").unwrap().read_from();
+                for plan in &plans {
+                    let (group, on_table) = match plan.name.as_str() {
+                        "by_device" => ("device_id", "device_id"),
+                        _ => ("fg_bucket", "(received_at / 60000) * 60000"),
+                    };
+                    let through_view = format!(
+                        "SELECT {group} AS g, sum(fg_rows) AS n, sum(kwh__sum) AS s FROM {} \
+                         GROUP BY 1 ORDER BY 1",
+                        plan.read_from()
+                    );
+                    let direct = format!(
+                        "SELECT {on_table} AS g, count(*) AS n, sum(kwh) AS s FROM {table} \
+                         GROUP BY 1 ORDER BY 1"
+                    );
+                    let rows = |sql: String| {
+                        let db = db.clone();
+                        async move {
+                            with_pool!(db, pool => {
+                                sqlx::query_as::<_, (String, i64, f64)>(&format!(
+                                    "SELECT CAST(g AS TEXT), n, s FROM ({sql}) AS q"
+                                ))
+                                .fetch_all(pool)
+                                .await
+                            })
+                            .unwrap()
+                        }
+                    };
+                    assert_eq!(
+                        rows(through_view).await,
+                        rows(direct).await,
+                        "{} {what}",
+                        plan.name
+                    );
+                }
+            }
+        };
+        // Recent rows first, then old ones: the old ones hold the largest
+        // rowids. Half are folded, half are not.
+        for seq in 1..=20 {
+            insert(seq, ["a", "b"][seq as usize % 2], now - seq * minute).await;
+        }
+        for plan in &plans {
+            views.fold(plan).await.unwrap();
+        }
+        for seq in 21..=40 {
+            insert(
+                seq,
+                ["a", "b", "c"][seq as usize % 3],
+                now - 2 * 3_600_000 + seq,
+            )
+            .await;
+        }
+        check("with rows after the watermark").await;
+        // Older than the ttl: 21..=40 go, all of them unfolded, and the
+        // newest rowids with them.
+        let stream = catalog.get("meter").unwrap();
+        assert_eq!(tiers.expire(&stream, now).await.unwrap(), 20);
+        check("after expiry").await;
+        // New rows get the rowids the expired ones had.
+        for seq in 41..=45 {
+            insert(seq, "d", now - minute).await;
+        }
+        check("after rowids are handed out again").await;
+        // Older than `hot`, not folded: to the cold tier.
+        for seq in 46..=50 {
+            insert(seq, "e", now - 30 * minute).await;
+        }
+        assert!(tiers.move_cold(&stream, now).await.unwrap() > 0);
+        check("after a tier move").await;
+        for seq in 51..=55 {
+            insert(seq, "f", now).await;
+        }
+        for plan in &plans {
+            views.fold(plan).await.unwrap();
+        }
+        check("folded").await;
+    }
 
     #[test]
     fn whole_buckets_of_every_view_make_the_step() {

@@ -394,8 +394,8 @@ struct StreamRows<'a> {
 struct InsertInto<'s> {
     /// `INSERT INTO t (columns) ` (then VALUES).
     head: String,
-    /// After the VALUES list: conflict handling and RETURNING.
-    tail: String,
+    /// After the VALUES list: conflict handling.
+    conflict: String,
     kinds: &'s [ColumnKind],
     /// Bound after each row's values: the superseding run, for the
     /// superseded table.
@@ -409,8 +409,9 @@ struct InsertInto<'s> {
 /// A keyed stream's record is not stored when its key already is (a
 /// re-send: `ON CONFLICT DO NOTHING`, or the cold tier's key trigger), and
 /// the caller must know which, so that answers count duplicates apart and
-/// `live/` repeats nothing: such inserts say `RETURNING` the key, and a
-/// record is stored exactly when its key comes back. The same key twice in
+/// `live/` repeats nothing: when not every row went in, such inserts say
+/// `RETURNING` the key, and a record is stored exactly when its key comes
+/// back. The same key twice in
 /// one commit goes to the database once (the first, as the database would
 /// keep it), so each returned key names one record.
 ///
@@ -522,13 +523,13 @@ async fn commit(
                     },
                 }
             }
-            let returning = key_columns.join(", ");
+            let returning = format!(" RETURNING {}", key_columns.join(", "));
             let columns = stream.columns.join(", ");
             let fgs = stream.superseded_table();
             let mut targets = vec![(
                 InsertInto {
                     head: stream.insert_head.clone(),
-                    tail: format!("{} RETURNING {returning}", stream.insert_tail),
+                    conflict: stream.insert_tail.to_string(),
                     kinds: &stream.kinds,
                     run: None,
                 },
@@ -538,7 +539,7 @@ async fn commit(
                 targets.push((
                     InsertInto {
                         head: format!("INSERT INTO {fgs} ({columns}, {SUPERSEDED_BY}) "),
-                        tail: format!(" ON CONFLICT DO NOTHING RETURNING {returning}"),
+                        conflict: " ON CONFLICT DO NOTHING".to_string(),
                         kinds: &stream.kinds,
                         run: Some(run),
                     },
@@ -547,15 +548,46 @@ async fn commit(
             }
             for (into, rows) in &targets {
                 let width = stream.columns.len() + usize::from(into.run.is_some());
-                for chunk in chunks(rows, width) {
+                let values = |chunk| {
                     let mut insert = QueryBuilder::new(&into.head);
-                    insert.push_values(chunk, |mut row, (values, _)| {
+                    insert.push_values(chunk, |mut row, (values, _): &&PendingRow| {
                         bind_row(&mut row, values, into.kinds);
                         if let Some(run) = into.run {
                             row.push_bind(run);
                         }
                     });
-                    insert.push(&into.tail);
+                    insert.push(&into.conflict);
+                    insert
+                };
+                // SQLite's RETURNING cost a quarter of ingest (it buffers
+                // the rows, the driver hands each over on its own), and
+                // a re-send is rare: insert without it under a savepoint,
+                // and only when fewer rows went in than were sent undo
+                // that and insert again, returning the stored keys.
+                // (PostgreSQL returns rows cheaply, and a savepoint there
+                // is a subtransaction.)
+                if db.backend() == Backend::Sqlite && !rows.is_empty() {
+                    sqlx::query("SAVEPOINT fg_keyed").execute(&mut *tx).await?;
+                    let mut inserted = 0;
+                    for chunk in chunks(rows, width) {
+                        let done = values(chunk).build().persistent(true).execute(&mut *tx).await?;
+                        inserted += done.rows_affected();
+                    }
+                    let all = inserted == rows.len() as u64;
+                    if !all {
+                        sqlx::query("ROLLBACK TO fg_keyed").execute(&mut *tx).await?;
+                    }
+                    sqlx::query("RELEASE fg_keyed").execute(&mut *tx).await?;
+                    if all {
+                        for (_, (w, r)) in rows {
+                            stored[*w][*r] = true;
+                        }
+                        continue;
+                    }
+                }
+                for chunk in chunks(rows, width) {
+                    let mut insert = values(chunk);
+                    insert.push(&returning);
                     let returned = insert.build().persistent(true).fetch_all(&mut *tx).await?;
                     // A row comes back once per row inserted: as many as
                     // were sent means every one was stored (no re-send,

@@ -76,6 +76,10 @@ impl ColumnKind {
 }
 
 impl Stream {
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
     fn new(name: &str, def: StreamDef, compacted: BTreeSet<String>, backend: Backend) -> Stream {
         let column_fields = || def.fields.iter().filter(|(f, _)| !compacted.contains(*f));
         let mut columns = vec![DEVICE_ID.to_string(), RECEIVED_AT.to_string()];

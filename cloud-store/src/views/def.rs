@@ -173,7 +173,23 @@ pub struct ViewPlan {
     /// The view's own retention (see [`ViewDef::ttl`]); `None`: it loses
     /// rows as its stream does.
     pub ttl: Option<Duration>,
+    /// A realtime aggregate view on SQLite: no trigger; its table holds the
+    /// partials of the source rows up to a watermark (a rowid, kept in
+    /// [`MARKS`]), queries add the rows after it, and folds move it on
+    /// (see [`Self::fold_sql`]). A per-row SQLite trigger cost most of
+    /// ingest; this costs ingest nothing.
+    pub watermark: bool,
 }
+
+/// Each watermark view's watermark: the source rowid up to which its table
+/// holds the rows.
+pub const MARKS: &str = "fleetgate_view_marks";
+pub const MARKS_DDL: &str =
+    "CREATE TABLE IF NOT EXISTS fleetgate_view_marks (name TEXT PRIMARY KEY, upto BIGINT NOT NULL)";
+
+/// Source rows one fold takes at most: a transaction of a few hundred
+/// milliseconds, which ingest waits for on SQLite.
+const FOLD_BATCH: i64 = 200_000;
 
 /// One column of a view table: what it holds of the source.
 enum Part<'a> {
@@ -232,6 +248,7 @@ impl ViewPlan {
                 measured: Vec::new(),
                 refresh,
                 ttl,
+                watermark: false,
             });
         }
         if let Some(over) = over {
@@ -336,6 +353,7 @@ impl ViewPlan {
             bucket,
             aggregates,
             measured,
+            watermark: source.backend() == Backend::Sqlite && refresh == Refresh::Realtime,
             refresh,
             ttl,
         })
@@ -586,6 +604,7 @@ impl ViewPlan {
                 };
                 sql.extend(self.statement_trigger_sql(&body));
             }
+            Backend::Sqlite if self.watermark => sql.extend(self.mark_sql()),
             Backend::Sqlite => {
                 let values = format!("VALUES ({})", self.partials_of_new_row());
                 let body = match self.refresh {
@@ -638,11 +657,84 @@ impl ViewPlan {
     /// rows left the source in a way partials cannot take back (min and
     /// max cannot be undone).
     pub fn rebuild_sql(&self, backend: Backend, from: &str) -> Vec<String> {
-        vec![
+        let mut sql = vec![
             format!("DELETE FROM {}", self.table()),
             format!("DELETE FROM {}", self.tail()),
             self.backfill_sql(backend, from),
-        ]
+        ];
+        sql.extend(self.mark_sql());
+        sql
+    }
+
+    /// The source's rows after the watermark (`rowid > …`).
+    fn after_mark(&self) -> String {
+        format!(
+            "rowid > (SELECT upto FROM {MARKS} WHERE name = '{}')",
+            self.name
+        )
+    }
+
+    /// A watermark view: sets the watermark on the source's last row, once
+    /// the table holds every row (after a backfill, a rebuild or
+    /// [`Self::settle_sql`]); nothing for other views. Run also after rows
+    /// are deleted from the source: SQLite gives a new row the largest
+    /// rowid plus one, which must not be at or below the watermark.
+    pub fn mark_sql(&self) -> Vec<String> {
+        if !self.watermark {
+            return Vec::new();
+        }
+        vec![format!(
+            "INSERT INTO {MARKS} (name, upto) VALUES ('{}', (SELECT COALESCE(max(rowid), 0) FROM {})) \
+             ON CONFLICT (name) DO UPDATE SET upto = excluded.upto",
+            self.name,
+            self.source()
+        )]
+    }
+
+    /// A watermark view: folds every row after the watermark, so the table
+    /// holds them all; run before rows leave the source (expiry, tier
+    /// moves, swaps), then [`Self::mark_sql`] after. Nothing for other
+    /// views.
+    pub fn settle_sql(&self) -> Vec<String> {
+        if !self.watermark {
+            return Vec::new();
+        }
+        let mut sql = vec![self.merge_source_rows(&self.after_mark())];
+        sql.extend(self.mark_sql());
+        sql
+    }
+
+    /// Merges the partials of the source rows `condition` selects.
+    fn merge_source_rows(&self, condition: &str) -> String {
+        self.merge_into_table(
+            &format!(
+                "SELECT {} FROM {} WHERE {condition} GROUP BY {}",
+                self.partials_of_rows(),
+                self.source(),
+                self.group_positions()
+            ),
+            Backend::Sqlite,
+        )
+    }
+
+    /// What is not yet in the table: the tail's partials, or for a
+    /// watermark view the source rows after the watermark.
+    pub fn unfolded_count_sql(&self) -> String {
+        if self.watermark {
+            format!(
+                "SELECT count(*) FROM {} WHERE {}",
+                self.source(),
+                self.after_mark()
+            )
+        } else {
+            format!("SELECT count(*) FROM {}", self.tail())
+        }
+    }
+
+    /// Whether queries read more than the table (a tail, or the source rows
+    /// after a watermark).
+    pub fn reads_unfolded(&self) -> bool {
+        self.watermark || matches!(self.refresh, Refresh::Every(_))
     }
 
     /// Folds the tail into the table, in one transaction.
@@ -652,7 +744,25 @@ impl ViewPlan {
     /// the rows its `DELETE … RETURNING` took, so appends committed
     /// meanwhile stay for the next fold, nothing is locked against ingest,
     /// and store nodes folding at once never take a row twice.
+    ///
+    /// A watermark view: merges the next rows after the watermark (at most
+    /// [`FOLD_BATCH`]) and moves the watermark past them.
     pub fn fold_sql(&self, backend: Backend) -> Vec<String> {
+        if self.watermark {
+            let upto = format!(
+                "(SELECT min(upto + {FOLD_BATCH}, (SELECT COALESCE(max(rowid), 0) FROM {})) \
+                 FROM {MARKS} WHERE name = '{}')",
+                self.source(),
+                self.name
+            );
+            return vec![
+                self.merge_source_rows(&format!("{} AND rowid <= {upto}", self.after_mark())),
+                format!(
+                    "UPDATE {MARKS} SET upto = {upto} WHERE name = '{}'",
+                    self.name
+                ),
+            ];
+        }
         let (table, tail) = (self.table(), self.tail());
         if backend == Backend::Postgres {
             let moved = format!("WITH fg_moved AS (DELETE FROM {tail} RETURNING *) ");
@@ -694,12 +804,26 @@ impl ViewPlan {
         };
         sql.push(format!("DROP TABLE IF EXISTS {}", self.table()));
         sql.push(format!("DROP TABLE IF EXISTS {}", self.tail()));
+        if self.watermark {
+            sql.push(format!("DELETE FROM {MARKS} WHERE name = '{}'", self.name));
+        }
         sql
     }
 
     /// What a query reads to see everything: the table, plus the tail for
-    /// periodic views.
+    /// periodic views, or the partials of the source rows after the
+    /// watermark.
     pub fn read_from(&self) -> String {
+        if self.watermark {
+            return format!(
+                "(SELECT * FROM {} UNION ALL SELECT {} FROM {} WHERE {} GROUP BY {}) AS fgv",
+                self.table(),
+                self.partials_of_rows(),
+                self.source(),
+                self.after_mark(),
+                self.group_positions()
+            );
+        }
         match self.refresh {
             Refresh::Every(_) => format!(
                 "(SELECT * FROM {} UNION ALL SELECT * FROM {}) AS fgv",

@@ -122,6 +122,7 @@ impl Views {
                 .to_string(),
             auto::SHAPES_DDL.to_string(),
             auto::USAGE_DDL.to_string(),
+            def::MARKS_DDL.to_string(),
         ])
         .await
         .map_err(|e| format!("cannot create the view catalog: {e}"))?;
@@ -136,7 +137,34 @@ impl Views {
             budget_checked: Mutex::default(),
         };
         views.reload().await?;
+        views.adopt_watermarks().await?;
         Ok(views)
+    }
+
+    /// Realtime views an earlier version kept with a trigger on SQLite:
+    /// the trigger goes, and the watermark starts at the source's last
+    /// row, which the trigger counted.
+    async fn adopt_watermarks(&self) -> Result<(), String> {
+        for plan in self.plans().into_iter().filter(|p| p.watermark) {
+            let marked: Option<i64> = with_pool!(self.db, pool => {
+                sqlx::query_scalar(&format!("SELECT upto FROM {} WHERE name = $1", def::MARKS))
+                    .bind(&plan.name)
+                    .fetch_optional(pool)
+                    .await
+            })
+            .map_err(|e| format!("cannot read view {}'s watermark: {e}", plan.name))?;
+            if marked.is_some() {
+                continue;
+            }
+            let mut statements = vec![format!("DROP TRIGGER IF EXISTS {}", plan.trigger())];
+            statements.extend(plan.mark_sql());
+            self.db
+                .execute_ddl(&statements)
+                .await
+                .map_err(|e| format!("cannot give view {} a watermark: {e}", plan.name))?;
+            tracing::info!(view = %plan.name, "realtime view now folded from a watermark");
+        }
+        Ok(())
     }
 
     /// Reads the view catalog again (another broker may have changed it).
@@ -244,9 +272,9 @@ impl Views {
         } in self.entries()
         {
             let sql = format!(
-                "SELECT (SELECT count(*) FROM {}), (SELECT count(*) FROM {})",
+                "SELECT (SELECT count(*) FROM {}), ({})",
                 plan.table(),
-                plan.tail()
+                plan.unfolded_count_sql()
             );
             let counted: Result<(i64, i64), String> =
                 with_pool!(self.db, pool => sqlx::query_as(&sql).fetch_one(pool).await)
@@ -287,7 +315,12 @@ impl Views {
                     }
                 },
                 definition: plan.def.clone(),
-                rows: folded + unfolded,
+                // A watermark view's unfolded are source rows, not partials.
+                rows: if plan.watermark {
+                    folded
+                } else {
+                    folded + unfolded
+                },
                 unfolded,
             });
         }
@@ -464,8 +497,48 @@ impl Views {
         Ok(())
     }
 
-    /// Every second: re-reads the catalog, refreshes periodic views when
-    /// due, and runs a round of automatic views.
+    /// For an operation that takes rows out of `stream` (expiry, a tier
+    /// move, a swap), in its transaction: what to run before (every
+    /// watermark view folds the rows after its watermark, so none leaves
+    /// unseen) and after (the watermarks back on the last row left).
+    pub fn around_removal(&self, stream: &str) -> (Vec<String>, Vec<String>) {
+        let plans = self.plans();
+        let of_stream = || plans.iter().filter(|p| p.source() == stream);
+        (
+            of_stream().flat_map(|p| p.settle_sql()).collect(),
+            of_stream().flat_map(|p| p.mark_sql()).collect(),
+        )
+    }
+
+    /// Folds a watermark view batch by batch until it holds every row
+    /// there was when it started (or a few batches: the next round goes
+    /// on), letting ingest commit between batches.
+    async fn catch_up(&self, plan: &ViewPlan) {
+        let target: Result<i64, _> = with_pool!(self.db, pool => {
+            sqlx::query_scalar(&format!("SELECT COALESCE(max(rowid), 0) FROM {}", plan.source()))
+                .fetch_one(pool)
+                .await
+        });
+        let Ok(target) = target else { return };
+        for _ in 0..8 {
+            let upto: Result<i64, _> = with_pool!(self.db, pool => {
+                sqlx::query_scalar(&format!("SELECT upto FROM {} WHERE name = $1", def::MARKS))
+                    .bind(&plan.name)
+                    .fetch_one(pool)
+                    .await
+            });
+            if upto.map_or(true, |upto| upto >= target) {
+                return;
+            }
+            if let Err(e) = self.fold(plan).await {
+                tracing::warn!(error = %e, "realtime view fold failed");
+                return;
+            }
+        }
+    }
+
+    /// Every second: re-reads the catalog, folds watermark views, refreshes
+    /// periodic views when due, and runs a round of automatic views.
     pub fn follow(self: &Arc<Self>) {
         let views = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -476,6 +549,10 @@ impl Views {
                     tracing::warn!(error = %e, "cannot reload views");
                 }
                 for plan in views.plans() {
+                    if plan.watermark {
+                        views.catch_up(&plan).await;
+                        continue;
+                    }
                     let Refresh::Every(period) = plan.refresh else {
                         continue;
                     };

@@ -14,7 +14,7 @@ use sqlparser::ast::{
     OrderByKind, Query, Select, SelectItem, SetExpr, TableFactor, UnaryOperator, Value,
 };
 
-use super::def::{partial, AggFn, Refresh, ViewPlan, BUCKET, ROWS};
+use super::def::{partial, AggFn, ViewPlan, BUCKET, ROWS};
 use crate::catalog::ColumnKind;
 use crate::db::Backend;
 
@@ -512,8 +512,9 @@ pub(crate) fn integer(expr: &Expr) -> Option<i64> {
 /// candidates by: fewer grouping columns and wider buckets are cheaper.
 pub fn rank(plan: &ViewPlan) -> (usize, i64, bool) {
     let width = plan.bucket.as_ref().map_or(i64::MAX, |(_, w)| *w);
-    // A periodic view also reads its tail.
-    let tail = matches!(plan.refresh, Refresh::Every(_));
+    // A periodic view also reads its tail, a watermark view the rows
+    // after its watermark.
+    let tail = plan.reads_unfolded();
     // A rows view holds a row per source row: any aggregate view that
     // answers is smaller.
     let size = match &plan.rows {
