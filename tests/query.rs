@@ -27,6 +27,19 @@ async fn permissions_and_read_only(backend: Backend) {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["columns"], json!(["device_id", "n", "mean"]));
     assert_eq!(body["rows"], json!([["sensor-1", 10, 24.5]]));
+    // Unaliased calls are named by their function on both backends, as
+    // PostgreSQL names them, in a derived table too.
+    for sql in [
+        "SELECT device_id, count(*), MAX(seq) FROM temperature GROUP BY device_id",
+        "SELECT * FROM (SELECT device_id, count(*), MAX(seq) FROM temperature GROUP BY device_id) AS t",
+    ] {
+        let (status, body) = server
+            .api("POST", "/v1/query", Some(&analyst), Some(json!({ "sql": sql })))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["columns"], json!(["device_id", "count", "max"]), "{sql}");
+        assert_eq!(body["rows"], json!([["sensor-1", 10, 9]]), "{sql}");
+    }
 
     let (status, body) = server
         .api("POST", "/v1/query", Some(&sensor), Some(sql.clone()))

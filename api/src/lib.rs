@@ -127,11 +127,15 @@ impl QueryService {
         self.authorize(principal, door)?;
         let tables = self.tables();
         let backend = self.db.backend();
-        let parsed = query::check(sql, &tables, backend).map_err(|e| self.failure(e))?;
+        let mut parsed = query::check(sql, &tables, backend).map_err(|e| self.failure(e))?;
         self.compaction.observe(&parsed);
+        let named = backend == Backend::Sqlite && query::name_calls_as_postgres(&mut parsed);
         let primary_sql = fleetgate_store::expand::expand(&parsed, &self.catalog, backend)
             .map_err(QueryFailure::Invalid)?
-            .unwrap_or_else(|| sql.to_string());
+            .unwrap_or_else(|| match named {
+                true => parsed.to_string(),
+                false => sql.to_string(),
+            });
         let mut route = if self.views.is_empty() {
             Route {
                 view: None,

@@ -24,8 +24,8 @@ use rust_decimal::prelude::ToPrimitive;
 use serde::Serialize;
 use serde_json::Value;
 use sqlparser::ast::{
-    ArrayElemTypeDef, DataType, Expr, ObjectName, Query, SetExpr, Statement, TableFactor, Visit,
-    Visitor,
+    ArrayElemTypeDef, DataType, Expr, Ident, ObjectName, Query, SelectItem, SetExpr, Statement,
+    TableFactor, Visit, Visitor, VisitorMut,
 };
 use sqlparser::dialect::{Dialect, PostgreSqlDialect, SQLiteDialect};
 use sqlparser::parser::{Parser, ParserError};
@@ -905,6 +905,68 @@ pub async fn columns(db: &Db, sql: &str) -> Result<Vec<String>, QueryError> {
         Pools::Postgres { read, .. } => read.prepare(sql).await.map(|s| names(s.columns())),
     }
     .map_err(db_error)
+}
+
+/// SQLite names an unaliased function call's result column by the call's
+/// text (`count(*)`), PostgreSQL by the function (`count`). Gives each
+/// such call, in every SELECT of `query` (so derived tables too), its
+/// function's name as an alias, so that a query's columns read the same
+/// on both backends; returns whether it named any. (Other unaliased
+/// expressions keep SQLite's names: PostgreSQL calls them all `?column?`,
+/// which says less.)
+pub fn name_calls_as_postgres(query: &mut Query) -> bool {
+    struct Namer {
+        named: bool,
+    }
+    impl VisitorMut for Namer {
+        type Break = ();
+        fn pre_visit_query(&mut self, query: &mut Query) -> ControlFlow<()> {
+            self.name_in(&mut query.body);
+            ControlFlow::Continue(())
+        }
+    }
+    impl Namer {
+        fn name_in(&mut self, body: &mut SetExpr) {
+            match body {
+                SetExpr::Select(select) => {
+                    for item in &mut select.projection {
+                        let SelectItem::UnnamedExpr(expr) = item else {
+                            continue;
+                        };
+                        if let Some(name) = function_named(expr) {
+                            *item = SelectItem::ExprWithAlias {
+                                expr: expr.clone(),
+                                alias: Ident::with_quote('"', name),
+                            };
+                            self.named = true;
+                        }
+                    }
+                }
+                SetExpr::SetOperation { left, right, .. } => {
+                    self.name_in(left);
+                    self.name_in(right);
+                }
+                _ => {}
+            }
+        }
+    }
+    /// The function a column is named after, as PostgreSQL names it
+    /// (through casts and parentheses).
+    fn function_named(expr: &Expr) -> Option<String> {
+        match expr {
+            Expr::Function(call) => call
+                .name
+                .0
+                .last()
+                .and_then(|part| part.as_ident())
+                .map(|ident| ident.value.to_lowercase()),
+            Expr::Cast { expr, .. } | Expr::Nested(expr) => function_named(expr),
+            _ => None,
+        }
+    }
+    let mut namer = Namer { named: false };
+    let _ = sqlparser::ast::VisitMut::visit(query, &mut namer);
+    namer.named
 }
 
 /// The start of the error PostgreSQL raises for a row over the bound

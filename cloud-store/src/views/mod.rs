@@ -650,3 +650,92 @@ impl Views {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A realtime view an earlier version made on SQLite, with a trigger,
+    /// becomes a watermark view when the store opens: the trigger goes, no
+    /// row is counted twice or missed, and later rows are folded.
+    #[tokio::test]
+    async fn a_trigger_view_of_an_earlier_version_gets_a_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(None, &dir.path().join("store.db")).await.unwrap();
+        let catalog = Catalog::load(db.clone()).await.unwrap();
+        let streams = fleetgate_protocol::schema::StreamsFile::parse(
+            "[streams.meter]\nfields.kwh = { type = \"float\" }\n",
+        )
+        .unwrap();
+        catalog.apply(&streams).await.unwrap();
+        drop(Views::open(db.clone(), catalog.clone(), AutoSettings::off()).await);
+        let insert = |device: &str, kwh: f64| {
+            format!(
+                "INSERT INTO meter (device_id, received_at, kwh, extra) VALUES ('{device}', 1, {kwh}, '{{}}')"
+            )
+        };
+        db.execute_ddl(&[insert("a", 1.0), insert("b", 2.0)])
+            .await
+            .unwrap();
+        // What an earlier version made: the view's tables, its trigger,
+        // the rows there were, and its catalog row.
+        let file = ViewsFile::parse(
+            "[views.totals]\nsource = \"meter\"\ngroup_by = [\"device_id\"]\n\
+             aggregates = { n = \"count(*)\", total = \"sum(kwh)\" }\n",
+        )
+        .unwrap();
+        let (name, view) = file.views.iter().next().unwrap();
+        let stream = catalog.get("meter").unwrap();
+        let mut old = ViewPlan::new(name, view, &stream, None).unwrap();
+        old.watermark = false;
+        let mut statements = old.create_sql(Backend::Sqlite);
+        statements.push(old.backfill_sql(Backend::Sqlite, &stream.read_from()));
+        statements.push(format!(
+            "INSERT INTO fleetgate_views (name, definition, origin, created_at) \
+             VALUES ('totals', '{}', 'declared', 0)",
+            serde_json::to_string(&old.def).unwrap()
+        ));
+        statements.push(insert("a", 3.0));
+        db.execute_ddl(&statements).await.unwrap();
+
+        let views = Views::open(db.clone(), catalog.clone(), AutoSettings::off())
+            .await
+            .unwrap();
+        let plan = views.plan("totals").unwrap();
+        assert!(plan.watermark);
+        db.execute_ddl(&[insert("b", 4.0), insert("c", 5.0)])
+            .await
+            .unwrap();
+        let read = |sql: String| {
+            let db = db.clone();
+            async move {
+                with_pool!(db, pool => {
+                    sqlx::query_as::<_, (String, i64, f64)>(&sql).fetch_all(pool).await
+                })
+                .unwrap()
+            }
+        };
+        let through_view = format!(
+            "SELECT device_id, sum(fg_rows), sum(kwh__sum) FROM {} GROUP BY 1 ORDER BY 1",
+            plan.read_from()
+        );
+        let expected = vec![
+            ("a".to_string(), 2, 4.0),
+            ("b".to_string(), 2, 6.0),
+            ("c".to_string(), 1, 5.0),
+        ];
+        assert_eq!(read(through_view.clone()).await, expected);
+        let triggers: i64 = with_pool!(db, pool => {
+            sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name = $1")
+                .bind(plan.trigger())
+                .fetch_one(pool)
+                .await
+        })
+        .unwrap();
+        assert_eq!(triggers, 0, "the trigger is gone");
+        views.fold(&plan).await.unwrap();
+        assert_eq!(read(through_view).await, expected);
+        let listed = views.list().await.unwrap();
+        assert_eq!((listed[0].rows, listed[0].unfolded), (3, 0));
+    }
+}
