@@ -265,16 +265,28 @@ impl Tiers {
             if last == Some(cutoff) {
                 continue;
             }
-            for table in [plan.table(), plan.tail()] {
-                let sql = format!(
+            // A watermark view first takes in its unfolded rows, so none
+            // of them brings back a bucket once it is gone.
+            let settle = plan.settle_sql();
+            let deletes = [plan.table(), plan.tail()].map(|table| {
+                format!(
                     "DELETE FROM {table} WHERE {} < $1",
                     crate::views::def::BUCKET
-                );
-                deleted += with_pool!(self.db, pool => {
-                    sqlx::query(&sql).bind(cutoff).execute(pool).await.map(|r| r.rows_affected())
-                })
-                .map_err(|e| format!("view {}: {e}", plan.name))?;
-            }
+                )
+            });
+            deleted += with_pool!(self.db, pool => async {
+                let mut tx = pool.begin().await?;
+                for statement in &settle {
+                    sqlx::query(statement).execute(&mut *tx).await?;
+                }
+                let mut deleted = 0;
+                for statement in &deletes {
+                    deleted += sqlx::query(statement).bind(cutoff).execute(&mut *tx).await?.rows_affected();
+                }
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(deleted)
+            }.await)
+            .map_err(|e| format!("view {}: {e}", plan.name))?;
             self.view_cutoffs
                 .lock()
                 .expect("cut-offs")

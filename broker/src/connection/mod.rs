@@ -25,7 +25,7 @@ use crate::codec::{
     DisconnectReasonCode, Frame, FrameReader, Header, Refusal, ServerLimits, Subscribe, Version,
     Will,
 };
-use crate::persist::QUEUE_FULL;
+use crate::persist::CommitError;
 use crate::platform_topics::PlatformSubscriber;
 use crate::router::index::{check_filter, split_shared};
 use crate::session::{Delivery, Message, Session};
@@ -718,8 +718,8 @@ impl Connection {
                     // A cluster's shared queue (JetStream) refused it for a
                     // full session queue: like a full queue here. QoS 2 closes
                     // instead, so no failed exchange keeps its packet id.
-                    Err(e) if e == QUEUE_FULL && version == Version::V5 && qos == 1 => {
-                        let reason = AckReason::QuotaExceeded(e);
+                    Err(e @ CommitError::QueueFull) if version == Version::V5 && qos == 1 => {
+                        let reason = AckReason::QuotaExceeded(e.to_string());
                         return Outgoing::Bytes(publish_ack(version, qos, pkid, &reason));
                     }
                     Err(_) => return Outgoing::Abort,

@@ -48,7 +48,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{Commit, SessionRecord, SessionStore, Snapshot, StoreOp, StoredMessage, StoredMeta};
+use super::{
+    Commit, CommitError, SessionRecord, SessionStore, Snapshot, StoreOp, StoredMessage, StoredMeta,
+};
 use crate::router::Router;
 use crate::session::{Message, QueueLimits, Queued, Session, SubOptions};
 
@@ -470,21 +472,25 @@ impl SessionStore for JetStreamStore {
             self.inner.settled(client_id, *seq);
             return super::committed();
         }
+        let stopped = || CommitError::Failed("session store stopped".to_string());
         let (done, sent) = oneshot::channel();
         if self.inner.ops.send((op, done)).is_err() {
-            return Box::pin(std::future::ready(Err("session store stopped".to_string())));
+            return Box::pin(std::future::ready(Err(stopped())));
         }
         Box::pin(async move {
             let acks = sent
                 .await
-                .unwrap_or_else(|_| Err("session store stopped".to_string()))?;
+                .map_err(|_| stopped())?
+                .map_err(CommitError::Failed)?;
             for ack in acks {
                 ack.await.map_err(|e| {
-                    // What NATS answers when `discard_new_per_subject` refuses.
+                    // What NATS answers when `discard_new_per_subject`
+                    // refuses: its generic "store failed" error (10077),
+                    // which only its description tells apart.
                     if e.to_string().contains("maximum messages per subject") {
-                        super::QUEUE_FULL.to_string()
+                        CommitError::QueueFull
                     } else {
-                        format!("JetStream did not store it: {e}")
+                        CommitError::Failed(format!("JetStream did not store it: {e}"))
                     }
                 })?;
             }

@@ -19,11 +19,26 @@ use serde::{Deserialize, Serialize};
 use crate::session::{Message, Properties, Session, SubOptions};
 
 /// Resolves when the operation is durable (or failed to be).
-pub type Commit = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+pub type Commit = Pin<Box<dyn Future<Output = Result<(), CommitError>> + Send>>;
 
-/// A commit's error when the store refused a message because the session's
-/// queue there is full (a cluster's shared queue): it was not queued.
-pub const QUEUE_FULL: &str = "a subscribed session's queue is full";
+/// Why a [`Commit`] failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitError {
+    /// The store refused a message because a subscribed session's queue
+    /// there is full (a cluster's shared queue): it was not queued.
+    QueueFull,
+    /// The store could not make the operation durable.
+    Failed(String),
+}
+
+impl std::fmt::Display for CommitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommitError::QueueFull => f.write_str("a subscribed session's queue is full"),
+            CommitError::Failed(reason) => f.write_str(reason),
+        }
+    }
+}
 
 pub fn committed() -> Commit {
     Box::pin(std::future::ready(Ok(())))

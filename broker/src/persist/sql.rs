@@ -12,7 +12,9 @@ use fleetgate_store::{with_pool, Db};
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Commit, SessionRecord, SessionStore, Snapshot, StoreOp, StoredMessage, StoredMeta};
+use super::{
+    Commit, CommitError, SessionRecord, SessionStore, Snapshot, StoreOp, StoredMessage, StoredMeta,
+};
 use crate::session::SubOptions;
 
 /// Operations grouped into one transaction, at most.
@@ -61,14 +63,16 @@ impl SessionStore for SqlStore {
     }
 
     fn submit(&self, op: StoreOp) -> Commit {
+        let stopped = || CommitError::Failed("session store stopped".to_string());
         let (done, committed) = oneshot::channel();
         if self.ops.send((op, Some(done))).is_err() {
-            return Box::pin(std::future::ready(Err("session store stopped".to_string())));
+            return Box::pin(std::future::ready(Err(stopped())));
         }
         Box::pin(async move {
             committed
                 .await
-                .unwrap_or_else(|_| Err("session store stopped".to_string()))
+                .map_err(|_| stopped())?
+                .map_err(CommitError::Failed)
         })
     }
 }

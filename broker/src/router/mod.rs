@@ -24,7 +24,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::persist::{Commit, SessionRecord, SessionStore, StoreOp, StoredMessage};
+use crate::persist::{Commit, CommitError, SessionRecord, SessionStore, StoreOp, StoredMessage};
 use crate::session::{Delivery, Enqueued, Message, QueueLimits, Queued, Session, SubOptions};
 use index::{split_shared, Subscriber, TopicIndex};
 
@@ -664,7 +664,7 @@ impl Router {
             for commit in commits {
                 commit.await?;
             }
-            Ok(())
+            Ok::<(), CommitError>(())
         });
         Published {
             queued,
@@ -689,7 +689,10 @@ impl Router {
 
     /// Resolves once everything submitted to the store so far is durable.
     pub async fn flush(&self) -> Result<(), String> {
-        self.store.submit(StoreOp::Enqueue(Vec::new())).await
+        self.store
+            .submit(StoreOp::Enqueue(Vec::new()))
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 
