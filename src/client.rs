@@ -148,12 +148,18 @@ not fatal: `fleetgate device token ID` mints a new token.";
 #[derive(Subcommand)]
 pub enum StreamCommand {
     /// Create or evolve the streams declared in a TOML file.
-    Apply { file: std::path::PathBuf },
+    Apply {
+        /// TOML file of [streams.<name>] tables.
+        file: std::path::PathBuf,
+    },
     /// List streams.
     List,
     /// A stream's declared fields: stored as a column or compacted into
     /// `extra`, when queries last used each, and why some stay columns.
-    Fields { name: String },
+    Fields {
+        /// The stream.
+        name: String,
+    },
 }
 
 pub(crate) struct Api {
@@ -443,6 +449,7 @@ pub enum StateCommand {
     Push {
         /// rules/<stream> or lookup/<table>.
         key: String,
+        /// The document: TOML for rules; CSV (header row, key first) or TOML for a lookup table.
         file: std::path::PathBuf,
         /// Activation time: RFC 3339 (2026-11-22T10:00:00Z) or from now (+30s).
         /// Default: as soon as the cluster can switch together.
@@ -554,11 +561,17 @@ pub async fn state(command: StateCommand, server: &ServerArgs) -> anyhow::Result
 #[derive(Subcommand)]
 pub enum ViewCommand {
     /// Create the views declared in a TOML file ([views.<name>] tables).
-    Create { file: std::path::PathBuf },
+    Create {
+        /// TOML file of [views.<name>] tables.
+        file: std::path::PathBuf,
+    },
     /// List views, their refresh and their size.
     List,
     /// Drop a view (queries go back to the primary table).
-    Drop { name: String },
+    Drop {
+        /// The view.
+        name: String,
+    },
     /// The query shapes the store has seen, and what it decided for each
     /// (automatic views).
     Shapes,
@@ -683,6 +696,22 @@ fn cell(value: &Value) -> String {
 }
 
 /// Unix milliseconds as a UTC time for a table cell.
+/// Posts a TOML file of declarations (jobs, reports, analyses) and prints
+/// what was applied.
+pub(crate) async fn apply_declarations(
+    api: &Api,
+    path: &str,
+    file: &std::path::Path,
+) -> anyhow::Result<Value> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let reply = api.call(api.http.post(api.url(path)).body(text)).await?;
+    for name in reply["applied"].as_array().into_iter().flatten() {
+        println!("{}: applied", name.as_str().unwrap_or("?"));
+    }
+    Ok(reply)
+}
+
 pub(crate) fn time(ms: &Value) -> Value {
     ms.as_i64()
         .and_then(chrono::DateTime::from_timestamp_millis)
@@ -746,11 +775,13 @@ pub enum SdkCommand {
     /// Build a device's SDK offline (for flashing before shipping): writes
     /// the platform-signed manifest with the artifact inside.
     Build {
+        /// The registered device to build for (its role and type decide what the SDK holds).
         #[arg(long)]
         device: String,
         /// wasm, x86_64, aarch64, riscv64, pulley32 or pulley64.
         #[arg(long)]
         target: Target,
+        /// Where to write the signed manifest (JSON, artifact inside).
         #[arg(long)]
         out: std::path::PathBuf,
         /// Manifest lifetime.
@@ -778,13 +809,16 @@ pub enum SdkCommand {
         /// CA certificate (PEM) to trust when --server is https://.
         #[arg(long)]
         ca: Option<std::path::PathBuf>,
+        /// Where to write the verified bundle (JSON).
         #[arg(long)]
         out: std::path::PathBuf,
     },
     /// Verify a bundle with the platform key and print its manifest, and for
     /// WebAssembly its imports, exports and the streams it can encode.
     Inspect {
+        /// A bundle written by `sdk build` or `sdk fetch`.
         file: std::path::PathBuf,
+        /// The platform's public key (<data>/platform.pub of the server).
         #[arg(long)]
         platform_key: std::path::PathBuf,
     },

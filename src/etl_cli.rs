@@ -1,25 +1,30 @@
 //! `fleetgate etl ...`: the batch ETL commands, as clients of `/v1/etl`.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde_json::Value;
 
-use crate::client::{print_table, time, Api};
+use crate::client::{apply_declarations, print_table, time, Api};
 use crate::ServerArgs;
 
 #[derive(clap::Subcommand)]
 pub enum EtlCommand {
     /// Declare (or replace) the jobs of a TOML file ([jobs.<name>] tables).
-    Apply { file: std::path::PathBuf },
+    Apply {
+        /// TOML file of [jobs.<name>] tables.
+        file: std::path::PathBuf,
+    },
     /// Run a job now, showing its progress until it ends.
     Run {
+        /// The job.
         job: String,
         /// The window the run covers (RFC 3339, YYYY-MM-DD or epoch ms);
         /// rows outside it are rejected. Default: the rows' own span.
         #[arg(long, requires = "to")]
         from: Option<String>,
+        /// End of the window, exclusive (as --from).
         #[arg(long, requires = "from")]
         to: Option<String>,
         /// Start the run and return; follow it with `etl runs`.
@@ -29,25 +34,27 @@ pub enum EtlCommand {
     /// List the jobs and when each runs next.
     List,
     /// The latest runs (of one job, or all).
-    Runs { job: Option<String> },
+    Runs {
+        /// Only this job's runs.
+        job: Option<String>,
+    },
     /// The rows a run refused, and why.
-    Rejects { run: i64 },
+    Rejects {
+        /// The run's id (as `etl run` and `etl runs` show it).
+        run: i64,
+    },
     /// Forget a job (its table and runs stay).
-    Delete { job: String },
+    Delete {
+        /// The job.
+        job: String,
+    },
 }
 
 pub async fn etl(command: EtlCommand, server: &ServerArgs) -> anyhow::Result<()> {
     let api = Api::new(server)?;
     match command {
         EtlCommand::Apply { file } => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            let reply = api
-                .call(api.http.post(api.url("/v1/etl/jobs")).body(text))
-                .await?;
-            for name in reply["applied"].as_array().into_iter().flatten() {
-                println!("{}: applied", name.as_str().unwrap_or("?"));
-            }
+            apply_declarations(&api, "/v1/etl/jobs", &file).await?;
         }
         EtlCommand::Run {
             job,
@@ -156,6 +163,7 @@ pub async fn etl(command: EtlCommand, server: &ServerArgs) -> anyhow::Result<()>
 async fn follow(api: &Api, id: i64) -> anyhow::Result<()> {
     let url = api.url(&format!("/v1/etl/runs/{id}"));
     let mut last = String::new();
+    let terminal = std::io::stderr().is_terminal();
     let run = loop {
         let run = api.call(api.http.get(&url)).await?;
         let line = format!(
@@ -163,12 +171,19 @@ async fn follow(api: &Api, id: i64) -> anyhow::Result<()> {
             run["rows_read"], run["rows_transformed"], run["rows_loaded"], run["rows_rejected"]
         );
         if line != last {
-            eprint!("\r{line}");
-            let _ = std::io::stderr().flush();
+            // In place on a terminal; one line per change in a log or pipe.
+            if terminal {
+                eprint!("\r{line}");
+                let _ = std::io::stderr().flush();
+            } else {
+                eprintln!("{line}");
+            }
             last = line;
         }
         if run["status"] != "running" {
-            eprintln!();
+            if terminal {
+                eprintln!();
+            }
             break run;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -3,11 +3,13 @@
 //! Every `/v1` route takes a bearer token (the same tokens as MQTT), checked
 //! by the same authenticator the gatekeeper uses.
 
+pub mod events;
+
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -58,6 +60,8 @@ pub struct AppState {
     pub unauth_limit: Option<Arc<crate::rate_limit::RateLimit>>,
     /// The query path `/v1/query` shares with the PostgreSQL wire endpoint.
     pub queries: QueryService,
+    /// What `/v1/events` pushes to the dashboard.
+    pub events: Arc<events::Events>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -132,13 +136,44 @@ pub fn router(state: AppState) -> Router {
             get(crate::analysis_api::list).post(crate::analysis_api::apply),
         )
         .route("/v1/alerts", get(crate::analysis_api::alerts))
+        .route("/v1/events", get(events::stream))
         .route("/v1/sdk/build", post(crate::sdk_api::offline_build))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             audit_outcomes,
         ))
         .layer(middleware::from_fn(json_errors))
+        .layer(middleware::from_fn(json_ends_with_newline))
         .with_state(state)
+}
+
+/// A JSON answer ends with a newline, as a line of text does, so `curl`
+/// in a terminal or a script prints it as a whole line (not glued to the
+/// prompt, or to what another process prints next).
+async fn json_ends_with_newline(request: Request, next: Next) -> Response {
+    use futures::StreamExt;
+    let response = next.run(request).await;
+    let json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let length = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if let Some(length) = length {
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, (length + 1).into());
+    }
+    let newline = futures::stream::once(async { Ok(bytes::Bytes::from_static(b"\n")) });
+    let body = axum::body::Body::from_stream(body.into_data_stream().chain(newline));
+    Response::from_parts(parts, body)
 }
 
 /// Gives the refusals axum makes itself (a body that is not the JSON a
@@ -256,29 +291,39 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                ApiError(
-                    StatusCode::UNAUTHORIZED,
-                    "missing Authorization: Bearer <token>".into(),
-                )
-            })?;
+        Caller::authenticate(state, bearer_token(&parts.headers)?)
+    }
+}
+
+/// The token of a request's `Authorization: Bearer <token>` header.
+pub fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing Authorization: Bearer <token>".into(),
+            )
+        })
+}
+
+impl Caller {
+    /// The caller a token names, or the refusal every route answers: 401,
+    /// or 403 for a banned device.
+    pub fn authenticate(state: &AppState, token: &str) -> Result<Caller, ApiError> {
         state
             .auth
-            .authenticate(None, token.trim())
+            .authenticate(None, token)
             .map(Caller)
             .map_err(|e| match e {
                 AuthError::Banned { .. } => ApiError(StatusCode::FORBIDDEN, e.to_string()),
                 _ => ApiError(StatusCode::UNAUTHORIZED, e.to_string()),
             })
     }
-}
 
-impl Caller {
     pub fn require(&self, role: Role, state: &AppState) -> Result<&Principal, ApiError> {
         fleetgate_api::require(&*state.auth, &self.0, role, "http").map_err(query_failure)
     }

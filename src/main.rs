@@ -19,6 +19,7 @@ mod import_cli;
 mod ingest_api;
 mod node;
 mod rate_limit;
+mod report_cli;
 mod reports_api;
 mod sdk_api;
 mod state;
@@ -97,6 +98,20 @@ enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Hybrid batch/real-time reports and their reconciliations.
+    Report {
+        #[command(subcommand)]
+        command: report_cli::ReportCommand,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Anomaly analyses over streams, and the alerts they raise.
+    Analysis {
+        #[command(subcommand)]
+        command: report_cli::AnalysisCommand,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Cluster state (validation rules, lookup tables): roll out at one instant.
     State {
         #[command(subcommand)]
@@ -124,6 +139,7 @@ enum Command {
     },
     /// Run a read-only SQL query and print the result as a table.
     Query {
+        /// One read-only SELECT over streams, batch tables and analysis tables.
         sql: String,
         /// Show which view (or the primary table) would answer, and why,
         /// without running it.
@@ -163,6 +179,8 @@ fn main() -> ExitCode {
             Command::State { command, server } => client::state(command, &server).await,
             Command::View { command, server } => client::view(command, &server).await,
             Command::Etl { command, server } => etl_cli::etl(command, &server).await,
+            Command::Report { command, server } => report_cli::report(command, &server).await,
+            Command::Analysis { command, server } => report_cli::analysis(command, &server).await,
             Command::Status { interval, server } => status::run(&server, interval).await,
             Command::Query {
                 sql,
@@ -177,5 +195,34 @@ fn main() -> ExitCode {
             eprintln!("fleetgate: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every subcommand, argument and option says what it is in `--help`
+    /// (a newcomer's first documentation), hidden test switches aside.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && !arg.is_hide_set() && arg.get_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                let sub_path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(sub_path.clone());
+                }
+                walk(sub, &sub_path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "fleetgate", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
     }
 }

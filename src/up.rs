@@ -72,13 +72,15 @@ pub struct UpArgs {
     #[arg(long, conflicts_with_all = ["cert", "key"])]
     dev_tls: bool,
     /// Time a client has to complete its TLS handshake.
+    /// A TLS client that has not finished its handshake by then is dropped.
     #[arg(long, default_value = "10s", value_parser = fleetgate_protocol::duration::parse)]
     tls_handshake_timeout: Duration,
     /// TLS handshakes in progress at once, per listener; connections beyond
     /// are closed at once.
     #[arg(long, default_value_t = 1024)]
     tls_max_handshakes: usize,
-    /// PostgreSQL URL (postgres://...); SQLite at <data>/store.db when absent.
+    /// PostgreSQL URL (postgres://...). Required by `broker`; for `up`,
+    /// SQLite at <data>/store.db when absent.
     #[arg(long, env = "FLEETGATE_DATABASE")]
     database: Option<String>,
     /// The directory ETL file sources (csv, jsonl) are read under; a job
@@ -180,6 +182,7 @@ pub struct AutoViewArgs {
     /// --auto-views-window, that earn it a view.
     #[arg(long, default_value_t = 5)]
     auto_views_after: usize,
+    /// The period in which --auto-views-after runs of a shape must fall.
     #[arg(long, default_value = "10m", value_parser = fleetgate_protocol::duration::parse)]
     auto_views_window: Duration,
     /// Queries faster than this on the primary table are left alone.
@@ -452,6 +455,10 @@ async fn serve(
     }
 
     let mut metrics = MetricsRegistry::default();
+    // What the dashboard's event stream pushes: told of commits, alerts
+    // and ETL runs below.
+    let events = http::events::Events::new(&mut metrics);
+    etl.observe(events.run_observer());
     let ledger = Arc::new(RefusalLedger::new(
         args.alert_threshold,
         args.alert_window,
@@ -516,7 +523,7 @@ async fn serve(
     let analyses = fleetgate_etl::analysis::Analyses::open(
         db.clone(),
         catalog.clone(),
-        router.clone(),
+        events.live_tap(router.clone()),
         compaction.usage(),
     )
     .await
@@ -551,9 +558,12 @@ async fn serve(
                 catalog.clone(),
                 Pipeline::standard(catalog.clone(), args.max_payload),
                 WriterConfig::default(),
-                vec![Arc::new(PublishLive {
-                    sink: router.clone(),
-                })],
+                vec![
+                    Arc::new(PublishLive {
+                        sink: router.clone(),
+                    }),
+                    events.commit_observer(),
+                ],
                 StoreMetrics::register(&mut metrics),
                 states.clone(),
             );
@@ -705,7 +715,9 @@ async fn serve(
         ingest: ingest_service.clone(),
         unauth_limit: crate::rate_limit::RateLimit::new(args.unauth_rate, args.unauth_burst),
         queries,
+        events: events.clone(),
     };
+    events.start(state.clone());
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -774,6 +786,9 @@ async fn serve(
     if let Ingest::Local(store) = &ingest {
         store.shutdown().await;
     }
+    // Event streams never end by themselves: ended here, so the HTTP
+    // server's graceful shutdown need not wait them out.
+    events.close();
     let _ = stop_http.send(true);
     for server in servers {
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;

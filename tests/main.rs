@@ -21,6 +21,7 @@ mod mqtt;
 mod nats_cluster;
 mod pgwire;
 mod query;
+mod readme;
 mod reports;
 mod roles;
 mod rollout;

@@ -131,7 +131,9 @@ async fn connect_once(
     let mut sync_timer = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
-            event = events.recv() => match event.expect("the poller sends until its first error") {
+            // None only while the runtime shuts down (the poller dropped
+            // first): the process is exiting, nothing to report.
+            event = events.recv() => match event.ok_or_else(|| Refusal::Other("the MQTT poller stopped (shutting down)".into()))? {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     connected = true;
                     *was_connected = true;

@@ -17,8 +17,12 @@ use fleetgate_protocol::sdk::Target;
 /// What every example device needs to reach the platform.
 #[derive(clap::Args, Clone, Debug)]
 pub struct Connect {
-    /// The platform's HTTP API.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    /// The platform's HTTP API (as for the fleetgate CLI, FLEETGATE_SERVER).
+    #[arg(
+        long,
+        env = "FLEETGATE_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub server: String,
     /// Device id, as registered with `fleetgate device add`.
     #[arg(long)]
