@@ -15,7 +15,7 @@ use fleetgate_protocol::Role;
 use serde_json::{json, Value};
 
 use crate::client::{error_message, Api};
-use crate::import_api::MAX_DEVICES;
+use fleetgate_api::http::MAX_IMPORT_DEVICES as MAX_DEVICES;
 
 #[derive(clap::Args)]
 pub struct ImportArgs {

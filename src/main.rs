@@ -3,25 +3,12 @@
 //! `fleetgate up` runs everything in one process; the other commands are
 //! clients of a running server's HTTP API.
 
-mod analysis_api;
 mod bench;
-mod bench_cold;
-mod bench_etl;
-mod bench_hold;
-mod bench_hold_cluster;
-mod bench_sdk;
 mod client;
-mod etl_api;
 mod etl_cli;
-mod http;
-mod import_api;
 mod import_cli;
-mod ingest_api;
 mod node;
-mod rate_limit;
 mod report_cli;
-mod reports_api;
-mod sdk_api;
 mod state;
 mod status;
 mod tls;

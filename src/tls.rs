@@ -1,13 +1,10 @@
-//! TLS set-up for `fleetgate up`: the certificate to serve, and HTTPS.
+//! TLS set-up for `fleetgate up`: the certificate to serve (MQTT over TLS,
+//! HTTPS and the PostgreSQL wire endpoint alike).
 
-use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context};
-use fleetgate_broker::tls::{TlsIncoming, TlsStream};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SanType};
-use tokio::net::TcpStream;
 
 /// Paths of a certificate chain and key to serve, and (for `--dev-tls`) the
 /// CA that clients should trust.
@@ -83,25 +80,5 @@ pub fn identity_from_flags(
             "--dev-tls generates its own certificate; drop --cert/--key or --dev-tls"
         )),
         _ => Err(anyhow!("--cert and --key go together")),
-    }
-}
-
-/// HTTPS for axum: connections arrive with their handshake already done.
-pub struct HttpsListener(pub TlsIncoming);
-
-impl axum::serve::Listener for HttpsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.0.accept().await {
-            Some(connection) => connection,
-            // The accept loop only ends when the listener is dropped.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.0.local_addr())
     }
 }

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::state::LOCAL_NODE;
 use anyhow::{anyhow, Context};
 use fleetgate_admin::platform::{ADMIN_DEVICE, ADMIN_TOKEN_TTL_SECS};
 use fleetgate_admin::rollout::{CrashPoint, Rollout, RolloutSettings, StateTransport};
@@ -14,6 +13,7 @@ use fleetgate_admin::{
     unix_now, AuditLog, Bans, Platform, RefusalLedger, Registry, RegistryEvent, TokenAuthenticator,
 };
 use fleetgate_broker::balancer::Balancer;
+use fleetgate_broker::cluster::ClusterName;
 use fleetgate_broker::persist::jetstream::{JetStreamSettings, JetStreamStore};
 use fleetgate_broker::persist::{sql::SqlStore, MemoryStore, SessionStore};
 use fleetgate_broker::router::nats::NatsFabric;
@@ -28,7 +28,7 @@ use fleetgate_store::buckets::Buckets;
 use fleetgate_store::compaction::{Compaction, CompactionSettings};
 use fleetgate_store::metrics::StoreMetrics;
 use fleetgate_store::pipeline::{Pipeline, PublishLive};
-use fleetgate_store::state::{StateFollower, StateStore};
+use fleetgate_store::state::{StateFollower, StateStore, LOCAL_NODE};
 use fleetgate_store::tiers::Tiers;
 use fleetgate_store::views::{self, AutoSettings, Views};
 use fleetgate_store::{nodes, open_catalog, Db, Store, WriterConfig};
@@ -260,6 +260,11 @@ pub struct BrokerArgs {
     /// JetStream). Default: the number of --nats URLs, at most 3.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=5))]
     nats_replicas: Option<u8>,
+    /// The cluster this broker belongs to: every NATS subject, bucket and
+    /// stream its brokers use is named from it, so clusters sharing NATS
+    /// servers stay apart (1-32 of a-z 0-9 - _, starting with a letter).
+    #[arg(long, default_value = ClusterName::DEFAULT)]
+    cluster_name: ClusterName,
 }
 
 /// Where ingest goes: the store in this process, or the cluster's nodes.
@@ -285,6 +290,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 struct Fabric {
     nats: Vec<String>,
     replicas: usize,
+    name: ClusterName,
 }
 
 pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
@@ -304,6 +310,7 @@ pub async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
             .map(usize::from)
             .unwrap_or(args.nats.len().clamp(1, 3)),
         nats: args.nats,
+        name: args.cluster_name,
     };
     serve(args.up, Some(args.hold), &fabric).await
 }
@@ -457,7 +464,7 @@ async fn serve(
     let mut metrics = MetricsRegistry::default();
     // What the dashboard's event stream pushes: told of commits, alerts
     // and ETL runs below.
-    let events = http::events::Events::new(&mut metrics);
+    let events = http::Events::new(&mut metrics);
     etl.observe(events.run_observer());
     let ledger = Arc::new(RefusalLedger::new(
         args.alert_threshold,
@@ -479,7 +486,7 @@ async fn serve(
         None
     } else {
         Some(
-            NatsFabric::connect(&cluster.nats, &mut metrics)
+            NatsFabric::connect(&cluster.nats, &cluster.name, &mut metrics)
                 .await
                 .map_err(|e| anyhow!("{e} (--nats)"))?,
         )
@@ -496,6 +503,7 @@ async fn serve(
                     replicas: cluster.replicas,
                     limits: queue_limits,
                     max_session_expiry: args.max_session_expiry,
+                    cluster: cluster.name.clone(),
                 },
             )
             .await
@@ -649,7 +657,7 @@ async fn serve(
     }
 
     let http_addr = http_listener.local_addr()?;
-    let sdk = crate::sdk_api::SdkSettings {
+    let sdk = http::SdkSettings {
         handshakes: Arc::new(
             Handshakes::open(
                 registry.clone(),
@@ -713,7 +721,7 @@ async fn serve(
         reports,
         analyses,
         ingest: ingest_service.clone(),
-        unauth_limit: crate::rate_limit::RateLimit::new(args.unauth_rate, args.unauth_burst),
+        unauth_limit: http::RateLimit::new(args.unauth_rate, args.unauth_burst),
         queries,
         events: events.clone(),
     };
@@ -752,17 +760,8 @@ async fn serve(
             https.local_addr()
         ));
         gatekeeper.serve_tls(mqtts);
-        let (router, stop) = (
-            crate::http::router(state.clone()),
-            stopped(http_stopped.clone()),
-        );
-        servers.push(tokio::spawn(async move {
-            // The client's address, for the per-address rate limit.
-            let router = router.into_make_service_with_connect_info::<ClientAddr>();
-            axum::serve(tls::HttpsListener(https), router)
-                .with_graceful_shutdown(stop)
-                .await
-        }));
+        let stop = stopped(http_stopped.clone());
+        servers.push(tokio::spawn(http::serve_tls(https, state.clone(), stop)));
         if let Some(ca) = identity.and_then(|i| i.ca) {
             println!(
                 "development TLS: clients trust {} (e.g. mosquitto_pub --cafile)",
@@ -770,13 +769,8 @@ async fn serve(
             );
         }
     }
-    let (router, stop) = (crate::http::router(state), stopped(http_stopped.clone()));
-    servers.push(tokio::spawn(async move {
-        let router = router.into_make_service_with_connect_info::<ClientAddr>();
-        axum::serve(http_listener, router)
-            .with_graceful_shutdown(stop)
-            .await
-    }));
+    let stop = stopped(http_stopped.clone());
+    servers.push(tokio::spawn(http::serve(http_listener, state, stop)));
     // Tests and scripts read this line to learn the bound addresses.
     println!("{ready}");
 
@@ -798,8 +792,8 @@ async fn serve(
     Ok(())
 }
 
-use crate::rate_limit::ClientAddr;
-use crate::{http, tls};
+use crate::tls;
+use fleetgate_api::http;
 use fleetgate_broker::tls::TlsIncoming;
 
 /// A rate in requests per second: finite and not negative (0: no limit).

@@ -762,3 +762,82 @@ async fn a_persistent_session_follows_its_device_across_brokers_and_a_kill_9() {
         latencies.last().unwrap()
     );
 }
+
+/// `fleetgate_mqtt_sessions` on a broker: the sessions it knows of, its
+/// own and the cluster's persistent ones.
+async fn sessions_known(broker: &Process) -> Option<i64> {
+    let url = format!("http://{}/metrics", broker.field("http"));
+    let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("fleetgate_mqtt_sessions "))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+async fn wait_sessions_known(broker: &Process, n: i64, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let known = sessions_known(broker).await;
+        if known == Some(n) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the broker knows {known:?} sessions, not {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A broker killed while it holds a device's persistent session cannot
+/// record the device gone. The other brokers notice its heartbeat stopped,
+/// mark the session detached, and it expires on schedule instead of
+/// lingering until the device comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_held_by_a_killed_broker_expires_on_schedule() {
+    let Some(server) = prerequisites() else {
+        return;
+    };
+    let (_nats, cluster, mut second) = two_brokers(server).await;
+    let first = &cluster.broker;
+    let token = add_device(&cluster, "valve-k", "ingest").await;
+    let (host, port) = second.mqtt();
+    let persistent = |expiry: u32| {
+        let mut options = MqttOptions::new("valve-k", host.clone(), port);
+        options.set_credentials("valve-k", token.clone());
+        options.set_clean_start(false);
+        options.set_session_expiry_interval(Some(expiry));
+        options
+    };
+    let mut device = loop {
+        match connect_v5_with(persistent(2)).await {
+            Ok((client, _)) => break client,
+            // The second broker learns of the device through the database.
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    assert_eq!(
+        device.subscribe("devices/valve-k/cmd").await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    // The first broker learns the session from JetStream.
+    wait_sessions_known(first, 1, WAIT).await;
+
+    second.kill9();
+    let killed = Instant::now();
+    // Heartbeats last 6 s, brokers look every 2 s, the session 2 s more.
+    wait_sessions_known(first, 0, Duration::from_secs(30)).await;
+    eprintln!(
+        "the killed broker's session was released and expired {:?} after the kill",
+        killed.elapsed()
+    );
+    drop(device);
+
+    // The device, back through the first broker, finds no session.
+    let (host, port) = first.mqtt();
+    let mut options = MqttOptions::new("valve-k", host, port);
+    options.set_credentials("valve-k", token.clone());
+    options.set_clean_start(false);
+    options.set_session_expiry_interval(Some(2));
+    let (_device, connack) = connect_v5_with(options).await.expect("connect");
+    assert!(!connack.session_present, "the session outlived its expiry");
+}

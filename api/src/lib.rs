@@ -1,8 +1,23 @@
-//! fleetgate's query doors: the one query path, [`QueryService`], that the
-//! HTTP API (`/v1/query`, in the binary) and the PostgreSQL wire endpoint
-//! ([`pg`]) both call, so that nothing is reachable through one door that
-//! is not through the other.
+//! fleetgate's doors for people and programs: the HTTP API ([`http`]) and
+//! the PostgreSQL wire endpoint ([`pg`]), side by side over the one query
+//! path, [`QueryService`], that both call, so that nothing is reachable
+//! through one door that is not through the other.
+//!
+//! What it owns: the routes, their request and answer shapes (JSON,
+//! statuses, the `{"error": ...}` body), the audit trail around admin
+//! routes, the per-address rate limit, the dashboard page and its event
+//! stream, the PostgreSQL protocol, and the query path's checks, routing
+//! and limits.
+//!
+//! What it must not touch: each door is an adapter. It holds no store,
+//! registry, ETL or MQTT logic of its own; it calls the crates that own
+//! them (`fleetgate-store`, `fleetgate-admin`, `fleetgate-etl`, ingest
+//! through `IngestService`), and it starts nothing but its own servers and
+//! the dashboard's event hub. Processes, listeners, flags and the wiring of
+//! the parts are the binary's (`src/up.rs`), which builds an
+//! [`http::AppState`] and a [`pg::PgServer`] and serves them.
 
+pub mod http;
 pub mod pg;
 
 use std::collections::HashSet;

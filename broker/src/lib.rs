@@ -18,9 +18,11 @@
 //! - [`sessions`]: live connections by device (revocation, takeover, shutdown).
 //! - [`tls`]: MQTT over TLS (and the HTTP API's), handshakes off the accept loop.
 //! - [`balancer`]: cluster mode, ingest spread over store nodes.
+//! - [`cluster`]: the name a cluster's brokers share on NATS.
 //! - [`platform_topics`]: the retained `$fleet/...` topics served here.
 
 pub mod balancer;
+pub mod cluster;
 pub mod codec;
 mod connection;
 pub mod persist;

@@ -34,6 +34,10 @@ use crate::with_pool;
 /// database (payload: a [`StateAnnouncement`]).
 pub const STATE_CHANNEL: &str = "fleetgate_state";
 
+/// The node id a store running in the gatekeeper's own process (`fleetgate
+/// up`) stages and confirms versions under.
+pub const LOCAL_NODE: &str = "local";
+
 /// One consistent set of rules and lookup tables.
 #[derive(Debug, Default)]
 pub struct StateSet {

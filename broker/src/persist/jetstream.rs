@@ -2,10 +2,17 @@
 //! resume its session on whichever broker it reaches, and a broker started
 //! later know every retained message.
 //!
+//! Names start with the cluster's ([`ClusterName`], `fleetgate` here):
+//!
 //! - KV bucket `fleetgate-sessions`: one record per persistent session
 //!   (subscriptions, expiry, when it was detached, and the broker that
 //!   wrote it). Every broker watches it, so each knows the cluster's
 //!   persistent subscriptions ([`Router::apply_remote_session`]).
+//! - KV bucket `fleetgate-brokers`: each live broker's heartbeat, every
+//!   [`HEARTBEAT`], kept for [`BROKER_TTL`]. A session record still
+//!   attached to a broker whose heartbeat is gone (killed, or cut off) is
+//!   marked detached by the brokers that notice, so the session expires as
+//!   if its device had left when its broker stopped.
 //! - KV bucket `fleetgate-retained`: one entry per retained topic, watched
 //!   by every broker ([`Router::apply_remote_retained`]).
 //! - Stream `FLEETGATE_QUEUES` (work queue), subject
@@ -51,18 +58,48 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Commit, CommitError, SessionRecord, SessionStore, Snapshot, StoreOp, StoredMessage, StoredMeta,
 };
+use crate::cluster::ClusterName;
 use crate::router::Router;
 use crate::session::{Message, QueueLimits, Queued, Session, SubOptions};
 
-const SESSIONS_BUCKET: &str = "fleetgate-sessions";
-const RETAINED_BUCKET: &str = "fleetgate-retained";
-const QUEUES_STREAM: &str = "FLEETGATE_QUEUES";
-/// Outside `fleetgate.>`, which the brokers' core fabric subscribes to.
-const QUEUE_PREFIX: &str = "fleetgate-queue.";
 const QUEUED_HEADER: &str = "Fg-Queued";
-/// Where a session's consumer pushes, and the queue group that receives.
-const DELIVER_PREFIX: &str = "fleetgate-deliver.";
-const DELIVER_GROUP: &str = "fleetgate";
+
+/// What one cluster's store is called in JetStream (see the module docs).
+struct Names {
+    sessions: String,
+    retained: String,
+    brokers: String,
+    queues: String,
+    /// `<cluster>-queue.`: outside `<cluster>.>`, which the brokers' core
+    /// fabric subscribes to.
+    queue_prefix: String,
+    /// Where a session's consumer pushes, and the queue group that receives.
+    deliver_prefix: String,
+    deliver_group: String,
+}
+
+impl Names {
+    fn of(cluster: &ClusterName) -> Names {
+        Names {
+            sessions: cluster.bucket("sessions"),
+            retained: cluster.bucket("retained"),
+            brokers: cluster.bucket("brokers"),
+            queues: cluster.stream("QUEUES"),
+            queue_prefix: cluster.bucket("queue."),
+            deliver_prefix: cluster.bucket("deliver."),
+            deliver_group: cluster.as_str().to_string(),
+        }
+    }
+
+    fn queue_subject(&self, client_id: &str) -> String {
+        format!("{}{}", self.queue_prefix, session_token(client_id))
+    }
+}
+
+/// How often a broker says it is up, and how long that lasts: a broker
+/// silent for three heartbeats is taken for gone.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+const BROKER_TTL: Duration = Duration::from_secs(6);
 
 /// How long a message sent to a device may stay unacknowledged before
 /// JetStream offers it again (to the same broker, which ignores it while
@@ -84,6 +121,8 @@ pub struct JetStreamSettings {
     pub limits: QueueLimits,
     /// Longest a session may be kept: queued messages older than this go.
     pub max_session_expiry: Duration,
+    /// Whose buckets and queues these are.
+    pub cluster: ClusterName,
 }
 
 pub struct JetStreamStore {
@@ -93,10 +132,15 @@ pub struct JetStreamStore {
 struct Inner {
     /// This broker, as its session records name it.
     broker: String,
+    names: Names,
     client: async_nats::Client,
     queues: stream::Stream,
     sessions: kv::Store,
     retained: kv::Store,
+    brokers: kv::Store,
+    /// Session records attached to other brokers, by KV key, with their
+    /// revision: what to mark detached if that broker's heartbeat stops.
+    held_elsewhere: Mutex<HashMap<String, (StoredSession, u64)>>,
     ops: mpsc::UnboundedSender<(StoreOp, oneshot::Sender<Sent>)>,
     limits: QueueLimits,
     /// Per session attached here: the task feeding it, and the ack subjects
@@ -125,7 +169,7 @@ struct Loaded {
 type Sent = Result<Vec<PublishAckFuture>, String>;
 
 /// A session record as the bucket holds it.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct StoredSession {
     broker: String,
     client_id: String,
@@ -133,6 +177,9 @@ struct StoredSession {
     subscriptions: Vec<(String, SubOptions)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     detached_at_ms: Option<i64>,
+    /// Another broker marked it detached because `broker` stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    released_by: Option<String>,
 }
 
 /// What travels beside a queued or retained message's payload.
@@ -153,8 +200,9 @@ impl JetStreamStore {
         // A NATS cluster that has just started elects its JetStream leader
         // within seconds; until then requests time out.
         let deadline = tokio::time::Instant::now() + SETUP_TIMEOUT;
-        let (sessions, retained, queues) = loop {
-            match set_up(&js, &settings).await {
+        let names = Names::of(&settings.cluster);
+        let (sessions, retained, brokers, queues) = loop {
+            match set_up(&js, &names, &settings).await {
                 Ok(parts) => break parts,
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     tracing::warn!(error = %e, "JetStream not ready; trying again");
@@ -166,10 +214,13 @@ impl JetStreamStore {
         let (ops, queue) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             broker: crate::router::nats::broker_id(),
+            names,
             client,
             queues,
             sessions,
             retained,
+            brokers,
+            held_elsewhere: Mutex::default(),
             ops,
             limits: settings.limits,
             feeds: Mutex::default(),
@@ -177,7 +228,11 @@ impl JetStreamStore {
             retained_keys: Mutex::default(),
             loaded: Mutex::default(),
         });
+        // Up before it writes any session record, so none of its records
+        // ever looks held by a stopped broker.
+        inner.beat().await?;
         tokio::spawn(write_loop(Arc::downgrade(&inner), js, queue));
+        tokio::spawn(heartbeat(Arc::downgrade(&inner)));
         Ok(JetStreamStore { inner })
     }
 
@@ -219,11 +274,18 @@ impl Inner {
         match entry.operation {
             Operation::Put => match self.decode_session(&entry) {
                 // This broker's own writes: its sessions are as it left them.
-                Some(stored) if stored.broker == self.broker => {}
+                Some(stored) if stored.broker == self.broker && stored.released_by.is_none() => {}
+                // Released while this broker is up (its heartbeats did not
+                // get through): if the device is still here, the router
+                // writes the record again as attached.
                 Some(stored) => router.apply_remote_session(record_of(stored)),
                 None => tracing::warn!(key = %entry.key, "ignored a malformed session record"),
             },
             Operation::Delete | Operation::Purge => {
+                self.held_elsewhere
+                    .lock()
+                    .expect("held lock")
+                    .remove(&entry.key);
                 let client = self
                     .session_keys
                     .lock()
@@ -242,7 +304,67 @@ impl Inner {
             .lock()
             .expect("keys lock")
             .insert(entry.key.clone(), stored.client_id.as_str().into());
+        let mut held = self.held_elsewhere.lock().expect("held lock");
+        if stored.broker != self.broker && stored.detached_at_ms.is_none() {
+            held.insert(entry.key.clone(), (stored.clone(), entry.revision));
+        } else {
+            held.remove(&entry.key);
+        }
         Some(stored)
+    }
+
+    /// Says this broker is up, for [`BROKER_TTL`].
+    async fn beat(&self) -> Result<(), String> {
+        self.brokers
+            .put(kv_key(&self.broker), self.broker.clone().into())
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("cannot write this broker's heartbeat to JetStream: {e}"))
+    }
+
+    /// Marks detached, as of now, each session record still attached to a
+    /// broker whose heartbeat has stopped. A record written again meanwhile
+    /// (its device came back, or another broker released it first) is left
+    /// alone: the write is conditional on the record's revision.
+    async fn release_sessions_of_stopped_brokers(&self) {
+        let held: Vec<(String, StoredSession, u64)> = self
+            .held_elsewhere
+            .lock()
+            .expect("held lock")
+            .iter()
+            .map(|(key, (stored, revision))| (key.clone(), stored.clone(), *revision))
+            .collect();
+        let mut up: HashMap<String, bool> = HashMap::new();
+        for (key, mut stored, revision) in held {
+            let alive = match up.get(&stored.broker) {
+                Some(alive) => *alive,
+                None => match self.brokers.get(kv_key(&stored.broker)).await {
+                    Ok(beat) => *up.entry(stored.broker.clone()).or_insert(beat.is_some()),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the brokers' heartbeats");
+                        return;
+                    }
+                },
+            };
+            if alive {
+                continue;
+            }
+            stored.detached_at_ms = Some(unix_now_ms());
+            stored.released_by = Some(self.broker.clone());
+            let value = serde_json::to_vec(&stored).expect("a session record serializes");
+            if self
+                .sessions
+                .update(&key, value.into(), revision)
+                .await
+                .is_ok()
+            {
+                tracing::info!(
+                    client = %stored.client_id,
+                    broker = %stored.broker,
+                    "the broker holding a session stopped: the session is detached from now on"
+                );
+            }
+        }
     }
 
     fn retained_changed(&self, router: &Router, entry: kv::Entry) {
@@ -313,12 +435,12 @@ impl Inner {
         stop: CancellationToken,
     ) {
         let token = session_token(&session.client_id);
-        let deliver = format!("{DELIVER_PREFIX}{token}");
+        let deliver = format!("{}{token}", self.names.deliver_prefix);
         let config = push::Config {
             durable_name: Some(format!("s{token}")),
             deliver_subject: deliver.clone(),
-            deliver_group: Some(DELIVER_GROUP.to_string()),
-            filter_subject: format!("{QUEUE_PREFIX}{token}"),
+            deliver_group: Some(self.names.deliver_group.clone()),
+            filter_subject: self.names.queue_subject(&session.client_id),
             ack_policy: AckPolicy::Explicit,
             ack_wait: ACK_WAIT,
             deliver_policy: DeliverPolicy::All,
@@ -329,7 +451,7 @@ impl Inner {
             let subscribed = async {
                 let subscriber = self
                     .client
-                    .queue_subscribe(deliver.clone(), DELIVER_GROUP.to_string())
+                    .queue_subscribe(deliver.clone(), self.names.deliver_group.clone())
                     .await
                     .map_err(|e| e.to_string())?;
                 self.queues
@@ -542,6 +664,23 @@ impl SessionStore for JetStreamStore {
     }
 }
 
+/// Says this broker is up every [`HEARTBEAT`], and releases the sessions
+/// of brokers that stopped saying so.
+async fn heartbeat(inner: std::sync::Weak<Inner>) {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        if let Err(e) = inner.beat().await {
+            tracing::warn!("{e}");
+        }
+        inner.release_sessions_of_stopped_brokers().await;
+    }
+}
+
 /// Applies operations in submission order: JetStream publishes (including
 /// the buckets' puts and deletes, which are publishes too) are sent in
 /// order and their acknowledgements awaited by whoever waits on the commit.
@@ -573,15 +712,16 @@ async fn write(inner: &Inner, js: &async_nats::jetstream::Context, op: StoreOp) 
                 expiry_secs: record.expiry_secs,
                 subscriptions: record.subscriptions,
                 detached_at_ms: record.detached_at_ms,
+                released_by: None,
             };
             let value = serde_json::to_vec(&stored).expect("a session record serializes");
-            let subject = format!("$KV.{SESSIONS_BUCKET}.{}", kv_key(&record.client_id));
+            let subject = format!("$KV.{}.{}", inner.names.sessions, kv_key(&record.client_id));
             Ok(vec![
                 publish(subject, HeaderMap::new(), value.into()).await?,
             ])
         }
         StoreOp::DropSession(client_id) => {
-            let subject = format!("$KV.{SESSIONS_BUCKET}.{}", kv_key(&client_id));
+            let subject = format!("$KV.{}.{}", inner.names.sessions, kv_key(&client_id));
             let ack = publish(subject, purge_headers(), Bytes::new()).await?;
             // Its queue and consumer go before anything is written for a
             // new session of the same client.
@@ -590,7 +730,7 @@ async fn write(inner: &Inner, js: &async_nats::jetstream::Context, op: StoreOp) 
             let _ = inner
                 .queues
                 .purge()
-                .filter(format!("{QUEUE_PREFIX}{token}"))
+                .filter(inner.names.queue_subject(&client_id))
                 .await;
             let mut feeds = inner.feeds.lock().expect("feeds lock");
             if let Some(feed) = feeds.get_mut(client_id.as_str()) {
@@ -605,14 +745,14 @@ async fn write(inner: &Inner, js: &async_nats::jetstream::Context, op: StoreOp) 
         StoreOp::Enqueue(messages) => {
             let mut acks = Vec::with_capacity(messages.len());
             for stored in messages {
-                let (subject, headers, payload) = queued(&stored);
+                let (subject, headers, payload) = queued(&inner.names, &stored);
                 acks.push(publish(subject, headers, payload).await?);
             }
             Ok(acks)
         }
         StoreOp::Settled(..) => Ok(Vec::new()),
         StoreOp::Retain(topic, message) => {
-            let subject = format!("$KV.{RETAINED_BUCKET}.{}", kv_key(&topic));
+            let subject = format!("$KV.{}.{}", inner.names.retained, kv_key(&topic));
             let ack = match message {
                 Some(message) => {
                     let envelope = Envelope {
@@ -634,7 +774,7 @@ async fn write(inner: &Inner, js: &async_nats::jetstream::Context, op: StoreOp) 
 }
 
 /// The subject, headers and payload of one message queued for one session.
-fn queued(stored: &StoredMessage) -> (String, HeaderMap, Bytes) {
+fn queued(names: &Names, stored: &StoredMessage) -> (String, HeaderMap, Bytes) {
     let envelope = Envelope {
         topic: stored.message.topic.to_string(),
         meta: StoredMeta::of(
@@ -649,7 +789,7 @@ fn queued(stored: &StoredMessage) -> (String, HeaderMap, Bytes) {
         serde_json::to_string(&envelope).expect("an envelope serializes"),
     );
     (
-        format!("{QUEUE_PREFIX}{}", session_token(&stored.client_id)),
+        names.queue_subject(&stored.client_id),
         headers,
         stored.message.payload.clone(),
     )
@@ -738,18 +878,22 @@ fn record_of(stored: StoredSession) -> SessionRecord {
 /// The buckets and the queue stream, found or created.
 async fn set_up(
     js: &async_nats::jetstream::Context,
+    names: &Names,
     settings: &JetStreamSettings,
-) -> Result<(kv::Store, kv::Store, stream::Stream), String> {
-    let sessions = bucket(js, SESSIONS_BUCKET, settings.replicas)
+) -> Result<(kv::Store, kv::Store, kv::Store, stream::Stream), String> {
+    let sessions = bucket(js, &names.sessions, settings.replicas, Duration::ZERO)
         .await
         .map_err(|e| jetstream_error("the session bucket", e))?;
-    let retained = bucket(js, RETAINED_BUCKET, settings.replicas)
+    let retained = bucket(js, &names.retained, settings.replicas, Duration::ZERO)
         .await
         .map_err(|e| jetstream_error("the retained-message bucket", e))?;
+    let brokers = bucket(js, &names.brokers, settings.replicas, BROKER_TTL)
+        .await
+        .map_err(|e| jetstream_error("the broker heartbeat bucket", e))?;
     let queues = js
         .get_or_create_stream(stream::Config {
-            name: QUEUES_STREAM.to_string(),
-            subjects: vec![format!("{QUEUE_PREFIX}*")],
+            name: names.queues.clone(),
+            subjects: vec![format!("{}*", names.queue_prefix)],
             retention: RetentionPolicy::WorkQueue,
             max_messages_per_subject: settings.limits.max_messages as i64,
             discard: DiscardPolicy::New,
@@ -761,21 +905,24 @@ async fn set_up(
         })
         .await
         .map_err(|e| jetstream_error("the session queue stream", e))?;
-    Ok((sessions, retained, queues))
+    Ok((sessions, retained, brokers, queues))
 }
 
-/// Finds or creates a KV bucket that keeps each key's latest value. Made
-/// as a stream (what a bucket is) because async-nats's own bucket creation
-/// first reads account fields that NATS 2.9 does not send.
+/// Finds or creates a KV bucket that keeps each key's latest value (for
+/// `max_age`, if not zero). Made as a stream (what a bucket is) because
+/// async-nats's own bucket creation first reads account fields that NATS
+/// 2.9 does not send.
 async fn bucket(
     js: &async_nats::jetstream::Context,
     name: &str,
     replicas: usize,
+    max_age: Duration,
 ) -> Result<kv::Store, String> {
     js.get_or_create_stream(stream::Config {
         name: format!("KV_{name}"),
         subjects: vec![format!("$KV.{name}.>")],
         max_messages_per_subject: 1,
+        max_age,
         allow_rollup: true,
         deny_delete: true,
         allow_direct: true,

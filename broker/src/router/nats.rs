@@ -3,14 +3,15 @@
 //! connected, so that subscribers, commands and takeovers work across
 //! brokers.
 //!
-//! Subjects, under [`PREFIX`]:
+//! Subjects, under the cluster's name ([`ClusterName`], `fleetgate` unless
+//! told otherwise):
 //!
-//! - `fleetgate.mqtt.<topic>`: one message, its topic mapped to subject
+//! - `<cluster>.mqtt.<topic>`: one message, its topic mapped to subject
 //!   tokens the way NATS's own MQTT gateway maps topics
 //!   ([`topic_to_subject`]), so the traffic reads naturally in `nats sub`.
-//! - `fleetgate.long`: a message whose mapped topic would not fit a NATS
+//! - `<cluster>.long`: a message whose mapped topic would not fit a NATS
 //!   control line; its topic travels in the envelope instead.
-//! - `fleetgate.claim`: a device id (the payload) that just connected to the
+//! - `<cluster>.claim`: a device id (the payload) that just connected to the
 //!   sending broker; the others end its connections there.
 //!
 //! Every message carries the sending broker's id in the `Fg-Broker` header
@@ -39,20 +40,38 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::{Fabric, Router};
+use crate::cluster::ClusterName;
 use crate::session::{Message, Properties};
 
-/// Every subject the fabric uses starts with this.
-pub const PREFIX: &str = "fleetgate";
-const MESSAGE_PREFIX: &str = "fleetgate.mqtt.";
-const LONG_SUBJECT: &str = "fleetgate.long";
-const CLAIM_SUBJECT: &str = "fleetgate.claim";
+/// The subjects of one cluster (see the module docs).
+#[derive(Clone)]
+struct Subjects {
+    /// `<cluster>.mqtt.`, before a mapped topic.
+    message: String,
+    long: String,
+    claim: String,
+    /// Everything above: what a broker subscribes to.
+    all: String,
+}
+
+impl Subjects {
+    fn of(cluster: &ClusterName) -> Subjects {
+        Subjects {
+            message: cluster.subject("mqtt."),
+            long: cluster.subject("long"),
+            claim: cluster.subject("claim"),
+            all: cluster.subject(">"),
+        }
+    }
+}
+
 const BROKER_HEADER: &str = "Fg-Broker";
 const ENVELOPE_HEADER: &str = "Fg-Envelope";
 
 /// Longest subject a message is sent on. A NATS server closes a connection
 /// whose protocol line exceeds its `max_control_line` (4 KiB by default),
 /// which would cost every message in flight; longer topics go on
-/// [`LONG_SUBJECT`] instead.
+/// `<cluster>.long` instead.
 const MAX_SUBJECT: usize = 1024;
 
 /// Forwards waiting for the NATS connection, by count and by bytes: beyond
@@ -153,7 +172,7 @@ struct Envelope<'a> {
     publisher: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     properties: Option<Cow<'a, Properties>>,
-    /// Only on [`LONG_SUBJECT`].
+    /// Only on `<cluster>.long`.
     #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
     topic: Option<Cow<'a, str>>,
 }
@@ -163,9 +182,9 @@ fn is_false(b: &bool) -> bool {
 }
 
 /// The subject and headers `message` is sent with (its payload as it is).
-fn encode(broker: &str, message: &Message) -> (String, HeaderMap) {
+fn encode(subjects: &Subjects, broker: &str, message: &Message) -> (String, HeaderMap) {
     let mapped = topic_to_subject(&message.topic);
-    let long = MESSAGE_PREFIX.len() + mapped.len() > MAX_SUBJECT;
+    let long = subjects.message.len() + mapped.len() > MAX_SUBJECT;
     let envelope = Envelope {
         qos: message.qos,
         retain: message.retain,
@@ -183,9 +202,9 @@ fn encode(broker: &str, message: &Message) -> (String, HeaderMap) {
         serde_json::to_string(&envelope).expect("an envelope serializes"),
     );
     let subject = if long {
-        LONG_SUBJECT.to_string()
+        subjects.long.clone()
     } else {
-        format!("{MESSAGE_PREFIX}{mapped}")
+        format!("{}{mapped}", subjects.message)
     };
     (subject, headers)
 }
@@ -198,8 +217,13 @@ enum Incoming {
     Claim(String),
 }
 
-fn decode(subject: &str, headers: Option<&HeaderMap>, payload: Bytes) -> Result<Incoming, String> {
-    if subject == CLAIM_SUBJECT {
+fn decode(
+    subjects: &Subjects,
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: Bytes,
+) -> Result<Incoming, String> {
+    if subject == subjects.claim {
         return String::from_utf8(payload.to_vec())
             .map(Incoming::Claim)
             .map_err(|_| "a claim's client id is not UTF-8".to_string());
@@ -212,9 +236,9 @@ fn decode(subject: &str, headers: Option<&HeaderMap>, payload: Bytes) -> Result<
     if envelope.qos > 2 {
         return Err(format!("QoS {}", envelope.qos));
     }
-    let topic = match (subject.strip_prefix(MESSAGE_PREFIX), envelope.topic) {
+    let topic = match (subject.strip_prefix(&subjects.message), envelope.topic) {
         (Some(mapped), None) => subject_to_topic(mapped).ok_or("not a mapped topic")?,
-        (None, Some(topic)) if subject == LONG_SUBJECT => topic.into_owned(),
+        (None, Some(topic)) if subject == subjects.long => topic.into_owned(),
         _ => return Err("not a fleetgate message subject".into()),
     };
     Ok(Incoming::Message(Message {
@@ -274,6 +298,7 @@ impl Drops {
 pub struct NatsFabric {
     /// Random per process: a restarted broker is a new sender.
     id: String,
+    subjects: Subjects,
     client: async_nats::Client,
     queue: mpsc::Sender<Outgoing>,
     queued_bytes: Arc<AtomicUsize>,
@@ -288,6 +313,7 @@ impl NatsFabric {
     /// devices as if it were alone.
     pub async fn connect(
         urls: &[String],
+        cluster: &ClusterName,
         registry: &mut Registry,
     ) -> Result<Arc<NatsFabric>, String> {
         let id = broker_id();
@@ -311,16 +337,19 @@ impl NatsFabric {
         );
         let (queue, outgoing) = mpsc::channel(QUEUE_MESSAGES);
         let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let subjects = Subjects::of(cluster);
         tokio::spawn(send(
             client.clone(),
+            subjects.clone(),
             id.clone(),
             outgoing,
             queued_bytes.clone(),
             drops.clone(),
         ));
-        tracing::info!(broker = %id, "joined the cluster fabric (NATS)");
+        tracing::info!(broker = %id, %cluster, "joined the cluster fabric (NATS)");
         Ok(Arc::new(NatsFabric {
             id,
+            subjects,
             client,
             queue,
             queued_bytes,
@@ -344,7 +373,7 @@ impl NatsFabric {
     {
         let mut subscriber = self
             .client
-            .subscribe(format!("{PREFIX}.>"))
+            .subscribe(self.subjects.all.clone())
             .await
             .map_err(|e| format!("cannot subscribe on NATS: {e}"))?;
         // The server has the subscription once it answered a ping sent after it.
@@ -353,6 +382,7 @@ impl NatsFabric {
             .await
             .map_err(|e| format!("NATS did not confirm the subscription: {e}"))?;
         let id = self.id.clone();
+        let subjects = self.subjects.clone();
         tokio::spawn(async move {
             while let Some(message) = subscriber.next().await {
                 let from = message.headers.as_ref().and_then(|h| h.get(BROKER_HEADER));
@@ -366,7 +396,12 @@ impl NatsFabric {
                         continue;
                     }
                 }
-                match decode(&message.subject, message.headers.as_ref(), message.payload) {
+                match decode(
+                    &subjects,
+                    &message.subject,
+                    message.headers.as_ref(),
+                    message.payload,
+                ) {
                     Ok(Incoming::Claim(device)) => on_claim(&device),
                     Ok(Incoming::Message(routed)) => {
                         if !routed.expired(unix_now_ms()) {
@@ -417,6 +452,7 @@ impl Fabric for NatsFabric {
 /// `forward` drop instead of blocking.
 async fn send(
     client: async_nats::Client,
+    subjects: Subjects,
     broker: String,
     mut outgoing: mpsc::Receiver<Outgoing>,
     queued_bytes: Arc<AtomicUsize>,
@@ -426,7 +462,7 @@ async fn send(
         let cost = next.cost();
         let sent = match next {
             Outgoing::Message(message) => {
-                let (subject, headers) = encode(&broker, &message);
+                let (subject, headers) = encode(&subjects, &broker, &message);
                 client
                     .publish_with_headers(subject, headers, message.payload)
                     .await
@@ -435,7 +471,7 @@ async fn send(
                 let mut headers = HeaderMap::new();
                 headers.insert(BROKER_HEADER, broker.as_str());
                 client
-                    .publish_with_headers(CLAIM_SUBJECT, headers, device.into())
+                    .publish_with_headers(subjects.claim.clone(), headers, device.into())
                     .await
             }
         };
@@ -569,10 +605,20 @@ mod tests {
         }
     }
 
+    fn subjects() -> Subjects {
+        Subjects::of(&ClusterName::default())
+    }
+
     fn through(message: &Message) -> (String, Incoming) {
-        let (subject, headers) = encode("b1", message);
+        let (subject, headers) = encode(&subjects(), "b1", message);
         assert_eq!(headers.get(BROKER_HEADER).unwrap().as_str(), "b1");
-        let incoming = decode(&subject, Some(&headers), message.payload.clone()).unwrap();
+        let incoming = decode(
+            &subjects(),
+            &subject,
+            Some(&headers),
+            message.payload.clone(),
+        )
+        .unwrap();
         (subject, incoming)
     }
 
@@ -596,7 +642,7 @@ mod tests {
         assert_eq!(incoming, Incoming::Message(full));
 
         let plain = message("live/t/s");
-        let (subject, headers) = encode("b1", &plain);
+        let (subject, headers) = encode(&subjects(), "b1", &plain);
         assert_eq!(subject, "fleetgate.mqtt.live.t.s");
         // Defaults are left out of the envelope.
         assert_eq!(
@@ -610,30 +656,43 @@ mod tests {
     fn a_topic_too_long_for_a_subject_travels_in_the_envelope() {
         let long = message(&format!("t/{}", "x.".repeat(600)));
         let (subject, incoming) = through(&long);
-        assert_eq!(subject, LONG_SUBJECT);
+        assert_eq!(subject, "fleetgate.long");
         assert_eq!(incoming, Incoming::Message(long));
-        let (subject, _) = through(&message(&"y".repeat(MAX_SUBJECT - MESSAGE_PREFIX.len())));
-        assert_ne!(subject, LONG_SUBJECT);
+        let fits = MAX_SUBJECT - subjects().message.len();
+        let (subject, _) = through(&message(&"y".repeat(fits)));
+        assert_ne!(subject, "fleetgate.long");
     }
 
     #[test]
     fn malformed_messages_are_refused() {
-        let (_, headers) = encode("b1", &message("a"));
+        let s = subjects();
+        let (_, headers) = encode(&subjects(), "b1", &message("a"));
         let payload = Bytes::new();
-        assert!(decode("fleetgate.mqtt.a", None, payload.clone()).is_err());
-        assert!(decode("fleetgate.mqtt.a..b", Some(&headers), payload.clone()).is_err());
-        assert!(decode(LONG_SUBJECT, Some(&headers), payload.clone()).is_err());
-        assert!(decode("fleetgate.other", Some(&headers), payload.clone()).is_err());
+        assert!(decode(&s, "fleetgate.mqtt.a", None, payload.clone()).is_err());
+        assert!(decode(&s, "fleetgate.mqtt.a..b", Some(&headers), payload.clone()).is_err());
+        assert!(decode(&s, &s.long, Some(&headers), payload.clone()).is_err());
+        assert!(decode(&s, "fleetgate.other", Some(&headers), payload.clone()).is_err());
         let mut bad = HeaderMap::new();
         bad.insert(ENVELOPE_HEADER, r#"{"qos":3}"#);
-        assert!(decode("fleetgate.mqtt.a", Some(&bad), payload.clone()).is_err());
+        assert!(decode(&s, "fleetgate.mqtt.a", Some(&bad), payload.clone()).is_err());
         bad.insert(ENVELOPE_HEADER, "not json");
-        assert!(decode("fleetgate.mqtt.a", Some(&bad), payload).is_err());
+        assert!(decode(&s, "fleetgate.mqtt.a", Some(&bad), payload).is_err());
         assert_eq!(
-            decode(CLAIM_SUBJECT, None, Bytes::from_static(b"d-1")),
+            decode(&s, &s.claim, None, Bytes::from_static(b"d-1")),
             Ok(Incoming::Claim("d-1".into()))
         );
-        assert!(decode(CLAIM_SUBJECT, None, Bytes::from_static(b"\xff")).is_err());
+        assert!(decode(&s, &s.claim, None, Bytes::from_static(b"\xff")).is_err());
+    }
+
+    #[test]
+    fn another_cluster_is_not_heard() {
+        let (subject, headers) = encode(&subjects(), "b1", &message("devices/d1/cmd"));
+        let staging = Subjects::of(&ClusterName::new("staging").unwrap());
+        assert_eq!(subject, "fleetgate.mqtt.devices.d1.cmd");
+        assert!(decode(&staging, &subject, Some(&headers), Bytes::new()).is_err());
+        let (subject, _) = encode(&staging, "b1", &message("devices/d1/cmd"));
+        assert_eq!(subject, "staging.mqtt.devices.d1.cmd");
+        assert_eq!(staging.all, "staging.>");
     }
 
     #[test]

@@ -11,8 +11,8 @@ use fleetgate_protocol::Role;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::etl_api::Window;
-use crate::http::{answer, bad_request, internal_error, ApiError, AppState, Caller};
+use super::query::answer;
+use super::{bad_request, internal_error, ApiError, AppState, Caller, Window};
 
 pub async fn apply(
     State(state): State<AppState>,

@@ -16,7 +16,7 @@ use fleetgate_sdk_builder::{Artifact, Builder, Recipient};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::http::{ApiError, AppState, Caller};
+use super::{ApiError, AppState, Caller};
 
 /// How long what a handshake hands out stays good.
 #[derive(Clone)]

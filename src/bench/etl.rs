@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-use crate::bench::{api, ms, percentile, spawn_server, ScratchDatabase, Spawned};
+use super::{api, ms, percentile, spawn_server, ScratchDatabase, Spawned};
 
 /// 2025-11-22T00:00:00Z: the orders span the year before the bench's "now".
 const YEAR_START_MS: i64 = 1_763_769_600_000;

@@ -45,8 +45,8 @@ impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Cli
     }
 }
 
-impl Connected<axum::serve::IncomingStream<'_, crate::tls::HttpsListener>> for ClientAddr {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, crate::tls::HttpsListener>) -> Self {
+impl Connected<axum::serve::IncomingStream<'_, super::HttpsListener>> for ClientAddr {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, super::HttpsListener>) -> Self {
         ClientAddr(*stream.remote_addr())
     }
 }
@@ -78,6 +78,8 @@ struct Bucket {
     at: Instant,
 }
 
+/// The limit on the routes without a token: a token bucket per client
+/// address (see the module).
 pub struct RateLimit {
     /// Requests per second per address.
     rate: f64,
@@ -108,7 +110,7 @@ impl RateLimit {
 
     /// Takes one request from `ip`'s bucket; when it is empty, says how long
     /// until it holds one again.
-    pub fn check(&self, ip: Option<IpAddr>, now: Instant) -> Result<(), Duration> {
+    pub(crate) fn check(&self, ip: Option<IpAddr>, now: Instant) -> Result<(), Duration> {
         let mut state = self.state.lock().expect("rate limit lock");
         let mut key = ip.map(Key::of).unwrap_or(Key::Overflow);
         if !state.by_key.contains_key(&key) && state.by_key.len() >= MAX_TRACKED {

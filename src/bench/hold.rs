@@ -21,7 +21,7 @@
 //! TIME_WAIT sockets limit a round. A held connection is only its socket:
 //! no task, no buffer, no client library.
 //!
-//! `bench_hold_cluster` (`--hold-brokers K`) drives the same helpers and
+//! `hold_cluster` (`--hold-brokers K`) drives the same helpers and
 //! rounds against a cluster of K brokers.
 
 use std::collections::BTreeMap;
@@ -43,7 +43,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::bench::{api, ms, percentile, spawn_server, Spawned};
+use super::{api, ms, percentile, spawn_server, Spawned};
 
 /// Connections per helper process: below the 20,000-file limit with room
 /// for the runtime's own descriptors.
@@ -327,7 +327,7 @@ pub(crate) async fn register(
     wanted: &[(String, &str)],
 ) -> anyhow::Result<Vec<Credentials>> {
     let mut registered = Vec::with_capacity(wanted.len());
-    for part in wanted.chunks(crate::import_api::MAX_DEVICES) {
+    for part in wanted.chunks(fleetgate_api::http::MAX_IMPORT_DEVICES) {
         let devices: Vec<_> = part
             .iter()
             .map(|(id, role)| json!({ "id": id, "role": role }))

@@ -16,7 +16,7 @@ use fleetgate_protocol::Role;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::http::{ApiError, AppState, Caller};
+use super::{ApiError, AppState, Caller};
 
 #[derive(Deserialize)]
 pub struct IngestParams {

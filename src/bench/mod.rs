@@ -3,6 +3,15 @@
 //!
 //! It starts its own `fleetgate up` (this binary) on ephemeral ports with a
 //! fresh data directory, so the figures are reproducible with one command.
+//! The other measurements are submodules: `sdk` (`--sdk`), `etl`
+//! (`--etl`), `cold` (`--cold`), `hold` (`--hold`) and `hold_cluster`
+//! (`--hold --hold-brokers`).
+
+mod cold;
+mod etl;
+mod hold;
+mod hold_cluster;
+mod sdk;
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
@@ -874,16 +883,16 @@ async fn measure_revocations(
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.sdk {
-        return crate::bench_sdk::run(args.handshakes).await;
+        return sdk::run(args.handshakes).await;
     }
     if args.etl > 0 {
-        return crate::bench_etl::run(args.etl, args.database.as_deref()).await;
+        return etl::run(args.etl, args.database.as_deref()).await;
     }
     if args.cold > 0 {
-        return crate::bench_cold::run(args.cold, args.database.as_deref()).await;
+        return cold::run(args.cold, args.database.as_deref()).await;
     }
     if args.hold_client {
-        return crate::bench_hold::client().await;
+        return hold::client().await;
     }
     if args.hold > 0 && args.hold_brokers > 0 {
         let Some(database) = args.database else {
@@ -891,7 +900,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 "--hold-brokers needs --database postgres://... (a scratch database is made there)"
             );
         };
-        return crate::bench_hold_cluster::run(crate::bench_hold_cluster::ClusterArgs {
+        return hold_cluster::run(hold_cluster::ClusterArgs {
             devices: args.hold,
             brokers: args.hold_brokers,
             concurrency: args.hold_concurrency,
@@ -900,7 +909,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .await;
     }
     if args.hold > 0 {
-        return crate::bench_hold::run(crate::bench_hold::HoldArgs {
+        return hold::run(hold::HoldArgs {
             devices: args.hold,
             concurrency: args.hold_concurrency,
             subscribers: args.fanout_subscribers,

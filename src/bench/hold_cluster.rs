@@ -32,11 +32,11 @@ use anyhow::{anyhow, bail, Context};
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
 
-use crate::bench::{spawn_in, ScratchDatabase, Spawned};
-use crate::bench_hold::{
+use super::hold::{
     check, connect_reports, dash, mib, p50_p99, register, rss, source, stop_helpers, stopped_early,
     CheckReport, Credentials, Helper, Round, DEADLINE, FILE_LIMIT, MAX_BROKERS, SETTLE,
 };
+use super::{spawn_in, ScratchDatabase, Spawned};
 
 /// Debian's nats-server; one on the PATH otherwise.
 const NATS_SERVER: &str = "/usr/sbin/nats-server";

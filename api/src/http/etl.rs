@@ -4,13 +4,12 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use fleetgate_etl::job::JobsFile;
-use fleetgate_etl::schema::parse_timestamp;
 use fleetgate_etl::StartError;
 use fleetgate_protocol::Role;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::http::{bad_request, internal_error, ApiError, AppState, Caller};
+use super::{bad_request, internal_error, ApiError, AppState, Caller, Window};
 
 pub async fn apply(
     State(state): State<AppState>,
@@ -50,43 +49,6 @@ pub async fn delete(
         ));
     }
     Ok(Json(json!({ "deleted": name })))
-}
-
-/// `?from=&to=`: RFC 3339, a date, or epoch milliseconds.
-#[derive(Deserialize)]
-pub struct Window {
-    pub from: Option<String>,
-    pub to: Option<String>,
-}
-
-impl Window {
-    pub fn parse(&self) -> Result<Option<(i64, i64)>, ApiError> {
-        let at = |text: &str| {
-            parse_timestamp(text).ok_or_else(|| {
-                ApiError(
-                    StatusCode::BAD_REQUEST,
-                    format!("{text:?} is not a time (RFC 3339, YYYY-MM-DD or epoch ms)"),
-                )
-            })
-        };
-        match (&self.from, &self.to) {
-            (None, None) => Ok(None),
-            (Some(from), Some(to)) => {
-                let (from, to) = (at(from)?, at(to)?);
-                if from >= to {
-                    return Err(ApiError(
-                        StatusCode::BAD_REQUEST,
-                        "from must come before to".into(),
-                    ));
-                }
-                Ok(Some((from, to)))
-            }
-            _ => Err(ApiError(
-                StatusCode::BAD_REQUEST,
-                "give both from and to, or neither".into(),
-            )),
-        }
-    }
 }
 
 /// Starts a run; the reply names it at once (`202`), the run goes on.

@@ -13,7 +13,7 @@ use fleetgate_device_sdk::{verify_bundle, Expected};
 use fleetgate_protocol::sdk::{HandshakeClaims, SdkBundle, Target, SDK_VERSION};
 use serde_json::{json, Value};
 
-use crate::bench::{api, ms, percentile, spawn_server, Spawned, STREAM};
+use super::{api, ms, percentile, spawn_server, Spawned, STREAM};
 
 const DEVICE: &str = "bench-sdk";
 

@@ -13,7 +13,8 @@ use fleetgate_protocol::Role;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::http::{checked_ttl, parse_public_key, ApiError, AppState, Caller};
+use super::devices::{checked_ttl, parse_public_key};
+use super::{internal_error, ApiError, AppState, Caller};
 
 /// Most devices one import may hold.
 pub const MAX_DEVICES: usize = 100_000;
@@ -166,7 +167,7 @@ pub async fn import(
         (tokens, registrations)
     })
     .await
-    .map_err(|e| crate::http::internal_error(format!("cannot mint tokens: {e}")))?;
+    .map_err(|e| internal_error(format!("cannot mint tokens: {e}")))?;
     let devices = state.registry.import(&registrations, now).await?;
     let devices: Vec<_> = devices
         .iter()

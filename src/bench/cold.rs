@@ -10,7 +10,7 @@ use anyhow::{anyhow, Context};
 use fleetgate_store::db::Backend;
 use fleetgate_store::{query, with_pool, Db};
 
-use crate::bench::{ms, percentile, ScratchDatabase};
+use super::{ms, percentile, ScratchDatabase};
 
 const STREAM: &str = r#"
 [streams.reading]

@@ -8,7 +8,7 @@ use fleetgate_protocol::Role;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::http::{bad_request, internal_error, ApiError, AppState, Caller};
+use super::{bad_request, internal_error, ApiError, AppState, Caller};
 
 pub async fn apply(
     State(state): State<AppState>,
