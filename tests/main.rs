@@ -20,6 +20,7 @@ mod ingest;
 mod mqtt;
 mod nats_cluster;
 mod pgwire;
+mod pgwire_clients;
 mod query;
 mod readme;
 mod reports;

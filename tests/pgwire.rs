@@ -19,7 +19,7 @@ fn psql_available() -> bool {
     found
 }
 
-fn psycopg_available() -> bool {
+pub(crate) fn psycopg_available() -> bool {
     let found = Command::new("python3")
         .args(["-c", "import psycopg"])
         .output()
@@ -32,7 +32,7 @@ fn psycopg_available() -> bool {
     found
 }
 
-fn pg_port(server: &Server) -> String {
+pub(crate) fn pg_port(server: &Server) -> String {
     server
         .extra_addr("pg")
         .expect("pg address on the ready line")
@@ -65,7 +65,7 @@ fn psql(server: &Server, user: &str, password: &str, commands: &[&str]) -> Outpu
     command.output().expect("run psql")
 }
 
-fn text(output: &Output) -> (String, String) {
+pub(crate) fn text(output: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
@@ -73,7 +73,7 @@ fn text(output: &Output) -> (String, String) {
 }
 
 /// Runs a Python script with `PG_DSN` set for `user`/`password`.
-fn python(server: &Server, user: &str, password: &str, script: &str) -> Output {
+pub(crate) fn python(server: &Server, user: &str, password: &str, script: &str) -> Output {
     let dsn = format!(
         "host=127.0.0.1 port={} user={user} password={password} dbname=fleetgate connect_timeout=10",
         pg_port(server)

@@ -52,6 +52,9 @@ use crate::{QueryFailure, QueryService};
 /// their catalog queries by it.
 pub const SERVER_VERSION: &str = "16.0";
 
+/// [`SERVER_VERSION`] as `server_version_num` gives it.
+pub const SERVER_VERSION_NUM: u32 = 160_000;
+
 /// What the endpoint needs.
 pub struct PgServer {
     pub queries: QueryService,
@@ -940,6 +943,7 @@ impl Connection {
     fn settings(&self) -> Vec<(&'static str, String)> {
         vec![
             ("server_version", SERVER_VERSION.to_string()),
+            ("server_version_num", SERVER_VERSION_NUM.to_string()),
             ("server_encoding", "UTF8".into()),
             ("client_encoding", "UTF8".into()),
             ("datestyle", "ISO, YMD".into()),
@@ -982,6 +986,12 @@ impl Connection {
         Ok(match first {
             "begin" | "start" => Some(Outcome::Begin),
             "commit" | "end" => Some(Outcome::End("COMMIT")),
+            // Savepoints (psycopg's nested transactions) are accepted
+            // alike: nothing is written to undo.
+            "savepoint" | "release" => Some(Outcome::Command(first.to_uppercase())),
+            "rollback" if text.starts_with("rollback to ") => {
+                Some(Outcome::Command("ROLLBACK".into()))
+            }
             "rollback" | "abort" => Some(Outcome::End("ROLLBACK")),
             "discard" | "reset" => Some(Outcome::Command(first.to_uppercase())),
             "set" => {
@@ -1007,7 +1017,13 @@ impl Connection {
                 }
             }
             "show" => {
-                let name = text["show".len()..].trim();
+                let name = match text["show".len()..].trim() {
+                    // PostgreSQL's spellings with spaces (SQLAlchemy asks
+                    // the first at connect).
+                    "transaction isolation level" => "transaction_isolation",
+                    "time zone" => "timezone",
+                    name => name,
+                };
                 let settings = self.settings();
                 if name == "all" {
                     Some(Outcome::Rows(Rows::text(
@@ -1041,6 +1057,15 @@ impl Connection {
                 "select current_schema()" | "select current_schema" => {
                     one("current_schema", "public".into())
                 }
+                // Grafana's data source settings page asks this for the
+                // major version (it picks features by it).
+                "select current_setting('server_version_num')::int/100 as version" => {
+                    Some(Outcome::Rows(Rows::typed(
+                        vec!["version".into()],
+                        vec![vec![Value::from(SERVER_VERSION_NUM / 100)]],
+                        &[],
+                    )))
+                }
                 _ => None,
             },
             _ => None,
@@ -1066,6 +1091,7 @@ fn is_catalog_query(sql: &str) -> bool {
         "pg_index",
         "pg_am",
         "pg_description",
+        "pg_extension",
     ];
     identifiers(sql)
         .iter()
@@ -1271,6 +1297,73 @@ impl Connection {
                 .collect()
         };
         let mut rows = Vec::new();
+        if text.contains("from information_schema.tables") {
+            // Grafana's table picker (and any `information_schema` listing).
+            let schema = literal_after(&text, "table_schema) =")
+                .or_else(|| literal_after(&text, "table_schema ="));
+            let only = literal_after(&text, "table_name) =")
+                .or_else(|| literal_after(&text, "table_name ="));
+            if schema.is_none_or(|s| s == "public") {
+                for (_, name) in tables.iter().filter(|(_, n)| only.is_none_or(|o| o == n)) {
+                    rows.push(row(&|key| {
+                        Some(match key {
+                            k if k.contains("table_name") => name.clone(),
+                            k if k.contains("table_schema") => "public".into(),
+                            k if k.contains("table_type") => "BASE TABLE".into(),
+                            k if k.contains("table_catalog") => "fleetgate".into(),
+                            _ => return None,
+                        })
+                    }));
+                }
+            }
+            return Ok(Outcome::Rows(Rows::text(&names, rows)));
+        }
+        if text.contains("from information_schema.columns") {
+            // Grafana's column picker: one table's columns, with types.
+            let table = literal_after(&text, "parse_ident(")
+                .map(|t| t.rsplit('.').next().unwrap_or(t))
+                .or_else(|| literal_after(&text, "table_name) ="))
+                .or_else(|| literal_after(&text, "table_name ="));
+            if let Some((_, table)) = table.and_then(|t| tables.iter().find(|(_, n)| n == t)) {
+                for (i, column) in self.table_columns(table).await.iter().enumerate() {
+                    rows.push(row(&|key| {
+                        Some(match key {
+                            k if k.contains("column_name") => column.name.clone(),
+                            k if k.contains("data_type") => column.ty.to_string(),
+                            k if k.contains("ordinal_position") => (i + 1).to_string(),
+                            k if k.contains("is_nullable") => "YES".into(),
+                            k if k.contains("table_name") => table.clone(),
+                            k if k.contains("table_schema") => "public".into(),
+                            k if k.contains("table_catalog") => "fleetgate".into(),
+                            _ => return None,
+                        })
+                    }));
+                }
+            }
+            return Ok(Outcome::Rows(Rows::text(&names, rows)));
+        }
+        if text.starts_with("select pg_catalog.pg_class.relname from pg_catalog.pg_class") {
+            // SQLAlchemy's `get_table_names` and `has_table`: tables (relkind
+            // 'r'), perhaps only those named.
+            let kinds = text
+                .split("pg_catalog.pg_class.relkind = any (array[")
+                .nth(1)
+                .and_then(|rest| rest.split(']').next());
+            let named: Option<Vec<&str>> = text
+                .split("pg_catalog.pg_class.relname in (")
+                .nth(1)
+                .and_then(|rest| rest.split(')').next())
+                .map(|list| list.split('\'').skip(1).step_by(2).collect());
+            if kinds.is_some_and(|k| k.contains("'r'")) {
+                for (_, name) in tables
+                    .iter()
+                    .filter(|(_, n)| named.as_ref().is_none_or(|ns| ns.contains(&n.as_str())))
+                {
+                    rows.push(row(&|key| key.contains("relname").then(|| name.clone())));
+                }
+            }
+            return Ok(Outcome::Rows(Rows::text(&names, rows)));
+        }
         let listing = text.contains("from pg_catalog.pg_class c")
             && text
                 .split("c.relkind in (")

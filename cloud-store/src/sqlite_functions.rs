@@ -6,6 +6,11 @@
 //! - `fg_decompress(blob)` → text: the text back.
 //!
 //! Both are deterministic and return NULL for NULL.
+//!
+//! And `floor`, `ceil` and `ceiling`, which the query guard allows but this
+//! SQLite is built without: as on PostgreSQL, a number's floor or ceiling as
+//! a float (NULL for NULL or anything not a number), so a query such as
+//! Grafana's time grouping (`floor(x/60)*60`) answers alike on both.
 
 use std::ffi::{c_int, CStr};
 use std::ptr;
@@ -25,8 +30,13 @@ type ScalarFunction =
 pub async fn register(connection: &mut SqliteConnection) -> Result<(), sqlx::Error> {
     let mut handle = connection.lock_handle().await?;
     let db = handle.as_raw_handle().as_ptr();
-    let functions: [(&CStr, ScalarFunction); 2] =
-        [(c"fg_compress", compress), (c"fg_decompress", decompress)];
+    let functions: [(&CStr, ScalarFunction); 5] = [
+        (c"fg_compress", compress),
+        (c"fg_decompress", decompress),
+        (c"floor", floor),
+        (c"ceil", ceil),
+        (c"ceiling", ceil),
+    ];
     for (name, function) in functions {
         // SAFETY: `db` is this connection's open handle, locked for the
         // call; the name is a static C string; no user data or destructor.
@@ -71,6 +81,39 @@ unsafe fn argument<'a>(argv: *mut *mut ffi::sqlite3_value, as_text: bool) -> Opt
         return Some(&[]);
     }
     Some(std::slice::from_raw_parts(data, len))
+}
+
+/// `round` of the single argument, as a float; NULL unless it is a number.
+///
+/// SAFETY: `argv` holds one value, valid for this call.
+unsafe fn rounded(
+    context: *mut ffi::sqlite3_context,
+    argv: *mut *mut ffi::sqlite3_value,
+    round: fn(f64) -> f64,
+) {
+    let value = *argv;
+    match ffi::sqlite3_value_numeric_type(value) {
+        ffi::SQLITE_INTEGER | ffi::SQLITE_FLOAT => {
+            ffi::sqlite3_result_double(context, round(ffi::sqlite3_value_double(value)))
+        }
+        _ => ffi::sqlite3_result_null(context),
+    }
+}
+
+unsafe extern "C" fn floor(
+    context: *mut ffi::sqlite3_context,
+    _argc: c_int,
+    argv: *mut *mut ffi::sqlite3_value,
+) {
+    rounded(context, argv, f64::floor)
+}
+
+unsafe extern "C" fn ceil(
+    context: *mut ffi::sqlite3_context,
+    _argc: c_int,
+    argv: *mut *mut ffi::sqlite3_value,
+) {
+    rounded(context, argv, f64::ceil)
 }
 
 unsafe extern "C" fn compress(
@@ -152,5 +195,23 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("not a compressed chunk"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn floor_and_ceiling_answer_as_on_postgres() {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .after_connect(|connection, _| Box::pin(super::register(connection)))
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        let row: (f64, f64, f64, f64, Option<f64>, Option<f64>) = sqlx::query_as(
+            "SELECT floor((1772359263000/1000)/60)*60, floor(-2.5), ceil(2.1), ceiling('2.5'), \
+             floor(NULL), ceil('x')",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(row, (1_772_359_260.0, -3.0, 3.0, 3.0, None, None));
     }
 }

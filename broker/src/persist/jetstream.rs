@@ -97,9 +97,12 @@ impl Names {
 }
 
 /// How often a broker says it is up, and how long that lasts: a broker
-/// silent for three heartbeats is taken for gone.
+/// silent for seven heartbeats is taken for gone. Generous, because a
+/// broker wrongly taken for gone has its sessions' expiry start while
+/// its devices are still on it (until it writes them back), and a
+/// loaded machine can starve a heartbeat for seconds.
 const HEARTBEAT: Duration = Duration::from_secs(2);
-const BROKER_TTL: Duration = Duration::from_secs(6);
+const BROKER_TTL: Duration = Duration::from_secs(15);
 
 /// How long a message sent to a device may stay unacknowledged before
 /// JetStream offers it again (to the same broker, which ignores it while
