@@ -7,10 +7,14 @@
 //!
 //! Both are deterministic and return NULL for NULL.
 //!
-//! And `floor`, `ceil` and `ceiling`, which the query guard allows but this
-//! SQLite is built without: as on PostgreSQL, a number's floor or ceiling as
-//! a float (NULL for NULL or anything not a number), so a query such as
-//! Grafana's time grouping (`floor(x/60)*60`) answers alike on both.
+//! And the math functions the query guard allows but this SQLite is built
+//! without, as PostgreSQL has them, so a query answers alike on both
+//! (Grafana's time grouping, `floor(x/60)*60`, for one): `floor`, `ceil`,
+//! `ceiling`, `trunc`, `sign`, `sqrt`, `exp`, `ln`, `log(x)` (base 10),
+//! `log(b, x)` and `power(x, y)`. They answer a float, NULL when an
+//! argument is NULL or not a number, and refuse what PostgreSQL refuses
+//! with its words (`sqrt(-1)`: "cannot take square root of a negative
+//! number").
 
 use std::ffi::{c_int, CStr};
 use std::ptr;
@@ -30,21 +34,30 @@ type ScalarFunction =
 pub async fn register(connection: &mut SqliteConnection) -> Result<(), sqlx::Error> {
     let mut handle = connection.lock_handle().await?;
     let db = handle.as_raw_handle().as_ptr();
-    let functions: [(&CStr, ScalarFunction); 5] = [
-        (c"fg_compress", compress),
-        (c"fg_decompress", decompress),
-        (c"floor", floor),
-        (c"ceil", ceil),
-        (c"ceiling", ceil),
+    let functions: [(&CStr, c_int, ScalarFunction); 14] = [
+        (c"fg_compress", 1, compress),
+        (c"fg_decompress", 1, decompress),
+        (c"floor", 1, floor),
+        (c"ceil", 1, ceil),
+        (c"ceiling", 1, ceil),
+        (c"trunc", 1, trunc),
+        (c"sign", 1, sign),
+        (c"sqrt", 1, sqrt),
+        (c"exp", 1, exp),
+        (c"ln", 1, ln),
+        (c"log", 1, log10),
+        (c"log", 2, log_base),
+        (c"power", 2, power),
+        (c"pow", 2, power),
     ];
-    for (name, function) in functions {
+    for (name, arguments, function) in functions {
         // SAFETY: `db` is this connection's open handle, locked for the
         // call; the name is a static C string; no user data or destructor.
         let rc = unsafe {
             ffi::sqlite3_create_function_v2(
                 db,
                 name.as_ptr(),
-                1,
+                arguments,
                 ffi::SQLITE_UTF8 | ffi::SQLITE_DETERMINISTIC,
                 ptr::null_mut(),
                 Some(function),
@@ -83,37 +96,93 @@ unsafe fn argument<'a>(argv: *mut *mut ffi::sqlite3_value, as_text: bool) -> Opt
     Some(std::slice::from_raw_parts(data, len))
 }
 
-/// `round` of the single argument, as a float; NULL unless it is a number.
+/// The `N` arguments of a math function as numbers; `None` when one is
+/// NULL or not a number.
 ///
-/// SAFETY: `argv` holds one value, valid for this call.
-unsafe fn rounded(
-    context: *mut ffi::sqlite3_context,
-    argv: *mut *mut ffi::sqlite3_value,
-    round: fn(f64) -> f64,
-) {
-    let value = *argv;
-    match ffi::sqlite3_value_numeric_type(value) {
-        ffi::SQLITE_INTEGER | ffi::SQLITE_FLOAT => {
-            ffi::sqlite3_result_double(context, round(ffi::sqlite3_value_double(value)))
+/// SAFETY: `argv` holds `N` values, valid for this call.
+unsafe fn numbers<const N: usize>(argv: *mut *mut ffi::sqlite3_value) -> Option<[f64; N]> {
+    let mut numbers = [0.0; N];
+    for (i, number) in numbers.iter_mut().enumerate() {
+        let value = *argv.add(i);
+        match ffi::sqlite3_value_numeric_type(value) {
+            ffi::SQLITE_INTEGER | ffi::SQLITE_FLOAT => *number = ffi::sqlite3_value_double(value),
+            _ => return None,
         }
-        _ => ffi::sqlite3_result_null(context),
+    }
+    Some(numbers)
+}
+
+/// A math function of `N` numbers: NULL for NULL, else its value or its
+/// refusal.
+macro_rules! math_function {
+    ($name:ident, $n:literal, |$x:ident| $body:expr) => {
+        unsafe extern "C" fn $name(
+            context: *mut ffi::sqlite3_context,
+            _argc: c_int,
+            argv: *mut *mut ffi::sqlite3_value,
+        ) {
+            let answer: Result<f64, &CStr> = match numbers::<$n>(argv) {
+                None => return ffi::sqlite3_result_null(context),
+                Some($x) => $body,
+            };
+            match answer {
+                Ok(value) => ffi::sqlite3_result_double(context, value),
+                Err(refusal) => ffi::sqlite3_result_error(context, refusal.as_ptr(), -1),
+            }
+        }
+    };
+}
+
+math_function!(floor, 1, |x| Ok(x[0].floor()));
+math_function!(ceil, 1, |x| Ok(x[0].ceil()));
+math_function!(trunc, 1, |x| Ok(x[0].trunc()));
+math_function!(sign, 1, |x| Ok(if x[0] == 0.0 {
+    0.0
+} else {
+    x[0].signum()
+}));
+math_function!(sqrt, 1, |x| if x[0] < 0.0 {
+    Err(c"cannot take square root of a negative number")
+} else {
+    Ok(x[0].sqrt())
+});
+math_function!(exp, 1, |x| finite(x[0].exp()));
+math_function!(ln, 1, |x| logarithm(x[0]));
+math_function!(log10, 1, |x| logarithm(x[0]).map(|_| x[0].log10()));
+math_function!(log_base, 2, |x| match (logarithm(x[0]), logarithm(x[1])) {
+    (Ok(0.0), _) => Err(c"division by zero"),
+    (Ok(base), Ok(value)) => Ok(value / base),
+    (Err(refusal), _) | (_, Err(refusal)) => Err(refusal),
+});
+math_function!(power, 2, |x| {
+    let (base, exponent) = (x[0], x[1]);
+    if base == 0.0 && exponent < 0.0 {
+        Err(c"zero raised to a negative power is undefined")
+    } else if base < 0.0 && exponent.fract() != 0.0 {
+        Err(c"a negative number raised to a non-integer power yields a complex result")
+    } else {
+        finite(base.powf(exponent))
+    }
+});
+
+/// The natural logarithm, refused where PostgreSQL refuses it.
+fn logarithm(x: f64) -> Result<f64, &'static CStr> {
+    if x == 0.0 {
+        Err(c"cannot take logarithm of zero")
+    } else if x < 0.0 {
+        Err(c"cannot take logarithm of a negative number")
+    } else {
+        Ok(x.ln())
     }
 }
 
-unsafe extern "C" fn floor(
-    context: *mut ffi::sqlite3_context,
-    _argc: c_int,
-    argv: *mut *mut ffi::sqlite3_value,
-) {
-    rounded(context, argv, f64::floor)
-}
-
-unsafe extern "C" fn ceil(
-    context: *mut ffi::sqlite3_context,
-    _argc: c_int,
-    argv: *mut *mut ffi::sqlite3_value,
-) {
-    rounded(context, argv, f64::ceil)
+/// A result too large for a float is refused, as PostgreSQL does.
+fn finite(value: f64) -> Result<f64, &'static CStr> {
+    if value.is_finite() {
+        Ok(value)
+    } else {
+        Err(c"value out of range: overflow")
+    }
 }
 
 unsafe extern "C" fn compress(
@@ -198,7 +267,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn floor_and_ceiling_answer_as_on_postgres() {
+    async fn math_functions_answer_and_refuse_as_on_postgres() {
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .after_connect(|connection, _| Box::pin(super::register(connection)))
@@ -213,5 +282,39 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(row, (1_772_359_260.0, -3.0, 3.0, 3.0, None, None));
+        let row: (f64, f64, f64, f64, f64, f64, f64, f64, f64) = sqlx::query_as(
+            "SELECT trunc(-2.7), sign(-4), sqrt(16), exp(0), ln(1), log(1000), log(2, 8), \
+             power(2, 10), power(-2, 3)",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(row, (-2.0, -1.0, 4.0, 1.0, 0.0, 3.0, 3.0, 1024.0, -8.0));
+        for (query, refusal) in [
+            (
+                "SELECT sqrt(-1)",
+                "cannot take square root of a negative number",
+            ),
+            ("SELECT ln(0)", "cannot take logarithm of zero"),
+            (
+                "SELECT log(-1)",
+                "cannot take logarithm of a negative number",
+            ),
+            ("SELECT log(1, 8)", "division by zero"),
+            (
+                "SELECT power(0, -1)",
+                "zero raised to a negative power is undefined",
+            ),
+            (
+                "SELECT power(-8, 0.5)",
+                "a negative number raised to a non-integer power yields a complex result",
+            ),
+            ("SELECT exp(1000)", "value out of range: overflow"),
+        ] {
+            let Err(err) = sqlx::query(query).fetch_one(&pool).await else {
+                panic!("{query} was not refused");
+            };
+            assert!(err.to_string().contains(refusal), "{query}: {err}");
+        }
     }
 }
