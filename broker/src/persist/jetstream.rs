@@ -141,9 +141,9 @@ struct Inner {
     sessions: kv::Store,
     retained: kv::Store,
     brokers: kv::Store,
-    /// Session records attached to other brokers, by KV key, with their
-    /// revision: what to mark detached if that broker's heartbeat stops.
-    held_elsewhere: Mutex<HashMap<String, (StoredSession, u64)>>,
+    /// The broker each session record attached elsewhere names, by KV key:
+    /// what to mark detached if that broker's heartbeat stops.
+    held_elsewhere: Mutex<HashMap<String, String>>,
     ops: mpsc::UnboundedSender<(StoreOp, oneshot::Sender<Sent>)>,
     limits: QueueLimits,
     /// Per session attached here: the task feeding it, and the ack subjects
@@ -172,7 +172,7 @@ struct Loaded {
 type Sent = Result<Vec<PublishAckFuture>, String>;
 
 /// A session record as the bucket holds it.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Serialize, Deserialize)]
 struct StoredSession {
     broker: String,
     client_id: String,
@@ -309,7 +309,7 @@ impl Inner {
             .insert(entry.key.clone(), stored.client_id.as_str().into());
         let mut held = self.held_elsewhere.lock().expect("held lock");
         if stored.broker != self.broker && stored.detached_at_ms.is_none() {
-            held.insert(entry.key.clone(), (stored.clone(), entry.revision));
+            held.insert(entry.key.clone(), stored.broker.clone());
         } else {
             held.remove(&entry.key);
         }
@@ -328,28 +328,47 @@ impl Inner {
     /// Marks detached, as of now, each session record still attached to a
     /// broker whose heartbeat has stopped. A record written again meanwhile
     /// (its device came back, or another broker released it first) is left
-    /// alone: the write is conditional on the record's revision.
+    /// alone: the write is conditional on the revision it was read at.
     async fn release_sessions_of_stopped_brokers(&self) {
-        let held: Vec<(String, StoredSession, u64)> = self
+        let brokers: std::collections::HashSet<String> = self
+            .held_elsewhere
+            .lock()
+            .expect("held lock")
+            .values()
+            .cloned()
+            .collect();
+        let mut stopped = std::collections::HashSet::new();
+        for broker in brokers {
+            match self.brokers.get(kv_key(&broker)).await {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    stopped.insert(broker);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the brokers' heartbeats");
+                    return;
+                }
+            }
+        }
+        if stopped.is_empty() {
+            return;
+        }
+        let keys: Vec<String> = self
             .held_elsewhere
             .lock()
             .expect("held lock")
             .iter()
-            .map(|(key, (stored, revision))| (key.clone(), stored.clone(), *revision))
+            .filter(|(_, broker)| stopped.contains(*broker))
+            .map(|(key, _)| key.clone())
             .collect();
-        let mut up: HashMap<String, bool> = HashMap::new();
-        for (key, mut stored, revision) in held {
-            let alive = match up.get(&stored.broker) {
-                Some(alive) => *alive,
-                None => match self.brokers.get(kv_key(&stored.broker)).await {
-                    Ok(beat) => *up.entry(stored.broker.clone()).or_insert(beat.is_some()),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot read the brokers' heartbeats");
-                        return;
-                    }
-                },
+        for key in keys {
+            let Ok(Some(entry)) = self.sessions.entry(&key).await else {
+                continue;
             };
-            if alive {
+            let Ok(mut stored) = serde_json::from_slice::<StoredSession>(&entry.value) else {
+                continue;
+            };
+            if !stopped.contains(&stored.broker) || stored.detached_at_ms.is_some() {
                 continue;
             }
             stored.detached_at_ms = Some(unix_now_ms());
@@ -357,7 +376,7 @@ impl Inner {
             let value = serde_json::to_vec(&stored).expect("a session record serializes");
             if self
                 .sessions
-                .update(&key, value.into(), revision)
+                .update(&key, value.into(), entry.revision)
                 .await
                 .is_ok()
             {
