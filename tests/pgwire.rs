@@ -169,6 +169,60 @@ with psycopg.connect(os.environ["PG_DSN"]) as conn:
     assert_eq!(answer["count"], 1);
 }
 
+crate::on_both_backends!(large_answers_stream_whole_and_stop_at_the_byte_bound);
+/// A large answer arrives whole and in order across the batches it streams
+/// in; one that outgrows `--query-max-bytes` after rows were already sent
+/// ends with PostgreSQL's "program limit exceeded" error, and the session
+/// goes on.
+async fn large_answers_stream_whole_and_stop_at_the_byte_bound(backend: Backend) {
+    if !psycopg_available() {
+        return;
+    }
+    let server = Server::start_with(backend, &["--query-max-bytes", "8MiB"]).await;
+    let analyst = server.add_device("analyst-1", "extract").await;
+    let script = r#"
+import os, json, psycopg
+rows_of = lambda n, pad: (
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < %d) "
+    "SELECT x, x * 0.5 AS half, 'row ' || x || '%s' AS label FROM c ORDER BY x" % (n, pad))
+with psycopg.connect(os.environ["PG_DSN"], autocommit=True) as conn:
+    rows = conn.execute(rows_of(20000, "")).fetchall()
+    whole = {
+        "count": len(rows),
+        "in_order": [r[0] for r in rows] == list(range(1, 20001)),
+        "last": [rows[-1][0], rows[-1][1], rows[-1][2]],
+        "types": [type(v).__name__ for v in rows[0]],
+    }
+    try:
+        cur = conn.execute(rows_of(20000, "." * 300))
+        cur.fetchall()
+        bound = {"error": None}
+    except psycopg.Error as e:
+        bound = {"sqlstate": e.sqlstate, "error": str(e)}
+    after = conn.execute(rows_of(3, "")).fetchall()
+    print(json.dumps({"whole": whole, "bound": bound, "after": len(after)}))
+"#;
+    let output = python(&server, "analyst-1", &analyst, script);
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let answer: serde_json::Value = serde_json::from_str(stdout.trim()).expect(&stdout);
+    assert_eq!(answer["whole"]["count"], 20000, "{answer}");
+    assert_eq!(answer["whole"]["in_order"], true, "{answer}");
+    assert_eq!(
+        answer["whole"]["last"],
+        json!([20000, 10000.0, "row 20000"]),
+        "{answer}"
+    );
+    assert_eq!(answer["whole"]["types"], json!(["int", "float", "str"]));
+    assert_eq!(answer["bound"]["sqlstate"], "54000", "{answer}");
+    let message = answer["bound"]["error"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("--query-max-bytes 8 MiB"),
+        "the refusal names the limit: {message}"
+    );
+    assert_eq!(answer["after"], 3, "the session goes on after the refusal");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_lists_and_describes_streams_and_refuses_writes() {
     if !psql_available() {

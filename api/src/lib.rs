@@ -30,6 +30,7 @@ use fleetgate_protocol::{Authenticate, Principal, Role};
 use fleetgate_store::compaction::Compaction;
 use fleetgate_store::db::Backend;
 use fleetgate_store::query::{self, QueryError, QueryLimits, QueryResult};
+use fleetgate_store::row_stream::RowStream;
 use fleetgate_store::sqlite_limits;
 use fleetgate_store::views::{Route, Views};
 use fleetgate_store::{Catalog, Db};
@@ -77,10 +78,19 @@ pub struct Routed {
     pub primary_sql: String,
 }
 
-/// A query's answer: the result, and the view that served it.
+/// A query's answer: its rows as they come (the first batch already
+/// read, so a query that fails early fails before anything is sent), and
+/// the view that serves it.
 pub struct Answer {
-    pub result: QueryResult,
+    pub rows: RowStream,
     pub view: Option<String>,
+}
+
+impl Answer {
+    /// The whole result, for a door that sends it in one piece.
+    pub async fn collect(self, service: &QueryService) -> Result<QueryResult, QueryFailure> {
+        self.rows.collect().await.map_err(|e| service.failure(e))
+    }
 }
 
 /// The read-only query path: role check, the SQL guard, expansion of
@@ -192,7 +202,8 @@ impl QueryService {
     }
 
     /// Runs a read-only query: checked, routed to a view where one answers
-    /// exactly, else on the primary tables, within the limits.
+    /// exactly, else on the primary tables, within the limits. The rows
+    /// stream; the first batch has arrived when this returns.
     pub async fn answer(
         &self,
         principal: &Principal,
@@ -219,38 +230,40 @@ impl QueryService {
         };
         let (view, outcome) = match through_view {
             Some(done) => done,
-            None => (None, query::run(&self.db, &primary_sql, &limits).await),
+            None => (None, first_rows(&self.db, &primary_sql, &limits).await),
         };
         match outcome {
-            Ok(mut result) => {
+            Ok(mut rows) => {
                 if view.is_none() && self.db.backend() == Backend::Sqlite {
                     let bools =
                         fleetgate_store::expand::tiered_bool_outputs(&parsed, &self.catalog);
-                    query::restore_bools(&mut result, &bools);
+                    rows = rows.restoring_bools(bools);
                 }
+                // A result of one batch, as dashboards' are, is timed
+                // whole; a longer one until its first rows.
                 self.views
                     .observe(sql, &parsed, view.as_deref(), started.elapsed())
                     .await;
-                Ok(Answer { result, view })
+                Ok(Answer { rows, view })
             }
             Err(e) => Err(self.failure(e)),
         }
     }
 
     /// Runs a routed query on its view; `None` when the view could not
-    /// answer after all, for the primary table to: a view that fails must
-    /// not fail the query.
+    /// answer after all, for the primary table to: a view that fails before
+    /// its first rows must not fail the query.
     async fn run_through_view(
         &self,
         view: &str,
         sql: &str,
         limits: &QueryLimits,
-    ) -> Option<Result<QueryResult, QueryError>> {
+    ) -> Option<Result<RowStream, QueryError>> {
         if let Err(e) = self.views.prepare(view).await {
             tracing::error!(view, error = %e, "cannot bring view up to date");
             return None;
         }
-        match query::run(&self.db, sql, limits).await {
+        match first_rows(&self.db, sql, limits).await {
             Err(QueryError::Database(e)) => {
                 tracing::error!(view, error = %e, sql, "query through view failed");
                 None
@@ -286,6 +299,13 @@ impl QueryService {
             }
         }
     }
+}
+
+/// Starts `sql` and waits for its first rows.
+async fn first_rows(db: &Db, sql: &str, limits: &QueryLimits) -> Result<RowStream, QueryError> {
+    let mut rows = query::stream(db, sql, limits).await?;
+    rows.wait_for_rows().await?;
+    Ok(rows)
 }
 
 /// `principal` if its role allows `role`; otherwise the refusal, recorded

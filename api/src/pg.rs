@@ -21,7 +21,7 @@ use bytes::Bytes;
 use fleetgate_admin::{Registry, RegistryEvent};
 use fleetgate_protocol::schema::{FieldType, RECEIVED_AT};
 use fleetgate_protocol::{AuthError, Authenticate, Principal};
-use futures::{Sink, SinkExt, StreamExt};
+use futures::{Sink, SinkExt};
 use pgwire::api::auth::driver::AuthDriver;
 use pgwire::api::auth::{
     protocol_negotiation, save_startup_parameters_to_metadata, DefaultServerParameterProvider,
@@ -47,6 +47,8 @@ use sqlparser::tokenizer::{Token, Tokenizer};
 use tokio::net::TcpListener;
 
 use crate::{QueryFailure, QueryService};
+use fleetgate_store::row_stream::RowStream;
+use pgwire::messages::data::DataRow;
 
 /// The version `SELECT version()` and `server_version` give: clients pick
 /// their catalog queries by it.
@@ -209,15 +211,14 @@ impl Connection {
         if is_catalog_query(&sql) {
             return self.catalog_query(&sql).await;
         }
-        let answer = self
-            .server
-            .queries
+        let queries = &self.server.queries;
+        let answer = queries
             .answer(&principal, "pg", &sql)
             .await
             .map_err(query_error)?;
-        Ok(Outcome::Rows(Rows::typed(
-            answer.result.columns,
-            answer.result.rows,
+        Ok(Outcome::Rows(Rows::streamed(
+            answer.rows,
+            queries.clone(),
             &self.timestamp_columns(&sql),
         )))
     }
@@ -244,7 +245,6 @@ impl Connection {
 }
 
 /// A query's outcome as the wire sends it.
-#[derive(Clone)]
 enum Outcome {
     Rows(Rows),
     Command(String),
@@ -275,20 +275,51 @@ impl Kind {
 }
 
 /// A result: typed columns and its rows, encoded only as they are sent.
-#[derive(Clone)]
 struct Rows {
     columns: Vec<(String, Kind)>,
-    rows: Arc<Vec<Vec<Value>>>,
+    source: Source,
+}
+
+enum Source {
+    /// Answered here (settings, the catalog).
+    Held(Vec<Vec<Value>>),
+    /// A query's rows as the store yields them, its first batch read.
+    Streamed(Box<(RowStream, QueryService)>),
 }
 
 impl Rows {
-    /// Each column's type from its values: integers are int8, with a float
-    /// among them float8, booleans bool, anything else text (JSON as its
-    /// text); integer columns named in `timestamps` are timestamptz (epoch
-    /// milliseconds, as stored).
-    fn typed(names: Vec<String>, rows: Vec<Vec<Value>>, timestamps: &[String]) -> Rows {
-        let columns = names
-            .into_iter()
+    /// A query's answer, typed by its first rows ([`Rows::kinds`]).
+    fn streamed(rows: RowStream, queries: QueryService, timestamps: &[String]) -> Rows {
+        let columns = Rows::kinds(&rows.columns, rows.first_rows(), timestamps);
+        Rows {
+            columns,
+            source: Source::Streamed(Box::new((rows, queries))),
+        }
+    }
+
+    fn held(names: Vec<String>, rows: Vec<Vec<Value>>, timestamps: &[String]) -> Rows {
+        Rows {
+            columns: Rows::kinds(&names, &rows, timestamps),
+            source: Source::Held(rows),
+        }
+    }
+
+    fn text(names: &[&str], rows: Vec<Vec<Value>>) -> Rows {
+        Rows {
+            columns: names.iter().map(|n| (n.to_string(), Kind::Text)).collect(),
+            source: Source::Held(rows),
+        }
+    }
+
+    /// Each column's type from `rows`, the first batch of a streamed
+    /// answer: integers are int8, with a float among them float8, booleans
+    /// bool, anything else text (JSON as its text); integer columns named
+    /// in `timestamps` are timestamptz (epoch milliseconds, as stored). A
+    /// later row that does not fit its column's type is an error
+    /// ([`encode`]), never a silent NULL.
+    fn kinds(names: &[String], rows: &[Vec<Value>], timestamps: &[String]) -> Vec<(String, Kind)> {
+        names
+            .iter()
             .enumerate()
             .map(|(i, name)| {
                 let mut kind: Option<Kind> = None;
@@ -313,23 +344,12 @@ impl Rows {
                     }
                 }
                 let mut kind = kind.unwrap_or(Kind::Text);
-                if kind == Kind::Int8 && timestamps.contains(&name) {
+                if kind == Kind::Int8 && timestamps.contains(name) {
                     kind = Kind::Timestamptz;
                 }
-                (name, kind)
+                (name.clone(), kind)
             })
-            .collect();
-        Rows {
-            columns,
-            rows: Arc::new(rows),
-        }
-    }
-
-    fn text(names: &[&str], rows: Vec<Vec<Value>>) -> Rows {
-        Rows {
-            columns: names.iter().map(|n| (n.to_string(), Kind::Text)).collect(),
-            rows: Arc::new(rows),
-        }
+            .collect()
     }
 
     fn fields(&self, format: &Format) -> Vec<FieldInfo> {
@@ -349,18 +369,46 @@ impl Rows {
     }
 
     /// The response: rows encoded one at a time as the connection sends
-    /// them, so the encoded answer is never held whole.
-    fn response(&self, format: &Format) -> QueryResponse {
+    /// them, taken from the store batch by batch, so the answer is never
+    /// held whole. An error after the first rows (the byte bound, the
+    /// timeout) ends it with an ErrorResponse, as PostgreSQL ends a query
+    /// that fails midway.
+    fn response(self, format: &Format) -> QueryResponse {
         let fields = Arc::new(self.fields(format));
-        let kinds: Vec<Kind> = self.columns.iter().map(|(_, k)| *k).collect();
-        let rows = self.rows.clone();
-        let mut encoder = DataRowEncoder::new(fields.clone());
-        let stream = futures::stream::iter(0..rows.len()).map(move |i| {
-            for (value, kind) in rows[i].iter().zip(&kinds) {
-                encode(&mut encoder, value, *kind)?;
-            }
-            Ok(encoder.take_row())
-        });
+        let columns: Vec<Column> = self
+            .columns
+            .into_iter()
+            .zip(fields.iter())
+            .map(|((name, kind), field)| Column {
+                name,
+                kind,
+                binary: field.format() == FieldFormat::Binary,
+            })
+            .collect();
+        let encoder = DataRowEncoder::new(fields.clone());
+        let (batch, more) = match self.source {
+            Source::Held(rows) => (rows.into_iter(), None),
+            Source::Streamed(streamed) => (Vec::new().into_iter(), Some(*streamed)),
+        };
+        let stream = futures::stream::unfold(
+            (batch, more, encoder, columns),
+            |(mut batch, mut more, mut encoder, columns)| async move {
+                loop {
+                    if let Some(row) = batch.next() {
+                        let encoded = encode_row(&mut encoder, &row, &columns);
+                        return Some((encoded, (batch, more, encoder, columns)));
+                    }
+                    let (rows, queries) = more.as_mut()?;
+                    match rows.next_batch().await? {
+                        Ok(next) => batch = next.into_iter(),
+                        Err(e) => {
+                            let failure = query_error(queries.failure(e));
+                            return Some((Err(failure), (batch, None, encoder, columns)));
+                        }
+                    }
+                }
+            },
+        );
         QueryResponse::new(fields, stream)
     }
 }
@@ -374,22 +422,110 @@ fn format_of(format: &Format, i: usize) -> FieldFormat {
     }
 }
 
-fn encode(encoder: &mut DataRowEncoder, value: &Value, kind: Kind) -> PgWireResult<()> {
-    match kind {
-        Kind::Int8 => encoder.encode_field(&value.as_i64()),
-        Kind::Float8 => encoder.encode_field(&value.as_f64()),
-        Kind::Bool => encoder.encode_field(&value.as_bool()),
-        Kind::Timestamptz => encoder.encode_field(
-            &value
-                .as_i64()
-                .and_then(chrono::DateTime::<chrono::Utc>::from_timestamp_millis),
-        ),
-        Kind::Text => encoder.encode_field(&match value {
-            Value::Null => None,
-            Value::String(s) => Some(s.clone()),
-            other => Some(other.to_string()),
-        }),
+/// A result column as its rows are encoded.
+struct Column {
+    name: String,
+    kind: Kind,
+    binary: bool,
+}
+
+fn encode_row(
+    encoder: &mut DataRowEncoder,
+    row: &[Value],
+    columns: &[Column],
+) -> PgWireResult<DataRow> {
+    for (value, column) in row.iter().zip(columns) {
+        encode(encoder, value, column).map_err(|value| {
+            error(
+                "42804",
+                format!(
+                    "column {} is {} (from the answer's first rows), but a later row holds \
+                     {value}: CAST the column to one type",
+                    column.name,
+                    column.kind.pg_type().name()
+                ),
+            )
+        })??;
     }
+    Ok(encoder.take_row())
+}
+
+/// Encodes `value` as its column's type; the value itself when it does
+/// not fit.
+fn encode(
+    encoder: &mut DataRowEncoder,
+    value: &Value,
+    column: &Column,
+) -> Result<PgWireResult<()>, Value> {
+    let misfit = || value.clone();
+    Ok(match (column.kind, value) {
+        (_, Value::Null) => encoder.encode_field(&None::<i64>),
+        (Kind::Text, Value::String(s)) => encoder.encode_field(&s.as_str()),
+        (Kind::Text, other) => encoder.encode_field(&other.to_string()),
+        (Kind::Int8, v) => encoder.encode_field(&whole_number(v).ok_or_else(misfit)?),
+        (Kind::Float8, v) => encoder.encode_field(&v.as_f64().ok_or_else(misfit)?),
+        (Kind::Bool, Value::Bool(b)) => encoder.encode_field(b),
+        (Kind::Bool, v) => match v.as_i64() {
+            Some(n @ (0 | 1)) => encoder.encode_field(&(n == 1)),
+            _ => return Err(misfit()),
+        },
+        (Kind::Timestamptz, v) => {
+            let time = v
+                .as_i64()
+                .and_then(chrono::DateTime::<chrono::Utc>::from_timestamp_millis)
+                .ok_or_else(misfit)?;
+            match column.binary {
+                true => encoder.encode_field(&time),
+                false => encoder.encode_field(&timestamptz_text(&time).as_str()),
+            }
+        }
+    })
+}
+
+/// `time` as PostgreSQL prints a timestamptz in UTC with DateStyle ISO
+/// (`2026-01-01 00:00:00.123000+00`). Written digit by digit: chrono's
+/// formatter parses its pattern again for every value, which was a fifth
+/// of the time a large answer with timestamps took to send.
+fn timestamptz_text(time: &chrono::DateTime<chrono::Utc>) -> String {
+    use chrono::{Datelike, Timelike};
+    let year = time.year();
+    if !(0..=9999).contains(&year) {
+        return time.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string();
+    }
+    let micros = time.timestamp_subsec_micros().min(999_999);
+    let mut text = String::with_capacity(29);
+    push_digits(&mut text, year as u32, 4);
+    for (separator, value, width) in [
+        ('-', time.month(), 2),
+        ('-', time.day(), 2),
+        (' ', time.hour(), 2),
+        (':', time.minute(), 2),
+        (':', time.second(), 2),
+        ('.', micros, 6),
+    ] {
+        text.push(separator);
+        push_digits(&mut text, value, width);
+    }
+    text.push_str("+00");
+    text
+}
+
+/// `n`'s last `width` decimal digits, zero-padded.
+fn push_digits(text: &mut String, n: u32, width: u32) {
+    for place in (0..width).rev() {
+        text.push(char::from(b'0' + (n / 10u32.pow(place) % 10) as u8));
+    }
+}
+
+/// An integer, or a float that holds one exactly (SQLite may hand either
+/// for the same column).
+fn whole_number(value: &Value) -> Option<i64> {
+    value.as_i64().or_else(|| {
+        value
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+            .map(|f| f as i64)
+    })
 }
 
 /// An error the client shows with its SQLSTATE.
@@ -1060,7 +1196,7 @@ impl Connection {
                 // Grafana's data source settings page asks this for the
                 // major version (it picks features by it).
                 "select current_setting('server_version_num')::int/100 as version" => {
-                    Some(Outcome::Rows(Rows::typed(
+                    Some(Outcome::Rows(Rows::held(
                         vec!["version".into()],
                         vec![vec![Value::from(SERVER_VERSION_NUM / 100)]],
                         &[],
@@ -1498,8 +1634,61 @@ mod tests {
     }
 
     #[test]
-    fn column_types_come_from_values() {
-        let rows = Rows::typed(
+    fn a_later_row_that_does_not_fit_its_column_is_refused_not_nulled() {
+        let fields = Arc::new(vec![FieldInfo::new(
+            "n".into(),
+            None,
+            None,
+            Type::INT8,
+            FieldFormat::Text,
+        )]);
+        let columns = [Column {
+            name: "n".into(),
+            kind: Kind::Int8,
+            binary: false,
+        }];
+        let mut encoder = DataRowEncoder::new(fields);
+        assert!(encode_row(&mut encoder, &[Value::from(2.0)], &columns).is_ok());
+        assert!(encode_row(&mut encoder, &[Value::Null], &columns).is_ok());
+        let Err(PgWireError::UserError(refusal)) =
+            encode_row(&mut encoder, &[Value::from(2.5)], &columns)
+        else {
+            panic!("2.5 is not an int8");
+        };
+        assert_eq!(refusal.code, "42804");
+        assert!(
+            refusal.message.contains("column n is int8"),
+            "{}",
+            refusal.message
+        );
+    }
+
+    #[test]
+    fn timestamps_print_as_postgresql_prints_them() {
+        for ms in [
+            0,
+            1_767_225_600_123,
+            1_767_225_600_000,
+            -1,
+            253_402_300_799_999,
+        ] {
+            let time = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms).unwrap();
+            assert_eq!(
+                timestamptz_text(&time),
+                time.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string(),
+                "{ms}"
+            );
+        }
+        let time = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(1_767_225_600_123);
+        assert_eq!(
+            timestamptz_text(&time.unwrap()),
+            "2026-01-01 00:00:00.123000+00"
+        );
+    }
+
+    #[test]
+    fn column_types_come_from_the_first_rows() {
+        let rows = Rows::held(
             vec![
                 "a".into(),
                 "b".into(),

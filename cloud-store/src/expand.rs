@@ -204,7 +204,7 @@ fn flip(op: &BinaryOperator) -> BinaryOperator {
 /// column as it is (`flag`, `m.flag`, or `*` over that one stream). SQLite
 /// tells a boolean from 0/1 only by a table column's declared type, which
 /// a union with the cold tier's unpacked rows does not have: these are the
-/// columns to give back as booleans there ([`crate::query::restore_bools`]).
+/// columns to give back as booleans there ([`crate::row_stream::RowStream::restoring_bools`]).
 pub fn tiered_bool_outputs(query: &Query, catalog: &Catalog) -> Vec<usize> {
     let SetExpr::Select(select) = query.body.as_ref() else {
         return Vec::new();

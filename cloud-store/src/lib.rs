@@ -31,6 +31,7 @@ pub mod nodes;
 pub mod pipeline;
 pub mod query;
 pub mod rejects;
+pub mod row_stream;
 pub mod sqlite_functions;
 pub mod sqlite_limits;
 pub mod sqlite_query;

@@ -33,6 +33,7 @@ use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
 use sqlx::{Column, Executor, Row, Statement as _, TypeInfo, ValueRef};
 
 use crate::db::{Backend, Db, Pools};
+use crate::row_stream::{Batcher, Chunk, RowStream};
 
 /// A query as [`check`] parsed it.
 pub use sqlparser::ast::Query as ParsedQuery;
@@ -693,73 +694,6 @@ fn sorted(set: &HashSet<String>) -> Vec<&str> {
 /// [`QueryLimits::max_bytes`].
 pub const VALUE_BYTES: usize = std::mem::size_of::<Value>();
 
-/// Streams rows off `$conn` (a `&mut` connection) into a [`QueryResult`],
-/// converting values with `$value`, and stops with
-/// [`QueryError::ResultTooLarge`] as soon as the rows kept would cost more
-/// than `max_bytes`. `$raw_len` gives a value's size as it arrived, so one
-/// that cannot fit is refused before it is copied. A macro, so that one
-/// body serves both backends' concrete connection types.
-macro_rules! collect {
-    ($conn:expr, $sql:expr, $limits:expr, $value:expr, $raw_len:expr) => {
-        'collect: {
-            let (max_rows, max_bytes) = ($limits.max_rows, $limits.max_bytes);
-            let mut columns: Option<Vec<String>> = None;
-            let mut rows = Vec::new();
-            let mut truncated = false;
-            let mut bytes = 0usize;
-            {
-                let mut stream = sqlx::query($sql).fetch(&mut *$conn);
-                loop {
-                    let row = match stream.try_next().await {
-                        Ok(Some(row)) => row,
-                        Ok(None) => break,
-                        Err(e) => break 'collect Err(db_error(e)),
-                    };
-                    if rows.len() == max_rows {
-                        truncated = true;
-                        break;
-                    }
-                    if columns.is_none() {
-                        columns =
-                            Some(row.columns().iter().map(|c| c.name().to_string()).collect());
-                    }
-                    bytes += std::mem::size_of::<Vec<Value>>();
-                    let mut values = Vec::with_capacity(row.len());
-                    for i in 0..row.len() {
-                        let arrived: usize = $raw_len(&row, i);
-                        if bytes.saturating_add(VALUE_BYTES + arrived) > max_bytes {
-                            break 'collect Err(QueryError::ResultTooLarge(max_bytes));
-                        }
-                        let value: Value = $value(&row, i);
-                        bytes = bytes.saturating_add(value_bytes(&value));
-                        if bytes > max_bytes {
-                            break 'collect Err(QueryError::ResultTooLarge(max_bytes));
-                        }
-                        values.push(value);
-                    }
-                    rows.push(values);
-                }
-            }
-            let columns = match columns {
-                Some(columns) => columns,
-                None => match (&mut *$conn).describe($sql).await {
-                    Ok(described) => described
-                        .columns()
-                        .iter()
-                        .map(|c| c.name().to_string())
-                        .collect(),
-                    Err(e) => break 'collect Err(db_error(e)),
-                },
-            };
-            Ok::<_, QueryError>(QueryResult {
-                columns,
-                rows,
-                truncated,
-            })
-        }
-    };
-}
-
 /// A value's cost to a result: [`VALUE_BYTES`], plus its text as JSON
 /// where that can be longer (numbers, booleans and null print shorter).
 pub(crate) fn value_bytes(value: &Value) -> usize {
@@ -1018,20 +952,41 @@ fn without_trailing_semicolons(sql: &str) -> &str {
     &sql[..offset]
 }
 
-/// Runs a checked query on a read-only connection.
+/// Runs a checked query on a read-only connection and collects its whole
+/// answer: [`stream`], read to the end.
 pub async fn run(db: &Db, sql: &str, limits: &QueryLimits) -> Result<QueryResult, QueryError> {
-    let work = async {
-        match &db.pools {
-            Pools::Sqlite { read, .. } => {
-                let mut conn = read.acquire().await.map_err(db_error)?;
-                let (max_rows, max_bytes, timeout) =
-                    (limits.max_rows, limits.max_bytes, limits.timeout);
-                let sql = sql.to_string();
+    stream(db, sql, limits).await?.collect().await
+}
+
+/// Starts a checked query on a read-only connection: its rows arrive in
+/// batches as the database yields them, within `limits` (see
+/// [`crate::row_stream`]). Fails here if the query fails before its columns
+/// are known (a refused statement, a timeout waiting for a connection).
+pub async fn stream(db: &Db, sql: &str, limits: &QueryLimits) -> Result<RowStream, QueryError> {
+    let (sender, receiver) = RowStream::channel();
+    let (max_rows, max_bytes, timeout) = (limits.max_rows, limits.max_bytes, limits.timeout);
+    let sql = sql.to_string();
+    match &db.pools {
+        Pools::Sqlite { read, .. } => {
+            let read = read.clone();
+            tokio::spawn(async move {
+                let Ok(acquired) = tokio::time::timeout(timeout, read.acquire()).await else {
+                    let _ = sender.send(Err(QueryError::Timeout(timeout))).await;
+                    return;
+                };
+                let mut conn = match acquired {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        let _ = sender.send(Err(db_error(e))).await;
+                        return;
+                    }
+                };
                 let runtime = tokio::runtime::Handle::current();
                 // Stepping a statement blocks: a thread of the blocking
                 // pool runs it, and the query's memory budget applies to
                 // that thread's SQLite allocations only.
-                let read = tokio::task::spawn_blocking(move || {
+                let stepped = tokio::task::spawn_blocking(move || {
+                    let deadline = std::time::Instant::now() + timeout;
                     let result = runtime
                         .block_on(conn.lock_handle())
                         .map_err(db_error)
@@ -1039,15 +994,32 @@ pub async fn run(db: &Db, sql: &str, limits: &QueryLimits) -> Result<QueryResult
                             // SQLite has no statement timeout, and dropping
                             // the future does not stop this thread:
                             // interrupt the statement itself.
-                            let deadline = std::time::Instant::now() + timeout;
                             handle.set_progress_handler(10_000, move || {
                                 std::time::Instant::now() < deadline
                             });
                             crate::sqlite_limits::limit_connection(&mut handle, max_bytes);
                             let budget = crate::sqlite_limits::budget_for(max_bytes)
                                 .map(crate::sqlite_limits::budget);
-                            let result =
-                                crate::sqlite_query::read(&mut handle, &sql, max_rows, max_bytes);
+                            // Waiting for the reader counts against the
+                            // deadline too: the connection is held meanwhile.
+                            let mut send = |chunk| {
+                                let until = tokio::time::Instant::from_std(deadline);
+                                match runtime.block_on(tokio::time::timeout_at(
+                                    until,
+                                    sender.send(Ok(chunk)),
+                                )) {
+                                    Ok(Ok(())) => Ok(()),
+                                    Ok(Err(_)) => Err(QueryError::Database(READER_GONE.into())),
+                                    Err(_) => Err(QueryError::Timeout(timeout)),
+                                }
+                            };
+                            let result = crate::sqlite_query::read(
+                                &mut handle,
+                                &sql,
+                                max_rows,
+                                max_bytes,
+                                &mut send,
+                            );
                             match result {
                                 Err(QueryError::Database(message))
                                     if message == "out of memory"
@@ -1058,62 +1030,162 @@ pub async fn run(db: &Db, sql: &str, limits: &QueryLimits) -> Result<QueryResult
                                 other => other,
                             }
                         });
+                    if let Err(e) = result {
+                        send_failure(&runtime, &sender, e);
+                    }
                     // Back to the pool from the runtime, not this thread.
-                    (conn, result)
+                    conn
                 });
-                let (_conn, result) = read
-                    .await
-                    .map_err(|e| QueryError::Database(format!("the query failed: {e}")))?;
-                result
+                let _ = stepped.await;
+            });
+        }
+        Pools::Postgres { read: pool, .. } => {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                // The database's own deadline comes first; this one only
+                // catches a connection that never answers.
+                let work = stream_postgres(&pool, &sql, max_rows, max_bytes, timeout, &sender);
+                match tokio::time::timeout(timeout + Duration::from_secs(2), work).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        let _ = tokio::time::timeout(FAILURE_GRACE, sender.send(Err(e))).await;
+                    }
+                    Err(_) => {
+                        let _ = sender.try_send(Err(QueryError::Timeout(timeout)));
+                    }
+                }
+            });
+        }
+    }
+    RowStream::open(receiver, limits).await
+}
+
+/// What a producer's send fails with once its reader is gone; nobody sees
+/// it, it only stops the query.
+const READER_GONE: &str = "the reader went away";
+
+/// How long a producer waits to hand its reader the error that ended the
+/// query; a reader that takes longer sees a timeout instead.
+const FAILURE_GRACE: Duration = Duration::from_secs(2);
+
+/// Hands the reader the error that ended a query, from a blocking thread.
+fn send_failure(
+    runtime: &tokio::runtime::Handle,
+    sender: &crate::row_stream::ChunkSender,
+    error: QueryError,
+) {
+    if matches!(&error, QueryError::Database(m) if m == READER_GONE) {
+        return;
+    }
+    let _ = runtime.block_on(tokio::time::timeout(FAILURE_GRACE, sender.send(Err(error))));
+}
+
+/// Reads `sql` off a PostgreSQL read-only transaction into `sender`,
+/// refusing as soon as the rows sent would cost more than `max_bytes`: a
+/// value's size as it arrived is checked before it is converted.
+async fn stream_postgres(
+    pool: &sqlx::PgPool,
+    sql: &str,
+    max_rows: usize,
+    max_bytes: usize,
+    timeout: Duration,
+    sender: &crate::row_stream::ChunkSender,
+) -> Result<(), QueryError> {
+    let mut tx = pool.begin().await.map_err(db_error)?;
+    sqlx::query("SET TRANSACTION READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    let statement_timeout = format!("SET LOCAL statement_timeout = {}", timeout.as_millis());
+    sqlx::query(&statement_timeout)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    // PostgreSQL builds no value over 1 GB: above that the bound is no
+    // bound, and the store's own reads skip it.
+    let bounded;
+    let sql = if max_bytes < 1 << 30 {
+        bounded = bounded_rows(sql, max_bytes);
+        bounded.as_str()
+    } else {
+        sql
+    };
+    let send = |chunk| async move {
+        sender
+            .send(Ok(chunk))
+            .await
+            .map_err(|_| QueryError::Database(READER_GONE.into()))
+    };
+    let mut columns_sent = false;
+    let mut batcher = Batcher::default();
+    let (mut count, mut bytes, mut truncated) = (0usize, 0usize, false);
+    let read = async {
+        let mut rows = sqlx::query(sql).fetch(&mut *tx);
+        while let Some(row) = rows.try_next().await.map_err(db_error)? {
+            if count == max_rows {
+                truncated = true;
+                break;
             }
-            Pools::Postgres { read: pool, .. } => {
-                let mut tx = pool.begin().await.map_err(db_error)?;
-                sqlx::query("SET TRANSACTION READ ONLY")
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_error)?;
-                let timeout = format!(
-                    "SET LOCAL statement_timeout = {}",
-                    limits.timeout.as_millis()
-                );
-                sqlx::query(&timeout)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_error)?;
-                // PostgreSQL builds no value over 1 GB: above that the
-                // bound is no bound, and the store's own reads skip it.
-                let bounded;
-                let sql = if limits.max_bytes < 1 << 30 {
-                    bounded = bounded_rows(sql, limits.max_bytes);
-                    bounded.as_str()
-                } else {
-                    sql
-                };
-                let result = collect!(tx, sql, limits, postgres_value, postgres_raw_len);
-                let _ = tx.rollback().await;
-                result
+            if !columns_sent {
+                let names = row.columns().iter().map(|c| c.name().to_string());
+                send(Chunk::Columns(names.collect())).await?;
+                columns_sent = true;
+            }
+            let mut row_bytes = std::mem::size_of::<Vec<Value>>();
+            let mut values = Vec::with_capacity(row.len());
+            for i in 0..row.len() {
+                let arrived = postgres_raw_len(&row, i);
+                if bytes.saturating_add(row_bytes + VALUE_BYTES + arrived) > max_bytes {
+                    return Err(QueryError::ResultTooLarge(max_bytes));
+                }
+                let value = postgres_value(&row, i);
+                row_bytes += value_bytes(&value);
+                values.push(value);
+            }
+            bytes = bytes.saturating_add(row_bytes);
+            if bytes > max_bytes {
+                return Err(QueryError::ResultTooLarge(max_bytes));
+            }
+            count += 1;
+            if let Some(batch) = batcher.push(values, row_bytes) {
+                send(batch).await?;
             }
         }
+        Ok(())
     };
-    // The database's own deadline comes first; this one only catches a
-    // connection that never answers.
-    let result = tokio::time::timeout(limits.timeout + Duration::from_secs(2), work)
-        .await
-        .map_err(|_| QueryError::Timeout(limits.timeout))?;
-    match result {
-        // SQLite's progress handler stopped it, or PostgreSQL's statement_timeout.
-        Err(QueryError::Database(message))
+    match read.await {
+        Err(QueryError::Database(m)) if m == READER_GONE => return Ok(()),
+        other => other?,
+    }
+    if !columns_sent {
+        let described = (&mut *tx).describe(sql).await.map_err(db_error)?;
+        let names = described.columns().iter().map(|c| c.name().to_string());
+        send(Chunk::Columns(names.collect())).await?;
+    }
+    if let Some(batch) = batcher.rest() {
+        send(batch).await?;
+    }
+    send(Chunk::End { truncated }).await?;
+    let _ = tx.rollback().await;
+    Ok(())
+}
+
+/// A failed query's error as callers are told it: SQLite's progress
+/// handler or PostgreSQL's statement_timeout stopping it is the timeout;
+/// SQLite's length limit (set to the bound) and PostgreSQL's refusal of a
+/// row over the bound are the byte bound.
+pub(crate) fn classify(error: QueryError, timeout: Duration, max_bytes: usize) -> QueryError {
+    match error {
+        QueryError::Database(message)
             if message == "interrupted" || message.contains("statement timeout") =>
         {
-            Err(QueryError::Timeout(limits.timeout))
+            QueryError::Timeout(timeout)
         }
-        // SQLite's length limit (set to the bound), and PostgreSQL's
-        // refusal of a row over the bound.
-        Err(QueryError::Database(message)) if message == "string or blob too big" => {
-            Err(QueryError::ValueTooLarge(limits.max_bytes))
+        QueryError::Database(message) if message == "string or blob too big" => {
+            QueryError::ValueTooLarge(max_bytes)
         }
-        Err(QueryError::Database(message)) if message.contains(ROW_TOO_LARGE) => {
-            Err(QueryError::ResultTooLarge(limits.max_bytes))
+        QueryError::Database(message) if message.contains(ROW_TOO_LARGE) => {
+            QueryError::ResultTooLarge(max_bytes)
         }
         other => other,
     }
@@ -1123,22 +1195,6 @@ fn db_error(e: sqlx::Error) -> QueryError {
     match e {
         sqlx::Error::Database(db) => QueryError::Database(db.message().to_string()),
         other => QueryError::Database(other.to_string()),
-    }
-}
-
-/// Gives back as booleans the 0s and 1s of the result `columns` known to
-/// read a boolean column ([`crate::expand::tiered_bool_outputs`]).
-pub fn restore_bools(result: &mut QueryResult, columns: &[usize]) {
-    for row in &mut result.rows {
-        for &i in columns {
-            if let Some(value) = row.get_mut(i) {
-                match value.as_i64() {
-                    Some(0) => *value = Value::Bool(false),
-                    Some(1) => *value = Value::Bool(true),
-                    _ => {}
-                }
-            }
-        }
     }
 }
 

@@ -19,7 +19,8 @@ use libsqlite3_sys as ffi;
 use serde_json::Value;
 use sqlx::sqlite::LockedSqliteHandle;
 
-use crate::query::{value_bytes, QueryError, QueryResult, VALUE_BYTES};
+use crate::query::{value_bytes, QueryError, VALUE_BYTES};
+use crate::row_stream::{Batcher, Chunk};
 
 /// A prepared statement, finalized when dropped.
 struct Statement(*mut ffi::sqlite3_stmt);
@@ -46,15 +47,18 @@ unsafe fn error(db: *mut ffi::sqlite3) -> QueryError {
 }
 
 /// Runs `sql` (one checked statement) on the locked connection `handle`,
-/// keeping at most `max_rows` rows and `max_bytes` of them, counted as
-/// [`crate::query::QueryLimits::max_bytes`] says. The caller sets the
-/// connection's limits, deadline and the thread's memory budget.
+/// handing `send` its columns, its rows in batches and its end
+/// ([`crate::row_stream`]): at most `max_rows` rows and `max_bytes` of
+/// them, counted as [`crate::query::QueryLimits::max_bytes`] says. The
+/// caller sets the connection's limits, deadline and the thread's memory
+/// budget; an error from `send` stops the query.
 pub(crate) fn read(
     handle: &mut LockedSqliteHandle<'_>,
     sql: &str,
     max_rows: usize,
     max_bytes: usize,
-) -> Result<QueryResult, QueryError> {
+    send: &mut dyn FnMut(Chunk) -> Result<(), QueryError>,
+) -> Result<(), QueryError> {
     let db = handle.as_raw_handle().as_ptr();
     let length = c_int::try_from(sql.len())
         .map_err(|_| QueryError::Database("statement too long".into()))?;
@@ -69,13 +73,10 @@ pub(crate) fn read(
         // SAFETY: as above.
         return Err(unsafe { error(db) });
     }
-    let empty = QueryResult {
-        columns: Vec::new(),
-        rows: Vec::new(),
-        truncated: false,
-    };
     if raw.is_null() {
-        return Ok(empty); // nothing but comments
+        // Nothing but comments.
+        send(Chunk::Columns(Vec::new()))?;
+        return send(Chunk::End { truncated: false });
     }
     let statement = Statement(raw);
     let stmt = statement.0;
@@ -106,18 +107,20 @@ pub(crate) fn read(
             },
         );
     }
-    let mut result = QueryResult { columns, ..empty };
-    let mut bytes = 0usize;
+    send(Chunk::Columns(columns))?;
+    let mut batcher = Batcher::default();
+    let (mut sent, mut bytes, mut truncated) = (0usize, 0usize, false);
     loop {
         match unsafe { ffi::sqlite3_step(stmt) } {
             ffi::SQLITE_ROW => {}
             ffi::SQLITE_DONE => break,
             _ => return Err(unsafe { error(db) }),
         }
-        if result.rows.len() == max_rows {
-            result.truncated = true;
+        if sent == max_rows {
+            truncated = true;
             break;
         }
+        let row_start = bytes;
         bytes += std::mem::size_of::<Vec<Value>>();
         let mut values = Vec::with_capacity(count as usize);
         for i in 0..count {
@@ -162,7 +165,13 @@ pub(crate) fn read(
             }
             values.push(value);
         }
-        result.rows.push(values);
+        sent += 1;
+        if let Some(batch) = batcher.push(values, bytes - row_start) {
+            send(batch)?;
+        }
     }
-    Ok(result)
+    if let Some(batch) = batcher.rest() {
+        send(batch)?;
+    }
+    send(Chunk::End { truncated })
 }

@@ -240,9 +240,12 @@ impl Read {
                 _ => {}
             }
             let sql = format!("SELECT count(*) FROM {name}");
-            let rows = match state.queries.answer(reader, "dashboard", &sql).await {
-                Ok(answer) => answer
-                    .result
+            let answer = match state.queries.answer(reader, "dashboard", &sql).await {
+                Ok(answer) => answer.collect(&state.queries).await,
+                Err(e) => Err(e),
+            };
+            let rows = match answer {
+                Ok(result) => result
                     .rows
                     .first()
                     .and_then(|row| row.first())

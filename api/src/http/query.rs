@@ -60,5 +60,10 @@ pub async fn answer(
         .answer(&caller.0, "http", sql)
         .await
         .map_err(query_failure)?;
-    Ok((answer.result, answer.view))
+    let view = answer.view.clone();
+    let result = answer
+        .collect(&state.queries)
+        .await
+        .map_err(query_failure)?;
+    Ok((result, view))
 }
