@@ -841,3 +841,138 @@ async fn a_session_held_by_a_killed_broker_expires_on_schedule() {
     let (_device, connack) = connect_v5_with(options).await.expect("connect");
     assert!(!connack.session_present, "the session outlived its expiry");
 }
+
+/// Whether `publish` is one of the numbered jobs, not a warm-up message.
+fn is_job(publish: &Publish) -> bool {
+    publish.topic.starts_with(b"jobs/") && publish.topic.ends_with(b"/run")
+}
+
+/// What each of `clients` receives of the numbered jobs until `expected`
+/// arrived in all, and then during a quiet second (a copy sent twice would
+/// arrive within it): the payloads, per client.
+async fn jobs_received(clients: &mut [&mut V5], expected: usize) -> Vec<Vec<String>> {
+    let mut got: Vec<Vec<String>> = vec![Vec::new(); clients.len()];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut quiet_until = None;
+    loop {
+        for (i, client) in clients.iter_mut().enumerate() {
+            if let Some(publish) = next_publish(client, is_job, Duration::from_millis(20)).await {
+                got[i].push(String::from_utf8_lossy(&publish.payload).to_string());
+            }
+        }
+        let total: usize = got.iter().map(Vec::len).sum();
+        match quiet_until {
+            None if total >= expected => {
+                quiet_until = Some(tokio::time::Instant::now() + Duration::from_secs(1))
+            }
+            Some(until) if tokio::time::Instant::now() >= until => return got,
+            _ => {}
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {total} of {expected} jobs arrived: {got:?}"
+        );
+    }
+}
+
+/// MQTT 5 shared subscriptions span brokers: `$share/g/jobs/#` with one
+/// member on each broker gets each message once in all, whichever broker
+/// it is published through, and both members get some (NATS queue groups
+/// pick a broker at random per message, so 40 messages all going one way
+/// has a chance of 2 in 2^40). One member has a persistent session, whose
+/// messages go through its JetStream queue: it must be neither skipped nor
+/// served twice. A plain subscription still gets every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_group_with_members_on_two_brokers_gets_each_message_once() {
+    let Some(server) = prerequisites() else {
+        return;
+    };
+    let (_nats, cluster, second) = two_brokers(server).await;
+    let first = &cluster.broker;
+    let worker_a = add_device(&cluster, "worker-a", "admin").await;
+    let worker_b = add_device(&cluster, "worker-b", "admin").await;
+    let watcher = add_device(&cluster, "watcher", "admin").await;
+    let boss_a = add_device(&cluster, "boss-a", "admin").await;
+    let boss_b = add_device(&cluster, "boss-b", "admin").await;
+
+    let group = "$share/g/jobs/#";
+    let mut worker_a = subscribed(first, "worker-a", &worker_a, group).await;
+    let (mut worker_b, _) = connect_persistent(&second, "worker-b", &worker_b).await;
+    assert_eq!(
+        worker_b.subscribe(group).await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    let mut watcher = subscribed(&second, "watcher", &watcher, "jobs/#").await;
+    let mut bosses = [
+        connect(first, "boss-a", &boss_a).await,
+        connect(&second, "boss-b", &boss_b).await,
+    ];
+
+    // Until each publisher's NATS server knows both brokers' interest (NATS
+    // spreads it shortly after it is made), warm up: until each member got
+    // something published through each broker.
+    let mut seen = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while seen.len() < 4 {
+        for (from, boss) in bosses.iter().enumerate() {
+            boss.client
+                .publish("jobs/warmup", QoS::AtMostOnce, false, from.to_string())
+                .await
+                .unwrap();
+        }
+        for (to, worker) in [&mut worker_a, &mut worker_b].into_iter().enumerate() {
+            while let Some(p) =
+                next_publish(worker, on("jobs/warmup"), Duration::from_millis(100)).await
+            {
+                seen.insert((to, p.payload.to_vec()));
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "warm-up reached only {seen:?}"
+        );
+    }
+
+    let jobs = 40;
+    for i in 0..jobs {
+        let boss = &mut bosses[i % 2];
+        boss.client
+            .publish(
+                format!("jobs/{}/run", i % 4),
+                QoS::AtLeastOnce,
+                false,
+                format!("job-{i}"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(boss.puback_reason().await, PubAckReason::Success);
+    }
+    let got = jobs_received(&mut [&mut worker_a, &mut worker_b], jobs).await;
+    let mut all: Vec<&String> = got.iter().flatten().collect();
+    all.sort();
+    let mut expected: Vec<String> = (0..jobs).map(|i| format!("job-{i}")).collect();
+    expected.sort();
+    assert_eq!(
+        all,
+        expected.iter().collect::<Vec<_>>(),
+        "each job exactly once across the group (worker-a {:?}, worker-b {:?})",
+        got[0],
+        got[1]
+    );
+    assert!(
+        !got[0].is_empty() && !got[1].is_empty(),
+        "one member got every job: {got:?}"
+    );
+    println!(
+        "shared group across brokers: worker-a {} jobs, worker-b {} jobs",
+        got[0].len(),
+        got[1].len()
+    );
+    let watched = jobs_received(&mut [&mut watcher], jobs).await;
+    let mut watched = watched[0].clone();
+    watched.sort();
+    assert_eq!(
+        watched, expected,
+        "the plain subscription gets every job once"
+    );
+}

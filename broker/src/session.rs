@@ -184,6 +184,11 @@ pub(crate) struct State {
     pub detached_at_ms: Option<i64>,
     /// Whether the session store holds a record of this session.
     pub stored: bool,
+    /// Whether this broker holds the session: a connection here has it, or
+    /// had it last. A cluster's other brokers know it from its record only.
+    /// Its shared subscriptions count as this broker's members (see
+    /// `Router::hold`).
+    pub held_here: bool,
 }
 
 impl Session {
@@ -201,6 +206,7 @@ impl Session {
                 attached: 0,
                 detached_at_ms: Some(unix_now_ms()),
                 stored: false,
+                held_here: false,
             }),
             wake: Notify::new(),
         })

@@ -19,7 +19,11 @@
 //!   `fleetgate-queue.<session>`: a persistent session's undelivered QoS
 //!   1/2 messages. The broker a message is published through writes it
 //!   there for every persistent session it matches, and acknowledges the
-//!   publisher once JetStream has it. The broker the device is connected to
+//!   publisher once JetStream has it. A shared subscription with a
+//!   persistent member is picked for by that broker too, so the message is
+//!   queued before the publisher is acknowledged; the queue groups pick
+//!   only for groups of connected, non-persistent sessions, which no store
+//!   queues for. The broker the device is connected to
 //!   reads the subject with the session's durable consumer and acknowledges
 //!   each message to JetStream when the device has acknowledged it.
 //!

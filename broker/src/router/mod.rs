@@ -32,10 +32,31 @@ use index::{split_shared, Subscriber, TopicIndex};
 /// has none; brokers of a cluster join one (NATS).
 pub trait Fabric: Send + Sync {
     /// Hands a message published through this broker to the others, which
-    /// route it to their own sessions ([`Router::publish_remote`]).
-    fn forward(&self, message: &Message);
+    /// route it to their own sessions ([`Router::publish_remote`]), and says
+    /// who picks the member of each shared subscription it matches: this
+    /// broker if `sender_picks`, else the fabric if it can.
+    fn forward(&self, message: &Message, sender_picks: bool) -> SharedChoice;
     /// A client connected here: the other brokers end its connections.
     fn claim(&self, client_id: &str);
+    /// Whether this broker holds members of the shared subscription
+    /// `filter` (`$share/<group>/<filter>`), said when that changes. While
+    /// it does, the fabric hands it the group's messages that the cluster
+    /// picked it for ([`Router::publish_to_group`]). Resolves once that is
+    /// in place, or could not be: a new member's SUBACK waits for it.
+    fn share(&self, filter: &Arc<str>, held: bool) -> Commit;
+}
+
+/// Who picks the member of each shared subscription a message matches, so
+/// that a group with members on several brokers gets it once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SharedChoice {
+    /// This broker, among the members it knows: there is no fabric, or it
+    /// could not hand the message to the others' shared subscriptions (cut
+    /// off from NATS, or the topic too long for a subject).
+    Here,
+    /// The fabric picks one broker per group, which gets the message
+    /// through [`Router::publish_to_group`]; routing leaves groups alone.
+    Fabric,
 }
 
 /// Session expiry that means "never": MQTT 5's 0xFFFFFFFF.
@@ -63,6 +84,9 @@ pub struct Router {
     live_readers: AtomicUsize,
     metrics: RouterMetrics,
     fabric: OnceLock<Arc<dyn Fabric>>,
+    /// Members held here (see [`Router::hold`]) of each shared subscription,
+    /// for the fabric. Taken before any session's lock.
+    held_groups: Mutex<HashMap<Arc<str>, usize>>,
     /// The store holds persistent sessions' queues (a cluster's JetStream):
     /// see [`SessionStore::feeds_sessions`].
     store_feeds: bool,
@@ -75,6 +99,27 @@ enum Origin {
     Here,
     /// Through another broker of the cluster, which wrote it.
     Elsewhere,
+}
+
+/// Who picks the member of each shared subscription a routing matches.
+#[derive(Clone, Copy)]
+enum Pick<'a> {
+    /// This broker, for every group ([`SharedChoice::Here`]).
+    Here,
+    /// The fabric: this routing leaves every group alone.
+    Fabric,
+    /// The fabric picked this broker for the shared subscription `filter`:
+    /// one member of it gets the message, and nobody else here.
+    Group(&'a str),
+}
+
+impl From<SharedChoice> for Pick<'_> {
+    fn from(choice: SharedChoice) -> Self {
+        match choice {
+            SharedChoice::Here => Pick::Here,
+            SharedChoice::Fabric => Pick::Fabric,
+        }
+    }
 }
 
 /// A session as a connection gets it.
@@ -139,6 +184,7 @@ impl Router {
             live_readers: AtomicUsize::new(0),
             metrics,
             fabric: OnceLock::new(),
+            held_groups: Mutex::default(),
         });
         router.restore().await?;
         tokio::spawn(sweep(Arc::downgrade(&router)));
@@ -169,9 +215,12 @@ impl Router {
                     at => Some(at.unwrap_or(now)),
                 };
                 state.stored = true;
+                // A cluster's device may come back to any broker; alone,
+                // this broker is where it comes back.
+                state.held_here = !self.store_feeds;
             }
             for (filter, options) in record.subscriptions {
-                self.add_subscription(&session, &filter, options);
+                let _ = self.add_subscription(&session, &filter, options);
             }
             sessions.insert(session.client_id.clone(), session);
         }
@@ -235,6 +284,7 @@ impl Router {
         }
         let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
         let resend = session.attach(connection);
+        self.hold(&session, true);
         let commit = if expiry_secs > 0 {
             session.lock().stored = true;
             let commit = self.store.submit(StoreOp::PutSession(record(&session)));
@@ -299,7 +349,74 @@ impl Router {
         for filter in filters {
             self.remove_subscription(session, &filter);
         }
+        self.hold(session, false);
         session.drain();
+    }
+
+    /// Whether this broker holds `session` (`held`: a connection here has
+    /// it, or had it last) or no longer does (it went, or another broker of
+    /// the cluster took it up). The shared subscriptions of a session held
+    /// here are this broker's members of those groups: while it has one,
+    /// it takes part in picking the group's member for each message.
+    ///
+    /// A persistent session stays held after its device leaves, so a group
+    /// whose members are all away still has a broker that queues for them.
+    /// The cost: while that broker has no member connected, the messages
+    /// the cluster picks it for wait for the absent one (QoS 0 ones and
+    /// live copies, which no store queues, are lost) although a member may
+    /// be connected to another broker.
+    fn hold(&self, session: &Arc<Session>, held: bool) {
+        let mut groups = self.held_groups.lock().expect("groups lock");
+        let shared: Vec<String> = {
+            let mut state = session.lock();
+            if state.held_here == held {
+                return;
+            }
+            state.held_here = held;
+            state
+                .subscriptions
+                .keys()
+                .filter(|f| split_shared(f).0.is_some())
+                .cloned()
+                .collect()
+        };
+        for filter in shared {
+            drop(self.count_member(&mut groups, &filter, held));
+        }
+    }
+
+    /// Counts a member held here of the shared subscription `filter`
+    /// joining or leaving, and tells the fabric when the first joins or the
+    /// last leaves: one queue subscription per group a broker has members
+    /// of, however many.
+    fn count_member(
+        &self,
+        groups: &mut HashMap<Arc<str>, usize>,
+        filter: &str,
+        joined: bool,
+    ) -> Option<Commit> {
+        let changed = if joined {
+            match groups.get_mut(filter) {
+                Some(count) => {
+                    *count += 1;
+                    None
+                }
+                None => {
+                    let filter: Arc<str> = filter.into();
+                    groups.insert(filter.clone(), 1);
+                    Some(filter)
+                }
+            }
+        } else {
+            let count = groups.get_mut(filter)?;
+            *count -= 1;
+            if *count > 0 {
+                return None;
+            }
+            groups.remove_entry(filter).map(|(filter, _)| filter)
+        };
+        let fabric = self.fabric.get()?;
+        changed.map(|filter| fabric.share(&filter, joined))
     }
 
     /// Another broker of the cluster wrote `record`: the device is there
@@ -324,6 +441,9 @@ impl Router {
             return;
         }
         session.drain();
+        // The device is on that broker now, or was last: its groups are
+        // that broker's to take part in.
+        self.hold(&session, false);
         {
             let mut state = session.lock();
             state.expiry_secs = record.expiry_secs;
@@ -346,7 +466,7 @@ impl Router {
             self.remove_subscription(&session, &filter);
         }
         for (filter, options) in wanted {
-            self.add_subscription(&session, filter, options);
+            let _ = self.add_subscription(&session, filter, options);
         }
     }
 
@@ -408,8 +528,19 @@ impl Router {
         filter: &str,
         options: SubOptions,
     ) -> (bool, Commit) {
-        let existed = self.add_subscription(session, filter, options);
-        (existed, self.save(session))
+        let (existed, joined) = self.add_subscription(session, filter, options);
+        let saved = self.save(session);
+        let commit = match joined {
+            // The first member here of a shared subscription: acknowledged
+            // once the fabric hands this broker its share of the group's
+            // messages, so none published after the SUBACK misses it.
+            Some(joined) => Box::pin(async move {
+                saved.await?;
+                joined.await
+            }),
+            None => saved,
+        };
+        (existed, commit)
     }
 
     /// Removes a subscription; true if it existed.
@@ -427,16 +558,32 @@ impl Router {
         }
     }
 
-    fn add_subscription(&self, session: &Arc<Session>, filter: &str, options: SubOptions) -> bool {
-        let existed = session
-            .lock()
-            .subscriptions
-            .insert(filter.to_string(), options)
-            .is_some();
+    /// Adds a subscription; true if the session had one on `filter`
+    /// already. For the first member held here of a shared subscription,
+    /// also what resolves once the fabric knows.
+    fn add_subscription(
+        &self,
+        session: &Arc<Session>,
+        filter: &str,
+        options: SubOptions,
+    ) -> (bool, Option<Commit>) {
+        let shared = split_shared(filter).0.map(|_| Arc::from(filter));
+        // Under the groups lock, so that the session's held flag cannot
+        // change between reading it and counting the member.
+        let mut groups = shared
+            .is_some()
+            .then(|| self.held_groups.lock().expect("groups lock"));
+        let (existed, held) = {
+            let mut state = session.lock();
+            let existed = state
+                .subscriptions
+                .insert(filter.to_string(), options)
+                .is_some();
+            (existed, state.held_here)
+        };
         if !existed && can_receive_live(filter) {
             self.live_readers.fetch_add(1, Ordering::Relaxed);
         }
-        let shared = split_shared(filter).0.map(|_| Arc::from(filter));
         self.index.write().expect("index lock").insert(
             filter,
             Subscriber {
@@ -445,11 +592,25 @@ impl Router {
                 shared,
             },
         );
-        existed
+        let joined = match groups.as_deref_mut() {
+            Some(groups) if held && !existed => self.count_member(groups, filter, true),
+            _ => None,
+        };
+        (existed, joined)
     }
 
     fn remove_subscription(&self, session: &Arc<Session>, filter: &str) -> bool {
-        let existed = session.lock().subscriptions.remove(filter).is_some();
+        let mut groups = split_shared(filter)
+            .0
+            .is_some()
+            .then(|| self.held_groups.lock().expect("groups lock"));
+        let (existed, held) = {
+            let mut state = session.lock();
+            (
+                state.subscriptions.remove(filter).is_some(),
+                state.held_here,
+            )
+        };
         if existed {
             self.index
                 .write()
@@ -457,6 +618,9 @@ impl Router {
                 .remove(filter, &session.client_id);
             if can_receive_live(filter) {
                 self.live_readers.fetch_sub(1, Ordering::Relaxed);
+            }
+            if let Some(groups) = groups.as_deref_mut().filter(|_| held) {
+                drop(self.count_member(groups, filter, false));
             }
         }
         existed
@@ -521,9 +685,15 @@ impl Router {
         (outcome, commit)
     }
 
-    /// Joins a cluster: from now on publishes go to `fabric` too. Once.
+    /// Joins a cluster: from now on publishes go to `fabric` too, and it
+    /// learns which shared subscriptions this broker has members of. Once.
     pub fn join(&self, fabric: Arc<dyn Fabric>) {
-        let _ = self.fabric.set(fabric);
+        let groups = self.held_groups.lock().expect("groups lock");
+        if self.fabric.set(fabric.clone()).is_ok() {
+            for filter in groups.keys() {
+                drop(fabric.share(filter, true));
+            }
+        }
     }
 
     /// Tells the cluster's other brokers that `client_id` connected here.
@@ -534,26 +704,69 @@ impl Router {
     }
 
     /// Routes a message published through this broker: to this broker's
-    /// sessions, and through the fabric to the others'.
+    /// sessions, and through the fabric to the others'. Shared
+    /// subscriptions are left to the fabric while it can pick their members
+    /// cluster-wide, so this broker takes its share like any other
+    /// ([`Router::publish_to_group`]); otherwise it picks them itself.
     pub fn publish(&self, message: Message) -> Published {
-        if let Some(fabric) = self.fabric.get() {
-            fabric.forward(&message);
+        let choice = match self.fabric.get() {
+            Some(fabric) => fabric.forward(&message, self.must_pick_here(&message)),
+            None => SharedChoice::Here,
+        };
+        self.route(message, Origin::Here, choice.into())
+    }
+
+    /// Whether this broker, not the fabric, must pick the shared members of
+    /// a message published here: when a persistent session may be picked
+    /// and the message must be durable before its publisher is
+    /// acknowledged. The fabric's pick crosses core NATS (at most once) and
+    /// is queued after the PUBACK, so this broker picks, among the members
+    /// it knows (its own, and every persistent session of the cluster), and
+    /// queues the message in the store before acknowledging. Members held
+    /// by other brokers without persistent sessions get no share of such
+    /// messages.
+    fn must_pick_here(&self, message: &Message) -> bool {
+        if !self.store_feeds || !message.durable || message.qos == 0 {
+            return false;
         }
-        self.route(message, Origin::Here)
+        let mut matches = Vec::new();
+        self.index
+            .read()
+            .expect("index lock")
+            .matches(&message.topic, &mut matches);
+        matches
+            .iter()
+            .any(|s| s.shared.is_some() && s.session.persistent())
     }
 
     /// Routes a message to this broker's sessions only: one another broker
-    /// of the cluster forwarded.
-    pub fn publish_remote(&self, message: Message) -> Published {
-        self.route(message, Origin::Elsewhere)
+    /// of the cluster forwarded. `choice` is who picks shared
+    /// subscriptions' members, as the sending broker decided.
+    pub fn publish_remote(&self, message: Message, choice: SharedChoice) -> Published {
+        self.route(message, Origin::Elsewhere, choice.into())
     }
 
-    fn route(&self, message: Message, origin: Origin) -> Published {
+    /// Routes a message to one member of the shared subscription `filter`
+    /// and to nobody else: the fabric picked this broker for that group
+    /// (and routed the message to the rest through [`Router::publish`] or
+    /// [`Router::publish_remote`]).
+    pub fn publish_to_group(&self, message: Message, filter: &str) -> Published {
+        self.route(message, Origin::Elsewhere, Pick::Group(filter))
+    }
+
+    fn route(&self, message: Message, origin: Origin, pick: Pick<'_>) -> Published {
         let message = Arc::new(message);
         let mut commits: Vec<Commit> = Vec::new();
+        let for_group = matches!(pick, Pick::Group(_));
+        // This broker writes what must be durable for the sessions it
+        // routes a message it was given to: anything published here, and
+        // the member it picks of a group the cluster picked it for (no other
+        // broker routes the message to that group).
+        let writes_store = origin == Origin::Here || for_group;
         // With a shared store, other brokers' retained messages arrive
-        // through it, in the order it holds them.
-        if message.retain && (origin == Origin::Here || !self.store_feeds) {
+        // through it, in the order it holds them. A group's copy was
+        // routed here already, or elsewhere.
+        if !for_group && message.retain && (origin == Origin::Here || !self.store_feeds) {
             let mut retained = self.retained.write().expect("retained lock");
             let topic = message.topic.to_string();
             let stored = if message.payload.is_empty() {
@@ -583,7 +796,13 @@ impl Router {
                 continue;
             }
             if let Some(key) = subscriber.shared.clone() {
+                if matches!(pick, Pick::Group(filter) if filter != &*key) {
+                    continue;
+                }
                 shared.entry(key).or_default().push(subscriber);
+                continue;
+            }
+            if for_group {
                 continue;
             }
             let target = plain
@@ -599,35 +818,35 @@ impl Router {
             target.ids.extend(options.id);
         }
         let mut targets: Vec<Target> = plain.into_values().collect();
-        for (_, members) in shared {
-            // Connected members first; among them, take turns.
-            let connected: Vec<&Subscriber> = members
-                .iter()
-                .filter(|s| s.session.lock().attached != 0)
-                .collect();
-            let pool: Vec<&Subscriber> = if connected.is_empty() {
-                members.iter().collect()
-            } else {
-                connected
-            };
-            let turn = self.shared_turn.fetch_add(1, Ordering::Relaxed);
-            let chosen = pool[turn % pool.len()];
-            let options = chosen.options;
-            targets.push(Target {
-                session: chosen.session.clone(),
-                granted: options.qos,
-                retain: options.retain_as_published && message.retain,
-                ids: options.id.into_iter().collect(),
-            });
-        }
         let (mut queued, mut refused) = (0, 0);
+        if matches!(pick, Pick::Fabric) {
+            // Handed to the cluster: one member somewhere gets it.
+            queued += shared.len();
+        } else {
+            for members in shared.into_values() {
+                // Picking for the whole cluster (published here, the
+                // fabric left the choice to this broker): members connected
+                // anywhere take turns alike.
+                let cluster_wide = matches!(pick, Pick::Here) && self.fabric.get().is_some();
+                let chosen = self.pick_member(&members, &message, writes_store, cluster_wide);
+                let options = chosen.options;
+                targets.push(Target {
+                    session: chosen.session.clone(),
+                    granted: options.qos,
+                    retain: options.retain_as_published && message.retain,
+                    ids: options.id.into_iter().collect(),
+                });
+            }
+        }
         for target in targets {
             let qos = message.qos.min(target.granted);
             if self.store_feeds {
                 if qos > 0 && message.durable && target.session.persistent() {
                     // The store queues it, once, through the broker it was
-                    // published on; the device's broker feeds it from there.
-                    if origin == Origin::Here {
+                    // published on (or, for a shared subscription, the one
+                    // the cluster picked); the device's broker feeds it
+                    // from there.
+                    if writes_store {
                         commits.push(self.store.submit(StoreOp::Enqueue(vec![StoredMessage {
                             client_id: target.session.client_id.clone(),
                             seq: 0,
@@ -671,6 +890,45 @@ impl Router {
             refused,
             commit,
         }
+    }
+
+    /// The member of a shared subscription that gets `message`, taking
+    /// turns: one whose device is connected here (or, `cluster_wide`, a
+    /// persistent one connected to another broker), if any. Else, if this
+    /// broker writes the message to a store that queues it for persistent
+    /// sessions (QoS 1/2, durable), a persistent member, those whose device
+    /// is connected to another broker first. Else any member, as one broker
+    /// alone would do (queued for an absent persistent session).
+    fn pick_member<'m>(
+        &self,
+        members: &'m [Subscriber],
+        message: &Message,
+        writes_store: bool,
+        cluster_wide: bool,
+    ) -> &'m Subscriber {
+        let queued_by_store = |s: &Subscriber| {
+            self.store_feeds
+                && writes_store
+                && message.durable
+                && message.qos.min(s.options.qos) > 0
+                && s.session.persistent()
+        };
+        let connected_here = |s: &Subscriber| s.session.lock().attached != 0;
+        // A cluster's record without a detach time: its device is connected
+        // to another broker.
+        let connected_elsewhere =
+            |s: &Subscriber| queued_by_store(s) && s.session.lock().detached_at_ms.is_none();
+        let connected =
+            |s: &Subscriber| connected_here(s) || (cluster_wide && connected_elsewhere(s));
+        let tiers: [&dyn Fn(&Subscriber) -> bool; 3] =
+            [&connected, &connected_elsewhere, &queued_by_store];
+        let pool: Vec<&Subscriber> = tiers
+            .iter()
+            .map(|tier| members.iter().filter(|s| tier(s)).collect::<Vec<_>>())
+            .find(|pool| !pool.is_empty())
+            .unwrap_or_else(|| members.iter().collect());
+        let turn = self.shared_turn.fetch_add(1, Ordering::Relaxed);
+        pool[turn % pool.len()]
     }
 
     /// A message left `session`'s queue for good (delivered, expired, or
@@ -855,6 +1113,228 @@ mod tests {
             assert_eq!(router.publish(message("t", 1, "p")).queued, 1);
         }
         assert_eq!(delivered(&a).len() + delivered(&b).len(), 10);
+    }
+
+    /// A fabric that records what the router tells it, up or cut off.
+    #[derive(Default)]
+    struct RecordingFabric {
+        cut_off: std::sync::atomic::AtomicBool,
+        shares: Mutex<Vec<(String, bool)>>,
+    }
+
+    impl Fabric for RecordingFabric {
+        fn forward(&self, _: &Message, _: bool) -> SharedChoice {
+            if self.cut_off.load(Ordering::Relaxed) {
+                SharedChoice::Here
+            } else {
+                SharedChoice::Fabric
+            }
+        }
+
+        fn claim(&self, _: &str) {}
+
+        fn share(&self, filter: &Arc<str>, held: bool) -> Commit {
+            self.shares.lock().unwrap().push((filter.to_string(), held));
+            crate::persist::committed()
+        }
+    }
+
+    impl RecordingFabric {
+        fn shares(&self) -> Vec<(String, bool)> {
+            std::mem::take(&mut *self.shares.lock().unwrap())
+        }
+    }
+
+    async fn router_in_cluster() -> (Arc<Router>, Arc<RecordingFabric>) {
+        let router = router().await;
+        let fabric = Arc::new(RecordingFabric::default());
+        router.join(fabric.clone());
+        (router, fabric)
+    }
+
+    fn qos1() -> SubOptions {
+        SubOptions {
+            qos: 1,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_shared_group_spanning_brokers_is_left_to_the_fabric() {
+        let (router, fabric) = router_in_cluster().await;
+        let group = "$share/g/t/#";
+        let a = router.open("a", true, 0, |_| true).0;
+        let b = router.open("b", true, 0, |_| true).0;
+        let plain = router.open("p", true, 0, |_| true).0.session;
+        for member in [&a, &b] {
+            let _ = router.subscribe(&member.session, group, qos1());
+        }
+        let _ = router.subscribe(&plain, "t/#", qos1());
+        // One queue subscription for the group, however many members.
+        assert_eq!(fabric.shares(), [(group.to_string(), true)]);
+
+        // Published here or elsewhere: plain subscribers only; the group's
+        // copy is the fabric's to hand to one broker (counted as queued).
+        assert_eq!(router.publish(message("t/1", 1, "x")).queued, 2);
+        let _ = router.publish_remote(message("t/2", 1, "x"), SharedChoice::Fabric);
+        assert_eq!(delivered(&plain).len(), 2);
+        assert_eq!(delivered(&a.session).len() + delivered(&b.session).len(), 0);
+
+        // Picked by the fabric: one member gets it, and nobody else.
+        for i in 0..10 {
+            let to_group = router.publish_to_group(message(&format!("t/{i}"), 1, "x"), group);
+            assert_eq!(to_group.queued, 1);
+        }
+        let (got_a, got_b) = (delivered(&a.session).len(), delivered(&b.session).len());
+        assert_eq!(got_a + got_b, 10);
+        assert!(got_a > 0 && got_b > 0, "members take turns");
+        assert!(delivered(&plain).is_empty());
+        // Another group's pick does not reach this one.
+        let other = router.publish_to_group(message("t/1", 1, "x"), "$share/h/t/#");
+        assert_eq!(other.queued, 0);
+
+        // The queue subscription goes with the last member here.
+        let _ = router.unsubscribe(&a.session, group);
+        assert!(fabric.shares().is_empty());
+        router.close(&b.session, b.connection);
+        assert_eq!(fabric.shares(), [(group.to_string(), false)]);
+    }
+
+    #[tokio::test]
+    async fn a_broker_cut_off_from_the_fabric_picks_shared_members_itself() {
+        let (router, fabric) = router_in_cluster().await;
+        fabric.cut_off.store(true, Ordering::Relaxed);
+        let a = router.open("a", true, 0, |_| true).0.session;
+        let b = router.open("b", true, 0, |_| true).0.session;
+        for member in [&a, &b] {
+            let _ = router.subscribe(member, "$share/g/t", qos1());
+        }
+        for _ in 0..4 {
+            assert_eq!(router.publish(message("t", 1, "x")).queued, 1);
+        }
+        assert_eq!(delivered(&a).len() + delivered(&b).len(), 4);
+        // Heard from another broker that picked for itself: left alone.
+        let _ = router.publish_remote(message("t", 1, "x"), SharedChoice::Fabric);
+        assert_eq!(delivered(&a).len() + delivered(&b).len(), 0);
+    }
+
+    #[tokio::test]
+    async fn groups_held_before_joining_are_told_to_the_fabric() {
+        let router = router().await;
+        let a = router.open("a", true, 0, |_| true).0.session;
+        let _ = router.subscribe(&a, "$share/g/t", qos1());
+        let fabric = Arc::new(RecordingFabric::default());
+        router.join(fabric.clone());
+        assert_eq!(fabric.shares(), [("$share/g/t".to_string(), true)]);
+    }
+
+    /// A cluster's store (JetStream, as the router sees it): it queues
+    /// persistent sessions' messages, recorded here by client id.
+    #[derive(Default)]
+    struct FeedingStore {
+        queued_for: Mutex<Vec<String>>,
+    }
+
+    impl SessionStore for FeedingStore {
+        fn load(
+            &self,
+        ) -> std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = Result<crate::persist::Snapshot, String>>
+                    + Send
+                    + '_,
+            >,
+        > {
+            Box::pin(async { Ok(Default::default()) })
+        }
+
+        fn submit(&self, op: StoreOp) -> Commit {
+            if let StoreOp::Enqueue(messages) = op {
+                let mut queued = self.queued_for.lock().unwrap();
+                queued.extend(messages.iter().map(|m| m.client_id.to_string()));
+            }
+            crate::persist::committed()
+        }
+
+        fn feeds_sessions(&self) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test]
+    async fn a_persistent_member_elsewhere_is_queued_once_by_the_broker_picked() {
+        let store = Arc::new(FeedingStore::default());
+        let router = Router::start(
+            store.clone(),
+            QueueLimits::default(),
+            &mut Registry::default(),
+        )
+        .await
+        .unwrap();
+        let fabric = Arc::new(RecordingFabric::default());
+        router.join(fabric.clone());
+        let group = "$share/g/t";
+        // A worker with a persistent session, connected to another broker.
+        router.apply_remote_session(SessionRecord {
+            client_id: "w".into(),
+            expiry_secs: 3600,
+            subscriptions: vec![(group.into(), qos1())],
+            detached_at_ms: None,
+        });
+        // Its broker holds the group's queue subscription, not this one.
+        assert!(fabric.shares().is_empty());
+        let queued_for = || std::mem::take(&mut *store.queued_for.lock().unwrap());
+
+        // Neither the publishing broker nor one hearing it queues for the
+        // group: the one the fabric picks does, once.
+        let _ = router.publish(message("t", 1, "x"));
+        let _ = router.publish_remote(message("t", 1, "x"), SharedChoice::Fabric);
+        assert!(queued_for().is_empty());
+        let _ = router.publish_to_group(message("t", 1, "x"), group);
+        assert_eq!(queued_for(), ["w"]);
+
+        // A member connected here comes first.
+        let here = router.open("h", true, 0, |_| true).0.session;
+        let _ = router.subscribe(&here, group, qos1());
+        assert_eq!(fabric.shares(), [(group.to_string(), true)]);
+        let _ = router.publish_to_group(message("t", 1, "x"), group);
+        assert!(queued_for().is_empty());
+        assert_eq!(delivered(&here).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_persistent_member_stays_held_until_another_broker_takes_it() {
+        let store = Arc::new(FeedingStore::default());
+        let router = Router::start(
+            store.clone(),
+            QueueLimits::default(),
+            &mut Registry::default(),
+        )
+        .await
+        .unwrap();
+        let fabric = Arc::new(RecordingFabric::default());
+        router.join(fabric.clone());
+        let group = "$share/g/t";
+        let opened = router.open("w", false, 3600, |_| true).0;
+        let _ = router.subscribe(&opened.session, group, qos1());
+        assert_eq!(fabric.shares(), [(group.to_string(), true)]);
+        // Away: still this broker's member, queued for by the store.
+        router.close(&opened.session, opened.connection);
+        assert!(fabric.shares().is_empty());
+        let _ = router.publish_to_group(message("t", 1, "x"), group);
+        assert_eq!(*store.queued_for.lock().unwrap(), ["w"]);
+        // The device reconnected to another broker, which holds it now.
+        router.apply_remote_session(SessionRecord {
+            client_id: "w".into(),
+            expiry_secs: 3600,
+            subscriptions: vec![(group.into(), qos1())],
+            detached_at_ms: None,
+        });
+        assert_eq!(fabric.shares(), [(group.to_string(), false)]);
+        // And back here.
+        let again = router.open("w", false, 3600, |_| true).0;
+        assert!(again.present);
+        assert_eq!(fabric.shares(), [(group.to_string(), true)]);
     }
 
     #[tokio::test]

@@ -24,12 +24,43 @@
 //! down reaches only the publishing broker's own sessions; persistent
 //! sessions and retained messages stay with the broker that holds them
 //! (JetStream is where they would go).
+//!
+//! # Shared subscriptions
+//!
+//! An MQTT 5 shared subscription `$share/<group>/<filter>` gets each
+//! message once, whichever brokers its members are on. Every broker hears
+//! every message on `<cluster>.>`, so picking a member cannot be left to
+//! each: NATS queue groups pick instead. A broker holding members of a
+//! shared subscription (sessions of its own, connected or kept for their
+//! absent device, subscribed to it) holds one queue subscription for it
+//! (two for a filter ending in `/#`), on the subjects its topics go on
+//! ([`filter_to_subjects`]), in a queue group
+//! named after the cluster and a hash of the shared filter
+//! ([`queue_group`]). NATS hands each message to one broker of the queue
+//! group, which routes it to one of its own members only
+//! ([`Router::publish_to_group`]); what arrives on `<cluster>.>` goes to
+//! plain subscriptions only. The publishing broker leaves shared
+//! subscriptions alone and takes its share like the others, through a
+//! second NATS connection: the first is `no_echo`, so the server would
+//! never hand a broker its own messages.
+//!
+//! While a broker is cut off from NATS, it picks the members of the
+//! groups it knows itself, among its own sessions and the cluster's
+//! persistent ones, as a broker alone does. The envelope of such a message
+//! says so (`chosen_by_sender`): once it reaches the others (async-nats
+//! sends what waited for a reconnect), their queue subscriptions leave it.
+//! Messages on `<cluster>.long` are not seen by queue subscriptions: every
+//! broker picks a member among its own for them, as before shared
+//! subscriptions spanned brokers, so a group with members on several
+//! brokers may get such a message more than once.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_nats::connection::State;
 use async_nats::{Event, HeaderMap};
 use bytes::Bytes;
 use fleetgate_protocol::unix_now_ms;
@@ -37,10 +68,13 @@ use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::JoinHandle;
 
-use super::{Fabric, Router};
+use super::index::split_shared;
+use super::{Fabric, Router, SharedChoice};
 use crate::cluster::ClusterName;
+use crate::persist::Commit;
 use crate::session::{Message, Properties};
 
 /// The subjects of one cluster (see the module docs).
@@ -52,6 +86,8 @@ struct Subjects {
     claim: String,
     /// Everything above: what a broker subscribes to.
     all: String,
+    /// `<cluster>-share-`, before a hash of a shared filter: a queue group.
+    share: String,
 }
 
 impl Subjects {
@@ -61,6 +97,7 @@ impl Subjects {
             long: cluster.subject("long"),
             claim: cluster.subject("claim"),
             all: cluster.subject(">"),
+            share: format!("{}-share-", cluster.as_str()),
         }
     }
 }
@@ -87,6 +124,11 @@ const PING_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Drops are logged at most this often; the counter has every one.
 const DROP_LOG_EVERY_MS: i64 = 10_000;
+
+/// Longest a new shared subscription's SUBACK waits for the NATS server to
+/// confirm its queue subscription (a server that does not answer is being
+/// left: async-nats subscribes again on the next).
+const GROUP_READY_WAIT: Duration = Duration::from_secs(5);
 
 /// Maps an MQTT topic to NATS subject tokens, as NATS's MQTT gateway does
 /// and reversibly ([`subject_to_topic`]): levels become tokens (`/` → `.`),
@@ -158,6 +200,77 @@ fn escaped(c: char) -> bool {
     matches!(c, ' ' | '*' | '>' | '%') || c.is_ascii_control()
 }
 
+/// The subject patterns that the topics an MQTT topic filter (without its
+/// `$share/<group>/`) matches go on, mapped as [`topic_to_subject`] maps
+/// them: `+` is `*`, a literal level the token its topics have, and `#`
+/// is `>`, except that `a/#` also matches `a` itself (MQTT 4.7.1.2), which
+/// `a.>` does not: it takes `a` and `a.>`.
+///
+/// Wider than MQTT in one way: a wildcard as first level does not match
+/// `$` topics in MQTT (4.7.2), and does in NATS. The broker that receives
+/// such a message finds none of its members' filters matching it, as every
+/// broker would, so no member gets it either way.
+pub fn filter_to_subjects(filter: &str) -> Vec<String> {
+    let (levels, multi) = match filter.strip_suffix('#') {
+        Some("") => return vec![">".to_string()],
+        Some(rest) => match rest.strip_suffix('/') {
+            Some(levels) => (levels, true),
+            // Not a filter `check_filter` accepts; mapped as a topic.
+            None => (filter, false),
+        },
+        None => (filter, false),
+    };
+    let tokens: Vec<String> = levels
+        .split('/')
+        .map(|level| match level {
+            "+" => "*".to_string(),
+            level => topic_to_subject(level),
+        })
+        .collect();
+    let exact = tokens.join(".");
+    if multi {
+        let below = format!("{exact}.>");
+        vec![exact, below]
+    } else {
+        vec![exact]
+    }
+}
+
+/// The subjects of a shared subscription's queue subscription (`filter` is
+/// `$share/<group>/<filter>`): none when every topic its filter matches
+/// would be too long for a subject, so its messages all go on
+/// `<cluster>.long`, where every broker picks its own member.
+fn group_subjects(subjects: &Subjects, filter: &str) -> Vec<String> {
+    let (_, inner) = split_shared(filter);
+    let patterns = filter_to_subjects(inner);
+    // The first is the shortest, and no matching topic maps shorter: `*`
+    // stands for one token of at least one character.
+    if subjects.message.len() + patterns[0].len() > MAX_SUBJECT {
+        return Vec::new();
+    }
+    patterns
+        .into_iter()
+        .map(|pattern| format!("{}{pattern}", subjects.message))
+        .collect()
+}
+
+/// The queue group of the shared subscription `filter` (whole, with its
+/// `$share/<group>/`): the group and the filter together name it, and a
+/// hash keeps the name to the characters queue names allow. 128 bits, so
+/// two groups never share one (they would share their messages too).
+pub fn queue_group(cluster: &ClusterName, filter: &str) -> String {
+    group_name(&Subjects::of(cluster), filter)
+}
+
+fn group_name(subjects: &Subjects, filter: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, filter.as_bytes());
+    let hash: String = digest.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{}{hash}", subjects.share)
+}
+
 /// What travels beside the payload. Fields at their default are left out.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 struct Envelope<'a> {
@@ -175,16 +288,35 @@ struct Envelope<'a> {
     /// Only on `<cluster>.long`.
     #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
     topic: Option<Cow<'a, str>>,
+    /// The sending broker picked the members of the shared subscriptions
+    /// the message matches (NATS was out of its reach when it was
+    /// published): queue subscriptions leave it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    chosen_by_sender: bool,
 }
 
 fn is_false(b: &bool) -> bool {
     !*b
 }
 
-/// The subject and headers `message` is sent with (its payload as it is).
-fn encode(subjects: &Subjects, broker: &str, message: &Message) -> (String, HeaderMap) {
+/// The subject and headers `message` is sent with (its payload as it is),
+/// and who picks the members of the shared subscriptions it matches: the
+/// cluster's queue groups if they `may_pick` (the fabric is up, and the
+/// router does not need to pick itself) and the topic fits a subject; else
+/// this broker.
+fn encode(
+    subjects: &Subjects,
+    broker: &str,
+    message: &Message,
+    may_pick: bool,
+) -> (String, HeaderMap, SharedChoice) {
     let mapped = topic_to_subject(&message.topic);
     let long = subjects.message.len() + mapped.len() > MAX_SUBJECT;
+    let choice = if may_pick && !long {
+        SharedChoice::Fabric
+    } else {
+        SharedChoice::Here
+    };
     let envelope = Envelope {
         qos: message.qos,
         retain: message.retain,
@@ -193,6 +325,8 @@ fn encode(subjects: &Subjects, broker: &str, message: &Message) -> (String, Head
         publisher: message.publisher.as_deref().map(Cow::Borrowed),
         properties: message.properties.as_deref().map(Cow::Borrowed),
         topic: long.then(|| Cow::Borrowed(&*message.topic)),
+        // Every broker picks for itself on `.long`: nothing to leave.
+        chosen_by_sender: !long && choice == SharedChoice::Here,
     };
     let mut headers = HeaderMap::new();
     headers.insert(BROKER_HEADER, broker);
@@ -206,15 +340,38 @@ fn encode(subjects: &Subjects, broker: &str, message: &Message) -> (String, Head
     } else {
         format!("{}{mapped}", subjects.message)
     };
-    (subject, headers)
+    (subject, headers, choice)
 }
 
 /// What another broker sent.
 #[derive(Debug, PartialEq)]
 enum Incoming {
-    Message(Message),
+    /// A message, and who picks its shared subscriptions' members.
+    Message(Message, Picker),
     /// A device connected to the sending broker.
     Claim(String),
+}
+
+/// Who picks the members of the shared subscriptions a message matches.
+#[derive(Debug, PartialEq, Clone, Copy)]
+enum Picker {
+    /// The queue groups: a broker gets it through a queue subscription.
+    QueueGroups,
+    /// The broker that sent it, cut off from NATS when it was published.
+    Sender,
+    /// Every broker among its own members (`<cluster>.long`).
+    EachBroker,
+}
+
+impl Picker {
+    /// What a broker that hears the message on `<cluster>.>` leaves to
+    /// others.
+    fn heard(self) -> SharedChoice {
+        match self {
+            Picker::EachBroker => SharedChoice::Here,
+            Picker::QueueGroups | Picker::Sender => SharedChoice::Fabric,
+        }
+    }
 }
 
 fn decode(
@@ -236,12 +393,19 @@ fn decode(
     if envelope.qos > 2 {
         return Err(format!("QoS {}", envelope.qos));
     }
-    let topic = match (subject.strip_prefix(&subjects.message), envelope.topic) {
-        (Some(mapped), None) => subject_to_topic(mapped).ok_or("not a mapped topic")?,
-        (None, Some(topic)) if subject == subjects.long => topic.into_owned(),
+    let (topic, picker) = match (subject.strip_prefix(&subjects.message), envelope.topic) {
+        (Some(mapped), None) => (
+            subject_to_topic(mapped).ok_or("not a mapped topic")?,
+            if envelope.chosen_by_sender {
+                Picker::Sender
+            } else {
+                Picker::QueueGroups
+            },
+        ),
+        (None, Some(topic)) if subject == subjects.long => (topic.into_owned(), Picker::EachBroker),
         _ => return Err("not a fleetgate message subject".into()),
     };
-    Ok(Incoming::Message(Message {
+    let message = Message {
         topic: topic.into(),
         payload,
         qos: envelope.qos,
@@ -250,11 +414,17 @@ fn decode(
         expires_at_ms: envelope.expires_at_ms,
         publisher: envelope.publisher.map(|p| p.as_ref().into()),
         durable: envelope.durable,
-    }))
+    };
+    Ok(Incoming::Message(message, picker))
 }
 
 enum Outgoing {
-    Message(Message),
+    /// Encoded by the publisher's thread, which needs to know where it goes.
+    Message {
+        subject: String,
+        headers: HeaderMap,
+        payload: Bytes,
+    },
     Claim(String),
 }
 
@@ -263,7 +433,9 @@ impl Outgoing {
     /// deliveries, but kept alive by the queue all the same).
     fn cost(&self) -> usize {
         match self {
-            Outgoing::Message(m) => m.topic.len() + m.payload.len() + 64,
+            Outgoing::Message {
+                subject, payload, ..
+            } => subject.len() + payload.len() + 128,
             Outgoing::Claim(id) => id.len() + 64,
         }
     }
@@ -300,9 +472,27 @@ pub struct NatsFabric {
     id: String,
     subjects: Subjects,
     client: async_nats::Client,
+    /// The connection of the shared subscriptions' queue subscriptions:
+    /// unlike `client`, it hears this broker's own messages.
+    groups_client: async_nats::Client,
+    groups: Arc<GroupChanges>,
     queue: mpsc::Sender<Outgoing>,
     queued_bytes: Arc<AtomicUsize>,
     drops: Arc<Drops>,
+}
+
+/// What the router said about shared subscriptions that the task keeping
+/// the queue subscriptions has not done yet: the latest word per filter
+/// (whether this broker holds members), and the SUBACKs waiting for it.
+#[derive(Default)]
+struct GroupChanges {
+    pending: Mutex<HashMap<Arc<str>, GroupChange>>,
+    changed: Notify,
+}
+
+struct GroupChange {
+    held: bool,
+    waiting: Vec<oneshot::Sender<()>>,
 }
 
 impl NatsFabric {
@@ -323,6 +513,16 @@ impl NatsFabric {
             .no_echo()
             .ping_interval(PING_INTERVAL)
             .event_callback(|event| async move { log_event(event) })
+            .connect(urls)
+            .await
+            .map_err(|e| format!("cannot reach NATS at {}: {e}", urls.join(",")))?;
+        // Echo on: this broker takes part in the queue groups of its shared
+        // subscriptions for its own messages too. Named apart, so what
+        // counts brokers by their connections counts this one once.
+        let groups_client = async_nats::ConnectOptions::new()
+            .name(format!("fleetgate-groups {id}"))
+            .ping_interval(PING_INTERVAL)
+            .event_callback(|event| async move { log_groups_event(event) })
             .connect(urls)
             .await
             .map_err(|e| format!("cannot reach NATS at {}: {e}", urls.join(",")))?;
@@ -351,6 +551,8 @@ impl NatsFabric {
             id,
             subjects,
             client,
+            groups_client,
+            groups: Arc::default(),
             queue,
             queued_bytes,
             drops,
@@ -366,6 +568,8 @@ impl NatsFabric {
     /// Takes in what the other brokers send: their messages go to
     /// `router`'s own sessions ([`Router::publish_remote`], so they are not
     /// forwarded again), and their claims to `on_claim` with the device id.
+    /// From now on it also holds the queue subscriptions of the shared
+    /// subscriptions `router` has members of ([`Router::publish_to_group`]).
     /// Returns once the subscription is in place at the server.
     pub async fn serve<F>(&self, router: Arc<Router>, on_claim: F) -> Result<(), String>
     where
@@ -381,6 +585,12 @@ impl NatsFabric {
             .flush()
             .await
             .map_err(|e| format!("NATS did not confirm the subscription: {e}"))?;
+        tokio::spawn(keep_groups(
+            self.groups_client.clone(),
+            self.subjects.clone(),
+            self.groups.clone(),
+            router.clone(),
+        ));
         let id = self.id.clone();
         let subjects = self.subjects.clone();
         tokio::spawn(async move {
@@ -403,11 +613,11 @@ impl NatsFabric {
                     message.payload,
                 ) {
                     Ok(Incoming::Claim(device)) => on_claim(&device),
-                    Ok(Incoming::Message(routed)) => {
+                    Ok(Incoming::Message(routed, picker)) => {
                         if !routed.expired(unix_now_ms()) {
                             // Sessions here keep remote messages in memory
                             // (cluster mode), so nothing waits on the commit.
-                            let _ = router.publish_remote(routed);
+                            let _ = router.publish_remote(routed, picker.heard());
                         }
                     }
                     Err(e) => {
@@ -422,29 +632,170 @@ impl NatsFabric {
         Ok(())
     }
 
-    fn enqueue(&self, outgoing: Outgoing) {
+    /// Queues `outgoing` for the sending task; false if it was dropped.
+    fn enqueue(&self, outgoing: Outgoing) -> bool {
         let cost = outgoing.cost();
         if self.queued_bytes.fetch_add(cost, Ordering::Relaxed) + cost > QUEUE_BYTES {
             self.queued_bytes.fetch_sub(cost, Ordering::Relaxed);
             self.drops.one("the queue to NATS is full");
-            return;
+            return false;
         }
         if self.queue.try_send(outgoing).is_err() {
             self.queued_bytes.fetch_sub(cost, Ordering::Relaxed);
             self.drops.one("the queue to NATS is full");
+            return false;
         }
+        true
+    }
+
+    /// Whether both connections are up, so that a message sent now reaches
+    /// the queue groups, this broker's own included. A connection that
+    /// drops after this said yes loses the message for the groups only if
+    /// async-nats cannot send it after the reconnect either.
+    fn up(&self) -> bool {
+        self.client.connection_state() == State::Connected
+            && self.groups_client.connection_state() == State::Connected
     }
 }
 
 impl Fabric for NatsFabric {
-    fn forward(&self, message: &Message) {
-        // Cheap: the topic, payload and properties are shared, not copied.
-        self.enqueue(Outgoing::Message(message.clone()));
+    fn forward(&self, message: &Message, sender_picks: bool) -> SharedChoice {
+        let fabric_may_pick = self.up() && !sender_picks;
+        let (subject, headers, choice) = encode(&self.subjects, &self.id, message, fabric_may_pick);
+        let queued = self.enqueue(Outgoing::Message {
+            subject,
+            headers,
+            // Cheap: shared, not copied.
+            payload: message.payload.clone(),
+        });
+        if queued {
+            choice
+        } else {
+            SharedChoice::Here
+        }
     }
 
     fn claim(&self, client_id: &str) {
         self.enqueue(Outgoing::Claim(client_id.to_string()));
     }
+
+    fn share(&self, filter: &Arc<str>, held: bool) -> Commit {
+        let (ready, confirmed) = oneshot::channel();
+        {
+            let mut pending = self.groups.pending.lock().expect("groups lock");
+            let change = pending.entry(filter.clone()).or_insert(GroupChange {
+                held,
+                waiting: Vec::new(),
+            });
+            change.held = held;
+            if held {
+                change.waiting.push(ready);
+            }
+        }
+        self.groups.changed.notify_one();
+        if !held {
+            return crate::persist::committed();
+        }
+        Box::pin(async move {
+            // Not an error for the SUBACK if it did not come: the member is
+            // subscribed here, and async-nats subscribes again on reconnect.
+            let _ = tokio::time::timeout(GROUP_READY_WAIT, confirmed).await;
+            Ok(())
+        })
+    }
+}
+
+/// Holds a queue subscription for each shared subscription the router has
+/// members of, as it says ([`Fabric::share`]), and drops it when it says
+/// they are gone. The subscriptions' tasks end with them.
+async fn keep_groups(
+    client: async_nats::Client,
+    subjects: Subjects,
+    changes: Arc<GroupChanges>,
+    router: Arc<Router>,
+) {
+    let mut held: HashMap<Arc<str>, JoinHandle<()>> = HashMap::new();
+    loop {
+        changes.changed.notified().await;
+        let batch = std::mem::take(&mut *changes.pending.lock().expect("groups lock"));
+        let mut waiting = Vec::new();
+        for (filter, change) in batch {
+            match (change.held, held.contains_key(&filter)) {
+                (true, false) => {
+                    match subscribe_group(&client, &subjects, &filter, &router).await {
+                        Ok(task) => {
+                            held.insert(filter, task);
+                        }
+                        Err(e) => tracing::error!(
+                            %filter,
+                            error = %e,
+                            "cannot subscribe to a shared subscription's queue group: its members here get none of its messages from other brokers"
+                        ),
+                    }
+                }
+                (false, true) => {
+                    if let Some(task) = held.remove(&filter) {
+                        // Dropping the subscriptions unsubscribes them.
+                        task.abort();
+                    }
+                }
+                _ => {}
+            }
+            waiting.extend(change.waiting);
+        }
+        if !waiting.is_empty() {
+            // The server has the subscriptions once it answered a ping
+            // sent after them.
+            let _ = tokio::time::timeout(GROUP_READY_WAIT, client.flush()).await;
+            for ready in waiting {
+                let _ = ready.send(());
+            }
+        }
+    }
+}
+
+/// Subscribes to the queue group of the shared subscription `filter`, and
+/// starts the task that hands what it receives to `router`.
+async fn subscribe_group(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    filter: &Arc<str>,
+    router: &Arc<Router>,
+) -> Result<JoinHandle<()>, String> {
+    let group = group_name(subjects, filter);
+    let mut subscribers = Vec::new();
+    for subject in group_subjects(subjects, filter) {
+        let subscriber = client
+            .queue_subscribe(subject, group.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        subscribers.push(subscriber);
+    }
+    let (subjects, filter, router) = (subjects.clone(), filter.clone(), router.clone());
+    Ok(tokio::spawn(async move {
+        let mut received = futures::stream::select_all(subscribers);
+        while let Some(message) = received.next().await {
+            match decode(
+                &subjects,
+                &message.subject,
+                message.headers.as_ref(),
+                message.payload,
+            ) {
+                Ok(Incoming::Message(routed, Picker::QueueGroups)) => {
+                    if !routed.expired(unix_now_ms()) {
+                        // What must be durable goes to the store; nobody
+                        // waits for it (core NATS is at most once).
+                        let _ = router.publish_to_group(routed, &filter);
+                    }
+                }
+                // Its sender picked the group's member already.
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(subject = %message.subject, error = %e, "ignored a malformed message on a shared subscription's queue group")
+                }
+            }
+        }
+    }))
 }
 
 /// Sends the queue in order. Waits while async-nats's own queue is full
@@ -461,12 +812,11 @@ async fn send(
     while let Some(next) = outgoing.recv().await {
         let cost = next.cost();
         let sent = match next {
-            Outgoing::Message(message) => {
-                let (subject, headers) = encode(&subjects, &broker, &message);
-                client
-                    .publish_with_headers(subject, headers, message.payload)
-                    .await
-            }
+            Outgoing::Message {
+                subject,
+                headers,
+                payload,
+            } => client.publish_with_headers(subject, headers, payload).await,
             Outgoing::Claim(device) => {
                 let mut headers = HeaderMap::new();
                 headers.insert(BROKER_HEADER, broker.as_str());
@@ -494,6 +844,22 @@ fn log_event(event: Event) {
         ),
         Event::Closed => tracing::error!("cluster fabric (NATS) closed for good"),
         other => tracing::warn!(event = %other, "cluster fabric (NATS)"),
+    }
+}
+
+fn log_groups_event(event: Event) {
+    match event {
+        Event::Connected => tracing::info!("shared subscriptions' NATS connection up"),
+        Event::Disconnected => tracing::warn!(
+            "shared subscriptions' NATS connection down: this broker picks the members of its shared subscriptions itself until it reconnects"
+        ),
+        Event::SlowConsumer(_) => tracing::warn!(
+            "NATS dropped shared subscriptions' messages: this broker did not take them in fast enough"
+        ),
+        Event::Closed => {
+            tracing::error!("shared subscriptions' NATS connection closed for good")
+        }
+        other => tracing::warn!(event = %other, "shared subscriptions' NATS connection"),
     }
 }
 
@@ -610,7 +976,7 @@ mod tests {
     }
 
     fn through(message: &Message) -> (String, Incoming) {
-        let (subject, headers) = encode(&subjects(), "b1", message);
+        let (subject, headers, _) = encode(&subjects(), "b1", message, true);
         assert_eq!(headers.get(BROKER_HEADER).unwrap().as_str(), "b1");
         let incoming = decode(
             &subjects(),
@@ -639,17 +1005,20 @@ mod tests {
         }));
         let (subject, incoming) = through(&full);
         assert_eq!(subject, "fleetgate.mqtt.devices.d%201.cmd");
-        assert_eq!(incoming, Incoming::Message(full));
+        assert_eq!(incoming, Incoming::Message(full, Picker::QueueGroups));
 
         let plain = message("live/t/s");
-        let (subject, headers) = encode(&subjects(), "b1", &plain);
+        let (subject, headers, _) = encode(&subjects(), "b1", &plain, true);
         assert_eq!(subject, "fleetgate.mqtt.live.t.s");
         // Defaults are left out of the envelope.
         assert_eq!(
             headers.get(ENVELOPE_HEADER).unwrap().as_str(),
             r#"{"qos":1}"#
         );
-        assert_eq!(through(&plain).1, Incoming::Message(plain));
+        assert_eq!(
+            through(&plain).1,
+            Incoming::Message(plain, Picker::QueueGroups)
+        );
     }
 
     #[test]
@@ -657,7 +1026,7 @@ mod tests {
         let long = message(&format!("t/{}", "x.".repeat(600)));
         let (subject, incoming) = through(&long);
         assert_eq!(subject, "fleetgate.long");
-        assert_eq!(incoming, Incoming::Message(long));
+        assert_eq!(incoming, Incoming::Message(long, Picker::EachBroker));
         let fits = MAX_SUBJECT - subjects().message.len();
         let (subject, _) = through(&message(&"y".repeat(fits)));
         assert_ne!(subject, "fleetgate.long");
@@ -666,7 +1035,7 @@ mod tests {
     #[test]
     fn malformed_messages_are_refused() {
         let s = subjects();
-        let (_, headers) = encode(&subjects(), "b1", &message("a"));
+        let (_, headers, _) = encode(&subjects(), "b1", &message("a"), true);
         let payload = Bytes::new();
         assert!(decode(&s, "fleetgate.mqtt.a", None, payload.clone()).is_err());
         assert!(decode(&s, "fleetgate.mqtt.a..b", Some(&headers), payload.clone()).is_err());
@@ -686,13 +1055,136 @@ mod tests {
 
     #[test]
     fn another_cluster_is_not_heard() {
-        let (subject, headers) = encode(&subjects(), "b1", &message("devices/d1/cmd"));
+        let (subject, headers, _) = encode(&subjects(), "b1", &message("devices/d1/cmd"), true);
         let staging = Subjects::of(&ClusterName::new("staging").unwrap());
         assert_eq!(subject, "fleetgate.mqtt.devices.d1.cmd");
         assert!(decode(&staging, &subject, Some(&headers), Bytes::new()).is_err());
-        let (subject, _) = encode(&staging, "b1", &message("devices/d1/cmd"));
+        let (subject, _, _) = encode(&staging, "b1", &message("devices/d1/cmd"), true);
         assert_eq!(subject, "staging.mqtt.devices.d1.cmd");
         assert_eq!(staging.all, "staging.>");
+    }
+
+    #[test]
+    fn shared_filters_map_to_the_subjects_of_their_topics() {
+        let cases: [(&str, &[&str]); 11] = [
+            ("jobs/#", &["jobs", "jobs.>"]),
+            ("#", &[">"]),
+            ("+", &["*"]),
+            ("a/+/c", &["a.*.c"]),
+            ("+/#", &["*", "*.>"]),
+            ("a/b", &["a.b"]),
+            ("a//b/#", &["a./.b", "a./.b.>"]),
+            ("/#", &["/", "/.>"]),
+            ("v1.2/+", &["v1//2.*"]),
+            ("a b/*/#", &["a%20b.%2A", "a%20b.%2A.>"]),
+            ("$fleet/state/+", &["$fleet.state.*"]),
+        ];
+        for (filter, subjects) in cases {
+            assert_eq!(filter_to_subjects(filter), subjects, "{filter:?}");
+        }
+    }
+
+    /// Whether the NATS subject pattern `pattern` matches `subject`.
+    fn nats_matches(pattern: &str, subject: &str) -> bool {
+        let (mut pattern, mut subject) = (pattern.split('.'), subject.split('.'));
+        loop {
+            match (pattern.next(), subject.next()) {
+                (Some(">"), Some(_)) => return true,
+                (Some("*"), Some(_)) => {}
+                (Some(p), Some(s)) if p == s => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+        }
+    }
+
+    #[test]
+    fn a_filters_subjects_match_what_its_topics_are_sent_on() {
+        use fleetgate_protocol::topic::filter_matches;
+        let filters = [
+            "#", "+", "a", "a/#", "a/+", "a/b", "a/+/c", "+/b/#", "a/b/c/#", "+/+", "a//b", "/a",
+            "+/", "/#", "v1.2/#", "x y/+", "$SYS/#",
+        ];
+        let topics = [
+            "a", "a/b", "a/b/c", "a/x/c", "b/b/b", "/a", "a//b", "/", "x/", "a/b/c/d", "v1.2",
+            "v1.2/x", "v1/2", "x y/z", "$SYS/x", "$SYS", "$fleet/s",
+        ];
+        for filter in filters {
+            let patterns = filter_to_subjects(filter);
+            for topic in topics {
+                let subject = topic_to_subject(topic);
+                let nats = patterns.iter().any(|p| nats_matches(p, &subject));
+                let case = format!("{filter:?} on {topic:?} ({subject:?})");
+                if filter_matches(filter, topic) {
+                    assert!(nats, "{case}: the subscription misses it");
+                } else if nats {
+                    // Wider only where a first-level wildcard meets a `$` topic.
+                    assert!(
+                        topic.starts_with('$') && filter.starts_with(['+', '#']),
+                        "{case}: the subscription gets it"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_shared_subscription_has_a_queue_group_of_its_own() {
+        let s = subjects();
+        assert_eq!(
+            group_subjects(&s, "$share/g/jobs/#"),
+            ["fleetgate.mqtt.jobs", "fleetgate.mqtt.jobs.>"]
+        );
+        let group = group_name(&s, "$share/g/jobs/#");
+        assert!(group.starts_with("fleetgate-share-"), "{group}");
+        assert_eq!(group.len(), "fleetgate-share-".len() + 32);
+        assert!(!group.contains([' ', '\t', '\r', '\n', '.']));
+        assert_eq!(
+            group,
+            queue_group(&ClusterName::default(), "$share/g/jobs/#")
+        );
+        // Another group, another filter, another cluster: another queue.
+        let staging = ClusterName::new("staging").unwrap();
+        for other in [
+            group_name(&s, "$share/h/jobs/#"),
+            group_name(&s, "$share/g/jobs/+"),
+            queue_group(&staging, "$share/g/jobs/#"),
+        ] {
+            assert_ne!(other, group);
+        }
+        // Only topics too long for a subject match: no queue subscription,
+        // their messages go on `.long`.
+        let long = format!("$share/g/{}/#", "x".repeat(MAX_SUBJECT));
+        assert!(group_subjects(&s, &long).is_empty());
+    }
+
+    #[test]
+    fn the_sender_says_who_picks_shared_members() {
+        let s = subjects();
+        let short = message("jobs/1");
+        let (_, headers, choice) = encode(&s, "b1", &short, true);
+        assert_eq!(choice, SharedChoice::Fabric);
+        let decoded = decode(&s, "fleetgate.mqtt.jobs.1", Some(&headers), Bytes::new());
+        assert!(matches!(
+            decoded,
+            Ok(Incoming::Message(_, Picker::QueueGroups))
+        ));
+        // Cut off: this broker picks, and tells the others it did.
+        let (_, headers, choice) = encode(&s, "b1", &short, false);
+        assert_eq!(choice, SharedChoice::Here);
+        let decoded = decode(&s, "fleetgate.mqtt.jobs.1", Some(&headers), Bytes::new());
+        assert!(matches!(decoded, Ok(Incoming::Message(_, Picker::Sender))));
+        assert_eq!(Picker::Sender.heard(), SharedChoice::Fabric);
+        // Too long for a subject: every broker picks among its own.
+        let long = message(&format!("jobs/{}", "x".repeat(MAX_SUBJECT)));
+        let (subject, headers, choice) = encode(&s, "b1", &long, true);
+        assert_eq!(choice, SharedChoice::Here);
+        let decoded = decode(&s, &subject, Some(&headers), Bytes::new());
+        assert!(matches!(
+            decoded,
+            Ok(Incoming::Message(_, Picker::EachBroker))
+        ));
+        assert_eq!(Picker::EachBroker.heard(), SharedChoice::Here);
     }
 
     #[test]
