@@ -879,11 +879,23 @@ async fn jobs_received(clients: &mut [&mut V5], expected: usize) -> Vec<Vec<Stri
 /// member on each broker gets each message once in all, whichever broker
 /// it is published through, and both members get some (NATS queue groups
 /// pick a broker at random per message, so 40 messages all going one way
-/// has a chance of 2 in 2^40). One member has a persistent session, whose
-/// messages go through its JetStream queue: it must be neither skipped nor
-/// served twice. A plain subscription still gets every message.
+/// has a chance of 2 in 2^40). A plain subscription still gets every
+/// message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_group_with_members_on_two_brokers_gets_each_message_once() {
+    shared_group_across_brokers(false).await;
+}
+
+/// The same with a persistent member, whose QoS 1 messages go through its
+/// JetStream queue: the publishing broker picks (members take turns) and
+/// queues before the PUBACK, so the member is neither skipped nor served
+/// twice, and nothing acknowledged rides on core NATS alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_group_with_a_persistent_member_on_another_broker_gets_each_message_once() {
+    shared_group_across_brokers(true).await;
+}
+
+async fn shared_group_across_brokers(persistent_member: bool) {
     let Some(server) = prerequisites() else {
         return;
     };
@@ -897,11 +909,16 @@ async fn a_shared_group_with_members_on_two_brokers_gets_each_message_once() {
 
     let group = "$share/g/jobs/#";
     let mut worker_a = subscribed(first, "worker-a", &worker_a, group).await;
-    let (mut worker_b, _) = connect_persistent(&second, "worker-b", &worker_b).await;
-    assert_eq!(
-        worker_b.subscribe(group).await,
-        SubscribeReasonCode::Success(QoS::AtLeastOnce)
-    );
+    let mut worker_b = if persistent_member {
+        let (mut worker_b, _) = connect_persistent(&second, "worker-b", &worker_b).await;
+        assert_eq!(
+            worker_b.subscribe(group).await,
+            SubscribeReasonCode::Success(QoS::AtLeastOnce)
+        );
+        worker_b
+    } else {
+        subscribed(&second, "worker-b", &worker_b, group).await
+    };
     let mut watcher = subscribed(&second, "watcher", &watcher, "jobs/#").await;
     let mut bosses = [
         connect(first, "boss-a", &boss_a).await,
