@@ -695,6 +695,7 @@ async fn serve(
         auth: auth.clone(),
         registry: registry.clone(),
         tls: acceptor.as_ref().map(fleetgate_api::pg::acceptor),
+        cancels: Default::default(),
     });
     let state = http::AppState {
         db: db.clone(),

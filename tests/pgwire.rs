@@ -223,6 +223,66 @@ with psycopg.connect(os.environ["PG_DSN"], autocommit=True) as conn:
     assert_eq!(answer["after"], 3, "the session goes on after the refusal");
 }
 
+crate::on_both_backends!(a_cancel_request_stops_the_running_query);
+/// A client's cancel request (psycopg's `cancel()`, psql's Ctrl-C: a
+/// CancelRequest on a connection of its own with the session's key) stops
+/// the query it names with PostgreSQL's 57014 long before the timeout
+/// would, in the database too, and the session goes on.
+async fn a_cancel_request_stops_the_running_query(backend: Backend) {
+    if !psycopg_available() {
+        return;
+    }
+    let server = Server::start_with(backend, &["--query-timeout", "60s"]).await;
+    let analyst = server.add_device("analyst-1", "extract").await;
+    let script = r#"
+import os, json, threading, time, psycopg
+runaway = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+with psycopg.connect(os.environ["PG_DSN"], autocommit=True) as conn:
+    outcomes = []
+    started = time.monotonic()
+    # More than the server's read connections: a cancelled query that went
+    # on running in the database would leave none for the query after.
+    for _ in range(10):
+        threading.Timer(0.5, conn.cancel).start()
+        try:
+            conn.execute(runaway).fetchall()
+            outcomes.append(None)
+        except psycopg.Error as e:
+            outcomes.append(e.sqlstate)
+            message = str(e)
+    elapsed = time.monotonic() - started
+    started = time.monotonic()
+    after = conn.execute(
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3) "
+        "SELECT count(*) FROM c").fetchone()[0]
+    print(json.dumps({"sqlstates": sorted(set(outcomes), key=str), "message": message,
+                      "elapsed": elapsed, "after": after, "after_took": time.monotonic() - started}))
+"#;
+    let output = python(&server, "analyst-1", &analyst, script);
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let answer: serde_json::Value = serde_json::from_str(stdout.trim()).expect(&stdout);
+    assert_eq!(answer["sqlstates"], json!(["57014"]), "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("canceling statement due to user request"),
+        "{answer}"
+    );
+    let elapsed = answer["elapsed"].as_f64().unwrap_or(f64::MAX);
+    assert!(
+        elapsed < 30.0,
+        "10 queries cancelled in {elapsed} s, not at once"
+    );
+    assert_eq!(answer["after"], 3, "the session goes on after the cancel");
+    let after_took = answer["after_took"].as_f64().unwrap_or(f64::MAX);
+    assert!(
+        after_took < 5.0,
+        "the next query waited {after_took} s: cancelled queries held the database"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_lists_and_describes_streams_and_refuses_writes() {
     if !psql_available() {

@@ -27,6 +27,7 @@ use pgwire::api::auth::{
     protocol_negotiation, save_startup_parameters_to_metadata, DefaultServerParameterProvider,
     StartupHandler,
 };
+use pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{
@@ -37,6 +38,9 @@ use pgwire::api::stmt::{QueryParser, StoredStatement};
 use pgwire::api::store::PortalStore;
 use pgwire::api::{
     ClientInfo, ClientPortalStore, PgWireConnectionState, PgWireServerHandlers, Type, METADATA_USER,
+};
+use pgwire::api::{
+    ConnectionHandle, ConnectionManager, PidSecretKeyGenerator, RandomPidSecretKeyGenerator,
 };
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult, SEVERITY_ERROR, SEVERITY_FATAL};
 use pgwire::messages::startup::Authentication;
@@ -67,6 +71,67 @@ pub struct PgServer {
     /// TLS with the certificates of MQTTS and HTTPS, when configured; then
     /// a password is taken only over TLS.
     pub tls: Option<pgwire::tokio::TlsAcceptor>,
+    /// Each session's key for cancel requests (psql's Ctrl-C), and the
+    /// sessions by key.
+    pub cancels: Cancels,
+}
+
+/// The sessions a cancel request may name, with the keys they were given:
+/// one generator for the server, so no two sessions share a process id.
+pub struct Cancels {
+    sessions: Arc<ConnectionManager>,
+    keys: Arc<dyn PidSecretKeyGenerator>,
+}
+
+impl Default for Cancels {
+    fn default() -> Self {
+        Cancels {
+            sessions: Arc::new(ConnectionManager::new()),
+            keys: Arc::new(RandomPidSecretKeyGenerator::default()),
+        }
+    }
+}
+
+/// A cancel request for an answer being sent. pgwire itself stops a query
+/// that is cancelled while it starts (until its first rows: dropping it
+/// interrupts the database); this covers the rows after, which are sent
+/// once pgwire has stopped listening. It listens only from then on, as
+/// installing a listener replaces pgwire's.
+struct Cancel {
+    session: Option<Arc<ConnectionHandle>>,
+    listening: Option<futures::channel::oneshot::Receiver<()>>,
+}
+
+impl Cancel {
+    fn of<C: ClientInfo>(client: &C) -> Cancel {
+        Cancel {
+            session: client
+                .session_extensions()
+                .get::<Arc<ConnectionHandle>>()
+                .map(|handle| (*handle).clone()),
+            listening: None,
+        }
+    }
+
+    /// Resolves when the client asked to cancel; never if the request was
+    /// superseded (the next query installed its own).
+    async fn requested(&mut self) {
+        if let Some(session) = self.session.take() {
+            self.listening = Some(session.start_query().await);
+        }
+        if let Some(receiver) = &mut self.listening {
+            if receiver.await.is_ok() {
+                return;
+            }
+            self.listening = None;
+        }
+        std::future::pending::<()>().await
+    }
+}
+
+/// What PostgreSQL answers a cancelled query with.
+fn cancelled() -> PgWireError {
+    error("57014", "canceling statement due to user request".into())
 }
 
 /// The TLS acceptor of MQTTS and HTTPS (same certificate), offering the
@@ -373,7 +438,7 @@ impl Rows {
     /// held whole. An error after the first rows (the byte bound, the
     /// timeout) ends it with an ErrorResponse, as PostgreSQL ends a query
     /// that fails midway.
-    fn response(self, format: &Format) -> QueryResponse {
+    fn response(self, format: &Format, cancel: Cancel) -> QueryResponse {
         let fields = Arc::new(self.fields(format));
         let columns: Vec<Column> = self
             .columns
@@ -391,20 +456,22 @@ impl Rows {
             Source::Streamed(streamed) => (Vec::new().into_iter(), Some(*streamed)),
         };
         let stream = futures::stream::unfold(
-            (batch, more, encoder, columns),
-            |(mut batch, mut more, mut encoder, columns)| async move {
+            (batch, more, encoder, columns, cancel),
+            |(mut batch, mut more, mut encoder, columns, mut cancel)| async move {
                 loop {
                     if let Some(row) = batch.next() {
                         let encoded = encode_row(&mut encoder, &row, &columns);
-                        return Some((encoded, (batch, more, encoder, columns)));
+                        return Some((encoded, (batch, more, encoder, columns, cancel)));
                     }
                     let (rows, queries) = more.as_mut()?;
-                    match rows.next_batch().await? {
+                    let next = tokio::select! {
+                        next = rows.next_batch() => next?.map_err(|e| query_error(queries.failure(e))),
+                        () = cancel.requested() => Err(cancelled()),
+                    };
+                    match next {
                         Ok(next) => batch = next.into_iter(),
-                        Err(e) => {
-                            let failure = query_error(queries.failure(e));
-                            return Some((Err(failure), (batch, None, encoder, columns)));
-                        }
+                        // Dropping the rows stops the query.
+                        Err(e) => return Some((Err(e), (batch, None, encoder, columns, cancel))),
                     }
                 }
             },
@@ -570,9 +637,9 @@ fn query_error(failure: QueryFailure) -> PgWireError {
     error(code, failure.to_string())
 }
 
-fn outcome_response(outcome: Outcome, format: &Format) -> Response {
+fn outcome_response(outcome: Outcome, format: &Format, cancel: Cancel) -> Response {
     match outcome {
-        Outcome::Rows(rows) => Response::Query(rows.response(format)),
+        Outcome::Rows(rows) => Response::Query(rows.response(format, cancel)),
         Outcome::Command(tag) => Response::Execution(Tag::new(&tag)),
         Outcome::Begin => Response::TransactionStart(Tag::new("BEGIN")),
         Outcome::End(tag) => Response::TransactionEnd(Tag::new(tag)),
@@ -593,6 +660,12 @@ impl PgWireServerHandlers for Handlers {
 
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
         self.0.clone()
+    }
+
+    fn cancel_handler(&self) -> Arc<impl CancelHandler> {
+        Arc::new(DefaultCancelHandler::new(
+            self.0.server.cancels.sessions.clone(),
+        ))
     }
 }
 
@@ -660,6 +733,8 @@ impl StartupHandler for Connection {
                     token: token.trim().to_string(),
                 });
                 AuthDriver::<_, ()>::new(parameters())
+                    .with_pid_secret_key_generator(self.server.cancels.keys.clone())
+                    .with_connection_manager(self.server.cancels.sessions.clone())
                     .complete_authentication(client, None)
                     .await
             }
@@ -670,7 +745,7 @@ impl StartupHandler for Connection {
 
 #[async_trait]
 impl SimpleQueryHandler for Connection {
-    async fn do_query<C>(&self, _client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::PortalStore: PortalStore,
@@ -678,7 +753,11 @@ impl SimpleQueryHandler for Connection {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let outcome = self.respond(query, &[]).await?;
-        Ok(vec![outcome_response(outcome, &Format::UnifiedText)])
+        Ok(vec![outcome_response(
+            outcome,
+            &Format::UnifiedText,
+            Cancel::of(client),
+        )])
     }
 }
 
@@ -787,7 +866,7 @@ impl ExtendedQueryHandler for Connection {
 
     async fn do_query<C>(
         &self,
-        _client: &mut C,
+        client: &mut C,
         portal: &Portal<String>,
         _max_rows: usize,
     ) -> PgWireResult<Response>
@@ -811,7 +890,11 @@ impl ExtendedQueryHandler for Connection {
                 self.respond(&portal.statement.statement, &params).await?
             }
         };
-        Ok(outcome_response(outcome, &portal.result_column_format))
+        Ok(outcome_response(
+            outcome,
+            &portal.result_column_format,
+            Cancel::of(client),
+        ))
     }
 }
 

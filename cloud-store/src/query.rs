@@ -993,9 +993,12 @@ pub async fn stream(db: &Db, sql: &str, limits: &QueryLimits) -> Result<RowStrea
                         .and_then(|mut handle| {
                             // SQLite has no statement timeout, and dropping
                             // the future does not stop this thread:
-                            // interrupt the statement itself.
+                            // interrupt the statement itself, at the
+                            // deadline or once its reader is gone (a
+                            // cancelled query, a client that hung up).
+                            let reader = sender.clone();
                             handle.set_progress_handler(10_000, move || {
-                                std::time::Instant::now() < deadline
+                                std::time::Instant::now() < deadline && !reader.is_closed()
                             });
                             crate::sqlite_limits::limit_connection(&mut handle, max_bytes);
                             let budget = crate::sqlite_limits::budget_for(max_bytes)
@@ -1020,6 +1023,9 @@ pub async fn stream(db: &Db, sql: &str, limits: &QueryLimits) -> Result<RowStrea
                                 max_bytes,
                                 &mut send,
                             );
+                            // The handler holds a sender: the channel ends
+                            // only once it is gone too.
+                            handle.remove_progress_handler();
                             match result {
                                 Err(QueryError::Database(message))
                                     if message == "out of memory"
@@ -1039,12 +1045,37 @@ pub async fn stream(db: &Db, sql: &str, limits: &QueryLimits) -> Result<RowStrea
                 let _ = stepped.await;
             });
         }
-        Pools::Postgres { read: pool, .. } => {
-            let pool = pool.clone();
+        Pools::Postgres {
+            read: pool, write, ..
+        } => {
+            let (pool, write) = (pool.clone(), write.clone());
             tokio::spawn(async move {
                 // The database's own deadline comes first; this one only
                 // catches a connection that never answers.
-                let work = stream_postgres(&pool, &sql, max_rows, max_bytes, timeout, &sender);
+                let backend = std::sync::atomic::AtomicI32::new(0);
+                let work =
+                    stream_postgres(&pool, &sql, max_rows, max_bytes, timeout, &sender, &backend);
+                let work = async {
+                    tokio::select! {
+                        done = work => done,
+                        () = sender.closed() => {
+                            // Its reader left (a cancelled query, a client
+                            // that hung up). Dropping the connection does
+                            // not stop the server's work, and the connection
+                            // stays busy until it ends: cancel it there, from
+                            // a connection of the other pool, which a full
+                            // read pool cannot starve.
+                            let backend = backend.load(std::sync::atomic::Ordering::Acquire);
+                            if backend != 0 {
+                                let _ = sqlx::query("SELECT pg_cancel_backend($1)")
+                                    .bind(backend)
+                                    .execute(&write)
+                                    .await;
+                            }
+                            Ok(())
+                        }
+                    }
+                };
                 match tokio::time::timeout(timeout + Duration::from_secs(2), work).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
@@ -1090,17 +1121,22 @@ async fn stream_postgres(
     max_bytes: usize,
     timeout: Duration,
     sender: &crate::row_stream::ChunkSender,
+    backend: &std::sync::atomic::AtomicI32,
 ) -> Result<(), QueryError> {
     let mut tx = pool.begin().await.map_err(db_error)?;
     sqlx::query("SET TRANSACTION READ ONLY")
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;
-    let statement_timeout = format!("SET LOCAL statement_timeout = {}", timeout.as_millis());
-    sqlx::query(&statement_timeout)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
+    // SET LOCAL statement_timeout, and the server process to cancel should
+    // the reader leave, in one round trip.
+    let (pid, _): (i32, String) =
+        sqlx::query_as("SELECT pg_backend_pid(), set_config('statement_timeout', $1, true)")
+            .bind(timeout.as_millis().to_string())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_error)?;
+    backend.store(pid, std::sync::atomic::Ordering::Release);
     // PostgreSQL builds no value over 1 GB: above that the bound is no
     // bound, and the store's own reads skip it.
     let bounded;
