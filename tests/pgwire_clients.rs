@@ -630,3 +630,49 @@ async fn grafana_time_series_query_answers_as_the_http_api(backend: Backend) {
         ]))
     );
 }
+
+crate::on_both_backends!(grafana_timestamp_macros_read_the_millisecond_fields);
+/// A panel written with Grafana's timestamp macros, as for any PostgreSQL
+/// table with a timestamptz column:
+///   SELECT $__timeGroupAlias(taken_at, '1m'), avg(celsius) AS celsius,
+///          count(*) AS readings
+///   FROM temperature WHERE $__timeFilter(taken_at) GROUP BY 1 ORDER BY 1
+/// here as Grafana expands them for 10:00:00 to 10:03:00 UTC, 2026-03-01:
+/// the filter compares the field with timestamp literals and the group
+/// takes its epoch, which fleetgate reads as the milliseconds it stores.
+/// Same answer over the wire and over HTTP.
+async fn grafana_timestamp_macros_read_the_millisecond_fields(backend: Backend) {
+    if !psycopg_available() {
+        return;
+    }
+    let (server, _, analyst) = readings(backend, &[]).await;
+    let sql = "SELECT floor(extract(epoch from taken_at)/60)*60 AS \"time\", avg(celsius) AS celsius, count(*) AS readings\n\
+               FROM temperature\n\
+               WHERE taken_at BETWEEN '2026-03-01T10:00:00Z' AND '2026-03-01T10:03:00Z'\n\
+               GROUP BY 1\n\
+               ORDER BY 1";
+    let answers = grafana(&server, &analyst, &[sql.to_string()]);
+    let (status, http) = server
+        .api(
+            "POST",
+            "/v1/query",
+            Some(&analyst),
+            Some(json!({ "sql": sql })),
+        )
+        .await;
+    assert_eq!(status, 200, "{http}");
+    assert_eq!(
+        answers[0]["columns"],
+        json!(["time", "celsius", "readings"])
+    );
+    assert_eq!(answers[0]["columns"], http["columns"]);
+    assert_eq!(as_floats(&answers[0]["rows"]), as_floats(&http["rows"]));
+    assert_eq!(
+        as_floats(&answers[0]["rows"]),
+        as_floats(&json!([
+            [1_772_359_200, 21.5, 1],
+            [1_772_359_260, 22.5, 1],
+            [1_772_359_320, 24.0, 2]
+        ]))
+    );
+}

@@ -26,12 +26,14 @@ use std::time::{Duration, Instant};
 
 use fleetgate_etl::analysis::Analyses;
 use fleetgate_etl::Etl;
+use fleetgate_protocol::schema::{FieldType, RECEIVED_AT};
 use fleetgate_protocol::{Authenticate, Principal, Role};
 use fleetgate_store::compaction::Compaction;
 use fleetgate_store::db::Backend;
 use fleetgate_store::query::{self, QueryError, QueryLimits, QueryResult};
 use fleetgate_store::row_stream::RowStream;
 use fleetgate_store::sqlite_limits;
+use fleetgate_store::timestamp_sql;
 use fleetgate_store::views::{Route, Views};
 use fleetgate_store::{Catalog, Db};
 
@@ -141,6 +143,23 @@ impl QueryService {
             .collect()
     }
 
+    /// The columns that hold times (epoch milliseconds): `received_at` and
+    /// the `timestamp` fields of the streams `named` picks.
+    pub fn timestamp_fields(&self, named: impl Fn(&str) -> bool) -> HashSet<String> {
+        let mut names: HashSet<String> = [RECEIVED_AT.to_string()].into();
+        for stream in self.catalog.list().into_iter().filter(|s| named(&s.name)) {
+            names.extend(
+                stream
+                    .def
+                    .fields
+                    .iter()
+                    .filter(|(_, d)| d.ty == FieldType::Timestamp && !d.code)
+                    .map(|(f, _)| f.clone()),
+            );
+        }
+        names
+    }
+
     /// Checks a query and picks where it runs: the cheapest view that
     /// answers it exactly, or the primary table.
     pub async fn route(
@@ -154,10 +173,13 @@ impl QueryService {
         let backend = self.db.backend();
         let mut parsed = query::check(sql, &tables, backend).map_err(|e| self.failure(e))?;
         self.compaction.observe(&parsed);
+        // Every stream's: a column of that name anywhere compared with a
+        // timestamp literal, or whose epoch is taken, can only mean a time.
+        let timed = timestamp_sql::rewrite(&mut parsed, &self.timestamp_fields(|_| true));
         let named = backend == Backend::Sqlite && query::name_calls_as_postgres(&mut parsed);
         let primary_sql = fleetgate_store::expand::expand(&parsed, &self.catalog, backend)
             .map_err(QueryFailure::Invalid)?
-            .unwrap_or_else(|| match named {
+            .unwrap_or_else(|| match named || timed {
                 true => parsed.to_string(),
                 false => sql.to_string(),
             });

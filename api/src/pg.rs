@@ -12,6 +12,7 @@
 //! psql's `\dt` and `\d` are answered from the store's catalog of streams
 //! (what the caller may query), never from the database's own tables.
 
+use std::collections::HashSet;
 use std::fmt::Debug;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -290,22 +291,11 @@ impl Connection {
 
     /// Result column names sent as `timestamptz`: `received_at` and the
     /// timestamp fields of the streams the text names.
-    fn timestamp_columns(&self, sql: &str) -> Vec<String> {
+    fn timestamp_columns(&self, sql: &str) -> HashSet<String> {
         let words = identifiers(sql);
-        let mut names = vec![RECEIVED_AT.to_string()];
-        for stream in self.server.queries.catalog.list() {
-            if words.iter().any(|w| w == &stream.name) {
-                names.extend(
-                    stream
-                        .def
-                        .fields
-                        .iter()
-                        .filter(|(_, d)| d.ty == FieldType::Timestamp && !d.code)
-                        .map(|(f, _)| f.clone()),
-                );
-            }
-        }
-        names
+        self.server
+            .queries
+            .timestamp_fields(|stream| words.iter().any(|w| w == stream))
     }
 }
 
@@ -354,7 +344,7 @@ enum Source {
 
 impl Rows {
     /// A query's answer, typed by its first rows ([`Rows::kinds`]).
-    fn streamed(rows: RowStream, queries: QueryService, timestamps: &[String]) -> Rows {
+    fn streamed(rows: RowStream, queries: QueryService, timestamps: &HashSet<String>) -> Rows {
         let columns = Rows::kinds(&rows.columns, rows.first_rows(), timestamps);
         Rows {
             columns,
@@ -362,7 +352,7 @@ impl Rows {
         }
     }
 
-    fn held(names: Vec<String>, rows: Vec<Vec<Value>>, timestamps: &[String]) -> Rows {
+    fn held(names: Vec<String>, rows: Vec<Vec<Value>>, timestamps: &HashSet<String>) -> Rows {
         Rows {
             columns: Rows::kinds(&names, &rows, timestamps),
             source: Source::Held(rows),
@@ -382,7 +372,11 @@ impl Rows {
     /// in `timestamps` are timestamptz (epoch milliseconds, as stored). A
     /// later row that does not fit its column's type is an error
     /// ([`encode`]), never a silent NULL.
-    fn kinds(names: &[String], rows: &[Vec<Value>], timestamps: &[String]) -> Vec<(String, Kind)> {
+    fn kinds(
+        names: &[String],
+        rows: &[Vec<Value>],
+        timestamps: &HashSet<String>,
+    ) -> Vec<(String, Kind)> {
         names
             .iter()
             .enumerate()
@@ -1282,7 +1276,7 @@ impl Connection {
                     Some(Outcome::Rows(Rows::held(
                         vec!["version".into()],
                         vec![vec![Value::from(SERVER_VERSION_NUM / 100)]],
-                        &[],
+                        &HashSet::new(),
                     )))
                 }
                 _ => None,
@@ -1783,7 +1777,7 @@ mod tests {
                 vec![1.into(), 1.into(), true.into(), 5.into(), Value::Null],
                 vec![2.into(), 1.5.into(), Value::Null, 6.into(), Value::Null],
             ],
-            &["received_at".to_string()],
+            &["received_at".to_string()].into(),
         );
         let kinds: Vec<Kind> = rows.columns.iter().map(|(_, k)| *k).collect();
         assert_eq!(

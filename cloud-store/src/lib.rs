@@ -37,6 +37,7 @@ pub mod sqlite_limits;
 pub mod sqlite_query;
 pub mod state;
 pub mod tiers;
+pub mod timestamp_sql;
 pub mod views;
 pub mod writer;
 

@@ -1053,25 +1053,30 @@ pub async fn stream(db: &Db, sql: &str, limits: &QueryLimits) -> Result<RowStrea
                 // The database's own deadline comes first; this one only
                 // catches a connection that never answers.
                 let backend = std::sync::atomic::AtomicI32::new(0);
-                let work =
-                    stream_postgres(&pool, &sql, max_rows, max_bytes, timeout, &sender, &backend);
+                let limits = QueryLimits {
+                    max_rows,
+                    max_bytes,
+                    timeout,
+                };
+                let work = stream_postgres(&pool, &write, &sql, &limits, &sender, &backend);
                 let work = async {
+                    let mut work = std::pin::pin!(work);
                     tokio::select! {
-                        done = work => done,
+                        done = &mut work => done,
                         () = sender.closed() => {
                             // Its reader left (a cancelled query, a client
                             // that hung up). Dropping the connection does
                             // not stop the server's work, and the connection
                             // stays busy until it ends: cancel it there, from
                             // a connection of the other pool, which a full
-                            // read pool cannot starve.
+                            // read pool cannot starve. The query still holds
+                            // its connection meanwhile, so the process
+                            // cancelled runs this query and no other.
                             let backend = backend.load(std::sync::atomic::Ordering::Acquire);
                             if backend != 0 {
-                                let _ = sqlx::query("SELECT pg_cancel_backend($1)")
-                                    .bind(backend)
-                                    .execute(&write)
-                                    .await;
+                                cancel_backend(&write, backend).await;
                             }
+                            let _ = tokio::time::timeout(FAILURE_GRACE, &mut work).await;
                             Ok(())
                         }
                     }
@@ -1114,15 +1119,28 @@ fn send_failure(
 /// Reads `sql` off a PostgreSQL read-only transaction into `sender`,
 /// refusing as soon as the rows sent would cost more than `max_bytes`: a
 /// value's size as it arrived is checked before it is converted.
+/// Stops what the server process `pid` is running (a query its reader
+/// left), through `pool`, a pool other than the one the query holds a
+/// connection of.
+async fn cancel_backend(pool: &sqlx::PgPool, pid: i32) {
+    if let Err(e) = sqlx::query("SELECT pg_cancel_backend($1)")
+        .bind(pid)
+        .execute(pool)
+        .await
+    {
+        tracing::warn!(pid, error = %e, "cannot cancel a query its reader left");
+    }
+}
+
 async fn stream_postgres(
     pool: &sqlx::PgPool,
+    canceller: &sqlx::PgPool,
     sql: &str,
-    max_rows: usize,
-    max_bytes: usize,
-    timeout: Duration,
+    limits: &QueryLimits,
     sender: &crate::row_stream::ChunkSender,
     backend: &std::sync::atomic::AtomicI32,
 ) -> Result<(), QueryError> {
+    let (max_rows, max_bytes, timeout) = (limits.max_rows, limits.max_bytes, limits.timeout);
     let mut tx = pool.begin().await.map_err(db_error)?;
     sqlx::query("SET TRANSACTION READ ONLY")
         .execute(&mut *tx)
@@ -1189,7 +1207,16 @@ async fn stream_postgres(
         }
         Ok(())
     };
-    match read.await {
+    let read = read.await;
+    // The server's part is over (or failed), or stopped here because the
+    // reader left midway, which leaves the server sending: cancel it while
+    // the connection is still this query's. Either way nothing is left to
+    // cancel when the reader leaves from now on.
+    if matches!(&read, Err(QueryError::Database(m)) if m == READER_GONE) {
+        cancel_backend(canceller, pid).await;
+    }
+    backend.store(0, std::sync::atomic::Ordering::Release);
+    match read {
         Err(QueryError::Database(m)) if m == READER_GONE => return Ok(()),
         other => other?,
     }
