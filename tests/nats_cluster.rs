@@ -680,6 +680,14 @@ async fn a_persistent_session_follows_its_device_across_brokers_and_a_kill_9() {
         .expect("the retained message");
     assert_eq!(&got.payload[..], b"mode=eco");
     assert!(got.retain);
+    // Once: JetStream's copy is the only one, so the device has it only
+    // once JetStream does, and the wait below covers it. (A second copy
+    // the broker also queued came back from JetStream after the device
+    // had acknowledged the first; killed before that, the broker left it
+    // in the queue, and a command below found the queue full.)
+    device
+        .assert_silent(Duration::from_millis(500), "the retained message once")
+        .await;
 
     // Once the device has acknowledged it, the command leaves JetStream.
     nats.wait_queued(0).await;

@@ -653,7 +653,29 @@ impl Router {
         options: SubOptions,
     ) {
         let qos = message.qos.min(options.qos);
-        let ids = options.id.into_iter().collect();
+        let ids: Vec<u32> = options.id.into_iter().collect();
+        // A store that feeds persistent sessions (JetStream) queues the copy
+        // and feeds it to the session, like every message routed to them.
+        // Not queued here as well: the store's copy would be a second one,
+        // which the device's acknowledgement of the first settles only if
+        // their sequence numbers (the session's, the stream's) happen to
+        // agree and the store's was fed first. Otherwise it is delivered
+        // twice and holds a place in the session's queue meanwhile, for good
+        // if this broker dies first: the device's next broker then refuses
+        // commands (0x97) to a queue that is not full. And a session number
+        // equal to another message's stream sequence makes the feed skip it.
+        if self.store_feeds && qos > 0 && message.durable && session.persistent() {
+            self.tell(StoreOp::Enqueue(vec![StoredMessage {
+                client_id: session.client_id.clone(),
+                seq: 0,
+                qos,
+                // Sent because of a subscription: RETAIN is set (MQTT 3.3.1.3).
+                retain: true,
+                subscription_ids: ids,
+                message,
+            }]));
+            return;
+        }
         // Sent because of a subscription: RETAIN is set (MQTT 3.3.1.3).
         let _ = self.enqueue(session, message, qos, true, ids);
     }
@@ -1335,6 +1357,31 @@ mod tests {
         let again = router.open("w", false, 3600, |_| true).0;
         assert!(again.present);
         assert_eq!(fabric.shares(), [(group.to_string(), true)]);
+    }
+
+    #[tokio::test]
+    async fn a_retained_message_for_a_persistent_session_is_queued_by_the_feeding_store_only() {
+        let store = Arc::new(FeedingStore::default());
+        let router = Router::start(
+            store.clone(),
+            QueueLimits::default(),
+            &mut Registry::default(),
+        )
+        .await
+        .unwrap();
+        let mut retained = message("devices/d/config", 1, "admin");
+        retained.retain = true;
+        let retained = Arc::new(retained);
+        // Persistent: one copy, the store's, which feeds it to the session.
+        let persistent = router.open("d", false, 3600, |_| true).0.session;
+        router.deliver_retained(&persistent, retained.clone(), qos1());
+        assert_eq!(*store.queued_for.lock().unwrap(), ["d"]);
+        assert!(delivered(&persistent).is_empty());
+        // Gone with its connection: queued here, as the store keeps nothing.
+        let passing = router.open("p", true, 0, |_| true).0.session;
+        router.deliver_retained(&passing, retained, qos1());
+        assert_eq!(*store.queued_for.lock().unwrap(), ["d"]);
+        assert_eq!(delivered(&passing).len(), 1);
     }
 
     #[tokio::test]
