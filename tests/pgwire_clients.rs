@@ -591,6 +591,24 @@ fn as_floats(value: &Value) -> Value {
     }
 }
 
+/// `sql` as Grafana's replay gets it over the wire, checked to be the same
+/// columns and rows as `/v1/query` answers.
+async fn grafana_series_as_over_http(server: &Server, analyst: &str, sql: &str) -> Value {
+    let mut answers = grafana(server, analyst, &[sql.to_string()]);
+    let (status, http) = server
+        .api(
+            "POST",
+            "/v1/query",
+            Some(analyst),
+            Some(json!({ "sql": sql })),
+        )
+        .await;
+    assert_eq!(status, 200, "{http}");
+    assert_eq!(answers[0]["columns"], http["columns"]);
+    assert_eq!(as_floats(&answers[0]["rows"]), as_floats(&http["rows"]));
+    answers.swap_remove(0)
+}
+
 crate::on_both_backends!(grafana_time_series_query_answers_as_the_http_api);
 async fn grafana_time_series_query_answers_as_the_http_api(backend: Backend) {
     if !psycopg_available() {
@@ -608,21 +626,10 @@ async fn grafana_time_series_query_answers_as_the_http_api(backend: Backend) {
                WHERE taken_at/1000 >= 1772359200 AND taken_at/1000 <= 1772359380\n\
                GROUP BY 1\n\
                ORDER BY 1";
-    let answers = grafana(&server, &analyst, &[sql.to_string()]);
-    let (status, http) = server
-        .api(
-            "POST",
-            "/v1/query",
-            Some(&analyst),
-            Some(json!({ "sql": sql })),
-        )
-        .await;
-    assert_eq!(status, 200, "{http}");
-    assert_eq!(answers[0]["columns"], http["columns"]);
-    assert_eq!(as_floats(&answers[0]["rows"]), as_floats(&http["rows"]));
+    let answer = grafana_series_as_over_http(&server, &analyst, sql).await;
     // One bucket per minute: 10:00 (seq 1), 10:01 (seq 2), 10:02 (seqs 3, 4).
     assert_eq!(
-        as_floats(&answers[0]["rows"]),
+        as_floats(&answer["rows"]),
         as_floats(&json!([
             [1_772_359_200, 21.5, 1],
             [1_772_359_260, 22.5, 1],
@@ -651,24 +658,10 @@ async fn grafana_timestamp_macros_read_the_millisecond_fields(backend: Backend) 
                WHERE taken_at BETWEEN '2026-03-01T10:00:00Z' AND '2026-03-01T10:03:00Z'\n\
                GROUP BY 1\n\
                ORDER BY 1";
-    let answers = grafana(&server, &analyst, &[sql.to_string()]);
-    let (status, http) = server
-        .api(
-            "POST",
-            "/v1/query",
-            Some(&analyst),
-            Some(json!({ "sql": sql })),
-        )
-        .await;
-    assert_eq!(status, 200, "{http}");
+    let answer = grafana_series_as_over_http(&server, &analyst, sql).await;
+    assert_eq!(answer["columns"], json!(["time", "celsius", "readings"]));
     assert_eq!(
-        answers[0]["columns"],
-        json!(["time", "celsius", "readings"])
-    );
-    assert_eq!(answers[0]["columns"], http["columns"]);
-    assert_eq!(as_floats(&answers[0]["rows"]), as_floats(&http["rows"]));
-    assert_eq!(
-        as_floats(&answers[0]["rows"]),
+        as_floats(&answer["rows"]),
         as_floats(&json!([
             [1_772_359_200, 21.5, 1],
             [1_772_359_260, 22.5, 1],

@@ -9,26 +9,10 @@ router answers the dashboard query (the fleet-wide hourly average) from
 it, then times each door 300 times, alternating, and prints p50 and p99
 of each and their difference. Needs psycopg.
 """
-import json, os, statistics, sys, time, urllib.request
+import json, time
 import psycopg
 
-data = sys.argv[1] if len(sys.argv) > 1 else "fleetgate-data"
-http = f"http://127.0.0.1:{sys.argv[2] if len(sys.argv) > 2 else 8080}"
-pg_port = int(sys.argv[3]) if len(sys.argv) > 3 else 5433
-admin = open(os.path.join(data, "admin.token")).read().strip()
-
-
-def call(method, path, token, body=None, content_type="application/json"):
-    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    req = urllib.request.Request(http + path, data=data, method=method)
-    req.add_header("Authorization", f"Bearer {token}")
-    if data is not None:
-        req.add_header("Content-Type", content_type)
-    try:
-        with urllib.request.urlopen(req, timeout=600) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+from doors import admin, call, pg_port
 
 
 status, body = call("POST", "/v1/devices/bench-reader/token", admin, {})

@@ -1145,8 +1145,8 @@ mod tests {
     }
 
     impl Fabric for RecordingFabric {
-        fn forward(&self, _: &Message, _: bool) -> SharedChoice {
-            if self.cut_off.load(Ordering::Relaxed) {
+        fn forward(&self, _: &Message, sender_picks: bool) -> SharedChoice {
+            if sender_picks || self.cut_off.load(Ordering::Relaxed) {
                 SharedChoice::Here
             } else {
                 SharedChoice::Fabric
@@ -1307,10 +1307,16 @@ mod tests {
         assert!(fabric.shares().is_empty());
         let queued_for = || std::mem::take(&mut *store.queued_for.lock().unwrap());
 
-        // Neither the publishing broker nor one hearing it queues for the
-        // group: the one the fabric picks does, once.
+        // A durable QoS 1 message: the publishing broker picks and queues,
+        // once, before its PUBACK (the fabric would cross core NATS first);
+        // a broker hearing it leaves the group alone.
         let _ = router.publish(message("t", 1, "x"));
+        assert_eq!(queued_for(), ["w"]);
         let _ = router.publish_remote(message("t", 1, "x"), SharedChoice::Fabric);
+        assert!(queued_for().is_empty());
+        // QoS 0 is left to the fabric; the broker it picks queues for the
+        // persistent member.
+        let _ = router.publish(message("t", 0, "x"));
         assert!(queued_for().is_empty());
         let _ = router.publish_to_group(message("t", 1, "x"), group);
         assert_eq!(queued_for(), ["w"]);
