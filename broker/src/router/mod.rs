@@ -1283,8 +1283,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_persistent_member_elsewhere_is_queued_once_by_the_broker_picked() {
+    /// A broker of a cluster: its store feeds persistent sessions, and its
+    /// fabric records what it is told.
+    async fn clustered() -> (Arc<FeedingStore>, Arc<Router>, Arc<RecordingFabric>) {
         let store = Arc::new(FeedingStore::default());
         let router = Router::start(
             store.clone(),
@@ -1295,6 +1296,12 @@ mod tests {
         .unwrap();
         let fabric = Arc::new(RecordingFabric::default());
         router.join(fabric.clone());
+        (store, router, fabric)
+    }
+
+    #[tokio::test]
+    async fn a_persistent_member_elsewhere_is_queued_once_by_the_broker_picked() {
+        let (store, router, fabric) = clustered().await;
         let group = "$share/g/t";
         // A worker with a persistent session, connected to another broker.
         router.apply_remote_session(SessionRecord {
@@ -1332,16 +1339,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_persistent_member_stays_held_until_another_broker_takes_it() {
-        let store = Arc::new(FeedingStore::default());
-        let router = Router::start(
-            store.clone(),
-            QueueLimits::default(),
-            &mut Registry::default(),
-        )
-        .await
-        .unwrap();
-        let fabric = Arc::new(RecordingFabric::default());
-        router.join(fabric.clone());
+        let (store, router, fabric) = clustered().await;
         let group = "$share/g/t";
         let opened = router.open("w", false, 3600, |_| true).0;
         let _ = router.subscribe(&opened.session, group, qos1());
