@@ -333,6 +333,11 @@ with engine.connect() as conn:
     kinds = {"int": pd.api.types.is_integer_dtype, "float": pd.api.types.is_float_dtype,
              "bool": pd.api.types.is_bool_dtype, "datetime": pd.api.types.is_datetime64_any_dtype,
              "string": pd.api.types.is_string_dtype}
+    try:
+        inspect(conn).get_columns("fleetgate_devices")
+        hidden = "listed"
+    except Exception as e:
+        hidden = type(e).__name__
     print(json.dumps({
         "dtypes": {c: [k for k, is_kind in kinds.items() if is_kind(t)][0] for c, t in frame.dtypes.items()},
         "timezone": str(frame["taken_at"].dt.tz),
@@ -342,6 +347,9 @@ with engine.connect() as conn:
         "tables": inspect(conn).get_table_names(),
         "has_temperature": inspect(conn).has_table("temperature"),
         "has_devices": inspect(conn).has_table("fleetgate_devices"),
+        "columns": {c["name"]: [str(c["type"]), c["nullable"]]
+                    for c in inspect(conn).get_columns("temperature")},
+        "hidden_columns": hidden,
     }))
 "#;
     let answer = json_of(
@@ -361,6 +369,23 @@ with engine.connect() as conn:
     assert_eq!(answer["tables"], json!(["temperature"]));
     assert_eq!(answer["has_temperature"], true);
     assert_eq!(answer["has_devices"], false);
+    // Its column listing: the stream's columns with their SQL types.
+    assert_eq!(
+        answer["columns"],
+        json!({
+            "device_id": ["TEXT", true],
+            "received_at": ["TIMESTAMP", true],
+            "seq": ["BIGINT", true],
+            "celsius": ["DOUBLE PRECISION", true],
+            "humidity": ["DOUBLE PRECISION", true],
+            "status": ["TEXT", true],
+            "door_open": ["BOOLEAN", true],
+            "taken_at": ["TIMESTAMP", true],
+            "label": ["TEXT", true],
+            "extra": ["TEXT", true],
+        })
+    );
+    assert_eq!(answer["hidden_columns"], "NoSuchTableError");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1366,6 +1366,23 @@ fn literal_after<'t>(text: &'t str, marker: &str) -> Option<&'t str> {
     Some(&rest[..rest.find('\'')?])
 }
 
+/// The quoted names in a catalog query's `relname IN ('a', 'b')`
+/// (SQLAlchemy's filter, its parameters bound as `'a'::VARCHAR`).
+fn relname_list(text: &str) -> Vec<String> {
+    let Some(start) = text.find("relname in (").map(|i| i + "relname in (".len()) else {
+        return Vec::new();
+    };
+    let Some(length) = text[start..].find(')') else {
+        return Vec::new();
+    };
+    text[start..start + length]
+        .split('\'')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
+}
+
 /// A column of a catalog answer: its name and the text (as lower-cased
 /// SQL, with its alias) that decides its value.
 struct CatalogColumn {
@@ -1510,6 +1527,32 @@ impl Connection {
                 .collect()
         };
         let mut rows = Vec::new();
+        if text.contains("pg_attribute.attname as name") && text.contains("as format_type") {
+            // SQLAlchemy's `inspect(conn).get_columns(...)`: the columns of
+            // the tables named in `relname IN (…)`, by table, in order.
+            let mut named = relname_list(&text);
+            named.sort();
+            for table in named.iter().filter(|t| tables.iter().any(|(_, n)| n == *t)) {
+                for column in self.table_columns(table).await {
+                    rows.push(
+                        columns
+                            .iter()
+                            .map(|c| match c.name.as_str() {
+                                "name" => Value::from(column.name.clone()),
+                                "format_type" => Value::from(column.ty),
+                                "not_null" => Value::Bool(false),
+                                "table_name" => Value::from(table.clone()),
+                                // attgenerated: '' for a column not generated.
+                                "generated" => Value::from(""),
+                                _ => Value::Null,
+                            })
+                            .collect(),
+                    );
+                }
+            }
+            let names = names.iter().map(|n| n.to_string()).collect();
+            return Ok(Outcome::Rows(Rows::held(names, rows, &HashSet::new())));
+        }
         if text.contains("from information_schema.tables") {
             // Grafana's table picker (and any `information_schema` listing).
             let schema = literal_after(&text, "table_schema) =")
@@ -1699,6 +1742,16 @@ mod tests {
             1_767_225_601_000
         );
         assert!(timestamp_ms("yesterday").is_err());
+    }
+
+    #[test]
+    fn sqlalchemy_filters_name_their_tables() {
+        let text = normalized(
+            "SELECT 1 FROM pg_catalog.pg_class WHERE pg_catalog.pg_class.relname \
+             IN ('temperature'::VARCHAR, 'orders'::VARCHAR) ORDER BY 1",
+        );
+        assert_eq!(relname_list(&text), ["temperature", "orders"]);
+        assert!(relname_list("select 1").is_empty());
     }
 
     #[test]
