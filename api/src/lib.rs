@@ -316,6 +316,7 @@ impl QueryService {
                 sqlite_limits::BUDGET_FACTOR,
             )),
             QueryError::Unavailable(message) => QueryFailure::Unavailable(message),
+            QueryError::ReaderGone => QueryFailure::Unavailable(QueryError::ReaderGone.to_string()),
             QueryError::NotAllowed(message) | QueryError::Database(message) => {
                 QueryFailure::Invalid(message)
             }

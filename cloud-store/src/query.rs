@@ -68,6 +68,10 @@ pub enum QueryError {
     /// The server could not take the query on now (no thread to check it on).
     #[error("{0}")]
     Unavailable(String),
+    /// The reader of a streamed answer left (a cancelled query, a client
+    /// that hung up): what stops its producer, seen by nobody.
+    #[error("the reader of the answer went away")]
+    ReaderGone,
 }
 
 pub struct QueryLimits {
@@ -1012,7 +1016,7 @@ pub async fn stream(db: &Db, sql: &str, limits: &QueryLimits) -> Result<RowStrea
                                     sender.send(Ok(chunk)),
                                 )) {
                                     Ok(Ok(())) => Ok(()),
-                                    Ok(Err(_)) => Err(QueryError::Database(READER_GONE.into())),
+                                    Ok(Err(_)) => Err(QueryError::ReaderGone),
                                     Err(_) => Err(QueryError::Timeout(timeout)),
                                 }
                             };
@@ -1096,10 +1100,6 @@ pub async fn stream(db: &Db, sql: &str, limits: &QueryLimits) -> Result<RowStrea
     RowStream::open(receiver, limits).await
 }
 
-/// What a producer's send fails with once its reader is gone; nobody sees
-/// it, it only stops the query.
-const READER_GONE: &str = "the reader went away";
-
 /// How long a producer waits to hand its reader the error that ended the
 /// query; a reader that takes longer sees a timeout instead.
 const FAILURE_GRACE: Duration = Duration::from_secs(2);
@@ -1110,7 +1110,7 @@ fn send_failure(
     sender: &crate::row_stream::ChunkSender,
     error: QueryError,
 ) {
-    if matches!(&error, QueryError::Database(m) if m == READER_GONE) {
+    if matches!(error, QueryError::ReaderGone) {
         return;
     }
     let _ = runtime.block_on(tokio::time::timeout(FAILURE_GRACE, sender.send(Err(error))));
@@ -1168,7 +1168,7 @@ async fn stream_postgres(
         sender
             .send(Ok(chunk))
             .await
-            .map_err(|_| QueryError::Database(READER_GONE.into()))
+            .map_err(|_| QueryError::ReaderGone)
     };
     let mut columns_sent = false;
     let mut batcher = Batcher::default();
@@ -1212,12 +1212,12 @@ async fn stream_postgres(
     // reader left midway, which leaves the server sending: cancel it while
     // the connection is still this query's. Either way nothing is left to
     // cancel when the reader leaves from now on.
-    if matches!(&read, Err(QueryError::Database(m)) if m == READER_GONE) {
+    if matches!(read, Err(QueryError::ReaderGone)) {
         cancel_backend(canceller, pid).await;
     }
     backend.store(0, std::sync::atomic::Ordering::Release);
     match read {
-        Err(QueryError::Database(m)) if m == READER_GONE => return Ok(()),
+        Err(QueryError::ReaderGone) => return Ok(()),
         other => other?,
     }
     if !columns_sent {

@@ -82,6 +82,10 @@ pub struct Router {
     /// Subscriptions that can match `live/...`; while there are none, the
     /// store skips re-publishing.
     live_readers: AtomicUsize,
+    /// Shared subscriptions in the index (members here and persistent
+    /// members elsewhere); while there are none, a publish skips looking
+    /// for them ([`Router::must_pick_here`]).
+    shared_subscriptions: AtomicUsize,
     metrics: RouterMetrics,
     fabric: OnceLock<Arc<dyn Fabric>>,
     /// Members held here (see [`Router::hold`]) of each shared subscription,
@@ -182,6 +186,7 @@ impl Router {
             next_connection: AtomicU64::new(1),
             shared_turn: AtomicUsize::new(0),
             live_readers: AtomicUsize::new(0),
+            shared_subscriptions: AtomicUsize::new(0),
             metrics,
             fabric: OnceLock::new(),
             held_groups: Mutex::default(),
@@ -584,6 +589,9 @@ impl Router {
         if !existed && can_receive_live(filter) {
             self.live_readers.fetch_add(1, Ordering::Relaxed);
         }
+        if !existed && groups.is_some() {
+            self.shared_subscriptions.fetch_add(1, Ordering::Relaxed);
+        }
         self.index.write().expect("index lock").insert(
             filter,
             Subscriber {
@@ -618,6 +626,9 @@ impl Router {
                 .remove(filter, &session.client_id);
             if can_receive_live(filter) {
                 self.live_readers.fetch_sub(1, Ordering::Relaxed);
+            }
+            if groups.is_some() {
+                self.shared_subscriptions.fetch_sub(1, Ordering::Relaxed);
             }
             if let Some(groups) = groups.as_deref_mut().filter(|_| held) {
                 drop(self.count_member(groups, filter, false));
@@ -748,7 +759,11 @@ impl Router {
     /// by other brokers without persistent sessions get no share of such
     /// messages.
     fn must_pick_here(&self, message: &Message) -> bool {
-        if !self.store_feeds || !message.durable || message.qos == 0 {
+        if !self.store_feeds
+            || !message.durable
+            || message.qos == 0
+            || self.shared_subscriptions.load(Ordering::Relaxed) == 0
+        {
             return false;
         }
         let mut matches = Vec::new();
