@@ -448,7 +448,6 @@ async fn bad_views_are_refused_and_change_nothing(backend: Backend) {
         ("[views.v2]\nsource = \"temperature\"\nbucket = { column = \"label\", width = \"1h\" }\naggregates = { n = \"count(*)\" }\n", "bucket column"),
         ("[views.v2]\nsource = \"temperature\"\naggregates = { n = \"count(*)\" }\nrefresh = \"sometimes\"\n", "refresh"),
         ("[views.v2]\nsource = \"temperature\"\naggregates = {}\n", "declare aggregates"),
-        ("[views.v1]\nsource = \"temperature\"\naggregates = { n = \"count(*)\" }\n", "exists"),
         // Rows views and views over views.
         ("[views.v2]\nsource = \"temperature\"\nkey = [\"status\"]\nfields = [\"nope\"]\n", "\\\"nope\\\" is not a column"),
         ("[views.v2]\nsource = \"temperature\"\nkey = [\"status\"]\naggregates = { n = \"count(*)\" }\n", "not both"),
@@ -465,6 +464,11 @@ async fn bad_views_are_refused_and_change_nothing(backend: Backend) {
         assert_eq!(status, 400, "{toml}: {body}");
         assert!(body.to_string().contains(expected), "{toml}: {body}");
     }
+    // A taken name is not a bad declaration: a conflict.
+    let taken = "[views.v1]\nsource = \"temperature\"\naggregates = { n = \"count(*)\" }\n";
+    let (status, body) = server.post_text("/v1/views", &server.admin, taken).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.to_string().contains("view v1 exists"), "{body}");
     let listed = server
         .api("GET", "/v1/views", Some(&server.admin), None)
         .await

@@ -1456,7 +1456,7 @@ impl Connection {
     }
 
     async fn table_columns(&self, table: &str) -> Vec<TableColumn> {
-        use fleetgate_store::catalog::ColumnKind;
+        use fleetgate_store::values::ColumnKind;
         let catalog = &self.server.queries.catalog;
         let stream = catalog.get(table).or_else(|| {
             table

@@ -5,8 +5,7 @@
 use sqlx::query_builder::Separated;
 use sqlx::{Database, Encode, Type};
 
-use crate::catalog::ColumnKind;
-use crate::pipeline::SqlValue;
+use crate::values::{ColumnKind, SqlValue};
 
 /// SQLite allows 32766 parameters per statement, PostgreSQL 65535.
 const MAX_PARAMS: usize = 30_000;

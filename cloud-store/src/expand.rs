@@ -14,9 +14,10 @@ use sqlparser::ast::{
 use sqlparser::dialect::{Dialect, PostgreSqlDialect, SQLiteDialect};
 use sqlparser::parser::Parser;
 
-use crate::catalog::{Catalog, ColumnKind};
+use crate::catalog::Catalog;
 use crate::db::Backend;
-use crate::views::rewrite::{integer, split_and};
+use crate::sql_expr::{integer, split_and, ReceivedSpan};
+use crate::values::ColumnKind;
 
 /// `query` with each stream it reads that is not one plain table (tiered,
 /// or with compacted fields) replaced by
@@ -60,15 +61,6 @@ pub fn expand(
         return Err(problem);
     }
     Ok(expander.changed.then(|| query.to_string()))
-}
-
-/// Bounds on `received_at` (inclusive) that every row a query reads from
-/// a stream lies within: a tiered stream's cold side then unpacks only
-/// the chunks that overlap them.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct ReceivedSpan {
-    pub from: Option<i64>,
-    pub to: Option<i64>,
 }
 
 /// The spans the outermost SELECT's WHERE puts on `received_at` of the

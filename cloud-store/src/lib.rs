@@ -32,12 +32,14 @@ pub mod pipeline;
 pub mod query;
 pub mod rejects;
 pub mod row_stream;
+pub mod sql_expr;
 pub mod sqlite_functions;
 pub mod sqlite_limits;
 pub mod sqlite_query;
 pub mod state;
 pub mod tiers;
 pub mod timestamp_sql;
+pub mod values;
 pub mod views;
 pub mod writer;
 

@@ -20,11 +20,12 @@ use tokio::sync::{mpsc, oneshot, watch, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::bulk::{bind_row, chunk_sizes};
-use crate::catalog::{Catalog, ColumnKind, Stream, SUPERSEDED_BY};
+use crate::catalog::{Catalog, Stream, SUPERSEDED_BY};
 use crate::db::{is_layout_change, is_transient, Backend, Db};
 use crate::metrics::StoreMetrics;
-use crate::pipeline::{CommitObserver, Pipeline, Reject, SqlValue, Work};
+use crate::pipeline::{CommitObserver, Pipeline, Reject, Work};
 use crate::state::StateStore;
+use crate::values::{ColumnKind, SqlValue};
 use crate::with_pool;
 
 pub struct WriterConfig {

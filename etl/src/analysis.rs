@@ -298,7 +298,7 @@ impl Analyses {
         let time = &def.time;
         let fresh = format!(
             "SELECT min({time}), max({RECEIVED_AT}) FROM {} WHERE {RECEIVED_AT} > {since}",
-            stream.read_from_within(fleetgate_store::expand::ReceivedSpan {
+            stream.read_from_within(fleetgate_store::sql_expr::ReceivedSpan {
                 from: Some(since),
                 to: None,
             })

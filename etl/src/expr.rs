@@ -9,7 +9,7 @@
 use std::cmp::Ordering;
 
 use chrono::{DateTime, Datelike, NaiveDate, Timelike, Utc};
-use fleetgate_store::pipeline::SqlValue;
+use fleetgate_store::values::SqlValue;
 use sqlparser::ast::{
     BinaryOperator, CastKind, DataType, Expr as Ast, Function, FunctionArg, FunctionArgExpr,
     FunctionArguments, UnaryOperator, Value as AstValue,

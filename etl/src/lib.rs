@@ -680,7 +680,7 @@ fn keep_in_window(
     span: &mut Option<(i64, i64)>,
     rejected: &mut Rejected,
 ) -> Vec<Row> {
-    use fleetgate_store::pipeline::SqlValue;
+    use fleetgate_store::values::SqlValue;
     let mut kept = Vec::with_capacity(rows.len());
     for row in rows {
         let reason = match (&row.values[at], window) {

@@ -6,9 +6,10 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use fleetgate_store::bulk::{bind_row, chunk_sizes};
-use fleetgate_store::catalog::{sql_type, ColumnKind};
+use fleetgate_store::catalog::sql_type;
 use fleetgate_store::db::Backend;
-use fleetgate_store::pipeline::SqlValue;
+use fleetgate_store::values::ColumnKind;
+use fleetgate_store::values::SqlValue;
 use fleetgate_store::{with_pool, Db};
 use sqlx::Row as _;
 

@@ -1,8 +1,8 @@
 //! Column types and the columns a rule sees.
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime};
-use fleetgate_store::catalog::ColumnKind;
-use fleetgate_store::pipeline::SqlValue;
+use fleetgate_store::values::ColumnKind;
+use fleetgate_store::values::SqlValue;
 use serde::{Deserialize, Serialize};
 
 /// A column's type in a job: what its values are parsed and stored as.

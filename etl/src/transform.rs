@@ -8,7 +8,7 @@
 use std::cmp::Ordering;
 use std::collections::HashMap;
 
-use fleetgate_store::pipeline::SqlValue;
+use fleetgate_store::values::SqlValue;
 use indexmap::IndexMap;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;

@@ -19,7 +19,7 @@ use fleetgate_fuzz::{store, NOW_MS};
 use fleetgate_protocol::schema::StreamsFile;
 use fleetgate_protocol::Role;
 use fleetgate_store::db::Backend;
-use fleetgate_store::pipeline::SqlValue;
+use fleetgate_store::values::SqlValue;
 use fleetgate_store::views::{ViewPlan, ViewsFile};
 use libfuzzer_sys::fuzz_target;
 

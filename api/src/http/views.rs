@@ -5,7 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use fleetgate_protocol::Role;
-use fleetgate_store::views::ViewsFile;
+use fleetgate_store::views::{ViewError, ViewsFile};
 use serde_json::{json, Value};
 
 use super::{bad_request, ApiError, AppState, Caller};
@@ -21,7 +21,7 @@ pub async fn create_views(
     state
         .audit(admin, "view.create", "views", json!({ "views": names }))
         .await?;
-    let created = state.views.create(&file).await.map_err(bad_request)?;
+    let created = state.views.create(&file).await.map_err(refusal)?;
     Ok(Json(json!({ "created": created })))
 }
 
@@ -58,11 +58,12 @@ pub async fn drop_view(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let admin = caller.require(Role::Admin, &state)?;
+    // Refused before it is audited: a drop that cannot happen is not one.
     if let Some(dependent) = state.views.dependent(&name) {
-        return Err(ApiError(
-            StatusCode::CONFLICT,
-            format!("view {dependent} is built on {name}; drop it first"),
-        ));
+        return Err(refusal(ViewError::DependedOn {
+            view: name,
+            dependent,
+        }));
     }
     state.audit(admin, "view.drop", &name, json!({})).await?;
     match state.views.drop_view(&name).await {
@@ -71,6 +72,16 @@ pub async fn drop_view(
             StatusCode::NOT_FOUND,
             format!("no view named {name:?}"),
         )),
-        Err(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e)),
+        Err(e) => Err(refusal(e)),
     }
+}
+
+/// The status a view error answers with.
+fn refusal(error: ViewError) -> ApiError {
+    let status = match &error {
+        ViewError::Invalid(_) => StatusCode::BAD_REQUEST,
+        ViewError::Exists(_) | ViewError::DependedOn { .. } => StatusCode::CONFLICT,
+        ViewError::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError(status, error.to_string())
 }

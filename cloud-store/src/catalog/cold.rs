@@ -19,9 +19,10 @@ use std::collections::BTreeSet;
 
 use fleetgate_protocol::schema::{BUCKET_COLUMN, EXTRA, RECEIVED_AT};
 
-use super::{compacted, sql_type, ColumnKind, Stream};
+use super::{compacted, sql_type, Stream};
 use crate::db::Backend;
-use crate::expand::ReceivedSpan;
+use crate::sql_expr::ReceivedSpan;
+use crate::values::ColumnKind;
 
 /// Rows per chunk: what one move packs at most, and so what a delete or a
 /// swap unpacks to reach one row.

@@ -24,8 +24,8 @@ fn path(field: &str) -> String {
     format!("'$.\"{}\"'", folded_key(field))
 }
 
-use super::ColumnKind;
 use crate::db::Backend;
+use crate::values::ColumnKind;
 
 /// Whether a field of this kind may be folded into `extra`. Booleans stay
 /// columns: SQLite reports a folded one as 0/1, not false/true, since the

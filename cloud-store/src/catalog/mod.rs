@@ -17,14 +17,14 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 use fleetgate_protocol::schema::{
-    EnrichDef, FieldDef, FieldType, StreamDef, StreamsFile, BUCKET_COLUMN, DEVICE_ID, EXTRA,
-    RECEIVED_AT, ROW_ID,
+    EnrichDef, FieldDef, StreamDef, StreamsFile, BUCKET_COLUMN, DEVICE_ID, EXTRA, RECEIVED_AT,
+    ROW_ID,
 };
 use sqlx::Row;
 
 use crate::db::{Backend, Db};
-use crate::expand::ReceivedSpan;
-use crate::pipeline::SqlValue;
+use crate::sql_expr::ReceivedSpan;
+use crate::values::{ColumnKind, SqlValue};
 use crate::with_pool;
 
 /// A stream as the pipeline uses it: its declaration plus derived SQL.
@@ -44,35 +44,6 @@ pub struct Stream {
     /// Declared fields kept in `extra` instead of a column of their own.
     pub compacted: BTreeSet<String>,
     backend: Backend,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ColumnKind {
-    Int,
-    Float,
-    Bool,
-    Text,
-}
-
-impl From<FieldType> for ColumnKind {
-    fn from(ty: FieldType) -> Self {
-        match ty {
-            FieldType::Int | FieldType::Timestamp => ColumnKind::Int,
-            FieldType::Float => ColumnKind::Float,
-            FieldType::Bool => ColumnKind::Bool,
-            FieldType::String | FieldType::Enum => ColumnKind::Text,
-        }
-    }
-}
-
-impl ColumnKind {
-    pub(crate) fn of_field(def: &FieldDef) -> ColumnKind {
-        if def.code {
-            ColumnKind::Int
-        } else {
-            ColumnKind::from(def.ty)
-        }
-    }
 }
 
 impl Stream {

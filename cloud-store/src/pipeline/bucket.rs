@@ -2,7 +2,8 @@ use fleetgate_protocol::schema::{BUCKET_COLUMN, RECEIVED_AT};
 
 use serde_json::Value;
 
-use super::{Reject, SqlValue, Stage, Work};
+use super::{Reject, Stage, Work};
+use crate::values::SqlValue;
 
 /// Files each record of a bucketed stream under its time bucket: the start
 /// of the `width`-long period its time falls in (the last column).

@@ -1,7 +1,8 @@
 use fleetgate_protocol::schema::FieldType;
 use serde_json::Value;
 
-use super::{SqlValue, Stage, Work};
+use super::{Stage, Work};
+use crate::values::SqlValue;
 
 /// Adds what the platform knows and the device does not say: which device
 /// sent the record, when it arrived (the two leading columns), and each

@@ -25,42 +25,9 @@ pub use enrich::Enrich;
 pub use publish_live::PublishLive;
 pub use validate::Validate;
 
-use crate::catalog::{Catalog, ColumnKind, Stream};
+use crate::catalog::{Catalog, Stream};
 use crate::state::StateSet;
-
-/// A typed value bound into an INSERT.
-#[derive(Debug, Clone, PartialEq)]
-pub enum SqlValue {
-    Null,
-    Int(i64),
-    Float(f64),
-    Bool(bool),
-    Text(String),
-}
-
-impl SqlValue {
-    pub fn to_json(&self) -> Value {
-        match self {
-            SqlValue::Null => Value::Null,
-            SqlValue::Int(v) => Value::from(*v),
-            SqlValue::Float(v) => Value::from(*v),
-            SqlValue::Bool(v) => Value::from(*v),
-            SqlValue::Text(v) => Value::from(v.as_str()),
-        }
-    }
-
-    /// A value [`Self::to_json`] wrote, read back as a column of `kind`
-    /// holds it; anything else is NULL.
-    pub fn from_json(kind: ColumnKind, value: &Value) -> SqlValue {
-        let converted = match kind {
-            ColumnKind::Int => value.as_i64().map(SqlValue::Int),
-            ColumnKind::Float => value.as_f64().map(SqlValue::Float),
-            ColumnKind::Bool => value.as_bool().map(SqlValue::Bool),
-            ColumnKind::Text => value.as_str().map(|t| SqlValue::Text(t.to_string())),
-        };
-        converted.unwrap_or(SqlValue::Null)
-    }
-}
+use crate::values::SqlValue;
 
 /// One record on its way to a stream table.
 #[derive(Debug, Clone)]

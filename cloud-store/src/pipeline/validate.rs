@@ -3,8 +3,9 @@ use fleetgate_protocol::schema::{FieldDef, FieldType, DEVICE_ID};
 use fleetgate_protocol::state::FieldRule;
 use serde_json::{Map, Value};
 
-use super::{Reject, SqlValue, Stage, Work};
+use super::{Reject, Stage, Work};
 use crate::catalog::compacted::{folded_key, FOLDED_PREFIX};
+use crate::values::SqlValue;
 
 /// Checks each record against its stream's declaration (types, required,
 /// bounds, enum members), with the bounds and members the cluster state's

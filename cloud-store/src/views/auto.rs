@@ -398,7 +398,9 @@ impl Views {
                 self.auto.budget_bytes
             ));
         }
-        self.install(plan, Origin::Auto).await?;
+        self.install(plan, Origin::Auto)
+            .await
+            .map_err(|e| e.to_string())?;
         let refresh = match &def.refresh {
             RefreshDef::Named(n) => n.clone(),
             RefreshDef::Every { every } => format!("every {every}"),

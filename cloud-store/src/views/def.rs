@@ -35,8 +35,9 @@ use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
 use super::rows::RowsPlan;
-use crate::catalog::{sql_type, ColumnKind, Stream};
+use crate::catalog::{sql_type, Stream};
 use crate::db::Backend;
+use crate::values::ColumnKind;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -17,6 +17,8 @@
 pub mod auto;
 pub mod def;
 pub mod rewrite;
+#[cfg(test)]
+mod route_fixtures;
 pub mod rows;
 pub mod shape;
 
@@ -100,6 +102,35 @@ pub struct Route {
     pub sql: String,
     pub candidates: Vec<Candidate>,
 }
+
+/// Why views could not be created or dropped: what the caller tells its
+/// own caller differs (the declaration is wrong, a name is taken, another
+/// view depends on it, or the database failed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ViewError {
+    /// The declaration cannot be a view; says why.
+    Invalid(String),
+    /// A view of that name exists.
+    Exists(String),
+    /// `dependent` is built on `view`, which cannot go before it.
+    DependedOn { view: String, dependent: String },
+    /// The database failed; the request itself may be fine.
+    Database(String),
+}
+
+impl std::fmt::Display for ViewError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ViewError::Invalid(why) | ViewError::Database(why) => f.write_str(why),
+            ViewError::Exists(name) => write!(f, "view {name} exists; drop it first to change it"),
+            ViewError::DependedOn { view, dependent } => {
+                write!(f, "view {dependent} is built on {view}; drop it first")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ViewError {}
 
 pub struct Views {
     db: Db,
@@ -329,8 +360,8 @@ impl Views {
 
     /// Checks every view of `file` first, then creates each (tables,
     /// trigger, rows already in the source) in a transaction of its own.
-    pub async fn create(&self, file: &ViewsFile) -> Result<Vec<String>, String> {
-        self.reload().await?;
+    pub async fn create(&self, file: &ViewsFile) -> Result<Vec<String>, ViewError> {
+        self.reload().await.map_err(ViewError::Database)?;
         let mut planned: Vec<ViewPlan> = Vec::new();
         // In dependency order: a view over another of the file comes after it.
         let mut pending: Vec<(&String, &ViewDef)> = file.views.iter().collect();
@@ -339,10 +370,12 @@ impl Views {
             let mut waiting = Vec::new();
             for (name, def) in pending {
                 if self.plan(name).is_some() {
-                    return Err(format!("view {name} exists; drop it first to change it"));
+                    return Err(ViewError::Exists(name.clone()));
                 }
                 if def.source == *name {
-                    return Err(format!("view {name}: a view cannot be its own source"));
+                    return Err(ViewError::Invalid(format!(
+                        "view {name}: a view cannot be its own source"
+                    )));
                 }
                 let over = match planned.iter().find(|p| p.name == def.source) {
                     Some(plan) => Some(Arc::new(plan.clone())),
@@ -353,12 +386,13 @@ impl Views {
                     None => self.plan(&def.source),
                 };
                 if over.is_none() && self.catalog.get(&def.source).is_none() {
-                    return Err(format!(
+                    return Err(ViewError::Invalid(format!(
                         "view {name}: unknown source {:?} (neither a stream nor a view)",
                         def.source
-                    ));
+                    )));
                 }
-                planned.push(self.plan_def(name, def, over.as_deref())?);
+                let plan = self.plan_def(name, def, over.as_deref());
+                planned.push(plan.map_err(ViewError::Invalid)?);
             }
             if waiting.len() == before {
                 let mut cycle: Vec<String> = waiting
@@ -366,10 +400,10 @@ impl Views {
                     .map(|(n, d)| format!("{n} -> {}", d.source))
                     .collect();
                 cycle.sort();
-                return Err(format!(
+                return Err(ViewError::Invalid(format!(
                     "views form a cycle ({}): each must reach a stream",
                     cycle.join(", ")
-                ));
+                )));
             }
             pending = waiting;
         }
@@ -383,14 +417,23 @@ impl Views {
 
     /// Creates a checked view: tables, trigger, rows already in the source
     /// and its catalog entry, in one transaction.
-    async fn install(&self, plan: ViewPlan, origin: Origin) -> Result<(), String> {
+    async fn install(&self, plan: ViewPlan, origin: Origin) -> Result<(), ViewError> {
         let backend = self.db.backend();
-        let gone = || format!("view {}: stream {} is gone", plan.name, plan.source());
+        let gone = || {
+            ViewError::Invalid(format!(
+                "view {}: stream {} is gone",
+                plan.name,
+                plan.source()
+            ))
+        };
         let source = self.catalog.get(plan.source()).ok_or_else(gone)?;
         // Its trigger reads columns: fields it needs come out of `extra`.
         for column in plan.source_columns() {
             if source.compacted.contains(column) {
-                self.catalog.promote(plan.source(), column).await?;
+                self.catalog
+                    .promote(plan.source(), column)
+                    .await
+                    .map_err(ViewError::Database)?;
             }
         }
         let source = self.catalog.get(plan.source()).ok_or_else(gone)?;
@@ -412,7 +455,7 @@ impl Views {
                 .await?;
             tx.commit().await
         }.await)
-        .map_err(|e| format!("cannot create view {}: {e}", plan.name))?;
+        .map_err(|e| ViewError::Database(format!("cannot create view {}: {e}", plan.name)))?;
         tracing::info!(view = %plan.name, source = %plan.source(), origin = origin.as_str(), "view created");
         self.entries.write().expect("views lock").insert(
             plan.name.clone(),
@@ -426,15 +469,16 @@ impl Views {
     }
 
     /// `Ok(false)` when there is no such view.
-    pub async fn drop_view(&self, name: &str) -> Result<bool, String> {
-        self.reload().await?;
+    pub async fn drop_view(&self, name: &str) -> Result<bool, ViewError> {
+        self.reload().await.map_err(ViewError::Database)?;
         let Some(plan) = self.plan(name) else {
             return Ok(false);
         };
         if let Some(dependent) = self.dependent(name) {
-            return Err(format!(
-                "view {dependent} is built on {name}; drop it first"
-            ));
+            return Err(ViewError::DependedOn {
+                view: name.to_string(),
+                dependent,
+            });
         }
         let statements = plan.drop_sql(self.db.backend());
         with_pool!(self.db, pool => async {
@@ -452,7 +496,7 @@ impl Views {
                 .await?;
             tx.commit().await
         }.await)
-        .map_err(|e| format!("cannot drop view {name}: {e}"))?;
+        .map_err(|e| ViewError::Database(format!("cannot drop view {name}: {e}")))?;
         self.entries.write().expect("views lock").remove(name);
         tracing::info!(view = %name, "view dropped");
         Ok(true)

@@ -11,12 +11,15 @@
 
 use sqlparser::ast::{
     BinaryOperator, CastKind, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr,
-    OrderByKind, Query, Select, SelectItem, SetExpr, TableFactor, UnaryOperator, Value,
+    OrderByKind, Query, Select, SelectItem, SetExpr, TableFactor, UnaryOperator,
 };
 
+use fleetgate_protocol::schema::RECEIVED_AT;
+
 use super::def::{partial, AggFn, ViewPlan, BUCKET, ROWS};
-use crate::catalog::ColumnKind;
 use crate::db::Backend;
+use crate::sql_expr::{integer, split_and, strip_nested};
+use crate::values::ColumnKind;
 
 /// Scalar functions a rewritten query may keep around mapped arguments.
 const SCALAR_FUNCTIONS: &[&str] = &[
@@ -167,22 +170,6 @@ pub(super) fn output_names(select: &Select) -> Vec<String> {
         .collect()
 }
 
-pub(crate) fn split_and(expr: &Expr) -> Vec<&Expr> {
-    match expr {
-        Expr::BinaryOp {
-            left,
-            op: BinaryOperator::And,
-            right,
-        } => {
-            let mut parts = split_and(left);
-            parts.extend(split_and(right));
-            parts
-        }
-        Expr::Nested(inner) => split_and(inner),
-        other => vec![other],
-    }
-}
-
 fn contains_aggregate(expr: &Expr) -> bool {
     let mut found = false;
     let _ = sqlparser::ast::visit_expressions(expr, |e| {
@@ -291,18 +278,27 @@ impl Mapper<'_> {
         } else {
             return None;
         };
-        let Some(bound) = integer(value) else {
+        let Some(bound) = signed_integer(value) else {
             return Some(Err(format!(
                 "{expr}: a bound on {column} must be a number for a view to apply"
             )));
         };
+        // Buckets divide as integers, truncating toward zero: bucket 0 holds
+        // -(width-1)..=width-1 and bucket -width holds -(2*width-1)..=-width,
+        // so from 0 down a multiple of the width falls inside a bucket.
+        // received_at is never negative; any other column may be. (Width 1
+        // does not truncate.)
+        let signed = column != RECEIVED_AT && *width > 1;
         Some(match op {
-            BinaryOperator::GtEq | BinaryOperator::Lt if bound % width == 0 => {
-                Ok(format!("{BUCKET} {op} {bound}"))
-            }
-            BinaryOperator::GtEq | BinaryOperator::Lt => Err(format!(
+            BinaryOperator::GtEq | BinaryOperator::Lt if bound % width != 0 => Err(format!(
                 "{expr}: {bound} is not on a {width} ms bucket boundary"
             )),
+            BinaryOperator::GtEq | BinaryOperator::Lt if signed && bound <= 0 => Err(format!(
+                "{expr}: {column} may be negative, and its buckets truncate toward zero \
+                 (bucket 0 holds -{w} to {w}): only a bound above 0 keeps whole buckets",
+                w = width - 1
+            )),
+            BinaryOperator::GtEq | BinaryOperator::Lt => Ok(format!("{BUCKET} {op} {bound}")),
             _ => Err(format!(
                 "{expr}: only >= and < bounds on {column} keep whole buckets"
             )),
@@ -469,6 +465,18 @@ pub(super) fn column_of(expr: &Expr, alias: &str) -> Option<String> {
     }
 }
 
+/// An integer literal, or a negated one (`-100` parses as a minus applied
+/// to 100).
+fn signed_integer(expr: &Expr) -> Option<i64> {
+    match strip_nested(expr) {
+        Expr::UnaryOp {
+            op: UnaryOperator::Minus,
+            expr,
+        } => integer(expr)?.checked_neg(),
+        other => integer(other),
+    }
+}
+
 /// `x / W1 * W2`, the bucket form: `x` and both numbers.
 pub(super) fn as_bucket(expr: &Expr) -> Option<(&Expr, i64, i64)> {
     let Expr::BinaryOp {
@@ -489,23 +497,6 @@ pub(super) fn as_bucket(expr: &Expr) -> Option<(&Expr, i64, i64)> {
         return None;
     };
     Some((strip_nested(dividend), integer(divisor)?, outer))
-}
-
-fn strip_nested(expr: &Expr) -> &Expr {
-    match expr {
-        Expr::Nested(inner) => strip_nested(inner),
-        other => other,
-    }
-}
-
-pub(crate) fn integer(expr: &Expr) -> Option<i64> {
-    match strip_nested(expr) {
-        Expr::Value(v) => match &v.value {
-            Value::Number(n, _) => n.parse().ok(),
-            _ => None,
-        },
-        _ => None,
-    }
 }
 
 /// How many rows a view holds at most per unit of time, as a cost to rank

@@ -22,15 +22,18 @@ use std::ops::ControlFlow;
 
 use fleetgate_protocol::schema::{RECEIVED_AT, ROW_ID};
 use sqlparser::ast::{
-    BinaryOperator, Expr, Ident, Query, SelectItem, SetExpr, TableFactor, VisitMut, VisitorMut,
+    BinaryOperator, Expr, Ident, OrderBy, OrderByKind, Query, SelectItem, SetExpr, TableFactor,
+    VisitMut, VisitorMut,
 };
 use sqlparser::dialect::{Dialect, PostgreSqlDialect, SQLiteDialect};
 use sqlparser::parser::Parser;
 
 use super::def::{Refresh, ViewDef, ViewPlan};
-use super::rewrite::{column_of, single_table, split_and};
-use crate::catalog::{sql_type, ColumnKind, Stream};
+use super::rewrite::{column_of, single_table};
+use crate::catalog::{sql_type, Stream};
 use crate::db::Backend;
+use crate::sql_expr::split_and;
+use crate::values::ColumnKind;
 
 /// Functions a derived column may use: deterministic, scalar, and the same
 /// on SQLite and PostgreSQL.
@@ -354,8 +357,24 @@ impl RowsPlan {
                 "the query does not filter on {leading}, the view's leading key: it would read every row either way"
             ));
         }
+        // A whole ORDER BY key may name a result alias: both databases read
+        // it as the alias, on the table and on the view alike. Anywhere else
+        // (WHERE, the select list, within an ORDER BY expression) the table
+        // reads its own column of that name, so the view must hold it: else
+        // SQLite would read the alias instead, or the view would fail where
+        // the table answers.
+        let mut checked = rewritten.clone();
+        if let Some(OrderBy {
+            kind: OrderByKind::Expressions(keys),
+            ..
+        }) = &mut checked.order_by
+        {
+            keys.retain(|key| {
+                !matches!(&key.expr, Expr::Identifier(i) if output_alias(select, &i.value.to_lowercase()))
+            });
+        }
         let mut unknown = None;
-        let _ = sqlparser::ast::visit_expressions(&rewritten, |e| {
+        let _ = sqlparser::ast::visit_expressions(&checked, |e| {
             let name = match e {
                 Expr::Identifier(i) => i.value.to_lowercase(),
                 Expr::CompoundIdentifier(parts) if parts.len() == 2 => {
@@ -371,8 +390,14 @@ impl RowsPlan {
                 }
                 _ => return ControlFlow::Continue(()),
             };
-            if self.column_kind(&name).is_none() && !output_alias(select, &name) {
-                unknown = Some(format!("column {name} is not in the view"));
+            if self.column_kind(&name).is_none() {
+                unknown = Some(if output_alias(select, &name) {
+                    format!(
+                        "column {name} is not in the view (a result alias stands for a column only as an ORDER BY key)"
+                    )
+                } else {
+                    format!("column {name} is not in the view")
+                });
                 return ControlFlow::Break(());
             }
             ControlFlow::Continue(())

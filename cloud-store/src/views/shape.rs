@@ -17,7 +17,8 @@ use sqlparser::ast::{
 };
 
 use super::def::{AggFn, BucketDef, RefreshDef, ViewDef};
-use super::rewrite::{as_bucket, column_of, integer, output_names, single_table, split_and};
+use super::rewrite::{as_bucket, column_of, output_names, single_table};
+use crate::sql_expr::{integer, split_and};
 
 /// Bucket widths a shape may take from its query's bounds, widest first
 /// (ms): a day, an hour, a minute, a second, a millisecond.
