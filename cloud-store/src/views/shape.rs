@@ -10,6 +10,7 @@
 
 use std::collections::BTreeSet;
 
+use fleetgate_protocol::schema::RECEIVED_AT;
 use indexmap::IndexMap;
 use sqlparser::ast::{
     BinaryOperator, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr,
@@ -224,6 +225,13 @@ impl Collector {
         if !matches!(op, BinaryOperator::GtEq | BinaryOperator::Lt) {
             return false;
         }
+        // Buckets truncate toward zero, so from 0 down a bound splits one
+        // on a column that may be negative (the router refuses such a
+        // view): the column is then a group instead. received_at is never
+        // negative.
+        if value <= 0 && column != RECEIVED_AT {
+            return false;
+        }
         self.bounds.push((column, value));
         true
     }
@@ -365,6 +373,13 @@ mod tests {
         let s = shape("SELECT sum(x) FROM t WHERE seq > 5").unwrap();
         assert_eq!(s.def.group_by, vec!["seq".to_string()]);
         assert!(s.def.bucket.is_none());
+        // So does a bound of 0 on a column that may be negative: bucket 0
+        // holds values on both sides of it.
+        let s = shape("SELECT sum(x) FROM t WHERE altitude >= 0").unwrap();
+        assert_eq!(s.def.group_by, vec!["altitude".to_string()]);
+        assert!(s.def.bucket.is_none());
+        // With a second bound that would bucket it, no view fits at all.
+        assert!(shape("SELECT sum(x) FROM t WHERE altitude >= 0 AND altitude < 500").is_err());
     }
 
     #[test]
