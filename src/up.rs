@@ -178,8 +178,9 @@ pub struct AutoViewArgs {
     /// automatic views off.
     #[arg(long, default_value = "256MiB", value_parser = views::auto::parse_bytes)]
     auto_views_budget: u64,
-    /// Runs of one query shape on the primary table, within
-    /// --auto-views-window, that earn it a view.
+    /// Runs of one query shape costing at least --auto-views-min-cost, on
+    /// the primary table or through a view keeping far more rows than its
+    /// own would, within --auto-views-window, that earn it a view.
     #[arg(long, default_value_t = 5)]
     auto_views_after: usize,
     /// The period in which --auto-views-after runs of a shape must fall.

@@ -239,10 +239,7 @@ async fn seeded_server(backend: Backend) -> (Server, Vec<String>, Random) {
         .as_nanos() as u64;
     eprintln!("random seed {seed}");
     let server = Server::with_temperature(backend).await;
-    let mut tokens = Vec::new();
-    for device in DEVICES {
-        tokens.push(server.add_device(device, "ingest").await);
-    }
+    let tokens = add_devices(&server).await;
     (server, tokens, Random(seed))
 }
 
@@ -531,30 +528,39 @@ fn shape_decision<'a>(shapes: &'a Value, measured: &str) -> Option<&'a str> {
         .as_str()
 }
 
-on_both_backends!(recurring_queries_get_an_automatic_view_that_is_dropped_when_unused);
-async fn recurring_queries_get_an_automatic_view_that_is_dropped_when_unused(backend: Backend) {
-    let server = Server::start_with(
-        backend,
-        &[
-            "--auto-views-budget",
-            "10MiB",
-            "--auto-views-after",
-            "3",
-            "--auto-views-min-cost",
-            "0ms",
-            "--auto-views-min-gain",
-            "5",
-            "--auto-views-unused",
-            "3s",
-        ],
-    )
-    .await;
+/// A server with the temperature stream whose automatic views come after
+/// 3 runs of any cost, for a view keeping `min_gain` times fewer rows.
+async fn auto_views_server(backend: Backend, min_gain: &str, extra: &[&str]) -> Server {
+    let mut args = vec![
+        "--auto-views-budget",
+        "10MiB",
+        "--auto-views-after",
+        "3",
+        "--auto-views-min-cost",
+        "0ms",
+        "--auto-views-min-gain",
+        min_gain,
+    ];
+    args.extend_from_slice(extra);
+    let server = Server::start_with(backend, &args).await;
     let (status, body) = server.apply_streams(crate::harness::TEMPERATURE).await;
     assert_eq!(status, 200, "{body}");
+    server
+}
+
+/// Registers [`DEVICES`] as ingest devices; their tokens, in order.
+async fn add_devices(server: &Server) -> Vec<String> {
     let mut tokens = Vec::new();
     for device in DEVICES {
         tokens.push(server.add_device(device, "ingest").await);
     }
+    tokens
+}
+
+on_both_backends!(recurring_queries_get_an_automatic_view_that_is_dropped_when_unused);
+async fn recurring_queries_get_an_automatic_view_that_is_dropped_when_unused(backend: Backend) {
+    let server = auto_views_server(backend, "5", &["--auto-views-unused", "3s"]).await;
+    let tokens = add_devices(&server).await;
     let mut random = Random(11);
     ingest(&server, &tokens, &mut random, 1, 301).await;
 
@@ -649,6 +655,95 @@ async fn recurring_queries_get_an_automatic_view_that_is_dropped_when_unused(bac
         server.log().contains("automatic view dropped"),
         "{}",
         server.log()
+    );
+}
+
+on_both_backends!(a_fleet_wide_query_summing_a_per_device_view_earns_a_fleet_level_view);
+/// A dashboard's fleet-wide hourly average, answered by summing a
+/// per-device view's partials, reads a row per device and hour; recurring,
+/// it earns a view of its own with a row per hour.
+async fn a_fleet_wide_query_summing_a_per_device_view_earns_a_fleet_level_view(backend: Backend) {
+    let server = auto_views_server(backend, "2", &[]).await;
+    let hourly = r#"
+[views.hourly]
+source = "temperature"
+group_by = ["device_id"]
+bucket = { column = "taken_at", width = "1h" }
+aggregates = { readings = "count(*)", mean = "avg(celsius)" }
+refresh = "realtime"
+"#;
+    let (status, body) = server.post_text("/v1/views", &server.admin, hourly).await;
+    assert_eq!(status, 200, "{body}");
+    let tokens = add_devices(&server).await;
+    let mut random = Random(23);
+    ingest(&server, &tokens, &mut random, 1, 301).await;
+
+    let fleet = format!(
+        "SELECT taken_at / {HOUR} * {HOUR} AS hour, avg(celsius) AS mean, count(*) AS n \
+         FROM temperature GROUP BY taken_at / {HOUR} * {HOUR} ORDER BY hour"
+    );
+    for _ in 0..3 {
+        assert_eq!(server.query(&fleet).await["view"], "hourly");
+    }
+    let shapes = server
+        .wait_for(
+            "/v1/views/shapes",
+            "a decision on the fleet-wide shape",
+            |b| {
+                b["shapes"].as_array().is_some_and(|shapes| {
+                    shapes.iter().any(|s| {
+                        s["view_runs"].as_i64() >= Some(3)
+                            && s["decision"]
+                                .as_str()
+                                .is_some_and(|d| !d.starts_with("watching"))
+                    })
+                })
+            },
+        )
+        .await;
+    let decision = shapes["shapes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|s| {
+            s["decision"]
+                .as_str()
+                .filter(|d| !d.starts_with("watching"))
+        })
+        .unwrap();
+    assert!(
+        decision.starts_with("created view auto_temperature_"),
+        "{decision}"
+    );
+    let listed = server
+        .api("GET", "/v1/views", Some(&server.admin), None)
+        .await
+        .1;
+    let auto = listed["views"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["origin"] == "auto")
+        .unwrap_or_else(|| panic!("an automatic view: {listed}"));
+    let per_device = listed["views"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "hourly")
+        .unwrap();
+    assert!(
+        auto["rows"].as_i64().unwrap() * 2 <= per_device["rows"].as_i64().unwrap(),
+        "a row per hour, not per device and hour: {listed}"
+    );
+
+    // From now on the fleet-level view answers, with what the table says,
+    // rows that arrived after it was made included.
+    ingest(&server, &tokens, &mut random, 301, 341).await;
+    let routed = server.query(&fleet).await;
+    assert_eq!(routed["view"], auto["name"], "{routed}");
+    assert_eq!(
+        normalized(&routed),
+        normalized(&on_primary(&server, &fleet).await)
     );
 }
 

@@ -1,9 +1,10 @@
 //! Automatic views. The router logs the shape and cost of each aggregate
-//! query ([`Views::observe`]); when a shape that runs on the primary table
-//! comes back often enough within a window, costs enough, and the view that
-//! would answer it holds far fewer rows than its source, the store creates
-//! that view (origin "auto") within a storage budget. Automatic views that
-//! go unused are dropped again.
+//! query ([`Views::observe`]); when a shape comes back often enough within
+//! a window, costs enough, and the view that would answer it holds far
+//! fewer rows than what answers it now (its source, or a finer view: a
+//! fleet-wide dashboard summing a per-device view's partials), the store
+//! creates that view (origin "auto") within a storage budget. Automatic
+//! views that go unused are dropped again.
 //!
 //! The refresh of an automatic view follows the measured lag between the
 //! stream's newest row and the shape's queries: queries that read what just
@@ -11,6 +12,7 @@
 //! periodic one, folded at half that lag, which spares ingest the merge.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -70,7 +72,7 @@ impl AutoSettings {
             )
         };
         format!(
-            "watching: a view is considered once this shape runs on the primary table {} times within {}{cost}",
+            "watching: a view is considered once this shape runs on the primary table, or through a view that keeps far more rows than its own would, {} times within {}{cost}",
             self.recurrences,
             humantime::format_duration(self.window),
         )
@@ -95,7 +97,9 @@ pub(super) struct ShapeLog {
     /// answers this one.
     sql: String,
     query: Box<Query>,
-    primary_runs_in_window: VecDeque<Instant>,
+    /// Runs that took at least `min_cost`, on the primary table or
+    /// through a view other than the shape's own.
+    costly_runs_in_window: VecDeque<Instant>,
     lags_ms: VecDeque<i64>,
     last_seen: Instant,
     last_seen_ms: i64,
@@ -168,10 +172,14 @@ impl Views {
         let Ok(shape) = shape::of_query(query) else {
             return;
         };
-        // What a query on the primary table reads against what arrived
-        // last: the lag the refresh is chosen by.
-        let lag_ms = match view {
-            None if elapsed >= self.auto.min_cost => {
+        // Slow through the view the shape would get is as good as it gets;
+        // slow on the table or through a coarser view's cousin is not.
+        let own_view = auto_name(&shape.def.source, &shape.key);
+        let costly = elapsed >= self.auto.min_cost && view != Some(own_view.as_str());
+        // What a costly query reads against what arrived last: the lag the
+        // refresh is chosen by.
+        let lag_ms = match costly {
+            true => {
                 let sql = format!("SELECT max(received_at) FROM {}", shape.def.source);
                 with_pool!(self.db, pool => sqlx::query_scalar::<_, Option<i64>>(&sql).fetch_one(pool).await)
                     .ok()
@@ -194,7 +202,7 @@ impl Views {
             shape,
             sql: String::new(),
             query: Box::new(query.clone()),
-            primary_runs_in_window: VecDeque::new(),
+            costly_runs_in_window: VecDeque::new(),
             lags_ms: VecDeque::new(),
             last_seen: Instant::now(),
             last_seen_ms: now_ms,
@@ -213,10 +221,10 @@ impl Views {
             None => {
                 log.unflushed.primary_runs += 1;
                 log.unflushed.primary_ms += elapsed.as_secs_f64() * 1000.0;
-                if elapsed >= self.auto.min_cost {
-                    log.primary_runs_in_window.push_back(Instant::now());
-                }
             }
+        }
+        if costly {
+            log.costly_runs_in_window.push_back(Instant::now());
         }
         if let Some(lag) = lag_ms {
             if log.lags_ms.len() == MAX_LAGS {
@@ -282,7 +290,7 @@ impl Views {
                 log.decided = Some(Instant::now());
                 log.decision = decision;
                 log.decision_unflushed = true;
-                log.primary_runs_in_window.clear();
+                log.costly_runs_in_window.clear();
             }
         }
         if let Err(e) = self.flush_shapes().await {
@@ -302,8 +310,8 @@ impl Views {
         }
     }
 
-    /// Shapes that ran on the primary table often enough, lately, and were
-    /// not judged within the window.
+    /// Shapes that ran costly often enough, lately, and were not judged
+    /// within the window.
     fn due_shapes(&self) -> Vec<String> {
         let window = self.auto.window;
         let mut shapes = self.shapes.lock().expect("shapes lock");
@@ -311,14 +319,14 @@ impl Views {
             .iter_mut()
             .filter_map(|(key, log)| {
                 while log
-                    .primary_runs_in_window
+                    .costly_runs_in_window
                     .front()
                     .is_some_and(|at| at.elapsed() > window)
                 {
-                    log.primary_runs_in_window.pop_front();
+                    log.costly_runs_in_window.pop_front();
                 }
                 let fresh_decision = log.decided.is_some_and(|at| at.elapsed() < window);
-                (log.primary_runs_in_window.len() >= self.auto.recurrences && !fresh_decision)
+                (log.costly_runs_in_window.len() >= self.auto.recurrences && !fresh_decision)
                     .then(|| key.clone())
             })
             .collect()
@@ -367,14 +375,15 @@ impl Views {
             .await
             .map_err(|e| format!("the query no longer runs: {e}"))?;
         let leads = super::rows::table_leads(&stream);
-        if let Some(plan) = self
+        let answering: Vec<Arc<ViewPlan>> = self
             .plans()
             .into_iter()
-            .find(|plan| rewrite::rewrite(query, plan, &names, backend, &leads).is_ok())
-        {
-            return Err(format!("answered by view {}", plan.name));
-        }
+            .filter(|plan| rewrite::rewrite(query, plan, &names, backend, &leads).is_ok())
+            .collect();
         let name = auto_name(&shape.def.source, &shape.key);
+        if answering.iter().any(|plan| plan.name == name) {
+            return Err(format!("answered by view {name}, its own"));
+        }
         let mut def = shape.def.clone();
         def.refresh = refresh_for_lag(lag_ms);
         let plan = ViewPlan::new(&name, &def, &stream, None)
@@ -383,6 +392,23 @@ impl Views {
             .map_err(|e| format!("no view can answer it: {e}"))?;
 
         let (rows, groups) = self.estimate(&plan).await?;
+        // Against the smallest view that answers it now, if one does.
+        let mut smallest: Option<(&str, i64)> = None;
+        for view in &answering {
+            let held = self.rows_held(view).await?;
+            if smallest.is_none_or(|(_, least)| held < least) {
+                smallest = Some((view.name.as_str(), held));
+            }
+        }
+        if let Some((view, held)) = smallest {
+            let gain = held as f64 / groups.max(1) as f64;
+            if gain < self.auto.min_gain {
+                return Err(format!(
+                    "answered by view {view}, which keeps {held} rows; a view of its own would keep {groups} ({gain:.1}x fewer; {}x wanted)",
+                    self.auto.min_gain
+                ));
+            }
+        }
         let gain = rows as f64 / groups.max(1) as f64;
         if gain < self.auto.min_gain {
             return Err(format!(
@@ -445,6 +471,13 @@ impl Views {
             Ok::<_, sqlx::Error>((rows, groups))
         }.await)
         .map_err(|e| format!("cannot estimate the view: {e}"))
+    }
+
+    /// Rows a view's table keeps now.
+    async fn rows_held(&self, plan: &ViewPlan) -> Result<i64, String> {
+        let sql = format!("SELECT count(*) FROM {}", plan.table());
+        with_pool!(self.db, pool => sqlx::query_scalar::<_, i64>(&sql).fetch_one(pool).await)
+            .map_err(|e| format!("cannot count the rows of view {}: {e}", plan.name))
     }
 
     /// Bytes a view's tables take on disk.

@@ -590,8 +590,12 @@ impl ViewPlan {
                 let body = match self.refresh {
                     Refresh::Realtime => self.merge_into_table(
                         &format!(
-                            "SELECT {} FROM fgv_new WHERE true GROUP BY {}",
+                            // In key order: two commits merging into the
+                            // same groups lock them in one order, and wait
+                            // for each other instead of deadlocking.
+                            "SELECT {} FROM fgv_new WHERE true GROUP BY {} ORDER BY {}",
                             self.partials_of_rows(),
+                            self.group_positions(),
                             self.group_positions()
                         ),
                         backend,
