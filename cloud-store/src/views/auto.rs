@@ -178,15 +178,14 @@ impl Views {
         let costly = elapsed >= self.auto.min_cost && view != Some(own_view.as_str());
         // What a costly query reads against what arrived last: the lag the
         // refresh is chosen by.
-        let lag_ms = match costly {
-            true => {
-                let sql = format!("SELECT max(received_at) FROM {}", shape.def.source);
-                with_pool!(self.db, pool => sqlx::query_scalar::<_, Option<i64>>(&sql).fetch_one(pool).await)
-                    .ok()
-                    .flatten()
-                    .map(|newest| (now_ms - newest).max(0))
-            }
-            _ => None,
+        let lag_ms = if costly {
+            let sql = format!("SELECT max(received_at) FROM {}", shape.def.source);
+            with_pool!(self.db, pool => sqlx::query_scalar::<_, Option<i64>>(&sql).fetch_one(pool).await)
+                .ok()
+                .flatten()
+                .map(|newest| (now_ms - newest).max(0))
+        } else {
+            None
         };
         let mut shapes = self.shapes.lock().expect("shapes lock");
         if !shapes.contains_key(&shape.key) && shapes.len() >= MAX_SHAPES {

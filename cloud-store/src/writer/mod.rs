@@ -231,9 +231,7 @@ impl Writer {
     async fn commit_group(&self, group: Vec<Job>) -> Vec<Settled> {
         let started = Instant::now();
         let works: Vec<&Work> = group.iter().map(|j| &j.work).collect();
-        let result = self.commit_with_retry(&works).await;
-        drop(works);
-        match result {
+        match self.commit_with_retry(&works).await {
             Ok(stored) => vec![Settled::new(group, Ok(stored), started)],
             // The database is unavailable: nothing is acknowledged, and the
             // devices re-send once it is back.
