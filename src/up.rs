@@ -643,11 +643,11 @@ async fn serve(
         // here, as a second connection to this broker would.
         let gatekeeper = gatekeeper.clone();
         fabric
-            .serve(router, move |device| {
-                let ended = gatekeeper.disconnect_device(device, EndReason::TakenOver);
+            .serve(router, move |claim| {
+                let ended = gatekeeper.disconnect_claimed(claim);
                 if ended > 0 {
                     tracing::info!(
-                        device,
+                        device = %claim.device,
                         sessions = ended,
                         "device connected to another broker; sessions here closed"
                     );

@@ -405,9 +405,12 @@ async fn live_copies_and_commands_cross_brokers_and_survive_a_nats_node_dying() 
     cluster.wait_nodes_up(&["n1"]).await;
 
     let mut probe_a = connect(first, "probe-a", &probe_a).await;
-    let mut probe_b = subscribed(&second, "probe-b", &probe_b, "probe/#").await;
     let mut analyst = subscribed(&second, "analyst", &analyst, "live/#").await;
     let mut valve = subscribed(&second, "valve-b", &valve, "devices/valve-b/cmd").await;
+    // Subscribed last: NATS spreads a broker's subscriptions to the other
+    // servers in the order it made them, so once the probe's crosses, the
+    // analyst's and the valve's have too.
+    let mut probe_b = subscribed(&second, "probe-b", &probe_b, "probe/#").await;
     let mut sensor = connect(first, "sensor-a", &sensor).await;
     let took = carried(&probe_a, &mut probe_b, "probe/ready").await;
     println!("fabric carried first broker → second after {took:?}");
@@ -516,18 +519,21 @@ async fn live_copies_and_commands_cross_brokers_and_survive_a_nats_node_dying() 
     }
     ingest(&mut sensor, "sensor-a", 2).await;
     live_copy(&mut analyst, "sensor-a", 2).await;
-    probe_a
-        .client
-        .publish("devices/valve-b/cmd", QoS::AtLeastOnce, false, "close")
+    assert!(
+        sent_across(&probe_a, &mut valve, "devices/valve-b/cmd", "close").await,
+        "no command after the NATS server died"
+    );
+}
+
+/// Publishes `payload` on `topic` at QoS 1 through `from`; whether `to`
+/// receives it.
+async fn sent_across(from: &V5, to: &mut V5, topic: &str, payload: &str) -> bool {
+    from.client
+        .publish(topic, QoS::AtLeastOnce, false, payload.to_string())
         .await
         .unwrap();
-    let command = next_publish(
-        &mut valve,
-        |p| p.topic == "devices/valve-b/cmd".as_bytes() && &p.payload[..] == b"close",
-        WAIT,
-    )
-    .await;
-    assert!(command.is_some(), "no command after the NATS server died");
+    let wanted = |p: &Publish| p.topic == topic.as_bytes() && p.payload == payload.as_bytes();
+    next_publish(to, wanted, WAIT).await.is_some()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -562,13 +568,99 @@ async fn a_device_connecting_to_another_broker_is_taken_over_from_the_first() {
         on_second.subscribe("devices/twin/cmd").await,
         SubscribeReasonCode::Success(QoS::AtLeastOnce)
     );
-    probe_a
-        .client
-        .publish("devices/twin/cmd", QoS::AtLeastOnce, false, "hello")
+    carried(&probe_a, &mut on_second, "devices/twin/cmd").await;
+    assert!(
+        sent_across(&probe_a, &mut on_second, "devices/twin/cmd", "hello").await,
+        "the command"
+    );
+}
+
+/// Interest-based routing: a broker is sent only what its sessions
+/// subscribe to. What another broker publishes on other topics does not
+/// cross to it (its `fleetgate_cluster_received_total` does not move), and
+/// a filter its last session lets go of stops crossing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_is_sent_only_what_its_sessions_subscribe_to() {
+    let Some(server) = prerequisites() else {
+        return;
+    };
+    let (_nats, cluster, second) = two_brokers(server).await;
+    let first = &cluster.broker;
+    let publisher = add_device(&cluster, "publisher", "admin").await;
+    let reader = add_device(&cluster, "reader", "admin").await;
+    let publisher = connect(first, "publisher", &publisher).await;
+    let mut reader = subscribed(&second, "reader", &reader, "watched/#").await;
+    carried(&publisher, &mut reader, "watched/ready").await;
+
+    // 100 messages nobody on the second broker reads, then one it does:
+    // NATS keeps one publisher's order, so had the 100 crossed, they would
+    // have arrived first.
+    let sent_on = |topic: &'static str| {
+        let client = publisher.client.clone();
+        async move {
+            client
+                .publish(topic, QoS::AtMostOnce, false, "x")
+                .await
+                .unwrap()
+        }
+    };
+    let before = received(&second).await;
+    for _ in 0..100 {
+        sent_on("unwatched/x").await;
+    }
+    sent_on("watched/last").await;
+    assert!(next_publish(&mut reader, on("watched/last"), WAIT)
         .await
-        .unwrap();
-    let command = next_publish(&mut on_second, on("devices/twin/cmd"), WAIT).await;
-    assert_eq!(&command.expect("the command").payload[..], b"hello");
+        .is_some());
+    let heard = received(&second).await - before;
+    // The last message, and perhaps a late "watched/ready" probe.
+    assert!(
+        (1.0..=3.0).contains(&heard),
+        "the second broker took in {heard}"
+    );
+    let subscriptions = metric(&second, "fleetgate_cluster_interest_subscriptions").await;
+    assert_eq!(subscriptions, Some(2.0), "watched and watched.>");
+
+    // Let go of it: the reader now follows another topic only, and what is
+    // published on the first no longer crosses.
+    reader.client.unsubscribe("watched/#").await.unwrap();
+    reader
+        .expect(|p| matches!(p, Packet::UnsubAck(_)).then_some(()))
+        .await;
+    assert_eq!(
+        reader.subscribe("other/#").await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    carried(&publisher, &mut reader, "other/ready").await;
+    let before = received(&second).await;
+    for _ in 0..100 {
+        sent_on("watched/x").await;
+    }
+    sent_on("other/last").await;
+    assert!(next_publish(&mut reader, on("other/last"), WAIT)
+        .await
+        .is_some());
+    let heard = received(&second).await - before;
+    assert!(
+        (1.0..=3.0).contains(&heard),
+        "the second broker took in {heard}"
+    );
+}
+
+/// A broker's metric `name` (unlabelled); `None` if the broker does not
+/// answer or has no such metric.
+async fn metric(broker: &Process, name: &str) -> Option<f64> {
+    let url = format!("http://{}/metrics", broker.field("http"));
+    let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+async fn received(broker: &Process) -> f64 {
+    metric(broker, "fleetgate_cluster_received_total")
+        .await
+        .expect("fleetgate_cluster_received_total")
 }
 
 /// An MQTT 5 connection of `id` to `broker` that keeps its session for an
@@ -774,11 +866,8 @@ async fn a_persistent_session_follows_its_device_across_brokers_and_a_kill_9() {
 /// `fleetgate_mqtt_sessions` on a broker: the sessions it knows of, its
 /// own and the cluster's persistent ones.
 async fn sessions_known(broker: &Process) -> Option<i64> {
-    let url = format!("http://{}/metrics", broker.field("http"));
-    let text = reqwest::get(url).await.ok()?.text().await.ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("fleetgate_mqtt_sessions "))
-        .and_then(|n| n.trim().parse().ok())
+    let known = metric(broker, "fleetgate_mqtt_sessions").await?;
+    Some(known as i64)
 }
 
 async fn wait_sessions_known(broker: &Process, n: i64, within: Duration) {
@@ -958,12 +1047,19 @@ async fn shared_group_across_brokers(persistent_member: bool) {
         );
     }
 
+    // One job in four on a topic too long for a NATS subject: it crosses
+    // on `fleetgate.long`, where the group still gets it once.
+    let long_level = "x".repeat(1100);
     let jobs = 40;
     for i in 0..jobs {
         let boss = &mut bosses[i % 2];
+        let kind = match i % 4 {
+            3 => long_level.clone(),
+            kind => kind.to_string(),
+        };
         boss.client
             .publish(
-                format!("jobs/{}/run", i % 4),
+                format!("jobs/{kind}/run"),
                 QoS::AtLeastOnce,
                 false,
                 format!("job-{i}"),
@@ -1000,4 +1096,64 @@ async fn shared_group_across_brokers(persistent_member: bool) {
         watched, expected,
         "the plain subscription gets every job once"
     );
+}
+
+/// A persistent member whose device left is no broker's member of its
+/// group: the QoS 0 messages the group gets go to the member connected to
+/// another broker, not to the broker the absent one was on, where nobody
+/// could take them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absent_persistent_member_leaves_a_groups_qos0_messages_to_connected_ones() {
+    let Some(server) = prerequisites() else {
+        return;
+    };
+    let (_nats, cluster, second) = two_brokers(server).await;
+    let first = &cluster.broker;
+    let absent = add_device(&cluster, "worker-away", "admin").await;
+    let present = add_device(&cluster, "worker-here", "admin").await;
+    let boss = add_device(&cluster, "boss", "admin").await;
+    let group = "$share/g/jobs/#";
+    let (mut away, _) = connect_persistent(first, "worker-away", &absent).await;
+    assert_eq!(
+        away.subscribe(group).await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    away.client.disconnect().await.unwrap();
+    let mut here = subscribed(&second, "worker-here", &present, group).await;
+    let boss = connect(&second, "boss", &boss).await;
+
+    // NATS learns that the first broker left the group moments after it
+    // did: wait until five messages in a row reached the member here.
+    let publish = |i: usize| {
+        let client = boss.client.clone();
+        async move {
+            client
+                .publish(
+                    format!("jobs/{i}/run"),
+                    QoS::AtMostOnce,
+                    false,
+                    i.to_string(),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (mut in_a_row, mut i) = (0, 0);
+    while in_a_row < 5 {
+        publish(i).await;
+        let got = next_publish(&mut here, is_job, Duration::from_millis(200)).await;
+        in_a_row = if got.is_some() { in_a_row + 1 } else { 0 };
+        i += 1;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the connected member never got five in a row"
+        );
+    }
+    for i in 100..140 {
+        publish(i).await;
+    }
+    let got = jobs_received(&mut [&mut here], 40).await;
+    let expected: Vec<String> = (100..140).map(|i| i.to_string()).collect();
+    assert_eq!(got[0], expected, "every QoS 0 job to the connected member");
 }

@@ -193,6 +193,12 @@ impl Gatekeeper {
         self.shared.sessions.end_device(device, reason)
     }
 
+    /// Disconnects the sessions of a device that connected to another
+    /// broker since they did ([`sessions::Claim::ends`]).
+    pub fn disconnect_claimed(&self, claim: &sessions::Claim) -> usize {
+        self.shared.sessions.end_claimed(claim)
+    }
+
     /// Stops accepting, ends every session after its pending acknowledgements
     /// are written, and returns when they are gone (or after `grace`).
     pub async fn shutdown(&self, grace: Duration) {

@@ -119,7 +119,9 @@ pub(crate) async fn run(read_half: ClientRead, mut write_half: ClientWrite, shar
     // MQTT session takeover: the device's older connections end, and
     // this one waits (briefly) until they have let go of the session.
     let (handle, previous) = shared.sessions.register(&principal.device_id);
-    shared.router.claim(&principal.device_id);
+    shared
+        .router
+        .claim(&principal.device_id, handle.registered_at_us());
     for old in previous {
         let _ = tokio::time::timeout(TAKEOVER_WAIT, old.finished()).await;
     }

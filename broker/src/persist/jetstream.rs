@@ -37,6 +37,14 @@
 //! broker dies is sent again, with a new packet id, by the broker the
 //! device reaches next, once JetStream's ack wait has passed.
 //!
+//! NATS 2.9 leaves a push consumer inactive after a failed push while its
+//! deliver subject has a subscriber (nats-server pull request 6807 fixed
+//! it in a later release): a device that moved between brokers as a
+//! message was pushed to the one it left would get nothing more. The
+//! broker that subscribes checks the consumer a few times after it did
+//! ([`STALL_CHECKS`]) and subscribes again if it is not bound, which
+//! wakes it.
+//!
 //! [`Router::apply_remote_session`]: crate::router::Router::apply_remote_session
 //! [`Router::apply_remote_retained`]: crate::router::Router::apply_remote_retained
 
@@ -112,6 +120,23 @@ const BROKER_TTL: Duration = Duration::from_secs(15);
 /// JetStream offers it again (to the same broker, which ignores it while
 /// the device still has it, or to the broker the device moved to).
 const ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// When, after subscribing to a session's queue, a broker checks that the
+/// consumer pushes to it ([`Inner::stalled`]): the moments after a device
+/// moved between brokers are when a push can fail.
+const STALL_CHECKS: [Duration; 3] = [
+    Duration::from_secs(1),
+    Duration::from_secs(4),
+    Duration::from_secs(10),
+];
+
+/// Sleeps until `at`, or forever if there is no `at`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Longest a broker waits, at start-up, for JetStream to answer.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -499,33 +524,65 @@ impl Inner {
                     }
                 },
             };
+            let subscribed_at = tokio::time::Instant::now();
+            let mut checks = STALL_CHECKS.iter();
+            let mut next_check = checks.next().map(|after| subscribed_at + *after);
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => {
-                        // What arrived but was not taken goes back at once.
-                        // A drain, not an unsubscribe: the subscription
-                        // stays open until the server confirms it is gone,
-                        // so what the server pushed meanwhile is received
-                        // and given back too, instead of being dropped and
-                        // held from the device's next broker for the whole
-                        // ack wait.
-                        let _ = subscriber.drain().await;
-                        let give_back = async {
-                            while let Some(message) = subscriber.next().await {
-                                if let Some(reply) = message.reply {
-                                    self.reply(reply, b"-NAK");
-                                }
-                            }
-                        };
-                        // Bounded: a lost connection never confirms.
-                        let _ = tokio::time::timeout(ACK_WAIT, give_back).await;
+                        self.give_back(subscriber).await;
                         return;
                     }
                     next = subscriber.next() => match next {
                         Some(message) => self.take(&session, connection, message),
                         None => break,
                     },
+                    _ = sleep_until(next_check) => {
+                        next_check = checks.next().map(|after| subscribed_at + *after);
+                        if self.stalled(&token).await {
+                            tracing::warn!(
+                                client = %session.client_id,
+                                "the session's JetStream consumer stopped pushing to this broker; subscribing again"
+                            );
+                            self.give_back(subscriber).await;
+                            break;
+                        }
+                    }
                 }
+            }
+        }
+    }
+
+    /// Lets go of a session's queue: what arrived but was not taken goes
+    /// back at once. A drain, not an unsubscribe: the subscription stays
+    /// open until the server confirms it is gone, so what the server pushed
+    /// meanwhile is received and given back too, instead of being dropped
+    /// and held from the device's next broker for the whole ack wait.
+    async fn give_back(&self, mut subscriber: async_nats::Subscriber) {
+        let _ = subscriber.drain().await;
+        let give_back = async {
+            while let Some(message) = subscriber.next().await {
+                if let Some(reply) = message.reply {
+                    self.reply(reply, b"-NAK");
+                }
+            }
+        };
+        // Bounded: a lost connection never confirms.
+        let _ = tokio::time::timeout(ACK_WAIT, give_back).await;
+    }
+
+    /// Whether the session's consumer says nobody receives its pushes
+    /// although this broker subscribes. NATS 2.9 marks a push consumer
+    /// inactive when a delivery fails (the previous broker's subscription
+    /// closing as a message was on its way) and, while the deliver subject
+    /// still has a subscriber, never makes it active again: only a change
+    /// of interest does, which subscribing again makes.
+    async fn stalled(&self, token: &str) -> bool {
+        match self.queues.consumer_info(format!("s{token}")).await {
+            Ok(info) => !info.push_bound,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read a session's consumer");
+                false
             }
         }
     }

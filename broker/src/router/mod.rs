@@ -36,14 +36,21 @@ pub trait Fabric: Send + Sync {
     /// who picks the member of each shared subscription it matches: this
     /// broker if `sender_picks`, else the fabric if it can.
     fn forward(&self, message: &Message, sender_picks: bool) -> SharedChoice;
-    /// A client connected here: the other brokers end its connections.
-    fn claim(&self, client_id: &str);
+    /// A client connected here at `connected_at_us` (µs since the epoch):
+    /// the other brokers end its connections older than that.
+    fn claim(&self, client_id: &str, connected_at_us: i64);
     /// Whether this broker holds members of the shared subscription
     /// `filter` (`$share/<group>/<filter>`), said when that changes. While
     /// it does, the fabric hands it the group's messages that the cluster
     /// picked it for ([`Router::publish_to_group`]). Resolves once that is
     /// in place, or could not be: a new member's SUBACK waits for it.
     fn share(&self, filter: &Arc<str>, held: bool) -> Commit;
+    /// Whether sessions held here subscribe to the plain filter `filter`,
+    /// said when that changes. While they do, the fabric hands this broker
+    /// what other brokers publish on topics it matches (and may hand it
+    /// more: the routing filters it again). Resolves once that is in place,
+    /// or could not be: the first subscriber's SUBACK waits for it.
+    fn interest(&self, filter: &Arc<str>, held: bool) -> Commit;
 }
 
 /// Who picks the member of each shared subscription a message matches, so
@@ -52,7 +59,7 @@ pub trait Fabric: Send + Sync {
 pub enum SharedChoice {
     /// This broker, among the members it knows: there is no fabric, or it
     /// could not hand the message to the others' shared subscriptions (cut
-    /// off from NATS, or the topic too long for a subject).
+    /// off from NATS, or its queue to NATS full).
     Here,
     /// The fabric picks one broker per group, which gets the message
     /// through [`Router::publish_to_group`]; routing leaves groups alone.
@@ -88,9 +95,11 @@ pub struct Router {
     shared_subscriptions: AtomicUsize,
     metrics: RouterMetrics,
     fabric: OnceLock<Arc<dyn Fabric>>,
-    /// Members held here (see [`Router::hold`]) of each shared subscription,
-    /// for the fabric. Taken before any session's lock.
-    held_groups: Mutex<HashMap<Arc<str>, usize>>,
+    /// Subscriptions of the sessions held here (see [`Router::hold`]), by
+    /// filter: the shared ones are this broker's members of their groups,
+    /// the plain ones what it needs from other brokers. For the fabric.
+    /// Taken before any session's lock.
+    held_filters: Mutex<HashMap<Arc<str>, usize>>,
     /// The store holds persistent sessions' queues (a cluster's JetStream):
     /// see [`SessionStore::feeds_sessions`].
     store_feeds: bool,
@@ -189,7 +198,7 @@ impl Router {
             shared_subscriptions: AtomicUsize::new(0),
             metrics,
             fabric: OnceLock::new(),
-            held_groups: Mutex::default(),
+            held_filters: Mutex::default(),
         });
         router.restore().await?;
         tokio::spawn(sweep(Arc::downgrade(&router)));
@@ -332,6 +341,11 @@ impl Router {
         } else {
             session.lock().stored = true;
             self.tell(StoreOp::PutSession(record(session)));
+            if self.store_feeds {
+                // Its queue is the store's: this broker need not be picked
+                // for it, nor hear the others for it, until it is back.
+                self.hold(session, false);
+            }
         }
     }
 
@@ -359,69 +373,66 @@ impl Router {
     }
 
     /// Whether this broker holds `session` (`held`: a connection here has
-    /// it, or had it last) or no longer does (it went, or another broker of
-    /// the cluster took it up). The shared subscriptions of a session held
+    /// it, or, alone, had it last) or no longer does (it went, or another
+    /// broker of the cluster took it up). The shared subscriptions of a session held
     /// here are this broker's members of those groups: while it has one,
-    /// it takes part in picking the group's member for each message.
+    /// it takes part in picking the group's member for each message. Its
+    /// plain subscriptions are this broker's interest: what the fabric must
+    /// bring it from the others.
     ///
-    /// A persistent session stays held after its device leaves, so a group
-    /// whose members are all away still has a broker that queues for them.
-    /// The cost: while that broker has no member connected, the messages
-    /// the cluster picks it for wait for the absent one (QoS 0 ones and
-    /// live copies, which no store queues, are lost) although a member may
-    /// be connected to another broker.
+    /// In a cluster (the store feeds sessions) a persistent session whose
+    /// device left is held by no broker: its QoS 1/2 messages are queued in
+    /// the store by the broker they are published on, which knows every
+    /// persistent session, so a group's QoS 0 messages and live copies go
+    /// only to brokers with a member connected. Alone, a broker keeps
+    /// holding it: it is where the device comes back.
     fn hold(&self, session: &Arc<Session>, held: bool) {
-        let mut groups = self.held_groups.lock().expect("groups lock");
-        let shared: Vec<String> = {
+        let mut held_filters = self.held_filters.lock().expect("held filters lock");
+        let filters: Vec<String> = {
             let mut state = session.lock();
             if state.held_here == held {
                 return;
             }
             state.held_here = held;
-            state
-                .subscriptions
-                .keys()
-                .filter(|f| split_shared(f).0.is_some())
-                .cloned()
-                .collect()
+            state.subscriptions.keys().cloned().collect()
         };
-        for filter in shared {
-            drop(self.count_member(&mut groups, &filter, held));
+        for filter in filters {
+            drop(self.count_held(&mut held_filters, &filter, held));
         }
     }
 
-    /// Counts a member held here of the shared subscription `filter`
-    /// joining or leaving, and tells the fabric when the first joins or the
-    /// last leaves: one queue subscription per group a broker has members
-    /// of, however many.
-    fn count_member(
+    /// Counts a subscription on `filter` of a session held here joining or
+    /// leaving, and tells the fabric when the first joins or the last
+    /// leaves: one queue subscription per group a broker has members of,
+    /// and one interest per plain filter, however many sessions share it.
+    fn count_held(
         &self,
-        groups: &mut HashMap<Arc<str>, usize>,
+        held_filters: &mut HashMap<Arc<str>, usize>,
         filter: &str,
         joined: bool,
     ) -> Option<Commit> {
         let changed = if joined {
-            match groups.get_mut(filter) {
+            match held_filters.get_mut(filter) {
                 Some(count) => {
                     *count += 1;
                     None
                 }
                 None => {
                     let filter: Arc<str> = filter.into();
-                    groups.insert(filter.clone(), 1);
+                    held_filters.insert(filter.clone(), 1);
                     Some(filter)
                 }
             }
         } else {
-            let count = groups.get_mut(filter)?;
+            let count = held_filters.get_mut(filter)?;
             *count -= 1;
             if *count > 0 {
                 return None;
             }
-            groups.remove_entry(filter).map(|(filter, _)| filter)
+            held_filters.remove_entry(filter).map(|(filter, _)| filter)
         };
         let fabric = self.fabric.get()?;
-        changed.map(|filter| fabric.share(&filter, joined))
+        changed.map(|filter| tell_fabric(&**fabric, &filter, joined))
     }
 
     /// Another broker of the cluster wrote `record`: the device is there
@@ -573,11 +584,9 @@ impl Router {
         options: SubOptions,
     ) -> (bool, Option<Commit>) {
         let shared = split_shared(filter).0.map(|_| Arc::from(filter));
-        // Under the groups lock, so that the session's held flag cannot
-        // change between reading it and counting the member.
-        let mut groups = shared
-            .is_some()
-            .then(|| self.held_groups.lock().expect("groups lock"));
+        // Under this lock, so that the session's held flag cannot change
+        // between reading it and counting the subscription.
+        let mut held_filters = self.held_filters.lock().expect("held filters lock");
         let (existed, held) = {
             let mut state = session.lock();
             let existed = state
@@ -589,7 +598,7 @@ impl Router {
         if !existed && can_receive_live(filter) {
             self.live_readers.fetch_add(1, Ordering::Relaxed);
         }
-        if !existed && groups.is_some() {
+        if !existed && shared.is_some() {
             self.shared_subscriptions.fetch_add(1, Ordering::Relaxed);
         }
         self.index.write().expect("index lock").insert(
@@ -600,18 +609,16 @@ impl Router {
                 shared,
             },
         );
-        let joined = match groups.as_deref_mut() {
-            Some(groups) if held && !existed => self.count_member(groups, filter, true),
-            _ => None,
+        let joined = if held && !existed {
+            self.count_held(&mut held_filters, filter, true)
+        } else {
+            None
         };
         (existed, joined)
     }
 
     fn remove_subscription(&self, session: &Arc<Session>, filter: &str) -> bool {
-        let mut groups = split_shared(filter)
-            .0
-            .is_some()
-            .then(|| self.held_groups.lock().expect("groups lock"));
+        let mut held_filters = self.held_filters.lock().expect("held filters lock");
         let (existed, held) = {
             let mut state = session.lock();
             (
@@ -627,11 +634,11 @@ impl Router {
             if can_receive_live(filter) {
                 self.live_readers.fetch_sub(1, Ordering::Relaxed);
             }
-            if groups.is_some() {
+            if split_shared(filter).0.is_some() {
                 self.shared_subscriptions.fetch_sub(1, Ordering::Relaxed);
             }
-            if let Some(groups) = groups.as_deref_mut().filter(|_| held) {
-                drop(self.count_member(groups, filter, false));
+            if held {
+                drop(self.count_held(&mut held_filters, filter, false));
             }
         }
         existed
@@ -719,20 +726,21 @@ impl Router {
     }
 
     /// Joins a cluster: from now on publishes go to `fabric` too, and it
-    /// learns which shared subscriptions this broker has members of. Once.
+    /// learns which shared subscriptions this broker has members of, and
+    /// which plain filters its sessions subscribe to. Once.
     pub fn join(&self, fabric: Arc<dyn Fabric>) {
-        let groups = self.held_groups.lock().expect("groups lock");
+        let held_filters = self.held_filters.lock().expect("held filters lock");
         if self.fabric.set(fabric.clone()).is_ok() {
-            for filter in groups.keys() {
-                drop(fabric.share(filter, true));
+            for filter in held_filters.keys() {
+                drop(tell_fabric(&*fabric, filter, true));
             }
         }
     }
 
     /// Tells the cluster's other brokers that `client_id` connected here.
-    pub fn claim(&self, client_id: &str) {
+    pub fn claim(&self, client_id: &str, connected_at_us: i64) {
         if let Some(fabric) = self.fabric.get() {
-            fabric.claim(client_id);
+            fabric.claim(client_id, connected_at_us);
         }
     }
 
@@ -1032,9 +1040,20 @@ async fn sweep(router: std::sync::Weak<Router>) {
     }
 }
 
+/// Tells `fabric` that sessions held here hold subscriptions on `filter`
+/// (`held`), or no longer do.
+fn tell_fabric(fabric: &dyn Fabric, filter: &Arc<str>, held: bool) -> Commit {
+    if split_shared(filter).0.is_some() {
+        fabric.share(filter, held)
+    } else {
+        fabric.interest(filter, held)
+    }
+}
+
 impl LiveSink for Router {
     fn wanted(&self) -> bool {
-        self.live_readers.load(Ordering::Relaxed) > 0
+        // In a cluster, readers may be on other brokers: only NATS knows.
+        self.live_readers.load(Ordering::Relaxed) > 0 || self.fabric.get().is_some()
     }
 
     fn publish(&self, topic: String, payload: Bytes) {
@@ -1157,6 +1176,7 @@ mod tests {
     struct RecordingFabric {
         cut_off: std::sync::atomic::AtomicBool,
         shares: Mutex<Vec<(String, bool)>>,
+        interests: Mutex<Vec<(String, bool)>>,
     }
 
     impl Fabric for RecordingFabric {
@@ -1168,10 +1188,18 @@ mod tests {
             }
         }
 
-        fn claim(&self, _: &str) {}
+        fn claim(&self, _: &str, _: i64) {}
 
         fn share(&self, filter: &Arc<str>, held: bool) -> Commit {
             self.shares.lock().unwrap().push((filter.to_string(), held));
+            crate::persist::committed()
+        }
+
+        fn interest(&self, filter: &Arc<str>, held: bool) -> Commit {
+            self.interests
+                .lock()
+                .unwrap()
+                .push((filter.to_string(), held));
             crate::persist::committed()
         }
     }
@@ -1180,6 +1208,54 @@ mod tests {
         fn shares(&self) -> Vec<(String, bool)> {
             std::mem::take(&mut *self.shares.lock().unwrap())
         }
+
+        fn interests(&self) -> Vec<(String, bool)> {
+            std::mem::take(&mut *self.interests.lock().unwrap())
+        }
+    }
+
+    /// The fabric hears of each plain filter once, when the first session
+    /// held here subscribes to it and when the last one here lets go;
+    /// sessions another broker holds add no interest here.
+    #[tokio::test]
+    async fn plain_filters_held_here_are_the_fabrics_interest() {
+        let (router, fabric) = router_in_cluster().await;
+        let a = router.open("a", true, 0, |_| true).0.session;
+        let b = router.open("b", true, 0, |_| true).0.session;
+        let _ = router.subscribe(&a, "live/#", qos1());
+        let _ = router.subscribe(&b, "live/#", qos1());
+        let _ = router.subscribe(&b, "devices/b/cmd", qos1());
+        assert_eq!(
+            fabric.interests(),
+            [
+                ("live/#".to_string(), true),
+                ("devices/b/cmd".to_string(), true)
+            ]
+        );
+        let _ = router.unsubscribe(&a, "live/#");
+        assert!(fabric.interests().is_empty(), "b still reads live/#");
+        // b's connection ends: its session goes, and with it the interest.
+        let b_connection = router.open("b", false, 0, |_| true).0.connection;
+        assert!(fabric.interests().is_empty(), "taken up here again");
+        router.close(&b, b_connection);
+        let mut gone = fabric.interests();
+        gone.sort();
+        assert_eq!(
+            gone,
+            [
+                ("devices/b/cmd".to_string(), false),
+                ("live/#".to_string(), false)
+            ]
+        );
+        // Another broker's persistent session: known here, held there.
+        router.apply_remote_session(SessionRecord {
+            client_id: "c".into(),
+            expiry_secs: 3600,
+            subscriptions: vec![("remote/#".into(), qos1())],
+            detached_at_ms: None,
+        });
+        assert!(fabric.interests().is_empty());
+        assert!(fabric.shares().is_empty());
     }
 
     async fn router_in_cluster() -> (Arc<Router>, Arc<RecordingFabric>) {
@@ -1353,16 +1429,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_persistent_member_stays_held_until_another_broker_takes_it() {
+    async fn a_persistent_member_is_held_while_its_device_is_connected_here() {
         let (store, router, fabric) = clustered().await;
         let group = "$share/g/t";
         let opened = router.open("w", false, 3600, |_| true).0;
         let _ = router.subscribe(&opened.session, group, qos1());
         assert_eq!(fabric.shares(), [(group.to_string(), true)]);
-        // Away: still this broker's member, queued for by the store.
+        // Away: no longer a member the fabric may pick this broker for (a
+        // QoS 0 message would be lost on it), but the broker a durable
+        // message is published on queues it for the session.
         router.close(&opened.session, opened.connection);
-        assert!(fabric.shares().is_empty());
-        let _ = router.publish_to_group(message("t", 1, "x"), group);
+        assert_eq!(fabric.shares(), [(group.to_string(), false)]);
+        let _ = router.publish(message("t", 1, "x"));
         assert_eq!(*store.queued_for.lock().unwrap(), ["w"]);
         // The device reconnected to another broker, which holds it now.
         router.apply_remote_session(SessionRecord {
@@ -1371,7 +1449,7 @@ mod tests {
             subscriptions: vec![(group.into(), qos1())],
             detached_at_ms: None,
         });
-        assert_eq!(fabric.shares(), [(group.to_string(), false)]);
+        assert!(fabric.shares().is_empty());
         // And back here.
         let again = router.open("w", false, 3600, |_| true).0;
         assert!(again.present);

@@ -20,6 +20,26 @@
 //! MQTT 5 properties) as compact JSON in `Fg-Envelope`. The payload is the
 //! MQTT payload, unchanged.
 //!
+//! # Interest
+//!
+//! A broker hears `<cluster>.claim` and `<cluster>.long`, and of
+//! `<cluster>.mqtt.>` only what its sessions subscribe to: the plain
+//! filters of the sessions it holds, mapped to subject patterns
+//! ([`filter_to_subjects`]), one NATS subscription per pattern. NATS then
+//! sends a message only to the brokers that want it, so a live feed read
+//! on one broker does not cross to the others. A fleet's per-device
+//! filters (`devices/<id>/cmd`) would be one subscription per device, so
+//! beyond [`MAX_INTEREST_SUBJECTS`] the patterns are widened to their
+//! first levels ([`interest_subjects`]): routing drops what no session
+//! here matches. Overlapping patterns must not bring a message twice, so
+//! they are queue subscriptions in a queue group of the broker's own: NATS
+//! hands each message to one member of a group. A new filter's SUBACK
+//! waits until this broker's NATS server has its subscription; the
+//! server's peers learn of it a moment later (NATS spreads interest
+//! between servers by itself), and what another broker publishes before
+//! that is not delivered here, as core NATS drops what nobody subscribes
+//! to.
+//!
 //! Core NATS delivers at most once. A message published while the fabric is
 //! down reaches only the publishing broker's own sessions; persistent
 //! sessions and retained messages stay with the broker that holds them
@@ -28,9 +48,10 @@
 //! # Shared subscriptions
 //!
 //! An MQTT 5 shared subscription `$share/<group>/<filter>` gets each
-//! message once, whichever brokers its members are on. Every broker hears
-//! every message on `<cluster>.>`, so picking a member cannot be left to
-//! each: NATS queue groups pick instead. A broker holding members of a
+//! message once, whichever brokers its members are on. Several brokers
+//! may hear a message (any with a plain subscription to its topic), so
+//! picking a member cannot be left to each: NATS queue groups pick
+//! instead. A broker holding members of a
 //! shared subscription (sessions of its own, connected or kept for their
 //! absent device, subscribed to it) holds one queue subscription for it
 //! (two for a filter ending in `/#`), on the subjects its topics go on
@@ -38,8 +59,8 @@
 //! named after the cluster and a hash of the shared filter
 //! ([`queue_group`]). NATS hands each message to one broker of the queue
 //! group, which routes it to one of its own members only
-//! ([`Router::publish_to_group`]); what arrives on `<cluster>.>` goes to
-//! plain subscriptions only. The publishing broker leaves shared
+//! ([`Router::publish_to_group`]); what arrives on the interest
+//! subscriptions goes to plain subscriptions only. The publishing broker leaves shared
 //! subscriptions alone and takes its share like the others, through a
 //! second NATS connection: the first is `no_echo`, so the server would
 //! never hand a broker its own messages.
@@ -49,13 +70,13 @@
 //! persistent ones, as a broker alone does. The envelope of such a message
 //! says so (`chosen_by_sender`): once it reaches the others (async-nats
 //! sends what waited for a reconnect), their queue subscriptions leave it.
-//! Messages on `<cluster>.long` are not seen by queue subscriptions: every
-//! broker picks a member among its own for them, as before shared
-//! subscriptions spanned brokers, so a group with members on several
-//! brokers may get such a message more than once.
+//! Every group's queue subscription also listens on `<cluster>.long`:
+//! NATS hands each of those messages to one broker per group, which routes
+//! it to a member only if the group's filter matches the topic in the
+//! envelope.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -66,6 +87,7 @@ use bytes::Bytes;
 use fleetgate_protocol::unix_now_ms;
 use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -76,6 +98,7 @@ use super::{Fabric, Router, SharedChoice};
 use crate::cluster::ClusterName;
 use crate::persist::Commit;
 use crate::session::{Message, Properties};
+use crate::sessions::Claim;
 
 /// The subjects of one cluster (see the module docs).
 #[derive(Clone)]
@@ -84,10 +107,11 @@ struct Subjects {
     message: String,
     long: String,
     claim: String,
-    /// Everything above: what a broker subscribes to.
-    all: String,
     /// `<cluster>-share-`, before a hash of a shared filter: a queue group.
     share: String,
+    /// `<cluster>-broker-`, before a broker's id: the queue group of its
+    /// interest subscriptions.
+    interest: String,
 }
 
 impl Subjects {
@@ -96,14 +120,18 @@ impl Subjects {
             message: cluster.subject("mqtt."),
             long: cluster.subject("long"),
             claim: cluster.subject("claim"),
-            all: cluster.subject(">"),
             share: format!("{}-share-", cluster.as_str()),
+            interest: format!("{}-broker-", cluster.as_str()),
         }
     }
 }
 
 const BROKER_HEADER: &str = "Fg-Broker";
 const ENVELOPE_HEADER: &str = "Fg-Envelope";
+/// On a claim: when the device's connection was registered (µs since the
+/// epoch, the sending broker's clock), so that a broker ends only older
+/// connections ([`Claim::ends`]).
+const CONNECTED_AT_HEADER: &str = "Fg-Connected-At";
 
 /// Longest subject a message is sent on. A NATS server closes a connection
 /// whose protocol line exceeds its `max_control_line` (4 KiB by default),
@@ -125,10 +153,17 @@ const PING_INTERVAL: Duration = Duration::from_secs(5);
 /// Drops are logged at most this often; the counter has every one.
 const DROP_LOG_EVERY_MS: i64 = 10_000;
 
-/// Longest a new shared subscription's SUBACK waits for the NATS server to
-/// confirm its queue subscription (a server that does not answer is being
-/// left: async-nats subscribes again on the next).
-const GROUP_READY_WAIT: Duration = Duration::from_secs(5);
+/// Longest a SUBACK waits for the NATS server to confirm the subscription
+/// that brings its messages from other brokers (a server that does not
+/// answer is being left: async-nats subscribes again on the next).
+const SUBSCRIBED_WAIT: Duration = Duration::from_secs(5);
+
+/// Most NATS subscriptions a broker holds for its interest. Each costs a
+/// channel in async-nats and an entry in the server's subject index, so a
+/// fleet whose every device subscribes to its own command topic must not
+/// become one subscription per device: beyond this, [`interest_subjects`]
+/// widens them.
+pub const MAX_INTEREST_SUBJECTS: usize = 256;
 
 /// Maps an MQTT topic to NATS subject tokens, as NATS's MQTT gateway does
 /// and reversibly ([`subject_to_topic`]): levels become tokens (`/` → `.`),
@@ -237,21 +272,69 @@ pub fn filter_to_subjects(filter: &str) -> Vec<String> {
 }
 
 /// The subjects of a shared subscription's queue subscription (`filter` is
-/// `$share/<group>/<filter>`): none when every topic its filter matches
-/// would be too long for a subject, so its messages all go on
-/// `<cluster>.long`, where every broker picks its own member.
+/// `$share/<group>/<filter>`): those its topics go on, and `<cluster>.long`
+/// for those too long for a subject. The group hears every message on
+/// `.long`, and the broker NATS picks routes it to the group only if the
+/// filter matches its topic.
 fn group_subjects(subjects: &Subjects, filter: &str) -> Vec<String> {
     let (_, inner) = split_shared(filter);
     let patterns = filter_to_subjects(inner);
     // The first is the shortest, and no matching topic maps shorter: `*`
     // stands for one token of at least one character.
-    if subjects.message.len() + patterns[0].len() > MAX_SUBJECT {
-        return Vec::new();
-    }
-    patterns
+    let fits = subjects.message.len() + patterns[0].len() <= MAX_SUBJECT;
+    let mut subjects_of_group: Vec<String> = patterns
         .into_iter()
+        .filter(|_| fits)
         .map(|pattern| format!("{}{pattern}", subjects.message))
-        .collect()
+        .collect();
+    subjects_of_group.push(subjects.long.clone());
+    subjects_of_group
+}
+
+/// The subject patterns (after `<cluster>.mqtt.`) a broker subscribes to so
+/// that it hears what other brokers publish on topics its sessions' plain
+/// `filters` match: each filter's own ([`filter_to_subjects`]) while they
+/// are at most `max`; beyond, every pattern is cut to its first levels and
+/// `>`, keeping as many levels as the limit allows (`devices.d-1.cmd` ×
+/// 10,000 becomes `devices.>`), and at worst everything (`>`). Wider
+/// patterns only bring messages no session here wants, which routing
+/// drops. Patterns longer than a subject can be are left out: their topics
+/// go on `<cluster>.long`, which every broker hears.
+pub fn interest_subjects<'f>(
+    filters: impl IntoIterator<Item = &'f str>,
+    prefix_len: usize,
+    max: usize,
+) -> BTreeSet<String> {
+    let exact: BTreeSet<String> = filters
+        .into_iter()
+        .flat_map(filter_to_subjects)
+        // The shortest topic a pattern matches maps no shorter than it.
+        .filter(|pattern| prefix_len + pattern.len() <= MAX_SUBJECT)
+        .collect();
+    if exact.len() <= max {
+        return exact;
+    }
+    let deepest = exact
+        .iter()
+        .map(|p| p.split('.').count())
+        .max()
+        .unwrap_or(1);
+    for levels in (1..deepest).rev() {
+        let cut: BTreeSet<String> = exact.iter().map(|p| cut_to(p, levels)).collect();
+        if cut.len() <= max {
+            return cut;
+        }
+    }
+    BTreeSet::from([">".to_string()])
+}
+
+/// `pattern` with only its first `levels` tokens, the rest matched by `>`.
+fn cut_to(pattern: &str, levels: usize) -> String {
+    match pattern.match_indices('.').nth(levels - 1) {
+        // A `>` is always last, so it is never cut off.
+        Some((dot, _)) => format!("{}.>", &pattern[..dot]),
+        None => pattern.to_string(),
+    }
 }
 
 /// The queue group of the shared subscription `filter` (whole, with its
@@ -302,8 +385,7 @@ fn is_false(b: &bool) -> bool {
 /// The subject and headers `message` is sent with (its payload as it is),
 /// and who picks the members of the shared subscriptions it matches: the
 /// cluster's queue groups if they `may_pick` (the fabric is up, and the
-/// router does not need to pick itself) and the topic fits a subject; else
-/// this broker.
+/// router does not need to pick itself); else this broker.
 fn encode(
     subjects: &Subjects,
     broker: &str,
@@ -312,7 +394,7 @@ fn encode(
 ) -> (String, HeaderMap, SharedChoice) {
     let mapped = topic_to_subject(&message.topic);
     let long = subjects.message.len() + mapped.len() > MAX_SUBJECT;
-    let choice = if may_pick && !long {
+    let choice = if may_pick {
         SharedChoice::Fabric
     } else {
         SharedChoice::Here
@@ -325,8 +407,7 @@ fn encode(
         publisher: message.publisher.as_deref().map(Cow::Borrowed),
         properties: message.properties.as_deref().map(Cow::Borrowed),
         topic: long.then(|| Cow::Borrowed(&*message.topic)),
-        // Every broker picks for itself on `.long`: nothing to leave.
-        chosen_by_sender: !long && choice == SharedChoice::Here,
+        chosen_by_sender: choice == SharedChoice::Here,
     };
     let mut headers = HeaderMap::new();
     headers.insert(BROKER_HEADER, broker);
@@ -348,30 +429,19 @@ fn encode(
 enum Incoming {
     /// A message, and who picks its shared subscriptions' members.
     Message(Message, Picker),
-    /// A device connected to the sending broker.
-    Claim(String),
+    /// A device connected to the sending broker, at the time it says.
+    Claim(String, Option<i64>),
 }
 
 /// Who picks the members of the shared subscriptions a message matches.
+/// Never the brokers that hear it through their interest: they leave
+/// shared subscriptions alone.
 #[derive(Debug, PartialEq, Clone, Copy)]
 enum Picker {
     /// The queue groups: a broker gets it through a queue subscription.
     QueueGroups,
     /// The broker that sent it, cut off from NATS when it was published.
     Sender,
-    /// Every broker among its own members (`<cluster>.long`).
-    EachBroker,
-}
-
-impl Picker {
-    /// What a broker that hears the message on `<cluster>.>` leaves to
-    /// others.
-    fn heard(self) -> SharedChoice {
-        match self {
-            Picker::EachBroker => SharedChoice::Here,
-            Picker::QueueGroups | Picker::Sender => SharedChoice::Fabric,
-        }
-    }
 }
 
 fn decode(
@@ -381,9 +451,17 @@ fn decode(
     payload: Bytes,
 ) -> Result<Incoming, String> {
     if subject == subjects.claim {
-        return String::from_utf8(payload.to_vec())
-            .map(Incoming::Claim)
-            .map_err(|_| "a claim's client id is not UTF-8".to_string());
+        let device = String::from_utf8(payload.to_vec())
+            .map_err(|_| "a claim's client id is not UTF-8".to_string())?;
+        let connected_at_us = match headers.and_then(|h| h.get(CONNECTED_AT_HEADER)) {
+            Some(at) => Some(
+                at.as_str()
+                    .parse()
+                    .map_err(|_| "a claim's connect time is not a number")?,
+            ),
+            None => None,
+        };
+        return Ok(Incoming::Claim(device, connected_at_us));
     }
     let envelope = headers
         .and_then(|h| h.get(ENVELOPE_HEADER))
@@ -393,17 +471,15 @@ fn decode(
     if envelope.qos > 2 {
         return Err(format!("QoS {}", envelope.qos));
     }
-    let (topic, picker) = match (subject.strip_prefix(&subjects.message), envelope.topic) {
-        (Some(mapped), None) => (
-            subject_to_topic(mapped).ok_or("not a mapped topic")?,
-            if envelope.chosen_by_sender {
-                Picker::Sender
-            } else {
-                Picker::QueueGroups
-            },
-        ),
-        (None, Some(topic)) if subject == subjects.long => (topic.into_owned(), Picker::EachBroker),
+    let topic = match (subject.strip_prefix(&subjects.message), envelope.topic) {
+        (Some(mapped), None) => subject_to_topic(mapped).ok_or("not a mapped topic")?,
+        (None, Some(topic)) if subject == subjects.long => topic.into_owned(),
         _ => return Err("not a fleetgate message subject".into()),
+    };
+    let picker = if envelope.chosen_by_sender {
+        Picker::Sender
+    } else {
+        Picker::QueueGroups
     };
     let message = Message {
         topic: topic.into(),
@@ -425,7 +501,10 @@ enum Outgoing {
         headers: HeaderMap,
         payload: Bytes,
     },
-    Claim(String),
+    Claim {
+        device: String,
+        connected_at_us: i64,
+    },
 }
 
 impl Outgoing {
@@ -436,7 +515,7 @@ impl Outgoing {
             Outgoing::Message {
                 subject, payload, ..
             } => subject.len() + payload.len() + 128,
-            Outgoing::Claim(id) => id.len() + 64,
+            Outgoing::Claim { device, .. } => device.len() + 64,
         }
     }
 }
@@ -475,24 +554,55 @@ pub struct NatsFabric {
     /// The connection of the shared subscriptions' queue subscriptions:
     /// unlike `client`, it hears this broker's own messages.
     groups_client: async_nats::Client,
-    groups: Arc<GroupChanges>,
+    changes: Arc<FilterChanges>,
     queue: mpsc::Sender<Outgoing>,
     queued_bytes: Arc<AtomicUsize>,
     drops: Arc<Drops>,
+    received: Counter,
+    interest_subscriptions: Gauge,
 }
 
-/// What the router said about shared subscriptions that the task keeping
-/// the queue subscriptions has not done yet: the latest word per filter
-/// (whether this broker holds members), and the SUBACKs waiting for it.
+/// What the router said about the filters of the sessions held here that
+/// the task keeping the subscriptions has not done yet: the latest word per
+/// filter (whether this broker holds it), and the SUBACKs waiting for it.
 #[derive(Default)]
-struct GroupChanges {
-    pending: Mutex<HashMap<Arc<str>, GroupChange>>,
+struct FilterChanges {
+    pending: Mutex<HashMap<Arc<str>, FilterChange>>,
     changed: Notify,
 }
 
-struct GroupChange {
+struct FilterChange {
     held: bool,
     waiting: Vec<oneshot::Sender<()>>,
+}
+
+impl FilterChanges {
+    /// Notes the router's word on `filter`; when held, what resolves once
+    /// the subscription bringing its messages is in place.
+    fn note(&self, filter: &Arc<str>, held: bool) -> Commit {
+        let (ready, confirmed) = oneshot::channel();
+        {
+            let mut pending = self.pending.lock().expect("filter changes lock");
+            let change = pending.entry(filter.clone()).or_insert(FilterChange {
+                held,
+                waiting: Vec::new(),
+            });
+            change.held = held;
+            if held {
+                change.waiting.push(ready);
+            }
+        }
+        self.changed.notify_one();
+        if !held {
+            return crate::persist::committed();
+        }
+        Box::pin(async move {
+            // Not an error for the SUBACK if it did not come: the session is
+            // subscribed here, and async-nats subscribes again on reconnect.
+            let _ = tokio::time::timeout(SUBSCRIBED_WAIT, confirmed).await;
+            Ok(())
+        })
+    }
 }
 
 impl NatsFabric {
@@ -535,6 +645,18 @@ impl NatsFabric {
             "Messages and takeover claims not sent to the cluster's other brokers (NATS behind, down or refusing)",
             drops.counter.clone(),
         );
+        let received = Counter::default();
+        registry.register(
+            "fleetgate_cluster_received",
+            "Messages and takeover claims taken in from the cluster's other brokers",
+            received.clone(),
+        );
+        let interest_subscriptions = Gauge::default();
+        registry.register(
+            "fleetgate_cluster_interest_subscriptions",
+            "NATS subscriptions that bring this broker what other brokers publish on topics its sessions subscribe to",
+            interest_subscriptions.clone(),
+        );
         let (queue, outgoing) = mpsc::channel(QUEUE_MESSAGES);
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let subjects = Subjects::of(cluster);
@@ -552,10 +674,12 @@ impl NatsFabric {
             subjects,
             client,
             groups_client,
-            groups: Arc::default(),
+            changes: Arc::default(),
             queue,
             queued_bytes,
             drops,
+            received,
+            interest_subscriptions,
         }))
     }
 
@@ -565,70 +689,49 @@ impl NatsFabric {
         self.client.clone()
     }
 
-    /// Takes in what the other brokers send: their messages go to
-    /// `router`'s own sessions ([`Router::publish_remote`], so they are not
-    /// forwarded again), and their claims to `on_claim` with the device id.
-    /// From now on it also holds the queue subscriptions of the shared
-    /// subscriptions `router` has members of ([`Router::publish_to_group`]).
-    /// Returns once the subscription is in place at the server.
+    /// Takes in what the other brokers send: their messages on topics
+    /// `router`'s sessions subscribe to go to those sessions
+    /// ([`Router::publish_remote`], so they are not forwarded again), and
+    /// their claims to `on_claim`. From now on it also
+    /// holds the queue subscriptions of the shared subscriptions `router`
+    /// has members of ([`Router::publish_to_group`]). Returns once the
+    /// claims' subscription is in place at the server.
     pub async fn serve<F>(&self, router: Arc<Router>, on_claim: F) -> Result<(), String>
     where
-        F: Fn(&str) + Send + Sync + 'static,
+        F: Fn(&Claim) + Send + Sync + 'static,
     {
-        let mut subscriber = self
-            .client
-            .subscribe(self.subjects.all.clone())
-            .await
-            .map_err(|e| format!("cannot subscribe on NATS: {e}"))?;
-        // The server has the subscription once it answered a ping sent after it.
+        let inbound = Arc::new(Inbound {
+            broker: self.id.clone(),
+            subjects: self.subjects.clone(),
+            router,
+            on_claim: Box::new(on_claim),
+            received: self.received.clone(),
+        });
+        for subject in [&self.subjects.claim, &self.subjects.long] {
+            let subscriber = self
+                .client
+                .subscribe(subject.clone())
+                .await
+                .map_err(|e| format!("cannot subscribe on NATS: {e}"))?;
+            tokio::spawn(hear(inbound.clone(), subscriber));
+        }
+        // The server has the subscriptions once it answered a ping sent
+        // after them.
         self.client
             .flush()
             .await
             .map_err(|e| format!("NATS did not confirm the subscription: {e}"))?;
-        tokio::spawn(keep_groups(
-            self.groups_client.clone(),
-            self.subjects.clone(),
-            self.groups.clone(),
-            router.clone(),
-        ));
-        let id = self.id.clone();
-        let subjects = self.subjects.clone();
-        tokio::spawn(async move {
-            while let Some(message) = subscriber.next().await {
-                let from = message.headers.as_ref().and_then(|h| h.get(BROKER_HEADER));
-                match from.map(|f| f.as_str()) {
-                    // no_echo already keeps them away; this holds if a
-                    // server or a future option did not.
-                    Some(from) if from == id => continue,
-                    Some(_) => {}
-                    None => {
-                        tracing::warn!(subject = %message.subject, "ignored a message on the cluster fabric without a sending broker");
-                        continue;
-                    }
-                }
-                match decode(
-                    &subjects,
-                    &message.subject,
-                    message.headers.as_ref(),
-                    message.payload,
-                ) {
-                    Ok(Incoming::Claim(device)) => on_claim(&device),
-                    Ok(Incoming::Message(routed, picker)) => {
-                        if !routed.expired(unix_now_ms()) {
-                            // Sessions here keep remote messages in memory
-                            // (cluster mode), so nothing waits on the commit.
-                            let _ = router.publish_remote(routed, picker.heard());
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(subject = %message.subject, error = %e, "ignored a malformed message on the cluster fabric")
-                    }
-                }
-            }
-            tracing::error!(
-                "the cluster fabric's subscription ended: other brokers' messages no longer arrive"
-            );
-        });
+        let keeper = Keeper {
+            client: self.client.clone(),
+            groups_client: self.groups_client.clone(),
+            interest_group: format!("{}{}", self.subjects.interest, self.id),
+            inbound,
+            groups: HashMap::new(),
+            interest: HashSet::new(),
+            interest_held: HashMap::new(),
+            interest_subscriptions: self.interest_subscriptions.clone(),
+        };
+        tokio::spawn(keeper.run(self.changes.clone()));
         Ok(())
     }
 
@@ -675,82 +778,221 @@ impl Fabric for NatsFabric {
         }
     }
 
-    fn claim(&self, client_id: &str) {
-        self.enqueue(Outgoing::Claim(client_id.to_string()));
+    fn claim(&self, client_id: &str, connected_at_us: i64) {
+        self.enqueue(Outgoing::Claim {
+            device: client_id.to_string(),
+            connected_at_us,
+        });
     }
 
     fn share(&self, filter: &Arc<str>, held: bool) -> Commit {
-        let (ready, confirmed) = oneshot::channel();
-        {
-            let mut pending = self.groups.pending.lock().expect("groups lock");
-            let change = pending.entry(filter.clone()).or_insert(GroupChange {
-                held,
-                waiting: Vec::new(),
-            });
-            change.held = held;
-            if held {
-                change.waiting.push(ready);
-            }
-        }
-        self.groups.changed.notify_one();
-        if !held {
-            return crate::persist::committed();
-        }
-        Box::pin(async move {
-            // Not an error for the SUBACK if it did not come: the member is
-            // subscribed here, and async-nats subscribes again on reconnect.
-            let _ = tokio::time::timeout(GROUP_READY_WAIT, confirmed).await;
-            Ok(())
-        })
+        self.changes.note(filter, held)
+    }
+
+    fn interest(&self, filter: &Arc<str>, held: bool) -> Commit {
+        self.changes.note(filter, held)
     }
 }
 
-/// Holds a queue subscription for each shared subscription the router has
-/// members of, as it says ([`Fabric::share`]), and drops it when it says
-/// they are gone. The subscriptions' tasks end with them.
-async fn keep_groups(
-    client: async_nats::Client,
+/// Where what other brokers send goes.
+struct Inbound {
+    broker: String,
     subjects: Subjects,
-    changes: Arc<GroupChanges>,
     router: Arc<Router>,
-) {
-    let mut held: HashMap<Arc<str>, JoinHandle<()>> = HashMap::new();
-    loop {
-        changes.changed.notified().await;
-        let batch = std::mem::take(&mut *changes.pending.lock().expect("groups lock"));
-        let mut waiting = Vec::new();
-        for (filter, change) in batch {
-            match (change.held, held.contains_key(&filter)) {
-                (true, false) => {
-                    match subscribe_group(&client, &subjects, &filter, &router).await {
-                        Ok(task) => {
-                            held.insert(filter, task);
-                        }
-                        Err(e) => tracing::error!(
-                            %filter,
-                            error = %e,
-                            "cannot subscribe to a shared subscription's queue group: its members here get none of its messages from other brokers"
-                        ),
-                    }
-                }
-                (false, true) => {
-                    if let Some(task) = held.remove(&filter) {
-                        // Dropping the subscriptions unsubscribes them.
-                        task.abort();
-                    }
-                }
-                _ => {}
+    on_claim: Box<dyn Fn(&Claim) + Send + Sync>,
+    received: Counter,
+}
+
+impl Inbound {
+    fn take_in(&self, message: async_nats::Message) {
+        let from = message.headers.as_ref().and_then(|h| h.get(BROKER_HEADER));
+        let sender = match from.map(|f| f.as_str()) {
+            // no_echo already keeps them away; this holds if a server or a
+            // future option did not.
+            Some(from) if from == self.broker => return,
+            Some(from) => from.to_string(),
+            None => {
+                tracing::warn!(subject = %message.subject, "ignored a message on the cluster fabric without a sending broker");
+                return;
             }
-            waiting.extend(change.waiting);
+        };
+        self.received.inc();
+        match decode(
+            &self.subjects,
+            &message.subject,
+            message.headers.as_ref(),
+            message.payload,
+        ) {
+            Ok(Incoming::Claim(device, connected_at_us)) => (self.on_claim)(&Claim {
+                device,
+                connected_at_us,
+                wins_ties: sender > self.broker,
+            }),
+            Ok(Incoming::Message(routed, _)) => {
+                if !routed.expired(unix_now_ms()) {
+                    // Sessions here keep remote messages in memory (cluster
+                    // mode), so nothing waits on the commit.
+                    let _ = self.router.publish_remote(routed, SharedChoice::Fabric);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(subject = %message.subject, error = %e, "ignored a malformed message on the cluster fabric")
+            }
         }
-        if !waiting.is_empty() {
-            // The server has the subscriptions once it answered a ping
-            // sent after them.
-            let _ = tokio::time::timeout(GROUP_READY_WAIT, client.flush()).await;
+    }
+}
+
+/// Hands what `subscriber` receives to `inbound`, until it is dropped.
+async fn hear(inbound: Arc<Inbound>, mut subscriber: async_nats::Subscriber) {
+    while let Some(message) = subscriber.next().await {
+        inbound.take_in(message);
+    }
+}
+
+/// Keeps the NATS subscriptions that follow the filters of the sessions
+/// held here, as the router tells them ([`Fabric::share`],
+/// [`Fabric::interest`]): a queue subscription per shared subscription this
+/// broker has members of, and the interest subscriptions that bring it
+/// what other brokers publish on its plain filters' topics. The latter are
+/// queue subscriptions too, in a queue group of this broker alone: NATS
+/// hands a message to one member of a group, so patterns that overlap
+/// (`live.>` and `live.temperature.*`) still bring it once.
+struct Keeper {
+    client: async_nats::Client,
+    groups_client: async_nats::Client,
+    /// `<cluster>-broker-<id>`.
+    interest_group: String,
+    inbound: Arc<Inbound>,
+    /// Shared filter → the task of its queue subscriptions.
+    groups: HashMap<Arc<str>, JoinHandle<()>>,
+    /// The plain filters held here.
+    interest: HashSet<Arc<str>>,
+    /// Subject pattern (after `<cluster>.mqtt.`) → the task of its
+    /// subscription.
+    interest_held: HashMap<String, JoinHandle<()>>,
+    interest_subscriptions: Gauge,
+}
+
+impl Keeper {
+    async fn run(mut self, changes: Arc<FilterChanges>) {
+        loop {
+            changes.changed.notified().await;
+            let batch = std::mem::take(&mut *changes.pending.lock().expect("filter changes lock"));
+            let mut waiting = Vec::new();
+            let mut interest_changed = false;
+            let mut new_groups = false;
+            for (filter, change) in batch {
+                if split_shared(&filter).0.is_some() {
+                    new_groups |= self.keep_group(filter, change.held).await;
+                } else if change.held {
+                    interest_changed |= self.interest.insert(filter);
+                } else {
+                    interest_changed |= self.interest.remove(&filter);
+                }
+                waiting.extend(change.waiting);
+            }
+            let (new_interest, widened) = if interest_changed {
+                self.keep_interest().await
+            } else {
+                (false, Vec::new())
+            };
+            // The server has the subscriptions once it answered a ping sent
+            // after them. Subscriptions a wider one replaces go only then,
+            // so nothing falls between the two.
+            if new_groups && !waiting.is_empty() {
+                let _ = tokio::time::timeout(SUBSCRIBED_WAIT, self.groups_client.flush()).await;
+            }
+            if new_interest {
+                let _ = tokio::time::timeout(SUBSCRIBED_WAIT, self.client.flush()).await;
+            }
+            for task in widened {
+                // Dropping the subscription unsubscribes it.
+                task.abort();
+            }
             for ready in waiting {
                 let _ = ready.send(());
             }
         }
+    }
+
+    /// Subscribes to the queue group of the shared subscription `filter`,
+    /// or leaves it; true if it subscribed.
+    async fn keep_group(&mut self, filter: Arc<str>, held: bool) -> bool {
+        match (held, self.groups.contains_key(&filter)) {
+            (true, false) => {
+                let subjects = &self.inbound.subjects;
+                match subscribe_group(&self.groups_client, subjects, &filter, &self.inbound.router)
+                    .await
+                {
+                    Ok(task) => {
+                        self.groups.insert(filter, task);
+                        return true;
+                    }
+                    Err(e) => tracing::error!(
+                        %filter,
+                        error = %e,
+                        "cannot subscribe to a shared subscription's queue group: its members here get none of its messages from other brokers"
+                    ),
+                }
+            }
+            (false, true) => {
+                if let Some(task) = self.groups.remove(&filter) {
+                    // Dropping the subscriptions unsubscribes them.
+                    task.abort();
+                }
+            }
+            _ => {}
+        }
+        false
+    }
+
+    /// Subscribes to the interest patterns the held filters need now
+    /// ([`interest_subjects`]); returns whether it subscribed to any, and
+    /// the tasks of the patterns no longer needed, to stop once the new
+    /// ones are in place.
+    async fn keep_interest(&mut self) -> (bool, Vec<JoinHandle<()>>) {
+        let subjects = &self.inbound.subjects;
+        let wanted = interest_subjects(
+            self.interest.iter().map(|f| &**f),
+            subjects.message.len(),
+            MAX_INTEREST_SUBJECTS,
+        );
+        let mut subscribed = false;
+        for pattern in &wanted {
+            if self.interest_held.contains_key(pattern) {
+                continue;
+            }
+            let subject = format!("{}{pattern}", subjects.message);
+            match self
+                .client
+                .queue_subscribe(subject, self.interest_group.clone())
+                .await
+            {
+                Ok(subscriber) => {
+                    let task = tokio::spawn(hear(self.inbound.clone(), subscriber));
+                    self.interest_held.insert(pattern.clone(), task);
+                    subscribed = true;
+                }
+                Err(e) => tracing::error!(
+                    %pattern,
+                    error = %e,
+                    "cannot subscribe on NATS: sessions here miss what other brokers publish on these topics"
+                ),
+            }
+        }
+        let unwanted: Vec<String> = self
+            .interest_held
+            .keys()
+            .filter(|pattern| !wanted.contains(*pattern))
+            .cloned()
+            .collect();
+        let stopped = unwanted
+            .iter()
+            .filter_map(|pattern| self.interest_held.remove(pattern))
+            .collect();
+        self.interest_subscriptions
+            .set(self.interest_held.len() as i64);
+        (subscribed, stopped)
     }
 }
 
@@ -817,9 +1059,13 @@ async fn send(
                 headers,
                 payload,
             } => client.publish_with_headers(subject, headers, payload).await,
-            Outgoing::Claim(device) => {
+            Outgoing::Claim {
+                device,
+                connected_at_us,
+            } => {
                 let mut headers = HeaderMap::new();
                 headers.insert(BROKER_HEADER, broker.as_str());
+                headers.insert(CONNECTED_AT_HEADER, connected_at_us.to_string());
                 client
                     .publish_with_headers(subjects.claim.clone(), headers, device.into())
                     .await
@@ -958,6 +1204,103 @@ mod tests {
         }
     }
 
+    fn interest(filters: &[&str], max: usize) -> Vec<String> {
+        interest_subjects(filters.iter().copied(), "fleetgate.mqtt.".len(), max)
+            .into_iter()
+            .collect()
+    }
+
+    #[test]
+    fn interest_is_each_filters_own_patterns_while_they_are_few() {
+        assert_eq!(
+            interest(&["live/#", "devices/d-1/cmd", "+/status", "live/#"], 10),
+            ["*.status", "devices.d-1.cmd", "live", "live.>"]
+        );
+        assert_eq!(interest(&["#"], 10), [">"]);
+        assert!(interest(&[], 10).is_empty());
+    }
+
+    #[test]
+    fn many_filters_widen_to_their_first_levels() {
+        let commands: Vec<String> = (0..1000).map(|i| format!("devices/d-{i}/cmd")).collect();
+        let mut filters: Vec<&str> = commands.iter().map(String::as_str).collect();
+        filters.extend(["live/temperature/#", "$fleet/state/x"]);
+        // Two levels would still be 1,000 patterns: one level it is.
+        assert_eq!(interest(&filters, 256), ["$fleet.>", "devices.>", "live.>"]);
+        // Devices with two topics each: two levels make one per device.
+        let both: Vec<String> = (0..100)
+            .flat_map(|i| [format!("devices/d-{i}/cmd"), format!("devices/d-{i}/ota")])
+            .collect();
+        let widened = interest(&both.iter().map(String::as_str).collect::<Vec<_>>(), 150);
+        assert_eq!(widened.len(), 100);
+        assert!(
+            widened.contains(&"devices.d-7.>".to_string()),
+            "{widened:?}"
+        );
+    }
+
+    #[test]
+    fn too_many_first_levels_hear_everything() {
+        let topics: Vec<String> = (0..300).map(|i| format!("t{i}/x")).collect();
+        let filters: Vec<&str> = topics.iter().map(String::as_str).collect();
+        assert_eq!(interest(&filters, 256), [">"]);
+    }
+
+    #[test]
+    fn every_topic_a_filter_matches_is_heard() {
+        let filters = [
+            "a/+/c/#",
+            "a/b",
+            "+/+",
+            "x/#",
+            "sport/tennis/+",
+            "y/+/z",
+            "deep/1/2/3/4",
+        ];
+        let topics = [
+            "a/b/c",
+            "a/b/c/d/e",
+            "a/b",
+            "q/r",
+            "x",
+            "x/1/2",
+            "sport/tennis/p1",
+            "y/1/z",
+            "deep/1/2/3/4",
+        ];
+        for max in [100, 6, 4, 2, 1] {
+            let patterns = interest(&filters, max);
+            assert!(patterns.len() <= max.max(1), "{max}: {patterns:?}");
+            for topic in topics {
+                let subject = topic_to_subject(topic);
+                assert!(
+                    patterns.iter().any(|p| subject_matches(p, &subject)),
+                    "{max}: {topic} not heard through {patterns:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn patterns_too_long_for_a_subject_are_left_to_the_long_subject() {
+        let long = format!("a/{}", "x".repeat(MAX_SUBJECT));
+        assert_eq!(interest(&[&long, "b"], 10), ["b"]);
+    }
+
+    /// NATS's subject matching: `*` one token, `>` one or more at the end.
+    fn subject_matches(pattern: &str, subject: &str) -> bool {
+        let mut tokens = subject.split('.');
+        for want in pattern.split('.') {
+            match (want, tokens.next()) {
+                (">", Some(_)) => return true,
+                ("*", Some(_)) => {}
+                (want, Some(token)) if want == token => {}
+                _ => return false,
+            }
+        }
+        tokens.next().is_none()
+    }
+
     fn message(topic: &str) -> Message {
         Message {
             topic: topic.into(),
@@ -1026,7 +1369,7 @@ mod tests {
         let long = message(&format!("t/{}", "x.".repeat(600)));
         let (subject, incoming) = through(&long);
         assert_eq!(subject, "fleetgate.long");
-        assert_eq!(incoming, Incoming::Message(long, Picker::EachBroker));
+        assert_eq!(incoming, Incoming::Message(long, Picker::QueueGroups));
         let fits = MAX_SUBJECT - subjects().message.len();
         let (subject, _) = through(&message(&"y".repeat(fits)));
         assert_ne!(subject, "fleetgate.long");
@@ -1048,8 +1391,16 @@ mod tests {
         assert!(decode(&s, "fleetgate.mqtt.a", Some(&bad), payload).is_err());
         assert_eq!(
             decode(&s, &s.claim, None, Bytes::from_static(b"d-1")),
-            Ok(Incoming::Claim("d-1".into()))
+            Ok(Incoming::Claim("d-1".into(), None))
         );
+        let mut at = HeaderMap::new();
+        at.insert(CONNECTED_AT_HEADER, "1765000000123456");
+        assert_eq!(
+            decode(&s, &s.claim, Some(&at), Bytes::from_static(b"d-1")),
+            Ok(Incoming::Claim("d-1".into(), Some(1765000000123456)))
+        );
+        at.insert(CONNECTED_AT_HEADER, "soon");
+        assert!(decode(&s, &s.claim, Some(&at), Bytes::from_static(b"d-1")).is_err());
         assert!(decode(&s, &s.claim, None, Bytes::from_static(b"\xff")).is_err());
     }
 
@@ -1061,7 +1412,8 @@ mod tests {
         assert!(decode(&staging, &subject, Some(&headers), Bytes::new()).is_err());
         let (subject, _, _) = encode(&staging, "b1", &message("devices/d1/cmd"), true);
         assert_eq!(subject, "staging.mqtt.devices.d1.cmd");
-        assert_eq!(staging.all, "staging.>");
+        assert_eq!(staging.claim, "staging.claim");
+        assert_eq!(staging.interest, "staging-broker-");
     }
 
     #[test]
@@ -1131,10 +1483,6 @@ mod tests {
     #[test]
     fn a_shared_subscription_has_a_queue_group_of_its_own() {
         let s = subjects();
-        assert_eq!(
-            group_subjects(&s, "$share/g/jobs/#"),
-            ["fleetgate.mqtt.jobs", "fleetgate.mqtt.jobs.>"]
-        );
         let group = group_name(&s, "$share/g/jobs/#");
         assert!(group.starts_with("fleetgate-share-"), "{group}");
         assert_eq!(group.len(), "fleetgate-share-".len() + 32);
@@ -1152,10 +1500,18 @@ mod tests {
         ] {
             assert_ne!(other, group);
         }
-        // Only topics too long for a subject match: no queue subscription,
-        // their messages go on `.long`.
+        // Only topics too long for a subject match: its queue subscription
+        // is on `.long` alone, where their messages go.
         let long = format!("$share/g/{}/#", "x".repeat(MAX_SUBJECT));
-        assert!(group_subjects(&s, &long).is_empty());
+        assert_eq!(group_subjects(&s, &long), ["fleetgate.long"]);
+        assert_eq!(
+            group_subjects(&s, "$share/g/jobs/#"),
+            [
+                "fleetgate.mqtt.jobs",
+                "fleetgate.mqtt.jobs.>",
+                "fleetgate.long"
+            ]
+        );
     }
 
     #[test]
@@ -1174,17 +1530,18 @@ mod tests {
         assert_eq!(choice, SharedChoice::Here);
         let decoded = decode(&s, "fleetgate.mqtt.jobs.1", Some(&headers), Bytes::new());
         assert!(matches!(decoded, Ok(Incoming::Message(_, Picker::Sender))));
-        assert_eq!(Picker::Sender.heard(), SharedChoice::Fabric);
-        // Too long for a subject: every broker picks among its own.
+        // Too long for a subject: the queue groups pick all the same.
         let long = message(&format!("jobs/{}", "x".repeat(MAX_SUBJECT)));
-        let (subject, headers, choice) = encode(&s, "b1", &long, true);
-        assert_eq!(choice, SharedChoice::Here);
-        let decoded = decode(&s, &subject, Some(&headers), Bytes::new());
-        assert!(matches!(
-            decoded,
-            Ok(Incoming::Message(_, Picker::EachBroker))
-        ));
-        assert_eq!(Picker::EachBroker.heard(), SharedChoice::Here);
+        for (may_pick, choice, picker) in [
+            (true, SharedChoice::Fabric, Picker::QueueGroups),
+            (false, SharedChoice::Here, Picker::Sender),
+        ] {
+            let (subject, headers, chosen) = encode(&s, "b1", &long, may_pick);
+            assert_eq!(subject, s.long);
+            assert_eq!(chosen, choice);
+            let decoded = decode(&s, &subject, Some(&headers), Bytes::new());
+            assert!(matches!(decoded, Ok(Incoming::Message(_, p)) if p == picker));
+        }
     }
 
     #[test]
