@@ -83,6 +83,8 @@ pub struct HoldArgs {
     pub messages: usize,
     /// Reference broker HOST:PORT, or "none".
     pub reference: String,
+    /// Each device subscribes to `devices/<id>/cmd` (QoS 1) once connected.
+    pub subscribe: bool,
 }
 
 /// A client id and, for fleetgate, the password (the device's token).
@@ -97,6 +99,9 @@ struct Setup {
     target: SocketAddr,
     concurrency: usize,
     devices: Vec<Credentials>,
+    /// Each device subscribes to its command topic after CONNACK.
+    #[serde(default)]
+    subscribe: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -500,7 +505,13 @@ async fn measure(
     until: Instant,
     out: &mut Outcome,
 ) -> anyhow::Result<()> {
-    let mut helpers = Helper::spawn_all(broker.target, &broker.hold, args.concurrency).await?;
+    let mut helpers = Helper::spawn_all(
+        broker.target,
+        &broker.hold,
+        args.concurrency,
+        args.subscribe,
+    )
+    .await?;
     out.rss_before = rss(broker.pid);
     if broker.mosquitto_heap {
         out.heap_before = heap_or_note(broker.target, out).await;
@@ -668,6 +679,7 @@ impl Helper {
         target: SocketAddr,
         devices: &[Credentials],
         concurrency: usize,
+        subscribe: bool,
     ) -> anyhow::Result<Vec<Helper>> {
         let count = devices.len().div_ceil(PER_HELPER);
         let per_helper = devices.len().div_ceil(count);
@@ -691,6 +703,7 @@ impl Helper {
                     target,
                     concurrency: concurrency.div_ceil(count),
                     devices: part.to_vec(),
+                    subscribe,
                 })
                 .await?;
             helpers.push(helper);
@@ -753,6 +766,7 @@ pub async fn client() -> anyhow::Result<()> {
                         concurrency: setup.concurrency,
                         started,
                         budget: Duration::from_millis(budget_ms),
+                        subscribe: setup.subscribe,
                     },
                 )
                 .await;
@@ -799,6 +813,9 @@ struct Attempts {
     started: Instant,
     /// No attempt starts after this much time from `started`.
     budget: Duration,
+    /// Each device subscribes to its command topic: an attempt ends at its
+    /// SUBACK.
+    subscribe: bool,
 }
 
 /// Connects every device, `concurrency` attempts at a time (workers taking
@@ -818,6 +835,7 @@ async fn connect_all(
         concurrency,
         started,
         budget,
+        subscribe: subscribes,
     } = attempts;
     let workers_count = concurrency.clamp(1, devices.len().max(1));
     let streak_limit = 2 * workers_count;
@@ -840,7 +858,14 @@ async fn connect_all(
                     break;
                 };
                 let began = Instant::now();
-                let attempt = mqtt_connect(source, target, id, password.as_deref());
+                let attempt = async {
+                    let stream = mqtt_connect(source, target, id, password.as_deref()).await?;
+                    if subscribes {
+                        subscribe(stream, &format!("devices/{id}/cmd"), 1).await
+                    } else {
+                        Ok(stream)
+                    }
+                };
                 let error = match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {
                     Ok(Ok(socket)) => {
                         report.latencies_us.push(began.elapsed().as_micros() as u32);

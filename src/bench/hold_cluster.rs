@@ -55,6 +55,8 @@ pub struct ClusterArgs {
     pub concurrency: usize,
     /// PostgreSQL URL; the brokers share a scratch database made there.
     pub database: String,
+    /// Each device subscribes to `devices/<id>/cmd` once connected.
+    pub subscribe: bool,
 }
 
 /// A broker's own counters, from its `/metrics`.
@@ -64,6 +66,8 @@ struct Counters {
     refused: Option<f64>,
     /// Messages and takeover claims its fabric could not queue for NATS.
     dropped: Option<f64>,
+    /// NATS subscriptions for what its sessions subscribe to.
+    interest: Option<f64>,
 }
 
 /// Everything measured on one broker; a phase that did not run stays `None`.
@@ -198,7 +202,7 @@ async fn measure(
     for (broker, share) in brokers.iter().zip(&shares) {
         let first = helpers.len();
         let concurrency = args.concurrency.div_ceil(count);
-        helpers.extend(Helper::spawn_all(broker.mqtt, share, concurrency).await?);
+        helpers.extend(Helper::spawn_all(broker.mqtt, share, concurrency, args.subscribe).await?);
         groups.push(first..helpers.len());
     }
     out.brokers = brokers
@@ -309,6 +313,7 @@ async fn counters(http: &reqwest::Client, broker: &Spawned) -> Option<Counters> 
         connections: metric(&text, "fleetgate_mqtt_connections")?,
         refused: metric(&text, "fleetgate_mqtt_connects_refused_total"),
         dropped: metric(&text, "fleetgate_cluster_forward_dropped_total"),
+        interest: metric(&text, "fleetgate_cluster_interest_subscriptions"),
     })
 }
 
@@ -610,6 +615,7 @@ struct Column<'a> {
     rss_after_storm: Option<u64>,
     refused: Option<f64>,
     dropped: Option<f64>,
+    interest: Option<f64>,
 }
 
 impl<'a> Column<'a> {
@@ -630,6 +636,7 @@ impl<'a> Column<'a> {
             rss_after_storm: b.rss_after_storm,
             refused: after.and_then(|c| c.refused),
             dropped: after.and_then(|c| c.dropped),
+            interest: after.and_then(|c| c.interest),
         }
     }
 
@@ -655,11 +662,12 @@ impl<'a> Column<'a> {
             rss_after_storm: sum(brokers.iter().map(|b| b.rss_after_storm)),
             refused: sum(brokers.iter().map(|b| b.refused)),
             dropped: sum(brokers.iter().map(|b| b.dropped)),
+            interest: sum(brokers.iter().map(|b| b.interest)),
         }
     }
 
     /// The cells, in the order of [`ROWS`].
-    fn cells(&self) -> [String; 17] {
+    fn cells(&self) -> [String; 18] {
         let count = |n: Option<usize>| n.map_or_else(dash, |n| n.to_string());
         let own = |n: Option<f64>| n.map_or_else(dash, |n| format!("{n:.0}"));
         let per_device = |before: Option<u64>, after: Option<u64>, open: Option<usize>| match (
@@ -702,12 +710,13 @@ impl<'a> Column<'a> {
             mib(self.rss_after_storm),
             own(self.refused),
             own(self.dropped),
+            own(self.interest),
         ]
     }
 }
 
 /// Row labels of the table, in the order [`Column::cells`] fills them.
-const ROWS: [&str; 17] = [
+const ROWS: [&str; 18] = [
     "devices",
     "connected (CONNACK accepted)",
     "connects/s",
@@ -725,6 +734,7 @@ const ROWS: [&str; 17] = [
     "RSS after the storm",
     "connects refused (broker's count)",
     "claims/messages dropped before NATS",
+    "NATS interest subscriptions",
 ];
 
 fn print_report(args: &ClusterArgs, out: &Outcome) {
@@ -751,7 +761,7 @@ fn print_report(args: &ClusterArgs, out: &Outcome) {
             .collect();
         let mut columns = vec![Column::cluster(out, &brokers)];
         columns.extend(brokers);
-        let cells: Vec<[String; 17]> = columns.iter().map(Column::cells).collect();
+        let cells: Vec<[String; 18]> = columns.iter().map(Column::cells).collect();
         let width = columns
             .iter()
             .map(|c| c.name.chars().count())

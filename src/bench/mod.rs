@@ -110,6 +110,11 @@ pub struct BenchArgs {
     /// reconnect storm; no fan-out and no reference broker.
     #[arg(long, default_value_t = 0)]
     hold_brokers: usize,
+    /// With --hold: each device also subscribes to its command topic
+    /// (`devices/<id>/cmd`, QoS 1) once connected, as a fleet reachable
+    /// with commands does; a connect then ends at its SUBACK.
+    #[arg(long)]
+    hold_subscribe: bool,
     /// With --hold: QoS 1 subscribers of the fan-out topic.
     #[arg(long, default_value_t = 1000)]
     fanout_subscribers: usize,
@@ -938,6 +943,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             brokers: args.hold_brokers,
             concurrency: args.hold_concurrency,
             database,
+            subscribe: args.hold_subscribe,
         })
         .await;
     }
@@ -948,6 +954,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             subscribers: args.fanout_subscribers,
             messages: args.fanout_messages,
             reference: args.reference,
+            subscribe: args.hold_subscribe,
         })
         .await;
     }

@@ -10,6 +10,7 @@
 //! [`Commit`] before acknowledging the publisher.
 
 pub mod index;
+pub mod interest;
 pub mod nats;
 
 use std::collections::{BTreeMap, HashMap};

@@ -30,8 +30,8 @@
 //! on one broker does not cross to the others. A fleet's per-device
 //! filters (`devices/<id>/cmd`) would be one subscription per device, so
 //! beyond [`MAX_INTEREST_SUBJECTS`] the patterns are widened to their
-//! first levels ([`interest_subjects`]): routing drops what no session
-//! here matches. Overlapping patterns must not bring a message twice, so
+//! first levels ([`Interest`]): routing drops what no session here
+//! matches. Overlapping patterns must not bring a message twice, so
 //! they are queue subscriptions in a queue group of the broker's own: NATS
 //! hands each message to one member of a group. A new filter's SUBACK
 //! waits until this broker's NATS server has its subscription; the
@@ -76,7 +76,7 @@
 //! envelope.
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -94,6 +94,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use super::index::split_shared;
+use super::interest::Interest;
 use super::{Fabric, Router, SharedChoice};
 use crate::cluster::ClusterName;
 use crate::persist::Commit;
@@ -137,7 +138,7 @@ const CONNECTED_AT_HEADER: &str = "Fg-Connected-At";
 /// whose protocol line exceeds its `max_control_line` (4 KiB by default),
 /// which would cost every message in flight; longer topics go on
 /// `<cluster>.long` instead.
-const MAX_SUBJECT: usize = 1024;
+pub(crate) const MAX_SUBJECT: usize = 1024;
 
 /// Forwards waiting for the NATS connection, by count and by bytes: beyond
 /// either, [`Fabric::forward`] drops (and counts) rather than block the
@@ -161,8 +162,8 @@ const SUBSCRIBED_WAIT: Duration = Duration::from_secs(5);
 /// Most NATS subscriptions a broker holds for its interest. Each costs a
 /// channel in async-nats and an entry in the server's subject index, so a
 /// fleet whose every device subscribes to its own command topic must not
-/// become one subscription per device: beyond this, [`interest_subjects`]
-/// widens them.
+/// become one subscription per device: beyond this, [`Interest`] widens
+/// them.
 pub const MAX_INTEREST_SUBJECTS: usize = 256;
 
 /// Maps an MQTT topic to NATS subject tokens, as NATS's MQTT gateway does
@@ -289,52 +290,6 @@ fn group_subjects(subjects: &Subjects, filter: &str) -> Vec<String> {
         .collect();
     subjects_of_group.push(subjects.long.clone());
     subjects_of_group
-}
-
-/// The subject patterns (after `<cluster>.mqtt.`) a broker subscribes to so
-/// that it hears what other brokers publish on topics its sessions' plain
-/// `filters` match: each filter's own ([`filter_to_subjects`]) while they
-/// are at most `max`; beyond, every pattern is cut to its first levels and
-/// `>`, keeping as many levels as the limit allows (`devices.d-1.cmd` ×
-/// 10,000 becomes `devices.>`), and at worst everything (`>`). Wider
-/// patterns only bring messages no session here wants, which routing
-/// drops. Patterns longer than a subject can be are left out: their topics
-/// go on `<cluster>.long`, which every broker hears.
-pub fn interest_subjects<'f>(
-    filters: impl IntoIterator<Item = &'f str>,
-    prefix_len: usize,
-    max: usize,
-) -> BTreeSet<String> {
-    let exact: BTreeSet<String> = filters
-        .into_iter()
-        .flat_map(filter_to_subjects)
-        // The shortest topic a pattern matches maps no shorter than it.
-        .filter(|pattern| prefix_len + pattern.len() <= MAX_SUBJECT)
-        .collect();
-    if exact.len() <= max {
-        return exact;
-    }
-    let deepest = exact
-        .iter()
-        .map(|p| p.split('.').count())
-        .max()
-        .unwrap_or(1);
-    for levels in (1..deepest).rev() {
-        let cut: BTreeSet<String> = exact.iter().map(|p| cut_to(p, levels)).collect();
-        if cut.len() <= max {
-            return cut;
-        }
-    }
-    BTreeSet::from([">".to_string()])
-}
-
-/// `pattern` with only its first `levels` tokens, the rest matched by `>`.
-fn cut_to(pattern: &str, levels: usize) -> String {
-    match pattern.match_indices('.').nth(levels - 1) {
-        // A `>` is always last, so it is never cut off.
-        Some((dot, _)) => format!("{}.>", &pattern[..dot]),
-        None => pattern.to_string(),
-    }
 }
 
 /// The queue group of the shared subscription `filter` (whole, with its
@@ -727,7 +682,10 @@ impl NatsFabric {
             interest_group: format!("{}{}", self.subjects.interest, self.id),
             inbound,
             groups: HashMap::new(),
-            interest: HashSet::new(),
+            interest: Interest::new(
+                MAX_INTEREST_SUBJECTS,
+                MAX_SUBJECT - self.subjects.message.len(),
+            ),
             interest_held: HashMap::new(),
             interest_subscriptions: self.interest_subscriptions.clone(),
         };
@@ -865,8 +823,8 @@ struct Keeper {
     inbound: Arc<Inbound>,
     /// Shared filter → the task of its queue subscriptions.
     groups: HashMap<Arc<str>, JoinHandle<()>>,
-    /// The plain filters held here.
-    interest: HashSet<Arc<str>>,
+    /// The plain filters held here, and the patterns that cover them.
+    interest: Interest,
     /// Subject pattern (after `<cluster>.mqtt.`) → the task of its
     /// subscription.
     interest_held: HashMap<String, JoinHandle<()>>,
@@ -885,7 +843,7 @@ impl Keeper {
                 if split_shared(&filter).0.is_some() {
                     new_groups |= self.keep_group(filter, change.held).await;
                 } else if change.held {
-                    interest_changed |= self.interest.insert(filter);
+                    interest_changed |= self.interest.add(filter);
                 } else {
                     interest_changed |= self.interest.remove(&filter);
                 }
@@ -946,22 +904,19 @@ impl Keeper {
         false
     }
 
-    /// Subscribes to the interest patterns the held filters need now
-    /// ([`interest_subjects`]); returns whether it subscribed to any, and
-    /// the tasks of the patterns no longer needed, to stop once the new
-    /// ones are in place.
+    /// Subscribes to the interest patterns the held filters need now;
+    /// returns whether it subscribed to any, and the tasks of the patterns
+    /// no longer needed, to stop once the new ones are in place.
     async fn keep_interest(&mut self) -> (bool, Vec<JoinHandle<()>>) {
         let subjects = &self.inbound.subjects;
-        let wanted = interest_subjects(
-            self.interest.iter().map(|f| &**f),
-            subjects.message.len(),
-            MAX_INTEREST_SUBJECTS,
-        );
+        let new: Vec<String> = self
+            .interest
+            .subjects()
+            .filter(|pattern| !self.interest_held.contains_key(*pattern))
+            .cloned()
+            .collect();
         let mut subscribed = false;
-        for pattern in &wanted {
-            if self.interest_held.contains_key(pattern) {
-                continue;
-            }
+        for pattern in new {
             let subject = format!("{}{pattern}", subjects.message);
             match self
                 .client
@@ -970,7 +925,7 @@ impl Keeper {
             {
                 Ok(subscriber) => {
                     let task = tokio::spawn(hear(self.inbound.clone(), subscriber));
-                    self.interest_held.insert(pattern.clone(), task);
+                    self.interest_held.insert(pattern, task);
                     subscribed = true;
                 }
                 Err(e) => tracing::error!(
@@ -983,7 +938,7 @@ impl Keeper {
         let unwanted: Vec<String> = self
             .interest_held
             .keys()
-            .filter(|pattern| !wanted.contains(*pattern))
+            .filter(|pattern| !self.interest.contains(pattern))
             .cloned()
             .collect();
         let stopped = unwanted
@@ -1202,103 +1157,6 @@ mod tests {
         ] {
             assert_eq!(subject_to_topic(subject), None, "{subject:?}");
         }
-    }
-
-    fn interest(filters: &[&str], max: usize) -> Vec<String> {
-        interest_subjects(filters.iter().copied(), "fleetgate.mqtt.".len(), max)
-            .into_iter()
-            .collect()
-    }
-
-    #[test]
-    fn interest_is_each_filters_own_patterns_while_they_are_few() {
-        assert_eq!(
-            interest(&["live/#", "devices/d-1/cmd", "+/status", "live/#"], 10),
-            ["*.status", "devices.d-1.cmd", "live", "live.>"]
-        );
-        assert_eq!(interest(&["#"], 10), [">"]);
-        assert!(interest(&[], 10).is_empty());
-    }
-
-    #[test]
-    fn many_filters_widen_to_their_first_levels() {
-        let commands: Vec<String> = (0..1000).map(|i| format!("devices/d-{i}/cmd")).collect();
-        let mut filters: Vec<&str> = commands.iter().map(String::as_str).collect();
-        filters.extend(["live/temperature/#", "$fleet/state/x"]);
-        // Two levels would still be 1,000 patterns: one level it is.
-        assert_eq!(interest(&filters, 256), ["$fleet.>", "devices.>", "live.>"]);
-        // Devices with two topics each: two levels make one per device.
-        let both: Vec<String> = (0..100)
-            .flat_map(|i| [format!("devices/d-{i}/cmd"), format!("devices/d-{i}/ota")])
-            .collect();
-        let widened = interest(&both.iter().map(String::as_str).collect::<Vec<_>>(), 150);
-        assert_eq!(widened.len(), 100);
-        assert!(
-            widened.contains(&"devices.d-7.>".to_string()),
-            "{widened:?}"
-        );
-    }
-
-    #[test]
-    fn too_many_first_levels_hear_everything() {
-        let topics: Vec<String> = (0..300).map(|i| format!("t{i}/x")).collect();
-        let filters: Vec<&str> = topics.iter().map(String::as_str).collect();
-        assert_eq!(interest(&filters, 256), [">"]);
-    }
-
-    #[test]
-    fn every_topic_a_filter_matches_is_heard() {
-        let filters = [
-            "a/+/c/#",
-            "a/b",
-            "+/+",
-            "x/#",
-            "sport/tennis/+",
-            "y/+/z",
-            "deep/1/2/3/4",
-        ];
-        let topics = [
-            "a/b/c",
-            "a/b/c/d/e",
-            "a/b",
-            "q/r",
-            "x",
-            "x/1/2",
-            "sport/tennis/p1",
-            "y/1/z",
-            "deep/1/2/3/4",
-        ];
-        for max in [100, 6, 4, 2, 1] {
-            let patterns = interest(&filters, max);
-            assert!(patterns.len() <= max.max(1), "{max}: {patterns:?}");
-            for topic in topics {
-                let subject = topic_to_subject(topic);
-                assert!(
-                    patterns.iter().any(|p| subject_matches(p, &subject)),
-                    "{max}: {topic} not heard through {patterns:?}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn patterns_too_long_for_a_subject_are_left_to_the_long_subject() {
-        let long = format!("a/{}", "x".repeat(MAX_SUBJECT));
-        assert_eq!(interest(&[&long, "b"], 10), ["b"]);
-    }
-
-    /// NATS's subject matching: `*` one token, `>` one or more at the end.
-    fn subject_matches(pattern: &str, subject: &str) -> bool {
-        let mut tokens = subject.split('.');
-        for want in pattern.split('.') {
-            match (want, tokens.next()) {
-                (">", Some(_)) => return true,
-                ("*", Some(_)) => {}
-                (want, Some(token)) if want == token => {}
-                _ => return false,
-            }
-        }
-        tokens.next().is_none()
     }
 
     fn message(topic: &str) -> Message {
