@@ -2,7 +2,8 @@
 //! ingest pipeline and group-commit writer on the shared PostgreSQL
 //! database, takes messages from `fleetgate broker` over the node link
 //! (`fleetgate_protocol::node`), answers each after its commit, and
-//! re-publishes committed records to the broker over MQTT for `live/#`.
+//! re-publishes committed records for `live/#`: to a broker over MQTT
+//! (`--mqtt`), or onto the brokers' NATS fabric (`--nats`).
 //!
 //! It also holds the cluster state: it loads the newest version before it
 //! takes traffic, stages versions the admin service sends it, switches at
@@ -18,6 +19,8 @@ use anyhow::{anyhow, Context};
 use base64::Engine;
 use bytes::Bytes;
 use fleetgate_broker::balancer::{NodeInfo, NodeSource};
+use fleetgate_broker::cluster::ClusterName;
+use fleetgate_broker::router::nats::NatsFabric;
 use fleetgate_protocol::ingest::{BoxFuture, LiveSink};
 use fleetgate_protocol::node::{
     decode_request, read_frame, write_frame, CommandAnswer, NodeCommand, NodeFrame, NodeResponse,
@@ -55,6 +58,14 @@ pub struct StoreArgs {
     /// Token of an admin-role device registered for this node.
     #[arg(long, env = "FLEETGATE_TOKEN")]
     token: Option<String>,
+    /// The NATS servers of the brokers' cluster (nats://HOST:PORT,
+    /// comma-separated), for re-publishing committed records on live/#
+    /// straight to every broker, instead of through one (--mqtt).
+    #[arg(long, value_delimiter = ',', value_name = "URLS", conflicts_with_all = ["mqtt", "token"])]
+    nats: Vec<String>,
+    /// With --nats: the brokers' --cluster-name.
+    #[arg(long, default_value = ClusterName::DEFAULT)]
+    cluster_name: ClusterName,
     /// Largest accepted ingest payload, in bytes (as the broker's).
     #[arg(long, default_value_t = 256 * 1024)]
     max_payload: usize,
@@ -150,15 +161,21 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
     let catalog = open_catalog(&db).await.map_err(|e| anyhow!(e))?;
     catalog.follow_changes();
     nodes::ddl(&db).await.map_err(|e| anyhow!(e))?;
-    let observers: Vec<Arc<dyn fleetgate_store::pipeline::CommitObserver>> =
-        match (&args.mqtt, &args.token) {
-            (Some(mqtt), Some(token)) => vec![Arc::new(PublishLive {
-                sink: Arc::new(mqtt_live(mqtt, token)?),
-            })],
-            (Some(_), None) => return Err(anyhow!("--mqtt needs --token (or FLEETGATE_TOKEN)")),
-            _ => Vec::new(),
-        };
     let mut registry = prometheus_client::registry::Registry::default();
+    let live: Option<Arc<dyn LiveSink>> = match (&args.mqtt, &args.token) {
+        (Some(mqtt), Some(token)) => Some(Arc::new(mqtt_live(mqtt, token)?)),
+        (Some(_), None) => return Err(anyhow!("--mqtt needs --token (or FLEETGATE_TOKEN)")),
+        _ if !args.nats.is_empty() => Some(
+            NatsFabric::connect(&args.nats, &args.cluster_name, &mut registry)
+                .await
+                .map_err(|e| anyhow!(e))?,
+        ),
+        _ => None,
+    };
+    let observers: Vec<Arc<dyn fleetgate_store::pipeline::CommitObserver>> = live
+        .into_iter()
+        .map(|sink| Arc::new(PublishLive { sink }) as _)
+        .collect();
     let states = Arc::new(StateStore::new(Arc::new(ClusterClock::new(
         args.clock_skew_ms,
     ))));

@@ -169,17 +169,20 @@ impl Cluster {
 
     /// A store node whose live copies go to `self.broker`.
     pub(crate) fn node(&self, id: &str, token: &str) -> Process {
-        Process::start(&[
-            "store",
-            "--node",
-            id,
-            "--database",
-            &self.url,
-            "--mqtt",
-            &self.broker.field("mqtt"),
-            "--token",
-            token,
-        ])
+        let broker = self.broker.field("mqtt");
+        self.store_node(id, &["--mqtt", &broker, "--token", token])
+    }
+
+    /// A store node that sends live copies onto the brokers' NATS fabric.
+    pub(crate) fn node_on_nats(&self, id: &str, nats: &str) -> Process {
+        self.store_node(id, &["--nats", nats])
+    }
+
+    /// A store node `id` of this cluster, with more arguments.
+    pub(crate) fn store_node(&self, id: &str, extra: &[&str]) -> Process {
+        let mut args = vec!["store", "--node", id, "--database", &self.url];
+        args.extend_from_slice(extra);
+        Process::start(&args)
     }
 
     async fn count(&self, sql: &str) -> i64 {

@@ -1,6 +1,7 @@
 //! Brokers of one cluster routing to each other through NATS: a 3-node NATS
 //! cluster started here, two `fleetgate broker --nats ...` on one PostgreSQL
-//! database, a store node, and real MQTT 5 clients on both brokers. Live
+//! database, store nodes (one sending live copies onto NATS, one to a
+//! broker over MQTT), and real MQTT 5 clients on both brokers. Live
 //! copies, commands and takeovers cross brokers, and keep crossing after
 //! the NATS server a broker is connected to is killed.
 
@@ -394,15 +395,16 @@ async fn live_copies_and_commands_cross_brokers_and_survive_a_nats_node_dying() 
     cluster
         .apply(include_str!("../firmware-examples/streams.toml"))
         .await;
-    // The node sends live copies to the first broker only.
+    // Two store nodes, one after the other: n2 sends live copies onto
+    // NATS, n1 to the first broker over MQTT.
     let feed = add_device(&cluster, "feed-n1", "admin").await;
     let probe_a = add_device(&cluster, "probe-a", "admin").await;
     let probe_b = add_device(&cluster, "probe-b", "admin").await;
     let analyst = add_device(&cluster, "analyst", "extract").await;
     let sensor = add_device(&cluster, "sensor-a", "ingest").await;
     let valve = add_device(&cluster, "valve-b", "ingest").await;
-    let _node = cluster.node("n1", &feed);
-    cluster.wait_nodes_up(&["n1"]).await;
+    let n2 = cluster.node_on_nats("n2", &nats.urls());
+    cluster.wait_nodes_up(&["n2"]).await;
 
     let mut probe_a = connect(first, "probe-a", &probe_a).await;
     let mut analyst = subscribed(&second, "analyst", &analyst, "live/#").await;
@@ -415,10 +417,16 @@ async fn live_copies_and_commands_cross_brokers_and_survive_a_nats_node_dying() 
     let took = carried(&probe_a, &mut probe_b, "probe/ready").await;
     println!("fabric carried first broker → second after {took:?}");
 
-    // (a) A reading ingested through the first broker: its live copy (from
-    // the node, through the first broker) reaches a subscriber on the second.
+    // (a) A reading ingested through the first broker: its live copy
+    // reaches a subscriber on the second, from a node that sends it onto
+    // NATS, and from one that sends it to the first broker over MQTT.
     ingest(&mut sensor, "sensor-a", 1).await;
     live_copy(&mut analyst, "sensor-a", 1).await;
+    let _n1 = cluster.node("n1", &feed);
+    cluster.wait_nodes_up(&["n1", "n2"]).await;
+    drop(n2);
+    ingest(&mut sensor, "sensor-a", 2).await;
+    live_copy(&mut analyst, "sensor-a", 2).await;
 
     // (b) An admin's QoS 1 command on the first broker reaches the device on
     // the second, with its MQTT 5 properties.
@@ -517,8 +525,8 @@ async fn live_copies_and_commands_cross_brokers_and_survive_a_nats_node_dying() 
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    ingest(&mut sensor, "sensor-a", 2).await;
-    live_copy(&mut analyst, "sensor-a", 2).await;
+    ingest(&mut sensor, "sensor-a", 3).await;
+    live_copy(&mut analyst, "sensor-a", 3).await;
     assert!(
         sent_across(&probe_a, &mut valve, "devices/valve-b/cmd", "close").await,
         "no command after the NATS server died"

@@ -19,12 +19,6 @@ const BOUNDARY_MS: i64 = 3;
 const DEVICES: usize = 4;
 
 impl Cluster {
-    fn store_node(&self, id: &str, extra: &[&str]) -> Process {
-        let mut args = vec!["store", "--node", id, "--database", &self.url];
-        args.extend_from_slice(extra);
-        Process::start(&args)
-    }
-
     async fn state(&self) -> Value {
         self.api("GET", "/v1/state", None).await
     }

@@ -78,6 +78,22 @@ pub struct Message {
 }
 
 impl Message {
+    /// A live copy of committed records on `topic` (`live/...`): QoS 1 (a
+    /// QoS 1 subscriber acknowledges each) but kept only in memory, the
+    /// tables being their durable record.
+    pub fn live_copy(topic: String, payload: Bytes) -> Message {
+        Message {
+            topic: topic.into(),
+            payload,
+            qos: 1,
+            retain: false,
+            properties: None,
+            expires_at_ms: None,
+            publisher: None,
+            durable: false,
+        }
+    }
+
     pub fn expired(&self, now_ms: i64) -> bool {
         self.expires_at_ms.is_some_and(|at| at <= now_ms)
     }

@@ -1058,18 +1058,7 @@ impl LiveSink for Router {
     }
 
     fn publish(&self, topic: String, payload: Bytes) {
-        // Live copies are QoS 1 (a QoS 1 subscriber acknowledges each) but
-        // kept only in memory: the tables are their durable record.
-        let _ = self.publish(Message {
-            topic: topic.into(),
-            payload,
-            qos: 1,
-            retain: false,
-            properties: None,
-            expires_at_ms: None,
-            publisher: None,
-            durable: false,
-        });
+        let _ = self.publish(Message::live_copy(topic, payload));
     }
 }
 

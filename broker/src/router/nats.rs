@@ -84,6 +84,7 @@ use std::time::Duration;
 use async_nats::connection::State;
 use async_nats::{Event, HeaderMap};
 use bytes::Bytes;
+use fleetgate_protocol::ingest::LiveSink;
 use fleetgate_protocol::unix_now_ms;
 use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
@@ -752,6 +753,20 @@ impl Fabric for NatsFabric {
     }
 }
 
+/// A store node's live copies (`fleetgate store --nats`): straight onto
+/// the fabric, as a broker forwards what is published through it, so that
+/// subscribers on every broker get them with no broker in between. A node
+/// joins the fabric only to send: it never [`NatsFabric::serve`]s.
+impl LiveSink for NatsFabric {
+    fn wanted(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
+    fn publish(&self, topic: String, payload: Bytes) {
+        self.forward(&Message::live_copy(topic, payload), false);
+    }
+}
+
 /// Where what other brokers send goes.
 struct Inbound {
     broker: String,
@@ -1160,16 +1175,7 @@ mod tests {
     }
 
     fn message(topic: &str) -> Message {
-        Message {
-            topic: topic.into(),
-            payload: Bytes::from_static(b"\x00payload\xff"),
-            qos: 1,
-            retain: false,
-            properties: None,
-            expires_at_ms: None,
-            publisher: None,
-            durable: false,
-        }
+        Message::live_copy(topic.into(), Bytes::from_static(b"\x00payload\xff"))
     }
 
     fn subjects() -> Subjects {
