@@ -6,14 +6,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use fleetgate_protocol::unix_now_us;
 use tokio_util::sync::CancellationToken;
-
-fn unix_now_us() -> i64 {
-    let since_epoch = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    since_epoch.as_micros() as i64
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndReason {

@@ -28,9 +28,14 @@ pub fn unix_now() -> i64 {
 
 /// This machine's clock, in Unix milliseconds.
 pub fn unix_now_ms() -> i64 {
+    unix_now_us() / 1000
+}
+
+/// This machine's clock, in Unix microseconds.
+pub fn unix_now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 pub use token::{Claims, TokenError, TokenSigner, TokenVerifier};
 

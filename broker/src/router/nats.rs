@@ -783,7 +783,7 @@ impl Inbound {
             // no_echo already keeps them away; this holds if a server or a
             // future option did not.
             Some(from) if from == self.broker => return,
-            Some(from) => from.to_string(),
+            Some(from) => from,
             None => {
                 tracing::warn!(subject = %message.subject, "ignored a message on the cluster fabric without a sending broker");
                 return;
@@ -799,7 +799,7 @@ impl Inbound {
             Ok(Incoming::Claim(device, connected_at_us)) => (self.on_claim)(&Claim {
                 device,
                 connected_at_us,
-                wins_ties: sender > self.broker,
+                wins_ties: sender > self.broker.as_str(),
             }),
             Ok(Incoming::Message(routed, _)) => {
                 if !routed.expired(unix_now_ms()) {
