@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{PgPool, SqlitePool};
+use sqlx::{ConnectOptions, PgPool, SqlitePool};
 
 #[derive(Clone)]
 pub enum Pools {
@@ -34,6 +34,11 @@ pub enum Pools {
     },
 }
 
+/// SQLite page caches, in KiB (a negative `cache_size`): the writer's and
+/// each of the four readers'.
+const WRITER_CACHE_KIB: &str = "-65536";
+const READER_CACHE_KIB: &str = "-32768";
+
 #[derive(Clone)]
 pub struct Db {
     pub pools: Pools,
@@ -45,6 +50,20 @@ macro_rules! with_pool {
     ($db:expr, $pool:ident => $body:expr) => {
         match &$db.pools {
             $crate::db::Pools::Sqlite { write: $pool, .. } => $body,
+            $crate::db::Pools::Postgres { write: $pool, .. } => $body,
+        }
+    };
+}
+
+/// Runs `$body` with `$pool` bound to a pool for the store's own reads
+/// that must not hold up ingest: SQLite's readers (its one writer is
+/// ingest's), PostgreSQL's write pool (its readers carry the query API's
+/// limits, and its writes do not wait for reads).
+#[macro_export]
+macro_rules! with_reading_pool {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match &$db.pools {
+            $crate::db::Pools::Sqlite { read: $pool, .. } => $body,
             $crate::db::Pools::Postgres { write: $pool, .. } => $body,
         }
     };
@@ -144,16 +163,29 @@ impl Db {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
+        // SQLite's default page cache is 2 MB, which is also as much as a
+        // sort may take before it spills to temporary files: a view's
+        // partials table at fleet scale (168,000 groups) and the sort of a
+        // fold's batch (up to 200,000 rows) outgrow it many times over.
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .after_connect(|connection, _| Box::pin(crate::sqlite_functions::register(connection)))
-            .connect_with(options.clone())
+            .connect_with(options.clone().pragma("cache_size", WRITER_CACHE_KIB))
             .await
             .map_err(|e| format!("cannot open SQLite database {}: {e}", path.display()))?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
             .after_connect(|connection, _| Box::pin(crate::sqlite_functions::register(connection)))
-            .connect_with(options.read_only(true).create_if_missing(false))
+            .connect_with(
+                options
+                    .read_only(true)
+                    .create_if_missing(false)
+                    .pragma("cache_size", READER_CACHE_KIB)
+                    // The store's own reads (a sweep's batch of a million
+                    // rows) take seconds by design, and a query's time is
+                    // in its answer: no warning each time.
+                    .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1)),
+            )
             .await
             .map_err(|e| {
                 format!(

@@ -489,15 +489,11 @@ mod tests {
     /// what the table holds.
     #[tokio::test]
     async fn watermark_views_stay_exact_through_expiry_and_tier_moves() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(None, &dir.path().join("store.db")).await.unwrap();
-        let catalog = Catalog::load(db.clone()).await.unwrap();
-        let streams = fleetgate_protocol::schema::StreamsFile::parse(
+        let (_dir, db, catalog) = crate::catalog::scratch_store(
             "[streams.meter]\nkey = [\"seq\"]\nttl = \"1h\"\nhot = \"10m\"\n\
              fields.seq = { type = \"int\", required = true }\nfields.kwh = { type = \"float\" }\n",
         )
-        .unwrap();
-        catalog.apply(&streams).await.unwrap();
+        .await;
         let views = Arc::new(
             Views::open(db.clone(), catalog.clone(), AutoSettings::off())
                 .await

@@ -444,6 +444,20 @@ pub struct AppliedStream {
     pub added_fields: Vec<String>,
 }
 
+/// A SQLite store in a temporary directory with `streams` (a streams file)
+/// applied: the start of the crate's tests that need a database.
+#[cfg(test)]
+pub async fn scratch_store(streams: &str) -> (tempfile::TempDir, Db, Catalog) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(None, &dir.path().join("store.db")).await.unwrap();
+    let catalog = Catalog::load(db.clone()).await.unwrap();
+    catalog
+        .apply(&StreamsFile::parse(streams).unwrap())
+        .await
+        .unwrap();
+    (dir, db, catalog)
+}
+
 impl Catalog {
     pub async fn load(db: Db) -> Result<Catalog, String> {
         db.execute_ddl(&[

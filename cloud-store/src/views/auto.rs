@@ -23,7 +23,7 @@ use super::def::{RefreshDef, ViewPlan};
 use super::shape::{self, Shape};
 use super::{rewrite, Origin, Views};
 use crate::db::Backend;
-use crate::with_pool;
+use crate::{with_pool, with_reading_pool};
 
 #[derive(Debug, Clone)]
 pub struct AutoSettings {
@@ -180,7 +180,7 @@ impl Views {
         // refresh is chosen by.
         let lag_ms = if costly {
             let sql = format!("SELECT max(received_at) FROM {}", shape.def.source);
-            with_pool!(self.db, pool => sqlx::query_scalar::<_, Option<i64>>(&sql).fetch_one(pool).await)
+            with_reading_pool!(self.db, pool => sqlx::query_scalar::<_, Option<i64>>(&sql).fetch_one(pool).await)
                 .ok()
                 .flatten()
                 .map(|newest| (now_ms - newest).max(0))
@@ -464,7 +464,7 @@ impl Views {
                 key.join(", ")
             )
         };
-        with_pool!(self.db, pool => async {
+        with_reading_pool!(self.db, pool => async {
             let rows: i64 = sqlx::query_scalar(&rows_sql).fetch_one(pool).await?;
             let groups: i64 = sqlx::query_scalar(&groups_sql).fetch_one(pool).await?;
             Ok::<_, sqlx::Error>((rows, groups))
@@ -475,7 +475,7 @@ impl Views {
     /// Rows a view's table keeps now.
     async fn rows_held(&self, plan: &ViewPlan) -> Result<i64, String> {
         let sql = format!("SELECT count(*) FROM {}", plan.table());
-        with_pool!(self.db, pool => sqlx::query_scalar::<_, i64>(&sql).fetch_one(pool).await)
+        with_reading_pool!(self.db, pool => sqlx::query_scalar::<_, i64>(&sql).fetch_one(pool).await)
             .map_err(|e| format!("cannot count the rows of view {}: {e}", plan.name))
     }
 

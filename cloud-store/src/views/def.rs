@@ -176,21 +176,28 @@ pub struct ViewPlan {
     pub ttl: Option<Duration>,
     /// A realtime aggregate view on SQLite: no trigger; its table holds the
     /// partials of the source rows up to a watermark (a rowid, kept in
-    /// [`MARKS`]), queries add the rows after it, and folds move it on
-    /// (see [`Self::fold_sql`]). A per-row SQLite trigger cost most of
+    /// [`MARKS`]), queries add the rows after it, and sweeps move it on
+    /// (see [`super::sweep`]). A per-row SQLite trigger cost most of
     /// ingest; this costs ingest nothing.
     pub watermark: bool,
 }
 
-/// Each watermark view's watermark: the source rowid up to which its table
-/// holds the rows.
+/// Each watermark view's watermark (SQLite only). The table holds the
+/// source rows up to `upto`; while a sweep is under way, also those up to
+/// `sweep_to` whose first grouping value sorts at or before
+/// `swept_through` (untyped: it holds whatever that column holds).
+/// `generation` moves on with every change, so a sweep that read its batch
+/// before another change (a removal, a rebuild) finds out and stops.
 pub const MARKS: &str = "fleetgate_view_marks";
 pub const MARKS_DDL: &str =
-    "CREATE TABLE IF NOT EXISTS fleetgate_view_marks (name TEXT PRIMARY KEY, upto BIGINT NOT NULL)";
-
-/// Source rows one fold takes at most: a transaction of a few hundred
-/// milliseconds, which ingest waits for on SQLite.
-const FOLD_BATCH: i64 = 200_000;
+    "CREATE TABLE IF NOT EXISTS fleetgate_view_marks (name TEXT PRIMARY KEY, \
+     upto BIGINT NOT NULL, sweep_to BIGINT, swept_through, generation BIGINT NOT NULL DEFAULT 0)";
+/// What an earlier version's marks table lacks.
+pub const MARKS_SWEEP_COLUMNS: [&str; 3] = [
+    "ALTER TABLE fleetgate_view_marks ADD COLUMN sweep_to BIGINT",
+    "ALTER TABLE fleetgate_view_marks ADD COLUMN swept_through",
+    "ALTER TABLE fleetgate_view_marks ADD COLUMN generation BIGINT NOT NULL DEFAULT 0",
+];
 
 /// One column of a view table: what it holds of the source.
 enum Part<'a> {
@@ -671,11 +678,67 @@ impl ViewPlan {
         sql
     }
 
-    /// The source's rows after the watermark (`rowid > …`).
-    fn after_mark(&self) -> String {
+    /// The source's rows the table does not hold yet: after the watermark,
+    /// less those a sweep under way has merged (see [`MARKS`]). NULL sorts
+    /// first, as in the sweep's `ORDER BY`.
+    fn unfolded_rows(&self) -> String {
+        let mark = |column: &str| {
+            format!(
+                "(SELECT {column} FROM {MARKS} WHERE name = '{}')",
+                self.name
+            )
+        };
+        let first = self.first_group_sql();
         format!(
-            "rowid > (SELECT upto FROM {MARKS} WHERE name = '{}')",
-            self.name
+            "rowid > {} AND NOT (rowid <= COALESCE({}, -1) AND ({first} IS NULL OR COALESCE({first} <= {}, 0)))",
+            mark("upto"),
+            mark("sweep_to"),
+            mark("swept_through")
+        )
+    }
+
+    /// The first grouping value of a source row: a sweep merges its batch
+    /// in this order.
+    fn first_group_sql(&self) -> String {
+        match self.group_by.first() {
+            Some((column, _)) => column.clone(),
+            None => self.bucket_sql(""),
+        }
+    }
+
+    /// A watermark view: the partials of the unfolded rows up to rowid
+    /// `$1`, in key order (a sweep's batch).
+    pub fn sweep_batch_sql(&self) -> String {
+        format!(
+            "SELECT {} FROM {} WHERE {} AND rowid <= $1 GROUP BY {positions} ORDER BY {positions}",
+            self.partials_of_rows(),
+            self.source(),
+            self.unfolded_rows(),
+            positions = self.group_positions()
+        )
+    }
+
+    /// Merges `rows` partials bound as parameters, a row after the other
+    /// in [`Self::columns`] order.
+    pub fn merge_values_sql(&self, rows: usize) -> String {
+        let row = format!("({})", vec!["?"; self.columns().len()].join(", "));
+        self.merge_into_table(
+            &format!("VALUES {}", vec![row; rows].join(", ")),
+            Backend::Sqlite,
+        )
+    }
+
+    /// How many values a merged row binds.
+    pub fn width(&self) -> usize {
+        self.columns().len()
+    }
+
+    /// Moves a sweep's marks on, if nothing else changed them since
+    /// generation `$5`: `upto` `$1`, `sweep_to` `$2`, `swept_through` `$3`.
+    pub fn sweep_mark_sql(&self) -> String {
+        format!(
+            "UPDATE {MARKS} SET upto = $1, sweep_to = $2, swept_through = $3, \
+             generation = generation + 1 WHERE name = $4 AND generation = $5"
         )
     }
 
@@ -690,10 +753,21 @@ impl ViewPlan {
         }
         vec![format!(
             "INSERT INTO {MARKS} (name, upto) VALUES ('{}', (SELECT COALESCE(max(rowid), 0) FROM {})) \
-             ON CONFLICT (name) DO UPDATE SET upto = excluded.upto",
+             ON CONFLICT (name) DO UPDATE SET upto = excluded.upto, sweep_to = NULL, \
+             swept_through = NULL, generation = {MARKS}.generation + 1",
             self.name,
             self.source()
         )]
+    }
+
+    /// A watermark view created empty: every source row is to be swept in
+    /// (see [`super::sweep`]), as if it had just arrived.
+    pub fn unmark_sql(&self) -> String {
+        format!(
+            "UPDATE {MARKS} SET upto = 0, sweep_to = NULL, swept_through = NULL, \
+             generation = generation + 1 WHERE name = '{}'",
+            self.name
+        )
     }
 
     /// A watermark view: folds every row after the watermark, so the table
@@ -704,7 +778,7 @@ impl ViewPlan {
         if !self.watermark {
             return Vec::new();
         }
-        let mut sql = vec![self.merge_source_rows(&self.after_mark())];
+        let mut sql = vec![self.merge_source_rows(&self.unfolded_rows())];
         sql.extend(self.mark_sql());
         sql
     }
@@ -729,7 +803,7 @@ impl ViewPlan {
             format!(
                 "SELECT count(*) FROM {} WHERE {}",
                 self.source(),
-                self.after_mark()
+                self.unfolded_rows()
             )
         } else {
             format!("SELECT count(*) FROM {}", self.tail())
@@ -750,24 +824,8 @@ impl ViewPlan {
     /// meanwhile stay for the next fold, nothing is locked against ingest,
     /// and store nodes folding at once never take a row twice.
     ///
-    /// A watermark view: merges the next rows after the watermark (at most
-    /// [`FOLD_BATCH`]) and moves the watermark past them.
+    /// Not for watermark views: [`super::sweep`] folds those.
     pub fn fold_sql(&self, backend: Backend) -> Vec<String> {
-        if self.watermark {
-            let upto = format!(
-                "(SELECT min(upto + {FOLD_BATCH}, (SELECT COALESCE(max(rowid), 0) FROM {})) \
-                 FROM {MARKS} WHERE name = '{}')",
-                self.source(),
-                self.name
-            );
-            return vec![
-                self.merge_source_rows(&format!("{} AND rowid <= {upto}", self.after_mark())),
-                format!(
-                    "UPDATE {MARKS} SET upto = {upto} WHERE name = '{}'",
-                    self.name
-                ),
-            ];
-        }
         let (table, tail) = (self.table(), self.tail());
         if backend == Backend::Postgres {
             let moved = format!("WITH fg_moved AS (DELETE FROM {tail} RETURNING *) ");
@@ -825,7 +883,7 @@ impl ViewPlan {
                 self.table(),
                 self.partials_of_rows(),
                 self.source(),
-                self.after_mark(),
+                self.unfolded_rows(),
                 self.group_positions()
             );
         }

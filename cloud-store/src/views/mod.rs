@@ -8,6 +8,8 @@
 //! - [`shape`]: the view a query would need, with its literal values taken out.
 //! - [`auto`]: automatic views, created for recurring costly shapes within a
 //!   budget and dropped when unused.
+//! - [`sweep`]: folding a realtime view on SQLite from its watermark, in
+//!   slices that give the writer back to ingest.
 //!
 //! The database maintains views itself, with a trigger on the source table
 //! that runs inside each ingest commit: the writer does not know views
@@ -21,6 +23,7 @@ pub mod rewrite;
 mod route_fixtures;
 pub mod rows;
 pub mod shape;
+pub mod sweep;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -32,7 +35,7 @@ use sqlx::Row;
 
 use crate::catalog::Catalog;
 use crate::db::{Backend, Db};
-use crate::with_pool;
+use crate::{with_pool, with_reading_pool};
 pub use auto::{AutoSettings, ShapeInfo};
 pub use def::{Refresh, ViewDef, ViewPlan, ViewsFile};
 
@@ -153,10 +156,12 @@ impl Views {
                 .to_string(),
             auto::SHAPES_DDL.to_string(),
             auto::USAGE_DDL.to_string(),
-            def::MARKS_DDL.to_string(),
         ])
         .await
         .map_err(|e| format!("cannot create the view catalog: {e}"))?;
+        if db.backend() == Backend::Sqlite {
+            create_marks(&db).await?;
+        }
         let views = Views {
             db,
             catalog,
@@ -308,7 +313,7 @@ impl Views {
                 plan.unfolded_count_sql()
             );
             let counted: Result<(i64, i64), String> =
-                with_pool!(self.db, pool => sqlx::query_as(&sql).fetch_one(pool).await)
+                with_reading_pool!(self.db, pool => sqlx::query_as(&sql).fetch_one(pool).await)
                     .map_err(|e| format!("cannot count view {}: {e}", plan.name));
             let sized = match counted {
                 Ok(rows) => self.bytes(&plan).await.map(|bytes| (rows, bytes)),
@@ -416,7 +421,10 @@ impl Views {
     }
 
     /// Creates a checked view: tables, trigger, rows already in the source
-    /// and its catalog entry, in one transaction.
+    /// and its catalog entry, in one transaction. A watermark view over a
+    /// stream in one table is created empty instead and swept in before
+    /// this returns: taking in a big stream in one transaction would hold
+    /// SQLite's one writer, and ingest with it, for seconds.
     async fn install(&self, plan: ViewPlan, origin: Origin) -> Result<(), ViewError> {
         let backend = self.db.backend();
         let gone = || {
@@ -437,8 +445,12 @@ impl Views {
             }
         }
         let source = self.catalog.get(plan.source()).ok_or_else(gone)?;
+        let swept_in = plan.watermark && !source.tiered();
         let mut statements = plan.create_sql(backend);
-        statements.push(plan.backfill_sql(backend, &source.read_from()));
+        statements.push(match swept_in {
+            true => plan.unmark_sql(),
+            false => plan.backfill_sql(backend, &source.read_from()),
+        });
         let definition = serde_json::to_string(&plan.def).expect("view serializes");
         let now = fleetgate_protocol::unix_now_ms();
         with_pool!(self.db, pool => async {
@@ -456,6 +468,13 @@ impl Views {
             tx.commit().await
         }.await)
         .map_err(|e| ViewError::Database(format!("cannot create view {}: {e}", plan.name)))?;
+        if swept_in {
+            // Created: queries through it are exact meanwhile, only slower;
+            // a failed sweep is taken up by the next round.
+            if let Err(e) = self.fold(&plan).await {
+                tracing::warn!(view = %plan.name, error = %e, "cannot take in the rows already stored yet");
+            }
+        }
         tracing::info!(view = %plan.name, source = %plan.source(), origin = origin.as_str(), "view created");
         self.entries.write().expect("views lock").insert(
             plan.name.clone(),
@@ -511,8 +530,12 @@ impl Views {
             .map(|p| p.name.clone())
     }
 
-    /// Folds a view's tail into its table.
+    /// Folds a view's tail into its table; a watermark view, every row
+    /// stored when the fold began.
     pub async fn fold(&self, plan: &ViewPlan) -> Result<(), String> {
+        if plan.watermark {
+            return self.sweep_up_to_now(plan, usize::MAX).await;
+        }
         let backend = self.db.backend();
         let statements = plan.fold_sql(backend);
         // PostgreSQL: expiry, swaps and view creation lock the source in
@@ -554,30 +577,51 @@ impl Views {
         )
     }
 
-    /// Folds a watermark view batch by batch until it holds every row
-    /// there was when it started (or a few batches: the next round goes
-    /// on), letting ingest commit between batches.
-    async fn catch_up(&self, plan: &ViewPlan) {
-        let target: Result<i64, _> = with_pool!(self.db, pool => {
+    /// Sweeps one batch of a watermark view. `Some(to)`: the table now
+    /// holds the rows up to `to`; `None`: nothing was left to fold.
+    async fn sweep(&self, plan: &ViewPlan) -> Result<Option<i64>, String> {
+        let limits = sweep::SweepLimits::default();
+        let failed = |e: sqlx::Error| format!("cannot fold view {}: {e}", plan.name);
+        // Overtaken (a removal or rebuild moved the marks meanwhile): read
+        // the batch again.
+        loop {
+            let Some(batch) = sweep::Batch::read(&self.db, plan, &limits)
+                .await
+                .map_err(failed)?
+            else {
+                return Ok(None);
+            };
+            match batch.merge(&self.db, plan, &limits).await.map_err(failed)? {
+                sweep::Merged::Done { to } => return Ok(Some(to)),
+                sweep::Merged::Paused | sweep::Merged::Overtaken => {}
+            }
+        }
+    }
+
+    /// Sweeps a watermark view batch by batch until it holds every row
+    /// there was when it started, or `batches` of them; ingest commits
+    /// between slices.
+    async fn sweep_up_to_now(&self, plan: &ViewPlan, batches: usize) -> Result<(), String> {
+        let target: i64 = with_reading_pool!(self.db, pool => {
             sqlx::query_scalar(&format!("SELECT COALESCE(max(rowid), 0) FROM {}", plan.source()))
                 .fetch_one(pool)
                 .await
-        });
-        let Ok(target) = target else { return };
-        for _ in 0..8 {
-            let upto: Result<i64, _> = with_pool!(self.db, pool => {
-                sqlx::query_scalar(&format!("SELECT upto FROM {} WHERE name = $1", def::MARKS))
-                    .bind(&plan.name)
-                    .fetch_one(pool)
-                    .await
-            });
-            if upto.map_or(true, |upto| upto >= target) {
-                return;
+        })
+        .map_err(|e| format!("cannot fold view {}: {e}", plan.name))?;
+        for _ in 0..batches {
+            match self.sweep(plan).await? {
+                Some(to) if to < target => {}
+                _ => break,
             }
-            if let Err(e) = self.fold(plan).await {
-                tracing::warn!(error = %e, "realtime view fold failed");
-                return;
-            }
+        }
+        Ok(())
+    }
+
+    /// A round's folding of a watermark view: a few batches at most, the
+    /// next round goes on.
+    async fn catch_up(&self, plan: &ViewPlan) {
+        if let Err(e) = self.sweep_up_to_now(plan, 8).await {
+            tracing::warn!(error = %e, "realtime view fold failed");
         }
     }
 
@@ -695,23 +739,68 @@ impl Views {
     }
 }
 
+/// The watermark views' marks (SQLite only), with the sweep's columns
+/// added to an earlier version's table.
+async fn create_marks(db: &Db) -> Result<(), String> {
+    let failed = |e: sqlx::Error| format!("cannot create the views' watermarks: {e}");
+    db.execute_ddl(&[def::MARKS_DDL.to_string()])
+        .await
+        .map_err(failed)?;
+    let swept: i64 = with_pool!(db, pool => {
+        sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM pragma_table_info('{}') WHERE name = 'generation'",
+            def::MARKS
+        ))
+        .fetch_one(pool)
+        .await
+    })
+    .map_err(failed)?;
+    if swept == 0 {
+        db.execute_ddl(&def::MARKS_SWEEP_COLUMNS.map(String::from))
+            .await
+            .map_err(failed)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An earlier version's marks table (a watermark alone) gets the
+    /// sweep's columns when the store opens, its watermarks kept.
+    #[tokio::test]
+    async fn an_earlier_versions_marks_get_the_sweeps_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(None, &dir.path().join("store.db")).await.unwrap();
+        db.execute_ddl(&[
+            "CREATE TABLE fleetgate_view_marks (name TEXT PRIMARY KEY, upto BIGINT NOT NULL)"
+                .into(),
+            "INSERT INTO fleetgate_view_marks VALUES ('old', 42)".into(),
+        ])
+        .await
+        .unwrap();
+        let catalog = Catalog::load(db.clone()).await.unwrap();
+        Views::open(db.clone(), catalog, AutoSettings::off())
+            .await
+            .unwrap();
+        let marks: (i64, Option<i64>, i64) = with_pool!(db, pool => {
+            sqlx::query_as("SELECT upto, sweep_to, generation FROM fleetgate_view_marks WHERE name = 'old'")
+                .fetch_one(pool)
+                .await
+        })
+        .unwrap();
+        assert_eq!(marks, (42, None, 0));
+    }
 
     /// A realtime view an earlier version made on SQLite, with a trigger,
     /// becomes a watermark view when the store opens: the trigger goes, no
     /// row is counted twice or missed, and later rows are folded.
     #[tokio::test]
     async fn a_trigger_view_of_an_earlier_version_gets_a_watermark() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(None, &dir.path().join("store.db")).await.unwrap();
-        let catalog = Catalog::load(db.clone()).await.unwrap();
-        let streams = fleetgate_protocol::schema::StreamsFile::parse(
-            "[streams.meter]\nfields.kwh = { type = \"float\" }\n",
-        )
-        .unwrap();
-        catalog.apply(&streams).await.unwrap();
+        let (_dir, db, catalog) =
+            crate::catalog::scratch_store("[streams.meter]\nfields.kwh = { type = \"float\" }\n")
+                .await;
         drop(Views::open(db.clone(), catalog.clone(), AutoSettings::off()).await);
         let insert = |device: &str, kwh: f64| {
             format!(

@@ -7,7 +7,6 @@
 
 use std::collections::HashSet;
 
-use fleetgate_protocol::schema::StreamsFile;
 use sqlparser::ast::{Query, SelectItem, SetExpr};
 
 use super::{rewrite, rows, AutoSettings, ViewPlan, Views, ViewsFile};
@@ -78,12 +77,7 @@ struct Case {
 }
 
 async fn climate() -> (tempfile::TempDir, Db, Catalog) {
-    let dir = tempfile::tempdir().unwrap();
-    let db = Db::open(None, &dir.path().join("store.db")).await.unwrap();
-    let catalog = Catalog::load(db.clone()).await.unwrap();
-    let streams = StreamsFile::parse(STREAM).unwrap();
-    catalog.apply(&streams).await.unwrap();
-    (dir, db, catalog)
+    crate::catalog::scratch_store(STREAM).await
 }
 
 /// Plans each view in order, as [`Views::create`] does; on PostgreSQL no
@@ -495,11 +489,15 @@ fields = ["celsius"]
 async fn what_views_are_read_from() {
     let (_dir, _db, catalog) = climate().await;
     let read_from = |views: &str, backend| plans(&catalog, &[views], backend)[0].read_from();
-    // Realtime on SQLite: the table up to the watermark, and the rows after it.
+    // Realtime on SQLite: the table up to the watermark, and the rows after
+    // it less those a sweep under way merged (device_id is the first key).
     let watermark = "(SELECT * FROM fgv_hourly UNION ALL SELECT device_id, room,
         (received_at / 3600000) * 3600000, count(*), count(celsius), COALESCE(sum(celsius), 0),
         min(celsius), max(celsius) FROM climate
         WHERE rowid > (SELECT upto FROM fleetgate_view_marks WHERE name = 'hourly')
+        AND NOT (rowid <= COALESCE((SELECT sweep_to FROM fleetgate_view_marks WHERE name = 'hourly'), -1)
+        AND (device_id IS NULL
+        OR COALESCE(device_id <= (SELECT swept_through FROM fleetgate_view_marks WHERE name = 'hourly'), 0)))
         GROUP BY 1, 2, 3) AS fgv";
     assert_eq!(read_from(HOURLY, Backend::Sqlite), one_line(watermark));
     assert_eq!(read_from(HOURLY, Backend::Postgres), "fgv_hourly");
