@@ -166,7 +166,7 @@ impl Db {
         // SQLite's default page cache is 2 MB, which is also as much as a
         // sort may take before it spills to temporary files: a view's
         // partials table at fleet scale (168,000 groups) and the sort of a
-        // fold's batch (up to 200,000 rows) outgrow it many times over.
+        // sweep's batch (up to 1,000,000 rows) outgrow it many times over.
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .after_connect(|connection, _| Box::pin(crate::sqlite_functions::register(connection)))

@@ -721,7 +721,7 @@ impl ViewPlan {
     /// Merges `rows` partials bound as parameters, a row after the other
     /// in [`Self::columns`] order.
     pub fn merge_values_sql(&self, rows: usize) -> String {
-        let row = format!("({})", vec!["?"; self.columns().len()].join(", "));
+        let row = format!("({})", vec!["?"; self.width()].join(", "));
         self.merge_into_table(
             &format!("VALUES {}", vec![row; rows].join(", ")),
             Backend::Sqlite,

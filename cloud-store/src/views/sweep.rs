@@ -58,7 +58,8 @@ const ROWS_PER_STATEMENT: usize = 256;
 #[derive(Debug, Clone, Copy)]
 pub struct SweepLimits {
     pub batch_rows: i64,
-    /// Groups in a slice: sized from [`SLICE_HOLD`] when `None`.
+    /// Groups in a slice: sized from how long slices hold and wait for the
+    /// writer when `None` (see [`SLICE_HOLD`]).
     pub slice_groups: Option<usize>,
     /// Stop after this many slices, leaving the sweep under way.
     pub max_slices: Option<usize>,
@@ -214,16 +215,13 @@ impl Batch {
             let asked = Instant::now();
             let mut tx = write.begin().await?;
             let (waited, began) = (asked.elapsed(), Instant::now());
-            let swept_through = match end {
-                0 => &Value::Null, // an empty batch: its rows left meanwhile
-                _ => &self.groups[end - 1][0],
-            };
             let query = sqlx::query(&mark)
                 .bind(if done { self.to } else { self.upto })
                 .bind((!done).then_some(self.to));
+            // Not done: the slice has groups, the last one's first value.
             let query = match done {
                 true => query.bind(None::<i64>),
-                false => swept_through.bind(query),
+                false => self.groups[end - 1][0].bind(query),
             };
             let moved = query
                 .bind(&plan.name)
