@@ -48,7 +48,7 @@ impl AutoSettings {
             budget_bytes: 0,
             recurrences: 5,
             window: Duration::from_secs(600),
-            min_cost: Duration::from_millis(50),
+            min_cost: Duration::from_millis(10),
             min_gain: 10.0,
             unused_after: Duration::from_secs(3600),
         }
