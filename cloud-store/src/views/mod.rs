@@ -11,10 +11,11 @@
 //! - [`sweep`]: folding a realtime view on SQLite from its watermark, in
 //!   slices that give the writer back to ingest.
 //!
-//! The database maintains views itself, with a trigger on the source table
-//! that runs inside each ingest commit: the writer does not know views
+//! The database maintains views itself, so the writer does not know views
 //! exist, every store node of a cluster maintains them alike, and a record
-//! that was not inserted (a re-sent key) is not counted.
+//! that was not inserted (a re-sent key) is not counted: a trigger on the
+//! source table runs inside each ingest commit, except for realtime views
+//! on SQLite, which [`sweep`] folds from the source rows after a watermark.
 
 pub mod auto;
 pub mod def;
