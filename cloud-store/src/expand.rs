@@ -1,6 +1,7 @@
 //! Queries name streams; a stream is not always one plain table. A tiered
-//! stream's rows are in two tables, and a compacted field is in `extra`,
-//! not a column. [`expand`] rewrites a checked query so each such stream
+//! stream's rows are in two tables, a compacted field is in `extra`, not a
+//! column, and a PostgreSQL stream table has a column queries must not see
+//! (`catalog::INSERT_XID`). [`expand`] rewrites a checked query so each such stream
 //! reads as declared, under the name (or alias) the query gives it.
 
 use std::collections::HashMap;
@@ -20,7 +21,7 @@ use crate::sql_expr::{integer, split_and, ReceivedSpan};
 use crate::values::ColumnKind;
 
 /// `query` with each stream it reads that is not one plain table (tiered,
-/// or with compacted fields) replaced by
+/// with compacted fields, or on PostgreSQL) replaced by
 /// [`crate::catalog::Stream::read_from`] (a superseded table with
 /// compacted fields by `read_superseded`) under the
 /// stream's name (or alias); `None` when it reads none, and runs as
@@ -282,7 +283,7 @@ impl VisitorMut for Expander {
             // `AS m(a, b)` renames columns, which a union's would not match.
             Some(alias) => {
                 return ControlFlow::Break(format!(
-                    "{table} is read through a subquery (tiers or compacted fields); \
+                    "{table} is read through a subquery (tiers, compacted fields, or a hidden column); \
                      read it without renaming its columns ({alias})"
                 ))
             }

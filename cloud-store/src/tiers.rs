@@ -133,7 +133,8 @@ impl Tiers {
             // Rows sharing one timestamp move together (a chunk may hold
             // more than CHUNK_ROWS when many share the last one).
             let upto = chunk_end.map_or(cutoff, |end| end + 1).min(cutoff);
-            let condition = format!("{RECEIVED_AT} < $1{spare}");
+            let folded = self.views.folded_in_every_view(name);
+            let condition = format!("{RECEIVED_AT} < $1{spare}{folded}");
             let (backend, lock) = (
                 self.db.backend(),
                 format!("LOCK TABLE {name} IN ACCESS SHARE MODE"),

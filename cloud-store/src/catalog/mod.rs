@@ -160,9 +160,10 @@ impl Stream {
     }
 
     /// Whether the stream's rows are one table whose columns are its
-    /// fields, which a query can read as it is.
+    /// fields, which a query can read as it is. On PostgreSQL the table
+    /// also holds [`INSERT_XID`], which queries must not see.
     pub fn is_plain(&self) -> bool {
-        !self.tiered() && self.compacted.is_empty()
+        !self.tiered() && self.compacted.is_empty() && self.backend == Backend::Sqlite
     }
 
     /// The kind of a declared field's column.
@@ -399,11 +400,75 @@ impl Stream {
 pub fn physical_columns_sql(backend: Backend) -> &'static str {
     match backend {
         Backend::Sqlite => "SELECT name FROM pragma_table_info($1) ORDER BY cid",
+        // Without INSERT_XID: a row copied elsewhere gets its new
+        // transaction's there.
         Backend::Postgres => {
             "SELECT column_name::text FROM information_schema.columns \
-             WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position"
+             WHERE table_schema = current_schema() AND table_name = $1 \
+             AND column_name <> 'fg_insert_xid' ORDER BY ordinal_position"
         }
     }
+}
+
+/// PostgreSQL: the column of a stream's table that holds the id of the
+/// transaction that inserted the row (its top-level xid, epoch included,
+/// as a bigint, whose statistics the planner can interpolate, unlike
+/// `xid8`'s), so
+/// realtime views can fold the rows a snapshot did not see yet (see
+/// `crate::views::def::CUTS`). Rows stored before the column existed have
+/// NULL: views took them in already. Indexed, since views read only the
+/// newest: a btree, which holds each transaction's rows as one entry (its
+/// deduplication), and stays exact where a BRIN index would not once
+/// expiry frees space for new rows among old ones.
+pub const INSERT_XID: &str = "fg_insert_xid";
+
+/// Adds [`INSERT_XID`] to a PostgreSQL stream table, `table`, and indexes
+/// it; with `existing`, for a table that already holds rows, which keep
+/// NULL (a default that is not constant would rewrite the table).
+fn insert_xid_ddl(table: &str, existing: bool) -> Vec<String> {
+    let default = "(pg_current_xact_id()::text)::bigint";
+    let mut ddl = if existing {
+        vec![
+            format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {INSERT_XID} BIGINT"),
+            format!("ALTER TABLE {table} ALTER COLUMN {INSERT_XID} SET DEFAULT {default}"),
+        ]
+    } else {
+        vec![format!(
+            "ALTER TABLE {table} ADD COLUMN {INSERT_XID} BIGINT DEFAULT {default}"
+        )]
+    };
+    ddl.push(format!(
+        "CREATE INDEX IF NOT EXISTS {table}_insert_xid ON {table} ({INSERT_XID})"
+    ));
+    ddl
+}
+
+/// Gives the PostgreSQL stream tables an earlier version made their
+/// [`INSERT_XID`] column; nothing on SQLite.
+async fn add_insert_xids(db: &Db, streams: &HashMap<String, Arc<Stream>>) -> Result<(), String> {
+    if db.backend() != Backend::Postgres || streams.is_empty() {
+        return Ok(());
+    }
+    let with_column: Vec<String> = with_pool!(db, pool => {
+        sqlx::query_scalar(
+            "SELECT table_name::text FROM information_schema.columns \
+             WHERE table_schema = current_schema() AND column_name = $1",
+        )
+        .bind(INSERT_XID)
+        .fetch_all(pool)
+        .await
+    })
+    .map_err(|e| format!("cannot read the stream tables' columns: {e}"))?;
+    for name in streams.keys().filter(|n| !with_column.contains(n)) {
+        // Processes starting together: one adds it, the others wait.
+        let mut ddl = vec![format!("SELECT pg_advisory_xact_lock(hashtext('{name}'))")];
+        ddl.extend(insert_xid_ddl(name, true));
+        db.execute_ddl(&ddl)
+            .await
+            .map_err(|e| format!("cannot add {INSERT_XID} to stream {name}: {e}"))?;
+        tracing::info!(stream = %name, "stream table takes the inserting transaction's id now");
+    }
+    Ok(())
 }
 
 pub fn sql_type(kind: ColumnKind) -> &'static str {
@@ -473,6 +538,7 @@ impl Catalog {
         .await
         .map_err(|e| format!("cannot create the stream catalog: {e}"))?;
         let streams = read_streams(&db).await?;
+        add_insert_xids(&db, &streams).await?;
         Ok(Catalog {
             db,
             streams: Arc::new(RwLock::new(streams)),
@@ -830,7 +896,11 @@ impl Catalog {
     }
 
     fn create_table_ddl(&self, name: &str, def: &StreamDef) -> Vec<String> {
-        table_ddl(name, def, self.db.auto_id_column(ROW_ID))
+        let mut ddl = table_ddl(name, def, self.db.auto_id_column(ROW_ID));
+        if self.db.backend() == Backend::Postgres {
+            ddl.extend(insert_xid_ddl(name, false));
+        }
+        ddl
     }
 }
 

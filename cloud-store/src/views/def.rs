@@ -35,7 +35,7 @@ use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
 use super::rows::RowsPlan;
-use crate::catalog::{sql_type, Stream};
+use crate::catalog::{sql_type, Stream, INSERT_XID};
 use crate::db::Backend;
 use crate::values::ColumnKind;
 
@@ -174,13 +174,34 @@ pub struct ViewPlan {
     /// The view's own retention (see [`ViewDef::ttl`]); `None`: it loses
     /// rows as its stream does.
     pub ttl: Option<Duration>,
-    /// A realtime aggregate view on SQLite: no trigger; its table holds the
-    /// partials of the source rows up to a watermark (a rowid, kept in
-    /// [`MARKS`]), queries add the rows after it, and sweeps move it on
-    /// (see [`super::sweep`]). A per-row SQLite trigger cost most of
-    /// ingest; this costs ingest nothing.
+    /// A realtime aggregate view: no trigger; its table holds the partials
+    /// of the source rows up to a watermark, queries add the rows after it,
+    /// and folds move it on. On SQLite the watermark is a rowid, kept in
+    /// [`MARKS`] and moved by sweeps (see [`super::sweep`]); on PostgreSQL a
+    /// snapshot, kept in [`CUTS`]. Maintained inside every ingest commit,
+    /// such a view cost half of ingest or more; this costs ingest nothing.
     pub watermark: bool,
+    /// The database the view lives in (that of its stream).
+    pub backend: Backend,
 }
+
+/// Each PostgreSQL watermark view's cut: the snapshot whose rows the
+/// table holds. A row is in the table exactly when the cut sees the
+/// transaction that inserted it ([`INSERT_XID`]): rows stored before that
+/// column existed (NULL) are. Rows commit out of xid order, so no single
+/// xid could be the watermark; a snapshot is what a statement saw. A fold
+/// merges the rows its own statement sees and the cut does not, and sets
+/// the cut to its statement's snapshot, in one statement.
+pub const CUTS: &str = "fleetgate_view_cuts";
+pub const CUTS_DDL: [&str; 2] = [
+    "CREATE TABLE IF NOT EXISTS fleetgate_view_cuts (name TEXT PRIMARY KEY, cut pg_snapshot NOT NULL)",
+    // The oldest xid a view's cut does not see: the unfolded rows' bound,
+    // a function so that the planner (which runs stable functions to
+    // estimate) knows it and reads only the newest rows through the index.
+    "CREATE OR REPLACE FUNCTION fleetgate_view_floor(view_name TEXT) RETURNS BIGINT \
+     LANGUAGE sql STABLE AS $$ SELECT (pg_snapshot_xmin(cut)::text)::bigint \
+     FROM fleetgate_view_cuts WHERE name = view_name $$",
+];
 
 /// Each watermark view's watermark (SQLite only). The table holds the
 /// source rows up to `upto`; while a sweep is under way, also those up to
@@ -257,6 +278,7 @@ impl ViewPlan {
                 refresh,
                 ttl,
                 watermark: false,
+                backend: source.backend(),
             });
         }
         if let Some(over) = over {
@@ -361,7 +383,8 @@ impl ViewPlan {
             bucket,
             aggregates,
             measured,
-            watermark: source.backend() == Backend::Sqlite && refresh == Refresh::Realtime,
+            watermark: refresh == Refresh::Realtime,
+            backend: source.backend(),
             refresh,
             ttl,
         })
@@ -593,6 +616,12 @@ impl ViewPlan {
             format!("CREATE TABLE {tail} ({})", columns.join(", ")),
         ];
         match backend {
+            // Keeps expiry and swaps out while the backfill reads, as
+            // creating a trigger would.
+            Backend::Postgres if self.watermark => sql.insert(
+                0,
+                format!("LOCK TABLE {source} IN SHARE ROW EXCLUSIVE MODE"),
+            ),
             Backend::Postgres => {
                 let body = match self.refresh {
                     Refresh::Realtime => self.merge_into_table(
@@ -655,14 +684,23 @@ impl ViewPlan {
         if let Some(rows) = &self.rows {
             return rows.insert_sql(&self.table(), from);
         }
-        self.merge_into_table(
+        let merge = self.merge_into_table(
             &format!(
                 "SELECT {} FROM {from} WHERE true GROUP BY {}",
                 self.partials_of_rows(),
                 self.group_positions()
             ),
             backend,
-        )
+        );
+        match backend {
+            // The cut is the snapshot the backfill read.
+            Backend::Postgres if self.watermark => format!(
+                "WITH fg_cut AS (INSERT INTO {CUTS} (name, cut) VALUES ('{}', pg_current_snapshot()) \
+                 ON CONFLICT (name) DO UPDATE SET cut = excluded.cut) {merge}",
+                self.name
+            ),
+            _ => merge,
+        }
     }
 
     /// Empties the view and takes in every row `from` reads again: after
@@ -678,10 +716,18 @@ impl ViewPlan {
         sql
     }
 
-    /// The source's rows the table does not hold yet: after the watermark,
-    /// less those a sweep under way has merged (see [`MARKS`]). NULL sorts
-    /// first, as in the sweep's `ORDER BY`.
+    /// The source's rows the table does not hold yet. SQLite: after the
+    /// watermark, less those a sweep under way has merged (see [`MARKS`]);
+    /// NULL sorts first, as in the sweep's `ORDER BY`. PostgreSQL: those
+    /// of transactions its cut does not see (see [`CUTS`]).
     fn unfolded_rows(&self) -> String {
+        if self.backend == Backend::Postgres {
+            return format!(
+                "{INSERT_XID} >= fleetgate_view_floor('{name}') AND NOT pg_visible_in_snapshot(\
+                 ({INSERT_XID}::text)::xid8, (SELECT cut FROM {CUTS} WHERE name = '{name}'))",
+                name = self.name
+            );
+        }
         let mark = |column: &str| {
             format!(
                 "(SELECT {column} FROM {MARKS} WHERE name = '{}')",
@@ -742,13 +788,15 @@ impl ViewPlan {
         )
     }
 
-    /// A watermark view: sets the watermark on the source's last row, once
-    /// the table holds every row (after a backfill, a rebuild or
+    /// A watermark view on SQLite: sets the watermark on the source's last
+    /// row, once the table holds every row (after a backfill, a rebuild or
     /// [`Self::settle_sql`]); nothing for other views. Run also after rows
     /// are deleted from the source: SQLite gives a new row the largest
     /// rowid plus one, which must not be at or below the watermark.
+    /// (PostgreSQL never hands out an xid again, and a cut is set by the
+    /// statement that reads the rows.)
     pub fn mark_sql(&self) -> Vec<String> {
-        if !self.watermark {
+        if !self.watermark || self.backend == Backend::Postgres {
             return Vec::new();
         }
         vec![format!(
@@ -778,9 +826,64 @@ impl ViewPlan {
         if !self.watermark {
             return Vec::new();
         }
+        if self.backend == Backend::Postgres {
+            return self.fold_cut_sql();
+        }
         let mut sql = vec![self.merge_source_rows(&self.unfolded_rows())];
         sql.extend(self.mark_sql());
         sql
+    }
+
+    /// A watermark view on PostgreSQL: folds what its cut does not see and
+    /// moves the cut on, in one statement (see [`CUTS`]). One fold of a
+    /// view at a time: two from the same cut would count rows twice. In
+    /// key order, so that the table's index is written page by page.
+    pub fn fold_cut_sql(&self) -> Vec<String> {
+        let table = self.table();
+        let merge = self.merge_into_table(
+            &format!(
+                "SELECT {} FROM {} WHERE {} GROUP BY {positions} ORDER BY {positions}",
+                self.partials_of_rows(),
+                self.source(),
+                self.unfolded_rows(),
+                positions = self.group_positions()
+            ),
+            Backend::Postgres,
+        );
+        vec![
+            format!("LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE"),
+            format!(
+                "WITH fg_cut AS (UPDATE {CUTS} SET cut = pg_current_snapshot() WHERE name = '{}') {merge}",
+                self.name
+            ),
+        ]
+    }
+
+    /// A watermark view on PostgreSQL: the source rows its table holds (a
+    /// condition on the source). `None` elsewhere: SQLite's one writer lets
+    /// no row commit between a fold and what follows it.
+    pub fn folded_rows(&self) -> Option<String> {
+        (self.watermark && self.backend == Backend::Postgres)
+            .then(|| format!("NOT COALESCE({}, false)", self.unfolded_rows()))
+    }
+
+    /// A view of an earlier version kept by a trigger on PostgreSQL becomes
+    /// a watermark view: the trigger goes, and the cut is a snapshot taken
+    /// while no commit can insert into the source, so it sees every row the
+    /// trigger counted and none it did not. Two processes adopting at once
+    /// set it once.
+    pub fn adopt_cut_sql(&self) -> Vec<String> {
+        let (trigger, source) = (self.trigger(), self.source());
+        vec![
+            format!("LOCK TABLE {source} IN SHARE ROW EXCLUSIVE MODE"),
+            format!("DROP TRIGGER IF EXISTS {trigger} ON {source}"),
+            format!("DROP FUNCTION IF EXISTS {trigger}()"),
+            format!(
+                "INSERT INTO {CUTS} (name, cut) VALUES ('{}', pg_current_snapshot()) \
+                 ON CONFLICT (name) DO NOTHING",
+                self.name
+            ),
+        ]
     }
 
     /// Merges the partials of the source rows `condition` selects.
@@ -792,7 +895,7 @@ impl ViewPlan {
                 self.source(),
                 self.group_positions()
             ),
-            Backend::Sqlite,
+            self.backend,
         )
     }
 
@@ -868,7 +971,11 @@ impl ViewPlan {
         sql.push(format!("DROP TABLE IF EXISTS {}", self.table()));
         sql.push(format!("DROP TABLE IF EXISTS {}", self.tail()));
         if self.watermark {
-            sql.push(format!("DELETE FROM {MARKS} WHERE name = '{}'", self.name));
+            let marks = match backend {
+                Backend::Sqlite => MARKS,
+                Backend::Postgres => CUTS,
+            };
+            sql.push(format!("DELETE FROM {marks} WHERE name = '{}'", self.name));
         }
         sql
     }

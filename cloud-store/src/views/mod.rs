@@ -11,11 +11,13 @@
 //! - [`sweep`]: folding a realtime view on SQLite from its watermark, in
 //!   slices that give the writer back to ingest.
 //!
-//! The database maintains views itself, so the writer does not know views
-//! exist, every store node of a cluster maintains them alike, and a record
-//! that was not inserted (a re-sent key) is not counted: a trigger on the
-//! source table runs inside each ingest commit, except for realtime views
-//! on SQLite, which [`sweep`] folds from the source rows after a watermark.
+//! The writer does not know views exist, every store node of a cluster
+//! maintains them alike, and a record that was not inserted (a re-sent key)
+//! is not counted. Realtime aggregate views are folded from the source rows
+//! after a watermark, off the ingest path: on SQLite a rowid, folded by
+//! [`sweep`]; on PostgreSQL a snapshot (see [`def::CUTS`]), folded in one
+//! statement a round. Queries add the rows after it. Other views are kept
+//! by a trigger on the source table, inside each ingest commit.
 
 pub mod auto;
 pub mod def;
@@ -35,7 +37,7 @@ use sqlparser::ast::Query;
 use sqlx::Row;
 
 use crate::catalog::Catalog;
-use crate::db::{Backend, Db};
+use crate::db::{Backend, Db, Pools};
 use crate::{with_pool, with_reading_pool};
 pub use auto::{AutoSettings, ShapeInfo};
 pub use def::{Refresh, ViewDef, ViewPlan, ViewsFile};
@@ -141,6 +143,9 @@ pub struct Views {
     catalog: Catalog,
     entries: RwLock<BTreeMap<String, Entry>>,
     folded: Mutex<HashMap<String, Instant>>,
+    /// PostgreSQL sources known to have statistics (see
+    /// [`Views::analyze_once`]).
+    analyzed: Mutex<std::collections::HashSet<String>>,
     auto: AutoSettings,
     /// Query shapes seen since they were last written to the shape log.
     shapes: Mutex<HashMap<String, auto::ShapeLog>>,
@@ -160,14 +165,26 @@ impl Views {
         ])
         .await
         .map_err(|e| format!("cannot create the view catalog: {e}"))?;
-        if db.backend() == Backend::Sqlite {
-            create_marks(&db).await?;
+        match db.backend() {
+            Backend::Sqlite => create_marks(&db).await?,
+            Backend::Postgres => {
+                // Processes starting together: one replaces the function
+                // at a time.
+                let mut ddl = vec![
+                    "SELECT pg_advisory_xact_lock(hashtext('fleetgate_view_cuts'))".to_string(),
+                ];
+                ddl.extend(def::CUTS_DDL.map(String::from));
+                db.execute_ddl(&ddl)
+                    .await
+                    .map_err(|e| format!("cannot create the views' cuts: {e}"))?;
+            }
         }
         let views = Views {
             db,
             catalog,
             entries: RwLock::default(),
             folded: Mutex::default(),
+            analyzed: Mutex::default(),
             auto,
             shapes: Mutex::default(),
             used: Mutex::default(),
@@ -178,13 +195,17 @@ impl Views {
         Ok(views)
     }
 
-    /// Realtime views an earlier version kept with a trigger on SQLite:
-    /// the trigger goes, and the watermark starts at the source's last
-    /// row, which the trigger counted.
+    /// Realtime views an earlier version kept with a trigger: the trigger
+    /// goes, and the watermark starts where the trigger's counting ended
+    /// (on SQLite the source's last row).
     async fn adopt_watermarks(&self) -> Result<(), String> {
+        let marks = match self.db.backend() {
+            Backend::Sqlite => def::MARKS,
+            Backend::Postgres => def::CUTS,
+        };
         for plan in self.plans().into_iter().filter(|p| p.watermark) {
-            let marked: Option<i64> = with_pool!(self.db, pool => {
-                sqlx::query_scalar(&format!("SELECT upto FROM {} WHERE name = $1", def::MARKS))
+            let marked: Option<String> = with_pool!(self.db, pool => {
+                sqlx::query_scalar(&format!("SELECT name FROM {marks} WHERE name = $1"))
                     .bind(&plan.name)
                     .fetch_optional(pool)
                     .await
@@ -193,8 +214,14 @@ impl Views {
             if marked.is_some() {
                 continue;
             }
-            let mut statements = vec![format!("DROP TRIGGER IF EXISTS {}", plan.trigger())];
-            statements.extend(plan.mark_sql());
+            let statements = match self.db.backend() {
+                Backend::Postgres => plan.adopt_cut_sql(),
+                Backend::Sqlite => {
+                    let mut statements = vec![format!("DROP TRIGGER IF EXISTS {}", plan.trigger())];
+                    statements.extend(plan.mark_sql());
+                    statements
+                }
+            };
             self.db
                 .execute_ddl(&statements)
                 .await
@@ -446,7 +473,7 @@ impl Views {
             }
         }
         let source = self.catalog.get(plan.source()).ok_or_else(gone)?;
-        let swept_in = plan.watermark && !source.tiered();
+        let swept_in = plan.watermark && !source.tiered() && backend == Backend::Sqlite;
         let mut statements = plan.create_sql(backend);
         statements.push(match swept_in {
             true => plan.unmark_sql(),
@@ -534,11 +561,14 @@ impl Views {
     /// Folds a view's tail into its table; a watermark view, every row
     /// stored when the fold began.
     pub async fn fold(&self, plan: &ViewPlan) -> Result<(), String> {
-        if plan.watermark {
+        let backend = self.db.backend();
+        if plan.watermark && backend == Backend::Sqlite {
             return self.sweep_up_to_now(plan, usize::MAX).await;
         }
-        let backend = self.db.backend();
-        let statements = plan.fold_sql(backend);
+        let statements = match plan.watermark {
+            true => plan.fold_cut_sql(),
+            false => plan.fold_sql(backend),
+        };
         // PostgreSQL: expiry, swaps and view creation lock the source in
         // SHARE ROW EXCLUSIVE mode while they rewrite a view; this mode
         // waits for them (and they for it) but not for ingest, whose
@@ -547,22 +577,73 @@ impl Views {
             "LOCK TABLE {} IN SHARE UPDATE EXCLUSIVE MODE",
             plan.source()
         );
-        with_pool!(self.db, pool => async {
+        let merged = with_pool!(self.db, pool => async {
             let mut tx = pool.begin().await?;
-            if backend == Backend::Postgres {
+            if backend == Backend::Postgres && !plan.watermark {
                 sqlx::query(&serialize).execute(&mut *tx).await?;
             }
+            let mut merged = 0;
             for statement in &statements {
-                sqlx::query(statement).execute(&mut *tx).await?;
+                merged += sqlx::query(statement).execute(&mut *tx).await?.rows_affected();
             }
-            tx.commit().await
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(merged)
         }.await)
         .map_err(|e| format!("cannot refresh view {}: {e}", plan.name))?;
+        if plan.watermark && merged > 0 {
+            self.analyze_once(plan.source()).await;
+        }
         self.folded
             .lock()
             .expect("folded lock")
             .insert(plan.name.clone(), Instant::now());
         Ok(())
+    }
+
+    /// Gives a PostgreSQL source statistics if it has none yet. Queries
+    /// through a watermark view read the source's rows after the cut's
+    /// oldest xid; with statistics (however old: past their histogram the
+    /// planner asks the index) the planner knows those are few. Without,
+    /// as after a bulk load into a new stream before autovacuum came by,
+    /// it guessed a third of a 10M-row table, and compiling that plan
+    /// (JIT) took 300 ms of a query that then read no row.
+    async fn analyze_once(&self, source: &str) {
+        if self
+            .analyzed
+            .lock()
+            .expect("analyzed lock")
+            .contains(source)
+        {
+            return;
+        }
+        let Pools::Postgres { write, .. } = &self.db.pools else {
+            return;
+        };
+        let has_statistics =
+            "SELECT EXISTS (SELECT 1 FROM pg_stats WHERE schemaname = current_schema() \
+             AND tablename = $1 AND attname = $2)";
+        let analyzed = async {
+            let known: bool = sqlx::query_scalar(has_statistics)
+                .bind(source)
+                .bind(crate::catalog::INSERT_XID)
+                .fetch_one(write)
+                .await?;
+            if !known {
+                sqlx::query(&format!("ANALYZE {source}"))
+                    .execute(write)
+                    .await?;
+            }
+            Ok::<_, sqlx::Error>(())
+        };
+        match analyzed.await {
+            Ok(()) => {
+                self.analyzed
+                    .lock()
+                    .expect("analyzed lock")
+                    .insert(source.to_string());
+            }
+            Err(e) => tracing::warn!(stream = %source, error = %e, "cannot analyze the stream"),
+        }
     }
 
     /// For an operation that takes rows out of `stream` (expiry, a tier
@@ -576,6 +657,20 @@ impl Views {
             of_stream().flat_map(|p| p.settle_sql()).collect(),
             of_stream().flat_map(|p| p.mark_sql()).collect(),
         )
+    }
+
+    /// For a tier move of `stream`, which lets ingest go on: a condition
+    /// (`" AND …"`, or empty) that keeps in the hot table the rows a
+    /// watermark view has not folded, since a row that committed after the
+    /// move's folds must not reach the cold tier unseen. They move on the
+    /// next round.
+    pub fn folded_in_every_view(&self, stream: &str) -> String {
+        self.plans()
+            .iter()
+            .filter(|p| p.source() == stream)
+            .filter_map(|p| p.folded_rows())
+            .map(|condition| format!(" AND {condition}"))
+            .collect()
     }
 
     /// Sweeps one batch of a watermark view. `Some(to)`: the table now
@@ -618,10 +713,15 @@ impl Views {
         Ok(())
     }
 
-    /// A round's folding of a watermark view: a few batches at most, the
-    /// next round goes on.
+    /// A round's folding of a watermark view: on SQLite a few batches at
+    /// most, the next round goes on; on PostgreSQL every row its cut does
+    /// not see.
     async fn catch_up(&self, plan: &ViewPlan) {
-        if let Err(e) = self.sweep_up_to_now(plan, 8).await {
+        let folded = match self.db.backend() {
+            Backend::Sqlite => self.sweep_up_to_now(plan, 8).await,
+            Backend::Postgres => self.fold(plan).await,
+        };
+        if let Err(e) = folded {
             tracing::warn!(error = %e, "realtime view fold failed");
         }
     }

@@ -80,15 +80,15 @@ async fn climate() -> (tempfile::TempDir, Db, Catalog) {
     crate::catalog::scratch_store(STREAM).await
 }
 
-/// Plans each view in order, as [`Views::create`] does; on PostgreSQL no
-/// view has a watermark (the catalog's own database is SQLite).
+/// Plans each view in order, as [`Views::create`] does, for `backend`
+/// (the catalog's own database is SQLite).
 fn plans(catalog: &Catalog, views: &[&str], backend: Backend) -> Vec<ViewPlan> {
     let mut plans: Vec<ViewPlan> = Vec::new();
     for (name, def) in ViewsFile::parse(&views.concat()).unwrap().views {
         let over = plans.iter().find(|p| p.name == def.source).cloned();
         let stream = catalog.get(over.as_ref().map_or(&def.source, |o| &o.stream));
         let mut plan = ViewPlan::new(&name, &def, &stream.unwrap(), over.as_ref()).unwrap();
-        plan.watermark &= backend == Backend::Sqlite;
+        plan.backend = backend;
         plans.push(plan);
     }
     plans
@@ -500,7 +500,16 @@ async fn what_views_are_read_from() {
         OR COALESCE(device_id <= (SELECT swept_through FROM fleetgate_view_marks WHERE name = 'hourly'), 0)))
         GROUP BY 1, 2, 3) AS fgv";
     assert_eq!(read_from(HOURLY, Backend::Sqlite), one_line(watermark));
-    assert_eq!(read_from(HOURLY, Backend::Postgres), "fgv_hourly");
+    // Realtime on PostgreSQL: the table up to the cut, and the rows of
+    // transactions the cut does not see.
+    let cut = "(SELECT * FROM fgv_hourly UNION ALL SELECT device_id, room,
+        (received_at / 3600000) * 3600000, count(*), count(celsius), COALESCE(sum(celsius), 0),
+        min(celsius), max(celsius) FROM climate
+        WHERE fg_insert_xid >= fleetgate_view_floor('hourly')
+        AND NOT pg_visible_in_snapshot((fg_insert_xid::text)::xid8,
+        (SELECT cut FROM fleetgate_view_cuts WHERE name = 'hourly'))
+        GROUP BY 1, 2, 3) AS fgv";
+    assert_eq!(read_from(HOURLY, Backend::Postgres), one_line(cut));
     let tally = "[views.tally]\nsource = \"climate\"\naggregates = { n = \"count(*)\" }\n";
     for backend in [Backend::Sqlite, Backend::Postgres] {
         let every = format!("{tally}refresh = {{ every = \"30s\" }}\n");
