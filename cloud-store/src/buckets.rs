@@ -175,7 +175,7 @@ impl Buckets {
                     Some(condition) => [plan.table(), plan.tail()]
                         .map(|table| format!("DELETE FROM {table} WHERE {condition}"))
                         .to_vec(),
-                    None => plan.rebuild_sql(backend, &stream.read_from()),
+                    None => plan.rebuild_sql(&stream.read_from()),
                 }
             })
             .collect();

@@ -380,7 +380,7 @@ impl Tiers {
                 }
                 // Min and max cannot be taken back: rebuilt from the rows
                 // that remain.
-                _ => view_updates.extend(plan.rebuild_sql(backend, &stream.read_from())),
+                _ => view_updates.extend(plan.rebuild_sql(&stream.read_from())),
             }
         }
         let lock = format!("LOCK TABLE {name} IN SHARE ROW EXCLUSIVE MODE");

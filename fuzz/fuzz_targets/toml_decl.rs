@@ -61,15 +61,16 @@ fn views(text: &str) {
         let Some(stream) = store.catalog.get(source) else {
             continue;
         };
-        let Ok(plan) = ViewPlan::new(name, def, &stream, over.map(|p| p.as_ref())) else {
+        let Ok(mut plan) = ViewPlan::new(name, def, &stream, over.map(|p| p.as_ref())) else {
             continue;
         };
         for backend in [Backend::Sqlite, Backend::Postgres] {
-            let _ = plan.create_sql(backend);
-            let _ = plan.backfill_sql(backend, &stream.name);
-            let _ = plan.rebuild_sql(backend, &stream.name);
-            let _ = plan.fold_sql(backend);
-            let _ = plan.drop_sql(backend);
+            plan.backend = backend;
+            let _ = plan.create_sql();
+            let _ = plan.backfill_sql(&stream.name);
+            let _ = plan.rebuild_sql(&stream.name);
+            let _ = plan.fold_sql();
+            let _ = plan.drop_sql();
         }
         let _ = (plan.read_from(), plan.table(), plan.tail());
         let _ = (plan.row_bytes_estimate(), plan.bucket_sql("r"));

@@ -411,11 +411,10 @@ pub fn physical_columns_sql(backend: Backend) -> &'static str {
 }
 
 /// PostgreSQL: the column of a stream's table that holds the id of the
-/// transaction that inserted the row (its top-level xid, epoch included,
-/// as a bigint, whose statistics the planner can interpolate, unlike
-/// `xid8`'s), so
-/// realtime views can fold the rows a snapshot did not see yet (see
-/// `crate::views::def::CUTS`). Rows stored before the column existed have
+/// transaction that inserted the row, so realtime views can fold the rows
+/// a snapshot did not see yet (see `crate::views::def::CUTS`). The
+/// top-level xid, epoch included, as a bigint, whose statistics the
+/// planner can interpolate, unlike `xid8`'s. Rows stored before the column existed have
 /// NULL: views took them in already. Indexed, since views read only the
 /// newest: a btree, which holds each transaction's rows as one entry (its
 /// deduplication), and stays exact where a BRIN index would not once

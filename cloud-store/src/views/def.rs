@@ -558,7 +558,7 @@ impl ViewPlan {
     }
 
     /// `INSERT … ON CONFLICT` merging `rows` (partials) into the table.
-    fn merge_into_table(&self, rows: &str, backend: Backend) -> String {
+    fn merge_into_table(&self, rows: &str) -> String {
         // Unaliased: SQLite takes no `AS` alias in a trigger's INSERT.
         let table = self.table();
         let assignments: Vec<String> = self
@@ -567,7 +567,7 @@ impl ViewPlan {
             .zip(self.columns())
             .filter_map(|(part, (c, _))| {
                 let (old, new) = (format!("{table}.{c}"), format!("excluded.{c}"));
-                let merged = match (part, backend) {
+                let merged = match (part, self.backend) {
                     (Part::Group(..) | Part::Bucket, _) => return None,
                     (Part::Min(..), Backend::Postgres) => format!("LEAST({old}, {new})"),
                     (Part::Max(..), Backend::Postgres) => format!("GREATEST({old}, {new})"),
@@ -594,9 +594,9 @@ impl ViewPlan {
     /// Creates the tables and the trigger that maintains them; then
     /// [`Self::backfill_sql`] takes in the rows already there. Run in one
     /// transaction, nothing committed in between is missed or counted twice.
-    pub fn create_sql(&self, backend: Backend) -> Vec<String> {
+    pub fn create_sql(&self) -> Vec<String> {
         if let Some(rows) = &self.rows {
-            return rows.create_sql(self, backend);
+            return rows.create_sql(self);
         }
         let columns: Vec<String> = self
             .columns()
@@ -615,7 +615,7 @@ impl ViewPlan {
             ),
             format!("CREATE TABLE {tail} ({})", columns.join(", ")),
         ];
-        match backend {
+        match self.backend {
             // Keeps expiry and swaps out while the backfill reads, as
             // creating a trigger would.
             Backend::Postgres if self.watermark => sql.insert(
@@ -624,18 +624,15 @@ impl ViewPlan {
             ),
             Backend::Postgres => {
                 let body = match self.refresh {
-                    Refresh::Realtime => self.merge_into_table(
-                        &format!(
-                            // In key order: two commits merging into the
-                            // same groups lock them in one order, and wait
-                            // for each other instead of deadlocking.
-                            "SELECT {} FROM fgv_new WHERE true GROUP BY {} ORDER BY {}",
-                            self.partials_of_rows(),
-                            self.group_positions(),
-                            self.group_positions()
-                        ),
-                        backend,
-                    ),
+                    Refresh::Realtime => self.merge_into_table(&format!(
+                        // In key order: two commits merging into the
+                        // same groups lock them in one order, and wait
+                        // for each other instead of deadlocking.
+                        "SELECT {} FROM fgv_new WHERE true GROUP BY {} ORDER BY {}",
+                        self.partials_of_rows(),
+                        self.group_positions(),
+                        self.group_positions()
+                    )),
                     Refresh::Every(_) | Refresh::OnDemand => format!(
                         "INSERT INTO {tail} ({}) SELECT {} FROM fgv_new GROUP BY {}",
                         self.column_list(),
@@ -649,7 +646,7 @@ impl ViewPlan {
             Backend::Sqlite => {
                 let values = format!("VALUES ({})", self.partials_of_new_row());
                 let body = match self.refresh {
-                    Refresh::Realtime => self.merge_into_table(&values, backend),
+                    Refresh::Realtime => self.merge_into_table(&values),
                     Refresh::Every(_) | Refresh::OnDemand => {
                         format!("INSERT INTO {tail} ({}) {values}", self.column_list())
                     }
@@ -680,19 +677,16 @@ impl ViewPlan {
 
     /// Takes in the source rows present when the view is created; `from`
     /// reads all of them (both tiers of a tiered stream).
-    pub fn backfill_sql(&self, backend: Backend, from: &str) -> String {
+    pub fn backfill_sql(&self, from: &str) -> String {
         if let Some(rows) = &self.rows {
             return rows.insert_sql(&self.table(), from);
         }
-        let merge = self.merge_into_table(
-            &format!(
-                "SELECT {} FROM {from} WHERE true GROUP BY {}",
-                self.partials_of_rows(),
-                self.group_positions()
-            ),
-            backend,
-        );
-        match backend {
+        let merge = self.merge_into_table(&format!(
+            "SELECT {} FROM {from} WHERE true GROUP BY {}",
+            self.partials_of_rows(),
+            self.group_positions()
+        ));
+        match self.backend {
             // The cut is the snapshot the backfill read.
             Backend::Postgres if self.watermark => format!(
                 "WITH fg_cut AS (INSERT INTO {CUTS} (name, cut) VALUES ('{}', pg_current_snapshot()) \
@@ -706,11 +700,11 @@ impl ViewPlan {
     /// Empties the view and takes in every row `from` reads again: after
     /// rows left the source in a way partials cannot take back (min and
     /// max cannot be undone).
-    pub fn rebuild_sql(&self, backend: Backend, from: &str) -> Vec<String> {
+    pub fn rebuild_sql(&self, from: &str) -> Vec<String> {
         let mut sql = vec![
             format!("DELETE FROM {}", self.table()),
             format!("DELETE FROM {}", self.tail()),
-            self.backfill_sql(backend, from),
+            self.backfill_sql(from),
         ];
         sql.extend(self.mark_sql());
         sql
@@ -768,10 +762,7 @@ impl ViewPlan {
     /// in [`Self::columns`] order.
     pub fn merge_values_sql(&self, rows: usize) -> String {
         let row = format!("({})", vec!["?"; self.width()].join(", "));
-        self.merge_into_table(
-            &format!("VALUES {}", vec![row; rows].join(", ")),
-            Backend::Sqlite,
-        )
+        self.merge_into_table(&format!("VALUES {}", vec![row; rows].join(", ")))
     }
 
     /// How many values a merged row binds.
@@ -840,16 +831,13 @@ impl ViewPlan {
     /// key order, so that the table's index is written page by page.
     pub fn fold_cut_sql(&self) -> Vec<String> {
         let table = self.table();
-        let merge = self.merge_into_table(
-            &format!(
-                "SELECT {} FROM {} WHERE {} GROUP BY {positions} ORDER BY {positions}",
-                self.partials_of_rows(),
-                self.source(),
-                self.unfolded_rows(),
-                positions = self.group_positions()
-            ),
-            Backend::Postgres,
-        );
+        let merge = self.merge_into_table(&format!(
+            "SELECT {} FROM {} WHERE {} GROUP BY {positions} ORDER BY {positions}",
+            self.partials_of_rows(),
+            self.source(),
+            self.unfolded_rows(),
+            positions = self.group_positions()
+        ));
         vec![
             format!("LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE"),
             format!(
@@ -888,15 +876,12 @@ impl ViewPlan {
 
     /// Merges the partials of the source rows `condition` selects.
     fn merge_source_rows(&self, condition: &str) -> String {
-        self.merge_into_table(
-            &format!(
-                "SELECT {} FROM {} WHERE {condition} GROUP BY {}",
-                self.partials_of_rows(),
-                self.source(),
-                self.group_positions()
-            ),
-            self.backend,
-        )
+        self.merge_into_table(&format!(
+            "SELECT {} FROM {} WHERE {condition} GROUP BY {}",
+            self.partials_of_rows(),
+            self.source(),
+            self.group_positions()
+        ))
     }
 
     /// What is not yet in the table: the tail's partials, or for a
@@ -928,40 +913,34 @@ impl ViewPlan {
     /// and store nodes folding at once never take a row twice.
     ///
     /// Not for watermark views: [`super::sweep`] folds those.
-    pub fn fold_sql(&self, backend: Backend) -> Vec<String> {
+    pub fn fold_sql(&self) -> Vec<String> {
         let (table, tail) = (self.table(), self.tail());
-        if backend == Backend::Postgres {
+        if self.backend == Backend::Postgres {
             let moved = format!("WITH fg_moved AS (DELETE FROM {tail} RETURNING *) ");
             let merge = match &self.rows {
                 Some(_) => format!("INSERT INTO {table} SELECT * FROM fg_moved"),
-                None => self.merge_into_table(
-                    &format!(
-                        "SELECT {} FROM fg_moved WHERE true GROUP BY {}",
-                        self.partials_of_partials(),
-                        self.group_positions()
-                    ),
-                    backend,
-                ),
+                None => self.merge_into_table(&format!(
+                    "SELECT {} FROM fg_moved WHERE true GROUP BY {}",
+                    self.partials_of_partials(),
+                    self.group_positions()
+                )),
             };
             return vec![moved + &merge];
         }
         let merge = match &self.rows {
             Some(_) => format!("INSERT INTO {table} SELECT * FROM {tail}"),
-            None => self.merge_into_table(
-                &format!(
-                    "SELECT {} FROM {tail} WHERE true GROUP BY {}",
-                    self.partials_of_partials(),
-                    self.group_positions()
-                ),
-                backend,
-            ),
+            None => self.merge_into_table(&format!(
+                "SELECT {} FROM {tail} WHERE true GROUP BY {}",
+                self.partials_of_partials(),
+                self.group_positions()
+            )),
         };
         vec![merge, format!("DELETE FROM {tail}")]
     }
 
-    pub fn drop_sql(&self, backend: Backend) -> Vec<String> {
+    pub fn drop_sql(&self) -> Vec<String> {
         let trigger = self.trigger();
-        let mut sql = match backend {
+        let mut sql = match self.backend {
             Backend::Postgres => vec![
                 format!("DROP TRIGGER IF EXISTS {trigger} ON {}", self.source()),
                 format!("DROP FUNCTION IF EXISTS {trigger}()"),
@@ -971,7 +950,7 @@ impl ViewPlan {
         sql.push(format!("DROP TABLE IF EXISTS {}", self.table()));
         sql.push(format!("DROP TABLE IF EXISTS {}", self.tail()));
         if self.watermark {
-            let marks = match backend {
+            let marks = match self.backend {
                 Backend::Sqlite => MARKS,
                 Backend::Postgres => CUTS,
             };

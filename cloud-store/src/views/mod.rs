@@ -474,10 +474,10 @@ impl Views {
         }
         let source = self.catalog.get(plan.source()).ok_or_else(gone)?;
         let swept_in = plan.watermark && !source.tiered() && backend == Backend::Sqlite;
-        let mut statements = plan.create_sql(backend);
+        let mut statements = plan.create_sql();
         statements.push(match swept_in {
             true => plan.unmark_sql(),
-            false => plan.backfill_sql(backend, &source.read_from()),
+            false => plan.backfill_sql(&source.read_from()),
         });
         let definition = serde_json::to_string(&plan.def).expect("view serializes");
         let now = fleetgate_protocol::unix_now_ms();
@@ -527,7 +527,7 @@ impl Views {
                 dependent,
             });
         }
-        let statements = plan.drop_sql(self.db.backend());
+        let statements = plan.drop_sql();
         with_pool!(self.db, pool => async {
             let mut tx = pool.begin().await?;
             for statement in &statements {
@@ -567,7 +567,7 @@ impl Views {
         }
         let statements = match plan.watermark {
             true => plan.fold_cut_sql(),
-            false => plan.fold_sql(backend),
+            false => plan.fold_sql(),
         };
         // PostgreSQL: expiry, swaps and view creation lock the source in
         // SHARE ROW EXCLUSIVE mode while they rewrite a view; this mode
@@ -922,8 +922,8 @@ mod tests {
         let stream = catalog.get("meter").unwrap();
         let mut old = ViewPlan::new(name, view, &stream, None).unwrap();
         old.watermark = false;
-        let mut statements = old.create_sql(Backend::Sqlite);
-        statements.push(old.backfill_sql(Backend::Sqlite, &stream.read_from()));
+        let mut statements = old.create_sql();
+        statements.push(old.backfill_sql(&stream.read_from()));
         statements.push(format!(
             "INSERT INTO fleetgate_views (name, definition, origin, created_at) \
              VALUES ('totals', '{}', 'declared', 0)",

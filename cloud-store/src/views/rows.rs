@@ -251,7 +251,7 @@ impl RowsPlan {
         )
     }
 
-    pub fn create_sql(&self, plan: &ViewPlan, backend: Backend) -> Vec<String> {
+    pub fn create_sql(&self, plan: &ViewPlan) -> Vec<String> {
         let columns: Vec<String> = self
             .columns
             .iter()
@@ -274,7 +274,7 @@ impl RowsPlan {
             Refresh::Realtime => &table,
             Refresh::Every(_) | Refresh::OnDemand => &tail,
         };
-        match backend {
+        match plan.backend {
             Backend::Postgres => {
                 sql.extend(plan.statement_trigger_sql(&self.insert_sql(target, "fgv_new")));
             }
