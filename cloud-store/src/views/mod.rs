@@ -138,11 +138,25 @@ impl std::fmt::Display for ViewError {
 
 impl std::error::Error for ViewError {}
 
+/// The wait between two rounds of [`Views::follow`]. On PostgreSQL it is
+/// twice as long as the round's folds took, within these bounds. When
+/// records arrive out of order a fold rewrites most groups of a view,
+/// however few rows it takes, so rounds one second apart kept a core busy
+/// with folds at 80,000 records/s; this keeps folds to about a third of
+/// the time. Queries pay for the wait: they aggregate the rows not folded
+/// yet themselves, at most 8 s of them plus a round.
+const FOLD_PAUSE: std::ops::Range<Duration> = Duration::from_secs(1)..Duration::from_secs(8);
+
 pub struct Views {
     db: Db,
     catalog: Catalog,
     entries: RwLock<BTreeMap<String, Entry>>,
     folded: Mutex<HashMap<String, Instant>>,
+    /// Groups each watermark view's last fold wrote (see [`Views::fold`]).
+    fold_groups: Mutex<HashMap<String, u64>>,
+    /// The server runs `MERGE` (PostgreSQL 15 or later); see
+    /// [`ViewPlan::merge_statement`].
+    merge_statement: bool,
     /// PostgreSQL sources known to have statistics (see
     /// [`Views::analyze_once`]).
     analyzed: Mutex<std::collections::HashSet<String>>,
@@ -165,9 +179,18 @@ impl Views {
         ])
         .await
         .map_err(|e| format!("cannot create the view catalog: {e}"))?;
+        let mut merge_statement = false;
         match db.backend() {
             Backend::Sqlite => create_marks(&db).await?,
             Backend::Postgres => {
+                merge_statement = with_pool!(db, pool => {
+                    sqlx::query_scalar(
+                        "SELECT current_setting('server_version_num')::int >= 150000",
+                    )
+                    .fetch_one(pool)
+                    .await
+                })
+                .map_err(|e| format!("cannot read PostgreSQL's version: {e}"))?;
                 // Processes starting together: one replaces the function
                 // at a time.
                 let mut ddl = vec![
@@ -184,6 +207,8 @@ impl Views {
             catalog,
             entries: RwLock::default(),
             folded: Mutex::default(),
+            fold_groups: Mutex::default(),
+            merge_statement,
             analyzed: Mutex::default(),
             auto,
             shapes: Mutex::default(),
@@ -303,7 +328,9 @@ impl Views {
             .catalog
             .get(stream_name)
             .ok_or_else(|| format!("view {name}: unknown source stream {stream_name:?}"))?;
-        ViewPlan::new(name, def, &stream, over)
+        let mut plan = ViewPlan::new(name, def, &stream, over)?;
+        plan.merge_statement = self.merge_statement;
+        Ok(plan)
     }
 
     fn entries(&self) -> Vec<Entry> {
@@ -577,8 +604,15 @@ impl Views {
             "LOCK TABLE {} IN SHARE UPDATE EXCLUSIVE MODE",
             plan.source()
         );
+        let settings = match backend {
+            Backend::Postgres if plan.watermark => self.fold_settings(plan).await,
+            _ => Vec::new(),
+        };
         let merged = with_pool!(self.db, pool => async {
             let mut tx = pool.begin().await?;
+            for setting in &settings {
+                sqlx::query(setting).execute(&mut *tx).await?;
+            }
             if backend == Backend::Postgres && !plan.watermark {
                 sqlx::query(&serialize).execute(&mut *tx).await?;
             }
@@ -593,11 +627,52 @@ impl Views {
         if plan.watermark && merged > 0 {
             self.analyze_once(plan.source()).await;
         }
+        if plan.watermark {
+            self.fold_groups
+                .lock()
+                .expect("fold groups lock")
+                .insert(plan.name.clone(), merged);
+        }
         self.folded
             .lock()
             .expect("folded lock")
             .insert(plan.name.clone(), Instant::now());
         Ok(())
+    }
+
+    /// A PostgreSQL fold's session settings, for its transaction. A fold
+    /// reads a second's rows or more, but the planner, whose statistics
+    /// end before them, expects a few: so the sort or hash of hundreds of
+    /// thousands of rows gets memory instead of spilling to disk (4 MB by
+    /// default: a fifth of the fold's time went to an external merge), and
+    /// no JIT compilation, which costs more than so short a statement
+    /// gains. When the last fold wrote at least an eighth of the table's
+    /// groups, `MERGE` joins by one pass over the table rather than an
+    /// index probe per group: half the time at 168,000 groups
+    /// (BENCHMARKS.md).
+    async fn fold_settings(&self, plan: &ViewPlan) -> Vec<&'static str> {
+        let mut settings = vec!["SET LOCAL work_mem = '64MB'", "SET LOCAL jit = off"];
+        let last_groups = self
+            .fold_groups
+            .lock()
+            .expect("fold groups lock")
+            .get(&plan.name)
+            .copied();
+        let (Some(last_groups), true, Pools::Postgres { write, .. }) =
+            (last_groups, plan.merge_statement, &self.db.pools)
+        else {
+            return settings;
+        };
+        // -1 until the table is first vacuumed or analyzed.
+        let groups: Result<f32, _> =
+            sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE oid = $1::regclass")
+                .bind(plan.table())
+                .fetch_one(write)
+                .await;
+        if groups.is_ok_and(|groups| last_groups as f32 * 8.0 >= groups) {
+            settings.push("SET LOCAL enable_nestloop = off");
+        }
+        settings
     }
 
     /// Gives a PostgreSQL source statistics if it has none yet. Queries
@@ -726,20 +801,25 @@ impl Views {
         }
     }
 
-    /// Every second: re-reads the catalog, folds watermark views, refreshes
-    /// periodic views when due, and runs a round of automatic views.
+    /// Every second or more (see [`FOLD_PAUSE`]): re-reads the catalog,
+    /// folds watermark views, refreshes periodic views when due, and runs a
+    /// round of automatic views.
     pub fn follow(self: &Arc<Self>) {
         let views = Arc::downgrade(self);
         tokio::spawn(async move {
+            let mut pause = FOLD_PAUSE.start;
             loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(pause).await;
                 let Some(views) = views.upgrade() else { return };
                 if let Err(e) = views.reload().await {
                     tracing::warn!(error = %e, "cannot reload views");
                 }
+                let mut folding = Duration::ZERO;
                 for plan in views.plans() {
                     if plan.watermark {
+                        let started = Instant::now();
                         views.catch_up(&plan).await;
+                        folding += started.elapsed();
                         continue;
                     }
                     let Refresh::Every(period) = plan.refresh else {
@@ -759,6 +839,11 @@ impl Views {
                     }
                 }
                 views.advise().await;
+                pause = match views.db.backend() {
+                    Backend::Postgres => (folding * 2).clamp(FOLD_PAUSE.start, FOLD_PAUSE.end),
+                    // A sweep paces itself, in slices (see `sweep`).
+                    Backend::Sqlite => FOLD_PAUSE.start,
+                };
             }
         });
     }

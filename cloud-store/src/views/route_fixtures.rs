@@ -506,8 +506,8 @@ async fn what_views_are_read_from() {
         (received_at / 3600000) * 3600000, count(*), count(celsius), COALESCE(sum(celsius), 0),
         min(celsius), max(celsius) FROM climate
         WHERE fg_insert_xid >= fleetgate_view_floor('hourly')
-        AND NOT pg_visible_in_snapshot((fg_insert_xid::text)::xid8,
-        (SELECT cut FROM fleetgate_view_cuts WHERE name = 'hourly'))
+        AND (fg_insert_xid >= (SELECT fleetgate_view_ceiling('hourly'))
+        OR fg_insert_xid = ANY ((SELECT fleetgate_view_in_progress('hourly'))::bigint[]))
         GROUP BY 1, 2, 3) AS fgv";
     assert_eq!(read_from(HOURLY, Backend::Postgres), one_line(cut));
     let tally = "[views.tally]\nsource = \"climate\"\naggregates = { n = \"count(*)\" }\n";
